@@ -1,0 +1,272 @@
+//! Causal scaled-dot-product attention with grouped-query heads.
+//!
+//! For each batch row `b` and query head `h` (key/value head `g = h / (nh / nkv)`):
+//! `S = scale · Q_h K_gᵀ` (`[T, T]`), `P = softmax(S + causal mask)` row-wise,
+//! `O_h = P V_g`. `P` is saved for backward (it is the attention's saved activation;
+//! recomputing it from `Q`, `K` is the "attention core" recompute option).
+
+use crate::gemm::{gemm_strided, Op, Strided};
+use rayon::prelude::*;
+
+/// Shapes of one attention call.
+#[derive(Clone, Copy, Debug)]
+pub struct AttnShape {
+    /// batch rows
+    pub b: usize,
+    /// sequence length
+    pub t: usize,
+    /// query heads
+    pub nh: usize,
+    /// key/value heads (divides `nh`)
+    pub nkv: usize,
+    /// query/key head dimension
+    pub dqk: usize,
+    /// value head dimension
+    pub dv: usize,
+}
+
+impl AttnShape {
+    /// Elements of the saved probabilities `[B, nh, T, T]`.
+    pub fn probs_len(&self) -> usize {
+        self.b * self.nh * self.t * self.t
+    }
+}
+
+/// A raw pointer that may cross threads; every use writes a region no other task touches.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+/// Forward. `q: [N, nh·dqk]`, `k: [N, nkv·dqk]`, `v: [N, nkv·dv]` → `out: [N, nh·dv]`,
+/// `probs: [B, nh, T, T]` (zero above the diagonal).
+pub fn attention_forward(out: &mut [f32], probs: &mut [f32], q: &[f32], k: &[f32], v: &[f32], s: AttnShape, scale: f32) {
+    let AttnShape { b: _, t, nh, nkv, dqk, dv } = s;
+    assert_eq!(probs.len(), s.probs_len());
+    assert_eq!(out.len(), s.b * t * nh * dv);
+    let group = nh / nkv;
+    let out_ptr = SendPtr(out.as_mut_ptr());
+    probs.par_chunks_mut(t * t).enumerate().for_each(|(bh, p)| {
+        let (bi, h) = (bh / nh, bh % nh);
+        let g = h / group;
+        let row0 = bi * t;
+        let out_ptr = out_ptr;
+        // SAFETY: Q/K/V views stay inside row block `bi` and head `h`/`g`; the output view
+        // covers exactly rows of `bi`, columns of head `h`, written by this task only.
+        unsafe {
+            gemm_strided(
+                t,
+                t,
+                dqk,
+                p.as_mut_ptr(),
+                Strided { rs: t as isize, cs: 1 },
+                q.as_ptr().add(row0 * nh * dqk + h * dqk),
+                Strided::row_major(nh * dqk, Op::N),
+                k.as_ptr().add(row0 * nkv * dqk + g * dqk),
+                Strided::row_major(nkv * dqk, Op::T),
+                false,
+                scale,
+                false,
+            );
+        }
+        for i in 0..t {
+            let row = &mut p[i * t..(i + 1) * t];
+            let max = row[..=i].iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0.0;
+            for x in row[..=i].iter_mut() {
+                *x = (*x - max).exp();
+                sum += *x;
+            }
+            let inv = 1.0 / sum;
+            row[..=i].iter_mut().for_each(|x| *x *= inv);
+            row[i + 1..].fill(0.0);
+        }
+        unsafe {
+            gemm_strided(
+                t,
+                dv,
+                t,
+                out_ptr.0.add(row0 * nh * dv + h * dv),
+                Strided::row_major(nh * dv, Op::N),
+                p.as_ptr(),
+                Strided::row_major(t, Op::N),
+                v.as_ptr().add(row0 * nkv * dv + g * dv),
+                Strided::row_major(nkv * dv, Op::N),
+                false,
+                1.0,
+                false,
+            );
+        }
+    });
+}
+
+/// Backward of [`attention_forward`]; writes (not accumulates) `dq`, `dk`, `dv`:
+/// `dV_g = Σ_h Pᵀ dO_h`, `dP = dO_h V_gᵀ`, `dS = P ⊙ (dP − rowsum(P ⊙ dP))`,
+/// `dQ_h = scale · dS K_g`, `dK_g = scale · Σ_h dSᵀ Q_h`.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward(
+    dq: &mut [f32],
+    dk: &mut [f32],
+    dvv: &mut [f32],
+    dout: &[f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    probs: &[f32],
+    s: AttnShape,
+    scale: f32,
+) {
+    let AttnShape { b, t, nh, nkv, dqk, dv } = s;
+    let group = nh / nkv;
+    let (dq_p, dk_p, dv_p) = (SendPtr(dq.as_mut_ptr()), SendPtr(dk.as_mut_ptr()), SendPtr(dvv.as_mut_ptr()));
+    (0..b * nkv).into_par_iter().for_each_init(
+        || vec![0.0f32; t * t],
+        |dp, bg| {
+            let (bi, g) = (bg / nkv, bg % nkv);
+            let row0 = bi * t;
+            let (dq_p, dk_p, dv_p) = (dq_p, dk_p, dv_p);
+            for (hi, h) in (g * group..(g + 1) * group).enumerate() {
+                let p = &probs[(bi * nh + h) * t * t..(bi * nh + h + 1) * t * t];
+                let acc = hi > 0;
+                // SAFETY: dq rows of (bi, h) and dk/dv rows of (bi, g) belong to this task.
+                unsafe {
+                    let do_ptr = dout.as_ptr().add(row0 * nh * dv + h * dv);
+                    let do_s = Strided::row_major(nh * dv, Op::N);
+                    // dV_g += Pᵀ dO_h
+                    gemm_strided(
+                        t,
+                        dv,
+                        t,
+                        dv_p.0.add(row0 * nkv * dv + g * dv),
+                        Strided::row_major(nkv * dv, Op::N),
+                        p.as_ptr(),
+                        Strided::row_major(t, Op::T),
+                        do_ptr,
+                        do_s,
+                        acc,
+                        1.0,
+                        false,
+                    );
+                    // dP = dO_h V_gᵀ
+                    gemm_strided(
+                        t,
+                        t,
+                        dv,
+                        dp.as_mut_ptr(),
+                        Strided { rs: t as isize, cs: 1 },
+                        do_ptr,
+                        do_s,
+                        v.as_ptr().add(row0 * nkv * dv + g * dv),
+                        Strided::row_major(nkv * dv, Op::T),
+                        false,
+                        1.0,
+                        false,
+                    );
+                }
+                for i in 0..t {
+                    let pr = &p[i * t..i * t + i + 1];
+                    let dr = &mut dp[i * t..(i + 1) * t];
+                    let dot: f32 = pr.iter().zip(dr.iter()).map(|(a, b)| a * b).sum();
+                    for j in 0..=i {
+                        dr[j] = pr[j] * (dr[j] - dot);
+                    }
+                    dr[i + 1..].fill(0.0);
+                }
+                unsafe {
+                    // dQ_h = scale · dS K_g
+                    gemm_strided(
+                        t,
+                        dqk,
+                        t,
+                        dq_p.0.add(row0 * nh * dqk + h * dqk),
+                        Strided::row_major(nh * dqk, Op::N),
+                        dp.as_ptr(),
+                        Strided::row_major(t, Op::N),
+                        k.as_ptr().add(row0 * nkv * dqk + g * dqk),
+                        Strided::row_major(nkv * dqk, Op::N),
+                        false,
+                        scale,
+                        false,
+                    );
+                    // dK_g += scale · dSᵀ Q_h
+                    gemm_strided(
+                        t,
+                        dqk,
+                        t,
+                        dk_p.0.add(row0 * nkv * dqk + g * dqk),
+                        Strided::row_major(nkv * dqk, Op::N),
+                        dp.as_ptr(),
+                        Strided::row_major(t, Op::T),
+                        q.as_ptr().add(row0 * nh * dqk + h * dqk),
+                        Strided::row_major(nh * dqk, Op::N),
+                        acc,
+                        scale,
+                        false,
+                    );
+                }
+            }
+        },
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::*;
+
+    fn naive(q: &[f32], k: &[f32], v: &[f32], s: AttnShape, scale: f32) -> Vec<f32> {
+        let AttnShape { b, t, nh, nkv, dqk, dv } = s;
+        let mut out = vec![0.0; b * t * nh * dv];
+        for bi in 0..b {
+            for h in 0..nh {
+                let g = h / (nh / nkv);
+                for i in 0..t {
+                    let sc: Vec<f64> = (0..=i)
+                        .map(|j| {
+                            (0..dqk)
+                                .map(|d| {
+                                    q[(bi * t + i) * nh * dqk + h * dqk + d] as f64
+                                        * k[(bi * t + j) * nkv * dqk + g * dqk + d] as f64
+                                })
+                                .sum::<f64>()
+                                * scale as f64
+                        })
+                        .collect();
+                    let m = sc.iter().cloned().fold(f64::MIN, f64::max);
+                    let z: f64 = sc.iter().map(|x| (x - m).exp()).sum();
+                    for d in 0..dv {
+                        let o: f64 = (0..=i)
+                            .map(|j| (sc[j] - m).exp() / z * v[(bi * t + j) * nkv * dv + g * dv + d] as f64)
+                            .sum();
+                        out[(bi * t + i) * nh * dv + h * dv + d] = o as f32;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn forward_matches_naive_and_backward_matches_finite_differences() {
+        let s = AttnShape { b: 2, t: 5, nh: 4, nkv: 2, dqk: 3, dv: 2 };
+        let n = s.b * s.t;
+        let q = rand_vec(n * s.nh * s.dqk, 1);
+        let k = rand_vec(n * s.nkv * s.dqk, 2);
+        let v = rand_vec(n * s.nkv * s.dv, 3);
+        let g = rand_vec(n * s.nh * s.dv, 4);
+        let scale = 0.7;
+        let run = |q: &[f32], k: &[f32], v: &[f32]| {
+            let mut out = vec![0.0; n * s.nh * s.dv];
+            let mut p = vec![0.0; s.probs_len()];
+            attention_forward(&mut out, &mut p, q, k, v, s, scale);
+            (out, p)
+        };
+        let (out, p) = run(&q, &k, &v);
+        assert_close(&out, &naive(&q, &k, &v, s, scale), 1e-5, "attention forward");
+        let (mut dq, mut dk, mut dv) = (vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]);
+        attention_backward(&mut dq, &mut dk, &mut dv, &g, &q, &k, &v, &p, s, scale);
+        assert_close(&dq, &numeric_grad(&q, 1e-3, |x| dot64(&run(x, &k, &v).0, &g)), 2e-3, "dq");
+        assert_close(&dk, &numeric_grad(&k, 1e-3, |x| dot64(&run(&q, x, &v).0, &g)), 2e-3, "dk");
+        assert_close(&dv, &numeric_grad(&v, 1e-3, |x| dot64(&run(&q, &k, x).0, &g)), 2e-3, "dv");
+    }
+}

@@ -1,0 +1,255 @@
+//! Dense matrix multiply through the `gemm` crate.
+//!
+//! `gemm` dispatches at run time to AVX-512 micro-kernels (the `x86-v4` feature);
+//! without that feature it reaches roughly 40% of this machine's peak.
+
+use gemm::Parallelism;
+
+/// Whether an operand is used as stored or transposed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    /// use the matrix as stored (row-major)
+    N,
+    /// use its transpose
+    T,
+}
+
+/// Below this many multiply-adds a GEMM runs on the calling thread: splitting a small
+/// product across threads costs more in synchronisation than it saves.
+const PARALLEL_MIN_MACS: usize = 1 << 18;
+
+/// A strided view of a matrix for [`gemm_strided`]: element `(i, j)` lives at
+/// `ptr + i·rs + j·cs`.
+#[derive(Clone, Copy, Debug)]
+pub struct Strided {
+    /// row stride in elements
+    pub rs: isize,
+    /// column stride in elements
+    pub cs: isize,
+}
+
+impl Strided {
+    /// Row-major `[rows, cols]` stored with leading dimension `ld`, used as `op`.
+    pub fn row_major(ld: usize, op: Op) -> Self {
+        match op {
+            Op::N => Strided { rs: ld as isize, cs: 1 },
+            Op::T => Strided { rs: 1, cs: ld as isize },
+        }
+    }
+}
+
+/// `c[m,n] = (accumulate ? c : 0) + alpha · op(a)[m,k] · op(b)[k,n]`, all row-major and
+/// contiguous. `a` is stored `[m,k]` (or `[k,m]` when `ta == Op::T`), `b` is stored
+/// `[k,n]` (or `[n,k]` when `tb == Op::T`).
+#[allow(clippy::too_many_arguments)]
+pub fn matmul(
+    c: &mut [f32],
+    a: &[f32],
+    ta: Op,
+    b: &[f32],
+    tb: Op,
+    m: usize,
+    n: usize,
+    k: usize,
+    accumulate: bool,
+    alpha: f32,
+) {
+    assert!(c.len() >= m * n, "matmul: c has {} elements, needs {}", c.len(), m * n);
+    assert!(a.len() >= m * k, "matmul: a has {} elements, needs {}", a.len(), m * k);
+    assert!(b.len() >= k * n, "matmul: b has {} elements, needs {}", b.len(), k * n);
+    let lda = if ta == Op::N { k } else { m };
+    let ldb = if tb == Op::N { n } else { k };
+    let parallel = m * n * k >= PARALLEL_MIN_MACS;
+    // SAFETY: the asserts above bound every index the strided views can reach.
+    unsafe {
+        gemm_strided(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            Strided { rs: n as isize, cs: 1 },
+            a.as_ptr(),
+            Strided::row_major(lda, ta),
+            b.as_ptr(),
+            Strided::row_major(ldb, tb),
+            accumulate,
+            alpha,
+            parallel,
+        )
+    }
+}
+
+/// Single-threaded [`matmul`], for callers that already run many products in parallel
+/// (grouped GEMM over experts, attention over heads).
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_serial(
+    c: &mut [f32],
+    a: &[f32],
+    ta: Op,
+    b: &[f32],
+    tb: Op,
+    m: usize,
+    n: usize,
+    k: usize,
+    accumulate: bool,
+    alpha: f32,
+) {
+    assert!(c.len() >= m * n && a.len() >= m * k && b.len() >= k * n, "matmul_serial: buffer too small");
+    let lda = if ta == Op::N { k } else { m };
+    let ldb = if tb == Op::N { n } else { k };
+    // SAFETY: bounds asserted above.
+    unsafe {
+        gemm_strided(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            Strided { rs: n as isize, cs: 1 },
+            a.as_ptr(),
+            Strided::row_major(lda, ta),
+            b.as_ptr(),
+            Strided::row_major(ldb, tb),
+            accumulate,
+            alpha,
+            false,
+        )
+    }
+}
+
+/// The raw strided product `c = (accumulate ? c : 0) + alpha · a · b` with `a: [m,k]`,
+/// `b: [k,n]`, `c: [m,n]` given as pointers and strides.
+///
+/// # Safety
+/// Every element `(i, j)` reachable through each pointer and its strides must lie in
+/// one live allocation, and `c` must not alias `a` or `b`.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gemm_strided(
+    m: usize,
+    n: usize,
+    k: usize,
+    c: *mut f32,
+    cs: Strided,
+    a: *const f32,
+    as_: Strided,
+    b: *const f32,
+    bs: Strided,
+    accumulate: bool,
+    alpha: f32,
+    parallel: bool,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            for i in 0..m {
+                for j in 0..n {
+                    *c.offset(i as isize * cs.rs + j as isize * cs.cs) = 0.0;
+                }
+            }
+        }
+        return;
+    }
+    let par = if parallel { Parallelism::Rayon(0) } else { Parallelism::None };
+    // gemm computes dst := alpha_dst·dst + beta·lhs·rhs, reading dst only when asked.
+    gemm::gemm(
+        m, n, k, c, cs.cs, cs.rs, accumulate, a, as_.cs, as_.rs, b, bs.cs, bs.rs, 1.0f32, alpha, false,
+        false, false, par,
+    );
+}
+
+/// Naive triple loop, the reference every fast path is tested against.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_reference(
+    c: &mut [f32],
+    a: &[f32],
+    ta: Op,
+    b: &[f32],
+    tb: Op,
+    m: usize,
+    n: usize,
+    k: usize,
+    accumulate: bool,
+    alpha: f32,
+) {
+    for i in 0..m {
+        for j in 0..n {
+            let mut s = 0.0f64;
+            for p in 0..k {
+                let av = if ta == Op::N { a[i * k + p] } else { a[p * m + i] };
+                let bv = if tb == Op::N { b[p * n + j] } else { b[j * k + p] };
+                s += av as f64 * bv as f64;
+            }
+            let v = alpha * s as f32;
+            c[i * n + j] = if accumulate { c[i * n + j] + v } else { v };
+        }
+    }
+}
+
+/// `y[n, out] = x[n, in] · w[out, in]ᵀ`: a linear layer's forward.
+pub fn linear_forward(y: &mut [f32], x: &[f32], w: &[f32], n: usize, d_in: usize, d_out: usize) {
+    matmul(y, x, Op::N, w, Op::T, n, d_out, d_in, false, 1.0);
+}
+
+/// Backward of [`linear_forward`]: `dx (+)= dy · w` (accumulated when `accumulate_dx`),
+/// `dw += dyᵀ · x`.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_backward(
+    dx: Option<&mut [f32]>,
+    dw: &mut [f32],
+    dy: &[f32],
+    x: &[f32],
+    w: &[f32],
+    n: usize,
+    d_in: usize,
+    d_out: usize,
+    accumulate_dx: bool,
+) {
+    if let Some(dx) = dx {
+        matmul(dx, dy, Op::N, w, Op::N, n, d_in, d_out, accumulate_dx, 1.0);
+    }
+    matmul(dw, dy, Op::T, x, Op::N, d_out, d_in, n, true, 1.0);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::{assert_close, rand_vec};
+
+    #[test]
+    fn matmul_matches_reference_for_all_transposes() {
+        let (m, n, k) = (37, 53, 71);
+        let a = rand_vec(m * k, 1);
+        let b = rand_vec(k * n, 2);
+        for ta in [Op::N, Op::T] {
+            for tb in [Op::N, Op::T] {
+                for acc in [false, true] {
+                    let init = rand_vec(m * n, 3);
+                    let mut c = init.clone();
+                    let mut r = init.clone();
+                    matmul(&mut c, &a, ta, &b, tb, m, n, k, acc, 0.5);
+                    matmul_reference(&mut r, &a, ta, &b, tb, m, n, k, acc, 0.5);
+                    assert_close(&c, &r, 1e-4, "matmul");
+                }
+            }
+        }
+        // Large enough to take the multi-threaded path.
+        let (m, n, k) = (128, 96, 80);
+        let a = rand_vec(m * k, 4);
+        let b = rand_vec(n * k, 5);
+        let mut c = vec![0.0; m * n];
+        let mut r = vec![0.0; m * n];
+        matmul(&mut c, &a, Op::N, &b, Op::T, m, n, k, false, 1.0);
+        matmul_reference(&mut r, &a, Op::N, &b, Op::T, m, n, k, false, 1.0);
+        assert_close(&c, &r, 1e-4, "parallel matmul");
+    }
+
+    #[test]
+    fn zero_inner_dimension_clears_or_keeps() {
+        let mut c = vec![3.0; 6];
+        matmul(&mut c, &[], Op::N, &[], Op::N, 2, 3, 0, true, 1.0);
+        assert_eq!(c, vec![3.0; 6]);
+        matmul(&mut c, &[], Op::N, &[], Op::N, 2, 3, 0, false, 1.0);
+        assert_eq!(c, vec![0.0; 6]);
+    }
+}

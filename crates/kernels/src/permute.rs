@@ -1,0 +1,176 @@
+//! Token permutation into expert order and back (the dispatcher's local half).
+//!
+//! Routed row `r` of the permuted buffer holds token `t`'s `j`-th choice; rows are grouped
+//! by expert (expert 0's rows first) and, within an expert, in token order, so each
+//! expert's rows are contiguous and a grouped GEMM reads them in one pass.
+
+use rayon::prelude::*;
+
+/// Where every (token, choice) slot goes. Built once per layer per step.
+#[derive(Clone, Debug, Default)]
+pub struct DispatchPlan {
+    /// tokens `N`
+    pub n_tokens: usize,
+    /// choices per token `K`
+    pub top_k: usize,
+    /// `[E + 1]`: expert `e` owns permuted rows `offsets[e]..offsets[e+1]`
+    pub offsets: Vec<usize>,
+    /// `[N·K]`: slot `t·K + j` → permuted row
+    pub row_of_slot: Vec<u32>,
+    /// `[N·K]`: permuted row → slot `t·K + j`
+    pub slot_of_row: Vec<u32>,
+}
+
+impl DispatchPlan {
+    /// Counting sort of `experts: [N, K]` (stable in token order).
+    pub fn new(experts: &[u32], top_k: usize, n_experts: usize) -> Self {
+        let n_slots = experts.len();
+        let mut counts = vec![0usize; n_experts];
+        for &e in experts {
+            counts[e as usize] += 1;
+        }
+        let mut offsets = vec![0usize; n_experts + 1];
+        for e in 0..n_experts {
+            offsets[e + 1] = offsets[e] + counts[e];
+        }
+        let mut next = offsets.clone();
+        let mut row_of_slot = vec![0u32; n_slots];
+        let mut slot_of_row = vec![0u32; n_slots];
+        for (slot, &e) in experts.iter().enumerate() {
+            let r = next[e as usize];
+            next[e as usize] += 1;
+            row_of_slot[slot] = r as u32;
+            slot_of_row[r] = slot as u32;
+        }
+        DispatchPlan { n_tokens: n_slots / top_k.max(1), top_k, offsets, row_of_slot, slot_of_row }
+    }
+
+    /// Tokens routed to each expert.
+    pub fn counts(&self) -> Vec<usize> {
+        self.offsets.windows(2).map(|w| w[1] - w[0]).collect()
+    }
+
+    /// Routed rows `R = N·K`.
+    pub fn rows(&self) -> usize {
+        self.slot_of_row.len()
+    }
+}
+
+/// Permute forward: `xp[r] = x[token(r)]`, `x: [N, H]` → `xp: [R, H]`.
+pub fn permute_forward(xp: &mut [f32], x: &[f32], plan: &DispatchPlan, h: usize) {
+    xp.par_chunks_mut(h).zip(plan.slot_of_row.par_iter()).for_each(|(row, &slot)| {
+        let t = slot as usize / plan.top_k;
+        row.copy_from_slice(&x[t * h..(t + 1) * h]);
+    });
+}
+
+/// Permute backward: `dx[t] (+)= Σ_j dxp[row(t, j)]`.
+pub fn permute_backward(dx: &mut [f32], dxp: &[f32], plan: &DispatchPlan, h: usize, accumulate: bool) {
+    dx.par_chunks_mut(h).enumerate().for_each(|(t, row)| {
+        if !accumulate {
+            row.fill(0.0);
+        }
+        for j in 0..plan.top_k {
+            let r = plan.row_of_slot[t * plan.top_k + j] as usize;
+            for (d, s) in row.iter_mut().zip(&dxp[r * h..(r + 1) * h]) {
+                *d += s;
+            }
+        }
+    });
+}
+
+/// Unpermute (combine) forward: `out[t] (+)= Σ_j w[t, j] · yp[row(t, j)]`.
+pub fn unpermute_forward(out: &mut [f32], yp: &[f32], weights: &[f32], plan: &DispatchPlan, h: usize, accumulate: bool) {
+    out.par_chunks_mut(h).enumerate().for_each(|(t, row)| {
+        if !accumulate {
+            row.fill(0.0);
+        }
+        for j in 0..plan.top_k {
+            let slot = t * plan.top_k + j;
+            let r = plan.row_of_slot[slot] as usize;
+            let w = weights[slot];
+            for (d, s) in row.iter_mut().zip(&yp[r * h..(r + 1) * h]) {
+                *d += w * s;
+            }
+        }
+    });
+}
+
+/// Unpermute backward: `dyp[r] = w[slot(r)] · dout[token(r)]` (written) and
+/// `dw[slot(r)] = ⟨dout[token(r)], yp[r]⟩` (written).
+pub fn unpermute_backward(
+    dyp: &mut [f32],
+    dweights: &mut [f32],
+    dout: &[f32],
+    yp: &[f32],
+    weights: &[f32],
+    plan: &DispatchPlan,
+    h: usize,
+) {
+    let dw_by_row: Vec<f32> = dyp
+        .par_chunks_mut(h)
+        .zip(yp.par_chunks(h))
+        .zip(plan.slot_of_row.par_iter())
+        .map(|((drow, yrow), &slot)| {
+            let t = slot as usize / plan.top_k;
+            let w = weights[slot as usize];
+            let g = &dout[t * h..(t + 1) * h];
+            let mut dot = 0.0f32;
+            for ((d, y), gv) in drow.iter_mut().zip(yrow).zip(g) {
+                *d = w * gv;
+                dot += gv * y;
+            }
+            dot
+        })
+        .collect();
+    for (r, &slot) in plan.slot_of_row.iter().enumerate() {
+        dweights[slot as usize] = dw_by_row[r];
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::*;
+
+    #[test]
+    fn plan_groups_rows_by_expert_in_token_order() {
+        let experts = [2, 0, 0, 1, 2, 1];
+        let plan = DispatchPlan::new(&experts, 2, 3);
+        assert_eq!(plan.counts(), vec![2, 2, 2]);
+        assert_eq!(plan.slot_of_row, vec![1, 2, 3, 5, 0, 4]);
+        for (slot, &r) in plan.row_of_slot.iter().enumerate() {
+            assert_eq!(plan.slot_of_row[r as usize] as usize, slot);
+        }
+    }
+
+    #[test]
+    fn combine_backward_matches_finite_differences() {
+        let (n, k, h, e) = (4, 2, 3, 3);
+        let experts = [0, 1, 2, 0, 1, 2, 0, 2];
+        let plan = DispatchPlan::new(&experts, k, e);
+        let yp = rand_vec(n * k * h, 1);
+        let w = rand_vec(n * k, 2);
+        let g = rand_vec(n * h, 3);
+        let f = |yp: &[f32], w: &[f32]| {
+            let mut out = vec![0.0; n * h];
+            unpermute_forward(&mut out, yp, w, &plan, h, false);
+            dot64(&out, &g)
+        };
+        let mut dyp = vec![0.0; yp.len()];
+        let mut dw = vec![0.0; w.len()];
+        unpermute_backward(&mut dyp, &mut dw, &g, &yp, &w, &plan, h);
+        assert_close(&dyp, &numeric_grad(&yp, 1e-3, |y| f(y, &w)), 1e-3, "dyp");
+        assert_close(&dw, &numeric_grad(&w, 1e-3, |w| f(&yp, w)), 1e-3, "dw");
+        let x = rand_vec(n * h, 4);
+        let gp = rand_vec(n * k * h, 5);
+        let mut dx = vec![0.0; n * h];
+        permute_backward(&mut dx, &gp, &plan, h, false);
+        let num = numeric_grad(&x, 1e-3, |x| {
+            let mut xp = vec![0.0; n * k * h];
+            permute_forward(&mut xp, x, &plan, h);
+            dot64(&xp, &gp)
+        });
+        assert_close(&dx, &num, 1e-3, "dx");
+    }
+}

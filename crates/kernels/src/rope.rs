@@ -1,0 +1,198 @@
+//! Rotary position embedding (RoPE), with default, linear and YaRN frequency schedules.
+//!
+//! A rotary dimension pair `(a, b)` at position `p` with inverse frequency `f_i` becomes
+//! `(a·cos θ − b·sin θ, b·cos θ + a·sin θ)` with `θ = p·f_i`, and both `cos` and `sin` are
+//! multiplied by an attention factor (YaRN's `mscale`, else 1).
+//!
+//! Two pairings occur in checkpoints:
+//! - [`RopeLayout::Half`] pairs `(i, i + d/2)` (Llama/Qwen/Mixtral "rotate_half");
+//! - [`RopeLayout::Interleaved`] pairs `(2i, 2i + 1)` (DeepSeek-V3 `rope_interleave`).
+//!   Transformers de-interleaves and then applies the half layout; the rotated vector is
+//!   the same up to a fixed permutation of coordinates, applied to both q and k, so every
+//!   q·k dot product — the only place the rotated values are used — is identical.
+
+use rayon::prelude::*;
+
+/// How rotary coordinates are paired within a head.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RopeLayout {
+    /// pairs `(i, i + d/2)`
+    Half,
+    /// pairs `(2i, 2i + 1)`
+    Interleaved,
+}
+
+/// YaRN parameters (Peng et al. 2023, as transformers computes them).
+#[derive(Clone, Debug)]
+pub struct Yarn {
+    /// context extension factor `s`
+    pub factor: f64,
+    /// `beta_fast` (default 32): rotations above which a dimension extrapolates
+    pub beta_fast: f64,
+    /// `beta_slow` (default 1): rotations below which a dimension interpolates
+    pub beta_slow: f64,
+    /// pre-extension context length
+    pub original_max_position: f64,
+    /// multiplier on cos/sin
+    pub attention_factor: f64,
+    /// round the correction range outward to whole dimensions
+    pub truncate: bool,
+}
+
+/// YaRN's magnitude correction: `0.1 · m · ln(s) + 1` for `s > 1`, else 1.
+pub fn yarn_get_mscale(scale: f64, mscale: f64) -> f64 {
+    if scale <= 1.0 {
+        1.0
+    } else {
+        0.1 * mscale * scale.ln() + 1.0
+    }
+}
+
+/// Inverse frequencies `f_i = θ^(−2i/d)` for `i < d/2`.
+pub fn default_inv_freq(dim: usize, theta: f64) -> Vec<f64> {
+    (0..dim / 2).map(|i| 1.0 / theta.powf((2 * i) as f64 / dim as f64)).collect()
+}
+
+/// YaRN inverse frequencies: each dimension blends interpolation `f_i / s` and
+/// extrapolation `f_i` by a linear ramp over the dimensions whose wavelength lies between
+/// `beta_fast` and `beta_slow` rotations of the original context:
+/// `f'_i = f_i/s · (1 − m_i) + f_i · m_i`, `m_i = 1 − clamp((i − lo)/(hi − lo), 0, 1)`,
+/// with `corr(r) = d · ln(L / (2π r)) / (2 ln θ)`, `lo = corr(beta_fast)`, `hi = corr(beta_slow)`.
+pub fn yarn_inv_freq(dim: usize, theta: f64, y: &Yarn) -> Vec<f64> {
+    let corr = |rot: f64| dim as f64 * (y.original_max_position / (rot * 2.0 * std::f64::consts::PI)).ln() / (2.0 * theta.ln());
+    let (mut lo, mut hi) = (corr(y.beta_fast), corr(y.beta_slow));
+    if y.truncate {
+        lo = lo.floor();
+        hi = hi.ceil();
+    }
+    let lo = lo.max(0.0);
+    let mut hi = hi.min(dim as f64 - 1.0);
+    if lo == hi {
+        hi += 0.001;
+    }
+    default_inv_freq(dim, theta)
+        .into_iter()
+        .enumerate()
+        .map(|(i, f)| {
+            let ramp = ((i as f64 - lo) / (hi - lo)).clamp(0.0, 1.0);
+            let extrapolate = 1.0 - ramp;
+            f / y.factor * (1.0 - extrapolate) + f * extrapolate
+        })
+        .collect()
+}
+
+/// Precomputed `cos`/`sin` tables `[max_pos, dim/2]`, attention factor included.
+#[derive(Clone, Debug)]
+pub struct RopeTable {
+    /// rotary dimensions per head
+    pub dim: usize,
+    /// positions covered
+    pub max_pos: usize,
+    /// pairing of rotary coordinates
+    pub layout: RopeLayout,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+}
+
+impl RopeTable {
+    /// Builds the tables from inverse frequencies; angles are formed in f64.
+    pub fn new(inv_freq: &[f64], max_pos: usize, attention_factor: f64, layout: RopeLayout) -> Self {
+        let half = inv_freq.len();
+        let mut cos = vec![0.0; max_pos * half];
+        let mut sin = vec![0.0; max_pos * half];
+        for p in 0..max_pos {
+            for (i, f) in inv_freq.iter().enumerate() {
+                let ang = p as f64 * f;
+                cos[p * half + i] = (ang.cos() * attention_factor) as f32;
+                sin[p * half + i] = (ang.sin() * attention_factor) as f32;
+            }
+        }
+        RopeTable { dim: 2 * half, max_pos, layout, cos, sin }
+    }
+
+    fn pair(&self, i: usize) -> (usize, usize) {
+        match self.layout {
+            RopeLayout::Half => (i, i + self.dim / 2),
+            RopeLayout::Interleaved => (2 * i, 2 * i + 1),
+        }
+    }
+
+    /// Rotates, in place, the rotary slice `[offset, offset + dim)` of every head of every
+    /// row. `x: [N, row_len]` with `heads` heads of `head_stride` elements starting at
+    /// column 0; the row `r` is at position `r % seq_len`. `inverse` rotates by `−θ`,
+    /// which is the backward (the rotation is orthogonal).
+    #[allow(clippy::too_many_arguments)]
+    pub fn apply(
+        &self,
+        x: &mut [f32],
+        row_len: usize,
+        seq_len: usize,
+        heads: usize,
+        head_stride: usize,
+        offset: usize,
+        inverse: bool,
+    ) {
+        assert!(seq_len <= self.max_pos, "sequence length {seq_len} exceeds RoPE table ({})", self.max_pos);
+        let half = self.dim / 2;
+        let sign = if inverse { -1.0 } else { 1.0 };
+        x.par_chunks_mut(row_len).enumerate().for_each(|(r, row)| {
+            let p = r % seq_len;
+            let cos = &self.cos[p * half..(p + 1) * half];
+            let sin = &self.sin[p * half..(p + 1) * half];
+            for h in 0..heads {
+                let base = h * head_stride + offset;
+                for i in 0..half {
+                    let (ia, ib) = self.pair(i);
+                    let (a, b) = (row[base + ia], row[base + ib]);
+                    let (c, s) = (cos[i], sign * sin[i]);
+                    row[base + ia] = a * c - b * s;
+                    row[base + ib] = b * c + a * s;
+                }
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::*;
+
+    #[test]
+    fn inverse_undoes_forward_and_backward_is_transpose() {
+        for layout in [RopeLayout::Half, RopeLayout::Interleaved] {
+            let t = RopeTable::new(&default_inv_freq(4, 10000.0), 8, 1.0, layout);
+            let x = rand_vec(5 * 2 * 6, 1);
+            let mut y = x.clone();
+            t.apply(&mut y, 12, 5, 2, 6, 2, false);
+            assert!(y.iter().zip(&x).any(|(a, b)| (a - b).abs() > 1e-3), "rotation changed nothing");
+            let mut z = y.clone();
+            t.apply(&mut z, 12, 5, 2, 6, 2, true);
+            assert_close(&z, &x, 1e-5, "inverse");
+            // <R x, g> = <x, Rᵀ g>
+            let g = rand_vec(x.len(), 2);
+            let mut gt = g.clone();
+            t.apply(&mut gt, 12, 5, 2, 6, 2, true);
+            assert!((dot64(&y, &g) - dot64(&x, &gt)).abs() < 1e-4);
+        }
+    }
+
+    #[test]
+    fn yarn_blends_between_interpolation_and_extrapolation() {
+        let y = Yarn {
+            factor: 40.0,
+            beta_fast: 32.0,
+            beta_slow: 1.0,
+            original_max_position: 4096.0,
+            attention_factor: 1.0,
+            truncate: true,
+        };
+        let base = default_inv_freq(64, 10000.0);
+        let f = yarn_inv_freq(64, 10000.0, &y);
+        // High-frequency dimensions extrapolate (unchanged), low ones interpolate (÷ s).
+        assert!((f[0] - base[0]).abs() < 1e-12);
+        assert!((f[31] - base[31] / 40.0).abs() < 1e-12);
+        assert!(f.iter().zip(&base).all(|(a, b)| *a <= *b + 1e-15 && *a >= b / 40.0 - 1e-15));
+        assert!((yarn_get_mscale(40.0, 1.0) - (0.1 * 40f64.ln() + 1.0)).abs() < 1e-12);
+    }
+}
