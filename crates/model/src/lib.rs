@@ -1,1 +1,23 @@
-//! placeholder
+//! # ultramoe-model
+//!
+//! MoE causal language models — DeepSeek-V3 (MLA, sigmoid routing with correction bias,
+//! group-limited top-k, shared experts), Qwen3-MoE (GQA with q/k norm) and Mixtral —
+//! configured by a Hugging Face `config.json`, with explicit forward and backward passes
+//! and safetensors checkpoints in the standard per-expert layout.
+#![deny(missing_docs)]
+
+pub mod attention;
+pub mod checkpoint;
+pub mod config;
+pub mod decoder;
+pub mod error;
+pub mod init;
+pub mod mlp;
+pub mod model;
+pub mod moe;
+pub mod params;
+pub mod tensor_ops;
+
+pub use config::{Arch, ModelConfig};
+pub use error::{Error, Result};
+pub use model::{shifted_targets, Forward, Model};

@@ -1,0 +1,326 @@
+//! Attention blocks: grouped-query attention (Qwen3-MoE, Mixtral; optional per-head q/k
+//! RMSNorm) and multi-head latent attention (DeepSeek-V3).
+
+use crate::params::Slot;
+use crate::tensor_ops::{put_cols, take_cols};
+use ultramoe_kernels::attention::{attention_backward, attention_forward, AttnShape};
+use ultramoe_kernels::gemm::{linear_backward, linear_forward};
+use ultramoe_kernels::norm::{rmsnorm_backward, rmsnorm_forward};
+use ultramoe_kernels::rope::RopeTable;
+
+/// Batch geometry and shared tables for one forward/backward.
+pub struct Ctx<'a> {
+    /// batch rows
+    pub b: usize,
+    /// sequence length
+    pub t: usize,
+    /// RoPE cos/sin
+    pub rope: &'a RopeTable,
+}
+
+impl Ctx<'_> {
+    /// Tokens `N = B·T`.
+    pub fn n(&self) -> usize {
+        self.b * self.t
+    }
+}
+
+/// Grouped-query attention with optional q/k norm.
+#[derive(Clone, Debug)]
+pub struct GqaAttention {
+    /// fused `[q_proj; k_proj; v_proj]`, `[(nh + 2·nkv)·d, H]`
+    pub qkv: Slot,
+    /// `o_proj`, `[H, nh·d]`
+    pub o: Slot,
+    /// per-head q RMSNorm gain `[d]` (Qwen3)
+    pub q_norm: Option<Slot>,
+    /// per-head k RMSNorm gain `[d]`
+    pub k_norm: Option<Slot>,
+    /// hidden `H`
+    pub hidden: usize,
+    /// query heads
+    pub nh: usize,
+    /// key/value heads
+    pub nkv: usize,
+    /// head dimension
+    pub hd: usize,
+    /// norm epsilon
+    pub eps: f32,
+    /// softmax scale
+    pub scale: f32,
+}
+
+/// What [`GqaAttention::forward`] saves for backward.
+#[derive(Default)]
+pub struct GqaSaved {
+    q_raw: Vec<f32>,
+    k_raw: Vec<f32>,
+    rstd_q: Vec<f32>,
+    rstd_k: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    probs: Vec<f32>,
+    o: Vec<f32>,
+}
+
+impl GqaSaved {
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        4 * [&self.q_raw, &self.k_raw, &self.rstd_q, &self.rstd_k, &self.q, &self.k, &self.v, &self.probs, &self.o]
+            .iter()
+            .map(|v| v.len())
+            .sum::<usize>()
+    }
+}
+
+impl GqaAttention {
+    fn shape(&self, c: &Ctx) -> AttnShape {
+        AttnShape { b: c.b, t: c.t, nh: self.nh, nkv: self.nkv, dqk: self.hd, dv: self.hd }
+    }
+
+    /// `x: [N, H]` (normed) → `y: [N, H]`.
+    pub fn forward(&self, w: &[f32], x: &[f32], c: &Ctx) -> (Vec<f32>, GqaSaved) {
+        let (n, h, hd) = (c.n(), self.hidden, self.hd);
+        let (qw, kw) = (self.nh * hd, self.nkv * hd);
+        let width = qw + 2 * kw;
+        let mut qkv = vec![0.0; n * width];
+        linear_forward(&mut qkv, x, &w[self.qkv.clone()], n, h, width);
+        let mut s = GqaSaved {
+            q: take_cols(&qkv, width, 0, qw),
+            k: take_cols(&qkv, width, qw, kw),
+            v: take_cols(&qkv, width, qw + kw, kw),
+            ..Default::default()
+        };
+        drop(qkv);
+        if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
+            s.q_raw = std::mem::take(&mut s.q);
+            s.k_raw = std::mem::take(&mut s.k);
+            s.q = vec![0.0; n * qw];
+            s.k = vec![0.0; n * kw];
+            s.rstd_q = vec![0.0; n * self.nh];
+            s.rstd_k = vec![0.0; n * self.nkv];
+            rmsnorm_forward(&mut s.q, &mut s.rstd_q, &s.q_raw, &w[qn.clone()], hd, self.eps);
+            rmsnorm_forward(&mut s.k, &mut s.rstd_k, &s.k_raw, &w[kn.clone()], hd, self.eps);
+        }
+        c.rope.apply(&mut s.q, qw, c.t, self.nh, hd, 0, false);
+        c.rope.apply(&mut s.k, kw, c.t, self.nkv, hd, 0, false);
+        let sh = self.shape(c);
+        s.probs = vec![0.0; sh.probs_len()];
+        s.o = vec![0.0; n * qw];
+        attention_forward(&mut s.o, &mut s.probs, &s.q, &s.k, &s.v, sh, self.scale);
+        let mut y = vec![0.0; n * h];
+        linear_forward(&mut y, &s.o, &w[self.o.clone()], n, qw, h);
+        (y, s)
+    }
+
+    /// Backward: accumulates weight gradients into `g`, returns `dx: [N, H]`.
+    pub fn backward(&self, w: &[f32], g: &mut [f32], x: &[f32], s: &GqaSaved, dy: &[f32], c: &Ctx) -> Vec<f32> {
+        let (n, h, hd) = (c.n(), self.hidden, self.hd);
+        let (qw, kw) = (self.nh * hd, self.nkv * hd);
+        let width = qw + 2 * kw;
+        let mut d_o = vec![0.0; n * qw];
+        linear_backward(Some(&mut d_o), &mut g[self.o.clone()], dy, &s.o, &w[self.o.clone()], n, qw, h, false);
+        let (mut dq, mut dk, mut dv) = (vec![0.0; n * qw], vec![0.0; n * kw], vec![0.0; n * kw]);
+        attention_backward(&mut dq, &mut dk, &mut dv, &d_o, &s.q, &s.k, &s.v, &s.probs, self.shape(c), self.scale);
+        c.rope.apply(&mut dq, qw, c.t, self.nh, hd, 0, true);
+        c.rope.apply(&mut dk, kw, c.t, self.nkv, hd, 0, true);
+        if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
+            let mut dq_raw = vec![0.0; n * qw];
+            let mut dk_raw = vec![0.0; n * kw];
+            rmsnorm_backward(&mut dq_raw, &mut g[qn.clone()], &dq, &s.q_raw, &w[qn.clone()], &s.rstd_q, hd, false);
+            rmsnorm_backward(&mut dk_raw, &mut g[kn.clone()], &dk, &s.k_raw, &w[kn.clone()], &s.rstd_k, hd, false);
+            dq = dq_raw;
+            dk = dk_raw;
+        }
+        let mut dqkv = vec![0.0; n * width];
+        put_cols(&mut dqkv, width, 0, &dq, qw, false);
+        put_cols(&mut dqkv, width, qw, &dk, kw, false);
+        put_cols(&mut dqkv, width, qw + kw, &dv, kw, false);
+        let mut dx = vec![0.0; n * h];
+        linear_backward(Some(&mut dx), &mut g[self.qkv.clone()], &dqkv, x, &w[self.qkv.clone()], n, h, width, false);
+        dx
+    }
+}
+
+/// Multi-head latent attention (DeepSeek-V2/V3).
+///
+/// `a = x·W_aᵀ` splits into the query input `q_a` (`q_lora_rank` wide, or the full query
+/// when there is no query LoRA), the compressed KV `c` (`kv_lora_rank`) and the shared
+/// rotary key `k_pe` (`qk_rope_head_dim`). Then `q = W_qb · norm(q_a)` per head
+/// `[nope | rope]`, `[k_nope | v] = W_kvb · norm(c)` per head, `k = [k_nope | rope(k_pe)]`
+/// (the one rotary key broadcast to every head) and `q`'s rope part is rotated too.
+#[derive(Clone, Debug)]
+pub struct MlaAttention {
+    /// fused `[q_a_proj (or q_proj); kv_a_proj_with_mqa]`
+    pub a: Slot,
+    /// `q_a_layernorm` gain (with query LoRA)
+    pub q_a_norm: Option<Slot>,
+    /// `q_b_proj` (with query LoRA)
+    pub q_b: Option<Slot>,
+    /// `kv_a_layernorm` gain
+    pub kv_a_norm: Slot,
+    /// `kv_b_proj`, `[nh·(nope + v), kv_lora_rank]`
+    pub kv_b: Slot,
+    /// `o_proj`, `[H, nh·v]`
+    pub o: Slot,
+    /// hidden `H`
+    pub hidden: usize,
+    /// heads
+    pub nh: usize,
+    /// `q_lora_rank` (0 = none)
+    pub q_lora: usize,
+    /// `kv_lora_rank`
+    pub kv_lora: usize,
+    /// `qk_nope_head_dim`
+    pub nope: usize,
+    /// `qk_rope_head_dim`
+    pub rope_dim: usize,
+    /// `v_head_dim`
+    pub dv: usize,
+    /// norm epsilon
+    pub eps: f32,
+    /// softmax scale
+    pub scale: f32,
+}
+
+/// What [`MlaAttention::forward`] saves for backward.
+#[derive(Default)]
+pub struct MlaSaved {
+    qa: Vec<f32>,
+    rstd_qa: Vec<f32>,
+    qa_n: Vec<f32>,
+    ckv: Vec<f32>,
+    rstd_kv: Vec<f32>,
+    ckv_n: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    probs: Vec<f32>,
+    o: Vec<f32>,
+}
+
+impl MlaSaved {
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        4 * [
+            &self.qa, &self.rstd_qa, &self.qa_n, &self.ckv, &self.rstd_kv, &self.ckv_n, &self.q, &self.k, &self.v,
+            &self.probs, &self.o,
+        ]
+        .iter()
+        .map(|v| v.len())
+        .sum::<usize>()
+    }
+}
+
+impl MlaAttention {
+    fn dqk(&self) -> usize {
+        self.nope + self.rope_dim
+    }
+    fn q_in(&self) -> usize {
+        if self.q_lora > 0 {
+            self.q_lora
+        } else {
+            self.nh * self.dqk()
+        }
+    }
+    fn a_width(&self) -> usize {
+        self.q_in() + self.kv_lora + self.rope_dim
+    }
+    fn shape(&self, c: &Ctx) -> AttnShape {
+        AttnShape { b: c.b, t: c.t, nh: self.nh, nkv: self.nh, dqk: self.dqk(), dv: self.dv }
+    }
+
+    /// `x: [N, H]` (normed) → `y: [N, H]`.
+    pub fn forward(&self, w: &[f32], x: &[f32], c: &Ctx) -> (Vec<f32>, MlaSaved) {
+        let (n, h, nh, dqk) = (c.n(), self.hidden, self.nh, self.dqk());
+        let aw = self.a_width();
+        let qin = self.q_in();
+        let mut a = vec![0.0; n * aw];
+        linear_forward(&mut a, x, &w[self.a.clone()], n, h, aw);
+        let mut s = MlaSaved { qa: take_cols(&a, aw, 0, qin), ckv: take_cols(&a, aw, qin, self.kv_lora), ..Default::default() };
+        let kpe = take_cols(&a, aw, qin + self.kv_lora, self.rope_dim);
+        drop(a);
+        // Query path.
+        s.q = vec![0.0; n * nh * dqk];
+        match (&self.q_a_norm, &self.q_b) {
+            (Some(qn), Some(qb)) => {
+                s.qa_n = vec![0.0; n * qin];
+                s.rstd_qa = vec![0.0; n];
+                rmsnorm_forward(&mut s.qa_n, &mut s.rstd_qa, &s.qa, &w[qn.clone()], qin, self.eps);
+                linear_forward(&mut s.q, &s.qa_n, &w[qb.clone()], n, qin, nh * dqk);
+            }
+            _ => s.q.copy_from_slice(&s.qa),
+        }
+        // Key/value path.
+        s.ckv_n = vec![0.0; n * self.kv_lora];
+        s.rstd_kv = vec![0.0; n];
+        rmsnorm_forward(&mut s.ckv_n, &mut s.rstd_kv, &s.ckv, &w[self.kv_a_norm.clone()], self.kv_lora, self.eps);
+        let kvw = nh * (self.nope + self.dv);
+        let mut kv = vec![0.0; n * kvw];
+        linear_forward(&mut kv, &s.ckv_n, &w[self.kv_b.clone()], n, self.kv_lora, kvw);
+        s.k = vec![0.0; n * nh * dqk];
+        s.v = vec![0.0; n * nh * self.dv];
+        for hh in 0..nh {
+            let src = hh * (self.nope + self.dv);
+            put_cols(&mut s.k, nh * dqk, hh * dqk, &take_cols(&kv, kvw, src, self.nope), self.nope, false);
+            put_cols(&mut s.k, nh * dqk, hh * dqk + self.nope, &kpe, self.rope_dim, false);
+            put_cols(&mut s.v, nh * self.dv, hh * self.dv, &take_cols(&kv, kvw, src + self.nope, self.dv), self.dv, false);
+        }
+        drop(kv);
+        c.rope.apply(&mut s.q, nh * dqk, c.t, nh, dqk, self.nope, false);
+        c.rope.apply(&mut s.k, nh * dqk, c.t, nh, dqk, self.nope, false);
+        let sh = self.shape(c);
+        s.probs = vec![0.0; sh.probs_len()];
+        s.o = vec![0.0; n * nh * self.dv];
+        attention_forward(&mut s.o, &mut s.probs, &s.q, &s.k, &s.v, sh, self.scale);
+        let mut y = vec![0.0; n * h];
+        linear_forward(&mut y, &s.o, &w[self.o.clone()], n, nh * self.dv, h);
+        (y, s)
+    }
+
+    /// Backward: accumulates weight gradients into `g`, returns `dx: [N, H]`.
+    pub fn backward(&self, w: &[f32], g: &mut [f32], x: &[f32], s: &MlaSaved, dy: &[f32], c: &Ctx) -> Vec<f32> {
+        let (n, h, nh, dqk) = (c.n(), self.hidden, self.nh, self.dqk());
+        let (aw, qin) = (self.a_width(), self.q_in());
+        let mut d_o = vec![0.0; n * nh * self.dv];
+        linear_backward(Some(&mut d_o), &mut g[self.o.clone()], dy, &s.o, &w[self.o.clone()], n, nh * self.dv, h, false);
+        let (mut dq, mut dk, mut dv) = (vec![0.0; n * nh * dqk], vec![0.0; n * nh * dqk], vec![0.0; n * nh * self.dv]);
+        attention_backward(&mut dq, &mut dk, &mut dv, &d_o, &s.q, &s.k, &s.v, &s.probs, self.shape(c), self.scale);
+        drop(d_o);
+        c.rope.apply(&mut dq, nh * dqk, c.t, nh, dqk, self.nope, true);
+        c.rope.apply(&mut dk, nh * dqk, c.t, nh, dqk, self.nope, true);
+        let mut da = vec![0.0; n * aw];
+        // Key/value path: gather per-head gradients back into the kv_b output layout, and
+        // sum the rotary-key gradient over heads (one k_pe feeds them all).
+        let kvw = nh * (self.nope + self.dv);
+        let mut dkv = vec![0.0; n * kvw];
+        let mut dkpe = vec![0.0; n * self.rope_dim];
+        for hh in 0..nh {
+            let dst = hh * (self.nope + self.dv);
+            put_cols(&mut dkv, kvw, dst, &take_cols(&dk, nh * dqk, hh * dqk, self.nope), self.nope, false);
+            put_cols(&mut dkv, kvw, dst + self.nope, &take_cols(&dv, nh * self.dv, hh * self.dv, self.dv), self.dv, false);
+            put_cols(&mut dkpe, self.rope_dim, 0, &take_cols(&dk, nh * dqk, hh * dqk + self.nope, self.rope_dim), self.rope_dim, true);
+        }
+        let mut dckv_n = vec![0.0; n * self.kv_lora];
+        linear_backward(Some(&mut dckv_n), &mut g[self.kv_b.clone()], &dkv, &s.ckv_n, &w[self.kv_b.clone()], n, self.kv_lora, kvw, false);
+        let mut dckv = vec![0.0; n * self.kv_lora];
+        rmsnorm_backward(&mut dckv, &mut g[self.kv_a_norm.clone()], &dckv_n, &s.ckv, &w[self.kv_a_norm.clone()], &s.rstd_kv, self.kv_lora, false);
+        put_cols(&mut da, aw, qin, &dckv, self.kv_lora, false);
+        put_cols(&mut da, aw, qin + self.kv_lora, &dkpe, self.rope_dim, false);
+        // Query path.
+        match (&self.q_a_norm, &self.q_b) {
+            (Some(qn), Some(qb)) => {
+                let mut dqa_n = vec![0.0; n * qin];
+                linear_backward(Some(&mut dqa_n), &mut g[qb.clone()], &dq, &s.qa_n, &w[qb.clone()], n, qin, nh * dqk, false);
+                let mut dqa = vec![0.0; n * qin];
+                rmsnorm_backward(&mut dqa, &mut g[qn.clone()], &dqa_n, &s.qa, &w[qn.clone()], &s.rstd_qa, qin, false);
+                put_cols(&mut da, aw, 0, &dqa, qin, false);
+            }
+            _ => put_cols(&mut da, aw, 0, &dq, qin, false),
+        }
+        let mut dx = vec![0.0; n * h];
+        linear_backward(Some(&mut dx), &mut g[self.a.clone()], &da, x, &w[self.a.clone()], n, h, aw, false);
+        dx
+    }
+}

@@ -1,0 +1,221 @@
+//! Checkpoints in the Hugging Face safetensors layout: one `model.safetensors`, or shards
+//! listed by `model.safetensors.index.json`, with the per-expert tensor names of the
+//! original checkpoints, so files move between ultramoe and transformers both ways.
+//!
+//! Every write goes to a temporary file that is renamed into place: a kill during a save
+//! leaves the previous file intact, never a truncated one.
+
+use crate::error::{Error, Result};
+use crate::model::Model;
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+/// A tensor read from a safetensors file, converted to a working type.
+#[derive(Clone, Debug)]
+pub enum TensorData {
+    /// floating point (F64/F32/F16/BF16 converted to f32)
+    F32(Vec<f32>),
+    /// integers (I64/I32 widened to i64)
+    I64(Vec<i64>),
+}
+
+/// A named tensor.
+#[derive(Clone, Debug)]
+pub struct Tensor {
+    /// shape
+    pub shape: Vec<usize>,
+    /// values
+    pub data: TensorData,
+}
+
+impl Tensor {
+    /// The values as f32, or an error naming the tensor.
+    pub fn f32(&self, name: &str) -> Result<&[f32]> {
+        match &self.data {
+            TensorData::F32(v) => Ok(v),
+            TensorData::I64(_) => Err(Error::field(name, "expected a floating-point tensor, found integers")),
+        }
+    }
+    /// The values as i64, or an error naming the tensor.
+    pub fn i64(&self, name: &str) -> Result<&[i64]> {
+        match &self.data {
+            TensorData::I64(v) => Ok(v),
+            TensorData::F32(_) => Err(Error::field(name, "expected an integer tensor, found floating point")),
+        }
+    }
+}
+
+fn convert(name: &str, v: &TensorView) -> Result<TensorData> {
+    let b = v.data();
+    Ok(match v.dtype() {
+        Dtype::F32 => TensorData::F32(b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()),
+        Dtype::F64 => TensorData::F32(b.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap()) as f32).collect()),
+        Dtype::BF16 => TensorData::F32(b.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect()),
+        Dtype::F16 => TensorData::F32(b.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect()),
+        Dtype::I64 => TensorData::I64(b.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect()),
+        Dtype::I32 => TensorData::I64(b.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap()) as i64).collect()),
+        other => {
+            return Err(Error::field(name, format!("dtype {other:?} is not supported (F32, F64, BF16, F16, I64, I32)")));
+        }
+    })
+}
+
+/// Reads every tensor of one safetensors file.
+pub fn read_safetensors(path: &Path) -> Result<BTreeMap<String, Tensor>> {
+    let bytes = std::fs::read(path).map_err(|e| Error::msg(format!("cannot read: {e}")).in_file(path))?;
+    let st = SafeTensors::deserialize(&bytes)
+        .map_err(|e| Error::msg(format!("not a valid safetensors file: {e}")).in_file(path))?;
+    let mut out = BTreeMap::new();
+    for (name, view) in st.tensors() {
+        let data = convert(&name, &view).map_err(|e| e.in_file(path))?;
+        out.insert(name, Tensor { shape: view.shape().to_vec(), data });
+    }
+    Ok(out)
+}
+
+/// The files of a checkpoint: `model.safetensors`, or the shards an index names, or a
+/// single `.safetensors` path given directly.
+pub fn checkpoint_files(path: &Path) -> Result<Vec<PathBuf>> {
+    if path.is_file() {
+        return Ok(vec![path.to_path_buf()]);
+    }
+    if !path.is_dir() {
+        return Err(Error::msg("no such checkpoint file or directory").in_file(path));
+    }
+    let index = path.join("model.safetensors.index.json");
+    if index.is_file() {
+        let text = std::fs::read_to_string(&index).map_err(|e| Error::msg(format!("cannot read: {e}")).in_file(&index))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| Error::msg(format!("not valid JSON: {e}")).in_file(&index))?;
+        let map = v
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| Error::field("weight_map", "missing or not an object").in_file(&index))?;
+        let mut files: Vec<String> = map.values().filter_map(|f| f.as_str().map(String::from)).collect();
+        files.sort();
+        files.dedup();
+        return Ok(files.into_iter().map(|f| path.join(f)).collect());
+    }
+    let single = path.join("model.safetensors");
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    Err(Error::msg("directory holds neither model.safetensors nor model.safetensors.index.json").in_file(path))
+}
+
+/// True for checkpoint tensors that ultramoe deliberately does not use: multi-token
+/// prediction layers stored past `num_hidden_layers` (DeepSeek-V3) and cached RoPE
+/// frequencies.
+fn ignorable(name: &str, n_layers: usize) -> bool {
+    if name.ends_with("rotary_emb.inv_freq") {
+        return true;
+    }
+    if let Some(rest) = name.strip_prefix("model.layers.") {
+        if let Some(idx) = rest.split('.').next().and_then(|s| s.parse::<usize>().ok()) {
+            return idx >= n_layers;
+        }
+    }
+    false
+}
+
+/// Loads weights for `model` from a checkpoint directory or file into a new flat buffer.
+/// Every tensor must be present with its exact shape; unknown tensors are errors.
+pub fn load_weights(model: &Model, path: &Path) -> Result<Vec<f32>> {
+    let mut w = vec![0.0f32; model.layout.total];
+    let mut seen = vec![false; model.layout.specs.len()];
+    let index: HashMap<&str, usize> = model.layout.specs.iter().enumerate().map(|(i, s)| (s.name.as_str(), i)).collect();
+    for file in checkpoint_files(path)? {
+        for (name, t) in read_safetensors(&file)? {
+            if ignorable(&name, model.cfg.n_layers) || model.layout.aliases.contains_key(&name) {
+                continue;
+            }
+            let Some(&i) = index.get(name.as_str()) else {
+                return Err(Error::field(&name, format!("unexpected tensor for a {} model with this config", model.cfg.arch.model_type()))
+                    .in_file(&file));
+            };
+            let spec = &model.layout.specs[i];
+            if t.shape != spec.shape {
+                return Err(Error::field(&name, format!("shape {:?} does not match the config's {:?}", t.shape, spec.shape)).in_file(&file));
+            }
+            w[spec.range()].copy_from_slice(t.f32(&name).map_err(|e| e.in_file(&file))?);
+            seen[i] = true;
+        }
+    }
+    let missing: Vec<&str> = model.layout.specs.iter().zip(&seen).filter(|(_, s)| !**s).map(|(p, _)| p.name.as_str()).collect();
+    if !missing.is_empty() {
+        let more = if missing.len() > 3 { format!(" and {} more", missing.len() - 3) } else { String::new() };
+        return Err(Error::msg(format!("checkpoint is missing tensor(s) {}{more}", missing[..missing.len().min(3)].join(", "))).in_file(path));
+    }
+    Ok(w)
+}
+
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// Writes named f32 tensors to `path` atomically (temporary file, then rename).
+pub fn write_safetensors(path: &Path, tensors: &[(String, Vec<usize>, &[f32])], metadata: Option<HashMap<String, String>>) -> Result<()> {
+    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors.iter().map(|(n, s, d)| (n.clone(), s.clone(), f32_bytes(d))).collect();
+    let views: Vec<(String, TensorView)> = bytes
+        .iter()
+        .map(|(n, s, b)| Ok((n.clone(), TensorView::new(Dtype::F32, s.clone(), b).map_err(|e| Error::field(n, e.to_string()))?)))
+        .collect::<Result<_>>()?;
+    let data = safetensors::serialize(views, metadata).map_err(|e| Error::msg(e.to_string()).in_file(path))?;
+    write_atomic(path, &data)
+}
+
+/// Writes bytes to `path` through a temporary file in the same directory and a rename.
+pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(|e| Error::msg(format!("cannot create directory: {e}")).in_file(dir))?;
+    let tmp = dir.join(format!(".{}.tmp", path.file_name().and_then(|s| s.to_str()).unwrap_or("checkpoint")));
+    let mut f = std::fs::File::create(&tmp).map_err(|e| Error::msg(format!("cannot create: {e}")).in_file(&tmp))?;
+    f.write_all(data).and_then(|_| f.sync_all()).map_err(|e| Error::msg(format!("cannot write: {e}")).in_file(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::msg(format!("cannot rename into place: {e}")).in_file(path))
+}
+
+/// Saves `config.json` and the weights to `dir` in the Hugging Face layout. With
+/// `max_shard_bytes`, tensors are split over `model-0000i-of-0000n.safetensors` files
+/// plus `model.safetensors.index.json`; otherwise one `model.safetensors`.
+pub fn save_weights(model: &Model, w: &[f32], dir: &Path, max_shard_bytes: Option<usize>) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::msg(format!("cannot create directory: {e}")).in_file(dir))?;
+    let cfg_text = serde_json::to_string_pretty(&model.cfg.raw).expect("config serialises");
+    write_atomic(&dir.join("config.json"), cfg_text.as_bytes())?;
+    let mut tensors: Vec<(String, Vec<usize>, &[f32])> =
+        model.layout.specs.iter().map(|s| (s.name.clone(), s.shape.clone(), &w[s.range()])).collect();
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    let meta = Some(HashMap::from([("format".to_string(), "pt".to_string())]));
+    let Some(limit) = max_shard_bytes else {
+        return write_safetensors(&dir.join("model.safetensors"), &tensors, meta);
+    };
+    let mut shards: Vec<Vec<(String, Vec<usize>, &[f32])>> = vec![vec![]];
+    let mut size = 0usize;
+    for t in tensors {
+        let b = 4 * t.2.len();
+        if size + b > limit && !shards.last().unwrap().is_empty() {
+            shards.push(vec![]);
+            size = 0;
+        }
+        size += b;
+        shards.last_mut().unwrap().push(t);
+    }
+    let n = shards.len();
+    let mut weight_map = serde_json::Map::new();
+    let mut total = 0usize;
+    for (i, shard) in shards.iter().enumerate() {
+        let fname = format!("model-{:05}-of-{:05}.safetensors", i + 1, n);
+        for (name, _, d) in shard {
+            weight_map.insert(name.clone(), serde_json::Value::String(fname.clone()));
+            total += 4 * d.len();
+        }
+        write_safetensors(&dir.join(&fname), shard, meta.clone())?;
+    }
+    let index = serde_json::json!({ "metadata": { "total_size": total }, "weight_map": weight_map });
+    write_atomic(&dir.join("model.safetensors.index.json"), serde_json::to_string_pretty(&index).unwrap().as_bytes())?;
+    // A single-file checkpoint left from an earlier save would shadow nothing (the index
+    // wins) but would confuse a reader; remove it.
+    let _ = std::fs::remove_file(dir.join("model.safetensors"));
+    Ok(())
+}

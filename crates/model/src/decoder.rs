@@ -1,0 +1,205 @@
+//! A decoder layer: pre-norm attention and FFN with residuals, optionally with Pangu's
+//! depth-scaled sandwich norm.
+//!
+//! Plain:    `h = x + Attn(N₁(x))`,           `y = h + FFN(N₂(h))`
+//! Sandwich: `h = x + Nₐ(Attn(N₁(x)))`,       `y = h + N_f(FFN(N₂(h)))`
+//! where `Nₐ`, `N_f` are extra RMSNorms whose gains start at `c/√L` (depth-scaled), so
+//! each layer's contribution to the residual stream starts small and bounded.
+
+use crate::attention::{Ctx, GqaAttention, GqaSaved, MlaAttention, MlaSaved};
+use crate::mlp::{Mlp, MlpSaved};
+use crate::moe::layer::{MoeLayer, MoeSaved};
+use crate::params::Slot;
+use crate::tensor_ops::add_into;
+use ultramoe_kernels::norm::{rmsnorm_backward, rmsnorm_forward};
+
+/// The attention of a layer.
+#[derive(Clone, Debug)]
+pub enum AttnBlock {
+    /// grouped-query attention
+    Gqa(GqaAttention),
+    /// multi-head latent attention
+    Mla(MlaAttention),
+}
+
+/// The feed-forward of a layer.
+#[derive(Clone, Debug)]
+pub enum FfnBlock {
+    /// dense SwiGLU
+    Dense(Mlp),
+    /// mixture of experts
+    Moe(MoeLayer),
+}
+
+/// Saved attention activations.
+pub enum AttnSaved {
+    /// GQA
+    Gqa(GqaSaved),
+    /// MLA
+    Mla(MlaSaved),
+}
+
+/// Saved feed-forward activations.
+pub enum FfnSaved {
+    /// dense
+    Dense(MlpSaved),
+    /// MoE
+    Moe(MoeSaved),
+}
+
+/// One decoder layer.
+#[derive(Clone, Debug)]
+pub struct DecoderLayer {
+    /// `input_layernorm`
+    pub attn_norm: Slot,
+    /// attention
+    pub attn: AttnBlock,
+    /// `post_attention_layernorm` (the pre-FFN norm in HF naming)
+    pub ffn_norm: Slot,
+    /// FFN
+    pub ffn: FfnBlock,
+    /// sandwich post-norms `[after attention, after FFN]`
+    pub sandwich: Option<[Slot; 2]>,
+    /// hidden `H`
+    pub hidden: usize,
+    /// norm epsilon
+    pub eps: f32,
+}
+
+/// A normed tensor and what its RMSNorm saved.
+#[derive(Default)]
+struct Normed {
+    input: Vec<f32>,
+    rstd: Vec<f32>,
+}
+
+/// Saved activations of one layer.
+pub struct LayerSaved {
+    x: Vec<f32>,
+    rstd1: Vec<f32>,
+    xn1: Vec<f32>,
+    attn: AttnSaved,
+    attn_post: Option<Normed>,
+    h: Vec<f32>,
+    rstd2: Vec<f32>,
+    xn2: Vec<f32>,
+    /// FFN activations (MoE routing statistics live here)
+    pub ffn: FfnSaved,
+    ffn_post: Option<Normed>,
+}
+
+impl LayerSaved {
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        let v = |x: &Vec<f32>| 4 * x.len();
+        let nb = |n: &Option<Normed>| n.as_ref().map_or(0, |n| v(&n.input) + v(&n.rstd));
+        v(&self.x)
+            + v(&self.rstd1)
+            + v(&self.xn1)
+            + v(&self.h)
+            + v(&self.rstd2)
+            + v(&self.xn2)
+            + nb(&self.attn_post)
+            + nb(&self.ffn_post)
+            + match &self.attn {
+                AttnSaved::Gqa(s) => s.bytes(),
+                AttnSaved::Mla(s) => s.bytes(),
+            }
+            + match &self.ffn {
+                FfnSaved::Dense(s) => s.bytes(),
+                FfnSaved::Moe(s) => s.bytes(),
+            }
+    }
+}
+
+impl DecoderLayer {
+    fn norm(&self, w: &[f32], gain: &Slot, x: &[f32], n: usize) -> (Vec<f32>, Vec<f32>) {
+        let mut y = vec![0.0; x.len()];
+        let mut rstd = vec![0.0; n];
+        rmsnorm_forward(&mut y, &mut rstd, x, &w[gain.clone()], self.hidden, self.eps);
+        (y, rstd)
+    }
+
+    /// `x: [N, H]` → `y: [N, H]`.
+    pub fn forward(&self, w: &[f32], x: Vec<f32>, c: &Ctx) -> (Vec<f32>, LayerSaved) {
+        let n = c.n();
+        let (xn1, rstd1) = self.norm(w, &self.attn_norm, &x, n);
+        let (mut a, attn) = match &self.attn {
+            AttnBlock::Gqa(m) => {
+                let (y, s) = m.forward(w, &xn1, c);
+                (y, AttnSaved::Gqa(s))
+            }
+            AttnBlock::Mla(m) => {
+                let (y, s) = m.forward(w, &xn1, c);
+                (y, AttnSaved::Mla(s))
+            }
+        };
+        let attn_post = self.sandwich.as_ref().map(|[sa, _]| {
+            let (y, rstd) = self.norm(w, sa, &a, n);
+            Normed { input: std::mem::replace(&mut a, y), rstd }
+        });
+        let mut h = a;
+        add_into(&mut h, &x);
+        let (xn2, rstd2) = self.norm(w, &self.ffn_norm, &h, n);
+        let (mut f, ffn) = match &self.ffn {
+            FfnBlock::Dense(m) => {
+                let (y, s) = m.forward(w, &xn2, n);
+                (y, FfnSaved::Dense(s))
+            }
+            FfnBlock::Moe(m) => {
+                let (y, s) = m.forward(w, &xn2, n);
+                (y, FfnSaved::Moe(s))
+            }
+        };
+        let ffn_post = self.sandwich.as_ref().map(|[_, sf]| {
+            let (y, rstd) = self.norm(w, sf, &f, n);
+            Normed { input: std::mem::replace(&mut f, y), rstd }
+        });
+        let mut y = f;
+        add_into(&mut y, &h);
+        (y, LayerSaved { x, rstd1, xn1, attn, attn_post, h, rstd2, xn2, ffn, ffn_post })
+    }
+
+    /// Backward from `dy: [N, H]`; weight gradients into `g`; returns `dx: [N, H]`.
+    pub fn backward(&self, w: &[f32], g: &mut [f32], s: &LayerSaved, dy: Vec<f32>, c: &Ctx) -> Vec<f32> {
+        let (n, hd) = (c.n(), self.hidden);
+        // y = h + post(f): the residual passes dy to h unchanged.
+        let df = match (&self.sandwich, &s.ffn_post) {
+            (Some([_, sf]), Some(p)) => {
+                let mut d = vec![0.0; dy.len()];
+                rmsnorm_backward(&mut d, &mut g[sf.clone()], &dy, &p.input, &w[sf.clone()], &p.rstd, hd, false);
+                d
+            }
+            _ => dy.clone(),
+        };
+        let dxn2 = match (&self.ffn, &s.ffn) {
+            (FfnBlock::Dense(m), FfnSaved::Dense(ms)) => {
+                let mut dx = vec![0.0; n * hd];
+                m.backward(w, g, &s.xn2, ms, &df, &mut dx, n, false);
+                dx
+            }
+            (FfnBlock::Moe(m), FfnSaved::Moe(ms)) => m.backward(w, g, &s.xn2, ms, &df, n),
+            _ => unreachable!("saved FFN activations do not match the layer"),
+        };
+        drop(df);
+        let mut dh = dy;
+        rmsnorm_backward(&mut dh, &mut g[self.ffn_norm.clone()], &dxn2, &s.h, &w[self.ffn_norm.clone()], &s.rstd2, hd, true);
+        drop(dxn2);
+        let da = match (&self.sandwich, &s.attn_post) {
+            (Some([sa, _]), Some(p)) => {
+                let mut d = vec![0.0; dh.len()];
+                rmsnorm_backward(&mut d, &mut g[sa.clone()], &dh, &p.input, &w[sa.clone()], &p.rstd, hd, false);
+                d
+            }
+            _ => dh.clone(),
+        };
+        let dxn1 = match (&self.attn, &s.attn) {
+            (AttnBlock::Gqa(m), AttnSaved::Gqa(ms)) => m.backward(w, g, &s.xn1, ms, &da, c),
+            (AttnBlock::Mla(m), AttnSaved::Mla(ms)) => m.backward(w, g, &s.xn1, ms, &da, c),
+            _ => unreachable!("saved attention activations do not match the layer"),
+        };
+        let mut dx = dh;
+        rmsnorm_backward(&mut dx, &mut g[self.attn_norm.clone()], &dxn1, &s.x, &w[self.attn_norm.clone()], &s.rstd1, hd, true);
+        dx
+    }
+}

@@ -1,0 +1,59 @@
+//! Dense SwiGLU feed-forward: `y = W_down · (silu(W_gate x) ⊙ W_up x)`, with gate and up
+//! fused into one `[2I, H]` weight. Used for dense layers and shared experts.
+
+use crate::params::Slot;
+use ultramoe_kernels::activation::{swiglu_backward, swiglu_forward};
+use ultramoe_kernels::gemm::{linear_backward, linear_forward};
+
+/// A SwiGLU MLP.
+#[derive(Clone, Debug)]
+pub struct Mlp {
+    /// fused `[gate_proj; up_proj]`, `[2I, H]`
+    pub gate_up: Slot,
+    /// `down_proj`, `[H, I]`
+    pub down: Slot,
+    /// hidden `H`
+    pub hidden: usize,
+    /// width `I`
+    pub inter: usize,
+}
+
+/// Saved activations of [`Mlp::forward`].
+#[derive(Default)]
+pub struct MlpSaved {
+    /// gate/up projections `[N, 2I]`
+    pub gu: Vec<f32>,
+    /// `silu(g) ⊙ u`, `[N, I]`
+    pub act: Vec<f32>,
+}
+
+impl MlpSaved {
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        4 * (self.gu.len() + self.act.len())
+    }
+}
+
+impl Mlp {
+    /// `x: [N, H]` → `y: [N, H]`.
+    pub fn forward(&self, w: &[f32], x: &[f32], n: usize) -> (Vec<f32>, MlpSaved) {
+        let (h, i) = (self.hidden, self.inter);
+        let mut s = MlpSaved { gu: vec![0.0; n * 2 * i], act: vec![0.0; n * i] };
+        linear_forward(&mut s.gu, x, &w[self.gate_up.clone()], n, h, 2 * i);
+        swiglu_forward(&mut s.act, &s.gu, i);
+        let mut y = vec![0.0; n * h];
+        linear_forward(&mut y, &s.act, &w[self.down.clone()], n, i, h);
+        (y, s)
+    }
+
+    /// Backward: weight gradients into `g`; `dx` written, or added when `accumulate`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward(&self, w: &[f32], g: &mut [f32], x: &[f32], s: &MlpSaved, dy: &[f32], dx: &mut [f32], n: usize, accumulate: bool) {
+        let (h, i) = (self.hidden, self.inter);
+        let mut dact = vec![0.0; n * i];
+        linear_backward(Some(&mut dact), &mut g[self.down.clone()], dy, &s.act, &w[self.down.clone()], n, i, h, false);
+        let mut dgu = vec![0.0; n * 2 * i];
+        swiglu_backward(&mut dgu, &dact, &s.gu, i);
+        linear_backward(Some(dx), &mut g[self.gate_up.clone()], &dgu, x, &w[self.gate_up.clone()], n, h, 2 * i, accumulate);
+    }
+}

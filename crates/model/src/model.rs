@@ -1,0 +1,359 @@
+//! The whole causal LM: embedding → decoder layers → final RMSNorm → lm_head, with the
+//! parameter layout built from the config, and explicit forward/backward.
+
+use crate::attention::{Ctx, GqaAttention, MlaAttention};
+use crate::config::{Arch, ModelConfig, RopeScaling};
+use crate::decoder::{AttnBlock, DecoderLayer, FfnBlock, FfnSaved, LayerSaved};
+use crate::mlp::Mlp;
+use crate::moe::dispatcher::LocalDispatcher;
+use crate::moe::experts::GroupedExperts;
+use crate::moe::layer::MoeLayer;
+use crate::moe::router::Router;
+use crate::params::{fuse, Init, ParamLayout, Slot};
+use ultramoe_kernels::embedding::{embedding_backward, embedding_forward};
+use ultramoe_kernels::gemm::{linear_backward, linear_forward};
+use ultramoe_kernels::loss::{cross_entropy_backward_inplace, cross_entropy_forward, IGNORE};
+use ultramoe_kernels::norm::{rmsnorm_backward, rmsnorm_forward};
+use ultramoe_kernels::rope::{default_inv_freq, yarn_get_mscale, yarn_inv_freq, RopeLayout, RopeTable, Yarn};
+use ultramoe_kernels::router::{RouterSpec, ScoreFn};
+
+/// A model: its config, parameter layout and layer structure. Weights live outside, in a
+/// flat buffer laid out by [`Model::layout`], so the same model serves any number of
+/// weight/gradient buffers.
+#[derive(Clone, Debug)]
+pub struct Model {
+    /// configuration
+    pub cfg: ModelConfig,
+    /// parameter table
+    pub layout: ParamLayout,
+    /// `embed_tokens`, `[V, H]`
+    pub embed: Slot,
+    /// decoder layers
+    pub layers: Vec<DecoderLayer>,
+    /// final norm gain
+    pub final_norm: Slot,
+    /// `lm_head`, `[V, H]` (the embedding's slot when tied)
+    pub lm_head: Slot,
+    /// RoPE tables
+    pub rope: RopeTable,
+}
+
+/// Everything a forward pass keeps for the backward and for the caller.
+pub struct Forward {
+    /// batch rows
+    pub b: usize,
+    /// sequence length
+    pub t: usize,
+    /// input ids `[B·T]`
+    pub ids: Vec<u32>,
+    /// logits `[B·T, V]`
+    pub logits: Vec<f32>,
+    /// per-layer saved activations
+    pub layers: Vec<LayerSaved>,
+    x_final: Vec<f32>,
+    rstd_final: Vec<f32>,
+    xn_final: Vec<f32>,
+}
+
+impl Forward {
+    /// Tokens routed to each expert, per MoE layer (`[n_moe_layers][E]`).
+    pub fn expert_counts(&self) -> Vec<Vec<usize>> {
+        self.layers
+            .iter()
+            .filter_map(|l| match &l.ffn {
+                FfnSaved::Moe(m) => Some(m.expert_counts()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Bytes of saved activations (logits included).
+    pub fn activation_bytes(&self) -> usize {
+        self.layers.iter().map(|l| l.bytes()).sum::<usize>()
+            + 4 * (self.logits.len() + self.x_final.len() + self.rstd_final.len() + self.xn_final.len())
+    }
+}
+
+/// Next-token targets for `ids: [B, T]`: position `t` predicts `ids[t+1]`; the last
+/// position of each row has no target.
+pub fn shifted_targets(ids: &[u32], t: usize) -> Vec<i32> {
+    ids.chunks(t).flat_map(|row| row[1..].iter().map(|&x| x as i32).chain(std::iter::once(IGNORE))).collect()
+}
+
+impl Model {
+    /// Builds the layout and layers from a config.
+    pub fn new(cfg: ModelConfig) -> Self {
+        let mut lay = ParamLayout::default();
+        let (h, v, l) = (cfg.hidden, cfg.vocab_size, cfg.n_layers);
+        let std = if cfg.tiny_init {
+            // TinyInit (Pangu Ultra): σ = √(1 / (2·H·L)), scaled by width and depth.
+            (1.0 / (2.0 * h as f64 * l as f64)).sqrt() as f32
+        } else {
+            cfg.initializer_range
+        };
+        let normal = Init::Normal(std);
+        let ones = Init::Constant(1.0);
+        let embed = lay.add("model.embed_tokens.weight".into(), &[v, h], normal);
+        let mut layers = Vec::with_capacity(l);
+        for i in 0..l {
+            let p = format!("model.layers.{i}.");
+            let attn_norm = lay.add(format!("{p}input_layernorm.weight"), &[h], ones);
+            let attn = match &cfg.mla {
+                Some(d) => {
+                    let nh = cfg.n_heads;
+                    let dqk = d.qk_nope + d.qk_rope;
+                    let q_a = if d.q_lora_rank > 0 {
+                        lay.add(format!("{p}self_attn.q_a_proj.weight"), &[d.q_lora_rank, h], normal)
+                    } else {
+                        lay.add(format!("{p}self_attn.q_proj.weight"), &[nh * dqk, h], normal)
+                    };
+                    let kv_a = lay.add(format!("{p}self_attn.kv_a_proj_with_mqa.weight"), &[d.kv_lora_rank + d.qk_rope, h], normal);
+                    let (q_a_norm, q_b) = if d.q_lora_rank > 0 {
+                        (
+                            Some(lay.add(format!("{p}self_attn.q_a_layernorm.weight"), &[d.q_lora_rank], ones)),
+                            Some(lay.add(format!("{p}self_attn.q_b_proj.weight"), &[nh * dqk, d.q_lora_rank], normal)),
+                        )
+                    } else {
+                        (None, None)
+                    };
+                    let kv_a_norm = lay.add(format!("{p}self_attn.kv_a_layernorm.weight"), &[d.kv_lora_rank], ones);
+                    let kv_b = lay.add(format!("{p}self_attn.kv_b_proj.weight"), &[nh * (d.qk_nope + d.v_head), d.kv_lora_rank], normal);
+                    let o = lay.add(format!("{p}self_attn.o_proj.weight"), &[h, nh * d.v_head], normal);
+                    AttnBlock::Mla(MlaAttention {
+                        a: fuse(&[q_a, kv_a]),
+                        q_a_norm,
+                        q_b,
+                        kv_a_norm,
+                        kv_b,
+                        o,
+                        hidden: h,
+                        nh,
+                        q_lora: d.q_lora_rank,
+                        kv_lora: d.kv_lora_rank,
+                        nope: d.qk_nope,
+                        rope_dim: d.qk_rope,
+                        dv: d.v_head,
+                        eps: cfg.rms_norm_eps,
+                        scale: cfg.attention_scale(),
+                    })
+                }
+                None => {
+                    let (nh, nkv, hd) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
+                    let q = lay.add(format!("{p}self_attn.q_proj.weight"), &[nh * hd, h], normal);
+                    let k = lay.add(format!("{p}self_attn.k_proj.weight"), &[nkv * hd, h], normal);
+                    let vv = lay.add(format!("{p}self_attn.v_proj.weight"), &[nkv * hd, h], normal);
+                    let o = lay.add(format!("{p}self_attn.o_proj.weight"), &[h, nh * hd], normal);
+                    let (q_norm, k_norm) = if cfg.arch == Arch::Qwen3Moe {
+                        (
+                            Some(lay.add(format!("{p}self_attn.q_norm.weight"), &[hd], ones)),
+                            Some(lay.add(format!("{p}self_attn.k_norm.weight"), &[hd], ones)),
+                        )
+                    } else {
+                        (None, None)
+                    };
+                    AttnBlock::Gqa(GqaAttention {
+                        qkv: fuse(&[q, k, vv]),
+                        o,
+                        q_norm,
+                        k_norm,
+                        hidden: h,
+                        nh,
+                        nkv,
+                        hd,
+                        eps: cfg.rms_norm_eps,
+                        scale: cfg.attention_scale(),
+                    })
+                }
+            };
+            let ffn_norm = lay.add(format!("{p}post_attention_layernorm.weight"), &[h], ones);
+            let ffn = if cfg.moe_layers[i] {
+                FfnBlock::Moe(build_moe(&mut lay, &cfg, &p, normal))
+            } else {
+                FfnBlock::Dense(build_mlp(&mut lay, &format!("{p}mlp."), ["gate_proj", "up_proj", "down_proj"], h, cfg.intermediate, normal))
+            };
+            let sandwich = cfg.sandwich_norm.then(|| {
+                // Depth-scaled sandwich norm: post-norm gains start at 1/√L.
+                let gain = Init::Constant((1.0 / (l as f64).sqrt()) as f32);
+                [
+                    lay.add(format!("{p}post_self_attn_layernorm.weight"), &[h], gain),
+                    lay.add(format!("{p}post_mlp_layernorm.weight"), &[h], gain),
+                ]
+            });
+            layers.push(DecoderLayer { attn_norm, attn, ffn_norm, ffn, sandwich, hidden: h, eps: cfg.rms_norm_eps });
+        }
+        let final_norm = lay.add("model.norm.weight".into(), &[h], ones);
+        let lm_head = if cfg.tie_word_embeddings {
+            lay.aliases.insert("lm_head.weight".into(), "model.embed_tokens.weight".into());
+            embed.clone()
+        } else {
+            lay.add("lm_head.weight".into(), &[v, h], normal)
+        };
+        let rope = build_rope(&cfg);
+        Model { cfg, layout: lay, embed, layers, final_norm, lm_head, rope }
+    }
+
+    /// Forward over `ids: [B, T]` (row-major).
+    pub fn forward(&self, w: &[f32], ids: &[u32], b: usize, t: usize) -> Forward {
+        let (h, v) = (self.cfg.hidden, self.cfg.vocab_size);
+        let n = b * t;
+        assert_eq!(ids.len(), n, "ids must hold B·T tokens");
+        let c = Ctx { b, t, rope: &self.rope };
+        let mut x = vec![0.0; n * h];
+        embedding_forward(&mut x, &w[self.embed.clone()], ids, h);
+        let mut saved = Vec::with_capacity(self.layers.len());
+        for layer in &self.layers {
+            let (y, s) = layer.forward(w, x, &c);
+            saved.push(s);
+            x = y;
+        }
+        let mut xn = vec![0.0; n * h];
+        let mut rstd = vec![0.0; n];
+        rmsnorm_forward(&mut xn, &mut rstd, &x, &w[self.final_norm.clone()], h, self.cfg.rms_norm_eps);
+        let mut logits = vec![0.0; n * v];
+        linear_forward(&mut logits, &xn, &w[self.lm_head.clone()], n, h, v);
+        Forward { b, t, ids: ids.to_vec(), logits, layers: saved, x_final: x, rstd_final: rstd, xn_final: xn }
+    }
+
+    /// Mean cross-entropy over positions with a target, and that count. Leaves
+    /// `fwd.logits` intact; the per-row log-sum-exp is returned for the backward.
+    pub fn loss(&self, fwd: &Forward, targets: &[i32]) -> (f32, usize, Vec<f32>) {
+        let mut lse = vec![0.0; fwd.b * fwd.t];
+        let (loss, count) = cross_entropy_forward(&mut lse, &fwd.logits, targets, self.cfg.vocab_size);
+        (loss, count, lse)
+    }
+
+    /// Backward of `scale · Σ_{positions with a target} CE` (for the mean loss,
+    /// `scale = 1/count`). Consumes the forward; accumulates gradients into `g`.
+    pub fn backward(&self, w: &[f32], g: &mut [f32], mut fwd: Forward, targets: &[i32], lse: &[f32], scale: f32) {
+        let (h, v) = (self.cfg.hidden, self.cfg.vocab_size);
+        let n = fwd.b * fwd.t;
+        let c = Ctx { b: fwd.b, t: fwd.t, rope: &self.rope };
+        let mut dlogits = std::mem::take(&mut fwd.logits);
+        cross_entropy_backward_inplace(&mut dlogits, lse, targets, v, scale);
+        let mut dxn = vec![0.0; n * h];
+        linear_backward(Some(&mut dxn), &mut g[self.lm_head.clone()], &dlogits, &fwd.xn_final, &w[self.lm_head.clone()], n, h, v, false);
+        drop(dlogits);
+        let mut dx = vec![0.0; n * h];
+        rmsnorm_backward(
+            &mut dx,
+            &mut g[self.final_norm.clone()],
+            &dxn,
+            &fwd.x_final,
+            &w[self.final_norm.clone()],
+            &fwd.rstd_final,
+            h,
+            false,
+        );
+        drop(dxn);
+        for (layer, s) in self.layers.iter().zip(fwd.layers.drain(..).collect::<Vec<_>>().into_iter()).rev() {
+            dx = layer.backward(w, g, &s, dx, &c);
+        }
+        embedding_backward(&mut g[self.embed.clone()], &dx, &fwd.ids, h);
+        // Frozen buffers (the router correction bias) take no gradient.
+        for spec in self.layout.specs.iter().filter(|s| s.frozen) {
+            g[spec.range()].fill(0.0);
+        }
+    }
+
+    /// Total parameters.
+    pub fn n_params(&self) -> usize {
+        self.layout.n_params()
+    }
+
+    /// Parameters a token touches (routed experts counted `K` of `E` times), for FLOP
+    /// accounting: `6 · active · tokens` plus attention.
+    pub fn active_params(&self) -> usize {
+        let m = &self.cfg.moe;
+        let per_expert = 3 * self.cfg.hidden * m.expert_inter;
+        let inactive = self.cfg.n_moe_layers() * (m.n_experts - m.top_k.min(m.n_experts)) * per_expert;
+        let embed = self.cfg.vocab_size * self.cfg.hidden;
+        // The embedding lookup does no multiply-adds; a tied lm_head still does.
+        let embed_free = if self.cfg.tie_word_embeddings { 0 } else { embed };
+        self.n_params() - inactive - embed_free
+    }
+
+    /// Training FLOPs for one step over `n = B·T` tokens: `6 · active_params · n` for
+    /// the matmuls plus causal attention `6 · L · nh · T · (d_qk + d_v) · n` (forward
+    /// `2·T²·(d_qk+d_v)/2` per head per row, ×3 for backward).
+    pub fn train_flops(&self, b: usize, t: usize) -> f64 {
+        let n = (b * t) as f64;
+        let att = 6.0
+            * self.cfg.n_layers as f64
+            * self.cfg.n_heads as f64
+            * t as f64
+            * (self.cfg.qk_head_dim() + self.cfg.v_head_dim()) as f64
+            * n
+            / 2.0;
+        6.0 * self.active_params() as f64 * n + att
+    }
+}
+
+fn build_mlp(lay: &mut ParamLayout, prefix: &str, names: [&str; 3], h: usize, inter: usize, init: Init) -> Mlp {
+    let g = lay.add(format!("{prefix}{}.weight", names[0]), &[inter, h], init);
+    let u = lay.add(format!("{prefix}{}.weight", names[1]), &[inter, h], init);
+    let d = lay.add(format!("{prefix}{}.weight", names[2]), &[h, inter], init);
+    Mlp { gate_up: fuse(&[g, u]), down: d, hidden: h, inter }
+}
+
+fn build_moe(lay: &mut ParamLayout, cfg: &ModelConfig, p: &str, init: Init) -> MoeLayer {
+    let m = &cfg.moe;
+    let h = cfg.hidden;
+    let (block, names) = match cfg.arch {
+        Arch::Mixtral => ("block_sparse_moe", ["w1", "w3", "w2"]),
+        _ => ("mlp", ["gate_proj", "up_proj", "down_proj"]),
+    };
+    let weight = lay.add(format!("{p}{block}.gate.weight"), &[m.n_experts, h], init);
+    let bias = (cfg.arch == Arch::DeepseekV3)
+        .then(|| lay.add_frozen(format!("{p}{block}.gate.e_score_correction_bias"), &[m.n_experts], Init::Constant(0.0)));
+    let mut gu = Vec::with_capacity(2 * m.n_experts);
+    for e in 0..m.n_experts {
+        gu.push(lay.add(format!("{p}{block}.experts.{e}.{}.weight", names[0]), &[m.expert_inter, h], init));
+        gu.push(lay.add(format!("{p}{block}.experts.{e}.{}.weight", names[1]), &[m.expert_inter, h], init));
+    }
+    let down: Vec<Slot> = (0..m.n_experts)
+        .map(|e| lay.add(format!("{p}{block}.experts.{e}.{}.weight", names[2]), &[h, m.expert_inter], init))
+        .collect();
+    let shared = (m.n_shared > 0).then(|| build_mlp(lay, &format!("{p}{block}.shared_experts."), names, h, m.n_shared * m.expert_inter, init));
+    let spec = RouterSpec {
+        score: if cfg.arch == Arch::DeepseekV3 { ScoreFn::Sigmoid } else { ScoreFn::Softmax },
+        n_experts: m.n_experts,
+        top_k: m.top_k,
+        n_group: m.n_group,
+        topk_group: m.topk_group,
+        renormalize: m.norm_topk_prob,
+        scaling: m.routed_scaling_factor,
+    };
+    MoeLayer {
+        router: Router { weight, bias, spec, hidden: h },
+        dispatcher: LocalDispatcher { n_experts: m.n_experts, hidden: h },
+        experts: GroupedExperts { gate_up: fuse(&gu), down: fuse(&down), hidden: h, inter: m.expert_inter },
+        shared,
+    }
+}
+
+fn build_rope(cfg: &ModelConfig) -> RopeTable {
+    let dim = cfg.rope_dim();
+    let layout = if cfg.rope_interleave { RopeLayout::Interleaved } else { RopeLayout::Half };
+    let (inv, att) = match &cfg.rope_scaling {
+        RopeScaling::Default => (default_inv_freq(dim, cfg.rope_theta), 1.0),
+        RopeScaling::Linear { factor } => (default_inv_freq(dim, cfg.rope_theta).into_iter().map(|f| f / factor).collect(), 1.0),
+        RopeScaling::Yarn { factor, beta_fast, beta_slow, mscale, mscale_all_dim, original_max_position, attention_factor, truncate } => {
+            // transformers: attention_factor defaults to mscale(s, mscale)/mscale(s, mscale_all_dim)
+            // when both are given, else 0.1·ln(s) + 1.
+            let att = attention_factor.unwrap_or_else(|| match mscale {
+                Some(m) if *m != 0.0 && *mscale_all_dim != 0.0 => yarn_get_mscale(*factor, *m) / yarn_get_mscale(*factor, *mscale_all_dim),
+                _ => yarn_get_mscale(*factor, 1.0),
+            });
+            let y = Yarn {
+                factor: *factor,
+                beta_fast: *beta_fast,
+                beta_slow: *beta_slow,
+                original_max_position: *original_max_position,
+                attention_factor: att,
+                truncate: *truncate,
+            };
+            (yarn_inv_freq(dim, cfg.rope_theta, &y), att)
+        }
+    };
+    RopeTable::new(&inv, cfg.max_position, att, layout)
+}

@@ -1,0 +1,108 @@
+//! The parameter layout: every checkpoint tensor is a named view into one flat `f32`
+//! buffer (llm.c style), and gradients and optimizer moments reuse the same layout, so
+//! an optimizer step is one loop over one slice.
+//!
+//! Registration order *is* the memory order. Layers register tensors that are used
+//! together consecutively, so they form one fused matrix without copies:
+//! `q_proj, k_proj, v_proj` → one `[(nh + 2·nkv)·d, H]` QKV weight; an expert's
+//! `gate_proj, up_proj` → one `[2I, H]` weight, and all experts' in a row → `[E, 2I, H]`
+//! for the grouped GEMM.
+
+use std::collections::HashMap;
+use std::ops::Range;
+
+/// How a tensor is initialised for a fresh model.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Init {
+    /// normal(0, std)
+    Normal(f32),
+    /// every element = value (norm gains, biases)
+    Constant(f32),
+}
+
+/// One named tensor in the flat buffer.
+#[derive(Clone, Debug)]
+pub struct ParamSpec {
+    /// checkpoint name, e.g. `model.layers.0.self_attn.q_proj.weight`
+    pub name: String,
+    /// shape as stored in the checkpoint
+    pub shape: Vec<usize>,
+    /// start in the flat buffer
+    pub offset: usize,
+    /// initialisation for a fresh model
+    pub init: Init,
+    /// receives weight decay (matrices yes; norms, biases no)
+    pub decay: bool,
+    /// receives no gradient and no optimizer update (`e_score_correction_bias`)
+    pub frozen: bool,
+}
+
+impl ParamSpec {
+    /// Element count.
+    pub fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+    /// True for a zero-sized tensor.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Range in the flat buffer.
+    pub fn range(&self) -> Range<usize> {
+        self.offset..self.offset + self.len()
+    }
+}
+
+/// A range of the flat buffer that a layer reads as one (possibly fused) tensor.
+pub type Slot = Range<usize>;
+
+/// The table of all tensors.
+#[derive(Clone, Debug, Default)]
+pub struct ParamLayout {
+    /// tensors in memory order
+    pub specs: Vec<ParamSpec>,
+    /// total elements
+    pub total: usize,
+    index: HashMap<String, usize>,
+    /// checkpoint names that alias another tensor (tied `lm_head.weight`)
+    pub aliases: HashMap<String, String>,
+}
+
+impl ParamLayout {
+    /// Appends a tensor; returns its range.
+    pub fn add(&mut self, name: String, shape: &[usize], init: Init) -> Slot {
+        let decay = shape.len() >= 2;
+        let spec = ParamSpec { name: name.clone(), shape: shape.to_vec(), offset: self.total, init, decay, frozen: false };
+        let r = spec.range();
+        self.total += spec.len();
+        self.index.insert(name, self.specs.len());
+        self.specs.push(spec);
+        r
+    }
+
+    /// Appends a tensor that takes no gradient step (a buffer in PyTorch terms).
+    pub fn add_frozen(&mut self, name: String, shape: &[usize], init: Init) -> Slot {
+        let r = self.add(name, shape, init);
+        let last = self.specs.len() - 1;
+        self.specs[last].frozen = true;
+        self.specs[last].decay = false;
+        r
+    }
+
+    /// Looks a tensor up by checkpoint name.
+    pub fn get(&self, name: &str) -> Option<&ParamSpec> {
+        self.index.get(name).map(|&i| &self.specs[i])
+    }
+
+    /// Parameter count (aliases counted once).
+    pub fn n_params(&self) -> usize {
+        self.total
+    }
+}
+
+/// Joins consecutive slots into one (they must be adjacent).
+pub fn fuse(parts: &[Slot]) -> Slot {
+    for w in parts.windows(2) {
+        assert_eq!(w[0].end, w[1].start, "fused tensors must be registered consecutively");
+    }
+    parts[0].start..parts[parts.len() - 1].end
+}
