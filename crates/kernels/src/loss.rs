@@ -8,9 +8,9 @@ pub const IGNORE: i32 = -1;
 
 /// Forward: per-row `lse = log Σ_v exp(logits[v])` into `lse: [N]`; returns the mean of
 /// `lse − logits[target]` over positions whose target is not [`IGNORE`] (0 if none) and
-/// that count.
+/// that count. Rows are summed in order, so the result is independent of scheduling.
 pub fn cross_entropy_forward(lse: &mut [f32], logits: &[f32], targets: &[i32], v: usize) -> (f32, usize) {
-    let (sum, count) = lse
+    let per_row: Vec<(f64, usize)> = lse
         .par_iter_mut()
         .zip(logits.par_chunks(v))
         .zip(targets.par_iter())
@@ -24,7 +24,8 @@ pub fn cross_entropy_forward(lse: &mut [f32], logits: &[f32], targets: &[i32], v
                 ((*l - row[t as usize]) as f64, 1)
             }
         })
-        .reduce(|| (0.0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+        .collect();
+    let (sum, count) = per_row.iter().fold((0.0f64, 0usize), |a, b| (a.0 + b.0, a.1 + b.1));
     if count == 0 {
         (0.0, 0)
     } else {

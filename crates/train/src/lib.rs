@@ -1,1 +1,11 @@
-//! placeholder
+//! # ultramoe-train
+//!
+//! Training for ultramoe models: AdamW with decoupled weight decay, warmup + cosine
+//! schedule, gradient accumulation and clipping, math data with worked answers, and a
+//! trainer whose checkpoints resume to the identical loss curve.
+#![deny(missing_docs)]
+
+pub mod data;
+pub mod optimizer;
+pub mod schedule;
+pub mod trainer;

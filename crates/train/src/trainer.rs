@@ -1,0 +1,326 @@
+//! The training loop: micro-batches with gradient accumulation, clipping, AdamW on a
+//! warmup + cosine schedule, per-step metrics, and checkpoints that resume exactly.
+//!
+//! A checkpoint directory (`RUN/checkpoints/step-NNNNNNN/`) holds `config.json` and
+//! `model.safetensors` (the Hugging Face layout: loadable by transformers as is),
+//! `optimizer.safetensors` (`exp_avg.<name>`, `exp_avg_sq.<name>`) and
+//! `trainer_state.json` (step, optimizer step, data position, training config).
+//! `RUN/checkpoints/latest` names the newest complete one and is replaced atomically
+//! after the directory is fully written, so a kill mid-save leaves the previous
+//! checkpoint as the latest.
+
+use crate::data::batch::{Batcher, Source, StreamPos};
+use crate::data::jsonl::read_jsonl;
+use crate::data::math::Mix;
+use crate::optimizer::{clip_grad_norm, AdamW, AdamWConfig};
+use crate::schedule::Schedule;
+use serde::{Deserialize, Serialize};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use ultramoe_model::checkpoint::{load_weights, read_safetensors, save_weights, write_atomic, write_safetensors};
+use ultramoe_model::{shifted_targets, Error, Model, ModelConfig, Result};
+
+/// Where training examples come from.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "snake_case")]
+pub enum DataSpec {
+    /// generated math problems (default mix)
+    Math,
+    /// a JSONL file of `{"question", "answer"}`
+    Jsonl(PathBuf),
+    /// packed next-token data straight from the model's own vocabulary is not needed
+    /// here; for throughput benchmarks, uniformly random token ids
+    Random,
+}
+
+/// Training hyper-parameters.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TrainConfig {
+    /// seed for weights (seed) and data (seed + 1)
+    pub seed: u64,
+    /// optimizer steps
+    pub steps: u64,
+    /// rows per micro-batch `B`
+    pub micro_batch: usize,
+    /// tokens per row `T`
+    pub seq_len: usize,
+    /// micro-batches per step
+    pub grad_accum: usize,
+    /// peak learning rate
+    pub lr: f32,
+    /// final learning rate
+    pub min_lr: f32,
+    /// warmup steps
+    pub warmup: u64,
+    /// gradient-norm clip (0 = off)
+    pub clip: f32,
+    /// AdamW
+    pub adamw: AdamWConfig,
+    /// data source
+    pub data: DataSpec,
+    /// checkpoint every N steps (0 = only at the end)
+    pub save_every: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            seed: 1234,
+            steps: 100,
+            micro_batch: 8,
+            seq_len: 128,
+            grad_accum: 1,
+            lr: 3e-3,
+            min_lr: 3e-4,
+            warmup: 20,
+            clip: 1.0,
+            adamw: AdamWConfig::default(),
+            data: DataSpec::Math,
+            save_every: 0,
+        }
+    }
+}
+
+/// What one optimizer step measured.
+#[derive(Clone, Debug, Serialize)]
+pub struct StepStats {
+    /// step number (1-based: steps completed)
+    pub step: u64,
+    /// mean loss over the step's target tokens
+    pub loss: f32,
+    /// learning rate used
+    pub lr: f32,
+    /// gradient norm before clipping
+    pub grad_norm: f32,
+    /// tokens processed (`B·T·accum`)
+    pub tokens: usize,
+    /// wall time of the step
+    pub step_s: f64,
+    /// throughput
+    pub tokens_per_s: f64,
+    /// model FLOP utilisation against the measured GEMM peak
+    pub mfu: f64,
+    /// per MoE layer, tokens routed to each expert
+    pub expert_counts: Vec<Vec<usize>>,
+    /// max over layers of (busiest expert's tokens / mean tokens per expert)
+    pub expert_imbalance: f64,
+}
+
+/// Busiest expert over mean expert load, maximised over layers (1 = perfectly even).
+pub fn expert_imbalance(counts: &[Vec<usize>]) -> f64 {
+    counts
+        .iter()
+        .map(|c| {
+            let mean = c.iter().sum::<usize>() as f64 / c.len().max(1) as f64;
+            if mean > 0.0 {
+                *c.iter().max().unwrap_or(&0) as f64 / mean
+            } else {
+                1.0
+            }
+        })
+        .fold(1.0, f64::max)
+}
+
+/// Saved alongside the weights.
+#[derive(Serialize, Deserialize)]
+struct TrainerState {
+    step: u64,
+    optimizer_step: u64,
+    data_position: StreamPos,
+    config: TrainConfig,
+}
+
+/// A training run in progress.
+pub struct Trainer {
+    /// the model
+    pub model: Model,
+    /// weights
+    pub w: Vec<f32>,
+    g: Vec<f32>,
+    /// optimizer
+    pub opt: AdamW,
+    /// learning-rate schedule
+    pub sched: Schedule,
+    /// hyper-parameters
+    pub cfg: TrainConfig,
+    /// data stream
+    pub batcher: Batcher,
+    /// steps completed
+    pub step: u64,
+    /// FLOP/s taken as 100% MFU
+    pub peak_flops: f64,
+    metrics: Option<std::fs::File>,
+}
+
+fn source_for(data: &DataSpec, vocab: usize) -> Result<Source> {
+    Ok(match data {
+        DataSpec::Math => Source::Generated { mix: Mix::default() },
+        DataSpec::Jsonl(p) => Source::Dataset { items: read_jsonl(p).map_err(Error::msg)? },
+        DataSpec::Random => Source::Random { vocab },
+    })
+}
+
+impl Trainer {
+    /// A fresh run: weights from `w`, data from `cfg.data`.
+    pub fn new(model: Model, w: Vec<f32>, cfg: TrainConfig, peak_flops: f64) -> Result<Self> {
+        if cfg.micro_batch == 0 || cfg.seq_len < 2 || cfg.grad_accum == 0 {
+            return Err(Error::msg("micro-batch, accumulation must be positive and seq-len at least 2"));
+        }
+        if cfg.seq_len > model.cfg.max_position {
+            return Err(Error::field(
+                "max_position_embeddings",
+                format!("seq-len {} exceeds the model's {} positions", cfg.seq_len, model.cfg.max_position),
+            ));
+        }
+        let source = source_for(&cfg.data, model.cfg.vocab_size)?;
+        let batcher = Batcher::new(source, cfg.seed + 1);
+        let opt = AdamW::new(&model.layout, cfg.adamw.clone());
+        let sched = Schedule { peak: cfg.lr, min: cfg.min_lr, warmup: cfg.warmup, total: cfg.steps };
+        let g = vec![0.0; model.layout.total];
+        Ok(Trainer { model, w, g, opt, sched, cfg, batcher, step: 0, peak_flops, metrics: None })
+    }
+
+    /// Appends one JSON object per step to `path`.
+    pub fn log_metrics_to(&mut self, path: &Path) -> Result<()> {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|e| Error::msg(format!("cannot open metrics file: {e}")).in_file(path))?;
+        self.metrics = Some(f);
+        Ok(())
+    }
+
+    /// Runs one optimizer step over `grad_accum` micro-batches.
+    pub fn train_step(&mut self) -> StepStats {
+        let start = Instant::now();
+        let (b, t) = (self.cfg.micro_batch, self.cfg.seq_len);
+        let micro: Vec<_> = (0..self.cfg.grad_accum).map(|_| self.batcher.next_batch(b, t)).collect();
+        let total_targets: usize =
+            micro.iter().map(|m| m.targets.iter().filter(|&&x| x != ultramoe_kernels::loss::IGNORE).count()).sum();
+        let scale = 1.0 / total_targets.max(1) as f32;
+        self.g.iter_mut().for_each(|x| *x = 0.0);
+        let mut loss_sum = 0.0f64;
+        let mut counts: Vec<Vec<usize>> = vec![];
+        for mb in &micro {
+            let fwd = self.model.forward(&self.w, &mb.ids, b, t);
+            let c = fwd.expert_counts();
+            if counts.is_empty() {
+                counts = c;
+            } else {
+                for (acc, layer) in counts.iter_mut().zip(c) {
+                    acc.iter_mut().zip(layer).for_each(|(a, x)| *a += x);
+                }
+            }
+            let (loss, n, lse) = self.model.loss(&fwd, &mb.targets);
+            loss_sum += loss as f64 * n as f64;
+            self.model.backward(&self.w, &mut self.g, fwd, &mb.targets, &lse, scale);
+        }
+        let grad_norm = clip_grad_norm(&mut self.g, self.cfg.clip);
+        let lr = self.sched.lr(self.step);
+        self.opt.step(&mut self.w, &self.g, lr);
+        self.step += 1;
+        let step_s = start.elapsed().as_secs_f64();
+        let tokens = b * t * self.cfg.grad_accum;
+        let flops = self.model.train_flops(b, t) * self.cfg.grad_accum as f64;
+        let stats = StepStats {
+            step: self.step,
+            loss: (loss_sum / total_targets.max(1) as f64) as f32,
+            lr,
+            grad_norm,
+            tokens,
+            step_s,
+            tokens_per_s: tokens as f64 / step_s,
+            mfu: flops / step_s / self.peak_flops,
+            expert_imbalance: expert_imbalance(&counts),
+            expert_counts: counts,
+        };
+        if let Some(f) = &mut self.metrics {
+            // Metrics are best-effort: a full disk must not kill a training run.
+            let _ = writeln!(f, "{}", serde_json::to_string(&stats).unwrap_or_default());
+        }
+        stats
+    }
+
+    /// Writes a checkpoint under `run_dir/checkpoints/` and points `latest` at it; keeps
+    /// the newest `keep` checkpoints.
+    pub fn save_checkpoint(&self, run_dir: &Path, keep: usize) -> Result<PathBuf> {
+        let root = run_dir.join("checkpoints");
+        let name = format!("step-{:07}", self.step);
+        let dir = root.join(&name);
+        save_weights(&self.model, &self.w, &dir, None)?;
+        let mut tensors = Vec::with_capacity(2 * self.model.layout.specs.len());
+        for s in &self.model.layout.specs {
+            tensors.push((format!("exp_avg.{}", s.name), s.shape.clone(), &self.opt.m[s.range()]));
+            tensors.push((format!("exp_avg_sq.{}", s.name), s.shape.clone(), &self.opt.v[s.range()]));
+        }
+        write_safetensors(&dir.join("optimizer.safetensors"), &tensors, None)?;
+        let state = TrainerState {
+            step: self.step,
+            optimizer_step: self.opt.t,
+            data_position: self.batcher.position(),
+            config: self.cfg.clone(),
+        };
+        write_atomic(&dir.join("trainer_state.json"), serde_json::to_string_pretty(&state).unwrap().as_bytes())?;
+        write_atomic(&root.join("latest"), name.as_bytes())?;
+        // Prune older checkpoints (never the one just written).
+        let mut all: Vec<String> = std::fs::read_dir(&root)
+            .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .unwrap_or_default();
+        all.retain(|n| n.starts_with("step-"));
+        all.sort();
+        let excess = all.len().saturating_sub(keep.max(1));
+        for old in all.into_iter().take(excess) {
+            if old != name {
+                let _ = std::fs::remove_dir_all(root.join(old));
+            }
+        }
+        Ok(dir)
+    }
+
+    /// The newest complete checkpoint of a run, if any.
+    pub fn latest_checkpoint(run_dir: &Path) -> Option<PathBuf> {
+        let root = run_dir.join("checkpoints");
+        let name = std::fs::read_to_string(root.join("latest")).ok()?;
+        let dir = root.join(name.trim());
+        dir.join("trainer_state.json").is_file().then_some(dir)
+    }
+
+    /// Resumes from a checkpoint directory: weights, moments, step, data position and
+    /// the training config (with `steps` optionally extended).
+    pub fn resume(dir: &Path, peak_flops: f64, steps: Option<u64>) -> Result<Self> {
+        let state_path = dir.join("trainer_state.json");
+        let text = std::fs::read_to_string(&state_path).map_err(|e| Error::msg(format!("cannot read: {e}")).in_file(&state_path))?;
+        let state: TrainerState =
+            serde_json::from_str(&text).map_err(|e| Error::msg(format!("not a trainer state: {e}")).in_file(&state_path))?;
+        let model = Model::new(ModelConfig::from_file(&dir.join("config.json"))?);
+        let w = load_weights(&model, dir)?;
+        let mut cfg = state.config;
+        if let Some(s) = steps {
+            cfg.steps = s;
+        }
+        let mut tr = Trainer::new(model, w, cfg, peak_flops)?;
+        let opt_path = dir.join("optimizer.safetensors");
+        let moments = read_safetensors(&opt_path)?;
+        for s in &tr.model.layout.specs {
+            for (prefix, buf) in [("exp_avg.", &mut tr.opt.m), ("exp_avg_sq.", &mut tr.opt.v)] {
+                let key = format!("{prefix}{}", s.name);
+                let t = moments.get(&key).ok_or_else(|| Error::field(&key, "missing optimizer state").in_file(&opt_path))?;
+                if t.shape != s.shape {
+                    return Err(Error::field(&key, format!("shape {:?} does not match {:?}", t.shape, s.shape)).in_file(&opt_path));
+                }
+                buf[s.range()].copy_from_slice(t.f32(&key)?);
+            }
+        }
+        tr.opt.t = state.optimizer_step;
+        tr.step = state.step;
+        tr.batcher.restore(state.data_position);
+        Ok(tr)
+    }
+}
+
+/// Greedy next-token targets for a plain language-model batch (`ids` → shifted ids).
+pub fn lm_targets(ids: &[u32], t: usize) -> Vec<i32> {
+    shifted_targets(ids, t)
+}
