@@ -1,1 +1,89 @@
-fn main(){}
+//! `ultramoe`: train, evaluate, solve, benchmark and verify MoE models on CPU.
+
+mod commands;
+mod presets;
+mod serve;
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+/// Mixture-of-Experts training and serving on CPUs.
+#[derive(Parser)]
+#[command(name = "ultramoe", version, about, long_about = None)]
+struct Cli {
+    /// Worker threads (default: all cores).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a model (the embedded math MoE by default) and save checkpoints.
+    Train(commands::train::TrainArgs),
+    /// Exact-match accuracy on generated problems or a JSONL file.
+    Eval(commands::eval::EvalArgs),
+    /// Solve one problem; the final answer is printed alone on the last line.
+    Solve(commands::solve::SolveArgs),
+    /// Train the default math MoE with a live progress bar, save it, solve samples.
+    Demo(commands::demo::DemoArgs),
+    /// Benchmarks: training-step throughput (`train`), grouped vs dense GEMM (`gemm`).
+    #[command(subcommand)]
+    Bench(commands::bench::BenchCommand),
+    /// Forward + backward on given input ids; writes logits, loss and every gradient.
+    Grad(commands::grad::GradArgs),
+}
+
+/// Keeps freed memory in the process for reuse. A training step allocates and frees the
+/// same large activation buffers every step; by default glibc serves each from fresh
+/// `mmap` pages and returns them on free, so every step pays page faults and zeroing
+/// for its whole working set (about a tenth of the step time on the benchmark model).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn keep_freed_memory() {
+    extern "C" {
+        fn mallopt(param: i32, value: i32) -> i32;
+    }
+    const M_TRIM_THRESHOLD: i32 = -1;
+    const M_MMAP_MAX: i32 = -4;
+    // SAFETY: mallopt only adjusts allocator tuning; called before any threads start.
+    unsafe {
+        mallopt(M_MMAP_MAX, 0);
+        mallopt(M_TRIM_THRESHOLD, i32::MAX);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn keep_freed_memory() {}
+
+fn main() {
+    keep_freed_memory();
+    let cli = Cli::parse();
+    let threads = cli.threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    if let Err(e) = rayon::ThreadPoolBuilder::new().num_threads(threads).build_global() {
+        eprintln!("ultramoe: cannot start {threads} threads: {e}");
+        std::process::exit(1);
+    }
+    let result = match cli.command {
+        Command::Train(a) => commands::train::run(a),
+        Command::Eval(a) => commands::eval::run(a),
+        Command::Solve(a) => commands::solve::run(a),
+        Command::Demo(a) => commands::demo::run(a),
+        Command::Bench(a) => commands::bench::run(a),
+        Command::Grad(a) => commands::grad::run(a),
+    };
+    if let Err(e) = result {
+        eprintln!("ultramoe: error: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// The model used when `--model` is not given: the demo's output if it exists, else the
+/// checkpoint shipped in the repository.
+pub fn default_model_dir() -> PathBuf {
+    let demo = PathBuf::from("runs/demo/model");
+    if demo.join("config.json").is_file() {
+        return demo;
+    }
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../models/math-moe"))
+}

@@ -25,6 +25,7 @@ pub mod grouped_gemm;
 pub mod loss;
 pub mod norm;
 pub mod permute;
+pub mod profile;
 pub mod rope;
 pub mod router;
 

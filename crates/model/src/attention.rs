@@ -81,6 +81,7 @@ impl GqaAttention {
 
     /// `x: [N, H]` (normed) → `y: [N, H]`.
     pub fn forward(&self, w: &[f32], x: &[f32], c: &Ctx) -> (Vec<f32>, GqaSaved) {
+        let _p = ultramoe_kernels::profile::scope("attention.forward");
         let (n, h, hd) = (c.n(), self.hidden, self.hd);
         let (qw, kw) = (self.nh * hd, self.nkv * hd);
         let width = qw + 2 * kw;
@@ -108,7 +109,10 @@ impl GqaAttention {
         let sh = self.shape(c);
         s.probs = vec![0.0; sh.probs_len()];
         s.o = vec![0.0; n * qw];
-        attention_forward(&mut s.o, &mut s.probs, &s.q, &s.k, &s.v, sh, self.scale);
+        {
+            let _p = ultramoe_kernels::profile::scope("attention.core.forward");
+            attention_forward(&mut s.o, &mut s.probs, &s.q, &s.k, &s.v, sh, self.scale);
+        }
         let mut y = vec![0.0; n * h];
         linear_forward(&mut y, &s.o, &w[self.o.clone()], n, qw, h);
         (y, s)
@@ -116,13 +120,17 @@ impl GqaAttention {
 
     /// Backward: accumulates weight gradients into `g`, returns `dx: [N, H]`.
     pub fn backward(&self, w: &[f32], g: &mut [f32], x: &[f32], s: &GqaSaved, dy: &[f32], c: &Ctx) -> Vec<f32> {
+        let _p = ultramoe_kernels::profile::scope("attention.backward");
         let (n, h, hd) = (c.n(), self.hidden, self.hd);
         let (qw, kw) = (self.nh * hd, self.nkv * hd);
         let width = qw + 2 * kw;
         let mut d_o = vec![0.0; n * qw];
         linear_backward(Some(&mut d_o), &mut g[self.o.clone()], dy, &s.o, &w[self.o.clone()], n, qw, h, false);
         let (mut dq, mut dk, mut dv) = (vec![0.0; n * qw], vec![0.0; n * kw], vec![0.0; n * kw]);
-        attention_backward(&mut dq, &mut dk, &mut dv, &d_o, &s.q, &s.k, &s.v, &s.probs, self.shape(c), self.scale);
+        {
+            let _p = ultramoe_kernels::profile::scope("attention.core.backward");
+            attention_backward(&mut dq, &mut dk, &mut dv, &d_o, &s.q, &s.k, &s.v, &s.probs, self.shape(c), self.scale);
+        }
         c.rope.apply(&mut dq, qw, c.t, self.nh, hd, 0, true);
         c.rope.apply(&mut dk, kw, c.t, self.nkv, hd, 0, true);
         if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
@@ -233,6 +241,7 @@ impl MlaAttention {
 
     /// `x: [N, H]` (normed) → `y: [N, H]`.
     pub fn forward(&self, w: &[f32], x: &[f32], c: &Ctx) -> (Vec<f32>, MlaSaved) {
+        let _p = ultramoe_kernels::profile::scope("attention.forward");
         let (n, h, nh, dqk) = (c.n(), self.hidden, self.nh, self.dqk());
         let aw = self.a_width();
         let qin = self.q_in();
@@ -273,7 +282,10 @@ impl MlaAttention {
         let sh = self.shape(c);
         s.probs = vec![0.0; sh.probs_len()];
         s.o = vec![0.0; n * nh * self.dv];
-        attention_forward(&mut s.o, &mut s.probs, &s.q, &s.k, &s.v, sh, self.scale);
+        {
+            let _p = ultramoe_kernels::profile::scope("attention.core.forward");
+            attention_forward(&mut s.o, &mut s.probs, &s.q, &s.k, &s.v, sh, self.scale);
+        }
         let mut y = vec![0.0; n * h];
         linear_forward(&mut y, &s.o, &w[self.o.clone()], n, nh * self.dv, h);
         (y, s)
@@ -281,12 +293,16 @@ impl MlaAttention {
 
     /// Backward: accumulates weight gradients into `g`, returns `dx: [N, H]`.
     pub fn backward(&self, w: &[f32], g: &mut [f32], x: &[f32], s: &MlaSaved, dy: &[f32], c: &Ctx) -> Vec<f32> {
+        let _p = ultramoe_kernels::profile::scope("attention.backward");
         let (n, h, nh, dqk) = (c.n(), self.hidden, self.nh, self.dqk());
         let (aw, qin) = (self.a_width(), self.q_in());
         let mut d_o = vec![0.0; n * nh * self.dv];
         linear_backward(Some(&mut d_o), &mut g[self.o.clone()], dy, &s.o, &w[self.o.clone()], n, nh * self.dv, h, false);
         let (mut dq, mut dk, mut dv) = (vec![0.0; n * nh * dqk], vec![0.0; n * nh * dqk], vec![0.0; n * nh * self.dv]);
-        attention_backward(&mut dq, &mut dk, &mut dv, &d_o, &s.q, &s.k, &s.v, &s.probs, self.shape(c), self.scale);
+        {
+            let _p = ultramoe_kernels::profile::scope("attention.core.backward");
+            attention_backward(&mut dq, &mut dk, &mut dv, &d_o, &s.q, &s.k, &s.v, &s.probs, self.shape(c), self.scale);
+        }
         drop(d_o);
         c.rope.apply(&mut dq, nh * dqk, c.t, nh, dqk, self.nope, true);
         c.rope.apply(&mut dk, nh * dqk, c.t, nh, dqk, self.nope, true);

@@ -37,6 +37,7 @@ impl MlpSaved {
 impl Mlp {
     /// `x: [N, H]` → `y: [N, H]`.
     pub fn forward(&self, w: &[f32], x: &[f32], n: usize) -> (Vec<f32>, MlpSaved) {
+        let _p = ultramoe_kernels::profile::scope("mlp.forward");
         let (h, i) = (self.hidden, self.inter);
         let mut s = MlpSaved { gu: vec![0.0; n * 2 * i], act: vec![0.0; n * i] };
         linear_forward(&mut s.gu, x, &w[self.gate_up.clone()], n, h, 2 * i);
@@ -49,6 +50,7 @@ impl Mlp {
     /// Backward: weight gradients into `g`; `dx` written, or added when `accumulate`.
     #[allow(clippy::too_many_arguments)]
     pub fn backward(&self, w: &[f32], g: &mut [f32], x: &[f32], s: &MlpSaved, dy: &[f32], dx: &mut [f32], n: usize, accumulate: bool) {
+        let _p = ultramoe_kernels::profile::scope("mlp.backward");
         let (h, i) = (self.hidden, self.inter);
         let mut dact = vec![0.0; n * i];
         linear_backward(Some(&mut dact), &mut g[self.down.clone()], dy, &s.act, &w[self.down.clone()], n, i, h, false);

@@ -206,6 +206,7 @@ impl Model {
             saved.push(s);
             x = y;
         }
+        let _p = ultramoe_kernels::profile::scope("lm_head.forward");
         let mut xn = vec![0.0; n * h];
         let mut rstd = vec![0.0; n];
         rmsnorm_forward(&mut xn, &mut rstd, &x, &w[self.final_norm.clone()], h, self.cfg.rms_norm_eps);
@@ -217,6 +218,7 @@ impl Model {
     /// Mean cross-entropy over positions with a target, and that count. Leaves
     /// `fwd.logits` intact; the per-row log-sum-exp is returned for the backward.
     pub fn loss(&self, fwd: &Forward, targets: &[i32]) -> (f32, usize, Vec<f32>) {
+        let _p = ultramoe_kernels::profile::scope("loss");
         let mut lse = vec![0.0; fwd.b * fwd.t];
         let (loss, count) = cross_entropy_forward(&mut lse, &fwd.logits, targets, self.cfg.vocab_size);
         (loss, count, lse)
@@ -228,6 +230,7 @@ impl Model {
         let (h, v) = (self.cfg.hidden, self.cfg.vocab_size);
         let n = fwd.b * fwd.t;
         let c = Ctx { b: fwd.b, t: fwd.t, rope: &self.rope };
+        let lm_scope = ultramoe_kernels::profile::scope("lm_head.backward");
         let mut dlogits = std::mem::take(&mut fwd.logits);
         cross_entropy_backward_inplace(&mut dlogits, lse, targets, v, scale);
         let mut dxn = vec![0.0; n * h];
@@ -245,6 +248,7 @@ impl Model {
             false,
         );
         drop(dxn);
+        drop(lm_scope);
         for (layer, s) in self.layers.iter().zip(fwd.layers.drain(..).collect::<Vec<_>>().into_iter()).rev() {
             dx = layer.backward(w, g, &s, dx, &c);
         }

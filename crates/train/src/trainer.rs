@@ -200,11 +200,17 @@ impl Trainer {
         let total_targets: usize =
             micro.iter().map(|m| m.targets.iter().filter(|&&x| x != ultramoe_kernels::loss::IGNORE).count()).sum();
         let scale = 1.0 / total_targets.max(1) as f32;
-        self.g.iter_mut().for_each(|x| *x = 0.0);
+        {
+            let _p = ultramoe_kernels::profile::scope("zero_grad");
+            self.g.iter_mut().for_each(|x| *x = 0.0);
+        }
         let mut loss_sum = 0.0f64;
         let mut counts: Vec<Vec<usize>> = vec![];
         for mb in &micro {
-            let fwd = self.model.forward(&self.w, &mb.ids, b, t);
+            let fwd = {
+                let _p = ultramoe_kernels::profile::scope("forward");
+                self.model.forward(&self.w, &mb.ids, b, t)
+            };
             let c = fwd.expert_counts();
             if counts.is_empty() {
                 counts = c;
@@ -215,11 +221,14 @@ impl Trainer {
             }
             let (loss, n, lse) = self.model.loss(&fwd, &mb.targets);
             loss_sum += loss as f64 * n as f64;
+            let _p = ultramoe_kernels::profile::scope("backward");
             self.model.backward(&self.w, &mut self.g, fwd, &mb.targets, &lse, scale);
         }
+        let opt_scope = ultramoe_kernels::profile::scope("optimizer");
         let grad_norm = clip_grad_norm(&mut self.g, self.cfg.clip);
         let lr = self.sched.lr(self.step);
         self.opt.step(&mut self.w, &self.g, lr);
+        drop(opt_scope);
         self.step += 1;
         let step_s = start.elapsed().as_secs_f64();
         let tokens = b * t * self.cfg.grad_accum;

@@ -53,11 +53,23 @@ impl MoeLayer {
     /// `x: [N, H]` (normed) → `y: [N, H]`.
     pub fn forward(&self, w: &[f32], x: &[f32], n: usize) -> (Vec<f32>, MoeSaved) {
         let k = self.router.spec.top_k;
-        let routing = self.router.forward(w, x, n);
-        let (xp, handle) = self.dispatcher.dispatch(x, &routing, k);
-        let (yp, experts) = self.experts.forward(w, &xp, &handle.plan.offsets);
+        let routing = {
+            let _p = ultramoe_kernels::profile::scope("moe.router.forward");
+            self.router.forward(w, x, n)
+        };
+        let (xp, handle) = {
+            let _p = ultramoe_kernels::profile::scope("moe.dispatch.forward");
+            self.dispatcher.dispatch(x, &routing, k)
+        };
+        let (yp, experts) = {
+            let _p = ultramoe_kernels::profile::scope("moe.experts.forward");
+            self.experts.forward(w, &xp, &handle.plan.offsets)
+        };
         let mut y = vec![0.0; x.len()];
-        self.dispatcher.combine(&mut y, &yp, &routing.weights, &handle);
+        {
+            let _p = ultramoe_kernels::profile::scope("moe.combine.forward");
+            self.dispatcher.combine(&mut y, &yp, &routing.weights, &handle);
+        }
         let shared = self.shared.as_ref().map(|m| {
             let (ys, s) = m.forward(w, x, n);
             crate::tensor_ops::add_into(&mut y, &ys);
@@ -68,13 +80,25 @@ impl MoeLayer {
 
     /// Backward: weight gradients into `g`; returns `dx: [N, H]`.
     pub fn backward(&self, w: &[f32], g: &mut [f32], x: &[f32], s: &MoeSaved, dy: &[f32], n: usize) -> Vec<f32> {
-        let (dyp, dweights) = self.dispatcher.combine_backward(dy, &s.yp, &s.routing.weights, &s.handle);
-        let dxp = self.experts.backward(w, g, &s.xp, &s.experts, &dyp, &s.handle.plan.offsets);
+        let (dyp, dweights) = {
+            let _p = ultramoe_kernels::profile::scope("moe.combine.backward");
+            self.dispatcher.combine_backward(dy, &s.yp, &s.routing.weights, &s.handle)
+        };
+        let dxp = {
+            let _p = ultramoe_kernels::profile::scope("moe.experts.backward");
+            self.experts.backward(w, g, &s.xp, &s.experts, &dyp, &s.handle.plan.offsets)
+        };
         drop(dyp);
         let mut dx = vec![0.0; x.len()];
-        self.dispatcher.dispatch_backward(&mut dx, &dxp, &s.handle, false);
+        {
+            let _p = ultramoe_kernels::profile::scope("moe.dispatch.backward");
+            self.dispatcher.dispatch_backward(&mut dx, &dxp, &s.handle, false);
+        }
         drop(dxp);
-        self.router.backward(w, g, x, &s.routing, &dweights, &mut dx, n);
+        {
+            let _p = ultramoe_kernels::profile::scope("moe.router.backward");
+            self.router.backward(w, g, x, &s.routing, &dweights, &mut dx, n);
+        }
         if let (Some(m), Some(ms)) = (&self.shared, &s.shared) {
             m.backward(w, g, x, ms, dy, &mut dx, n, true);
         }

@@ -1,0 +1,176 @@
+//! `ultramoe bench`: throughput figures, with medians over repeated runs.
+
+use super::CliResult;
+use clap::{Args, Subcommand};
+use std::path::PathBuf;
+use std::time::Instant;
+use ultramoe_kernels::gemm::{matmul, measure_peak_flops, Op};
+use ultramoe_kernels::grouped_gemm::{grouped_linear_backward, grouped_linear_forward};
+use ultramoe_model::init::{init_weights, Rng};
+use ultramoe_model::{Model, ModelConfig};
+use ultramoe_train::trainer::{DataSpec, TrainConfig, Trainer};
+
+/// Benchmarks.
+#[derive(Subcommand, Debug)]
+pub enum BenchCommand {
+    /// Training-step throughput (forward + backward + AdamW) on a config.json.
+    Train(BenchTrainArgs),
+    /// Grouped GEMM over experts against one dense GEMM of the same total size.
+    Gemm(BenchGemmArgs),
+}
+
+/// Options of `ultramoe bench train`.
+#[derive(Args, Debug)]
+pub struct BenchTrainArgs {
+    /// Model config.json.
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Rows per step.
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    /// Tokens per row.
+    #[arg(long, default_value_t = 256)]
+    pub seq: usize,
+    /// Timed steps.
+    #[arg(long, default_value_t = 10)]
+    pub steps: usize,
+    /// Untimed steps first.
+    #[arg(long, default_value_t = 2)]
+    pub warmup: usize,
+    /// A baseline's seconds per step to compare with (e.g. PyTorch's, measured on this machine).
+    #[arg(long)]
+    pub baseline_step_s: Option<f64>,
+}
+
+/// Options of `ultramoe bench gemm`.
+#[derive(Args, Debug)]
+pub struct BenchGemmArgs {
+    /// Routed rows (tokens × top-k).
+    #[arg(long, default_value_t = 8192)]
+    pub rows: usize,
+    /// Experts.
+    #[arg(long, default_value_t = 16)]
+    pub experts: usize,
+    /// Input width (hidden size).
+    #[arg(long, default_value_t = 256)]
+    pub d_in: usize,
+    /// Output width (2 × expert FFN width for the fused gate/up).
+    #[arg(long, default_value_t = 256)]
+    pub d_out: usize,
+    /// Timed repetitions.
+    #[arg(long, default_value_t = 20)]
+    pub reps: usize,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+/// `ultramoe bench …`.
+pub fn run(c: BenchCommand) -> CliResult {
+    match c {
+        BenchCommand::Train(a) => bench_train(a),
+        BenchCommand::Gemm(a) => bench_gemm(a),
+    }
+}
+
+fn bench_train(a: BenchTrainArgs) -> CliResult {
+    let cfg = ModelConfig::from_file(&a.config).map_err(|e| e.to_string())?;
+    let model = Model::new(cfg);
+    let peak = measure_peak_flops(1024, 1.0);
+    let w = init_weights(&model.layout, 1);
+    let tc = TrainConfig {
+        steps: (a.steps + a.warmup) as u64,
+        micro_batch: a.batch,
+        seq_len: a.seq,
+        data: DataSpec::Random,
+        warmup: 1,
+        ..TrainConfig::default()
+    };
+    let mut tr = Trainer::new(model, w, tc, peak).map_err(|e| e.to_string())?;
+    for _ in 0..a.warmup {
+        tr.train_step();
+    }
+    ultramoe_kernels::profile::take();
+    let mut times = Vec::with_capacity(a.steps);
+    let mut mfus = Vec::with_capacity(a.steps);
+    for _ in 0..a.steps {
+        let s = tr.train_step();
+        times.push(s.step_s);
+        mfus.push(s.mfu);
+    }
+    let med = median(times.clone());
+    let tokens = (a.batch * a.seq) as f64;
+    println!("model          {} ({:.2}M params, {:.2}M active)", a.config.display(), tr.model.n_params() as f64 / 1e6, tr.model.active_params() as f64 / 1e6);
+    println!("step           batch {} × seq {} = {} tokens, f32, {} threads", a.batch, a.seq, tokens, rayon::current_num_threads());
+    println!("step time      median {:.4} s (min {:.4}, max {:.4}, {} steps)", med, times.iter().cloned().fold(f64::MAX, f64::min), times.iter().cloned().fold(0.0, f64::max), a.steps);
+    println!("throughput     {:.0} tokens/s", tokens / med);
+    println!("GEMM peak      {:.1} GFLOP/s (measured now, 1024³ f32)", peak / 1e9);
+    println!("model FLOPs    {:.2} GFLOP/step", tr.model.train_flops(a.batch, a.seq) / 1e9);
+    println!("MFU            {:.1}% (median)", 100.0 * median(mfus));
+    if let Some(b) = a.baseline_step_s {
+        println!("vs baseline    {:.2}× ({b:.3} s/step baseline)", b / med);
+    }
+    let phases = ultramoe_kernels::profile::take();
+    if !phases.is_empty() {
+        println!("phases (ULTRAMOE_PROFILE, inclusive, per step):");
+        for (name, secs, calls) in phases {
+            println!("  {name:<26} {:>8.2} ms  ({} calls/step)", 1e3 * secs / a.steps as f64, calls / a.steps as u64);
+        }
+    }
+    Ok(())
+}
+
+fn bench_gemm(a: BenchGemmArgs) -> CliResult {
+    if a.experts == 0 || a.rows == 0 {
+        return Err("--experts and --rows must be positive".into());
+    }
+    // Uneven but realistic expert loads: multinomial draws with random expert weights.
+    let mut rng = Rng::new(7);
+    let weights: Vec<f64> = (0..a.experts).map(|_| 0.5 + rng.uniform()).collect();
+    let total_w: f64 = weights.iter().sum();
+    let mut counts = vec![0usize; a.experts];
+    for _ in 0..a.rows {
+        let mut u = rng.uniform() * total_w;
+        let mut e = 0;
+        while e + 1 < a.experts && u >= weights[e] {
+            u -= weights[e];
+            e += 1;
+        }
+        counts[e] += 1;
+    }
+    let mut offsets = vec![0usize];
+    for c in &counts {
+        offsets.push(offsets.last().unwrap() + c);
+    }
+    let x: Vec<f32> = (0..a.rows * a.d_in).map(|i| ((i * 7919) % 13) as f32 * 0.01).collect();
+    let w: Vec<f32> = (0..a.experts * a.d_out * a.d_in).map(|i| ((i * 104729) % 17) as f32 * 0.01).collect();
+    let dy: Vec<f32> = (0..a.rows * a.d_out).map(|i| ((i * 31) % 11) as f32 * 0.01).collect();
+    let mut y = vec![0.0f32; a.rows * a.d_out];
+    let mut dx = vec![0.0f32; a.rows * a.d_in];
+    let mut dw = vec![0.0f32; a.experts * a.d_out * a.d_in];
+    let flops = 2.0 * (a.rows * a.d_in * a.d_out) as f64;
+    let time = |f: &mut dyn FnMut()| {
+        f();
+        median((0..a.reps).map(|_| {
+            let s = Instant::now();
+            f();
+            s.elapsed().as_secs_f64()
+        }).collect())
+    };
+    let g_fwd = time(&mut || grouped_linear_forward(&mut y, &x, &w, &offsets, a.d_in, a.d_out));
+    let g_bwd = time(&mut || grouped_linear_backward(Some(&mut dx), &mut dw, &dy, &x, &w, &offsets, a.d_in, a.d_out));
+    let w0 = &w[..a.d_out * a.d_in];
+    let d_fwd = time(&mut || matmul(&mut y, &x, Op::N, w0, Op::T, a.rows, a.d_out, a.d_in, false, 1.0));
+    let dw0 = &mut dw[..a.d_out * a.d_in];
+    let d_bwd = time(&mut || {
+        matmul(&mut dx, &dy, Op::N, w0, Op::N, a.rows, a.d_in, a.d_out, false, 1.0);
+        matmul(dw0, &dy, Op::T, &x, Op::N, a.d_out, a.d_in, a.rows, true, 1.0);
+    });
+    println!("grouped GEMM: {} rows over {} experts (loads {}..{}), {}→{}, {} threads", a.rows, a.experts, counts.iter().min().unwrap(), counts.iter().max().unwrap(), a.d_in, a.d_out, rayon::current_num_threads());
+    println!("                 grouped        dense      grouped/dense");
+    println!("forward   {:>10.1} GF/s {:>10.1} GF/s {:>10.2}", flops / g_fwd / 1e9, flops / d_fwd / 1e9, d_fwd / g_fwd);
+    println!("backward  {:>10.1} GF/s {:>10.1} GF/s {:>10.2}", 2.0 * flops / g_bwd / 1e9, 2.0 * flops / d_bwd / 1e9, d_bwd / g_bwd);
+    Ok(())
+}

@@ -1,0 +1,107 @@
+//! `ultramoe eval`: exact-match accuracy.
+
+use super::{load_model, CliResult};
+use crate::serve::{answers_match, solve_batch};
+use clap::Args;
+use std::path::{Path, PathBuf};
+use ultramoe_model::init::Rng;
+use ultramoe_model::Model;
+use ultramoe_train::data::jsonl::read_jsonl;
+use ultramoe_train::data::math::{generate, Kind};
+
+/// Options of `ultramoe eval`.
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    /// Model directory (default: runs/demo/model if present, else the shipped model).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// JSONL file of `{"question", "answer"}` to score instead of generated problems.
+    #[arg(long)]
+    pub file: Option<PathBuf>,
+    /// Problem kinds to generate (comma-separated: addsub, mul2x2, mul, equation, expr, word).
+    #[arg(long, default_value = "addsub,mul2x2,equation,mul,expr,word")]
+    pub kinds: String,
+    /// Problems per kind.
+    #[arg(long, default_value_t = 200)]
+    pub n: usize,
+    /// Seed of the evaluation problems (training uses seed+1 of its own seed; the default
+    /// here draws a different stream).
+    #[arg(long, default_value_t = 987_654_321)]
+    pub seed: u64,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Print each wrong answer.
+    #[arg(long)]
+    pub show_errors: bool,
+}
+
+/// One accuracy figure.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Score {
+    /// what was scored
+    pub name: String,
+    /// correct answers
+    pub correct: usize,
+    /// problems
+    pub total: usize,
+    /// correct / total
+    pub accuracy: f64,
+}
+
+/// Scores `(question, expected)` pairs.
+pub fn score(model: &Model, w: &[f32], name: &str, items: &[(String, String)], show_errors: bool) -> Score {
+    let qs: Vec<String> = items.iter().map(|(q, _)| q.clone()).collect();
+    let sols = solve_batch(model, w, &qs);
+    let mut correct = 0;
+    for (s, (_, e)) in sols.iter().zip(items) {
+        if answers_match(&s.answer, e) {
+            correct += 1;
+        } else if show_errors {
+            eprintln!("  ✗ {} → {} (expected {e}; work: {})", s.question, s.answer, s.worked);
+        }
+    }
+    Score { name: name.to_string(), correct, total: items.len(), accuracy: correct as f64 / items.len().max(1) as f64 }
+}
+
+/// Generated problems of one kind, from a seed disjoint from training streams.
+pub fn generated(kind: Kind, n: usize, seed: u64) -> Vec<(String, String)> {
+    let mut rng = Rng::new(seed ^ (kind as u64 + 1).wrapping_mul(0x9E37_79B9));
+    (0..n).map(|_| generate(&mut rng, kind)).map(|p| (p.question, p.answer)).collect()
+}
+
+/// Scores a model directory over kinds or a file.
+pub fn evaluate(dir: &Path, file: Option<&Path>, kinds: &[Kind], n: usize, seed: u64, show_errors: bool) -> CliResult<Vec<Score>> {
+    let (model, w) = load_model(dir)?;
+    if let Some(f) = file {
+        let items: Vec<(String, String)> = read_jsonl(f)?.into_iter().map(|q| (q.question, q.answer)).collect();
+        return Ok(vec![score(&model, &w, &f.display().to_string(), &items, show_errors)]);
+    }
+    Ok(kinds.iter().map(|k| score(&model, &w, k.name(), &generated(*k, n, seed), show_errors)).collect())
+}
+
+/// Parses `--kinds`.
+pub fn parse_kinds(s: &str) -> CliResult<Vec<Kind>> {
+    s.split(',')
+        .map(|k| {
+            Kind::from_name(k.trim()).ok_or_else(|| {
+                format!("--kinds: unknown kind `{k}` (known: {})", Kind::ALL.iter().map(|k| k.name()).collect::<Vec<_>>().join(", "))
+            })
+        })
+        .collect()
+}
+
+/// `ultramoe eval`.
+pub fn run(a: EvalArgs) -> CliResult {
+    let dir = a.model.clone().unwrap_or_else(crate::default_model_dir);
+    let kinds = parse_kinds(&a.kinds)?;
+    let scores = evaluate(&dir, a.file.as_deref(), &kinds, a.n, a.seed, a.show_errors)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&scores).unwrap());
+    } else {
+        for s in &scores {
+            println!("{:<10} {:>6.1}%  ({}/{})", s.name, 100.0 * s.accuracy, s.correct, s.total);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,31 @@
+//! One module per subcommand.
+
+pub mod bench;
+pub mod demo;
+pub mod eval;
+pub mod grad;
+pub mod solve;
+pub mod train;
+
+use std::path::Path;
+use ultramoe_model::checkpoint::load_weights;
+use ultramoe_model::{Model, ModelConfig};
+
+/// Errors shown to the user: one line, already with context.
+pub type CliResult<T = ()> = Result<T, String>;
+
+/// Loads a model directory (`config.json` + safetensors weights).
+pub fn load_model(dir: &Path) -> CliResult<(Model, Vec<f32>)> {
+    let cfg = ModelConfig::from_file(&dir.join("config.json")).map_err(|e| e.to_string())?;
+    let model = Model::new(cfg);
+    let w = load_weights(&model, dir).map_err(|e| e.to_string())?;
+    Ok((model, w))
+}
+
+/// Peak GEMM FLOP/s for MFU, measured briefly unless given.
+pub fn peak_flops(given_gflops: Option<f64>) -> f64 {
+    match given_gflops {
+        Some(g) => g * 1e9,
+        None => ultramoe_kernels::gemm::measure_peak_flops(1024, 0.5),
+    }
+}

@@ -1,0 +1,46 @@
+//! `ultramoe solve "PROBLEM"`.
+
+use super::{load_model, CliResult};
+use crate::serve::solve_batch;
+use clap::Args;
+use std::path::PathBuf;
+
+/// Options of `ultramoe solve`.
+#[derive(Args, Debug)]
+pub struct SolveArgs {
+    /// The problem, typed as a person would (`347 + 589`, `58 * 73`, `Solve for x: 3x - 7 = 11`).
+    pub problem: String,
+    /// Model directory (default: runs/demo/model if present, else the shipped model).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// Show the worked answer above the final answer.
+    #[arg(long)]
+    pub show_work: bool,
+}
+
+/// `ultramoe solve`.
+pub fn run(a: SolveArgs) -> CliResult {
+    if a.problem.trim().is_empty() {
+        return Err("the problem is empty".into());
+    }
+    let dir = a.model.unwrap_or_else(crate::default_model_dir);
+    let (model, w) = load_model(&dir)?;
+    let s = solve_batch(&model, &w, std::slice::from_ref(&a.problem)).remove(0);
+    if a.json {
+        println!("{}", serde_json::to_string(&s).expect("solution serialises"));
+        return Ok(());
+    }
+    if a.show_work {
+        for step in s.worked.split(';') {
+            println!("  {step}");
+        }
+    }
+    if !s.complete {
+        eprintln!("warning: the model did not finish its answer");
+    }
+    println!("{}", s.answer);
+    Ok(())
+}

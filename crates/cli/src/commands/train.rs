@@ -1,0 +1,206 @@
+//! `ultramoe train`.
+
+use super::{peak_flops, CliResult};
+use crate::presets::{math_train_config, MATH_MOE_CONFIG};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use std::path::{Path, PathBuf};
+use ultramoe_model::checkpoint::{load_weights, save_weights};
+use ultramoe_model::init::init_weights;
+use ultramoe_model::{Model, ModelConfig};
+use ultramoe_train::trainer::{DataSpec, StepStats, TrainConfig, Trainer};
+
+/// Options of `ultramoe train`.
+#[derive(Args, Clone, Debug)]
+pub struct TrainArgs {
+    /// Model `config.json` (Hugging Face format). Default: the embedded math MoE.
+    #[arg(long)]
+    pub model_config: Option<PathBuf>,
+    /// Start from the weights in this checkpoint directory instead of a fresh init.
+    #[arg(long)]
+    pub init_from: Option<PathBuf>,
+    /// Run directory: checkpoints, metrics, final model.
+    #[arg(long, default_value = "runs/train")]
+    pub run_dir: PathBuf,
+    /// Continue from the run directory's latest checkpoint.
+    #[arg(long)]
+    pub resume: bool,
+    /// Optimizer steps.
+    #[arg(long)]
+    pub steps: Option<u64>,
+    /// Rows per micro-batch.
+    #[arg(long)]
+    pub micro_batch: Option<usize>,
+    /// Tokens per row.
+    #[arg(long)]
+    pub seq_len: Option<usize>,
+    /// Micro-batches per optimizer step.
+    #[arg(long)]
+    pub grad_accum: Option<usize>,
+    /// Peak learning rate.
+    #[arg(long)]
+    pub lr: Option<f32>,
+    /// Final learning rate of the cosine decay.
+    #[arg(long)]
+    pub min_lr: Option<f32>,
+    /// Warmup steps.
+    #[arg(long)]
+    pub warmup: Option<u64>,
+    /// Seed (weights: seed, data: seed + 1).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Data: `math` (generated problems), `random` (random tokens), or a JSONL file.
+    #[arg(long)]
+    pub data: Option<String>,
+    /// Save a checkpoint every N steps (0: only at the end).
+    #[arg(long)]
+    pub save_every: Option<u64>,
+    /// Append per-step metrics as JSON lines to this file (default: RUN_DIR/metrics.jsonl).
+    #[arg(long)]
+    pub metrics: Option<PathBuf>,
+    /// Peak GFLOP/s for MFU (default: measured at start).
+    #[arg(long)]
+    pub peak_gflops: Option<f64>,
+    /// Plain log lines instead of a progress bar.
+    #[arg(long)]
+    pub no_progress: bool,
+}
+
+fn apply_overrides(mut c: TrainConfig, a: &TrainArgs) -> CliResult<TrainConfig> {
+    macro_rules! set {
+        ($field:ident) => {
+            if let Some(v) = a.$field.clone() {
+                c.$field = v;
+            }
+        };
+    }
+    set!(steps);
+    set!(micro_batch);
+    set!(seq_len);
+    set!(grad_accum);
+    set!(lr);
+    set!(min_lr);
+    set!(warmup);
+    set!(seed);
+    set!(save_every);
+    if let Some(d) = &a.data {
+        c.data = match d.as_str() {
+            "math" => DataSpec::Math,
+            "random" => DataSpec::Random,
+            path => {
+                let p = PathBuf::from(path);
+                if !p.is_file() {
+                    return Err(format!("--data: `{path}` is neither `math`, `random` nor an existing JSONL file"));
+                }
+                DataSpec::Jsonl(p)
+            }
+        };
+    }
+    Ok(c)
+}
+
+/// Builds a trainer from the arguments (fresh, initialised from a checkpoint, or resumed).
+pub fn make_trainer(a: &TrainArgs) -> CliResult<Trainer> {
+    let peak = peak_flops(a.peak_gflops);
+    if a.resume {
+        if let Some(dir) = Trainer::latest_checkpoint(&a.run_dir) {
+            let tr = Trainer::resume(&dir, peak, a.steps).map_err(|e| e.to_string())?;
+            eprintln!("resuming from {} at step {}", dir.display(), tr.step);
+            return Ok(tr);
+        }
+        eprintln!("no checkpoint in {}; starting fresh", a.run_dir.display());
+    }
+    let cfg = match &a.model_config {
+        Some(p) => ModelConfig::from_file(p),
+        None => ModelConfig::from_json_str(MATH_MOE_CONFIG),
+    }
+    .map_err(|e| e.to_string())?;
+    let model = Model::new(cfg);
+    let tc = apply_overrides(math_train_config(), a)?;
+    let w = match &a.init_from {
+        Some(dir) => load_weights(&model, dir).map_err(|e| e.to_string())?,
+        None => init_weights(&model.layout, tc.seed),
+    };
+    Trainer::new(model, w, tc, peak).map_err(|e| e.to_string())
+}
+
+/// Trains to the configured step count with a progress bar (or log lines), saving
+/// checkpoints and the final model under the run directory. Returns the last step's
+/// statistics.
+pub fn train_loop(tr: &mut Trainer, run_dir: &Path, metrics: Option<&Path>, progress: bool) -> CliResult<Option<StepStats>> {
+    std::fs::create_dir_all(run_dir).map_err(|e| format!("{}: cannot create run directory: {e}", run_dir.display()))?;
+    let metrics_path = metrics.map(Path::to_path_buf).unwrap_or_else(|| run_dir.join("metrics.jsonl"));
+    tr.log_metrics_to(&metrics_path).map_err(|e| e.to_string())?;
+    let total = tr.cfg.steps;
+    let bar = if progress {
+        let b = ProgressBar::new(total);
+        b.set_style(
+            ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        b.set_position(tr.step);
+        Some(b)
+    } else {
+        None
+    };
+    let mut last = None;
+    let mut tokens_per_s = Vec::new();
+    while tr.step < total {
+        let s = tr.train_step();
+        tokens_per_s.push(s.tokens_per_s);
+        let msg = format!(
+            "loss {:.4} | {:.0} tok/s | MFU {:.1}% | expert imbalance {:.2}",
+            s.loss,
+            s.tokens_per_s,
+            100.0 * s.mfu,
+            s.expert_imbalance
+        );
+        match &bar {
+            Some(b) => {
+                b.set_position(s.step);
+                b.set_message(msg);
+            }
+            None => {
+                if s.step % 10 == 0 || s.step == 1 || s.step == total {
+                    eprintln!("step {}/{} {msg}", s.step, total);
+                }
+            }
+        }
+        if tr.cfg.save_every > 0 && s.step % tr.cfg.save_every == 0 && s.step < total {
+            tr.save_checkpoint(run_dir, 2).map_err(|e| e.to_string())?;
+        }
+        last = Some(s);
+    }
+    if let Some(b) = &bar {
+        b.finish();
+    }
+    tr.save_checkpoint(run_dir, 2).map_err(|e| e.to_string())?;
+    save_weights(&tr.model, &tr.w, &run_dir.join("model"), None).map_err(|e| e.to_string())?;
+    if !tokens_per_s.is_empty() {
+        tokens_per_s.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        eprintln!(
+            "trained to step {} — median {:.0} tokens/s; model saved to {}",
+            tr.step,
+            tokens_per_s[tokens_per_s.len() / 2],
+            run_dir.join("model").display()
+        );
+    }
+    Ok(last)
+}
+
+/// `ultramoe train`.
+pub fn run(a: TrainArgs) -> CliResult {
+    let mut tr = make_trainer(&a)?;
+    eprintln!(
+        "model: {} with {:.2}M parameters ({:.2}M active per token); {} steps of {}×{}×{} tokens",
+        tr.model.cfg.arch.model_type(),
+        tr.model.n_params() as f64 / 1e6,
+        tr.model.active_params() as f64 / 1e6,
+        tr.cfg.steps,
+        tr.cfg.micro_batch,
+        tr.cfg.seq_len,
+        tr.cfg.grad_accum
+    );
+    train_loop(&mut tr, &a.run_dir, a.metrics.as_deref(), !a.no_progress)?;
+    Ok(())
+}
