@@ -22,5 +22,6 @@ pub fn math_train_config() -> TrainConfig {
         adamw: AdamWConfig { beta1: 0.9, beta2: 0.98, eps: 1e-8, weight_decay: 0.05 },
         data: DataSpec::Math,
         save_every: 500,
+        bias_update_rate: 1e-3,
     }
 }

@@ -2,10 +2,25 @@
 //! in columns `0..I` and the up projection in `I..2I`; `a = silu(g) ⊙ u` with
 //! `silu(g) = g · σ(g)`.
 
+use crate::vmath::{multiversion, sigmoid};
 use rayon::prelude::*;
 
-fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
+multiversion! {
+    fn swiglu_row(a: &mut [f32], g: &[f32], u: &[f32]) {
+        for i in 0..a.len() {
+            a[i] = g[i] * sigmoid(g[i]) * u[i];
+        }
+    }
+}
+
+multiversion! {
+    fn swiglu_row_backward(dg: &mut [f32], du: &mut [f32], da: &[f32], g: &[f32], u: &[f32]) {
+        for i in 0..da.len() {
+            let s = sigmoid(g[i]);
+            du[i] = da[i] * g[i] * s;
+            dg[i] = da[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
+        }
+    }
 }
 
 /// Forward: `a[n, I] = silu(gu[:, :I]) ⊙ gu[:, I:]`.
@@ -13,9 +28,7 @@ pub fn swiglu_forward(a: &mut [f32], gu: &[f32], inter: usize) {
     a.par_chunks_mut(inter * 64).zip(gu.par_chunks(2 * inter * 64)).for_each(|(a, gu)| {
         for (ar, gur) in a.chunks_mut(inter).zip(gu.chunks(2 * inter)) {
             let (g, u) = gur.split_at(inter);
-            for i in 0..inter {
-                ar[i] = g[i] * sigmoid(g[i]) * u[i];
-            }
+            swiglu_row(ar, g, u);
         }
     });
 }
@@ -30,12 +43,7 @@ pub fn swiglu_backward(dgu: &mut [f32], da: &[f32], gu: &[f32], inter: usize) {
             for ((dr, dar), gur) in dgu.chunks_mut(2 * inter).zip(da.chunks(inter)).zip(gu.chunks(2 * inter)) {
                 let (g, u) = gur.split_at(inter);
                 let (dg, du) = dr.split_at_mut(inter);
-                for i in 0..inter {
-                    let s = sigmoid(g[i]);
-                    let silu = g[i] * s;
-                    du[i] = dar[i] * silu;
-                    dg[i] = dar[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
-                }
+                swiglu_row_backward(dg, du, dar, g, u);
             }
         });
 }

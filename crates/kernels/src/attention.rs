@@ -6,6 +6,7 @@
 //! recomputing it from `Q`, `K` is the "attention core" recompute option).
 
 use crate::gemm::{gemm_strided, Op, Strided};
+use crate::vmath;
 use rayon::prelude::*;
 
 /// Shapes of one attention call.
@@ -71,14 +72,9 @@ pub fn attention_forward(out: &mut [f32], probs: &mut [f32], q: &[f32], k: &[f32
         }
         for i in 0..t {
             let row = &mut p[i * t..(i + 1) * t];
-            let max = row[..=i].iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0.0;
-            for x in row[..=i].iter_mut() {
-                *x = (*x - max).exp();
-                sum += *x;
-            }
-            let inv = 1.0 / sum;
-            row[..=i].iter_mut().for_each(|x| *x *= inv);
+            let max = vmath::max(&row[..=i]);
+            let sum = vmath::exp_shifted_sum(&mut row[..=i], max);
+            vmath::scale(&mut row[..=i], 1.0 / sum);
             row[i + 1..].fill(0.0);
         }
         unsafe {
@@ -166,7 +162,7 @@ pub fn attention_backward(
                 for i in 0..t {
                     let pr = &p[i * t..i * t + i + 1];
                     let dr = &mut dp[i * t..(i + 1) * t];
-                    let dot: f32 = pr.iter().zip(dr.iter()).map(|(a, b)| a * b).sum();
+                    let dot = vmath::dot(pr, &dr[..=i]);
                     for j in 0..=i {
                         dr[j] = pr[j] * (dr[j] - dot);
                     }

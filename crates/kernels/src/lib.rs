@@ -18,6 +18,7 @@
 #![deny(missing_docs)]
 
 pub mod activation;
+pub mod adamw;
 pub mod attention;
 pub mod embedding;
 pub mod gemm;
@@ -28,6 +29,7 @@ pub mod permute;
 pub mod profile;
 pub mod rope;
 pub mod router;
+pub mod vmath;
 
 #[cfg(test)]
 pub(crate) mod testutil;

@@ -6,6 +6,7 @@ use crate::tensor_ops::{put_cols, take_cols};
 use ultramoe_kernels::attention::{attention_backward, attention_forward, AttnShape};
 use ultramoe_kernels::gemm::{linear_backward, linear_forward};
 use ultramoe_kernels::norm::{rmsnorm_backward, rmsnorm_forward};
+use rayon::prelude::*;
 use ultramoe_kernels::rope::RopeTable;
 
 /// Batch geometry and shared tables for one forward/backward.
@@ -239,6 +240,47 @@ impl MlaAttention {
         AttnShape { b: c.b, t: c.t, nh: self.nh, nkv: self.nh, dqk: self.dqk(), dv: self.dv }
     }
 
+    /// Per head: `k = [k_nope | k_pe]`, `v` from the `kv_b` output `[k_nope | v]`, one
+    /// pass over rows.
+    fn split_kv(&self, k: &mut [f32], v: &mut [f32], kv: &[f32], kpe: &[f32]) {
+        let (nh, nope, dv, rd) = (self.nh, self.nope, self.dv, self.rope_dim);
+        let dqk = nope + rd;
+        k.par_chunks_mut(nh * dqk)
+            .zip(v.par_chunks_mut(nh * dv))
+            .zip(kv.par_chunks(nh * (nope + dv)))
+            .zip(kpe.par_chunks(rd))
+            .for_each(|(((k, v), kv), kpe)| {
+                for h in 0..nh {
+                    let src = &kv[h * (nope + dv)..(h + 1) * (nope + dv)];
+                    k[h * dqk..h * dqk + nope].copy_from_slice(&src[..nope]);
+                    k[h * dqk + nope..(h + 1) * dqk].copy_from_slice(kpe);
+                    v[h * dv..(h + 1) * dv].copy_from_slice(&src[nope..]);
+                }
+            });
+    }
+
+    /// Backward of [`Self::split_kv`]: `dkv` per head `[dk_nope | dv]`, and
+    /// `dk_pe = Σ_heads dk_rope` (one rotary key feeds every head).
+    fn merge_kv_grad(&self, dkv: &mut [f32], dkpe: &mut [f32], dk: &[f32], dv: &[f32]) {
+        let (nh, nope, dvh, rd) = (self.nh, self.nope, self.dv, self.rope_dim);
+        let dqk = nope + rd;
+        dkv.par_chunks_mut(nh * (nope + dvh))
+            .zip(dkpe.par_chunks_mut(rd))
+            .zip(dk.par_chunks(nh * dqk))
+            .zip(dv.par_chunks(nh * dvh))
+            .for_each(|(((dkv, dkpe), dk), dv)| {
+                dkpe.fill(0.0);
+                for h in 0..nh {
+                    let dst = &mut dkv[h * (nope + dvh)..(h + 1) * (nope + dvh)];
+                    dst[..nope].copy_from_slice(&dk[h * dqk..h * dqk + nope]);
+                    dst[nope..].copy_from_slice(&dv[h * dvh..(h + 1) * dvh]);
+                    for (a, b) in dkpe.iter_mut().zip(&dk[h * dqk + nope..(h + 1) * dqk]) {
+                        *a += b;
+                    }
+                }
+            });
+    }
+
     /// `x: [N, H]` (normed) → `y: [N, H]`.
     pub fn forward(&self, w: &[f32], x: &[f32], c: &Ctx) -> (Vec<f32>, MlaSaved) {
         let _p = ultramoe_kernels::profile::scope("attention.forward");
@@ -270,12 +312,7 @@ impl MlaAttention {
         linear_forward(&mut kv, &s.ckv_n, &w[self.kv_b.clone()], n, self.kv_lora, kvw);
         s.k = vec![0.0; n * nh * dqk];
         s.v = vec![0.0; n * nh * self.dv];
-        for hh in 0..nh {
-            let src = hh * (self.nope + self.dv);
-            put_cols(&mut s.k, nh * dqk, hh * dqk, &take_cols(&kv, kvw, src, self.nope), self.nope, false);
-            put_cols(&mut s.k, nh * dqk, hh * dqk + self.nope, &kpe, self.rope_dim, false);
-            put_cols(&mut s.v, nh * self.dv, hh * self.dv, &take_cols(&kv, kvw, src + self.nope, self.dv), self.dv, false);
-        }
+        self.split_kv(&mut s.k, &mut s.v, &kv, &kpe);
         drop(kv);
         c.rope.apply(&mut s.q, nh * dqk, c.t, nh, dqk, self.nope, false);
         c.rope.apply(&mut s.k, nh * dqk, c.t, nh, dqk, self.nope, false);
@@ -312,12 +349,7 @@ impl MlaAttention {
         let kvw = nh * (self.nope + self.dv);
         let mut dkv = vec![0.0; n * kvw];
         let mut dkpe = vec![0.0; n * self.rope_dim];
-        for hh in 0..nh {
-            let dst = hh * (self.nope + self.dv);
-            put_cols(&mut dkv, kvw, dst, &take_cols(&dk, nh * dqk, hh * dqk, self.nope), self.nope, false);
-            put_cols(&mut dkv, kvw, dst + self.nope, &take_cols(&dv, nh * self.dv, hh * self.dv, self.dv), self.dv, false);
-            put_cols(&mut dkpe, self.rope_dim, 0, &take_cols(&dk, nh * dqk, hh * dqk + self.nope, self.rope_dim), self.rope_dim, true);
-        }
+        self.merge_kv_grad(&mut dkv, &mut dkpe, &dk, &dv);
         let mut dckv_n = vec![0.0; n * self.kv_lora];
         linear_backward(Some(&mut dckv_n), &mut g[self.kv_b.clone()], &dkv, &s.ckv_n, &w[self.kv_b.clone()], n, self.kv_lora, kvw, false);
         let mut dckv = vec![0.0; n * self.kv_lora];

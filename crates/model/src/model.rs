@@ -12,7 +12,7 @@ use crate::moe::router::Router;
 use crate::params::{fuse, Init, ParamLayout, Slot};
 use ultramoe_kernels::embedding::{embedding_backward, embedding_forward};
 use ultramoe_kernels::gemm::{linear_backward, linear_forward};
-use ultramoe_kernels::loss::{cross_entropy_backward_inplace, cross_entropy_forward, IGNORE};
+use ultramoe_kernels::loss::{cross_entropy_forward, cross_entropy_fused_backward, IGNORE};
 use ultramoe_kernels::norm::{rmsnorm_backward, rmsnorm_forward};
 use ultramoe_kernels::rope::{default_inv_freq, yarn_get_mscale, yarn_inv_freq, RopeLayout, RopeTable, Yarn};
 use ultramoe_kernels::router::{RouterSpec, ScoreFn};
@@ -216,23 +216,24 @@ impl Model {
     }
 
     /// Mean cross-entropy over positions with a target, and that count. Leaves
-    /// `fwd.logits` intact; the per-row log-sum-exp is returned for the backward.
-    pub fn loss(&self, fwd: &Forward, targets: &[i32]) -> (f32, usize, Vec<f32>) {
+    /// `fwd.logits` intact. (Training gets the loss from [`Model::backward`] instead,
+    /// which computes it fused with the gradient.)
+    pub fn loss(&self, fwd: &Forward, targets: &[i32]) -> (f32, usize) {
         let _p = ultramoe_kernels::profile::scope("loss");
         let mut lse = vec![0.0; fwd.b * fwd.t];
-        let (loss, count) = cross_entropy_forward(&mut lse, &fwd.logits, targets, self.cfg.vocab_size);
-        (loss, count, lse)
+        cross_entropy_forward(&mut lse, &fwd.logits, targets, self.cfg.vocab_size)
     }
 
     /// Backward of `scale · Σ_{positions with a target} CE` (for the mean loss,
     /// `scale = 1/count`). Consumes the forward; accumulates gradients into `g`.
-    pub fn backward(&self, w: &[f32], g: &mut [f32], mut fwd: Forward, targets: &[i32], lse: &[f32], scale: f32) {
+    /// Returns `(Σ CE, count)` over the positions with a target.
+    pub fn backward(&self, w: &[f32], g: &mut [f32], mut fwd: Forward, targets: &[i32], scale: f32) -> (f64, usize) {
         let (h, v) = (self.cfg.hidden, self.cfg.vocab_size);
         let n = fwd.b * fwd.t;
         let c = Ctx { b: fwd.b, t: fwd.t, rope: &self.rope };
         let lm_scope = ultramoe_kernels::profile::scope("lm_head.backward");
         let mut dlogits = std::mem::take(&mut fwd.logits);
-        cross_entropy_backward_inplace(&mut dlogits, lse, targets, v, scale);
+        let loss = cross_entropy_fused_backward(&mut dlogits, targets, v, scale);
         let mut dxn = vec![0.0; n * h];
         linear_backward(Some(&mut dxn), &mut g[self.lm_head.clone()], &dlogits, &fwd.xn_final, &w[self.lm_head.clone()], n, h, v, false);
         drop(dlogits);
@@ -257,6 +258,7 @@ impl Model {
         for spec in self.layout.specs.iter().filter(|s| s.frozen) {
             g[spec.range()].fill(0.0);
         }
+        loss
     }
 
     /// Total parameters.

@@ -28,12 +28,14 @@ fn check(case: &str) {
     let max_err = fwd.logits.iter().zip(ref_logits).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
     assert!(max_err <= 1e-4, "{case}: logits differ by {max_err}");
     let targets = shifted_targets(&ids, t);
-    let (loss, count, lse) = model.loss(&fwd, &targets);
+    let (loss, count) = model.loss(&fwd, &targets);
     let ref_loss = reference["loss"].f32("loss").unwrap()[0];
     let rel = ((loss - ref_loss) / ref_loss).abs();
     assert!(rel <= 1e-5, "{case}: loss {loss} vs {ref_loss} (rel {rel})");
     let mut g = vec![0.0f32; model.layout.total];
-    model.backward(&w, &mut g, fwd, &targets, &lse, 1.0 / count as f32);
+    let (sum, c2) = model.backward(&w, &mut g, fwd, &targets, 1.0 / count as f32);
+    assert_eq!(c2, count);
+    assert!((sum / count as f64 - loss as f64).abs() <= 1e-5 * loss as f64, "fused loss {} vs {loss}", sum / count as f64);
     let mut checked = 0;
     for spec in &model.layout.specs {
         let r = reference[&format!("grad.{}", spec.name)].f32(&spec.name).unwrap();

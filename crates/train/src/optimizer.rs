@@ -6,6 +6,7 @@
 //! biases are not decayed), frozen buffers are never touched.
 
 use rayon::prelude::*;
+use ultramoe_kernels::adamw::{adamw_update, AdamWStep};
 use ultramoe_model::params::ParamLayout;
 
 /// A contiguous piece of the flat buffer with one decay rule.
@@ -73,7 +74,7 @@ impl AdamW {
         let c = self.cfg.clone();
         let bc1 = 1.0 - (c.beta1 as f64).powi(self.t as i32);
         let bc2 = 1.0 - (c.beta2 as f64).powi(self.t as i32);
-        let (step_size, bc2_sqrt) = ((lr as f64 / bc1) as f32, bc2.sqrt() as f32);
+        let (step_size, inv_bc2_sqrt) = ((lr as f64 / bc1) as f32, (1.0 / bc2.sqrt()) as f32);
         let mut wv = split_segments(w, &self.segments);
         let mut mv = split_segments(&mut self.m, &self.segments);
         let mut vv = split_segments(&mut self.v, &self.segments);
@@ -82,14 +83,15 @@ impl AdamW {
                 if s.frozen {
                     return;
                 }
-                let g = &g[s.start..s.end];
-                let decay = if s.decay { 1.0 - lr * c.weight_decay } else { 1.0 };
-                for i in 0..g.len() {
-                    m[i] = c.beta1 * m[i] + (1.0 - c.beta1) * g[i];
-                    v[i] = c.beta2 * v[i] + (1.0 - c.beta2) * g[i] * g[i];
-                    // w ← w·(1 − ηλ) − η·m̂/(√v̂ + ε), with the bias corrections folded in
-                    w[i] = w[i] * decay - step_size * m[i] / (v[i].sqrt() / bc2_sqrt + c.eps);
-                }
+                let k = AdamWStep {
+                    beta1: c.beta1,
+                    beta2: c.beta2,
+                    eps: c.eps,
+                    step_size,
+                    inv_bc2_sqrt,
+                    decay: if s.decay { 1.0 - lr * c.weight_decay } else { 1.0 },
+                };
+                adamw_update(w, &g[s.start..s.end], m, v, k);
             },
         );
     }

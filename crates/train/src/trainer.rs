@@ -61,6 +61,9 @@ pub struct TrainConfig {
     pub data: DataSpec,
     /// checkpoint every N steps (0 = only at the end)
     pub save_every: u64,
+    /// aux-loss-free balancing rate `γ` for routers with a correction bias (0 = off)
+    #[serde(default)]
+    pub bias_update_rate: f32,
 }
 
 impl Default for TrainConfig {
@@ -78,6 +81,7 @@ impl Default for TrainConfig {
             adamw: AdamWConfig::default(),
             data: DataSpec::Math,
             save_every: 0,
+            bias_update_rate: 0.0,
         }
     }
 }
@@ -219,16 +223,18 @@ impl Trainer {
                     acc.iter_mut().zip(layer).for_each(|(a, x)| *a += x);
                 }
             }
-            let (loss, n, lse) = self.model.loss(&fwd, &mb.targets);
-            loss_sum += loss as f64 * n as f64;
             let _p = ultramoe_kernels::profile::scope("backward");
-            self.model.backward(&self.w, &mut self.g, fwd, &mb.targets, &lse, scale);
+            let (sum, _) = self.model.backward(&self.w, &mut self.g, fwd, &mb.targets, scale);
+            loss_sum += sum;
         }
         let opt_scope = ultramoe_kernels::profile::scope("optimizer");
         let grad_norm = clip_grad_norm(&mut self.g, self.cfg.clip);
         let lr = self.sched.lr(self.step);
         self.opt.step(&mut self.w, &self.g, lr);
         drop(opt_scope);
+        if self.cfg.bias_update_rate > 0.0 {
+            self.update_router_bias(&counts);
+        }
         self.step += 1;
         let step_s = start.elapsed().as_secs_f64();
         let tokens = b * t * self.cfg.grad_accum;
@@ -250,6 +256,25 @@ impl Trainer {
             let _ = writeln!(f, "{}", serde_json::to_string(&stats).unwrap_or_default());
         }
         stats
+    }
+
+    /// Aux-loss-free balancing (DeepSeek-V3): after each step every expert's correction
+    /// bias moves by `γ · sign(mean load − its load)`, so overloaded experts become less
+    /// likely to be chosen. The bias only affects which experts are chosen, never the
+    /// combine weights, so the loss being optimised is unchanged.
+    fn update_router_bias(&mut self, counts: &[Vec<usize>]) {
+        let rate = self.cfg.bias_update_rate;
+        let moe = self.model.layers.iter().filter_map(|l| match &l.ffn {
+            ultramoe_model::decoder::FfnBlock::Moe(m) => Some(m),
+            _ => None,
+        });
+        for (m, c) in moe.zip(counts) {
+            let Some(slot) = &m.router.bias else { continue };
+            let mean = c.iter().sum::<usize>() as f32 / c.len().max(1) as f32;
+            for (b, &n) in self.w[slot.clone()].iter_mut().zip(c) {
+                *b += rate * (mean - n as f32).signum() * ((mean - n as f32) != 0.0) as i32 as f32;
+            }
+        }
     }
 
     /// Writes a checkpoint under `run_dir/checkpoints/` and points `latest` at it; keeps

@@ -46,6 +46,7 @@ pub fn run(a: DemoArgs) -> CliResult {
         seed: None,
         data: None,
         save_every: None,
+        bias_update_rate: None,
         metrics: None,
         peak_gflops: None,
         no_progress: a.no_progress,

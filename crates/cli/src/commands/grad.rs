@@ -44,9 +44,9 @@ pub fn run(a: GradArgs) -> CliResult {
     let fwd = model.forward(&w, &ids, b, tt);
     let logits = fwd.logits.clone();
     let targets = shifted_targets(&ids, tt);
-    let (loss, count, lse) = model.loss(&fwd, &targets);
+    let (loss, count) = model.loss(&fwd, &targets);
     let mut g = vec![0.0f32; model.layout.total];
-    model.backward(&w, &mut g, fwd, &targets, &lse, 1.0 / count.max(1) as f32);
+    model.backward(&w, &mut g, fwd, &targets, 1.0 / count.max(1) as f32);
     let loss_v = [loss];
     let mut out: Vec<(String, Vec<usize>, &[f32])> =
         vec![("logits".into(), vec![b, tt, model.cfg.vocab_size], &logits), ("loss".into(), vec![], &loss_v)];

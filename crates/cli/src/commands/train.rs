@@ -55,6 +55,9 @@ pub struct TrainArgs {
     /// Save a checkpoint every N steps (0: only at the end).
     #[arg(long)]
     pub save_every: Option<u64>,
+    /// Aux-loss-free balancing rate for routers with a correction bias (0 = off).
+    #[arg(long)]
+    pub bias_update_rate: Option<f32>,
     /// Append per-step metrics as JSON lines to this file (default: RUN_DIR/metrics.jsonl).
     #[arg(long)]
     pub metrics: Option<PathBuf>,
@@ -83,6 +86,7 @@ fn apply_overrides(mut c: TrainConfig, a: &TrainArgs) -> CliResult<TrainConfig> 
     set!(warmup);
     set!(seed);
     set!(save_every);
+    set!(bias_update_rate);
     if let Some(d) = &a.data {
         c.data = match d.as_str() {
             "math" => DataSpec::Math,
