@@ -33,6 +33,9 @@ impl AttnShape {
     }
 }
 
+/// Query rows per causal block.
+const ROW_BLOCK: usize = 64;
+
 /// A raw pointer that may cross threads; every use writes a region no other task touches.
 #[derive(Clone, Copy)]
 struct SendPtr(*mut f32);
@@ -52,46 +55,51 @@ pub fn attention_forward(out: &mut [f32], probs: &mut [f32], q: &[f32], k: &[f32
         let g = h / group;
         let row0 = bi * t;
         let out_ptr = out_ptr;
-        // SAFETY: Q/K/V views stay inside row block `bi` and head `h`/`g`; the output view
-        // covers exactly rows of `bi`, columns of head `h`, written by this task only.
-        unsafe {
-            gemm_strided(
-                t,
-                t,
-                dqk,
-                p.as_mut_ptr(),
-                Strided { rs: t as isize, cs: 1 },
-                q.as_ptr().add(row0 * nh * dqk + h * dqk),
-                Strided::row_major(nh * dqk, Op::N),
-                k.as_ptr().add(row0 * nkv * dqk + g * dqk),
-                Strided::row_major(nkv * dqk, Op::T),
-                false,
-                scale,
-                false,
-            );
-        }
-        for i in 0..t {
-            let row = &mut p[i * t..(i + 1) * t];
-            let max = vmath::max(&row[..=i]);
-            let sum = vmath::exp_shifted_sum(&mut row[..=i], max);
-            vmath::scale(&mut row[..=i], 1.0 / sum);
-            row[i + 1..].fill(0.0);
-        }
-        unsafe {
-            gemm_strided(
-                t,
-                dv,
-                t,
-                out_ptr.0.add(row0 * nh * dv + h * dv),
-                Strided::row_major(nh * dv, Op::N),
-                p.as_ptr(),
-                Strided::row_major(t, Op::N),
-                v.as_ptr().add(row0 * nkv * dv + g * dv),
-                Strided::row_major(nkv * dv, Op::N),
-                false,
-                1.0,
-                false,
-            );
+        // Causal blocking: query rows r0..r1 only see keys 0..r1, so each row block
+        // multiplies against that prefix alone (≈ (1 + B/T)/2 of the full product).
+        for r0 in (0..t).step_by(ROW_BLOCK) {
+            let r1 = (r0 + ROW_BLOCK).min(t);
+            // SAFETY: Q/K/V views stay inside row block `bi` and head `h`/`g`; the output
+            // view covers rows r0..r1 of `bi`, columns of head `h`, written by this task only.
+            unsafe {
+                gemm_strided(
+                    r1 - r0,
+                    r1,
+                    dqk,
+                    p.as_mut_ptr().add(r0 * t),
+                    Strided { rs: t as isize, cs: 1 },
+                    q.as_ptr().add((row0 + r0) * nh * dqk + h * dqk),
+                    Strided::row_major(nh * dqk, Op::N),
+                    k.as_ptr().add(row0 * nkv * dqk + g * dqk),
+                    Strided::row_major(nkv * dqk, Op::T),
+                    false,
+                    scale,
+                    false,
+                );
+            }
+            for i in r0..r1 {
+                let row = &mut p[i * t..(i + 1) * t];
+                let max = vmath::max(&row[..=i]);
+                let sum = vmath::exp_shifted_sum(&mut row[..=i], max);
+                vmath::scale(&mut row[..=i], 1.0 / sum);
+                row[i + 1..].fill(0.0);
+            }
+            unsafe {
+                gemm_strided(
+                    r1 - r0,
+                    dv,
+                    r1,
+                    out_ptr.0.add((row0 + r0) * nh * dv + h * dv),
+                    Strided::row_major(nh * dv, Op::N),
+                    p.as_ptr().add(r0 * t),
+                    Strided::row_major(t, Op::N),
+                    v.as_ptr().add(row0 * nkv * dv + g * dv),
+                    Strided::row_major(nkv * dv, Op::N),
+                    false,
+                    1.0,
+                    false,
+                );
+            }
         }
     });
 }
@@ -114,6 +122,9 @@ pub fn attention_backward(
 ) {
     let AttnShape { b, t, nh, nkv, dqk, dv } = s;
     let group = nh / nkv;
+    // dK and dV accumulate over query heads and row blocks.
+    dk.fill(0.0);
+    dvv.fill(0.0);
     let (dq_p, dk_p, dv_p) = (SendPtr(dq.as_mut_ptr()), SendPtr(dk.as_mut_ptr()), SendPtr(dvv.as_mut_ptr()));
     (0..b * nkv).into_par_iter().for_each_init(
         || vec![0.0f32; t * t],
@@ -121,84 +132,86 @@ pub fn attention_backward(
             let (bi, g) = (bg / nkv, bg % nkv);
             let row0 = bi * t;
             let (dq_p, dk_p, dv_p) = (dq_p, dk_p, dv_p);
-            for (hi, h) in (g * group..(g + 1) * group).enumerate() {
+            for h in g * group..(g + 1) * group {
                 let p = &probs[(bi * nh + h) * t * t..(bi * nh + h + 1) * t * t];
-                let acc = hi > 0;
-                // SAFETY: dq rows of (bi, h) and dk/dv rows of (bi, g) belong to this task.
-                unsafe {
-                    let do_ptr = dout.as_ptr().add(row0 * nh * dv + h * dv);
-                    let do_s = Strided::row_major(nh * dv, Op::N);
-                    // dV_g += Pᵀ dO_h
-                    gemm_strided(
-                        t,
-                        dv,
-                        t,
-                        dv_p.0.add(row0 * nkv * dv + g * dv),
-                        Strided::row_major(nkv * dv, Op::N),
-                        p.as_ptr(),
-                        Strided::row_major(t, Op::T),
-                        do_ptr,
-                        do_s,
-                        acc,
-                        1.0,
-                        false,
-                    );
-                    // dP = dO_h V_gᵀ
-                    gemm_strided(
-                        t,
-                        t,
-                        dv,
-                        dp.as_mut_ptr(),
-                        Strided { rs: t as isize, cs: 1 },
-                        do_ptr,
-                        do_s,
-                        v.as_ptr().add(row0 * nkv * dv + g * dv),
-                        Strided::row_major(nkv * dv, Op::T),
-                        false,
-                        1.0,
-                        false,
-                    );
-                }
-                for i in 0..t {
-                    let pr = &p[i * t..i * t + i + 1];
-                    let dr = &mut dp[i * t..(i + 1) * t];
-                    let dot = vmath::dot(pr, &dr[..=i]);
-                    for j in 0..=i {
-                        dr[j] = pr[j] * (dr[j] - dot);
+                for r0 in (0..t).step_by(ROW_BLOCK) {
+                    let r1 = (r0 + ROW_BLOCK).min(t);
+                    // SAFETY: dq rows of (bi, h) and dk/dv rows of (bi, g) belong to this task.
+                    unsafe {
+                        let do_ptr = dout.as_ptr().add((row0 + r0) * nh * dv + h * dv);
+                        let do_s = Strided::row_major(nh * dv, Op::N);
+                        // dV_g[0..r1] += P[r0..r1, 0..r1]ᵀ dO_h[r0..r1]
+                        gemm_strided(
+                            r1,
+                            dv,
+                            r1 - r0,
+                            dv_p.0.add(row0 * nkv * dv + g * dv),
+                            Strided::row_major(nkv * dv, Op::N),
+                            p.as_ptr().add(r0 * t),
+                            Strided::row_major(t, Op::T),
+                            do_ptr,
+                            do_s,
+                            true,
+                            1.0,
+                            false,
+                        );
+                        // dP[r0..r1, 0..r1] = dO_h[r0..r1] V_g[0..r1]ᵀ
+                        gemm_strided(
+                            r1 - r0,
+                            r1,
+                            dv,
+                            dp.as_mut_ptr().add(r0 * t),
+                            Strided { rs: t as isize, cs: 1 },
+                            do_ptr,
+                            do_s,
+                            v.as_ptr().add(row0 * nkv * dv + g * dv),
+                            Strided::row_major(nkv * dv, Op::T),
+                            false,
+                            1.0,
+                            false,
+                        );
                     }
-                    dr[i + 1..].fill(0.0);
-                }
-                unsafe {
-                    // dQ_h = scale · dS K_g
-                    gemm_strided(
-                        t,
-                        dqk,
-                        t,
-                        dq_p.0.add(row0 * nh * dqk + h * dqk),
-                        Strided::row_major(nh * dqk, Op::N),
-                        dp.as_ptr(),
-                        Strided::row_major(t, Op::N),
-                        k.as_ptr().add(row0 * nkv * dqk + g * dqk),
-                        Strided::row_major(nkv * dqk, Op::N),
-                        false,
-                        scale,
-                        false,
-                    );
-                    // dK_g += scale · dSᵀ Q_h
-                    gemm_strided(
-                        t,
-                        dqk,
-                        t,
-                        dk_p.0.add(row0 * nkv * dqk + g * dqk),
-                        Strided::row_major(nkv * dqk, Op::N),
-                        dp.as_ptr(),
-                        Strided::row_major(t, Op::T),
-                        q.as_ptr().add(row0 * nh * dqk + h * dqk),
-                        Strided::row_major(nh * dqk, Op::N),
-                        acc,
-                        scale,
-                        false,
-                    );
+                    for i in r0..r1 {
+                        let pr = &p[i * t..i * t + i + 1];
+                        let dr = &mut dp[i * t..i * t + r1];
+                        let dot = vmath::dot(pr, &dr[..=i]);
+                        for j in 0..=i {
+                            dr[j] = pr[j] * (dr[j] - dot);
+                        }
+                        dr[i + 1..].fill(0.0);
+                    }
+                    unsafe {
+                        // dQ_h[r0..r1] = scale · dS[r0..r1, 0..r1] K_g[0..r1]
+                        gemm_strided(
+                            r1 - r0,
+                            dqk,
+                            r1,
+                            dq_p.0.add((row0 + r0) * nh * dqk + h * dqk),
+                            Strided::row_major(nh * dqk, Op::N),
+                            dp.as_ptr().add(r0 * t),
+                            Strided::row_major(t, Op::N),
+                            k.as_ptr().add(row0 * nkv * dqk + g * dqk),
+                            Strided::row_major(nkv * dqk, Op::N),
+                            false,
+                            scale,
+                            false,
+                        );
+                        // dK_g[0..r1] += scale · dS[r0..r1, 0..r1]ᵀ Q_h[r0..r1]
+                        gemm_strided(
+                            r1,
+                            dqk,
+                            r1 - r0,
+                            dk_p.0.add(row0 * nkv * dqk + g * dqk),
+                            Strided::row_major(nkv * dqk, Op::N),
+                            dp.as_ptr().add(r0 * t),
+                            Strided::row_major(t, Op::T),
+                            q.as_ptr().add((row0 + r0) * nh * dqk + h * dqk),
+                            Strided::row_major(nh * dqk, Op::N),
+                            true,
+                            scale,
+                            false,
+                        );
+                    }
                 }
             }
         },
@@ -244,7 +257,7 @@ mod tests {
 
     #[test]
     fn forward_matches_naive_and_backward_matches_finite_differences() {
-        let s = AttnShape { b: 2, t: 5, nh: 4, nkv: 2, dqk: 3, dv: 2 };
+        let s = AttnShape { b: 2, t: 70, nh: 4, nkv: 2, dqk: 3, dv: 2 };
         let n = s.b * s.t;
         let q = rand_vec(n * s.nh * s.dqk, 1);
         let k = rand_vec(n * s.nkv * s.dqk, 2);
