@@ -11,7 +11,7 @@ pub const MATH_MOE_CONFIG: &str = include_str!("../presets/math-moe.json");
 pub fn math_train_config() -> TrainConfig {
     TrainConfig {
         seed: 1234,
-        steps: 3000,
+        steps: 6000,
         micro_batch: 16,
         seq_len: 128,
         grad_accum: 1,

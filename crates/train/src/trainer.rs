@@ -177,6 +177,17 @@ impl Trainer {
                 format!("seq-len {} exceeds the model's {} positions", cfg.seq_len, model.cfg.max_position),
             ));
         }
+        if cfg.data != DataSpec::Random && model.cfg.vocab_size < crate::data::tokenizer::VOCAB_SIZE {
+            return Err(Error::field(
+                "vocab_size",
+                format!(
+                    "{} is smaller than the math tokenizer's {} tokens; use a config with vocab_size ≥ {}",
+                    model.cfg.vocab_size,
+                    crate::data::tokenizer::VOCAB_SIZE,
+                    crate::data::tokenizer::VOCAB_SIZE
+                ),
+            ));
+        }
         let source = source_for(&cfg.data, model.cfg.vocab_size)?;
         let batcher = Batcher::new(source, cfg.seed + 1);
         let opt = AdamW::new(&model.layout, cfg.adamw.clone());

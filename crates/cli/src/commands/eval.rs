@@ -72,11 +72,12 @@ pub fn generated(kind: Kind, n: usize, seed: u64) -> Vec<(String, String)> {
 
 /// Scores a model directory over kinds or a file.
 pub fn evaluate(dir: &Path, file: Option<&Path>, kinds: &[Kind], n: usize, seed: u64, show_errors: bool) -> CliResult<Vec<Score>> {
-    let (model, w) = load_model(dir)?;
     if let Some(f) = file {
         let items: Vec<(String, String)> = read_jsonl(f)?.into_iter().map(|q| (q.question, q.answer)).collect();
+        let (model, w) = load_model(dir)?;
         return Ok(vec![score(&model, &w, &f.display().to_string(), &items, show_errors)]);
     }
+    let (model, w) = load_model(dir)?;
     Ok(kinds.iter().map(|k| score(&model, &w, k.name(), &generated(*k, n, seed), show_errors)).collect())
 }
 

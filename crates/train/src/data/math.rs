@@ -93,26 +93,35 @@ pub fn final_answer(worked: &str) -> String {
 struct Steps(Vec<String>);
 
 impl Steps {
-    /// `a + b` (or `a - |b|` when `b < 0`).
+    /// `a + b`.
     fn add(&mut self, a: i64, b: i64) -> i64 {
-        let r = a + b;
-        if b >= 0 {
-            self.0.push(format!("{a}+{b}={r}"));
-        } else {
-            self.0.push(format!("{a}-{}={r}", -b));
-        }
-        r
+        self.combine(a, b)
     }
-    /// `a - b` (or `a + |b|` when `b < 0`).
+    /// `a - b`.
     fn sub(&mut self, a: i64, b: i64) -> i64 {
-        self.add_signed_sub(a, b)
+        self.combine(a, -b)
     }
-    fn add_signed_sub(&mut self, a: i64, b: i64) -> i64 {
-        let r = a - b;
-        if b >= 0 {
-            self.0.push(format!("{a}-{b}={r}"));
-        } else {
-            self.0.push(format!("{a}+{}={r}", -b));
+    /// `a + b` for signed `a`, `b`, written with additions and subtractions of
+    /// magnitudes only, larger minus smaller; a negative result gets its own step
+    /// `=-r`. So `75-431` becomes `431-75=356;=-356` and `-31-9` becomes
+    /// `31+9=40;=-40`: every digit computation has non-negative operands and result.
+    fn combine(&mut self, a: i64, b: i64) -> i64 {
+        let r = a + b;
+        match (a >= 0, b >= 0) {
+            (true, true) => self.0.push(format!("{a}+{b}={r}")),
+            (false, false) => {
+                self.0.push(format!("{}+{}={}", -a, -b, -r));
+                self.0.push(format!("={r}"));
+            }
+            _ => {
+                let (p, n) = if a >= 0 { (a, -b) } else { (b, -a) };
+                if p >= n {
+                    self.0.push(format!("{p}-{n}={r}"));
+                } else {
+                    self.0.push(format!("{n}-{p}={}", -r));
+                    self.0.push(format!("={r}"));
+                }
+            }
         }
         r
     }
@@ -350,12 +359,12 @@ impl Default for Mix {
     /// The training mix: most weight on the skills the demo is judged on.
     fn default() -> Self {
         Mix(vec![
-            (Kind::AddSub, 0.26),
-            (Kind::Mul2x2, 0.24),
-            (Kind::Mul, 0.10),
-            (Kind::Equation, 0.22),
+            (Kind::AddSub, 0.28),
+            (Kind::Mul2x2, 0.16),
+            (Kind::Mul, 0.08),
+            (Kind::Equation, 0.24),
             (Kind::Expr, 0.10),
-            (Kind::Word, 0.08),
+            (Kind::Word, 0.14),
         ])
     }
 }
@@ -380,9 +389,17 @@ mod tests {
     use super::*;
 
     fn eval_worked(worked: &str) {
+        let mut prev: Option<i64> = None;
         for step in worked.split(';') {
             let (lhs, rhs) = step.split_once('=').unwrap();
             let r: i64 = rhs.parse().unwrap();
+            if lhs.is_empty() {
+                // a sign step restates the previous magnitude
+                assert_eq!(Some(r.abs()), prev.map(i64::abs), "sign step {step} in {worked}");
+                prev = Some(r);
+                continue;
+            }
+            prev = Some(r);
             // find the operator after an optional leading sign
             let body = &lhs[1..];
             let pos = body.find(['+', '-', '*', '/']).unwrap() + 1;
@@ -411,6 +428,11 @@ mod tests {
         let mut s = Steps::default();
         assert_eq!(s.mul(58, 73), 4234);
         assert_eq!(s.0.join(";"), "58*3=174;58*70=4060;174+4060=4234");
+        let mut s = Steps::default();
+        assert_eq!(s.sub(75, 431), -356);
+        assert_eq!(s.sub(-31, 9), -40);
+        assert_eq!(s.add(-31, 40), 9);
+        assert_eq!(s.0.join(";"), "431-75=356;=-356;31+9=40;=-40;40-31=9");
     }
 
     /// Independent evaluator (recursive descent: + - * / with unary minus and
@@ -493,8 +515,8 @@ mod tests {
 
     #[test]
     fn digit_reversal_is_an_involution() {
-        let s = "-31-9=-40;-40/-4=10";
-        assert_eq!(to_model_digits(s), "-13-9=-04;-04/-4=01");
+        let s = "31+9=40;=-40;-40/-4=10";
+        assert_eq!(to_model_digits(s), "13+9=04;=-04;-04/-4=01");
         assert_eq!(to_model_digits(&to_model_digits(s)), s);
     }
 }

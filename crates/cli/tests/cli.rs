@@ -1,0 +1,153 @@
+//! The `ultramoe` binary end to end: the verification door reproduces the fixtures,
+//! user mistakes get one clear line and a non-zero exit, and the shipped model solves.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use ultramoe_model::checkpoint::read_safetensors;
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_ultramoe"));
+    c.arg("--threads").arg("2");
+    c
+}
+
+fn fixtures() -> PathBuf {
+    match std::env::var("ULTRAMOE_FIXTURES") {
+        Ok(p) => PathBuf::from(p),
+        Err(_) => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/hf"),
+    }
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("ultramoe-cli-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Runs and expects failure with a single-line error mentioning every `needle`.
+fn expect_error(args: &[&str], needles: &[&str]) {
+    let out = bin().args(args).output().unwrap();
+    assert!(!out.status.success(), "{args:?} should fail");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
+    let line = err.lines().last().unwrap_or("");
+    for n in needles {
+        assert!(line.contains(n), "{args:?}: error `{line}` does not mention `{n}`");
+    }
+}
+
+#[test]
+fn grad_reproduces_the_reference_fixture() {
+    for case in ["deepseek_v3_tiny", "qwen3_moe_tiny", "mixtral_tiny"] {
+        let dir = fixtures().join(case);
+        let out = tmp(case).join("grad.safetensors");
+        let st = bin()
+            .args(["grad", "--model"])
+            .arg(&dir)
+            .arg("--input-ids")
+            .arg(dir.join("reference.safetensors"))
+            .arg("--out")
+            .arg(&out)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let ours = read_safetensors(&out).unwrap();
+        let reference = read_safetensors(&dir.join("reference.safetensors")).unwrap();
+        let l = ours["loss"].f32("loss").unwrap()[0];
+        let r = reference["loss"].f32("loss").unwrap()[0];
+        assert!(((l - r) / r).abs() < 1e-5, "{case}: loss {l} vs {r}");
+        let mut grads = 0;
+        for (name, t) in &reference {
+            if let Some(p) = name.strip_prefix("grad.") {
+                let ours = ours[name].f32(name).unwrap();
+                let rv = t.f32(name).unwrap();
+                let scale = rv.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+                let err = ours.iter().zip(rv).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+                assert!(err <= 1e-3 * scale || scale == 0.0, "{case}: {p}");
+                grads += 1;
+            }
+        }
+        assert!(grads > 30);
+    }
+}
+
+#[test]
+fn user_errors_are_one_clear_line() {
+    let d = tmp("errors");
+    let write = |name: &str, text: &str| {
+        let p = d.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    let unknown = write("unknown.json", r#"{"model_type": "llama", "hidden_size": 8}"#);
+    expect_error(&["train", "--model-config", unknown.to_str().unwrap(), "--steps", "1"], &["unknown.json", "model_type", "llama"]);
+    let bad_heads = write(
+        "heads.json",
+        r#"{"model_type": "mixtral", "hidden_size": 8, "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 3,
+            "num_key_value_heads": 2, "vocab_size": 10, "num_local_experts": 2, "num_experts_per_tok": 1}"#,
+    );
+    expect_error(&["train", "--model-config", bad_heads.to_str().unwrap()], &["heads.json", "num_key_value_heads"]);
+    let not_json = write("broken.json", "{ not json");
+    expect_error(&["train", "--model-config", not_json.to_str().unwrap()], &["broken.json", "JSON"]);
+    let jsonl = write("data.jsonl", "{\"question\": \"1+1\", \"answer\": \"2\"}\n{\"question\": 5}\n");
+    expect_error(&["eval", "--file", jsonl.to_str().unwrap()], &["data.jsonl:2", "question"]);
+    // A checkpoint whose tensors do not match its config.
+    let ck = d.join("ckpt");
+    std::fs::create_dir_all(&ck).unwrap();
+    let fx = fixtures().join("mixtral_tiny");
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fx.join("config.json")).unwrap()).unwrap();
+    cfg["intermediate_size"] = serde_json::json!(20);
+    std::fs::write(ck.join("config.json"), cfg.to_string()).unwrap();
+    std::fs::copy(fx.join("model.safetensors"), ck.join("model.safetensors")).unwrap();
+    expect_error(&["solve", "1+1", "--model", ck.to_str().unwrap()], &["model.safetensors", "w1.weight", "shape"]);
+    std::fs::write(ck.join("model.safetensors"), b"garbage").unwrap();
+    expect_error(&["solve", "1+1", "--model", ck.to_str().unwrap()], &["model.safetensors", "safetensors"]);
+    expect_error(&["solve", "1+1", "--model", "/nonexistent/dir"], &["/nonexistent/dir"]);
+}
+
+#[test]
+fn train_then_resume_then_solve_round_trip() {
+    let run = tmp("run");
+    let cfg = fixtures().join("deepseek_v3_tiny/config.json");
+    // The fixture's vocabulary (97) is smaller than the math tokenizer's: training on
+    // math data must refuse rather than index out of range.
+    expect_error(&["train", "--model-config", cfg.to_str().unwrap(), "--steps", "2", "--seq-len", "32", "--run-dir", run.to_str().unwrap()], &["vocab"]);
+    let ok = bin()
+        .args(["train", "--steps", "4", "--micro-batch", "2", "--seq-len", "64", "--save-every", "2", "--no-progress", "--peak-gflops", "100"])
+        .arg("--run-dir")
+        .arg(&run)
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    assert!(run.join("model/model.safetensors").is_file());
+    let lines = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let first: serde_json::Value = serde_json::from_str(lines.lines().next().unwrap()).unwrap();
+    for key in ["step", "loss", "lr", "tokens_per_s", "mfu", "expert_counts"] {
+        assert!(first.get(key).is_some(), "metrics lack `{key}`");
+    }
+    let resumed = bin()
+        .args(["train", "--resume", "--steps", "6", "--no-progress", "--peak-gflops", "100"])
+        .arg("--run-dir")
+        .arg(&run)
+        .output()
+        .unwrap();
+    assert!(resumed.status.success());
+    assert!(String::from_utf8_lossy(&resumed.stderr).contains("resuming from"));
+    assert_eq!(std::fs::read_to_string(run.join("metrics.jsonl")).unwrap().lines().count(), 6);
+    let out = bin().args(["solve", "12 + 7", "--json", "--model"]).arg(run.join("model")).output().unwrap();
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v.get("answer").is_some() && v.get("worked").is_some());
+}
+
+#[test]
+fn shipped_model_solves_from_a_fresh_clone() {
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/math-moe");
+    for (q, a) in [("347 + 589", "936"), ("58 * 73", "4234"), ("Solve for x: -4x + 9 = -31", "10"), ("What is 12 + 7?", "19")] {
+        let out = bin().args(["solve", q, "--model"]).arg(&model).output().unwrap();
+        assert!(out.status.success(), "{q}: {}", String::from_utf8_lossy(&out.stderr));
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(text.lines().last().unwrap_or(""), a, "{q}");
+    }
+}
