@@ -40,26 +40,26 @@ impl Strided {
 
 /// `c[m,n] = (accumulate ? c : 0) + alpha · op(a)[m,k] · op(b)[k,n]`, all row-major and
 /// contiguous. `a` is stored `[m,k]` (or `[k,m]` when `ta == Op::T`), `b` is stored
-/// `[k,n]` (or `[n,k]` when `tb == Op::T`).
+/// `[k,n]` (or `[n,k]` when `tb == Op::T`). Large products use every thread.
 #[allow(clippy::too_many_arguments)]
-pub fn matmul(
-    c: &mut [f32],
-    a: &[f32],
-    ta: Op,
-    b: &[f32],
-    tb: Op,
-    m: usize,
-    n: usize,
-    k: usize,
-    accumulate: bool,
-    alpha: f32,
-) {
+pub fn matmul(c: &mut [f32], a: &[f32], ta: Op, b: &[f32], tb: Op, m: usize, n: usize, k: usize, accumulate: bool, alpha: f32) {
+    contiguous(c, a, ta, b, tb, m, n, k, accumulate, alpha, m * n * k >= PARALLEL_MIN_MACS);
+}
+
+/// Single-threaded [`matmul`], for callers that already run many products in parallel
+/// (grouped GEMM over experts, attention over heads).
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_serial(c: &mut [f32], a: &[f32], ta: Op, b: &[f32], tb: Op, m: usize, n: usize, k: usize, accumulate: bool, alpha: f32) {
+    contiguous(c, a, ta, b, tb, m, n, k, accumulate, alpha, false);
+}
+
+#[allow(clippy::too_many_arguments)]
+fn contiguous(c: &mut [f32], a: &[f32], ta: Op, b: &[f32], tb: Op, m: usize, n: usize, k: usize, accumulate: bool, alpha: f32, parallel: bool) {
     assert!(c.len() >= m * n, "matmul: c has {} elements, needs {}", c.len(), m * n);
     assert!(a.len() >= m * k, "matmul: a has {} elements, needs {}", a.len(), m * k);
     assert!(b.len() >= k * n, "matmul: b has {} elements, needs {}", b.len(), k * n);
     let lda = if ta == Op::N { k } else { m };
     let ldb = if tb == Op::N { n } else { k };
-    let parallel = m * n * k >= PARALLEL_MIN_MACS;
     // SAFETY: the asserts above bound every index the strided views can reach.
     unsafe {
         gemm_strided(
@@ -75,43 +75,6 @@ pub fn matmul(
             accumulate,
             alpha,
             parallel,
-        )
-    }
-}
-
-/// Single-threaded [`matmul`], for callers that already run many products in parallel
-/// (grouped GEMM over experts, attention over heads).
-#[allow(clippy::too_many_arguments)]
-pub fn matmul_serial(
-    c: &mut [f32],
-    a: &[f32],
-    ta: Op,
-    b: &[f32],
-    tb: Op,
-    m: usize,
-    n: usize,
-    k: usize,
-    accumulate: bool,
-    alpha: f32,
-) {
-    assert!(c.len() >= m * n && a.len() >= m * k && b.len() >= k * n, "matmul_serial: buffer too small");
-    let lda = if ta == Op::N { k } else { m };
-    let ldb = if tb == Op::N { n } else { k };
-    // SAFETY: bounds asserted above.
-    unsafe {
-        gemm_strided(
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
-            Strided { rs: n as isize, cs: 1 },
-            a.as_ptr(),
-            Strided::row_major(lda, ta),
-            b.as_ptr(),
-            Strided::row_major(ldb, tb),
-            accumulate,
-            alpha,
-            false,
         )
     }
 }

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use ultramoe_model::init::Rng;
 use ultramoe_model::Model;
 use ultramoe_train::data::jsonl::read_jsonl;
-use ultramoe_train::data::math::{generate, Kind};
+use ultramoe_train::data::math::{generate_in, Kind, Split};
 
 /// Options of `ultramoe eval`.
 #[derive(Args, Debug)]
@@ -24,8 +24,7 @@ pub struct EvalArgs {
     /// Problems per kind.
     #[arg(long, default_value_t = 200)]
     pub n: usize,
-    /// Seed of the evaluation problems (training uses seed+1 of its own seed; the default
-    /// here draws a different stream).
+    /// Seed of the evaluation problems (always from the held-out split).
     #[arg(long, default_value_t = 987_654_321)]
     pub seed: u64,
     /// Print JSON.
@@ -64,10 +63,10 @@ pub fn score(model: &Model, w: &[f32], name: &str, items: &[(String, String)], s
     Score { name: name.to_string(), correct, total: items.len(), accuracy: correct as f64 / items.len().max(1) as f64 }
 }
 
-/// Generated problems of one kind, from a seed disjoint from training streams.
+/// Held-out problems of one kind: the test split, which training never draws from.
 pub fn generated(kind: Kind, n: usize, seed: u64) -> Vec<(String, String)> {
     let mut rng = Rng::new(seed ^ (kind as u64 + 1).wrapping_mul(0x9E37_79B9));
-    (0..n).map(|_| generate(&mut rng, kind)).map(|p| (p.question, p.answer)).collect()
+    (0..n).map(|_| generate_in(&mut rng, kind, Split::Test)).map(|p| (p.question, p.answer)).collect()
 }
 
 /// Scores a model directory over kinds or a file.

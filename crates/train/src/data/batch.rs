@@ -6,7 +6,7 @@
 //! belongs to the answer (through `EOS`), else ignored.
 
 use super::jsonl::QaPair;
-use super::math::{generate, to_model_digits, Mix};
+use super::math::{generate_in, to_model_digits, Mix, Split};
 use super::tokenizer::{encode, normalize_question, BOS, EOS, PAD, SEP};
 use ultramoe_kernels::loss::IGNORE;
 use ultramoe_model::init::Rng;
@@ -34,7 +34,7 @@ pub fn example_tokens(question: &str, worked: &str) -> (Vec<u32>, Vec<i32>) {
 /// Where examples come from.
 #[derive(Clone, Debug)]
 pub enum Source {
-    /// freshly generated problems
+    /// freshly generated problems (training split only)
     Generated {
         /// kind mix
         mix: Mix,
@@ -143,7 +143,7 @@ impl Batcher {
             Source::Generated { mix } => {
                 let mix = mix.clone();
                 let kind = mix.sample(&mut self.rng);
-                let p = generate(&mut self.rng, kind);
+                let p = generate_in(&mut self.rng, kind, Split::Train);
                 (example_tokens(&p.question, &p.worked), before)
             }
             Source::Random { .. } => unreachable!("random batches are drawn whole"),

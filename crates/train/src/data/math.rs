@@ -243,7 +243,40 @@ fn typed_binary(rng: &mut Rng, a: i64, op: char, b: i64) -> String {
     }
 }
 
-/// Samples one problem of `kind`.
+/// Which side of the train/test split a problem is on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Split {
+    /// problems training may see
+    Train,
+    /// held out: evaluation only
+    Test,
+}
+
+/// Every problem belongs to exactly one split, decided by a hash of its normalised
+/// text (one in ten is held out), so "unseen" is literal: training never draws a test
+/// problem in any surface form that normalises the same way.
+pub fn split_of(question: &str) -> Split {
+    let norm = crate::data::tokenizer::normalize_question(question);
+    // FNV-1a
+    let h = norm.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3));
+    if h % 10 == 0 {
+        Split::Test
+    } else {
+        Split::Train
+    }
+}
+
+/// Samples one problem of `kind` from `split`.
+pub fn generate_in(rng: &mut Rng, kind: Kind, split: Split) -> Problem {
+    loop {
+        let p = generate(rng, kind);
+        if split_of(&p.question) == split {
+            return p;
+        }
+    }
+}
+
+/// Samples one problem of `kind`, from either split.
 pub fn generate(rng: &mut Rng, kind: Kind) -> Problem {
     let mut s = Steps::default();
     match kind {
@@ -511,6 +544,16 @@ mod tests {
                 assert_eq!(eval_text(&q).to_string(), p.answer, "{}", p.question);
             }
         }
+    }
+
+    #[test]
+    fn splits_are_disjoint_and_held_out_is_a_tenth() {
+        let mut rng = Rng::new(5);
+        let test: Vec<Problem> = (0..200).map(|_| generate_in(&mut rng, Kind::Mul2x2, Split::Test)).collect();
+        assert!(test.iter().all(|p| split_of(&p.question) == Split::Test));
+        assert_eq!(split_of("58 x 73"), split_of("58*73"), "surface forms share a split");
+        let n_test = (0..2000).filter(|_| split_of(&generate(&mut rng, Kind::AddSub).question) == Split::Test).count();
+        assert!((120..280).contains(&n_test), "{n_test} of 2000 held out");
     }
 
     #[test]
