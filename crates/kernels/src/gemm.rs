@@ -121,6 +121,49 @@ pub unsafe fn gemm_strided(
     );
 }
 
+/// `alpha · op(a)[m,k] · op(b)[k,n]` into a new `[m, n]` buffer. The buffer is never
+/// zero-filled first: the product writes every element through a raw pointer before the
+/// vector takes its length, so no step pays to clear memory it is about to overwrite.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_new(a: &[f32], ta: Op, b: &[f32], tb: Op, m: usize, n: usize, k: usize, alpha: f32) -> Vec<f32> {
+    assert!(a.len() >= m * k, "matmul: a has {} elements, needs {}", a.len(), m * k);
+    assert!(b.len() >= k * n, "matmul: b has {} elements, needs {}", b.len(), k * n);
+    let lda = if ta == Op::N { k } else { m };
+    let ldb = if tb == Op::N { n } else { k };
+    let mut c: Vec<f32> = Vec::with_capacity(m * n);
+    // SAFETY: reads stay within `a` and `b` (asserted); the product writes each of the
+    // m·n elements of `c`'s allocation exactly once (read_dst = false) before set_len.
+    unsafe {
+        gemm_strided(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            Strided { rs: n as isize, cs: 1 },
+            a.as_ptr(),
+            Strided::row_major(lda, ta),
+            b.as_ptr(),
+            Strided::row_major(ldb, tb),
+            false,
+            alpha,
+            m * n * k >= PARALLEL_MIN_MACS,
+        );
+        c.set_len(m * n);
+    }
+    c
+}
+
+/// `x[n, in] · w[out, in]ᵀ` into a new buffer: [`linear_forward`] without the clearing.
+pub fn linear(x: &[f32], w: &[f32], n: usize, d_in: usize, d_out: usize) -> Vec<f32> {
+    matmul_new(x, Op::N, w, Op::T, n, d_out, d_in, 1.0)
+}
+
+/// Backward of [`linear`]: returns `dx = dy · w` and accumulates `dw += dyᵀ · x`.
+pub fn linear_grad(dw: &mut [f32], dy: &[f32], x: &[f32], w: &[f32], n: usize, d_in: usize, d_out: usize) -> Vec<f32> {
+    matmul(dw, dy, Op::T, x, Op::N, d_out, d_in, n, true, 1.0);
+    matmul_new(dy, Op::N, w, Op::N, n, d_in, d_out, 1.0)
+}
+
 /// Naive triple loop, the reference every fast path is tested against.
 #[allow(clippy::too_many_arguments)]
 pub fn matmul_reference(
@@ -205,6 +248,23 @@ mod tests {
         matmul(&mut c, &a, Op::N, &b, Op::T, m, n, k, false, 1.0);
         matmul_reference(&mut r, &a, Op::N, &b, Op::T, m, n, k, false, 1.0);
         assert_close(&c, &r, 1e-4, "parallel matmul");
+    }
+
+    #[test]
+    fn new_buffer_products_match_the_clearing_ones() {
+        let (n, di, dout) = (70, 33, 45);
+        let x = rand_vec(n * di, 1);
+        let w = rand_vec(dout * di, 2);
+        let mut y = vec![0.0; n * dout];
+        linear_forward(&mut y, &x, &w, n, di, dout);
+        assert_eq!(y, linear(&x, &w, n, di, dout));
+        let dy = rand_vec(n * dout, 3);
+        let (mut dx, mut dw) = (vec![0.0; n * di], vec![0.1; dout * di]);
+        linear_backward(Some(&mut dx), &mut dw, &dy, &x, &w, n, di, dout, false);
+        let mut dw2 = vec![0.1; dout * di];
+        assert_eq!(dx, linear_grad(&mut dw2, &dy, &x, &w, n, di, dout));
+        assert_eq!(dw, dw2);
+        assert!(matmul_new(&[], Op::N, &[], Op::N, 3, 2, 0, 1.0).iter().all(|&v| v == 0.0));
     }
 
     #[test]

@@ -7,7 +7,7 @@
 //! each on one thread, falling back to multi-threaded products when a single expert holds
 //! most of the rows.
 
-use crate::gemm::{matmul, matmul_serial, Op};
+use crate::gemm::{gemm_strided, matmul, matmul_serial, Op, Strided};
 use rayon::prelude::*;
 
 /// Splits `buf` into consecutive chunks of `rows[e] · width` elements.
@@ -33,6 +33,68 @@ fn largest_first(offsets: &[usize]) -> Vec<usize> {
     let mut order: Vec<usize> = (0..offsets.len() - 1).collect();
     order.sort_by_key(|&e| std::cmp::Reverse(offsets[e + 1] - offsets[e]));
     order
+}
+
+/// A raw pointer that may cross threads; each task writes only its expert's rows.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+/// `out[offsets[e]..offsets[e+1]] = a_e · op(w[e])` into a new `[R, width]` buffer for every
+/// expert, never zero-filled: the experts' row ranges tile `0..R`, so every element is
+/// written before the vector takes its length. `w[e]` is `[w_rows, w_cols]`; `tw`
+/// chooses `a_e · w[e]ᵀ` (forward) or `a_e · w[e]` (input gradient).
+fn grouped_new(a: &[f32], a_w: usize, w: &[f32], w_rows: usize, w_cols: usize, tw: Op, offsets: &[usize]) -> Vec<f32> {
+    let r = *offsets.last().unwrap_or(&0);
+    let width = if tw == Op::T { w_rows } else { w_cols };
+    let inner = a_w;
+    assert!(a.len() >= r * a_w && w.len() >= (offsets.len() - 1) * w_rows * w_cols);
+    let mut out: Vec<f32> = Vec::with_capacity(r * width);
+    let base = SendPtr(out.as_mut_ptr());
+    let one = |e: usize, parallel: bool| {
+        let base = base;
+        let n = offsets[e + 1] - offsets[e];
+        // SAFETY: expert e reads its rows of `a` and its weight block (bounds asserted
+        // above) and writes rows offsets[e]..offsets[e+1] of `out`, disjoint from every
+        // other expert's and inside the allocation of r·width elements.
+        unsafe {
+            gemm_strided(
+                n,
+                width,
+                inner,
+                base.0.add(offsets[e] * width),
+                Strided { rs: width as isize, cs: 1 },
+                a.as_ptr().add(offsets[e] * a_w),
+                Strided::row_major(a_w, Op::N),
+                w.as_ptr().add(e * w_rows * w_cols),
+                Strided::row_major(w_cols, tw),
+                false,
+                1.0,
+                parallel,
+            );
+        }
+    };
+    if dominated(offsets) {
+        (0..offsets.len() - 1).for_each(|e| one(e, true));
+    } else {
+        largest_first(offsets).into_par_iter().with_max_len(1).for_each(|e| one(e, false));
+    }
+    // SAFETY: every row of every expert, hence all r·width elements, was written.
+    unsafe { out.set_len(r * width) };
+    out
+}
+
+/// `y_e = x_e · w[e]ᵀ` for every expert into a new `[R, out]` buffer (`w: [E, out, in]`).
+pub fn grouped_linear(x: &[f32], w: &[f32], offsets: &[usize], d_in: usize, d_out: usize) -> Vec<f32> {
+    grouped_new(x, d_in, w, d_out, d_in, Op::T, offsets)
+}
+
+/// Backward of [`grouped_linear`]: returns `dx_e = dy_e · w[e]` and accumulates
+/// `dw[e] += dy_eᵀ · x_e`.
+pub fn grouped_linear_grad(dw: &mut [f32], dy: &[f32], x: &[f32], w: &[f32], offsets: &[usize], d_in: usize, d_out: usize) -> Vec<f32> {
+    grouped_linear_backward(None, dw, dy, x, w, offsets, d_in, d_out);
+    grouped_new(dy, d_out, w, d_out, d_in, Op::N, offsets)
 }
 
 /// Forward: `y[offsets[e]..offsets[e+1]] = x_e · w[e]ᵀ`, `w: [E, out, in]`.
@@ -115,9 +177,13 @@ mod tests {
             let dy = rand_vec(r * d_out, 3);
             let mut y = vec![0.0; r * d_out];
             grouped_linear_forward(&mut y, &x, &w, &offsets, d_in, d_out);
+            assert_eq!(y, grouped_linear(&x, &w, &offsets, d_in, d_out));
             let mut dx = vec![0.0; r * d_in];
             let mut dw = vec![0.5; e * d_out * d_in];
             grouped_linear_backward(Some(&mut dx), &mut dw, &dy, &x, &w, &offsets, d_in, d_out);
+            let mut dw2 = vec![0.5; e * d_out * d_in];
+            assert_eq!(dx, grouped_linear_grad(&mut dw2, &dy, &x, &w, &offsets, d_in, d_out));
+            assert_eq!(dw, dw2);
             for ex in 0..e {
                 let (a, b) = (offsets[ex], offsets[ex + 1]);
                 let n = b - a;

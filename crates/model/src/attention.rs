@@ -4,7 +4,7 @@
 use crate::params::Slot;
 use crate::tensor_ops::{put_cols, take_cols};
 use ultramoe_kernels::attention::{attention_backward, attention_forward, AttnShape};
-use ultramoe_kernels::gemm::{linear_backward, linear_forward};
+use ultramoe_kernels::gemm::{linear, linear_grad};
 use ultramoe_kernels::norm::{rmsnorm_backward, rmsnorm_forward};
 use rayon::prelude::*;
 use ultramoe_kernels::rope::RopeTable;
@@ -86,8 +86,7 @@ impl GqaAttention {
         let (n, h, hd) = (c.n(), self.hidden, self.hd);
         let (qw, kw) = (self.nh * hd, self.nkv * hd);
         let width = qw + 2 * kw;
-        let mut qkv = vec![0.0; n * width];
-        linear_forward(&mut qkv, x, &w[self.qkv.clone()], n, h, width);
+        let qkv = linear(x, &w[self.qkv.clone()], n, h, width);
         let mut s = GqaSaved {
             q: take_cols(&qkv, width, 0, qw),
             k: take_cols(&qkv, width, qw, kw),
@@ -114,9 +113,7 @@ impl GqaAttention {
             let _p = ultramoe_kernels::profile::scope("attention.core.forward");
             attention_forward(&mut s.o, &mut s.probs, &s.q, &s.k, &s.v, sh, self.scale);
         }
-        let mut y = vec![0.0; n * h];
-        linear_forward(&mut y, &s.o, &w[self.o.clone()], n, qw, h);
-        (y, s)
+        (linear(&s.o, &w[self.o.clone()], n, qw, h), s)
     }
 
     /// Backward: accumulates weight gradients into `g`, returns `dx: [N, H]`.
@@ -125,8 +122,7 @@ impl GqaAttention {
         let (n, h, hd) = (c.n(), self.hidden, self.hd);
         let (qw, kw) = (self.nh * hd, self.nkv * hd);
         let width = qw + 2 * kw;
-        let mut d_o = vec![0.0; n * qw];
-        linear_backward(Some(&mut d_o), &mut g[self.o.clone()], dy, &s.o, &w[self.o.clone()], n, qw, h, false);
+        let d_o = linear_grad(&mut g[self.o.clone()], dy, &s.o, &w[self.o.clone()], n, qw, h);
         let (mut dq, mut dk, mut dv) = (vec![0.0; n * qw], vec![0.0; n * kw], vec![0.0; n * kw]);
         {
             let _p = ultramoe_kernels::profile::scope("attention.core.backward");
@@ -146,9 +142,7 @@ impl GqaAttention {
         put_cols(&mut dqkv, width, 0, &dq, qw, false);
         put_cols(&mut dqkv, width, qw, &dk, kw, false);
         put_cols(&mut dqkv, width, qw + kw, &dv, kw, false);
-        let mut dx = vec![0.0; n * h];
-        linear_backward(Some(&mut dx), &mut g[self.qkv.clone()], &dqkv, x, &w[self.qkv.clone()], n, h, width, false);
-        dx
+        linear_grad(&mut g[self.qkv.clone()], &dqkv, x, &w[self.qkv.clone()], n, h, width)
     }
 }
 
@@ -287,29 +281,26 @@ impl MlaAttention {
         let (n, h, nh, dqk) = (c.n(), self.hidden, self.nh, self.dqk());
         let aw = self.a_width();
         let qin = self.q_in();
-        let mut a = vec![0.0; n * aw];
-        linear_forward(&mut a, x, &w[self.a.clone()], n, h, aw);
+        let a = linear(x, &w[self.a.clone()], n, h, aw);
         let mut s = MlaSaved { qa: take_cols(&a, aw, 0, qin), ckv: take_cols(&a, aw, qin, self.kv_lora), ..Default::default() };
         let kpe = take_cols(&a, aw, qin + self.kv_lora, self.rope_dim);
         drop(a);
         // Query path.
-        s.q = vec![0.0; n * nh * dqk];
-        match (&self.q_a_norm, &self.q_b) {
+        s.q = match (&self.q_a_norm, &self.q_b) {
             (Some(qn), Some(qb)) => {
                 s.qa_n = vec![0.0; n * qin];
                 s.rstd_qa = vec![0.0; n];
                 rmsnorm_forward(&mut s.qa_n, &mut s.rstd_qa, &s.qa, &w[qn.clone()], qin, self.eps);
-                linear_forward(&mut s.q, &s.qa_n, &w[qb.clone()], n, qin, nh * dqk);
+                linear(&s.qa_n, &w[qb.clone()], n, qin, nh * dqk)
             }
-            _ => s.q.copy_from_slice(&s.qa),
-        }
+            _ => s.qa.clone(),
+        };
         // Key/value path.
         s.ckv_n = vec![0.0; n * self.kv_lora];
         s.rstd_kv = vec![0.0; n];
         rmsnorm_forward(&mut s.ckv_n, &mut s.rstd_kv, &s.ckv, &w[self.kv_a_norm.clone()], self.kv_lora, self.eps);
         let kvw = nh * (self.nope + self.dv);
-        let mut kv = vec![0.0; n * kvw];
-        linear_forward(&mut kv, &s.ckv_n, &w[self.kv_b.clone()], n, self.kv_lora, kvw);
+        let kv = linear(&s.ckv_n, &w[self.kv_b.clone()], n, self.kv_lora, kvw);
         s.k = vec![0.0; n * nh * dqk];
         s.v = vec![0.0; n * nh * self.dv];
         self.split_kv(&mut s.k, &mut s.v, &kv, &kpe);
@@ -323,9 +314,7 @@ impl MlaAttention {
             let _p = ultramoe_kernels::profile::scope("attention.core.forward");
             attention_forward(&mut s.o, &mut s.probs, &s.q, &s.k, &s.v, sh, self.scale);
         }
-        let mut y = vec![0.0; n * h];
-        linear_forward(&mut y, &s.o, &w[self.o.clone()], n, nh * self.dv, h);
-        (y, s)
+        (linear(&s.o, &w[self.o.clone()], n, nh * self.dv, h), s)
     }
 
     /// Backward: accumulates weight gradients into `g`, returns `dx: [N, H]`.
@@ -333,8 +322,7 @@ impl MlaAttention {
         let _p = ultramoe_kernels::profile::scope("attention.backward");
         let (n, h, nh, dqk) = (c.n(), self.hidden, self.nh, self.dqk());
         let (aw, qin) = (self.a_width(), self.q_in());
-        let mut d_o = vec![0.0; n * nh * self.dv];
-        linear_backward(Some(&mut d_o), &mut g[self.o.clone()], dy, &s.o, &w[self.o.clone()], n, nh * self.dv, h, false);
+        let d_o = linear_grad(&mut g[self.o.clone()], dy, &s.o, &w[self.o.clone()], n, nh * self.dv, h);
         let (mut dq, mut dk, mut dv) = (vec![0.0; n * nh * dqk], vec![0.0; n * nh * dqk], vec![0.0; n * nh * self.dv]);
         {
             let _p = ultramoe_kernels::profile::scope("attention.core.backward");
@@ -350,8 +338,7 @@ impl MlaAttention {
         let mut dkv = vec![0.0; n * kvw];
         let mut dkpe = vec![0.0; n * self.rope_dim];
         self.merge_kv_grad(&mut dkv, &mut dkpe, &dk, &dv);
-        let mut dckv_n = vec![0.0; n * self.kv_lora];
-        linear_backward(Some(&mut dckv_n), &mut g[self.kv_b.clone()], &dkv, &s.ckv_n, &w[self.kv_b.clone()], n, self.kv_lora, kvw, false);
+        let dckv_n = linear_grad(&mut g[self.kv_b.clone()], &dkv, &s.ckv_n, &w[self.kv_b.clone()], n, self.kv_lora, kvw);
         let mut dckv = vec![0.0; n * self.kv_lora];
         rmsnorm_backward(&mut dckv, &mut g[self.kv_a_norm.clone()], &dckv_n, &s.ckv, &w[self.kv_a_norm.clone()], &s.rstd_kv, self.kv_lora, false);
         put_cols(&mut da, aw, qin, &dckv, self.kv_lora, false);
@@ -359,16 +346,13 @@ impl MlaAttention {
         // Query path.
         match (&self.q_a_norm, &self.q_b) {
             (Some(qn), Some(qb)) => {
-                let mut dqa_n = vec![0.0; n * qin];
-                linear_backward(Some(&mut dqa_n), &mut g[qb.clone()], &dq, &s.qa_n, &w[qb.clone()], n, qin, nh * dqk, false);
+                let dqa_n = linear_grad(&mut g[qb.clone()], &dq, &s.qa_n, &w[qb.clone()], n, qin, nh * dqk);
                 let mut dqa = vec![0.0; n * qin];
                 rmsnorm_backward(&mut dqa, &mut g[qn.clone()], &dqa_n, &s.qa, &w[qn.clone()], &s.rstd_qa, qin, false);
                 put_cols(&mut da, aw, 0, &dqa, qin, false);
             }
             _ => put_cols(&mut da, aw, 0, &dq, qin, false),
         }
-        let mut dx = vec![0.0; n * h];
-        linear_backward(Some(&mut dx), &mut g[self.a.clone()], &da, x, &w[self.a.clone()], n, h, aw, false);
-        dx
+        linear_grad(&mut g[self.a.clone()], &da, x, &w[self.a.clone()], n, h, aw)
     }
 }

@@ -3,7 +3,7 @@
 
 use crate::params::Slot;
 use ultramoe_kernels::activation::{swiglu_backward, swiglu_forward};
-use ultramoe_kernels::gemm::{linear_backward, linear_forward};
+use ultramoe_kernels::gemm::{linear, linear_backward, linear_grad};
 
 /// A SwiGLU MLP.
 #[derive(Clone, Debug)]
@@ -39,12 +39,9 @@ impl Mlp {
     pub fn forward(&self, w: &[f32], x: &[f32], n: usize) -> (Vec<f32>, MlpSaved) {
         let _p = ultramoe_kernels::profile::scope("mlp.forward");
         let (h, i) = (self.hidden, self.inter);
-        let mut s = MlpSaved { gu: vec![0.0; n * 2 * i], act: vec![0.0; n * i] };
-        linear_forward(&mut s.gu, x, &w[self.gate_up.clone()], n, h, 2 * i);
+        let mut s = MlpSaved { gu: linear(x, &w[self.gate_up.clone()], n, h, 2 * i), act: vec![0.0; n * i] };
         swiglu_forward(&mut s.act, &s.gu, i);
-        let mut y = vec![0.0; n * h];
-        linear_forward(&mut y, &s.act, &w[self.down.clone()], n, i, h);
-        (y, s)
+        (linear(&s.act, &w[self.down.clone()], n, i, h), s)
     }
 
     /// Backward: weight gradients into `g`; `dx` written, or added when `accumulate`.
@@ -52,8 +49,7 @@ impl Mlp {
     pub fn backward(&self, w: &[f32], g: &mut [f32], x: &[f32], s: &MlpSaved, dy: &[f32], dx: &mut [f32], n: usize, accumulate: bool) {
         let _p = ultramoe_kernels::profile::scope("mlp.backward");
         let (h, i) = (self.hidden, self.inter);
-        let mut dact = vec![0.0; n * i];
-        linear_backward(Some(&mut dact), &mut g[self.down.clone()], dy, &s.act, &w[self.down.clone()], n, i, h, false);
+        let dact = linear_grad(&mut g[self.down.clone()], dy, &s.act, &w[self.down.clone()], n, i, h);
         let mut dgu = vec![0.0; n * 2 * i];
         swiglu_backward(&mut dgu, &dact, &s.gu, i);
         linear_backward(Some(dx), &mut g[self.gate_up.clone()], &dgu, x, &w[self.gate_up.clone()], n, h, 2 * i, accumulate);

@@ -11,7 +11,7 @@ use crate::moe::layer::MoeLayer;
 use crate::moe::router::Router;
 use crate::params::{fuse, Init, ParamLayout, Slot};
 use ultramoe_kernels::embedding::{embedding_backward, embedding_forward};
-use ultramoe_kernels::gemm::{linear_backward, linear_forward};
+use ultramoe_kernels::gemm::{linear, linear_grad};
 use ultramoe_kernels::loss::{cross_entropy_forward, cross_entropy_fused_backward, IGNORE};
 use ultramoe_kernels::norm::{rmsnorm_backward, rmsnorm_forward};
 use ultramoe_kernels::rope::{default_inv_freq, yarn_get_mscale, yarn_inv_freq, RopeLayout, RopeTable, Yarn};
@@ -210,8 +210,7 @@ impl Model {
         let mut xn = vec![0.0; n * h];
         let mut rstd = vec![0.0; n];
         rmsnorm_forward(&mut xn, &mut rstd, &x, &w[self.final_norm.clone()], h, self.cfg.rms_norm_eps);
-        let mut logits = vec![0.0; n * v];
-        linear_forward(&mut logits, &xn, &w[self.lm_head.clone()], n, h, v);
+        let logits = linear(&xn, &w[self.lm_head.clone()], n, h, v);
         Forward { b, t, ids: ids.to_vec(), logits, layers: saved, x_final: x, rstd_final: rstd, xn_final: xn }
     }
 
@@ -234,8 +233,7 @@ impl Model {
         let lm_scope = ultramoe_kernels::profile::scope("lm_head.backward");
         let mut dlogits = std::mem::take(&mut fwd.logits);
         let loss = cross_entropy_fused_backward(&mut dlogits, targets, v, scale);
-        let mut dxn = vec![0.0; n * h];
-        linear_backward(Some(&mut dxn), &mut g[self.lm_head.clone()], &dlogits, &fwd.xn_final, &w[self.lm_head.clone()], n, h, v, false);
+        let dxn = linear_grad(&mut g[self.lm_head.clone()], &dlogits, &fwd.xn_final, &w[self.lm_head.clone()], n, h, v);
         drop(dlogits);
         let mut dx = vec![0.0; n * h];
         rmsnorm_backward(

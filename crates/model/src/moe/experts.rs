@@ -4,7 +4,7 @@
 
 use crate::params::Slot;
 use ultramoe_kernels::activation::{swiglu_backward, swiglu_forward};
-use ultramoe_kernels::grouped_gemm::{grouped_linear_backward, grouped_linear_forward};
+use ultramoe_kernels::grouped_gemm::{grouped_linear, grouped_linear_grad};
 
 /// The routed experts of one layer.
 #[derive(Clone, Debug)]
@@ -33,25 +33,19 @@ impl GroupedExperts {
     pub fn forward(&self, w: &[f32], xp: &[f32], offsets: &[usize]) -> (Vec<f32>, ExpertsSaved) {
         let (h, i) = (self.hidden, self.inter);
         let r = xp.len() / h;
-        let mut s = ExpertsSaved { gu: vec![0.0; r * 2 * i], act: vec![0.0; r * i] };
-        grouped_linear_forward(&mut s.gu, xp, &w[self.gate_up.clone()], offsets, h, 2 * i);
+        let mut s = ExpertsSaved { gu: grouped_linear(xp, &w[self.gate_up.clone()], offsets, h, 2 * i), act: vec![0.0; r * i] };
         swiglu_forward(&mut s.act, &s.gu, i);
-        let mut yp = vec![0.0; r * h];
-        grouped_linear_forward(&mut yp, &s.act, &w[self.down.clone()], offsets, i, h);
-        (yp, s)
+        (grouped_linear(&s.act, &w[self.down.clone()], offsets, i, h), s)
     }
 
     /// Backward: weight gradients into `g`; returns `dxp: [R, H]`.
     pub fn backward(&self, w: &[f32], g: &mut [f32], xp: &[f32], s: &ExpertsSaved, dyp: &[f32], offsets: &[usize]) -> Vec<f32> {
         let (h, i) = (self.hidden, self.inter);
         let r = xp.len() / h;
-        let mut dact = vec![0.0; r * i];
-        grouped_linear_backward(Some(&mut dact), &mut g[self.down.clone()], dyp, &s.act, &w[self.down.clone()], offsets, i, h);
+        let dact = grouped_linear_grad(&mut g[self.down.clone()], dyp, &s.act, &w[self.down.clone()], offsets, i, h);
         let mut dgu = vec![0.0; r * 2 * i];
         swiglu_backward(&mut dgu, &dact, &s.gu, i);
         drop(dact);
-        let mut dxp = vec![0.0; r * h];
-        grouped_linear_backward(Some(&mut dxp), &mut g[self.gate_up.clone()], &dgu, xp, &w[self.gate_up.clone()], offsets, h, 2 * i);
-        dxp
+        grouped_linear_grad(&mut g[self.gate_up.clone()], &dgu, xp, &w[self.gate_up.clone()], offsets, h, 2 * i)
     }
 }

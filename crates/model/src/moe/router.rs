@@ -2,7 +2,7 @@
 //! [`ultramoe_kernels::router`] for the formulas of each family).
 
 use crate::params::Slot;
-use ultramoe_kernels::gemm::{linear_backward, linear_forward};
+use ultramoe_kernels::gemm::{linear, linear_backward};
 use ultramoe_kernels::router::{route_backward, route_forward, Routing, RouterSpec};
 
 /// A router over `E` experts.
@@ -22,8 +22,7 @@ impl Router {
     /// `x: [N, H]` → routing decisions for each token.
     pub fn forward(&self, w: &[f32], x: &[f32], n: usize) -> Routing {
         let e = self.spec.n_experts;
-        let mut logits = vec![0.0; n * e];
-        linear_forward(&mut logits, x, &w[self.weight.clone()], n, self.hidden, e);
+        let logits = linear(x, &w[self.weight.clone()], n, self.hidden, e);
         route_forward(&logits, self.bias.as_ref().map(|b| &w[b.clone()]), &self.spec)
     }
 
