@@ -1,7 +1,7 @@
 use std::time::Instant;
 use ultramoe_kernels::attention::{attention_forward, AttnShape};
 fn main() {
-    let s = AttnShape { b: 16, t: 128, nh: 4, nkv: 4, dqk: 32, dv: 32 };
+    let s = AttnShape { b: 8, t: 256, nh: 4, nkv: 4, dqk: 48, dv: 32 };
     let n = s.b * s.t;
     let q = vec![0.01f32; n * s.nh * s.dqk];
     let k = q.clone();

@@ -42,11 +42,15 @@ pub fn exp(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;
     const ROUND: f32 = 12_582_912.0; // 1.5·2²³: adding and subtracting rounds to an integer
-    let x = x.clamp(-87.0, 88.0);
-    let n = (x * LOG2E + ROUND) - ROUND;
+    let x = x.max(-87.0).min(88.0);
+    // t + 1.5·2²³ holds round(t) in its low mantissa bits: the integer comes straight
+    // from the bit pattern, with no float→int conversion to block vectorisation.
+    let shifted = x * LOG2E + ROUND;
+    let n = shifted - ROUND;
     let r = (x - n * LN2_HI) - n * LN2_LO;
     let p = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    let n_int = shifted.to_bits().wrapping_sub(ROUND.to_bits());
+    let scale = f32::from_bits(n_int.wrapping_add(127) << 23);
     p * scale
 }
 
@@ -56,22 +60,46 @@ pub fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + exp(-x))
 }
 
+/// Lanes of the manual reductions: float sums and maxima are not reassociated by the
+/// compiler, so a reduction vectorises only when written as independent partial results.
+const LANES: usize = 16;
+
+#[inline(always)]
+fn sum_lanes(x: &[f32]) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for i in 0..LANES {
+            acc[i] += c[i];
+        }
+    }
+    acc.iter().sum::<f32>() + rest.iter().sum::<f32>()
+}
+
 multiversion! {
     /// In place `x ← e^(x − m)`; returns `Σ e^(x − m)`.
     pub fn exp_shifted_sum(x: &mut [f32], m: f32) -> f32 {
-        let mut s = 0.0f32;
         for v in x.iter_mut() {
             *v = exp(*v - m);
-            s += *v;
         }
-        s
+        sum_lanes(x)
     }
 }
 
 multiversion! {
     /// `max(x)` (−∞ for an empty slice).
     pub fn max(x: &[f32]) -> f32 {
-        x.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b))
+        let mut acc = [f32::NEG_INFINITY; LANES];
+        let chunks = x.chunks_exact(LANES);
+        let rest = chunks.remainder();
+        for c in chunks {
+            for i in 0..LANES {
+                acc[i] = if c[i] > acc[i] { c[i] } else { acc[i] };
+            }
+        }
+        let m = acc.iter().fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
+        rest.iter().fold(m, |a, &b| if b > a { b } else { a })
     }
 }
 
@@ -96,17 +124,17 @@ multiversion! {
 multiversion! {
     /// `Σ a·b`.
     pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-        // Eight partial sums let the loop vectorise (float addition is not reassociated
-        // by the compiler on its own).
-        let mut acc = [0.0f32; 16];
-        let chunks = a.len() / 16;
-        for c in 0..chunks {
-            for i in 0..16 {
-                acc[i] += a[c * 16 + i] * b[c * 16 + i];
+        let n = a.len().min(b.len());
+        let (a, b) = (&a[..n], &b[..n]);
+        let mut acc = [0.0f32; LANES];
+        let full = n / LANES * LANES;
+        for (ca, cb) in a[..full].chunks_exact(LANES).zip(b[..full].chunks_exact(LANES)) {
+            for i in 0..LANES {
+                acc[i] += ca[i] * cb[i];
             }
         }
         let mut s: f32 = acc.iter().sum();
-        for i in chunks * 16..a.len() {
+        for i in full..n {
             s += a[i] * b[i];
         }
         s
