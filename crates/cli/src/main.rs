@@ -46,10 +46,14 @@ fn keep_freed_memory() {
     }
     const M_TRIM_THRESHOLD: i32 = -1;
     const M_MMAP_MAX: i32 = -4;
+    const M_ARENA_MAX: i32 = -8;
     // SAFETY: mallopt only adjusts allocator tuning; called before any threads start.
     unsafe {
         mallopt(M_MMAP_MAX, 0);
         mallopt(M_TRIM_THRESHOLD, i32::MAX);
+        // Worker threads' own arenas are trimmed on free regardless of the threshold;
+        // one shared arena keeps their buffers too (allocation is rare and large here).
+        mallopt(M_ARENA_MAX, 1);
     }
 }
 
