@@ -104,6 +104,7 @@ fn user_errors_are_one_clear_line() {
     std::fs::write(ck.join("model.safetensors"), b"garbage").unwrap();
     expect_error(&["solve", "1+1", "--model", ck.to_str().unwrap()], &["model.safetensors", "safetensors"]);
     expect_error(&["solve", "1+1", "--model", "/nonexistent/dir"], &["/nonexistent/dir"]);
+    expect_error(&["solve", "1+1", "--model", fx.to_str().unwrap()], &["config.json", "vocab_size"]);
 }
 
 #[test]

@@ -46,6 +46,32 @@ impl Tensor {
     }
 }
 
+/// Decodes one FP8 E4M3 ("fn": no infinities) value: sign, 4 exponent bits (bias 7),
+/// 3 mantissa bits; exponent 0 is subnormal `m/8 · 2⁻⁶`; `S.1111.111` is NaN.
+pub fn f8_e4m3_to_f32(x: u8) -> f32 {
+    let sign = if x & 0x80 != 0 { -1.0 } else { 1.0 };
+    let e = ((x >> 3) & 0x0F) as i32;
+    let m = (x & 0x07) as f32;
+    if e == 0x0F && m == 7.0 {
+        return f32::NAN;
+    }
+    if e == 0 {
+        sign * m / 8.0 * 2f32.powi(-6)
+    } else {
+        sign * (1.0 + m / 8.0) * 2f32.powi(e - 7)
+    }
+}
+
+/// Block size of FP8 weight scales (`quantization_config.weight_block_size`, DeepSeek-V3:
+/// `[128, 128]`): `W[i, j] = q[i, j] · scale_inv[i / bᵣ, j / b_c]`.
+fn fp8_block(cfg: &serde_json::Value) -> (usize, usize) {
+    let b = cfg.get("quantization_config").and_then(|q| q.get("weight_block_size")).and_then(|b| b.as_array());
+    match b.map(|a| a.iter().filter_map(|x| x.as_u64()).collect::<Vec<_>>()) {
+        Some(v) if v.len() == 2 && v[0] > 0 && v[1] > 0 => (v[0] as usize, v[1] as usize),
+        _ => (128, 128),
+    }
+}
+
 fn convert(name: &str, v: &TensorView) -> Result<TensorData> {
     let b = v.data();
     Ok(match v.dtype() {
@@ -53,10 +79,11 @@ fn convert(name: &str, v: &TensorView) -> Result<TensorData> {
         Dtype::F64 => TensorData::F32(b.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap()) as f32).collect()),
         Dtype::BF16 => TensorData::F32(b.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect()),
         Dtype::F16 => TensorData::F32(b.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect()),
+        Dtype::F8_E4M3 => TensorData::F32(b.iter().map(|&x| f8_e4m3_to_f32(x)).collect()),
         Dtype::I64 => TensorData::I64(b.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect()),
         Dtype::I32 => TensorData::I64(b.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap()) as i64).collect()),
         other => {
-            return Err(Error::field(name, format!("dtype {other:?} is not supported (F32, F64, BF16, F16, I64, I32)")));
+            return Err(Error::field(name, format!("dtype {other:?} is not supported (F32, F64, BF16, F16, F8_E4M3, I64, I32)")));
         }
     })
 }
@@ -125,22 +152,55 @@ pub fn load_weights(model: &Model, path: &Path) -> Result<Vec<f32>> {
     let mut w = vec![0.0f32; model.layout.total];
     let mut seen = vec![false; model.layout.specs.len()];
     let index: HashMap<&str, usize> = model.layout.specs.iter().enumerate().map(|(i, s)| (s.name.as_str(), i)).collect();
+    // FP8 checkpoints (DeepSeek-V3) store `<name>_scale_inv` beside each quantised
+    // weight, possibly in another shard: gather every tensor first.
+    let mut tensors: BTreeMap<String, (Tensor, PathBuf, bool)> = BTreeMap::new();
     for file in checkpoint_files(path)? {
-        for (name, t) in read_safetensors(&file)? {
+        let bytes = std::fs::read(&file).map_err(|e| Error::msg(format!("cannot read: {e}")).in_file(&file))?;
+        let st = SafeTensors::deserialize(&bytes)
+            .map_err(|e| Error::msg(format!("not a valid safetensors file: {e}")).in_file(&file))?;
+        for (name, view) in st.tensors() {
             if ignorable(&name, model.cfg.n_layers) || model.layout.aliases.contains_key(&name) {
                 continue;
             }
-            let Some(&i) = index.get(name.as_str()) else {
-                return Err(Error::field(&name, format!("unexpected tensor for a {} model with this config", model.cfg.arch.model_type()))
-                    .in_file(&file));
-            };
-            let spec = &model.layout.specs[i];
-            if t.shape != spec.shape {
-                return Err(Error::field(&name, format!("shape {:?} does not match the config's {:?}", t.shape, spec.shape)).in_file(&file));
-            }
-            w[spec.range()].copy_from_slice(t.f32(&name).map_err(|e| e.in_file(&file))?);
-            seen[i] = true;
+            let fp8 = view.dtype() == Dtype::F8_E4M3;
+            let data = convert(&name, &view).map_err(|e| e.in_file(&file))?;
+            tensors.insert(name, (Tensor { shape: view.shape().to_vec(), data }, file.clone(), fp8));
         }
+    }
+    let (br, bc) = fp8_block(&model.cfg.raw);
+    for (name, (t, file, fp8)) in &tensors {
+        if let Some(base) = name.strip_suffix("_scale_inv") {
+            if tensors.contains_key(base) {
+                continue;
+            }
+        }
+        let Some(&i) = index.get(name.as_str()) else {
+            return Err(Error::field(name, format!("unexpected tensor for a {} model with this config", model.cfg.arch.model_type()))
+                .in_file(file));
+        };
+        let spec = &model.layout.specs[i];
+        if t.shape != spec.shape {
+            return Err(Error::field(name, format!("shape {:?} does not match the config's {:?}", t.shape, spec.shape)).in_file(file));
+        }
+        let dst = &mut w[spec.range()];
+        dst.copy_from_slice(t.f32(name).map_err(|e| e.in_file(file))?);
+        if *fp8 {
+            let key = format!("{name}_scale_inv");
+            let (s, sfile, _) = tensors.get(&key).ok_or_else(|| Error::field(name, format!("FP8 weight without `{key}`")).in_file(file))?;
+            let (rows, cols) = (spec.shape[0], spec.shape.get(1).copied().unwrap_or(1));
+            let (sr, sc) = (rows.div_ceil(br), cols.div_ceil(bc));
+            if s.shape != [sr, sc] {
+                return Err(Error::field(&key, format!("shape {:?}, expected {:?} for {br}×{bc} blocks", s.shape, [sr, sc])).in_file(sfile));
+            }
+            let sv = s.f32(&key)?;
+            for r in 0..rows {
+                for c in 0..cols {
+                    dst[r * cols + c] *= sv[(r / br) * sc + c / bc];
+                }
+            }
+        }
+        seen[i] = true;
     }
     let missing: Vec<&str> = model.layout.specs.iter().zip(&seen).filter(|(_, s)| !**s).map(|(p, _)| p.name.as_str()).collect();
     if !missing.is_empty() {

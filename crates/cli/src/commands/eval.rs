@@ -1,6 +1,6 @@
 //! `ultramoe eval`: exact-match accuracy.
 
-use super::{load_model, CliResult};
+use super::{load_math_model, CliResult};
 use crate::serve::{answers_match, solve_batch};
 use clap::Args;
 use std::path::{Path, PathBuf};
@@ -18,8 +18,8 @@ pub struct EvalArgs {
     /// JSONL file of `{"question", "answer"}` to score instead of generated problems.
     #[arg(long)]
     pub file: Option<PathBuf>,
-    /// Problem kinds to generate (comma-separated: addsub, mul2x2, mul, equation, expr, word).
-    #[arg(long, default_value = "addsub,mul2x2,equation,mul,expr,word")]
+    /// Problem kinds to generate (comma-separated: addsub, addsub1, mul2x2, mul, equation, expr, word).
+    #[arg(long, default_value = "addsub,addsub1,mul2x2,equation,mul,expr,word")]
     pub kinds: String,
     /// Problems per kind.
     #[arg(long, default_value_t = 200)]
@@ -73,10 +73,10 @@ pub fn generated(kind: Kind, n: usize, seed: u64) -> Vec<(String, String)> {
 pub fn evaluate(dir: &Path, file: Option<&Path>, kinds: &[Kind], n: usize, seed: u64, show_errors: bool) -> CliResult<Vec<Score>> {
     if let Some(f) = file {
         let items: Vec<(String, String)> = read_jsonl(f)?.into_iter().map(|q| (q.question, q.answer)).collect();
-        let (model, w) = load_model(dir)?;
+        let (model, w) = load_math_model(dir)?;
         return Ok(vec![score(&model, &w, &f.display().to_string(), &items, show_errors)]);
     }
-    let (model, w) = load_model(dir)?;
+    let (model, w) = load_math_model(dir)?;
     Ok(kinds.iter().map(|k| score(&model, &w, k.name(), &generated(*k, n, seed), show_errors)).collect())
 }
 

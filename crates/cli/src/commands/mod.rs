@@ -22,6 +22,20 @@ pub fn load_model(dir: &Path) -> CliResult<(Model, Vec<f32>)> {
     Ok((model, w))
 }
 
+/// Loads a model that will read and write the math tokenizer's tokens.
+pub fn load_math_model(dir: &Path) -> CliResult<(Model, Vec<f32>)> {
+    let (model, w) = load_model(dir)?;
+    let need = ultramoe_train::data::tokenizer::VOCAB_SIZE;
+    if model.cfg.vocab_size < need {
+        return Err(format!(
+            "{}: `vocab_size`: {} is smaller than the math tokenizer's {need} tokens; this model was not trained by `ultramoe train` on math data",
+            dir.join("config.json").display(),
+            model.cfg.vocab_size
+        ));
+    }
+    Ok((model, w))
+}
+
 /// Peak GEMM FLOP/s for MFU, measured briefly unless given.
 pub fn peak_flops(given_gflops: Option<f64>) -> f64 {
     match given_gflops {

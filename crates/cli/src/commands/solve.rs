@@ -1,6 +1,6 @@
 //! `ultramoe solve "PROBLEM"`.
 
-use super::{load_model, CliResult};
+use super::{load_math_model, CliResult};
 use crate::serve::solve_batch;
 use clap::Args;
 use std::path::PathBuf;
@@ -27,7 +27,7 @@ pub fn run(a: SolveArgs) -> CliResult {
         return Err("the problem is empty".into());
     }
     let dir = a.model.unwrap_or_else(crate::default_model_dir);
-    let (model, w) = load_model(&dir)?;
+    let (model, w) = load_math_model(&dir)?;
     let s = solve_batch(&model, &w, std::slice::from_ref(&a.problem)).remove(0);
     if a.json {
         println!("{}", serde_json::to_string(&s).expect("solution serialises"));

@@ -19,6 +19,8 @@ use ultramoe_model::init::Rng;
 pub enum Kind {
     /// one `+` or `-` between 2–3 digit numbers
     AddSub,
+    /// one `+` or `-` with a 1-digit operand (`12 + 7`)
+    AddSubShort,
     /// 2-digit × 2-digit
     Mul2x2,
     /// other products (1–3 digits by 1–2 digits)
@@ -33,11 +35,12 @@ pub enum Kind {
 
 impl Kind {
     /// Every kind.
-    pub const ALL: [Kind; 6] = [Kind::AddSub, Kind::Mul2x2, Kind::Mul, Kind::Expr, Kind::Equation, Kind::Word];
+    pub const ALL: [Kind; 7] = [Kind::AddSub, Kind::AddSubShort, Kind::Mul2x2, Kind::Mul, Kind::Expr, Kind::Equation, Kind::Word];
     /// Short name used on the command line and in reports.
     pub fn name(&self) -> &'static str {
         match self {
             Kind::AddSub => "addsub",
+            Kind::AddSubShort => "addsub1",
             Kind::Mul2x2 => "mul2x2",
             Kind::Mul => "mul",
             Kind::Expr => "expr",
@@ -292,6 +295,21 @@ pub fn generate(rng: &mut Rng, kind: Kind) -> Problem {
             }
             s.finish(kind, q)
         }
+        Kind::AddSubShort => {
+            let long = rng.range(1, 3) as u32;
+            let (mut a, mut b) = (num_digits(rng, long), num_digits(rng, 1));
+            if rng.range(0, 1) == 0 {
+                std::mem::swap(&mut a, &mut b);
+            }
+            let op = if rng.range(0, 1) == 0 { '+' } else { '-' };
+            let q = typed_binary(rng, a, op, b);
+            if op == '+' {
+                s.add(a, b);
+            } else {
+                s.sub(a, b);
+            }
+            s.finish(kind, q)
+        }
         Kind::Mul2x2 | Kind::Mul => {
             let (da, db) = if kind == Kind::Mul2x2 { (2, 2) } else { (rng.range(1, 3) as u32, rng.range(1, 2) as u32) };
             let (a, b) = (num_digits(rng, da), num_digits(rng, db));
@@ -392,12 +410,13 @@ impl Default for Mix {
     /// The training mix: most weight on the skills the demo is judged on.
     fn default() -> Self {
         Mix(vec![
-            (Kind::AddSub, 0.28),
+            (Kind::AddSub, 0.26),
+            (Kind::AddSubShort, 0.05),
             (Kind::Mul2x2, 0.16),
             (Kind::Mul, 0.08),
-            (Kind::Equation, 0.24),
+            (Kind::Equation, 0.23),
             (Kind::Expr, 0.10),
-            (Kind::Word, 0.14),
+            (Kind::Word, 0.12),
         ])
     }
 }
@@ -537,7 +556,7 @@ mod tests {
             }
             assert_eq!(eval_text(&sub), eval_text(rhs), "{} with x = {x}", p.question);
         }
-        for kind in [Kind::AddSub, Kind::Mul2x2, Kind::Mul, Kind::Expr] {
+        for kind in [Kind::AddSub, Kind::AddSubShort, Kind::Mul2x2, Kind::Mul, Kind::Expr] {
             for _ in 0..300 {
                 let p = generate(&mut rng, kind);
                 let q = crate::data::tokenizer::normalize_question(&p.question);
