@@ -56,27 +56,36 @@ pub fn matmul_serial(c: &mut [f32], a: &[f32], ta: Op, b: &[f32], tb: Op, m: usi
 #[allow(clippy::too_many_arguments)]
 fn contiguous(c: &mut [f32], a: &[f32], ta: Op, b: &[f32], tb: Op, m: usize, n: usize, k: usize, accumulate: bool, alpha: f32, parallel: bool) {
     assert!(c.len() >= m * n, "matmul: c has {} elements, needs {}", c.len(), m * n);
+    // SAFETY: `c` holds the m·n elements the product writes (asserted above).
+    unsafe { product_into(c.as_mut_ptr(), a, ta, b, tb, m, n, k, accumulate, alpha, parallel) }
+}
+
+/// `c = (accumulate ? c : 0) + alpha · op(a) · op(b)` with `c` a contiguous `[m, n]` at a
+/// raw pointer; checks that `a` and `b` hold their operands.
+///
+/// # Safety
+/// `c` must point to `m·n` writable elements (readable too when `accumulate`) that alias
+/// neither operand.
+#[allow(clippy::too_many_arguments)]
+unsafe fn product_into(c: *mut f32, a: &[f32], ta: Op, b: &[f32], tb: Op, m: usize, n: usize, k: usize, accumulate: bool, alpha: f32, parallel: bool) {
     assert!(a.len() >= m * k, "matmul: a has {} elements, needs {}", a.len(), m * k);
     assert!(b.len() >= k * n, "matmul: b has {} elements, needs {}", b.len(), k * n);
     let lda = if ta == Op::N { k } else { m };
     let ldb = if tb == Op::N { n } else { k };
-    // SAFETY: the asserts above bound every index the strided views can reach.
-    unsafe {
-        gemm_strided(
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
-            Strided { rs: n as isize, cs: 1 },
-            a.as_ptr(),
-            Strided::row_major(lda, ta),
-            b.as_ptr(),
-            Strided::row_major(ldb, tb),
-            accumulate,
-            alpha,
-            parallel,
-        )
-    }
+    gemm_strided(
+        m,
+        n,
+        k,
+        c,
+        Strided { rs: n as isize, cs: 1 },
+        a.as_ptr(),
+        Strided::row_major(lda, ta),
+        b.as_ptr(),
+        Strided::row_major(ldb, tb),
+        accumulate,
+        alpha,
+        parallel,
+    )
 }
 
 /// The raw strided product `c = (accumulate ? c : 0) + alpha · a · b` with `a: [m,k]`,
@@ -126,28 +135,11 @@ pub unsafe fn gemm_strided(
 /// vector takes its length, so no step pays to clear memory it is about to overwrite.
 #[allow(clippy::too_many_arguments)]
 pub fn matmul_new(a: &[f32], ta: Op, b: &[f32], tb: Op, m: usize, n: usize, k: usize, alpha: f32) -> Vec<f32> {
-    assert!(a.len() >= m * k, "matmul: a has {} elements, needs {}", a.len(), m * k);
-    assert!(b.len() >= k * n, "matmul: b has {} elements, needs {}", b.len(), k * n);
-    let lda = if ta == Op::N { k } else { m };
-    let ldb = if tb == Op::N { n } else { k };
     let mut c: Vec<f32> = Vec::with_capacity(m * n);
-    // SAFETY: reads stay within `a` and `b` (asserted); the product writes each of the
-    // m·n elements of `c`'s allocation exactly once (read_dst = false) before set_len.
+    // SAFETY: the allocation holds m·n elements; the product writes each exactly once
+    // (no accumulation, so nothing is read) before set_len.
     unsafe {
-        gemm_strided(
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
-            Strided { rs: n as isize, cs: 1 },
-            a.as_ptr(),
-            Strided::row_major(lda, ta),
-            b.as_ptr(),
-            Strided::row_major(ldb, tb),
-            false,
-            alpha,
-            m * n * k >= PARALLEL_MIN_MACS,
-        );
+        product_into(c.as_mut_ptr(), a, ta, b, tb, m, n, k, false, alpha, m * n * k >= PARALLEL_MIN_MACS);
         c.set_len(m * n);
     }
     c

@@ -246,6 +246,18 @@ fn typed_binary(rng: &mut Rng, a: i64, op: char, b: i64) -> String {
     }
 }
 
+/// `a + b` or `a - b`, even odds, typed as a person would.
+fn add_or_sub(rng: &mut Rng, mut s: Steps, kind: Kind, a: i64, b: i64) -> Problem {
+    let op = if rng.range(0, 1) == 0 { '+' } else { '-' };
+    let q = typed_binary(rng, a, op, b);
+    if op == '+' {
+        s.add(a, b);
+    } else {
+        s.sub(a, b);
+    }
+    s.finish(kind, q)
+}
+
 /// Which side of the train/test split a problem is on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Split {
@@ -286,14 +298,7 @@ pub fn generate(rng: &mut Rng, kind: Kind) -> Problem {
         Kind::AddSub => {
             let (da, db) = (rng.range(2, 3) as u32, rng.range(2, 3) as u32);
             let (a, b) = (num_digits(rng, da), num_digits(rng, db));
-            let op = if rng.range(0, 1) == 0 { '+' } else { '-' };
-            let q = typed_binary(rng, a, op, b);
-            if op == '+' {
-                s.add(a, b);
-            } else {
-                s.sub(a, b);
-            }
-            s.finish(kind, q)
+            add_or_sub(rng, s, kind, a, b)
         }
         Kind::AddSubShort => {
             let long = rng.range(1, 3) as u32;
@@ -301,14 +306,7 @@ pub fn generate(rng: &mut Rng, kind: Kind) -> Problem {
             if rng.range(0, 1) == 0 {
                 std::mem::swap(&mut a, &mut b);
             }
-            let op = if rng.range(0, 1) == 0 { '+' } else { '-' };
-            let q = typed_binary(rng, a, op, b);
-            if op == '+' {
-                s.add(a, b);
-            } else {
-                s.sub(a, b);
-            }
-            s.finish(kind, q)
+            add_or_sub(rng, s, kind, a, b)
         }
         Kind::Mul2x2 | Kind::Mul => {
             let (da, db) = if kind == Kind::Mul2x2 { (2, 2) } else { (rng.range(1, 3) as u32, rng.range(1, 2) as u32) };
