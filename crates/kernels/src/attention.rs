@@ -54,6 +54,7 @@ pub fn attention_forward(out: &mut [f32], probs: &mut [f32], q: &[f32], k: &[f32
         let (bi, h) = (bh / nh, bh % nh);
         let g = h / group;
         let row0 = bi * t;
+        // Capture the whole wrapper (Send), not its raw-pointer field.
         let out_ptr = out_ptr;
         // Causal blocking: query rows r0..r1 only see keys 0..r1, so each row block
         // multiplies against that prefix alone (≈ (1 + B/T)/2 of the full product).
@@ -131,6 +132,7 @@ pub fn attention_backward(
         |dp, bg| {
             let (bi, g) = (bg / nkv, bg % nkv);
             let row0 = bi * t;
+            // Capture the whole wrappers (Send), not their raw-pointer fields.
             let (dq_p, dk_p, dv_p) = (dq_p, dk_p, dv_p);
             for h in g * group..(g + 1) * group {
                 let p = &probs[(bi * nh + h) * t * t..(bi * nh + h + 1) * t * t];

@@ -209,6 +209,22 @@ pub fn linear_backward(
     matmul(dw, dy, Op::T, x, Op::N, d_out, d_in, n, true, 1.0);
 }
 
+/// Measures this machine's dense f32 GEMM rate (FLOP/s) on `n×n×n` products for about
+/// `seconds`, using every thread of the current pool. The MFU denominator.
+pub fn measure_peak_flops(n: usize, seconds: f64) -> f64 {
+    let a: Vec<f32> = (0..n * n).map(|i| (i % 7) as f32 * 0.1).collect();
+    let b = a.clone();
+    let mut c = vec![0.0f32; n * n];
+    matmul(&mut c, &a, Op::N, &b, Op::T, n, n, n, false, 1.0); // warm-up
+    let start = std::time::Instant::now();
+    let mut iters = 0u64;
+    while start.elapsed().as_secs_f64() < seconds || iters < 2 {
+        matmul(&mut c, &a, Op::N, &b, Op::T, n, n, n, false, 1.0);
+        iters += 1;
+    }
+    2.0 * (n * n * n) as f64 * iters as f64 / start.elapsed().as_secs_f64()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -267,20 +283,4 @@ mod tests {
         matmul(&mut c, &[], Op::N, &[], Op::N, 2, 3, 0, false, 1.0);
         assert_eq!(c, vec![0.0; 6]);
     }
-}
-
-/// Measures this machine's dense f32 GEMM rate (FLOP/s) on `n×n×n` products for about
-/// `seconds`, using every thread of the current pool. The MFU denominator.
-pub fn measure_peak_flops(n: usize, seconds: f64) -> f64 {
-    let a: Vec<f32> = (0..n * n).map(|i| (i % 7) as f32 * 0.1).collect();
-    let b = a.clone();
-    let mut c = vec![0.0f32; n * n];
-    matmul(&mut c, &a, Op::N, &b, Op::T, n, n, n, false, 1.0); // warm-up
-    let start = std::time::Instant::now();
-    let mut iters = 0u64;
-    while start.elapsed().as_secs_f64() < seconds || iters < 2 {
-        matmul(&mut c, &a, Op::N, &b, Op::T, n, n, n, false, 1.0);
-        iters += 1;
-    }
-    2.0 * (n * n * n) as f64 * iters as f64 / start.elapsed().as_secs_f64()
 }

@@ -53,6 +53,7 @@ fn grouped_new(a: &[f32], a_w: usize, w: &[f32], w_rows: usize, w_cols: usize, t
     let mut out: Vec<f32> = Vec::with_capacity(r * width);
     let base = SendPtr(out.as_mut_ptr());
     let one = |e: usize, parallel: bool| {
+        // Capture the whole wrapper (Send), not its raw-pointer field.
         let base = base;
         let n = offsets[e + 1] - offsets[e];
         // SAFETY: expert e reads its rows of `a` and its weight block (bounds asserted

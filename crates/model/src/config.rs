@@ -346,7 +346,7 @@ impl ModelConfig {
         pos("num_attention_heads", self.n_heads)?;
         pos("vocab_size", self.vocab_size)?;
         pos("num_key_value_heads", self.n_kv_heads)?;
-        if self.n_heads % self.n_kv_heads != 0 {
+        if !self.n_heads.is_multiple_of(self.n_kv_heads) {
             return Err(Error::field(
                 "num_key_value_heads",
                 format!("{} does not divide num_attention_heads = {}", self.n_kv_heads, self.n_heads),
@@ -363,7 +363,7 @@ impl ModelConfig {
                     format!("{} exceeds the number of experts ({})", m.top_k, m.n_experts),
                 ));
             }
-            if m.n_group == 0 || m.n_experts % m.n_group != 0 {
+            if m.n_group == 0 || !m.n_experts.is_multiple_of(m.n_group) {
                 return Err(Error::field("n_group", format!("{} must divide n_routed_experts = {}", m.n_group, m.n_experts)));
             }
             if m.topk_group == 0 || m.topk_group > m.n_group {
@@ -385,7 +385,7 @@ impl ModelConfig {
                 }
             }
             None => {
-                if self.head_dim == 0 || self.head_dim % 2 != 0 {
+                if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) {
                     return Err(Error::field("head_dim", "must be a positive even number"));
                 }
             }

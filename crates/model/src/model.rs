@@ -248,7 +248,7 @@ impl Model {
         );
         drop(dxn);
         drop(lm_scope);
-        for (layer, s) in self.layers.iter().zip(fwd.layers.drain(..).collect::<Vec<_>>().into_iter()).rev() {
+        for (layer, s) in self.layers.iter().zip(fwd.layers.drain(..).collect::<Vec<_>>()).rev() {
             dx = layer.backward(w, g, &s, dx, &c);
         }
         embedding_backward(&mut g[self.embed.clone()], &dx, &fwd.ids, h);

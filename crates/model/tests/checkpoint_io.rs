@@ -102,7 +102,7 @@ fn fp8_block_scaled_weights_are_dequantised() {
     // FP8 is lossy but close: relative error of a matrix below 1/16 (3 mantissa bits).
     let s = model.layout.get("model.layers.0.self_attn.q_proj.weight").unwrap();
     let (num, den) = got[s.range()].iter().zip(&w[s.range()]).fold((0.0, 0.0), |a, (g, o)| (a.0 + (g - o).powi(2), a.1 + o * o));
-    assert!((num / den as f32).sqrt() < 1.0 / 16.0);
+    assert!((num / den).sqrt() < 1.0 / 16.0);
     std::fs::remove_dir_all(&out).unwrap();
 }
 

@@ -42,7 +42,7 @@ fn check(model_type: &str, extra: &str) {
     let model = Model::new(config(model_type, extra));
     let w = init_weights(&model.layout, 5);
     // Larger weights than the 0.02 init make every path's gradient visible.
-    let w: Vec<f32> = w.iter().zip(model.layout.specs.iter().flat_map(|s| std::iter::repeat(s.shape.len()).take(s.len())))
+    let w: Vec<f32> = w.iter().zip(model.layout.specs.iter().flat_map(|s| std::iter::repeat_n(s.shape.len(), s.len())))
         .map(|(x, rank)| if rank >= 2 { x * 10.0 } else { *x })
         .collect();
     let (b, t) = (2, 9);
@@ -53,7 +53,7 @@ fn check(model_type: &str, extra: &str) {
     let (_, count) = model.loss(&fwd, &targets);
     let mut g = vec![0.0f32; w.len()];
     model.backward(&w, &mut g, fwd, &targets, 1.0 / count as f32);
-    let frozen: Vec<bool> = model.layout.specs.iter().flat_map(|s| std::iter::repeat(s.frozen).take(s.len())).collect();
+    let frozen: Vec<bool> = model.layout.specs.iter().flat_map(|s| std::iter::repeat_n(s.frozen, s.len())).collect();
     let base_routing = loss(&model, &w, &ids, b, t).1;
     let mut checked = 0;
     for dir in 0..40 {

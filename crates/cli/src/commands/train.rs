@@ -165,12 +165,12 @@ pub fn train_loop(tr: &mut Trainer, run_dir: &Path, metrics: Option<&Path>, prog
                 b.set_message(msg);
             }
             None => {
-                if s.step % 10 == 0 || s.step == 1 || s.step == total {
+                if s.step.is_multiple_of(10) || s.step == 1 || s.step == total {
                     eprintln!("step {}/{} {msg}", s.step, total);
                 }
             }
         }
-        if tr.cfg.save_every > 0 && s.step % tr.cfg.save_every == 0 && s.step < total {
+        if tr.cfg.save_every > 0 && s.step.is_multiple_of(tr.cfg.save_every) && s.step < total {
             tr.save_checkpoint(run_dir, 2).map_err(|e| e.to_string())?;
         }
         last = Some(s);
