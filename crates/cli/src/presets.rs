@@ -23,5 +23,6 @@ pub fn math_train_config() -> TrainConfig {
         data: DataSpec::Math,
         save_every: 500,
         bias_update_rate: 1e-3,
+        aux_loss: None,
     }
 }

@@ -20,6 +20,7 @@
 pub mod activation;
 pub mod adamw;
 pub mod attention;
+pub mod balance;
 pub mod embedding;
 pub mod gemm;
 pub mod grouped_gemm;

@@ -67,6 +67,17 @@ impl Forward {
             .collect()
     }
 
+    /// Sum of the MoE layers' auxiliary balancing losses (0 when none is configured).
+    pub fn aux_loss(&self) -> f32 {
+        self.layers
+            .iter()
+            .filter_map(|l| match &l.ffn {
+                FfnSaved::Moe(m) => m.aux.as_ref().map(|a| a.loss),
+                _ => None,
+            })
+            .sum()
+    }
+
     /// Bytes of saved activations (logits included).
     pub fn activation_bytes(&self) -> usize {
         self.layers.iter().map(|l| l.bytes()).sum::<usize>()
@@ -259,6 +270,15 @@ impl Model {
         loss
     }
 
+    /// Adds `coef · kind` to the training objective of every MoE layer (`None` removes it).
+    pub fn set_balance_loss(&mut self, loss: Option<(ultramoe_kernels::balance::BalanceLoss, f32)>) {
+        for l in &mut self.layers {
+            if let crate::decoder::FfnBlock::Moe(m) = &mut l.ffn {
+                m.router.aux = loss;
+            }
+        }
+    }
+
     /// Total parameters.
     pub fn n_params(&self) -> usize {
         self.layout.n_params()
@@ -328,7 +348,7 @@ fn build_moe(lay: &mut ParamLayout, cfg: &ModelConfig, p: &str, init: Init) -> M
         scaling: m.routed_scaling_factor,
     };
     MoeLayer {
-        router: Router { weight, bias, spec, hidden: h },
+        router: Router { weight, bias, spec, hidden: h, aux: None },
         dispatcher: LocalDispatcher { n_experts: m.n_experts, hidden: h },
         experts: GroupedExperts { gate_up: fuse(&gu), down: fuse(&down), hidden: h, inter: m.expert_inter },
         shared,

@@ -6,6 +6,7 @@
 //! `(L(w + εd) − L(w − εd)) / 2ε ≈ ⟨∇L, d⟩`. One scalar per direction is robust in f32
 //! and exercises every parameter at once.
 
+use ultramoe_kernels::balance::BalanceLoss;
 use ultramoe_model::init::{init_weights, Rng};
 use ultramoe_model::{shifted_targets, Model, ModelConfig};
 
@@ -32,14 +33,20 @@ fn config(model_type: &str, extra: &str) -> ModelConfig {
     ModelConfig::from_json_str(&json).unwrap()
 }
 
-/// Loss and the routing it took (per-layer expert loads).
+/// Objective (cross-entropy plus any auxiliary balancing loss) and the routing it took
+/// (per-layer expert loads).
 fn loss(model: &Model, w: &[f32], ids: &[u32], b: usize, t: usize) -> (f64, Vec<Vec<usize>>) {
     let fwd = model.forward(w, ids, b, t);
-    (model.loss(&fwd, &shifted_targets(ids, t)).0 as f64, fwd.expert_counts())
+    (model.loss(&fwd, &shifted_targets(ids, t)).0 as f64 + fwd.aux_loss() as f64, fwd.expert_counts())
 }
 
 fn check(model_type: &str, extra: &str) {
-    let model = Model::new(config(model_type, extra));
+    check_with(model_type, extra, None)
+}
+
+fn check_with(model_type: &str, extra: &str, aux: Option<(BalanceLoss, f32)>) {
+    let mut model = Model::new(config(model_type, extra));
+    model.set_balance_loss(aux);
     let w = init_weights(&model.layout, 5);
     // Larger weights than the 0.02 init make every path's gradient visible.
     let w: Vec<f32> = w.iter().zip(model.layout.specs.iter().flat_map(|s| std::iter::repeat_n(s.shape.len(), s.len())))
@@ -102,6 +109,14 @@ fn qwen3_moe_with_dense_layer_and_gqa() {
 #[test]
 fn mixtral_with_mqa() {
     check("mixtral", "");
+}
+
+#[test]
+fn balancing_losses_join_the_objective() {
+    check_with("deepseek_v3", "", Some((BalanceLoss::Switch, 0.5)));
+    check_with("deepseek_v3", "", Some((BalanceLoss::EpGroup { groups: 3 }, 0.5)));
+    check_with("qwen3_moe", "", Some((BalanceLoss::Sequence { seq_len: 9 }, 0.5)));
+    check_with("mixtral", "", Some((BalanceLoss::ZLoss, 0.05)));
 }
 
 #[test]

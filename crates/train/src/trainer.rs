@@ -14,6 +14,7 @@ use crate::data::jsonl::read_jsonl;
 use crate::data::math::Mix;
 use crate::optimizer::{clip_grad_norm, AdamW, AdamWConfig};
 use crate::schedule::Schedule;
+use ultramoe_kernels::balance::BalanceLoss;
 use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -64,6 +65,39 @@ pub struct TrainConfig {
     /// aux-loss-free balancing rate `γ` for routers with a correction bias (0 = off)
     #[serde(default)]
     pub bias_update_rate: f32,
+    /// auxiliary balancing loss added to the objective (off when `None`)
+    #[serde(default)]
+    pub aux_loss: Option<AuxLossConfig>,
+}
+
+/// An auxiliary balancing loss for training.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct AuxLossConfig {
+    /// `switch` (global batch), `sequence` (per row), `ep-group` (per expert-parallel
+    /// rank) or `z` (router z-loss)
+    pub kind: String,
+    /// coefficient `α` (or `β` for the z-loss)
+    pub coef: f32,
+    /// expert-parallel groups for `ep-group`
+    #[serde(default = "one")]
+    pub ep_groups: usize,
+}
+
+fn one() -> usize {
+    1
+}
+
+impl AuxLossConfig {
+    /// The kernel's loss for sequences of `seq_len` tokens.
+    pub fn kind(&self, seq_len: usize) -> Result<BalanceLoss> {
+        Ok(match self.kind.as_str() {
+            "switch" => BalanceLoss::Switch,
+            "sequence" => BalanceLoss::Sequence { seq_len },
+            "ep-group" => BalanceLoss::EpGroup { groups: self.ep_groups.max(1) },
+            "z" => BalanceLoss::ZLoss,
+            other => return Err(Error::field("aux_loss", format!("unknown kind `{other}` (switch, sequence, ep-group, z)"))),
+        })
+    }
 }
 
 impl Default for TrainConfig {
@@ -82,6 +116,7 @@ impl Default for TrainConfig {
             data: DataSpec::Math,
             save_every: 0,
             bias_update_rate: 0.0,
+            aux_loss: None,
         }
     }
 }
@@ -95,6 +130,8 @@ pub struct StepStats {
     pub loss: f32,
     /// learning rate used
     pub lr: f32,
+    /// auxiliary balancing loss (0 when none is configured)
+    pub aux_loss: f32,
     /// gradient norm before clipping
     pub grad_norm: f32,
     /// tokens processed (`B·T·accum`)
@@ -167,7 +204,17 @@ fn source_for(data: &DataSpec, vocab: usize) -> Result<Source> {
 
 impl Trainer {
     /// A fresh run: weights from `w`, data from `cfg.data`.
-    pub fn new(model: Model, w: Vec<f32>, cfg: TrainConfig, peak_flops: f64) -> Result<Self> {
+    pub fn new(mut model: Model, w: Vec<f32>, cfg: TrainConfig, peak_flops: f64) -> Result<Self> {
+        if let Some(a) = &cfg.aux_loss {
+            let kind = a.kind(cfg.seq_len)?;
+            if let BalanceLoss::EpGroup { groups } = kind {
+                if model.cfg.moe.n_experts % groups != 0 {
+                    return Err(Error::field("aux_loss", format!("{groups} expert-parallel groups do not divide {} experts", model.cfg.moe.n_experts)));
+                }
+            }
+            // Each micro-batch contributes its share of the step's mean.
+            model.set_balance_loss(Some((kind, a.coef / cfg.grad_accum.max(1) as f32)));
+        }
         if cfg.micro_batch == 0 || cfg.seq_len < 2 || cfg.grad_accum == 0 {
             return Err(Error::msg("micro-batch, accumulation must be positive and seq-len at least 2"));
         }
@@ -220,6 +267,7 @@ impl Trainer {
             self.g.iter_mut().for_each(|x| *x = 0.0);
         }
         let mut loss_sum = 0.0f64;
+        let mut aux = 0.0f32;
         let mut counts: Vec<Vec<usize>> = vec![];
         for mb in &micro {
             let fwd = {
@@ -227,6 +275,7 @@ impl Trainer {
                 self.model.forward(&self.w, &mb.ids, b, t)
             };
             let c = fwd.expert_counts();
+            aux += fwd.aux_loss();
             if counts.is_empty() {
                 counts = c;
             } else {
@@ -254,6 +303,7 @@ impl Trainer {
             step: self.step,
             loss: (loss_sum / total_targets.max(1) as f64) as f32,
             lr,
+            aux_loss: aux,
             grad_norm,
             tokens,
             step_s,

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use ultramoe_model::checkpoint::{load_weights, save_weights};
 use ultramoe_model::init::init_weights;
 use ultramoe_model::{Model, ModelConfig};
-use ultramoe_train::trainer::{DataSpec, StepStats, TrainConfig, Trainer};
+use ultramoe_train::trainer::{AuxLossConfig, DataSpec, StepStats, TrainConfig, Trainer};
 
 /// Options of `ultramoe train`.
 #[derive(Args, Clone, Debug)]
@@ -58,6 +58,15 @@ pub struct TrainArgs {
     /// Aux-loss-free balancing rate for routers with a correction bias (0 = off).
     #[arg(long)]
     pub bias_update_rate: Option<f32>,
+    /// Auxiliary balancing loss: switch, sequence, ep-group or z (off by default).
+    #[arg(long)]
+    pub aux_loss: Option<String>,
+    /// Coefficient of the auxiliary loss.
+    #[arg(long, default_value_t = 1e-2)]
+    pub aux_loss_coef: f32,
+    /// Expert-parallel groups the `ep-group` loss balances.
+    #[arg(long, default_value_t = 1)]
+    pub aux_ep_groups: usize,
     /// Append per-step metrics as JSON lines to this file (default: RUN_DIR/metrics.jsonl).
     #[arg(long)]
     pub metrics: Option<PathBuf>,
@@ -87,6 +96,9 @@ fn apply_overrides(mut c: TrainConfig, a: &TrainArgs) -> CliResult<TrainConfig> 
     set!(seed);
     set!(save_every);
     set!(bias_update_rate);
+    if let Some(kind) = &a.aux_loss {
+        c.aux_loss = Some(AuxLossConfig { kind: kind.clone(), coef: a.aux_loss_coef, ep_groups: a.aux_ep_groups });
+    }
     if let Some(d) = &a.data {
         c.data = match d.as_str() {
             "math" => DataSpec::Math,

@@ -2,7 +2,7 @@
 
 use super::dispatcher::{DispatchHandle, LocalDispatcher};
 use super::experts::{ExpertsSaved, GroupedExperts};
-use super::router::Router;
+use super::router::{AuxLoss, Router};
 use crate::mlp::{Mlp, MlpSaved};
 use ultramoe_kernels::router::Routing;
 
@@ -23,6 +23,8 @@ pub struct MoeLayer {
 pub struct MoeSaved {
     /// routing decisions (also the per-expert load statistics)
     pub routing: Routing,
+    /// auxiliary balancing loss, when configured
+    pub aux: Option<AuxLoss>,
     handle: DispatchHandle,
     xp: Vec<f32>,
     experts: ExpertsSaved,
@@ -53,7 +55,7 @@ impl MoeLayer {
     /// `x: [N, H]` (normed) → `y: [N, H]`.
     pub fn forward(&self, w: &[f32], x: &[f32], n: usize) -> (Vec<f32>, MoeSaved) {
         let k = self.router.spec.top_k;
-        let routing = {
+        let (routing, aux) = {
             let _p = ultramoe_kernels::profile::scope("moe.router.forward");
             self.router.forward(w, x, n)
         };
@@ -75,7 +77,7 @@ impl MoeLayer {
             crate::tensor_ops::add_into(&mut y, &ys);
             s
         });
-        (y, MoeSaved { routing, handle, xp, experts, yp, shared })
+        (y, MoeSaved { routing, aux, handle, xp, experts, yp, shared })
     }
 
     /// Backward: weight gradients into `g`; returns `dx: [N, H]`.
@@ -97,7 +99,7 @@ impl MoeLayer {
         drop(dxp);
         {
             let _p = ultramoe_kernels::profile::scope("moe.router.backward");
-            self.router.backward(w, g, x, &s.routing, &dweights, &mut dx, n);
+            self.router.backward(w, g, x, &s.routing, s.aux.as_ref(), &dweights, &mut dx, n);
         }
         if let (Some(m), Some(ms)) = (&self.shared, &s.shared) {
             m.backward(w, g, x, ms, dy, &mut dx, n, true);

@@ -3,6 +3,7 @@
 
 use crate::params::Slot;
 use ultramoe_kernels::gemm::{linear, linear_backward};
+use ultramoe_kernels::balance::{balance_loss, BalanceLoss};
 use ultramoe_kernels::router::{route_backward, route_forward, Routing, RouterSpec};
 
 /// A router over `E` experts.
@@ -16,23 +17,44 @@ pub struct Router {
     pub spec: RouterSpec,
     /// hidden `H`
     pub hidden: usize,
+    /// auxiliary balancing loss and its coefficient (training option; off by default)
+    pub aux: Option<(BalanceLoss, f32)>,
+}
+
+/// An auxiliary loss's value and its gradient with respect to the router logits
+/// `[N, E]`, both computed in the forward pass.
+pub struct AuxLoss {
+    /// `coef · L`
+    pub loss: f32,
+    /// `d(coef · L)/dlogits`
+    pub dlogits: Vec<f32>,
 }
 
 impl Router {
-    /// `x: [N, H]` → routing decisions for each token.
-    pub fn forward(&self, w: &[f32], x: &[f32], n: usize) -> Routing {
+    /// `x: [N, H]` → routing decisions for each token, and the auxiliary loss when one
+    /// is configured.
+    pub fn forward(&self, w: &[f32], x: &[f32], n: usize) -> (Routing, Option<AuxLoss>) {
         let e = self.spec.n_experts;
         let logits = linear(x, &w[self.weight.clone()], n, self.hidden, e);
-        route_forward(&logits, self.bias.as_ref().map(|b| &w[b.clone()]), &self.spec)
+        let r = route_forward(&logits, self.bias.as_ref().map(|b| &w[b.clone()]), &self.spec);
+        let aux = self.aux.map(|(kind, coef)| {
+            let mut dlogits = vec![0.0; n * e];
+            let loss = balance_loss(&logits, &r.experts, e, self.spec.top_k, self.spec.score, kind, coef, &mut dlogits);
+            AuxLoss { loss, dlogits }
+        });
+        (r, aux)
     }
 
     /// Backward from the combine weights' gradient `dweights: [N, K]`: router weight
     /// gradient into `g`, input gradient added to `dx`.
     #[allow(clippy::too_many_arguments)]
-    pub fn backward(&self, w: &[f32], g: &mut [f32], x: &[f32], r: &Routing, dweights: &[f32], dx: &mut [f32], n: usize) {
+    pub fn backward(&self, w: &[f32], g: &mut [f32], x: &[f32], r: &Routing, aux: Option<&AuxLoss>, dweights: &[f32], dx: &mut [f32], n: usize) {
         let e = self.spec.n_experts;
         let mut dlogits = vec![0.0; n * e];
         route_backward(&mut dlogits, dweights, r, &self.spec);
+        if let Some(a) = aux {
+            dlogits.iter_mut().zip(&a.dlogits).for_each(|(d, x)| *d += x);
+        }
         linear_backward(Some(dx), &mut g[self.weight.clone()], &dlogits, x, &w[self.weight.clone()], n, self.hidden, e, true);
     }
 }
