@@ -1,6 +1,7 @@
 //! `ultramoe`: train, evaluate, solve, benchmark and verify MoE models on CPU.
 
 mod commands;
+mod png;
 mod presets;
 mod serve;
 
@@ -33,6 +34,8 @@ enum Command {
     Bench(commands::bench::BenchCommand),
     /// Forward + backward on given input ids; writes logits, loss and every gradient.
     Grad(commands::grad::GradArgs),
+    /// Expert-load statistics of a run and a heat map image of expert load over steps.
+    Report(commands::report::ReportArgs),
 }
 
 /// Keeps freed memory in the process for reuse. A training step allocates and frees the
@@ -75,6 +78,7 @@ fn main() {
         Command::Demo(a) => commands::demo::run(a),
         Command::Bench(a) => commands::bench::run(a),
         Command::Grad(a) => commands::grad::run(a),
+        Command::Report(a) => commands::report::run(a),
     };
     if let Err(e) = result {
         eprintln!("ultramoe: error: {e}");

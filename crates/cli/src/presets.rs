@@ -24,5 +24,7 @@ pub fn math_train_config() -> TrainConfig {
         save_every: 500,
         bias_update_rate: 1e-3,
         aux_loss: None,
+        routing_skew: 0.0,
+        stats_ep: 1,
     }
 }

@@ -124,7 +124,7 @@ fn train_then_resume_then_solve_round_trip() {
     assert!(run.join("model/model.safetensors").is_file());
     let lines = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
     let first: serde_json::Value = serde_json::from_str(lines.lines().next().unwrap()).unwrap();
-    for key in ["step", "loss", "lr", "tokens_per_s", "mfu", "expert_counts"] {
+    for key in ["step", "loss", "lr", "tokens_per_s", "mfu", "expert_counts", "rank_load_imbalance", "aux_loss"] {
         assert!(first.get(key).is_some(), "metrics lack `{key}`");
     }
     let resumed = bin()
@@ -136,6 +136,11 @@ fn train_then_resume_then_solve_round_trip() {
     assert!(resumed.status.success());
     assert!(String::from_utf8_lossy(&resumed.stderr).contains("resuming from"));
     assert_eq!(std::fs::read_to_string(run.join("metrics.jsonl")).unwrap().lines().count(), 6);
+    let report = bin().arg("report").arg(&run).output().unwrap();
+    assert!(report.status.success(), "{}", String::from_utf8_lossy(&report.stderr));
+    assert!(String::from_utf8_lossy(&report.stdout).contains("6 steps"));
+    let png = std::fs::read(run.join("expert_load.png")).unwrap();
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
     let out = bin().args(["solve", "12 + 7", "--json", "--model"]).arg(run.join("model")).output().unwrap();
     assert!(out.status.success());
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();

@@ -279,6 +279,15 @@ impl Model {
         }
     }
 
+    /// Sets the skewed-load workload's Zipf exponent on every router (0 = off).
+    pub fn set_routing_skew(&mut self, s: f32) {
+        for l in &mut self.layers {
+            if let crate::decoder::FfnBlock::Moe(m) = &mut l.ffn {
+                m.router.skew = s;
+            }
+        }
+    }
+
     /// Total parameters.
     pub fn n_params(&self) -> usize {
         self.layout.n_params()
@@ -348,7 +357,7 @@ fn build_moe(lay: &mut ParamLayout, cfg: &ModelConfig, p: &str, init: Init) -> M
         scaling: m.routed_scaling_factor,
     };
     MoeLayer {
-        router: Router { weight, bias, spec, hidden: h, aux: None },
+        router: Router { weight, bias, spec, hidden: h, aux: None, skew: 0.0 },
         dispatcher: LocalDispatcher { n_experts: m.n_experts, hidden: h },
         experts: GroupedExperts { gate_up: fuse(&gu), down: fuse(&down), hidden: h, inter: m.expert_inter },
         shared,

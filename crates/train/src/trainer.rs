@@ -68,6 +68,13 @@ pub struct TrainConfig {
     /// auxiliary balancing loss added to the objective (off when `None`)
     #[serde(default)]
     pub aux_loss: Option<AuxLossConfig>,
+    /// skewed-load workload: Zipf exponent of a fixed router bias (0 = off)
+    #[serde(default)]
+    pub routing_skew: f32,
+    /// expert-parallel ranks that load statistics are reported for (experts split into
+    /// this many consecutive blocks)
+    #[serde(default = "one")]
+    pub stats_ep: usize,
 }
 
 /// An auxiliary balancing loss for training.
@@ -117,6 +124,8 @@ impl Default for TrainConfig {
             save_every: 0,
             bias_update_rate: 0.0,
             aux_loss: None,
+            routing_skew: 0.0,
+            stats_ep: 1,
         }
     }
 }
@@ -146,6 +155,37 @@ pub struct StepStats {
     pub expert_counts: Vec<Vec<usize>>,
     /// max over layers of (busiest expert's tokens / mean tokens per expert)
     pub expert_imbalance: f64,
+    /// per MoE layer, routed tokens on each of `stats_ep` expert-parallel ranks
+    pub rank_counts: Vec<Vec<usize>>,
+    /// `Σ_layers max_rank_load / Σ_layers mean_rank_load`: how much longer the MoE part
+    /// of a step takes than with perfectly even ranks
+    pub rank_load_imbalance: f64,
+}
+
+/// Tokens per expert-parallel rank when `E` experts are split into `ranks` consecutive
+/// blocks.
+pub fn rank_loads(counts: &[Vec<usize>], ranks: usize) -> Vec<Vec<usize>> {
+    counts
+        .iter()
+        .map(|c| {
+            let per = c.len().div_ceil(ranks.max(1)).max(1);
+            c.chunks(per).map(|b| b.iter().sum()).collect()
+        })
+        .collect()
+}
+
+/// `Σ_layers max / Σ_layers mean` of per-rank loads (1 = perfectly even).
+pub fn rank_load_imbalance(loads: &[Vec<usize>]) -> f64 {
+    let (mut max, mut mean) = (0.0, 0.0);
+    for l in loads {
+        max += *l.iter().max().unwrap_or(&0) as f64;
+        mean += l.iter().sum::<usize>() as f64 / l.len().max(1) as f64;
+    }
+    if mean > 0.0 {
+        max / mean
+    } else {
+        1.0
+    }
 }
 
 /// Busiest expert over mean expert load, maximised over layers (1 = perfectly even).
@@ -161,6 +201,23 @@ pub fn expert_imbalance(counts: &[Vec<usize>]) -> f64 {
             }
         })
         .fold(1.0, f64::max)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rank_loads_sum_blocks_of_experts() {
+        let counts = vec![vec![10, 0, 5, 5], vec![4, 4, 4, 4]];
+        let loads = rank_loads(&counts, 2);
+        assert_eq!(loads, vec![vec![10, 10], vec![8, 8]]);
+        assert_eq!(rank_load_imbalance(&loads), 1.0);
+        let loads = rank_loads(&counts, 4);
+        // (10 + 4) / (5 + 4)
+        assert!((rank_load_imbalance(&loads) - 14.0 / 9.0).abs() < 1e-12);
+        assert!((expert_imbalance(&counts) - 2.0).abs() < 1e-12);
+    }
 }
 
 /// Saved alongside the weights.
@@ -214,6 +271,10 @@ impl Trainer {
             }
             // Each micro-batch contributes its share of the step's mean.
             model.set_balance_loss(Some((kind, a.coef / cfg.grad_accum.max(1) as f32)));
+        }
+        model.set_routing_skew(cfg.routing_skew);
+        if cfg.stats_ep == 0 || (model.cfg.moe.n_experts > 0 && model.cfg.moe.n_experts % cfg.stats_ep != 0) {
+            return Err(Error::field("stats_ep", format!("{} ranks do not divide {} experts", cfg.stats_ep, model.cfg.moe.n_experts)));
         }
         if cfg.micro_batch == 0 || cfg.seq_len < 2 || cfg.grad_accum == 0 {
             return Err(Error::msg("micro-batch, accumulation must be positive and seq-len at least 2"));
@@ -310,6 +371,8 @@ impl Trainer {
             tokens_per_s: tokens as f64 / step_s,
             mfu: flops / step_s / self.peak_flops,
             expert_imbalance: expert_imbalance(&counts),
+            rank_load_imbalance: rank_load_imbalance(&rank_loads(&counts, self.cfg.stats_ep)),
+            rank_counts: rank_loads(&counts, self.cfg.stats_ep),
             expert_counts: counts,
         };
         if let Some(f) = &mut self.metrics {

@@ -50,6 +50,8 @@ pub fn run(a: DemoArgs) -> CliResult {
         aux_loss: None,
         aux_loss_coef: 0.0,
         aux_ep_groups: 1,
+        routing_skew: None,
+        stats_ep: None,
         metrics: None,
         peak_gflops: None,
         no_progress: a.no_progress,

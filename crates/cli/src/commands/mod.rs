@@ -4,6 +4,7 @@ pub mod bench;
 pub mod demo;
 pub mod eval;
 pub mod grad;
+pub mod report;
 pub mod solve;
 pub mod train;
 

@@ -67,6 +67,12 @@ pub struct TrainArgs {
     /// Expert-parallel groups the `ep-group` loss balances.
     #[arg(long, default_value_t = 1)]
     pub aux_ep_groups: usize,
+    /// Skewed-load workload: Zipf exponent of a fixed router bias toward low-numbered experts.
+    #[arg(long)]
+    pub routing_skew: Option<f32>,
+    /// Report per-rank loads as if experts were split over this many expert-parallel ranks.
+    #[arg(long)]
+    pub stats_ep: Option<usize>,
     /// Append per-step metrics as JSON lines to this file (default: RUN_DIR/metrics.jsonl).
     #[arg(long)]
     pub metrics: Option<PathBuf>,
@@ -96,6 +102,8 @@ fn apply_overrides(mut c: TrainConfig, a: &TrainArgs) -> CliResult<TrainConfig> 
     set!(seed);
     set!(save_every);
     set!(bias_update_rate);
+    set!(routing_skew);
+    set!(stats_ep);
     if let Some(kind) = &a.aux_loss {
         c.aux_loss = Some(AuxLossConfig { kind: kind.clone(), coef: a.aux_loss_coef, ep_groups: a.aux_ep_groups });
     }
