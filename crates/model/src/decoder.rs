@@ -11,6 +11,7 @@ use crate::mlp::{Mlp, MlpSaved};
 use crate::moe::layer::{MoeLayer, MoeSaved};
 use crate::params::Slot;
 use crate::tensor_ops::add_into;
+use std::borrow::Cow;
 use ultramoe_kernels::norm::{rmsnorm_backward, rmsnorm_forward};
 
 /// The attention of a layer.
@@ -160,18 +161,24 @@ impl DecoderLayer {
         (y, LayerSaved { x, rstd1, xn1, attn, attn_post, h, rstd2, xn2, ffn, ffn_post })
     }
 
+    /// Backward through a sandwich post-norm when the layer has one; without it the
+    /// gradient passes through unchanged (borrowed, not copied).
+    fn post_norm_backward<'a>(&self, w: &[f32], g: &mut [f32], gain: Option<&Slot>, saved: Option<&Normed>, dy: &'a [f32]) -> Cow<'a, [f32]> {
+        match (gain, saved) {
+            (Some(gain), Some(p)) => {
+                let mut d = vec![0.0; dy.len()];
+                rmsnorm_backward(&mut d, &mut g[gain.clone()], dy, &p.input, &w[gain.clone()], &p.rstd, self.hidden, false);
+                Cow::Owned(d)
+            }
+            _ => Cow::Borrowed(dy),
+        }
+    }
+
     /// Backward from `dy: [N, H]`; weight gradients into `g`; returns `dx: [N, H]`.
     pub fn backward(&self, w: &[f32], g: &mut [f32], s: &LayerSaved, dy: Vec<f32>, c: &Ctx) -> Vec<f32> {
         let (n, hd) = (c.n(), self.hidden);
         // y = h + post(f): the residual passes dy to h unchanged.
-        let df = match (&self.sandwich, &s.ffn_post) {
-            (Some([_, sf]), Some(p)) => {
-                let mut d = vec![0.0; dy.len()];
-                rmsnorm_backward(&mut d, &mut g[sf.clone()], &dy, &p.input, &w[sf.clone()], &p.rstd, hd, false);
-                d
-            }
-            _ => dy.clone(),
-        };
+        let df = self.post_norm_backward(w, g, self.sandwich.as_ref().map(|[_, sf]| sf), s.ffn_post.as_ref(), &dy);
         let dxn2 = match (&self.ffn, &s.ffn) {
             (FfnBlock::Dense(m), FfnSaved::Dense(ms)) => {
                 let mut dx = vec![0.0; n * hd];
@@ -185,14 +192,7 @@ impl DecoderLayer {
         let mut dh = dy;
         rmsnorm_backward(&mut dh, &mut g[self.ffn_norm.clone()], &dxn2, &s.h, &w[self.ffn_norm.clone()], &s.rstd2, hd, true);
         drop(dxn2);
-        let da = match (&self.sandwich, &s.attn_post) {
-            (Some([sa, _]), Some(p)) => {
-                let mut d = vec![0.0; dh.len()];
-                rmsnorm_backward(&mut d, &mut g[sa.clone()], &dh, &p.input, &w[sa.clone()], &p.rstd, hd, false);
-                d
-            }
-            _ => dh.clone(),
-        };
+        let da = self.post_norm_backward(w, g, self.sandwich.as_ref().map(|[sa, _]| sa), s.attn_post.as_ref(), &dh);
         let dxn1 = match (&self.attn, &s.attn) {
             (AttnBlock::Gqa(m), AttnSaved::Gqa(ms)) => m.backward(w, g, &s.xn1, ms, &da, c),
             (AttnBlock::Mla(m), AttnSaved::Mla(ms)) => m.backward(w, g, &s.xn1, ms, &da, c),
