@@ -4,6 +4,60 @@
 
 use crate::vmath::{multiversion, sigmoid};
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
+
+multiversion! {
+    fn swiglu_row_uninit(a: &mut [MaybeUninit<f32>], g: &[f32], u: &[f32]) {
+        for i in 0..a.len() {
+            a[i].write(g[i] * sigmoid(g[i]) * u[i]);
+        }
+    }
+}
+
+multiversion! {
+    fn swiglu_row_backward_uninit(dg: &mut [MaybeUninit<f32>], du: &mut [MaybeUninit<f32>], da: &[f32], g: &[f32], u: &[f32]) {
+        for i in 0..da.len() {
+            let s = sigmoid(g[i]);
+            du[i].write(da[i] * g[i] * s);
+            dg[i].write(da[i] * u[i] * s * (1.0 + g[i] * (1.0 - s)));
+        }
+    }
+}
+
+/// [`swiglu_forward`] into a new `[n, I]` buffer, written without clearing it first.
+pub fn swiglu(gu: &[f32], inter: usize) -> Vec<f32> {
+    let n = gu.len() / (2 * inter);
+    let mut a: Vec<f32> = Vec::with_capacity(n * inter);
+    a.spare_capacity_mut()[..n * inter].par_chunks_mut(inter * 64).zip(gu.par_chunks(2 * inter * 64)).for_each(|(a, gu)| {
+        for (ar, gur) in a.chunks_mut(inter).zip(gu.chunks(2 * inter)) {
+            let (g, u) = gur.split_at(inter);
+            swiglu_row_uninit(ar, g, u);
+        }
+    });
+    // SAFETY: every one of the n·I elements was written above.
+    unsafe { a.set_len(n * inter) };
+    a
+}
+
+/// [`swiglu_backward`] into a new `[n, 2I]` buffer, written without clearing it first.
+pub fn swiglu_grad(da: &[f32], gu: &[f32], inter: usize) -> Vec<f32> {
+    let n = gu.len() / (2 * inter);
+    let mut dgu: Vec<f32> = Vec::with_capacity(n * 2 * inter);
+    dgu.spare_capacity_mut()[..n * 2 * inter]
+        .par_chunks_mut(2 * inter * 64)
+        .zip(da.par_chunks(inter * 64))
+        .zip(gu.par_chunks(2 * inter * 64))
+        .for_each(|((dgu, da), gu)| {
+            for ((dr, dar), gur) in dgu.chunks_mut(2 * inter).zip(da.chunks(inter)).zip(gu.chunks(2 * inter)) {
+                let (g, u) = gur.split_at(inter);
+                let (dg, du) = dr.split_at_mut(inter);
+                swiglu_row_backward_uninit(dg, du, dar, g, u);
+            }
+        });
+    // SAFETY: every one of the n·2I elements was written above.
+    unsafe { dgu.set_len(n * 2 * inter) };
+    dgu
+}
 
 multiversion! {
     fn swiglu_row(a: &mut [f32], g: &[f32], u: &[f32]) {
@@ -66,5 +120,9 @@ mod tests {
             dot64(&a, &g)
         });
         assert_close(&dgu, &num, 2e-3, "dgu");
+        assert_eq!(swiglu_grad(&g, &gu, i), dgu);
+        let mut a = vec![0.0; n * i];
+        swiglu_forward(&mut a, &gu, i);
+        assert_eq!(swiglu(&gu, i), a);
     }
 }

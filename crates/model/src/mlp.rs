@@ -2,7 +2,7 @@
 //! fused into one `[2I, H]` weight. Used for dense layers and shared experts.
 
 use crate::params::Slot;
-use ultramoe_kernels::activation::{swiglu_backward, swiglu_forward};
+use ultramoe_kernels::activation::{swiglu, swiglu_grad};
 use ultramoe_kernels::gemm::{linear, linear_backward, linear_grad};
 
 /// A SwiGLU MLP.
@@ -39,8 +39,8 @@ impl Mlp {
     pub fn forward(&self, w: &[f32], x: &[f32], n: usize) -> (Vec<f32>, MlpSaved) {
         let _p = ultramoe_kernels::profile::scope("mlp.forward");
         let (h, i) = (self.hidden, self.inter);
-        let mut s = MlpSaved { gu: linear(x, &w[self.gate_up.clone()], n, h, 2 * i), act: vec![0.0; n * i] };
-        swiglu_forward(&mut s.act, &s.gu, i);
+        let gu = linear(x, &w[self.gate_up.clone()], n, h, 2 * i);
+        let s = MlpSaved { act: swiglu(&gu, i), gu };
         (linear(&s.act, &w[self.down.clone()], n, i, h), s)
     }
 
@@ -50,8 +50,7 @@ impl Mlp {
         let _p = ultramoe_kernels::profile::scope("mlp.backward");
         let (h, i) = (self.hidden, self.inter);
         let dact = linear_grad(&mut g[self.down.clone()], dy, &s.act, &w[self.down.clone()], n, i, h);
-        let mut dgu = vec![0.0; n * 2 * i];
-        swiglu_backward(&mut dgu, &dact, &s.gu, i);
+        let dgu = swiglu_grad(&dact, &s.gu, i);
         linear_backward(Some(dx), &mut g[self.gate_up.clone()], &dgu, x, &w[self.gate_up.clone()], n, h, 2 * i, accumulate);
     }
 }

@@ -68,8 +68,9 @@ impl AdamW {
         AdamW { cfg, m: vec![0.0; layout.total], v: vec![0.0; layout.total], t: 0, segments }
     }
 
-    /// One update of `w` from `g` at learning rate `lr`.
-    pub fn step(&mut self, w: &mut [f32], g: &[f32], lr: f32) {
+    /// One update of `w` from `g` at learning rate `lr`; leaves `g` zeroed (frozen
+    /// tensors' gradients included), ready for the next step's accumulation.
+    pub fn step(&mut self, w: &mut [f32], g: &mut [f32], lr: f32) {
         self.t += 1;
         let c = self.cfg.clone();
         let bc1 = 1.0 - (c.beta1 as f64).powi(self.t as i32);
@@ -78,9 +79,11 @@ impl AdamW {
         let mut wv = split_segments(w, &self.segments);
         let mut mv = split_segments(&mut self.m, &self.segments);
         let mut vv = split_segments(&mut self.v, &self.segments);
-        wv.par_iter_mut().zip(mv.par_iter_mut()).zip(vv.par_iter_mut()).zip(self.segments.par_iter()).for_each(
-            |(((w, m), v), s)| {
+        let mut gv = split_segments(g, &self.segments);
+        wv.par_iter_mut().zip(mv.par_iter_mut()).zip(vv.par_iter_mut()).zip(gv.par_iter_mut()).zip(self.segments.par_iter()).for_each(
+            |((((w, m), v), g), s)| {
                 if s.frozen {
+                    g.fill(0.0);
                     return;
                 }
                 let k = AdamWStep {
@@ -91,7 +94,7 @@ impl AdamW {
                     inv_bc2_sqrt,
                     decay: if s.decay { 1.0 - lr * c.weight_decay } else { 1.0 },
                 };
-                adamw_update(w, &g[s.start..s.end], m, v, k);
+                adamw_update(w, g, m, v, k);
             },
         );
     }
@@ -143,7 +146,9 @@ mod tests {
         let mut w = vec![1.0, -2.0, 0.5, 3.0, 1.0, 1.0, 7.0];
         let g = vec![0.1, 0.2, -0.3, 0.0, 1.0, -1.0, 5.0];
         let w0 = w.clone();
-        opt.step(&mut w, &g, 0.01);
+        let mut consumed = g.clone();
+        opt.step(&mut w, &mut consumed, 0.01);
+        assert!(consumed.iter().all(|&x| x == 0.0), "the step leaves the gradient cleared");
         for i in 0..6 {
             // first step: m̂ = g, v̂ = g², so the update is g/(|g| + ε)
             let decay = if i < 4 { 1.0 - 0.01 * 0.5 } else { 1.0 };

@@ -323,10 +323,7 @@ impl Trainer {
         let total_targets: usize =
             micro.iter().map(|m| m.targets.iter().filter(|&&x| x != ultramoe_kernels::loss::IGNORE).count()).sum();
         let scale = 1.0 / total_targets.max(1) as f32;
-        {
-            let _p = ultramoe_kernels::profile::scope("zero_grad");
-            self.g.iter_mut().for_each(|x| *x = 0.0);
-        }
+        // `g` is zero here: it starts zeroed and every optimizer step clears it.
         let mut loss_sum = 0.0f64;
         let mut aux = 0.0f32;
         let mut counts: Vec<Vec<usize>> = vec![];
@@ -351,7 +348,7 @@ impl Trainer {
         let opt_scope = ultramoe_kernels::profile::scope("optimizer");
         let grad_norm = clip_grad_norm(&mut self.g, self.cfg.clip);
         let lr = self.sched.lr(self.step);
-        self.opt.step(&mut self.w, &self.g, lr);
+        self.opt.step(&mut self.w, &mut self.g, lr);
         drop(opt_scope);
         if self.cfg.bias_update_rate > 0.0 {
             self.update_router_bias(&counts);

@@ -3,7 +3,7 @@
 //! (`[E, H, I]`), each one call over every expert's contiguous rows.
 
 use crate::params::Slot;
-use ultramoe_kernels::activation::{swiglu_backward, swiglu_forward};
+use ultramoe_kernels::activation::{swiglu, swiglu_grad};
 use ultramoe_kernels::grouped_gemm::{grouped_linear, grouped_linear_grad};
 
 /// The routed experts of one layer.
@@ -32,19 +32,16 @@ impl GroupedExperts {
     /// `xp: [R, H]` grouped by `offsets` → `yp: [R, H]`.
     pub fn forward(&self, w: &[f32], xp: &[f32], offsets: &[usize]) -> (Vec<f32>, ExpertsSaved) {
         let (h, i) = (self.hidden, self.inter);
-        let r = xp.len() / h;
-        let mut s = ExpertsSaved { gu: grouped_linear(xp, &w[self.gate_up.clone()], offsets, h, 2 * i), act: vec![0.0; r * i] };
-        swiglu_forward(&mut s.act, &s.gu, i);
+        let gu = grouped_linear(xp, &w[self.gate_up.clone()], offsets, h, 2 * i);
+        let s = ExpertsSaved { act: swiglu(&gu, i), gu };
         (grouped_linear(&s.act, &w[self.down.clone()], offsets, i, h), s)
     }
 
     /// Backward: weight gradients into `g`; returns `dxp: [R, H]`.
     pub fn backward(&self, w: &[f32], g: &mut [f32], xp: &[f32], s: &ExpertsSaved, dyp: &[f32], offsets: &[usize]) -> Vec<f32> {
         let (h, i) = (self.hidden, self.inter);
-        let r = xp.len() / h;
         let dact = grouped_linear_grad(&mut g[self.down.clone()], dyp, &s.act, &w[self.down.clone()], offsets, i, h);
-        let mut dgu = vec![0.0; r * 2 * i];
-        swiglu_backward(&mut dgu, &dact, &s.gu, i);
+        let dgu = swiglu_grad(&dact, &s.gu, i);
         drop(dact);
         grouped_linear_grad(&mut g[self.gate_up.clone()], &dgu, xp, &w[self.gate_up.clone()], offsets, h, 2 * i)
     }
