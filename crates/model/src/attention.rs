@@ -139,9 +139,9 @@ impl GqaAttention {
             dk = dk_raw;
         }
         let mut dqkv = vec![0.0; n * width];
-        put_cols(&mut dqkv, width, 0, &dq, qw, false);
-        put_cols(&mut dqkv, width, qw, &dk, kw, false);
-        put_cols(&mut dqkv, width, qw + kw, &dv, kw, false);
+        put_cols(&mut dqkv, width, 0, &dq, qw);
+        put_cols(&mut dqkv, width, qw, &dk, kw);
+        put_cols(&mut dqkv, width, qw + kw, &dv, kw);
         linear_grad(&mut g[self.qkv.clone()], &dqkv, x, &w[self.qkv.clone()], n, h, width)
     }
 }
@@ -341,17 +341,17 @@ impl MlaAttention {
         let dckv_n = linear_grad(&mut g[self.kv_b.clone()], &dkv, &s.ckv_n, &w[self.kv_b.clone()], n, self.kv_lora, kvw);
         let mut dckv = vec![0.0; n * self.kv_lora];
         rmsnorm_backward(&mut dckv, &mut g[self.kv_a_norm.clone()], &dckv_n, &s.ckv, &w[self.kv_a_norm.clone()], &s.rstd_kv, self.kv_lora, false);
-        put_cols(&mut da, aw, qin, &dckv, self.kv_lora, false);
-        put_cols(&mut da, aw, qin + self.kv_lora, &dkpe, self.rope_dim, false);
+        put_cols(&mut da, aw, qin, &dckv, self.kv_lora);
+        put_cols(&mut da, aw, qin + self.kv_lora, &dkpe, self.rope_dim);
         // Query path.
         match (&self.q_a_norm, &self.q_b) {
             (Some(qn), Some(qb)) => {
                 let dqa_n = linear_grad(&mut g[qb.clone()], &dq, &s.qa_n, &w[qb.clone()], n, qin, nh * dqk);
                 let mut dqa = vec![0.0; n * qin];
                 rmsnorm_backward(&mut dqa, &mut g[qn.clone()], &dqa_n, &s.qa, &w[qn.clone()], &s.rstd_qa, qin, false);
-                put_cols(&mut da, aw, 0, &dqa, qin, false);
+                put_cols(&mut da, aw, 0, &dqa, qin);
             }
-            _ => put_cols(&mut da, aw, 0, &dq, qin, false),
+            _ => put_cols(&mut da, aw, 0, &dq, qin),
         }
         linear_grad(&mut g[self.a.clone()], &da, x, &w[self.a.clone()], n, h, aw)
     }

@@ -10,15 +10,9 @@ pub fn take_cols(src: &[f32], src_w: usize, col: usize, w: usize) -> Vec<f32> {
     dst
 }
 
-/// `dst[r, col..col + w] = src[r, 0..w]` (or `+=` when `accumulate`).
-pub fn put_cols(dst: &mut [f32], dst_w: usize, col: usize, src: &[f32], w: usize, accumulate: bool) {
-    dst.par_chunks_mut(dst_w).zip(src.par_chunks(w)).for_each(|(d, s)| {
-        if accumulate {
-            d[col..col + w].iter_mut().zip(s).for_each(|(a, b)| *a += b);
-        } else {
-            d[col..col + w].copy_from_slice(s)
-        }
-    });
+/// `dst[r, col..col + w] = src[r, 0..w]` for every row.
+pub fn put_cols(dst: &mut [f32], dst_w: usize, col: usize, src: &[f32], w: usize) {
+    dst.par_chunks_mut(dst_w).zip(src.par_chunks(w)).for_each(|(d, s)| d[col..col + w].copy_from_slice(s));
 }
 
 /// `a += b` elementwise.

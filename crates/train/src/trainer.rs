@@ -20,7 +20,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 use ultramoe_model::checkpoint::{load_weights, read_safetensors, save_weights, write_atomic, write_safetensors};
-use ultramoe_model::{shifted_targets, Error, Model, ModelConfig, Result};
+use ultramoe_model::{Error, Model, ModelConfig, Result};
 
 /// Where training examples come from.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -30,8 +30,8 @@ pub enum DataSpec {
     Math,
     /// a JSONL file of `{"question", "answer"}`
     Jsonl(PathBuf),
-    /// packed next-token data straight from the model's own vocabulary is not needed
-    /// here; for throughput benchmarks, uniformly random token ids
+    /// uniformly random token ids over the model's vocabulary, every position trained
+    /// (throughput benchmarks)
     Random,
 }
 
@@ -473,9 +473,4 @@ impl Trainer {
         tr.batcher.restore(state.data_position);
         Ok(tr)
     }
-}
-
-/// Greedy next-token targets for a plain language-model batch (`ids` → shifted ids).
-pub fn lm_targets(ids: &[u32], t: usize) -> Vec<i32> {
-    shifted_targets(ids, t)
 }
