@@ -15,7 +15,7 @@ pub fn put_cols(dst: &mut [f32], dst_w: usize, col: usize, src: &[f32], w: usize
     dst.par_chunks_mut(dst_w).zip(src.par_chunks(w)).for_each(|(d, s)| d[col..col + w].copy_from_slice(s));
 }
 
-/// `a += b` elementwise.
+/// `a += b` elementwise, in parallel chunks of the vectorised kernel.
 pub fn add_into(a: &mut [f32], b: &[f32]) {
-    a.par_chunks_mut(4096).zip(b.par_chunks(4096)).for_each(|(x, y)| x.iter_mut().zip(y).for_each(|(p, q)| *p += q));
+    a.par_chunks_mut(4096).zip(b.par_chunks(4096)).for_each(|(x, y)| ultramoe_kernels::vmath::add_assign(x, y));
 }
