@@ -121,6 +121,15 @@ impl DecoderLayer {
         (y, rstd)
     }
 
+    /// Applies a sandwich post-norm in place when the layer has one, keeping its input for
+    /// the backward ([`Self::post_norm_backward`]).
+    fn post_norm(&self, w: &[f32], gain: Option<&Slot>, out: &mut Vec<f32>, n: usize) -> Option<Normed> {
+        gain.map(|gain| {
+            let (y, rstd) = self.norm(w, gain, out, n);
+            Normed { input: std::mem::replace(out, y), rstd }
+        })
+    }
+
     /// `x: [N, H]` → `y: [N, H]`.
     pub fn forward(&self, w: &[f32], x: Vec<f32>, c: &Ctx) -> (Vec<f32>, LayerSaved) {
         let n = c.n();
@@ -135,10 +144,7 @@ impl DecoderLayer {
                 (y, AttnSaved::Mla(s))
             }
         };
-        let attn_post = self.sandwich.as_ref().map(|[sa, _]| {
-            let (y, rstd) = self.norm(w, sa, &a, n);
-            Normed { input: std::mem::replace(&mut a, y), rstd }
-        });
+        let attn_post = self.post_norm(w, self.sandwich.as_ref().map(|[sa, _]| sa), &mut a, n);
         let mut h = a;
         add_into(&mut h, &x);
         let (xn2, rstd2) = self.norm(w, &self.ffn_norm, &h, n);
@@ -152,10 +158,7 @@ impl DecoderLayer {
                 (y, FfnSaved::Moe(s))
             }
         };
-        let ffn_post = self.sandwich.as_ref().map(|[_, sf]| {
-            let (y, rstd) = self.norm(w, sf, &f, n);
-            Normed { input: std::mem::replace(&mut f, y), rstd }
-        });
+        let ffn_post = self.post_norm(w, self.sandwich.as_ref().map(|[_, sf]| sf), &mut f, n);
         let mut y = f;
         add_into(&mut y, &h);
         (y, LayerSaved { x, rstd1, xn1, attn, attn_post, h, rstd2, xn2, ffn, ffn_post })
