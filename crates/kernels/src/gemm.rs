@@ -145,7 +145,7 @@ pub fn matmul_new(a: &[f32], ta: Op, b: &[f32], tb: Op, m: usize, n: usize, k: u
     c
 }
 
-/// `x[n, in] · w[out, in]ᵀ` into a new buffer: [`linear_forward`] without the clearing.
+/// A linear layer's forward, `x[n, in] · w[out, in]ᵀ`, into a new buffer.
 pub fn linear(x: &[f32], w: &[f32], n: usize, d_in: usize, d_out: usize) -> Vec<f32> {
     matmul_new(x, Op::N, w, Op::T, n, d_out, d_in, 1.0)
 }
@@ -184,12 +184,7 @@ pub fn matmul_reference(
     }
 }
 
-/// `y[n, out] = x[n, in] · w[out, in]ᵀ`: a linear layer's forward.
-pub fn linear_forward(y: &mut [f32], x: &[f32], w: &[f32], n: usize, d_in: usize, d_out: usize) {
-    matmul(y, x, Op::N, w, Op::T, n, d_out, d_in, false, 1.0);
-}
-
-/// Backward of [`linear_forward`]: `dx (+)= dy · w` (accumulated when `accumulate_dx`),
+/// Backward of a linear layer `y = x · wᵀ` into existing buffers: `dx (+)= dy · w` (accumulated when `accumulate_dx`),
 /// `dw += dyᵀ · x`.
 #[allow(clippy::too_many_arguments)]
 pub fn linear_backward(
@@ -264,7 +259,7 @@ mod tests {
         let x = rand_vec(n * di, 1);
         let w = rand_vec(dout * di, 2);
         let mut y = vec![0.0; n * dout];
-        linear_forward(&mut y, &x, &w, n, di, dout);
+        matmul(&mut y, &x, Op::N, &w, Op::T, n, dout, di, false, 1.0);
         assert_eq!(y, linear(&x, &w, n, di, dout));
         let dy = rand_vec(n * dout, 3);
         let (mut dx, mut dw) = (vec![0.0; n * di], vec![0.1; dout * di]);

@@ -10,17 +10,6 @@
 use crate::gemm::{gemm_strided, matmul, matmul_serial, Op, Strided};
 use rayon::prelude::*;
 
-/// Splits `buf` into consecutive chunks of `rows[e] · width` elements.
-fn split_rows<'a>(mut buf: &'a mut [f32], offsets: &[usize], width: usize) -> Vec<&'a mut [f32]> {
-    let mut out = Vec::with_capacity(offsets.len().saturating_sub(1));
-    for w in offsets.windows(2) {
-        let (head, tail) = buf.split_at_mut((w[1] - w[0]) * width);
-        out.push(head);
-        buf = tail;
-    }
-    out
-}
-
 /// True when one expert holds more than half the rows: running experts side by side
 /// would leave the other cores idle, so each product is given all threads instead.
 fn dominated(offsets: &[usize]) -> bool {
@@ -94,71 +83,28 @@ pub fn grouped_linear(x: &[f32], w: &[f32], offsets: &[usize], d_in: usize, d_ou
 /// Backward of [`grouped_linear`]: returns `dx_e = dy_e · w[e]` and accumulates
 /// `dw[e] += dy_eᵀ · x_e`.
 pub fn grouped_linear_grad(dw: &mut [f32], dy: &[f32], x: &[f32], w: &[f32], offsets: &[usize], d_in: usize, d_out: usize) -> Vec<f32> {
-    grouped_linear_backward(None, dw, dy, x, w, offsets, d_in, d_out);
+    grouped_weight_grad(dw, dy, x, offsets, d_in, d_out);
     grouped_new(dy, d_out, w, d_out, d_in, Op::N, offsets)
 }
 
-/// Forward: `y[offsets[e]..offsets[e+1]] = x_e · w[e]ᵀ`, `w: [E, out, in]`.
-pub fn grouped_linear_forward(y: &mut [f32], x: &[f32], w: &[f32], offsets: &[usize], d_in: usize, d_out: usize) {
-    let ys = split_rows(y, offsets, d_out);
-    if dominated(offsets) {
-        for (e, ye) in ys.into_iter().enumerate() {
-            let n = offsets[e + 1] - offsets[e];
-            let xe = &x[offsets[e] * d_in..offsets[e + 1] * d_in];
-            matmul(ye, xe, Op::N, &w[e * d_out * d_in..(e + 1) * d_out * d_in], Op::T, n, d_out, d_in, false, 1.0);
-        }
-        return;
-    }
-    let mut tasks: Vec<(usize, &mut [f32])> = ys.into_iter().enumerate().collect();
-    let order = largest_first(offsets);
-    tasks.sort_by_key(|(e, _)| order.iter().position(|o| o == e));
-    tasks.into_par_iter().with_max_len(1).for_each(|(e, ye)| {
-        let n = offsets[e + 1] - offsets[e];
-        let xe = &x[offsets[e] * d_in..offsets[e + 1] * d_in];
-        matmul_serial(ye, xe, Op::N, &w[e * d_out * d_in..(e + 1) * d_out * d_in], Op::T, n, d_out, d_in, false, 1.0);
-    });
-}
-
-/// Backward: `dx_e = dy_e · w[e]` (written, when `dx` is given) and `dw[e] += dy_eᵀ · x_e`.
-#[allow(clippy::too_many_arguments)]
-pub fn grouped_linear_backward(
-    dx: Option<&mut [f32]>,
-    dw: &mut [f32],
-    dy: &[f32],
-    x: &[f32],
-    w: &[f32],
-    offsets: &[usize],
-    d_in: usize,
-    d_out: usize,
-) {
-    let n_exp = offsets.len() - 1;
-    let mut dxs: Vec<Option<&mut [f32]>> = match dx {
-        Some(dx) => split_rows(dx, offsets, d_in).into_iter().map(Some).collect(),
-        None => (0..n_exp).map(|_| None).collect(),
-    };
-    let dws: Vec<&mut [f32]> = dw.chunks_mut(d_out * d_in).collect();
-    let one = |e: usize, dxe: Option<&mut [f32]>, dwe: &mut [f32], serial: bool| {
+/// Weight gradient of every expert: `dw[e] += dy_eᵀ · x_e`.
+fn grouped_weight_grad(dw: &mut [f32], dy: &[f32], x: &[f32], offsets: &[usize], d_in: usize, d_out: usize) {
+    let one = |e: usize, dwe: &mut [f32], serial: bool| {
         let n = offsets[e + 1] - offsets[e];
         let dye = &dy[offsets[e] * d_out..offsets[e + 1] * d_out];
         let xe = &x[offsets[e] * d_in..offsets[e + 1] * d_in];
-        let we = &w[e * d_out * d_in..(e + 1) * d_out * d_in];
         let mm = if serial { matmul_serial } else { matmul };
-        if let Some(dxe) = dxe {
-            mm(dxe, dye, Op::N, we, Op::N, n, d_in, d_out, false, 1.0);
-        }
         mm(dwe, dye, Op::T, xe, Op::N, d_out, d_in, n, true, 1.0);
     };
+    let dws: Vec<&mut [f32]> = dw.chunks_mut(d_out * d_in).collect();
     if dominated(offsets) {
-        for (e, (dxe, dwe)) in dxs.drain(..).zip(dws).enumerate() {
-            one(e, dxe, dwe, false);
-        }
+        dws.into_iter().enumerate().for_each(|(e, dwe)| one(e, dwe, false));
         return;
     }
-    let mut tasks: Vec<(usize, Option<&mut [f32]>, &mut [f32])> =
-        dxs.drain(..).zip(dws).enumerate().map(|(e, (a, b))| (e, a, b)).collect();
+    let mut tasks: Vec<(usize, &mut [f32])> = dws.into_iter().enumerate().collect();
     let order = largest_first(offsets);
-    tasks.sort_by_key(|(e, _, _)| order.iter().position(|o| o == e));
-    tasks.into_par_iter().with_max_len(1).for_each(|(e, dxe, dwe)| one(e, dxe, dwe, true));
+    tasks.sort_by_key(|(e, _)| order.iter().position(|o| o == e));
+    tasks.into_par_iter().with_max_len(1).for_each(|(e, dwe)| one(e, dwe, true));
 }
 
 #[cfg(test)]
@@ -176,15 +122,9 @@ mod tests {
             let x = rand_vec(r * d_in, 1);
             let w = rand_vec(e * d_out * d_in, 2);
             let dy = rand_vec(r * d_out, 3);
-            let mut y = vec![0.0; r * d_out];
-            grouped_linear_forward(&mut y, &x, &w, &offsets, d_in, d_out);
-            assert_eq!(y, grouped_linear(&x, &w, &offsets, d_in, d_out));
-            let mut dx = vec![0.0; r * d_in];
+            let y = grouped_linear(&x, &w, &offsets, d_in, d_out);
             let mut dw = vec![0.5; e * d_out * d_in];
-            grouped_linear_backward(Some(&mut dx), &mut dw, &dy, &x, &w, &offsets, d_in, d_out);
-            let mut dw2 = vec![0.5; e * d_out * d_in];
-            assert_eq!(dx, grouped_linear_grad(&mut dw2, &dy, &x, &w, &offsets, d_in, d_out));
-            assert_eq!(dw, dw2);
+            let dx = grouped_linear_grad(&mut dw, &dy, &x, &w, &offsets, d_in, d_out);
             for ex in 0..e {
                 let (a, b) = (offsets[ex], offsets[ex + 1]);
                 let n = b - a;

@@ -4,8 +4,8 @@ use super::CliResult;
 use clap::{Args, Subcommand};
 use std::path::PathBuf;
 use std::time::Instant;
-use ultramoe_kernels::gemm::{matmul, measure_peak_flops, Op};
-use ultramoe_kernels::grouped_gemm::{grouped_linear_backward, grouped_linear_forward};
+use ultramoe_kernels::gemm::{linear, linear_grad, measure_peak_flops};
+use ultramoe_kernels::grouped_gemm::{grouped_linear, grouped_linear_grad};
 use ultramoe_model::init::{init_weights, Rng};
 use ultramoe_model::{Model, ModelConfig};
 use ultramoe_train::trainer::{DataSpec, TrainConfig, Trainer};
@@ -147,8 +147,6 @@ fn bench_gemm(a: BenchGemmArgs) -> CliResult {
     let x: Vec<f32> = (0..a.rows * a.d_in).map(|i| ((i * 7919) % 13) as f32 * 0.01).collect();
     let w: Vec<f32> = (0..a.experts * a.d_out * a.d_in).map(|i| ((i * 104729) % 17) as f32 * 0.01).collect();
     let dy: Vec<f32> = (0..a.rows * a.d_out).map(|i| ((i * 31) % 11) as f32 * 0.01).collect();
-    let mut y = vec![0.0f32; a.rows * a.d_out];
-    let mut dx = vec![0.0f32; a.rows * a.d_in];
     let mut dw = vec![0.0f32; a.experts * a.d_out * a.d_in];
     let flops = 2.0 * (a.rows * a.d_in * a.d_out) as f64;
     let time = |f: &mut dyn FnMut()| {
@@ -159,15 +157,13 @@ fn bench_gemm(a: BenchGemmArgs) -> CliResult {
             s.elapsed().as_secs_f64()
         }).collect())
     };
-    let g_fwd = time(&mut || grouped_linear_forward(&mut y, &x, &w, &offsets, a.d_in, a.d_out));
-    let g_bwd = time(&mut || grouped_linear_backward(Some(&mut dx), &mut dw, &dy, &x, &w, &offsets, a.d_in, a.d_out));
+    // The training path on both sides: outputs in fresh buffers, weight gradients accumulated.
+    let g_fwd = time(&mut || drop(grouped_linear(&x, &w, &offsets, a.d_in, a.d_out)));
+    let g_bwd = time(&mut || drop(grouped_linear_grad(&mut dw, &dy, &x, &w, &offsets, a.d_in, a.d_out)));
     let w0 = &w[..a.d_out * a.d_in];
-    let d_fwd = time(&mut || matmul(&mut y, &x, Op::N, w0, Op::T, a.rows, a.d_out, a.d_in, false, 1.0));
+    let d_fwd = time(&mut || drop(linear(&x, w0, a.rows, a.d_in, a.d_out)));
     let dw0 = &mut dw[..a.d_out * a.d_in];
-    let d_bwd = time(&mut || {
-        matmul(&mut dx, &dy, Op::N, w0, Op::N, a.rows, a.d_in, a.d_out, false, 1.0);
-        matmul(dw0, &dy, Op::T, &x, Op::N, a.d_out, a.d_in, a.rows, true, 1.0);
-    });
+    let d_bwd = time(&mut || drop(linear_grad(dw0, &dy, &x, w0, a.rows, a.d_in, a.d_out)));
     println!("grouped GEMM: {} rows over {} experts (loads {}..{}), {}→{}, {} threads", a.rows, a.experts, counts.iter().min().unwrap(), counts.iter().max().unwrap(), a.d_in, a.d_out, rayon::current_num_threads());
     println!("                 grouped        dense      grouped/dense");
     println!("forward   {:>10.1} GF/s {:>10.1} GF/s {:>10.2}", flops / g_fwd / 1e9, flops / d_fwd / 1e9, d_fwd / g_fwd);
