@@ -15,7 +15,12 @@
 //! other rank's pending and later calls return a [`CommError`] naming the rank and why.
 #![deny(missing_docs)]
 
+pub mod group;
 pub mod local;
+#[cfg(feature = "mpi")]
+pub mod mpi;
+
+pub use group::{Mesh, ProcessGroup};
 
 use std::fmt;
 

@@ -174,3 +174,58 @@ mod tests {
         assert_close(&dx, &num, 1e-3, "dx");
     }
 }
+
+/// Regroups row blocks: `src` holds blocks in `[a][b]` order, block `(i, j)` being
+/// `counts[i·nb + j]` rows of width `h`; the result holds the same blocks in `[b][a]`
+/// order. Expert parallelism needs it twice: rows arrive from the all-to-all grouped by
+/// source rank then local expert, and the grouped GEMM wants them by local expert then
+/// source rank (Megatron's "sort chunks by index"). The inverse is the same call with
+/// the transposed counts and `(nb, na)`.
+pub fn transpose_blocks(src: &[f32], counts: &[usize], na: usize, nb: usize, h: usize) -> Vec<f32> {
+    assert_eq!(counts.len(), na * nb, "one count per block");
+    let mut start = vec![0usize; na * nb];
+    let mut acc = 0;
+    for (s, &c) in start.iter_mut().zip(counts) {
+        *s = acc;
+        acc += c;
+    }
+    assert_eq!(acc * h, src.len(), "counts must cover the buffer");
+    let mut out = Vec::with_capacity(src.len());
+    for j in 0..nb {
+        for i in 0..na {
+            let (s, c) = (start[i * nb + j], counts[i * nb + j]);
+            out.extend_from_slice(&src[s * h..(s + c) * h]);
+        }
+    }
+    out
+}
+
+/// `counts` of an `[a][b]` block grid, as the `[b][a]` grid.
+pub fn transpose_counts(counts: &[usize], na: usize, nb: usize) -> Vec<usize> {
+    (0..nb * na).map(|k| counts[(k % na) * nb + k / na]).collect()
+}
+
+#[cfg(test)]
+mod block_tests {
+    use super::*;
+
+    #[test]
+    fn transpose_blocks_round_trips() {
+        // 2 sources × 3 experts, width 2; rows labelled by (source, expert, index).
+        let counts = [1, 0, 2, 3, 1, 0];
+        let mut src = vec![];
+        for i in 0..2 {
+            for j in 0..3 {
+                for r in 0..counts[i * 3 + j] {
+                    let label = (100 * i + 10 * j + r) as f32;
+                    src.extend([label, -label]);
+                }
+            }
+        }
+        let t = transpose_blocks(&src, &counts, 2, 3, 2);
+        let labels: Vec<f32> = t.chunks(2).map(|r| r[0]).collect();
+        assert_eq!(labels, vec![0.0, 100.0, 101.0, 102.0, 110.0, 20.0, 21.0]);
+        let back = transpose_blocks(&t, &transpose_counts(&counts, 2, 3), 3, 2, 2);
+        assert_eq!(back, src);
+    }
+}

@@ -160,7 +160,9 @@ pub fn load_weights(model: &Model, path: &Path) -> Result<Vec<f32>> {
         let st = SafeTensors::deserialize(&bytes)
             .map_err(|e| Error::msg(format!("not a valid safetensors file: {e}")).in_file(&file))?;
         for (name, view) in st.tensors() {
-            if ignorable(&name, model.cfg.n_layers) || model.layout.aliases.contains_key(&name) {
+            // Tensors another expert-parallel rank holds (and their FP8 scales) are skipped.
+            let remote = model.layout.is_remote(name.strip_suffix("_scale_inv").unwrap_or(&name));
+            if remote || ignorable(&name, model.cfg.n_layers) || model.layout.aliases.contains_key(&name) {
                 continue;
             }
             let fp8 = view.dtype() == Dtype::F8_E4M3;

@@ -46,15 +46,21 @@ impl Rng {
     }
 }
 
-/// Allocates and initialises a weight buffer for `layout`.
+/// Allocates and initialises a weight buffer for `layout`. Tensors draw from one stream
+/// in the whole model's registration order; tensors held by other expert-parallel ranks
+/// consume their draws too, so every rank's share equals the single-rank model's.
 pub fn init_weights(layout: &ParamLayout, seed: u64) -> Vec<f32> {
     let mut w = vec![0.0f32; layout.total];
     let mut rng = Rng::new(seed);
-    for spec in &layout.specs {
-        let dst = &mut w[spec.range()];
-        match spec.init {
-            Init::Constant(c) => dst.fill(c),
-            Init::Normal(std) => dst.iter_mut().for_each(|x| *x = (rng.normal() * std as f64) as f32),
+    for t in &layout.logical {
+        let n: usize = t.shape.iter().product();
+        match (t.init, t.local.then(|| layout.get(&t.name)).flatten()) {
+            (Init::Constant(c), Some(spec)) => w[spec.range()].fill(c),
+            (Init::Normal(std), Some(spec)) => w[spec.range()].iter_mut().for_each(|x| *x = (rng.normal() * std as f64) as f32),
+            (Init::Normal(_), None) => (0..n).for_each(|_| {
+                rng.normal();
+            }),
+            (Init::Constant(_), None) => {}
         }
     }
     w

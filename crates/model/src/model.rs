@@ -5,11 +5,13 @@ use crate::attention::{Ctx, GqaAttention, MlaAttention};
 use crate::config::{Arch, ModelConfig, RopeScaling};
 use crate::decoder::{AttnBlock, DecoderLayer, FfnBlock, FfnSaved, LayerSaved};
 use crate::mlp::Mlp;
-use crate::moe::dispatcher::LocalDispatcher;
+use crate::moe::dispatcher::TokenDispatcher;
 use crate::moe::experts::GroupedExperts;
 use crate::moe::layer::MoeLayer;
 use crate::moe::router::Router;
 use crate::params::{fuse, Init, ParamLayout, Slot};
+use std::sync::Arc;
+use ultramoe_dist::ProcessGroup;
 use ultramoe_kernels::embedding::{embedding_backward, embedding_forward};
 use ultramoe_kernels::gemm::{linear, linear_grad};
 use ultramoe_kernels::loss::{cross_entropy_forward, cross_entropy_fused_backward, IGNORE};
@@ -36,6 +38,9 @@ pub struct Model {
     pub lm_head: Slot,
     /// RoPE tables
     pub rope: RopeTable,
+    /// the expert-parallel group this rank's experts belong to (`None`: one rank holds
+    /// every expert)
+    pub ep: Option<Arc<dyn ProcessGroup>>,
 }
 
 /// Everything a forward pass keeps for the backward and for the caller.
@@ -92,8 +97,28 @@ pub fn shifted_targets(ids: &[u32], t: usize) -> Vec<i32> {
 }
 
 impl Model {
-    /// Builds the layout and layers from a config.
+    /// Builds the layout and layers from a config; this rank holds every expert.
     pub fn new(cfg: ModelConfig) -> Self {
+        Self::build(cfg, None)
+    }
+
+    /// This rank's share of an expert-parallel model: experts split into `ep.size()`
+    /// consecutive blocks, block `ep.rank()` held here, everything else replicated.
+    pub fn expert_parallel(cfg: ModelConfig, ep: Arc<dyn ProcessGroup>) -> crate::Result<Self> {
+        let (e, p) = (cfg.moe.n_experts, ep.size());
+        if cfg.moe_layers.iter().any(|&m| m) && e % p != 0 {
+            return Err(crate::Error::field("n_routed_experts", format!("{e} experts cannot be split evenly over {p} expert-parallel ranks")));
+        }
+        Ok(Self::build(cfg, Some(ep)))
+    }
+
+    /// This rank's expert-parallel index and the group size (`(0, 1)` without EP).
+    pub fn ep_rank_size(&self) -> (usize, usize) {
+        self.ep.as_ref().map_or((0, 1), |g| (g.rank(), g.size()))
+    }
+
+    fn build(cfg: ModelConfig, ep: Option<Arc<dyn ProcessGroup>>) -> Self {
+        let ep = ep.filter(|g| g.size() > 1);
         let mut lay = ParamLayout::default();
         let (h, v, l) = (cfg.hidden, cfg.vocab_size, cfg.n_layers);
         let std = if cfg.tiny_init {
@@ -178,7 +203,7 @@ impl Model {
             };
             let ffn_norm = lay.add(format!("{p}post_attention_layernorm.weight"), &[h], ones);
             let ffn = if cfg.moe_layers[i] {
-                FfnBlock::Moe(build_moe(&mut lay, &cfg, &p, normal))
+                FfnBlock::Moe(build_moe(&mut lay, &cfg, &p, normal, ep.clone()))
             } else {
                 FfnBlock::Dense(build_mlp(&mut lay, &format!("{p}mlp."), ["gate_proj", "up_proj", "down_proj"], h, cfg.intermediate, normal))
             };
@@ -200,7 +225,7 @@ impl Model {
             lay.add("lm_head.weight".into(), &[v, h], normal)
         };
         let rope = build_rope(&cfg);
-        Model { cfg, layout: lay, embed, layers, final_norm, lm_head, rope }
+        Model { cfg, layout: lay, embed, layers, final_norm, lm_head, rope, ep }
     }
 
     /// Forward over `ids: [B, T]` (row-major).
@@ -288,9 +313,9 @@ impl Model {
         }
     }
 
-    /// Total parameters.
+    /// Total parameters of the whole model (all expert-parallel ranks together).
     pub fn n_params(&self) -> usize {
-        self.layout.n_params()
+        self.layout.logical.iter().map(|t| t.shape.iter().product::<usize>()).sum()
     }
 
     /// Parameters a token touches (routed experts counted `K` of `E` times), for FLOP
@@ -328,7 +353,7 @@ fn build_mlp(lay: &mut ParamLayout, prefix: &str, names: [&str; 3], h: usize, in
     Mlp { gate_up: fuse(&[g, u]), down: d, hidden: h, inter }
 }
 
-fn build_moe(lay: &mut ParamLayout, cfg: &ModelConfig, p: &str, init: Init) -> MoeLayer {
+fn build_moe(lay: &mut ParamLayout, cfg: &ModelConfig, p: &str, init: Init, ep: Option<Arc<dyn ProcessGroup>>) -> MoeLayer {
     let m = &cfg.moe;
     let h = cfg.hidden;
     let (block, names) = match cfg.arch {
@@ -338,14 +363,26 @@ fn build_moe(lay: &mut ParamLayout, cfg: &ModelConfig, p: &str, init: Init) -> M
     let weight = lay.add(format!("{p}{block}.gate.weight"), &[m.n_experts, h], init);
     let bias = (cfg.arch == Arch::DeepseekV3)
         .then(|| lay.add_frozen(format!("{p}{block}.gate.e_score_correction_bias"), &[m.n_experts], Init::Constant(0.0)));
-    let mut gu = Vec::with_capacity(2 * m.n_experts);
+    // This rank's experts: block `rank` of `size` consecutive blocks. The others are
+    // recorded as remote so initialisation and checkpoints see the whole model.
+    let (rank, size) = ep.as_ref().map_or((0, 1), |g| (g.rank(), g.size()));
+    let per = m.n_experts / size;
+    let local = rank * per..(rank + 1) * per;
+    let add = |lay: &mut ParamLayout, e: usize, name: &str, shape: &[usize]| {
+        let full = format!("{p}{block}.experts.{e}.{name}.weight");
+        if local.contains(&e) {
+            Some(lay.add(full, shape, init))
+        } else {
+            lay.add_remote(full, shape, init);
+            None
+        }
+    };
+    let mut gu = Vec::with_capacity(2 * per);
     for e in 0..m.n_experts {
-        gu.push(lay.add(format!("{p}{block}.experts.{e}.{}.weight", names[0]), &[m.expert_inter, h], init));
-        gu.push(lay.add(format!("{p}{block}.experts.{e}.{}.weight", names[1]), &[m.expert_inter, h], init));
+        gu.extend(add(lay, e, names[0], &[m.expert_inter, h]));
+        gu.extend(add(lay, e, names[1], &[m.expert_inter, h]));
     }
-    let down: Vec<Slot> = (0..m.n_experts)
-        .map(|e| lay.add(format!("{p}{block}.experts.{e}.{}.weight", names[2]), &[h, m.expert_inter], init))
-        .collect();
+    let down: Vec<Slot> = (0..m.n_experts).filter_map(|e| add(lay, e, names[2], &[h, m.expert_inter])).collect();
     let shared = (m.n_shared > 0).then(|| build_mlp(lay, &format!("{p}{block}.shared_experts."), names, h, m.n_shared * m.expert_inter, init));
     let spec = RouterSpec {
         score: if cfg.arch == Arch::DeepseekV3 { ScoreFn::Sigmoid } else { ScoreFn::Softmax },
@@ -358,7 +395,7 @@ fn build_moe(lay: &mut ParamLayout, cfg: &ModelConfig, p: &str, init: Init) -> M
     };
     MoeLayer {
         router: Router { weight, bias, spec, hidden: h, aux: None, skew: 0.0 },
-        dispatcher: LocalDispatcher { n_experts: m.n_experts, hidden: h },
+        dispatcher: TokenDispatcher::new(m.n_experts, h, ep),
         experts: GroupedExperts { gate_up: fuse(&gu), down: fuse(&down), hidden: h, inter: m.expert_inter },
         shared,
     }

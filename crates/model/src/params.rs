@@ -55,11 +55,30 @@ impl ParamSpec {
 /// A range of the flat buffer that a layer reads as one (possibly fused) tensor.
 pub type Slot = Range<usize>;
 
+/// A tensor of the whole model, whether or not this rank holds it.
+#[derive(Clone, Debug)]
+pub struct LogicalTensor {
+    /// checkpoint name
+    pub name: String,
+    /// shape
+    pub shape: Vec<usize>,
+    /// initialisation
+    pub init: Init,
+    /// held in this rank's buffer (false: another expert-parallel rank holds it)
+    pub local: bool,
+}
+
 /// The table of all tensors.
 #[derive(Clone, Debug, Default)]
 pub struct ParamLayout {
     /// tensors in memory order
     pub specs: Vec<ParamSpec>,
+    /// every tensor of the whole model in registration order, including those that
+    /// live on other expert-parallel ranks — so a rank initialises its share exactly as
+    /// a single rank would (same random stream) and knows which checkpoint tensors to
+    /// skip
+    pub logical: Vec<LogicalTensor>,
+    remote: std::collections::HashSet<String>,
     /// total elements
     pub total: usize,
     index: HashMap<String, usize>,
@@ -73,6 +92,7 @@ impl ParamLayout {
         let decay = shape.len() >= 2;
         let spec = ParamSpec { name: name.clone(), shape: shape.to_vec(), offset: self.total, init, decay, frozen: false };
         let r = spec.range();
+        self.logical.push(LogicalTensor { name: name.clone(), shape: shape.to_vec(), init, local: true });
         self.total += spec.len();
         self.index.insert(name, self.specs.len());
         self.specs.push(spec);
@@ -86,6 +106,17 @@ impl ParamLayout {
         self.specs[last].frozen = true;
         self.specs[last].decay = false;
         r
+    }
+
+    /// Records a tensor of the whole model that another rank holds.
+    pub fn add_remote(&mut self, name: String, shape: &[usize], init: Init) {
+        self.remote.insert(name.clone());
+        self.logical.push(LogicalTensor { name, shape: shape.to_vec(), init, local: false });
+    }
+
+    /// True for a tensor of the whole model that this rank does not hold.
+    pub fn is_remote(&self, name: &str) -> bool {
+        self.remote.contains(name)
     }
 
     /// Looks a tensor up by checkpoint name.

@@ -1,50 +1,145 @@
 //! Token dispatch and combine. On one rank this is a permutation into expert order and
-//! back; expert parallelism replaces it with an all-to-all exchange behind the same two
-//! calls, which is what lets dispatch/combine overlap with computation.
+//! back. Under expert parallelism (`E` experts over `P` ranks, `E/P` consecutive experts
+//! each) the same four calls also move rows between ranks:
+//!
+//! 1. permute local tokens into global expert order — which is rank order, since rank
+//!    `p` owns experts `p·E/P..(p+1)·E/P`;
+//! 2. exchange per-expert row counts (all-to-all of `E/P` counts per pair of ranks);
+//! 3. all-to-all the rows; they arrive grouped by source rank, then local expert;
+//! 4. regroup by local expert, then source rank, so each local expert's rows are
+//!    contiguous for the grouped GEMM.
+//!
+//! Combine runs the same steps backwards, and the backward pass mirrors both. Because
+//! ranks hold consecutive rows of the global batch, the rows an expert receives are in
+//! global token order: the same order, and so the same sums, as on one rank.
 
-use ultramoe_kernels::permute::{permute_backward, permute_forward, unpermute_backward, unpermute_forward, DispatchPlan};
+use std::sync::Arc;
+use ultramoe_dist::{CommError, ProcessGroup};
+use ultramoe_kernels::permute::{
+    permute_backward, permute_forward, transpose_blocks, transpose_counts, unpermute_backward, unpermute_forward, DispatchPlan,
+};
 use ultramoe_kernels::router::Routing;
 
-/// What dispatch hands to combine (and both backward passes): the row plan. A typed
-/// handle, not state stashed on the dispatcher.
+/// What dispatch hands to combine (and both backward passes). A typed handle, not state
+/// stashed on the dispatcher.
 pub struct DispatchHandle {
-    /// where every (token, choice) went
+    /// where every local (token, choice) went, in global expert order
     pub plan: DispatchPlan,
+    /// `[E_local + 1]`: local expert `j` owns rows `offsets[j]..offsets[j+1]` of the
+    /// buffer the experts compute on
+    pub offsets: Vec<usize>,
+    /// the all-to-all's shape, under expert parallelism
+    exchange: Option<Exchange>,
 }
 
-/// Single-rank dispatcher.
+/// Row counts of one dispatch's all-to-all.
+struct Exchange {
+    /// rows sent to each rank
+    send_rows: Vec<usize>,
+    /// `[P, E_local]`: rows received from each source rank for each local expert
+    recv: Vec<usize>,
+}
+
+impl Exchange {
+    fn recv_rows(&self, p: usize) -> Vec<usize> {
+        self.recv.chunks(self.recv.len() / p).map(|c| c.iter().sum()).collect()
+    }
+}
+
+/// Moves tokens to their experts and back.
 #[derive(Clone, Debug)]
-pub struct LocalDispatcher {
-    /// routed experts `E`
+pub struct TokenDispatcher {
+    /// routed experts `E` (all ranks together)
     pub n_experts: usize,
     /// hidden `H`
     pub hidden: usize,
+    /// the expert-parallel group, when experts are spread over ranks
+    pub ep: Option<Arc<dyn ProcessGroup>>,
 }
 
-impl LocalDispatcher {
-    /// `x: [N, H]` → expert-ordered rows `[R, H]` and the handle.
+/// A failed exchange ends the step: the payload is the [`CommError`], which the trainer
+/// catches at the step boundary and reports (a dead peer cannot be recovered from
+/// mid-layer, and unwinding frees every buffer on the way out).
+fn fatal(e: CommError) -> ! {
+    std::panic::panic_any(e)
+}
+
+impl TokenDispatcher {
+    /// A dispatcher over `n_experts` experts, spread over `ep` when given.
+    pub fn new(n_experts: usize, hidden: usize, ep: Option<Arc<dyn ProcessGroup>>) -> Self {
+        TokenDispatcher { n_experts, hidden, ep: ep.filter(|g| g.size() > 1) }
+    }
+
+    fn ranks(&self) -> usize {
+        self.ep.as_ref().map_or(1, |g| g.size())
+    }
+
+    /// `x: [N, H]` → the rows this rank's experts compute on, grouped by local expert,
+    /// and the handle.
     pub fn dispatch(&self, x: &[f32], r: &Routing, top_k: usize) -> (Vec<f32>, DispatchHandle) {
+        let h = self.hidden;
         let plan = DispatchPlan::new(&r.experts, top_k, self.n_experts);
-        let mut xp = vec![0.0; plan.rows() * self.hidden];
-        permute_forward(&mut xp, x, &plan, self.hidden);
-        (xp, DispatchHandle { plan })
+        let mut xs = vec![0.0; plan.rows() * h];
+        permute_forward(&mut xs, x, &plan, h);
+        let Some(g) = &self.ep else {
+            let offsets = plan.offsets.clone();
+            return (xs, DispatchHandle { plan, offsets, exchange: None });
+        };
+        let (p, el) = (self.ranks(), self.n_experts / self.ranks());
+        let counts = plan.counts();
+        let send_rows: Vec<usize> = counts.chunks(el).map(|c| c.iter().sum()).collect();
+        let counts64: Vec<u64> = counts.iter().map(|&c| c as u64).collect();
+        let (recv, _) = g.all_to_all_v_u64(&counts64, &vec![el; p]).unwrap_or_else(|e| fatal(e));
+        let recv: Vec<usize> = recv.into_iter().map(|c| c as usize).collect();
+        let mut offsets = vec![0usize; el + 1];
+        for j in 0..el {
+            offsets[j + 1] = offsets[j] + (0..p).map(|s| recv[s * el + j]).sum::<usize>();
+        }
+        let hd = DispatchHandle { plan, offsets, exchange: Some(Exchange { send_rows, recv }) };
+        (self.to_experts(xs, &hd), hd)
     }
 
-    /// `out[t] = Σ_j w[t,j] · yp[row(t,j)]`, written into `out: [N, H]`.
-    pub fn combine(&self, out: &mut [f32], yp: &[f32], weights: &[f32], hd: &DispatchHandle) {
-        unpermute_forward(out, yp, weights, &hd.plan, self.hidden, false);
+    /// Sends the experts' outputs `yp` back and combines them:
+    /// `out[t] = Σ_j w[t,j] · ys[row(t,j)]`. Returns `ys`, the outputs of this rank's
+    /// tokens in plan order (what the combine's backward needs).
+    pub fn combine(&self, out: &mut [f32], yp: Vec<f32>, weights: &[f32], hd: &DispatchHandle) -> Vec<f32> {
+        let ys = self.to_sources(yp, hd);
+        unpermute_forward(out, &ys, weights, &hd.plan, self.hidden, false);
+        ys
     }
 
-    /// Backward of combine: returns `dyp: [R, H]` and `dweights: [N, K]`.
-    pub fn combine_backward(&self, dout: &[f32], yp: &[f32], weights: &[f32], hd: &DispatchHandle) -> (Vec<f32>, Vec<f32>) {
-        let mut dyp = vec![0.0; yp.len()];
+    /// Backward of combine: returns `dyp` (grouped like the experts' rows) and
+    /// `dweights: [N, K]`.
+    pub fn combine_backward(&self, dout: &[f32], ys: &[f32], weights: &[f32], hd: &DispatchHandle) -> (Vec<f32>, Vec<f32>) {
+        let mut dys = vec![0.0; ys.len()];
         let mut dw = vec![0.0; weights.len()];
-        unpermute_backward(&mut dyp, &mut dw, dout, yp, weights, &hd.plan, self.hidden);
-        (dyp, dw)
+        unpermute_backward(&mut dys, &mut dw, dout, ys, weights, &hd.plan, self.hidden);
+        (self.to_experts(dys, hd), dw)
     }
 
-    /// Backward of dispatch: `dx[t] (+)= Σ_j dxp[row(t, j)]`.
-    pub fn dispatch_backward(&self, dx: &mut [f32], dxp: &[f32], hd: &DispatchHandle, accumulate: bool) {
-        permute_backward(dx, dxp, &hd.plan, self.hidden, accumulate);
+    /// Backward of dispatch: `dx[t] = Σ_j dxs[row(t, j)]`, from the experts' `dxp`.
+    pub fn dispatch_backward(&self, dx: &mut [f32], dxp: Vec<f32>, hd: &DispatchHandle) {
+        let dxs = self.to_sources(dxp, hd);
+        permute_backward(dx, &dxs, &hd.plan, self.hidden, false);
+    }
+
+    /// Plan-ordered rows → the owning ranks' expert-grouped rows (dispatch's exchange).
+    fn to_experts(&self, rows: Vec<f32>, hd: &DispatchHandle) -> Vec<f32> {
+        let (Some(g), Some(x)) = (&self.ep, &hd.exchange) else { return rows };
+        let (p, h) = (self.ranks(), self.hidden);
+        let send: Vec<usize> = x.send_rows.iter().map(|r| r * h).collect();
+        let (r, _) = g.all_to_all_v_f32(&rows, &send).unwrap_or_else(|e| fatal(e));
+        transpose_blocks(&r, &x.recv, p, x.recv.len() / p, h)
+    }
+
+    /// Expert-grouped rows → back to the ranks whose tokens they are, in plan order.
+    fn to_sources(&self, rows: Vec<f32>, hd: &DispatchHandle) -> Vec<f32> {
+        let (Some(g), Some(x)) = (&self.ep, &hd.exchange) else { return rows };
+        let (p, h) = (self.ranks(), self.hidden);
+        let el = x.recv.len() / p;
+        let by_source = transpose_blocks(&rows, &transpose_counts(&x.recv, p, el), el, p, h);
+        drop(rows);
+        let send: Vec<usize> = x.recv_rows(p).iter().map(|r| r * h).collect();
+        g.all_to_all_v_f32(&by_source, &send).unwrap_or_else(|e| fatal(e)).0
     }
 }

@@ -1,6 +1,6 @@
 //! The MoE layer: `y = Σ_k w_k · Expert_{e_k}(x) + SharedExperts(x)`.
 
-use super::dispatcher::{DispatchHandle, LocalDispatcher};
+use super::dispatcher::{DispatchHandle, TokenDispatcher};
 use super::experts::{ExpertsSaved, GroupedExperts};
 use super::router::{AuxLoss, Router};
 use crate::mlp::{Mlp, MlpSaved};
@@ -12,7 +12,7 @@ pub struct MoeLayer {
     /// gating
     pub router: Router,
     /// token movement
-    pub dispatcher: LocalDispatcher,
+    pub dispatcher: TokenDispatcher,
     /// routed experts
     pub experts: GroupedExperts,
     /// shared experts, fused into one MLP (DeepSeek)
@@ -26,9 +26,11 @@ pub struct MoeSaved {
     /// auxiliary balancing loss, when configured
     pub aux: Option<AuxLoss>,
     handle: DispatchHandle,
+    /// rows this rank's experts computed on
     xp: Vec<f32>,
     experts: ExpertsSaved,
-    yp: Vec<f32>,
+    /// expert outputs for this rank's tokens, in plan order
+    ys: Vec<f32>,
     shared: Option<MlpSaved>,
 }
 
@@ -46,7 +48,7 @@ impl MoeSaved {
             + self.xp.len()
             + self.experts.gu.len()
             + self.experts.act.len()
-            + self.yp.len())
+            + self.ys.len())
             + self.shared.as_ref().map_or(0, |s| s.bytes())
     }
 }
@@ -65,38 +67,37 @@ impl MoeLayer {
         };
         let (yp, experts) = {
             let _p = ultramoe_kernels::profile::scope("moe.experts.forward");
-            self.experts.forward(w, &xp, &handle.plan.offsets)
+            self.experts.forward(w, &xp, &handle.offsets)
         };
         let mut y = vec![0.0; x.len()];
-        {
+        let ys = {
             let _p = ultramoe_kernels::profile::scope("moe.combine.forward");
-            self.dispatcher.combine(&mut y, &yp, &routing.weights, &handle);
-        }
+            self.dispatcher.combine(&mut y, yp, &routing.weights, &handle)
+        };
         let shared = self.shared.as_ref().map(|m| {
             let (ys, s) = m.forward(w, x, n);
             crate::tensor_ops::add_into(&mut y, &ys);
             s
         });
-        (y, MoeSaved { routing, aux, handle, xp, experts, yp, shared })
+        (y, MoeSaved { routing, aux, handle, xp, experts, ys, shared })
     }
 
     /// Backward: weight gradients into `g`; returns `dx: [N, H]`.
     pub fn backward(&self, w: &[f32], g: &mut [f32], x: &[f32], s: &MoeSaved, dy: &[f32], n: usize) -> Vec<f32> {
         let (dyp, dweights) = {
             let _p = ultramoe_kernels::profile::scope("moe.combine.backward");
-            self.dispatcher.combine_backward(dy, &s.yp, &s.routing.weights, &s.handle)
+            self.dispatcher.combine_backward(dy, &s.ys, &s.routing.weights, &s.handle)
         };
         let dxp = {
             let _p = ultramoe_kernels::profile::scope("moe.experts.backward");
-            self.experts.backward(w, g, &s.xp, &s.experts, &dyp, &s.handle.plan.offsets)
+            self.experts.backward(w, g, &s.xp, &s.experts, &dyp, &s.handle.offsets)
         };
         drop(dyp);
         let mut dx = vec![0.0; x.len()];
         {
             let _p = ultramoe_kernels::profile::scope("moe.dispatch.backward");
-            self.dispatcher.dispatch_backward(&mut dx, &dxp, &s.handle, false);
+            self.dispatcher.dispatch_backward(&mut dx, dxp, &s.handle);
         }
-        drop(dxp);
         {
             let _p = ultramoe_kernels::profile::scope("moe.router.backward");
             self.router.backward(w, g, x, &s.routing, s.aux.as_ref(), &dweights, &mut dx, n);

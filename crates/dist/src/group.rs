@@ -1,0 +1,123 @@
+//! [`ProcessGroup`]: the object-safe face of a [`Communicator`], for the code that
+//! holds a group without caring which backend it came from (the model's expert-parallel
+//! dispatcher, the trainer). [`Communicator`] is generic over the element type, which
+//! keeps each backend's implementation in one place; this trait fixes the types
+//! training exchanges (`f32` activations and gradients, `u64` counts, `f64` norms) so
+//! groups can live behind `Arc<dyn ProcessGroup>`.
+
+use crate::{CommResult, Communicator};
+use std::sync::Arc;
+
+/// A group of ranks, backend erased.
+pub trait ProcessGroup: Send + Sync {
+    /// This rank's index in the group.
+    fn rank(&self) -> usize;
+    /// Ranks in the group.
+    fn size(&self) -> usize;
+    /// Waits for every rank.
+    fn barrier(&self) -> CommResult<()>;
+    /// `buf ← Σ_ranks buf`.
+    fn all_reduce_f32(&self, buf: &mut [f32]) -> CommResult<()>;
+    /// `buf ← Σ_ranks buf`.
+    fn all_reduce_f64(&self, buf: &mut [f64]) -> CommResult<()>;
+    /// `buf ← Σ_ranks buf`.
+    fn all_reduce_u64(&self, buf: &mut [u64]) -> CommResult<()>;
+    /// `buf ← buf of root`.
+    fn broadcast_f32(&self, buf: &mut [f32], root: usize) -> CommResult<()>;
+    /// Every rank's `input` (equal lengths) concatenated in rank order.
+    fn all_gather_f32(&self, input: &[f32]) -> CommResult<Vec<f32>>;
+    /// Every rank's `input` (equal lengths) concatenated in rank order.
+    fn all_gather_u64(&self, input: &[u64]) -> CommResult<Vec<u64>>;
+    /// This rank's chunk of `Σ_ranks input` (length divisible by the group size).
+    fn reduce_scatter_f32(&self, input: &[f32]) -> CommResult<Vec<f32>>;
+    /// All-to-all with variable counts (see [`Communicator::all_to_all_v`]).
+    fn all_to_all_v_f32(&self, send: &[f32], counts: &[usize]) -> CommResult<(Vec<f32>, Vec<usize>)>;
+    /// All-to-all with variable counts (see [`Communicator::all_to_all_v`]).
+    fn all_to_all_v_u64(&self, send: &[u64], counts: &[usize]) -> CommResult<(Vec<u64>, Vec<usize>)>;
+    /// Sub-groups, as [`Communicator::split`].
+    fn split_group(&self, color: usize, key: usize) -> CommResult<Arc<dyn ProcessGroup>>;
+}
+
+impl<C: Communicator + Sync + 'static> ProcessGroup for C {
+    fn rank(&self) -> usize {
+        Communicator::rank(self)
+    }
+    fn size(&self) -> usize {
+        Communicator::size(self)
+    }
+    fn barrier(&self) -> CommResult<()> {
+        Communicator::barrier(self)
+    }
+    fn all_reduce_f32(&self, buf: &mut [f32]) -> CommResult<()> {
+        self.all_reduce_sum(buf)
+    }
+    fn all_reduce_f64(&self, buf: &mut [f64]) -> CommResult<()> {
+        self.all_reduce_sum(buf)
+    }
+    fn all_reduce_u64(&self, buf: &mut [u64]) -> CommResult<()> {
+        self.all_reduce_sum(buf)
+    }
+    fn broadcast_f32(&self, buf: &mut [f32], root: usize) -> CommResult<()> {
+        self.broadcast(buf, root)
+    }
+    fn all_gather_f32(&self, input: &[f32]) -> CommResult<Vec<f32>> {
+        self.all_gather(input)
+    }
+    fn all_gather_u64(&self, input: &[u64]) -> CommResult<Vec<u64>> {
+        self.all_gather(input)
+    }
+    fn reduce_scatter_f32(&self, input: &[f32]) -> CommResult<Vec<f32>> {
+        self.reduce_scatter_sum(input)
+    }
+    fn all_to_all_v_f32(&self, send: &[f32], counts: &[usize]) -> CommResult<(Vec<f32>, Vec<usize>)> {
+        self.all_to_all_v(send, counts)
+    }
+    fn all_to_all_v_u64(&self, send: &[u64], counts: &[usize]) -> CommResult<(Vec<u64>, Vec<usize>)> {
+        self.all_to_all_v(send, counts)
+    }
+    fn split_group(&self, color: usize, key: usize) -> CommResult<Arc<dyn ProcessGroup>> {
+        Ok(Arc::new(self.split(color, key)?))
+    }
+}
+
+/// The device mesh of a job: `world = DP × EP` ranks, expert-parallel ranks
+/// consecutive (`rank = dp_rank · EP + ep_rank`), so an expert-parallel group — the
+/// ranks that exchange tokens every layer — sits on neighbouring ranks (one node, when
+/// ranks are placed node by node). Pipeline stages would add an outer dimension.
+#[derive(Clone)]
+pub struct Mesh {
+    /// every rank
+    pub world: Arc<dyn ProcessGroup>,
+    /// the ranks sharing one copy of the experts between them (token exchange)
+    pub ep: Arc<dyn ProcessGroup>,
+    /// the ranks holding the same experts (expert gradients are summed over it)
+    pub dp: Arc<dyn ProcessGroup>,
+}
+
+impl Mesh {
+    /// Splits `world` into the EP and DP groups. `ep` must divide the world size.
+    pub fn new(world: Arc<dyn ProcessGroup>, ep: usize) -> CommResult<Mesh> {
+        let (r, n) = (world.rank(), world.size());
+        if ep == 0 || n % ep != 0 {
+            return Err(crate::CommError { rank: None, reason: format!("--ep {ep} does not divide {n} ranks") });
+        }
+        let ep_group = world.split_group(r / ep, r % ep)?;
+        let dp_group = world.split_group(r % ep, r / ep)?;
+        Ok(Mesh { world, ep: ep_group, dp: dp_group })
+    }
+
+    /// Expert-parallel size.
+    pub fn ep_size(&self) -> usize {
+        self.ep.size()
+    }
+    /// Data-parallel size (copies of each expert).
+    pub fn dp_size(&self) -> usize {
+        self.dp.size()
+    }
+}
+
+impl std::fmt::Debug for dyn ProcessGroup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ProcessGroup(rank {} of {})", self.rank(), self.size())
+    }
+}
