@@ -1,6 +1,7 @@
 //! `ultramoe`: train, evaluate, solve, benchmark and verify MoE models on CPU.
 
 mod commands;
+mod launch;
 mod png;
 mod presets;
 mod serve;

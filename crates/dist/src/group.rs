@@ -106,6 +106,19 @@ impl Mesh {
         Ok(Mesh { world, ep: ep_group, dp: dp_group })
     }
 
+    /// Checks that every rank holds the same `value` (a configuration, as text): ranks
+    /// that disagree would run mis-sized collectives, so the job stops at once, naming the
+    /// first rank that differs from rank 0.
+    pub fn agree(&self, what: &str, value: &str) -> CommResult<()> {
+        // FNV-1a: a fingerprint, not a security measure.
+        let hash = value.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3));
+        let all = self.world.all_gather_u64(&[hash])?;
+        match all.iter().position(|&h| h != all[0]) {
+            Some(r) => Err(crate::CommError { rank: Some(r), reason: format!("started with a different {what} than rank 0") }),
+            None => Ok(()),
+        }
+    }
+
     /// Expert-parallel size.
     pub fn ep_size(&self) -> usize {
         self.ep.size()

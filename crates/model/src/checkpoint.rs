@@ -264,20 +264,65 @@ pub fn save_weights(model: &Model, w: &[f32], dir: &Path, max_shard_bytes: Optio
         shards.last_mut().unwrap().push(t);
     }
     let n = shards.len();
+    let mut entries = vec![];
+    for (i, shard) in shards.iter().enumerate() {
+        write_safetensors(&dir.join(shard_file(i, n)), shard, meta.clone())?;
+        entries.extend(shard.iter().map(|(name, _, d)| (name.clone(), i, d.len())));
+    }
+    write_index(dir, &entries, n)
+}
+
+/// `model-0000i-of-0000n.safetensors` for shard `i` (0-based) of `n`.
+pub fn shard_file(i: usize, n: usize) -> String {
+    format!("model-{:05}-of-{:05}.safetensors", i + 1, n)
+}
+
+/// Writes `model.safetensors.index.json` for `(name, shard, elements)` entries.
+fn write_index(dir: &Path, entries: &[(String, usize, usize)], n: usize) -> Result<()> {
     let mut weight_map = serde_json::Map::new();
     let mut total = 0usize;
-    for (i, shard) in shards.iter().enumerate() {
-        let fname = format!("model-{:05}-of-{:05}.safetensors", i + 1, n);
-        for (name, _, d) in shard {
-            weight_map.insert(name.clone(), serde_json::Value::String(fname.clone()));
-            total += 4 * d.len();
-        }
-        write_safetensors(&dir.join(&fname), shard, meta.clone())?;
+    for (name, shard, len) in entries {
+        weight_map.insert(name.clone(), serde_json::Value::String(shard_file(*shard, n)));
+        total += 4 * len;
     }
     let index = serde_json::json!({ "metadata": { "total_size": total }, "weight_map": weight_map });
     write_atomic(&dir.join("model.safetensors.index.json"), serde_json::to_string_pretty(&index).unwrap().as_bytes())?;
     // A single-file checkpoint left from an earlier save would shadow nothing (the index
     // wins) but would confuse a reader; remove it.
     let _ = std::fs::remove_file(dir.join("model.safetensors"));
+    Ok(())
+}
+
+/// True for the tensors expert-parallel rank `ep_rank` saves: its experts, and on rank
+/// 0 also every replicated tensor.
+pub fn saved_by(spec: &crate::params::ParamSpec, ep_rank: usize) -> bool {
+    spec.expert || ep_rank == 0
+}
+
+/// Saves this rank's share of the model to `dir`. Without expert parallelism that is the
+/// whole model ([`save_weights`]). Under EP of size `P`, rank `k` writes shard `k` of
+/// `P` with its experts (rank 0 also every replicated tensor) and rank 0 writes
+/// `config.json` and the index naming every tensor's shard: the Hugging Face sharded
+/// layout, which loads as one model under any expert-parallel layout. Called by one
+/// rank of each expert-parallel rank index (the other data-parallel copies hold the
+/// same values).
+pub fn save_model_share(model: &Model, w: &[f32], dir: &Path) -> Result<()> {
+    let (k, p) = model.ep_rank_size();
+    if p == 1 {
+        return save_weights(model, w, dir, None);
+    }
+    std::fs::create_dir_all(dir).map_err(|e| Error::msg(format!("cannot create directory: {e}")).in_file(dir))?;
+    let mut tensors: Vec<(String, Vec<usize>, &[f32])> =
+        model.layout.specs.iter().filter(|s| saved_by(s, k)).map(|s| (s.name.clone(), s.shape.clone(), &w[s.range()])).collect();
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    let meta = Some(HashMap::from([("format".to_string(), "pt".to_string())]));
+    write_safetensors(&dir.join(shard_file(k, p)), &tensors, meta)?;
+    if k == 0 {
+        let cfg_text = serde_json::to_string_pretty(&model.cfg.raw).expect("config serialises");
+        write_atomic(&dir.join("config.json"), cfg_text.as_bytes())?;
+        let entries: Vec<(String, usize, usize)> =
+            model.layout.logical.iter().map(|t| (t.name.clone(), t.owner, t.shape.iter().product())).collect();
+        write_index(dir, &entries, p)?;
+    }
     Ok(())
 }

@@ -371,9 +371,9 @@ fn build_moe(lay: &mut ParamLayout, cfg: &ModelConfig, p: &str, init: Init, ep: 
     let add = |lay: &mut ParamLayout, e: usize, name: &str, shape: &[usize]| {
         let full = format!("{p}{block}.experts.{e}.{name}.weight");
         if local.contains(&e) {
-            Some(lay.add(full, shape, init))
+            Some(lay.add_expert(full, shape, init, rank))
         } else {
-            lay.add_remote(full, shape, init);
+            lay.add_remote(full, shape, init, e / per);
             None
         }
     };

@@ -35,6 +35,9 @@ pub struct ParamSpec {
     pub decay: bool,
     /// receives no gradient and no optimizer update (`e_score_correction_bias`)
     pub frozen: bool,
+    /// a routed expert's weight: under expert parallelism held by one rank of each
+    /// expert-parallel group, its gradient summed over the data-parallel group only
+    pub expert: bool,
 }
 
 impl ParamSpec {
@@ -66,6 +69,8 @@ pub struct LogicalTensor {
     pub init: Init,
     /// held in this rank's buffer (false: another expert-parallel rank holds it)
     pub local: bool,
+    /// the expert-parallel rank that holds (and saves) it; 0 for replicated tensors
+    pub owner: usize,
 }
 
 /// The table of all tensors.
@@ -90,9 +95,9 @@ impl ParamLayout {
     /// Appends a tensor; returns its range.
     pub fn add(&mut self, name: String, shape: &[usize], init: Init) -> Slot {
         let decay = shape.len() >= 2;
-        let spec = ParamSpec { name: name.clone(), shape: shape.to_vec(), offset: self.total, init, decay, frozen: false };
+        let spec = ParamSpec { name: name.clone(), shape: shape.to_vec(), offset: self.total, init, decay, frozen: false, expert: false };
         let r = spec.range();
-        self.logical.push(LogicalTensor { name: name.clone(), shape: shape.to_vec(), init, local: true });
+        self.logical.push(LogicalTensor { name: name.clone(), shape: shape.to_vec(), init, local: true, owner: 0 });
         self.total += spec.len();
         self.index.insert(name, self.specs.len());
         self.specs.push(spec);
@@ -108,10 +113,32 @@ impl ParamLayout {
         r
     }
 
+    /// Appends a routed expert's tensor, held by expert-parallel rank `owner` (this one).
+    pub fn add_expert(&mut self, name: String, shape: &[usize], init: Init, owner: usize) -> Slot {
+        let r = self.add(name, shape, init);
+        let last = self.specs.len() - 1;
+        self.specs[last].expert = true;
+        self.logical.last_mut().expect("just added").owner = owner;
+        r
+    }
+
+    /// Maximal runs of consecutive tensors that are (`expert = true`) or are not routed
+    /// experts' weights: what one collective call can reduce in place.
+    pub fn runs(&self, expert: bool) -> Vec<Range<usize>> {
+        let mut out: Vec<Range<usize>> = Vec::new();
+        for s in self.specs.iter().filter(|s| s.expert == expert) {
+            match out.last_mut() {
+                Some(r) if r.end == s.offset => r.end = s.offset + s.len(),
+                _ => out.push(s.range()),
+            }
+        }
+        out
+    }
+
     /// Records a tensor of the whole model that another rank holds.
-    pub fn add_remote(&mut self, name: String, shape: &[usize], init: Init) {
+    pub fn add_remote(&mut self, name: String, shape: &[usize], init: Init, owner: usize) {
         self.remote.insert(name.clone());
-        self.logical.push(LogicalTensor { name, shape: shape.to_vec(), init, local: false });
+        self.logical.push(LogicalTensor { name, shape: shape.to_vec(), init, local: false, owner });
     }
 
     /// True for a tensor of the whole model that this rank does not hold.

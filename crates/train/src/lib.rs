@@ -7,5 +7,6 @@
 
 pub mod data;
 pub mod optimizer;
+pub mod parallel;
 pub mod schedule;
 pub mod trainer;

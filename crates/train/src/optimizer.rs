@@ -113,20 +113,31 @@ fn split_segments<'a>(mut buf: &'a mut [f32], segs: &[Segment]) -> Vec<&'a mut [
     out
 }
 
-/// `‖g‖₂` over the whole buffer. Partial sums are combined in a fixed order, so the
+/// `Σ g²` over a buffer in f64. Partial sums are combined in a fixed order, so the
 /// result does not depend on thread scheduling.
-pub fn global_norm(g: &[f32]) -> f32 {
+pub fn sum_squares(g: &[f32]) -> f64 {
     let parts: Vec<f64> = g.par_chunks(SEGMENT).map(|c| c.iter().map(|x| (*x as f64) * (*x as f64)).sum::<f64>()).collect();
-    parts.iter().sum::<f64>().sqrt() as f32
+    parts.iter().sum::<f64>()
+}
+
+/// `‖g‖₂` over the whole buffer.
+pub fn global_norm(g: &[f32]) -> f32 {
+    sum_squares(g).sqrt() as f32
+}
+
+/// Scales `g` by `max_norm / norm` when `norm` (the gradient's global norm, possibly
+/// over several ranks) exceeds `max_norm > 0`.
+pub fn clip_to_norm(g: &mut [f32], norm: f32, max_norm: f32) {
+    if max_norm > 0.0 && norm > max_norm {
+        let s = max_norm / (norm + 1e-6);
+        g.par_chunks_mut(SEGMENT).for_each(|c| c.iter_mut().for_each(|x| *x *= s));
+    }
 }
 
 /// Scales `g` so its norm is at most `max_norm`; returns the norm before clipping.
 pub fn clip_grad_norm(g: &mut [f32], max_norm: f32) -> f32 {
     let norm = global_norm(g);
-    if max_norm > 0.0 && norm > max_norm {
-        let s = max_norm / (norm + 1e-6);
-        g.par_chunks_mut(SEGMENT).for_each(|c| c.iter_mut().for_each(|x| *x *= s));
-    }
+    clip_to_norm(g, norm, max_norm);
     norm
 }
 

@@ -12,14 +12,16 @@
 use crate::data::batch::{Batcher, Source, StreamPos};
 use crate::data::jsonl::read_jsonl;
 use crate::data::math::Mix;
-use crate::optimizer::{clip_grad_norm, AdamW, AdamWConfig};
+use crate::optimizer::{clip_to_norm, global_norm, AdamW, AdamWConfig};
+use crate::parallel::{catch_comm, Parallel};
 use crate::schedule::Schedule;
 use ultramoe_kernels::balance::BalanceLoss;
 use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
-use ultramoe_model::checkpoint::{load_weights, read_safetensors, save_weights, write_atomic, write_safetensors};
+use ultramoe_dist::{CommError, Mesh};
+use ultramoe_model::checkpoint::{load_weights, read_safetensors, save_model_share, write_atomic, write_safetensors, Tensor};
 use ultramoe_model::{Error, Model, ModelConfig, Result};
 
 /// Where training examples come from.
@@ -42,7 +44,7 @@ pub struct TrainConfig {
     pub seed: u64,
     /// optimizer steps
     pub steps: u64,
-    /// rows per micro-batch `B`
+    /// rows per micro-batch `B` (the global batch: split over data-parallel ranks)
     pub micro_batch: usize,
     /// tokens per row `T`
     pub seq_len: usize,
@@ -151,6 +153,8 @@ pub struct StepStats {
     pub tokens_per_s: f64,
     /// model FLOP utilisation against the measured GEMM peak
     pub mfu: f64,
+    /// seconds of gradient-reduction communication (0 on one rank)
+    pub comm_s: f64,
     /// per MoE layer, tokens routed to each expert
     pub expert_counts: Vec<Vec<usize>>,
     /// max over layers of (busiest expert's tokens / mean tokens per expert)
@@ -220,6 +224,10 @@ mod tests {
     }
 }
 
+fn comm_error(e: CommError) -> Error {
+    Error::msg(format!("distributed run failed: {e}"))
+}
+
 /// Saved alongside the weights.
 #[derive(Serialize, Deserialize)]
 struct TrainerState {
@@ -248,6 +256,8 @@ pub struct Trainer {
     pub step: u64,
     /// FLOP/s taken as 100% MFU
     pub peak_flops: f64,
+    /// this rank's place in a distributed run (`None`: one rank)
+    pub parallel: Option<Parallel>,
     metrics: Option<std::fs::File>,
 }
 
@@ -260,8 +270,31 @@ fn source_for(data: &DataSpec, vocab: usize) -> Result<Source> {
 }
 
 impl Trainer {
-    /// A fresh run: weights from `w`, data from `cfg.data`.
-    pub fn new(mut model: Model, w: Vec<f32>, cfg: TrainConfig, peak_flops: f64) -> Result<Self> {
+    /// A fresh run on one rank: weights from `w`, data from `cfg.data`.
+    pub fn new(model: Model, w: Vec<f32>, cfg: TrainConfig, peak_flops: f64) -> Result<Self> {
+        Self::with_mesh(model, w, cfg, peak_flops, None)
+    }
+
+    /// A fresh run on one rank of `mesh` (or one rank alone): `model` must be this rank's
+    /// share ([`Model::expert_parallel`] over `mesh.ep`), `w` its weights.
+    pub fn with_mesh(mut model: Model, w: Vec<f32>, cfg: TrainConfig, peak_flops: f64, mesh: Option<Mesh>) -> Result<Self> {
+        let world = mesh.as_ref().map_or(1, |m| m.world.size());
+        if let Some(m) = &mesh {
+            if model.ep_rank_size().1 != m.ep_size() {
+                return Err(Error::msg(format!(
+                    "the model is split over {} expert-parallel ranks but the mesh has {}",
+                    model.ep_rank_size().1,
+                    m.ep_size()
+                )));
+            }
+            if cfg.micro_batch % world != 0 {
+                return Err(Error::field("micro_batch", format!("{} rows cannot be split evenly over {world} ranks", cfg.micro_batch)));
+            }
+        }
+        if let Some(m) = &mesh {
+            let text = format!("{}{}", serde_json::to_string(&model.cfg.raw).unwrap_or_default(), serde_json::to_string(&cfg).unwrap_or_default());
+            m.agree("model or training configuration", &text).map_err(comm_error)?;
+        }
         if let Some(a) = &cfg.aux_loss {
             let kind = a.kind(cfg.seq_len)?;
             if let BalanceLoss::EpGroup { groups } = kind {
@@ -269,8 +302,8 @@ impl Trainer {
                     return Err(Error::field("aux_loss", format!("{groups} expert-parallel groups do not divide {} experts", model.cfg.moe.n_experts)));
                 }
             }
-            // Each micro-batch contributes its share of the step's mean.
-            model.set_balance_loss(Some((kind, a.coef / cfg.grad_accum.max(1) as f32)));
+            // Each micro-batch and each rank contributes its share of the step's mean.
+            model.set_balance_loss(Some((kind, a.coef / (cfg.grad_accum.max(1) * world) as f32)));
         }
         model.set_routing_skew(cfg.routing_skew);
         if cfg.stats_ep == 0 || (model.cfg.moe.n_experts > 0 && model.cfg.moe.n_experts % cfg.stats_ep != 0) {
@@ -301,7 +334,8 @@ impl Trainer {
         let opt = AdamW::new(&model.layout, cfg.adamw.clone());
         let sched = Schedule { peak: cfg.lr, min: cfg.min_lr, warmup: cfg.warmup, total: cfg.steps };
         let g = vec![0.0; model.layout.total];
-        Ok(Trainer { model, w, g, opt, sched, cfg, batcher, step: 0, peak_flops, metrics: None })
+        let parallel = mesh.map(|m| Parallel::new(m, &model.layout));
+        Ok(Trainer { model, w, g, opt, sched, cfg, batcher, step: 0, peak_flops, parallel, metrics: None })
     }
 
     /// Appends one JSON object per step to `path`.
@@ -315,38 +349,56 @@ impl Trainer {
         Ok(())
     }
 
-    /// Runs one optimizer step over `grad_accum` micro-batches.
-    pub fn train_step(&mut self) -> StepStats {
+    /// Runs one optimizer step over `grad_accum` micro-batches. In a distributed run
+    /// every rank must call it; a failed exchange is an error naming the rank.
+    pub fn train_step(&mut self) -> Result<StepStats> {
         let start = Instant::now();
         let (b, t) = (self.cfg.micro_batch, self.cfg.seq_len);
+        // Every rank draws the same global micro-batches and trains on its rows.
         let micro: Vec<_> = (0..self.cfg.grad_accum).map(|_| self.batcher.next_batch(b, t)).collect();
         let total_targets: usize =
             micro.iter().map(|m| m.targets.iter().filter(|&&x| x != ultramoe_kernels::loss::IGNORE).count()).sum();
         let scale = 1.0 / total_targets.max(1) as f32;
+        let rows = self.parallel.as_ref().map_or(0..b, |p| p.rows(b));
+        let (r0, r1, bl) = (rows.start * t, rows.end * t, rows.len());
         // `g` is zero here: it starts zeroed and every optimizer step clears it.
-        let mut loss_sum = 0.0f64;
-        let mut aux = 0.0f32;
+        let mut sums = [0.0f64, 0.0]; // Σ CE, Σ aux
         let mut counts: Vec<Vec<usize>> = vec![];
-        for mb in &micro {
-            let fwd = {
-                let _p = ultramoe_kernels::profile::scope("forward");
-                self.model.forward(&self.w, &mb.ids, b, t)
-            };
-            let c = fwd.expert_counts();
-            aux += fwd.aux_loss();
-            if counts.is_empty() {
-                counts = c;
-            } else {
-                for (acc, layer) in counts.iter_mut().zip(c) {
-                    acc.iter_mut().zip(layer).for_each(|(a, x)| *a += x);
+        let (model, w, g) = (&self.model, &self.w, &mut self.g);
+        catch_comm(|| {
+            for mb in &micro {
+                let fwd = {
+                    let _p = ultramoe_kernels::profile::scope("forward");
+                    model.forward(w, &mb.ids[r0..r1], bl, t)
+                };
+                let c = fwd.expert_counts();
+                sums[1] += fwd.aux_loss() as f64;
+                if counts.is_empty() {
+                    counts = c;
+                } else {
+                    for (acc, layer) in counts.iter_mut().zip(c) {
+                        acc.iter_mut().zip(layer).for_each(|(a, x)| *a += x);
+                    }
                 }
+                let _p = ultramoe_kernels::profile::scope("backward");
+                sums[0] += model.backward(w, g, fwd, &mb.targets[r0..r1], scale).0;
             }
-            let _p = ultramoe_kernels::profile::scope("backward");
-            let (sum, _) = self.model.backward(&self.w, &mut self.g, fwd, &mb.targets, scale);
-            loss_sum += sum;
-        }
+        })
+        .map_err(comm_error)?;
         let opt_scope = ultramoe_kernels::profile::scope("optimizer");
-        let grad_norm = clip_grad_norm(&mut self.g, self.cfg.clip);
+        let mut comm_s = 0.0;
+        let grad_norm = match &mut self.parallel {
+            None => global_norm(&self.g),
+            Some(p) => {
+                p.reduce_grads(&mut self.g).map_err(comm_error)?;
+                p.sum_counts(&mut counts).map_err(comm_error)?;
+                p.sum(&mut sums).map_err(comm_error)?;
+                let norm = p.grad_norm(&self.g).map_err(comm_error)?;
+                comm_s = p.take_comm_s();
+                norm
+            }
+        };
+        clip_to_norm(&mut self.g, grad_norm, self.cfg.clip);
         let lr = self.sched.lr(self.step);
         self.opt.step(&mut self.w, &mut self.g, lr);
         drop(opt_scope);
@@ -357,26 +409,31 @@ impl Trainer {
         let step_s = start.elapsed().as_secs_f64();
         let tokens = b * t * self.cfg.grad_accum;
         let flops = self.model.train_flops(b, t) * self.cfg.grad_accum as f64;
+        let stats_ep = match self.model.ep_rank_size().1 {
+            1 => self.cfg.stats_ep,
+            ep => ep,
+        };
         let stats = StepStats {
             step: self.step,
-            loss: (loss_sum / total_targets.max(1) as f64) as f32,
+            loss: (sums[0] / total_targets.max(1) as f64) as f32,
             lr,
-            aux_loss: aux,
+            aux_loss: sums[1] as f32,
             grad_norm,
             tokens,
             step_s,
             tokens_per_s: tokens as f64 / step_s,
             mfu: flops / step_s / self.peak_flops,
+            comm_s,
             expert_imbalance: expert_imbalance(&counts),
-            rank_load_imbalance: rank_load_imbalance(&rank_loads(&counts, self.cfg.stats_ep)),
-            rank_counts: rank_loads(&counts, self.cfg.stats_ep),
+            rank_load_imbalance: rank_load_imbalance(&rank_loads(&counts, stats_ep)),
+            rank_counts: rank_loads(&counts, stats_ep),
             expert_counts: counts,
         };
         if let Some(f) = &mut self.metrics {
             // Metrics are best-effort: a full disk must not kill a training run.
             let _ = writeln!(f, "{}", serde_json::to_string(&stats).unwrap_or_default());
         }
-        stats
+        Ok(stats)
     }
 
     /// Aux-loss-free balancing (DeepSeek-V3): after each step every expert's correction
@@ -398,39 +455,81 @@ impl Trainer {
         }
     }
 
+    /// This rank's expert-parallel index and size.
+    fn ep(&self) -> (usize, usize) {
+        self.model.ep_rank_size()
+    }
+
+    /// True on the rank that writes run-wide files (rank 0 of the world).
+    pub fn is_lead(&self) -> bool {
+        self.parallel.as_ref().is_none_or(|p| p.rank() == 0)
+    }
+
+    /// True on the ranks that write their share of a checkpoint: the first
+    /// data-parallel copy of each expert-parallel rank.
+    fn writes_share(&self) -> bool {
+        self.parallel.as_ref().is_none_or(|p| p.mesh.dp.rank() == 0)
+    }
+
+    fn barrier(&self) -> Result<()> {
+        match &self.parallel {
+            Some(p) => p.mesh.world.barrier().map_err(comm_error),
+            None => Ok(()),
+        }
+    }
+
+    /// Saves the model (every rank's share) to `dir` in the Hugging Face layout. Every
+    /// rank must call it; it returns when the directory is complete.
+    pub fn save_model(&self, dir: &Path) -> Result<()> {
+        if self.writes_share() {
+            save_model_share(&self.model, &self.w, dir)?;
+        }
+        self.barrier()
+    }
+
     /// Writes a checkpoint under `run_dir/checkpoints/` and points `latest` at it; keeps
-    /// the newest `keep` checkpoints.
+    /// the newest `keep` checkpoints. In a distributed run every rank must call it: each
+    /// writes its share (weights and moments of its experts; rank 0 also the replicated
+    /// tensors), rank 0 the run state, and `latest` moves only after all shares are down.
     pub fn save_checkpoint(&self, run_dir: &Path, keep: usize) -> Result<PathBuf> {
         let root = run_dir.join("checkpoints");
         let name = format!("step-{:07}", self.step);
         let dir = root.join(&name);
-        save_weights(&self.model, &self.w, &dir, None)?;
-        let mut tensors = Vec::with_capacity(2 * self.model.layout.specs.len());
-        for s in &self.model.layout.specs {
-            tensors.push((format!("exp_avg.{}", s.name), s.shape.clone(), &self.opt.m[s.range()]));
-            tensors.push((format!("exp_avg_sq.{}", s.name), s.shape.clone(), &self.opt.v[s.range()]));
+        if self.writes_share() {
+            save_model_share(&self.model, &self.w, &dir)?;
+            let (k, p) = self.ep();
+            let mut tensors = Vec::with_capacity(2 * self.model.layout.specs.len());
+            for s in self.model.layout.specs.iter().filter(|s| ultramoe_model::checkpoint::saved_by(s, k)) {
+                tensors.push((format!("exp_avg.{}", s.name), s.shape.clone(), &self.opt.m[s.range()]));
+                tensors.push((format!("exp_avg_sq.{}", s.name), s.shape.clone(), &self.opt.v[s.range()]));
+            }
+            let file = if p == 1 { "optimizer.safetensors".to_string() } else { format!("optimizer-{:05}-of-{p:05}.safetensors", k + 1) };
+            write_safetensors(&dir.join(file), &tensors, None)?;
         }
-        write_safetensors(&dir.join("optimizer.safetensors"), &tensors, None)?;
-        let state = TrainerState {
-            step: self.step,
-            optimizer_step: self.opt.t,
-            data_position: self.batcher.position(),
-            config: self.cfg.clone(),
-        };
-        write_atomic(&dir.join("trainer_state.json"), serde_json::to_string_pretty(&state).unwrap().as_bytes())?;
-        write_atomic(&root.join("latest"), name.as_bytes())?;
-        // Prune older checkpoints (never the one just written).
-        let mut all: Vec<String> = std::fs::read_dir(&root)
-            .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
-            .unwrap_or_default();
-        all.retain(|n| n.starts_with("step-"));
-        all.sort();
-        let excess = all.len().saturating_sub(keep.max(1));
-        for old in all.into_iter().take(excess) {
-            if old != name {
-                let _ = std::fs::remove_dir_all(root.join(old));
+        self.barrier()?;
+        if self.is_lead() {
+            let state = TrainerState {
+                step: self.step,
+                optimizer_step: self.opt.t,
+                data_position: self.batcher.position(),
+                config: self.cfg.clone(),
+            };
+            write_atomic(&dir.join("trainer_state.json"), serde_json::to_string_pretty(&state).unwrap().as_bytes())?;
+            write_atomic(&root.join("latest"), name.as_bytes())?;
+            // Prune older checkpoints (never the one just written).
+            let mut all: Vec<String> = std::fs::read_dir(&root)
+                .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+                .unwrap_or_default();
+            all.retain(|n| n.starts_with("step-"));
+            all.sort();
+            let excess = all.len().saturating_sub(keep.max(1));
+            for old in all.into_iter().take(excess) {
+                if old != name {
+                    let _ = std::fs::remove_dir_all(root.join(old));
+                }
             }
         }
+        self.barrier()?;
         Ok(dir)
     }
 
@@ -445,27 +544,37 @@ impl Trainer {
     /// Resumes from a checkpoint directory: weights, moments, step, data position and
     /// the training config (with `steps` optionally extended).
     pub fn resume(dir: &Path, peak_flops: f64, steps: Option<u64>) -> Result<Self> {
+        Self::resume_with_mesh(dir, peak_flops, steps, None)
+    }
+
+    /// [`Trainer::resume`] on one rank of `mesh`. The checkpoint may have been written
+    /// under any expert- and data-parallel layout: tensors are found by name in whatever
+    /// shards hold them, and each rank takes its share.
+    pub fn resume_with_mesh(dir: &Path, peak_flops: f64, steps: Option<u64>, mesh: Option<Mesh>) -> Result<Self> {
         let state_path = dir.join("trainer_state.json");
         let text = std::fs::read_to_string(&state_path).map_err(|e| Error::msg(format!("cannot read: {e}")).in_file(&state_path))?;
         let state: TrainerState =
             serde_json::from_str(&text).map_err(|e| Error::msg(format!("not a trainer state: {e}")).in_file(&state_path))?;
-        let model = Model::new(ModelConfig::from_file(&dir.join("config.json"))?);
+        let cfg_model = ModelConfig::from_file(&dir.join("config.json"))?;
+        let model = match &mesh {
+            Some(m) => Model::expert_parallel(cfg_model, m.ep.clone())?,
+            None => Model::new(cfg_model),
+        };
         let w = load_weights(&model, dir)?;
         let mut cfg = state.config;
         if let Some(s) = steps {
             cfg.steps = s;
         }
-        let mut tr = Trainer::new(model, w, cfg, peak_flops)?;
-        let opt_path = dir.join("optimizer.safetensors");
-        let moments = read_safetensors(&opt_path)?;
+        let mut tr = Trainer::with_mesh(model, w, cfg, peak_flops, mesh)?;
+        let moments = read_optimizer_shards(dir)?;
         for s in &tr.model.layout.specs {
             for (prefix, buf) in [("exp_avg.", &mut tr.opt.m), ("exp_avg_sq.", &mut tr.opt.v)] {
                 let key = format!("{prefix}{}", s.name);
-                let t = moments.get(&key).ok_or_else(|| Error::field(&key, "missing optimizer state").in_file(&opt_path))?;
+                let (t, file) = moments.get(&key).ok_or_else(|| Error::field(&key, "missing optimizer state").in_file(dir))?;
                 if t.shape != s.shape {
-                    return Err(Error::field(&key, format!("shape {:?} does not match {:?}", t.shape, s.shape)).in_file(&opt_path));
+                    return Err(Error::field(&key, format!("shape {:?} does not match {:?}", t.shape, s.shape)).in_file(file));
                 }
-                buf[s.range()].copy_from_slice(t.f32(&key)?);
+                buf[s.range()].copy_from_slice(t.f32(&key).map_err(|e| e.in_file(file))?);
             }
         }
         tr.opt.t = state.optimizer_step;
@@ -473,4 +582,25 @@ impl Trainer {
         tr.batcher.restore(state.data_position);
         Ok(tr)
     }
+}
+
+/// Every optimizer tensor of a checkpoint, from `optimizer.safetensors` or the
+/// per-expert-parallel-rank `optimizer-*-of-*.safetensors` shards, with its file.
+fn read_optimizer_shards(dir: &Path) -> Result<std::collections::BTreeMap<String, (Tensor, PathBuf)>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| Error::msg(format!("cannot read directory: {e}")).in_file(dir))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("optimizer") && n.ends_with(".safetensors")))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(Error::msg("no optimizer state (optimizer*.safetensors)").in_file(dir));
+    }
+    let mut out = std::collections::BTreeMap::new();
+    for f in files {
+        for (name, t) in read_safetensors(&f)? {
+            out.insert(name, (t, f.clone()));
+        }
+    }
+    Ok(out)
 }

@@ -36,19 +36,19 @@ fn resumed_run_repeats_the_uninterrupted_losses() {
     let model = tiny();
     let w = init_weights(&model.layout, 7);
     let mut full = Trainer::new(model.clone(), w.clone(), config(), 1e11).unwrap();
-    let expect: Vec<f32> = (0..8).map(|_| full.train_step().loss).collect();
+    let expect: Vec<f32> = (0..8).map(|_| full.train_step().unwrap().loss).collect();
     assert!(expect[7] < expect[0], "loss should fall: {expect:?}");
 
     let dir = std::env::temp_dir().join(format!("ultramoe-resume-test-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let mut first = Trainer::new(model, w, config(), 1e11).unwrap();
-    let mut got: Vec<f32> = (0..3).map(|_| first.train_step().loss).collect();
+    let mut got: Vec<f32> = (0..3).map(|_| first.train_step().unwrap().loss).collect();
     first.save_checkpoint(&dir, 2).unwrap();
     drop(first);
     let ckpt = Trainer::latest_checkpoint(&dir).expect("latest checkpoint");
     let mut resumed = Trainer::resume(&ckpt, 1e11, None).unwrap();
     assert_eq!(resumed.step, 3);
-    got.extend((3..8).map(|_| resumed.train_step().loss));
+    got.extend((3..8).map(|_| resumed.train_step().unwrap().loss));
     assert_eq!(got, expect, "resumed losses differ");
     assert_eq!(resumed.w, full.w, "final weights differ");
     std::fs::remove_dir_all(&dir).unwrap();

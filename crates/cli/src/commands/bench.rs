@@ -90,13 +90,13 @@ fn bench_train(a: BenchTrainArgs) -> CliResult {
     };
     let mut tr = Trainer::new(model, w, tc, peak).map_err(|e| e.to_string())?;
     for _ in 0..a.warmup {
-        tr.train_step();
+        tr.train_step().map_err(|e| e.to_string())?;
     }
     ultramoe_kernels::profile::take();
     let mut times = Vec::with_capacity(a.steps);
     let mut mfus = Vec::with_capacity(a.steps);
     for _ in 0..a.steps {
-        let s = tr.train_step();
+        let s = tr.train_step().map_err(|e| e.to_string())?;
         times.push(s.step_s);
         mfus.push(s.mfu);
     }

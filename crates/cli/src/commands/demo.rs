@@ -55,8 +55,9 @@ pub fn run(a: DemoArgs) -> CliResult {
         metrics: None,
         peak_gflops: None,
         no_progress: a.no_progress,
+        parallel: crate::launch::ParallelArgs { ranks: 1, ep: None, dp: None, comm_timeout: 30 },
     };
-    let mut tr = make_trainer(&targs)?;
+    let mut tr = make_trainer(&targs, None)?;
     eprintln!(
         "training the default math MoE ({:.2}M parameters, {} experts top-{}) for {} steps",
         tr.model.n_params() as f64 / 1e6,

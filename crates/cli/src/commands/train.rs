@@ -5,7 +5,9 @@ use crate::presets::{math_train_config, MATH_MOE_CONFIG};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::{Path, PathBuf};
-use ultramoe_model::checkpoint::{load_weights, save_weights};
+use crate::launch::{launch, ParallelArgs};
+use ultramoe_dist::Mesh;
+use ultramoe_model::checkpoint::load_weights;
 use ultramoe_model::init::init_weights;
 use ultramoe_model::{Model, ModelConfig};
 use ultramoe_train::trainer::{AuxLossConfig, DataSpec, StepStats, TrainConfig, Trainer};
@@ -82,6 +84,8 @@ pub struct TrainArgs {
     /// Plain log lines instead of a progress bar.
     #[arg(long)]
     pub no_progress: bool,
+    #[command(flatten)]
+    pub parallel: ParallelArgs,
 }
 
 fn apply_overrides(mut c: TrainConfig, a: &TrainArgs) -> CliResult<TrainConfig> {
@@ -123,29 +127,38 @@ fn apply_overrides(mut c: TrainConfig, a: &TrainArgs) -> CliResult<TrainConfig> 
     Ok(c)
 }
 
-/// Builds a trainer from the arguments (fresh, initialised from a checkpoint, or resumed).
-pub fn make_trainer(a: &TrainArgs) -> CliResult<Trainer> {
+/// Builds a trainer from the arguments (fresh, initialised from a checkpoint, or
+/// resumed) on one rank of `mesh`, or alone.
+pub fn make_trainer(a: &TrainArgs, mesh: Option<Mesh>) -> CliResult<Trainer> {
     let peak = peak_flops(a.peak_gflops);
+    let lead = mesh.as_ref().is_none_or(|m| m.world.rank() == 0);
     if a.resume {
         if let Some(dir) = Trainer::latest_checkpoint(&a.run_dir) {
-            let tr = Trainer::resume(&dir, peak, a.steps).map_err(|e| e.to_string())?;
-            eprintln!("resuming from {} at step {}", dir.display(), tr.step);
+            let tr = Trainer::resume_with_mesh(&dir, peak, a.steps, mesh).map_err(|e| e.to_string())?;
+            if lead {
+                eprintln!("resuming from {} at step {}", dir.display(), tr.step);
+            }
             return Ok(tr);
         }
-        eprintln!("no checkpoint in {}; starting fresh", a.run_dir.display());
+        if lead {
+            eprintln!("no checkpoint in {}; starting fresh", a.run_dir.display());
+        }
     }
     let cfg = match &a.model_config {
         Some(p) => ModelConfig::from_file(p),
         None => ModelConfig::from_json_str(MATH_MOE_CONFIG),
     }
     .map_err(|e| e.to_string())?;
-    let model = Model::new(cfg);
+    let model = match &mesh {
+        Some(m) => Model::expert_parallel(cfg, m.ep.clone()).map_err(|e| e.to_string())?,
+        None => Model::new(cfg),
+    };
     let tc = apply_overrides(math_train_config(), a)?;
     let w = match &a.init_from {
         Some(dir) => load_weights(&model, dir).map_err(|e| e.to_string())?,
         None => init_weights(&model.layout, tc.seed),
     };
-    Trainer::new(model, w, tc, peak).map_err(|e| e.to_string())
+    Trainer::with_mesh(model, w, tc, peak, mesh).map_err(|e| e.to_string())
 }
 
 /// Trains to the configured step count with a progress bar (or log lines), saving
@@ -153,10 +166,13 @@ pub fn make_trainer(a: &TrainArgs) -> CliResult<Trainer> {
 /// statistics.
 pub fn train_loop(tr: &mut Trainer, run_dir: &Path, metrics: Option<&Path>, progress: bool) -> CliResult<Option<StepStats>> {
     std::fs::create_dir_all(run_dir).map_err(|e| format!("{}: cannot create run directory: {e}", run_dir.display()))?;
-    let metrics_path = metrics.map(Path::to_path_buf).unwrap_or_else(|| run_dir.join("metrics.jsonl"));
-    tr.log_metrics_to(&metrics_path).map_err(|e| e.to_string())?;
+    let lead = tr.is_lead();
+    if lead {
+        let metrics_path = metrics.map(Path::to_path_buf).unwrap_or_else(|| run_dir.join("metrics.jsonl"));
+        tr.log_metrics_to(&metrics_path).map_err(|e| e.to_string())?;
+    }
     let total = tr.cfg.steps;
-    let bar = if progress {
+    let bar = if progress && lead {
         let b = ProgressBar::new(total);
         b.set_style(
             ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}")
@@ -170,7 +186,7 @@ pub fn train_loop(tr: &mut Trainer, run_dir: &Path, metrics: Option<&Path>, prog
     let mut last = None;
     let mut tokens_per_s = Vec::new();
     while tr.step < total {
-        let s = tr.train_step();
+        let s = tr.train_step().map_err(|e| e.to_string())?;
         tokens_per_s.push(s.tokens_per_s);
         let msg = format!(
             "loss {:.4} | {:.0} tok/s | MFU {:.1}% | expert imbalance {:.2}",
@@ -185,7 +201,7 @@ pub fn train_loop(tr: &mut Trainer, run_dir: &Path, metrics: Option<&Path>, prog
                 b.set_message(msg);
             }
             None => {
-                if s.step.is_multiple_of(10) || s.step == 1 || s.step == total {
+                if lead && (s.step.is_multiple_of(10) || s.step == 1 || s.step == total) {
                     eprintln!("step {}/{} {msg}", s.step, total);
                 }
             }
@@ -199,8 +215,8 @@ pub fn train_loop(tr: &mut Trainer, run_dir: &Path, metrics: Option<&Path>, prog
         b.finish();
     }
     tr.save_checkpoint(run_dir, 2).map_err(|e| e.to_string())?;
-    save_weights(&tr.model, &tr.w, &run_dir.join("model"), None).map_err(|e| e.to_string())?;
-    if !tokens_per_s.is_empty() {
+    tr.save_model(&run_dir.join("model")).map_err(|e| e.to_string())?;
+    if !tokens_per_s.is_empty() && lead {
         tokens_per_s.sort_by(|a, b| a.partial_cmp(b).unwrap());
         eprintln!(
             "trained to step {} — median {:.0} tokens/s; model saved to {}",
@@ -213,8 +229,24 @@ pub fn train_loop(tr: &mut Trainer, run_dir: &Path, metrics: Option<&Path>, prog
 }
 
 /// `ultramoe train`.
-pub fn run(a: TrainArgs) -> CliResult {
-    let mut tr = make_trainer(&a)?;
+pub fn run(mut a: TrainArgs) -> CliResult {
+    if a.parallel.is_parallel() && a.peak_gflops.is_none() {
+        // Measure once, before the ranks start competing for the cores.
+        a.peak_gflops = Some(peak_flops(None) / 1e9);
+    }
+    let p = a.parallel.clone();
+    launch(&p, move |mesh| train_rank(&a, mesh))
+}
+
+fn train_rank(a: &TrainArgs, mesh: Option<Mesh>) -> CliResult {
+    let layout = mesh.as_ref().map(|m| (m.world.size(), m.ep_size(), m.dp_size()));
+    let mut tr = make_trainer(a, mesh)?;
+    if !tr.is_lead() {
+        return train_loop(&mut tr, &a.run_dir, a.metrics.as_deref(), false).map(|_| ());
+    }
+    if let Some((n, ep, dp)) = layout {
+        eprintln!("{n} ranks: expert-parallel {ep} × data-parallel {dp}");
+    }
     eprintln!(
         "model: {} with {:.2}M parameters ({:.2}M active per token); {} steps of {}×{}×{} tokens",
         tr.model.cfg.arch.model_type(),

@@ -1,0 +1,100 @@
+//! Starting the ranks of a distributed job: as threads of this process (`--ranks N`,
+//! the in-process backend) or, when started by `mpirun` in a build with the `mpi`
+//! feature, one rank per process. Either way every rank runs the same function with its
+//! [`Mesh`]; a failing rank ends the whole job with an error naming it.
+
+use crate::commands::CliResult;
+use clap::Args;
+use std::sync::Arc;
+use std::time::Duration;
+use ultramoe_dist::{local, CommError, Mesh, ProcessGroup};
+
+/// Parallelism options shared by the commands that train.
+#[derive(Args, Clone, Debug)]
+pub struct ParallelArgs {
+    /// Ranks to run as threads of this process (in-process backend). Under `mpirun`
+    /// the ranks are MPI's processes instead.
+    #[arg(long, default_value_t = 1)]
+    pub ranks: usize,
+    /// Expert-parallel size: each rank holds 1/EP of every layer's experts (default:
+    /// all ranks, or ranks / DP when --dp is given).
+    #[arg(long)]
+    pub ep: Option<usize>,
+    /// Data-parallel size: copies of each expert (ranks / EP).
+    #[arg(long)]
+    pub dp: Option<usize>,
+    /// Seconds a rank waits for the others before the job is declared stuck.
+    #[arg(long, default_value_t = 30)]
+    pub comm_timeout: u64,
+}
+
+impl ParallelArgs {
+    /// True when more than one rank will run.
+    pub fn is_parallel(&self) -> bool {
+        self.ranks > 1 || mpi_world_size().is_some_and(|n| n > 1)
+    }
+
+    /// The expert-parallel size for a world of `n` ranks.
+    fn ep_for(&self, n: usize) -> CliResult<usize> {
+        let ep = match (self.ep, self.dp) {
+            (Some(ep), _) => ep,
+            (None, Some(dp)) if dp > 0 && n % dp == 0 => n / dp,
+            (None, Some(dp)) => return Err(format!("--dp {dp} does not divide {n} ranks")),
+            (None, None) => n,
+        };
+        if ep == 0 || n % ep != 0 {
+            return Err(format!("--ep {ep} does not divide {n} ranks"));
+        }
+        if let Some(dp) = self.dp {
+            if dp * ep != n {
+                return Err(format!("--ep {ep} × --dp {dp} must equal the {n} ranks"));
+            }
+        }
+        Ok(ep)
+    }
+}
+
+/// Ranks in the MPI job this process belongs to, if it was started by `mpirun`.
+pub fn mpi_world_size() -> Option<usize> {
+    ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE"].iter().find_map(|v| std::env::var(v).ok()?.parse().ok())
+}
+
+/// Runs `f` on every rank (or once, with no mesh, for a single rank) and returns rank
+/// 0's result.
+pub fn launch<T: Send + 'static>(p: &ParallelArgs, f: impl Fn(Option<Mesh>) -> CliResult<T> + Send + Sync + 'static) -> CliResult<T> {
+    let timeout = Duration::from_secs(p.comm_timeout.max(1));
+    if let Some(n) = mpi_world_size() {
+        if p.ranks > 1 {
+            return Err("--ranks runs ranks as threads; under mpirun the ranks are MPI's processes (drop --ranks)".into());
+        }
+        return launch_mpi(p, n, timeout, f);
+    }
+    if p.ranks <= 1 && p.ep.unwrap_or(1) == 1 && p.dp.unwrap_or(1) == 1 {
+        return f(None);
+    }
+    let ep = p.ep_for(p.ranks)?;
+    let f = Arc::new(f);
+    let results = local::run(p.ranks, timeout, move |c| {
+        let rank = ultramoe_dist::Communicator::rank(&c);
+        let world: Arc<dyn ProcessGroup> = Arc::new(c);
+        let mesh = Mesh::new(world, ep)?;
+        f(Some(mesh)).map_err(|reason| CommError { rank: Some(rank), reason })
+    })
+    .map_err(|e| e.to_string())?;
+    results.into_iter().next().ok_or_else(|| "no ranks ran".to_string())
+}
+
+#[cfg(feature = "mpi")]
+fn launch_mpi<T>(p: &ParallelArgs, n: usize, timeout: Duration, f: impl Fn(Option<Mesh>) -> CliResult<T>) -> CliResult<T> {
+    let world = ultramoe_dist::mpi::world(timeout).map_err(|e| e.to_string())?;
+    let rank = world.rank();
+    let ep = p.ep_for(n)?;
+    let mesh = Mesh::new(world, ep).map_err(|e| e.to_string())?;
+    f(Some(mesh)).map_err(|e| format!("rank {rank}: {e}"))
+}
+
+#[cfg(not(feature = "mpi"))]
+fn launch_mpi<T>(_: &ParallelArgs, _: usize, _: Duration, _: impl Fn(Option<Mesh>) -> CliResult<T>) -> CliResult<T> {
+    Err("started by mpirun, but this ultramoe was built without MPI: rebuild with `cargo build --release --features mpi`".into())
+}
+

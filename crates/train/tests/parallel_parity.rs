@@ -1,0 +1,188 @@
+//! Expert and data parallelism give the single-rank training run: on the same seed and
+//! global batch, every layout's loss at each of 30 steps and its final weights match one
+//! rank's within 1e-5 (relative), and a checkpoint written under one layout resumes
+//! under another on the identical loss curve.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+use ultramoe_dist::{local, Mesh, ProcessGroup};
+use ultramoe_model::init::init_weights;
+use ultramoe_model::{Model, ModelConfig};
+use ultramoe_train::trainer::{DataSpec, TrainConfig, Trainer};
+
+const STEPS: u64 = 30;
+
+fn model_config() -> ModelConfig {
+    ModelConfig::from_json_str(
+        r#"{"model_type": "deepseek_v3", "vocab_size": 128, "hidden_size": 32, "intermediate_size": 48,
+            "moe_intermediate_size": 16, "num_hidden_layers": 3, "first_k_dense_replace": 1, "num_attention_heads": 2,
+            "q_lora_rank": 16, "kv_lora_rank": 8, "qk_nope_head_dim": 8, "qk_rope_head_dim": 4, "v_head_dim": 8,
+            "n_routed_experts": 8, "num_experts_per_tok": 2, "n_shared_experts": 1, "max_position_embeddings": 64}"#,
+    )
+    .unwrap()
+}
+
+fn train_config(steps: u64) -> TrainConfig {
+    TrainConfig {
+        steps,
+        micro_batch: 8,
+        seq_len: 32,
+        grad_accum: 2,
+        warmup: 3,
+        lr: 3e-3,
+        data: DataSpec::Math,
+        bias_update_rate: 1e-3,
+        save_every: 0,
+        ..TrainConfig::default()
+    }
+}
+
+/// Losses of every step and the final weights by tensor name (rank 0's view of the
+/// replicated tensors plus every rank's experts).
+struct Run {
+    losses: Vec<f32>,
+    weights: HashMap<String, Vec<f32>>,
+}
+
+fn weights_of(tr: &Trainer) -> HashMap<String, Vec<f32>> {
+    tr.model.layout.specs.iter().map(|s| (s.name.clone(), tr.w[s.range()].to_vec())).collect()
+}
+
+fn single(steps: u64) -> Run {
+    let model = Model::new(model_config());
+    let w = init_weights(&model.layout, 7);
+    let mut tr = Trainer::new(model, w, train_config(steps), 1e11).unwrap();
+    let losses = (0..steps).map(|_| tr.train_step().unwrap().loss).collect();
+    Run { losses, weights: weights_of(&tr) }
+}
+
+/// Runs `ranks` ranks with expert-parallel size `ep` up to step `stop` of a `steps`-step
+/// schedule; `resume` starts from a checkpoint, `save` writes one at the end.
+fn parallel(ranks: usize, ep: usize, steps: u64, stop: u64, resume: Option<&Path>, save: Option<&Path>) -> Run {
+    let (resume, save) = (resume.map(Path::to_path_buf), save.map(Path::to_path_buf));
+    let runs = local::run(ranks, Duration::from_secs(60), move |c| {
+        let world: Arc<dyn ProcessGroup> = Arc::new(c);
+        let mesh = Mesh::new(world, ep)?;
+        let mut tr = match &resume {
+            Some(dir) => Trainer::resume_with_mesh(dir, 1e11, Some(steps), Some(mesh)).unwrap(),
+            None => {
+                let model = Model::expert_parallel(model_config(), mesh.ep.clone()).unwrap();
+                let w = init_weights(&model.layout, 7);
+                Trainer::with_mesh(model, w, train_config(steps), 1e11, Some(mesh)).unwrap()
+            }
+        };
+        let mut losses = vec![];
+        while tr.step < stop {
+            losses.push(tr.train_step().unwrap().loss);
+        }
+        if let Some(run_dir) = &save {
+            tr.save_checkpoint(run_dir, 1).unwrap();
+        }
+        Ok(Run { losses, weights: weights_of(&tr) })
+    })
+    .unwrap();
+    // Replicated tensors must be identical on every rank.
+    let mut weights: HashMap<String, Vec<f32>> = HashMap::new();
+    let mut losses = runs[0].losses.clone();
+    for r in runs {
+        assert_eq!(r.losses, losses, "every rank reports the same global loss");
+        for (name, w) in r.weights {
+            if let Some(prev) = weights.get(&name) {
+                assert_eq!(prev, &w, "{name} differs between ranks");
+            }
+            weights.insert(name, w);
+        }
+        losses = r.losses;
+    }
+    Run { losses, weights }
+}
+
+fn assert_close(label: &str, got: &Run, want: &Run) {
+    assert_eq!(got.losses.len(), want.losses.len(), "{label}: step count");
+    for (i, (a, b)) in got.losses.iter().zip(&want.losses).enumerate() {
+        assert!(((a - b) / b).abs() <= 1e-5, "{label}: step {} loss {a} vs {b}", i + 1);
+    }
+    assert_eq!(got.weights.len(), want.weights.len(), "{label}: tensors");
+    // Per tensor, ‖w − w_ref‖₂ ≤ 1e-5 · ‖w_ref‖₂.
+    let mut worst = (0.0f64, String::new());
+    for (name, w1) in &want.weights {
+        let w2 = &got.weights[name];
+        let diff: f64 = w2.iter().zip(w1).map(|(a, b)| ((a - b) as f64).powi(2)).sum::<f64>().sqrt();
+        let norm: f64 = w1.iter().map(|&b| (b as f64).powi(2)).sum::<f64>().sqrt().max(1e-12);
+        if diff / norm > worst.0 {
+            worst = (diff / norm, name.clone());
+        }
+    }
+    eprintln!("{label}: worst relative weight difference {:.2e} ({})", worst.0, worst.1);
+    assert!(worst.0 <= 1e-5, "{label}: {} differs by {:.2e} (relative L2)", worst.1, worst.0);
+}
+
+#[test]
+fn expert_and_data_parallel_runs_match_one_rank() {
+    let reference = single(STEPS);
+    assert!(reference.losses[STEPS as usize - 1] < reference.losses[0], "training makes progress");
+    assert_close("2 ranks, EP 2", &parallel(2, 2, STEPS, STEPS, None, None), &reference);
+    assert_close("4 ranks, EP 4", &parallel(4, 4, STEPS, STEPS, None, None), &reference);
+    assert_close("4 ranks, EP 2 × DP 2", &parallel(4, 2, STEPS, STEPS, None, None), &reference);
+    assert_close("2 ranks, DP 2", &parallel(2, 1, STEPS, STEPS, None, None), &reference);
+}
+
+#[test]
+fn checkpoint_reshards_between_layouts() {
+    let reference = single(20);
+    let dir = std::env::temp_dir().join(format!("ultramoe-reshard-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    // 10 steps at EP 4, saved as four expert shards.
+    let first = parallel(4, 4, 20, 10, None, Some(&dir));
+    let ckpt = Trainer::latest_checkpoint(&dir).expect("checkpoint written");
+    assert!(ckpt.join("model-00004-of-00004.safetensors").is_file());
+    // ... continued at EP 2, at EP 2 × DP 2, and on one rank.
+    for (ranks, ep) in [(2, 2), (4, 2)] {
+        let rest = parallel(ranks, ep, 20, 20, Some(&ckpt), None);
+        let run = Run { losses: [first.losses.clone(), rest.losses].concat(), weights: rest.weights };
+        assert_close(&format!("EP 4 → {ranks} ranks EP {ep}"), &run, &reference);
+    }
+    let mut tr = Trainer::resume(&ckpt, 1e11, Some(20)).unwrap();
+    let rest: Vec<f32> = (10..20).map(|_| tr.train_step().unwrap().loss).collect();
+    let run = Run { losses: [first.losses.clone(), rest].concat(), weights: weights_of(&tr) };
+    assert_close("EP 4 → 1 rank", &run, &reference);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn failures_end_the_job_naming_the_rank() {
+    // Ranks started with different configurations stop before training.
+    let err = local::run(2, Duration::from_secs(30), |c| {
+        let world: Arc<dyn ProcessGroup> = Arc::new(c);
+        let mesh = Mesh::new(world, 2)?;
+        let model = Model::expert_parallel(model_config(), mesh.ep.clone()).unwrap();
+        let w = init_weights(&model.layout, 7);
+        let mut cfg = train_config(5);
+        cfg.lr *= 1.0 + mesh.world.rank() as f32;
+        Ok(Trainer::with_mesh(model, w, cfg, 1e11, Some(mesh)).err().map(|e| e.to_string()))
+    })
+    .unwrap();
+    assert!(err[1].as_deref().unwrap_or("").contains("rank 1: started with a different"), "{err:?}");
+    // A rank that dies mid-run: the others' steps fail promptly with its rank.
+    let start = std::time::Instant::now();
+    let err = local::run(2, Duration::from_secs(30), |c| {
+        let world: Arc<dyn ProcessGroup> = Arc::new(c);
+        let mesh = Mesh::new(world, 2)?;
+        let rank = mesh.world.rank();
+        let model = Model::expert_parallel(model_config(), mesh.ep.clone()).unwrap();
+        let w = init_weights(&model.layout, 7);
+        let mut tr = Trainer::with_mesh(model, w, train_config(5), 1e11, Some(mesh)).unwrap();
+        tr.train_step().unwrap();
+        if rank == 1 {
+            panic!("simulated crash");
+        }
+        let e = tr.train_step().expect_err("the peer is gone");
+        assert!(e.to_string().contains("rank 1"), "{e}");
+        Ok(())
+    })
+    .expect_err("the job fails");
+    assert_eq!(err.rank, Some(1), "{err}");
+    assert!(start.elapsed() < Duration::from_secs(10), "failure took {:?}", start.elapsed());
+}
