@@ -87,10 +87,13 @@ pub fn launch<T: Send + 'static>(p: &ParallelArgs, f: impl Fn(Option<Mesh>) -> C
 #[cfg(feature = "mpi")]
 fn launch_mpi<T>(p: &ParallelArgs, n: usize, timeout: Duration, f: impl Fn(Option<Mesh>) -> CliResult<T>) -> CliResult<T> {
     let world = ultramoe_dist::mpi::world(timeout).map_err(|e| e.to_string())?;
-    let rank = world.rank();
-    let ep = p.ep_for(n)?;
-    let mesh = Mesh::new(world, ep).map_err(|e| e.to_string())?;
-    f(Some(mesh)).map_err(|e| format!("rank {rank}: {e}"))
+    let rank = ultramoe_dist::Communicator::rank(&*world);
+    let result = p.ep_for(n).and_then(|ep| Mesh::new(world, ep).map_err(|e| e.to_string())).and_then(|mesh| f(Some(mesh)));
+    result.or_else(|e| {
+        // End every rank now: the others may be waiting on this one in a collective.
+        eprintln!("ultramoe: error: rank {rank}: {e}");
+        ultramoe_dist::mpi::abort(1)
+    })
 }
 
 #[cfg(not(feature = "mpi"))]

@@ -5,7 +5,9 @@
 //! reduce-scatter, all-gather, all-to-all with variable counts, broadcast, barrier),
 //! point-to-point messages, and sub-groups by [`Communicator::split`] (as
 //! `MPI_Comm_split`). Backends: [`local`] runs N ranks as threads of one process and
-//! exchanges through shared memory — no system dependencies, what most tests use.
+//! exchanges through shared memory — no system dependencies, what most tests use; `mpi`
+//! (cargo feature `mpi`) runs one rank per process under `mpirun`. Model and trainer
+//! code holds groups as `Arc<dyn` [`ProcessGroup`]`>` and the job's [`Mesh`].
 //!
 //! Reductions add contributions in rank order on every rank, so all ranks hold
 //! bitwise-identical results and a run is reproducible for a given world size.
@@ -15,6 +17,7 @@
 //! other rank's pending and later calls return a [`CommError`] naming the rank and why.
 #![deny(missing_docs)]
 
+pub mod conformance;
 pub mod group;
 pub mod local;
 #[cfg(feature = "mpi")]
@@ -24,14 +27,46 @@ pub use group::{Mesh, ProcessGroup};
 
 use std::fmt;
 
+/// The concrete type behind a [`Scalar`], for backends that must name it (MPI's
+/// datatypes and reduction operations).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ScalarKind {
+    /// `f32`
+    F32,
+    /// `f64`
+    F64,
+    /// `u32`
+    U32,
+    /// `u64` (and `usize`, which is 64 bits on every supported target)
+    U64,
+    /// `i64`
+    I64,
+}
+
 /// Element types that can travel through a communicator.
-pub trait Scalar: Copy + Default + Send + Sync + 'static + std::ops::Add<Output = Self> {}
-impl Scalar for f32 {}
-impl Scalar for f64 {}
-impl Scalar for u32 {}
-impl Scalar for u64 {}
-impl Scalar for i64 {}
-impl Scalar for usize {}
+pub trait Scalar: Copy + Default + Send + Sync + 'static + std::ops::Add<Output = Self> {
+    /// which type this is
+    const KIND: ScalarKind;
+}
+impl Scalar for f32 {
+    const KIND: ScalarKind = ScalarKind::F32;
+}
+impl Scalar for f64 {
+    const KIND: ScalarKind = ScalarKind::F64;
+}
+impl Scalar for u32 {
+    const KIND: ScalarKind = ScalarKind::U32;
+}
+impl Scalar for u64 {
+    const KIND: ScalarKind = ScalarKind::U64;
+}
+impl Scalar for i64 {
+    const KIND: ScalarKind = ScalarKind::I64;
+}
+#[cfg(target_pointer_width = "64")]
+impl Scalar for usize {
+    const KIND: ScalarKind = ScalarKind::U64;
+}
 
 /// Why a communication failed.
 #[derive(Clone, Debug, PartialEq, Eq)]

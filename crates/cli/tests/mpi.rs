@@ -1,0 +1,129 @@
+//! `ultramoe train` under `mpirun` (build feature `mpi`; `.ci/run` runs these with
+//! OpenMPI installed): the MPI backend gives the single-rank run, and a failing rank
+//! ends the whole job with its name instead of hanging.
+#![cfg(feature = "mpi")]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+use ultramoe_model::checkpoint::load_weights;
+use ultramoe_model::{Model, ModelConfig};
+
+const CONFIG: &str = r#"{"model_type": "deepseek_v3", "vocab_size": 128, "hidden_size": 32, "intermediate_size": 48,
+    "moe_intermediate_size": 16, "num_hidden_layers": 3, "first_k_dense_replace": 1, "num_attention_heads": 2,
+    "q_lora_rank": 16, "kv_lora_rank": 8, "qk_nope_head_dim": 8, "qk_rope_head_dim": 4, "v_head_dim": 8,
+    "n_routed_experts": 8, "num_experts_per_tok": 2, "n_shared_experts": 1, "max_position_embeddings": 64}"#;
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("ultramoe-mpi-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::write(d.join("config.json"), CONFIG).unwrap();
+    d
+}
+
+fn train_args(dir: &Path, steps: u64) -> Vec<String> {
+    let s = format!(
+        "train --model-config {} --run-dir {} --steps {steps} --micro-batch 8 --seq-len 32 --grad-accum 2 --warmup 3 --no-progress --peak-gflops 100",
+        dir.join("config.json").display(),
+        dir.join("run").display()
+    );
+    s.split(' ').map(String::from).collect()
+}
+
+fn mpirun(np: usize) -> Command {
+    let mut c = Command::new("mpirun");
+    c.args(["--oversubscribe", "-np", &np.to_string()]).env("OMPI_ALLOW_RUN_AS_ROOT", "1").env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
+    c
+}
+
+fn losses(dir: &Path) -> Vec<f64> {
+    std::fs::read_to_string(dir.join("run/metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64().unwrap())
+        .collect()
+}
+
+#[test]
+fn mpi_expert_parallel_matches_one_rank() {
+    let exe = env!("CARGO_BIN_EXE_ultramoe");
+    let one = scratch("one");
+    let st = Command::new(exe).args(train_args(&one, 30)).output().unwrap();
+    assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+    let two = scratch("two");
+    let st = mpirun(2).arg(exe).args(train_args(&two, 30)).args(["--ep", "2"]).output().unwrap();
+    assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+    let (a, b) = (losses(&one), losses(&two));
+    assert_eq!(a.len(), 30);
+    assert_eq!(b.len(), 30, "rank 0 alone writes the metrics");
+    for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+        assert!(((x - y) / x).abs() <= 1e-5, "step {}: {x} vs {y}", i + 1);
+    }
+    // Final weights: the two-shard model equals the single-rank one, tensor by tensor.
+    let model = Model::new(ModelConfig::from_json_str(CONFIG).unwrap());
+    let w1 = load_weights(&model, &one.join("run/model")).unwrap();
+    let w2 = load_weights(&model, &two.join("run/model")).unwrap();
+    assert!(two.join("run/model/model-00002-of-00002.safetensors").is_file());
+    for s in &model.layout.specs {
+        let (a, b) = (&w1[s.range()], &w2[s.range()]);
+        let diff: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum::<f64>().sqrt();
+        let norm: f64 = a.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt().max(1e-12);
+        assert!(diff / norm <= 1e-5, "{}: relative difference {:.2e}", s.name, diff / norm);
+    }
+    let _ = std::fs::remove_dir_all(one);
+    let _ = std::fs::remove_dir_all(two);
+}
+
+#[test]
+fn mpi_ranks_with_different_configs_stop_naming_the_rank() {
+    let exe = env!("CARGO_BIN_EXE_ultramoe");
+    let dir = scratch("mismatch");
+    let start = Instant::now();
+    // MPMD: rank 1 gets another learning rate.
+    let out = mpirun(1)
+        .arg(exe)
+        .args(train_args(&dir, 5))
+        .args(["--lr", "1e-3", ":", "-np", "1", exe])
+        .args(train_args(&dir, 5))
+        .args(["--lr", "2e-3"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("rank 1: started with a different model or training configuration"), "{err}");
+    assert!(start.elapsed() < Duration::from_secs(30));
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn mpi_a_killed_rank_ends_the_job() {
+    let exe = env!("CARGO_BIN_EXE_ultramoe");
+    let dir = scratch("killed");
+    let mut job = mpirun(2).arg(exe).args(train_args(&dir, 1_000_000)).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    // Wait until training runs, then kill one rank's process.
+    let metrics = dir.join("run/metrics.jsonl");
+    let start = Instant::now();
+    while std::fs::metadata(&metrics).map_or(true, |m| m.len() == 0) {
+        assert!(start.elapsed() < Duration::from_secs(60), "training did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let pids = Command::new("pgrep").args(["-f", &dir.join("run").display().to_string()]).output().unwrap();
+    let pids: Vec<String> = String::from_utf8_lossy(&pids.stdout).split_whitespace().map(String::from).collect();
+    let rank_pids: Vec<&String> = pids.iter().filter(|p| **p != job.id().to_string()).collect();
+    assert!(rank_pids.len() >= 2, "rank processes: {pids:?}");
+    let killed = Instant::now();
+    Command::new("kill").args(["-9", rank_pids[rank_pids.len() - 1]]).status().unwrap();
+    loop {
+        if let Some(status) = job.try_wait().unwrap() {
+            assert!(!status.success());
+            break;
+        }
+        assert!(killed.elapsed() < Duration::from_secs(30), "the job did not end within 30 s of a rank dying");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut err = String::new();
+    std::io::Read::read_to_string(job.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert!(err.contains("rank") && (err.contains("signal 9") || err.contains("Killed")), "{err}");
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -1,0 +1,22 @@
+//! The conformance suite on the MPI backend:
+//! `mpirun -np 4 target/release/examples/mpi_conformance` (build with `--features mpi`).
+//! Prints one line per check on rank 0; exits non-zero if any check fails.
+
+use std::time::Duration;
+use ultramoe_dist::{conformance, Communicator};
+
+fn main() {
+    let world = ultramoe_dist::mpi::world(Duration::from_secs(30)).unwrap_or_else(|e| {
+        eprintln!("mpi_conformance: {e}");
+        std::process::exit(1)
+    });
+    for (name, check) in conformance::all() {
+        if let Err(e) = check(&*world) {
+            eprintln!("mpi_conformance: {name}: {e}");
+            ultramoe_dist::mpi::abort(1);
+        }
+        if world.rank() == 0 {
+            println!("ok  {name} on {} ranks", world.size());
+        }
+    }
+}

@@ -1,0 +1,281 @@
+//! The MPI backend (cargo feature `mpi`): one rank per process, started by `mpirun`,
+//! through rsmpi over the system's MPI (OpenMPI on Debian).
+//!
+//! Data moves as bytes (`MPI_BYTE`) except in reductions, which need the element type
+//! for `MPI_SUM`. Reductions are MPI's own (`MPI_Allreduce`, `MPI_Reduce_scatter_block`):
+//! every rank receives the same result, which keeps replicated weights identical.
+//!
+//! Failure: MPI calls block without a timeout, so a watchdog thread per process watches
+//! the collective in flight. A call that makes no progress for the timeout (a peer is
+//! stalled or gone) prints which rank waited in which operation and aborts the whole job
+//! (`MPI_Abort`). A process that dies is reported by `mpirun`, which ends the job.
+
+use crate::{CommError, CommResult, Communicator, Scalar, ScalarKind};
+use mpi::collective::SystemOperation;
+use mpi::datatype::{Partition, PartitionMut};
+use mpi::topology::{Color, SimpleCommunicator};
+use mpi::traits::{Communicator as _, CommunicatorCollectives as _, Destination as _, Root as _, Source as _};
+use mpi::Threading;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// MPI stays initialised while any handle lives; the last one finalises it.
+struct Runtime {
+    _universe: mpi::environment::Universe,
+    watch: Watch,
+}
+
+/// What the watchdog looks at: the operation in flight and since when.
+struct Watch {
+    start: Instant,
+    /// milliseconds after `start` when the current operation began (0: none)
+    since_ms: AtomicU64,
+    op: Mutex<&'static str>,
+}
+
+/// Clears the watch when an operation returns.
+struct InFlight<'a>(&'a Watch);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.since_ms.store(0, Ordering::Relaxed);
+    }
+}
+
+impl Watch {
+    fn enter(&self, op: &'static str) -> InFlight<'_> {
+        *self.op.lock().unwrap_or_else(|e| e.into_inner()) = op;
+        self.since_ms.store(self.start.elapsed().as_millis() as u64 + 1, Ordering::Relaxed);
+        InFlight(self)
+    }
+}
+
+/// A rank's handle on an MPI communicator.
+pub struct MpiComm {
+    // Field order matters: the communicator is freed before the runtime can finalise.
+    comm: SimpleCommunicator,
+    rt: Arc<Runtime>,
+}
+
+// SAFETY: MPI is initialised with MPI_THREAD_MULTIPLE when the library provides it;
+// otherwise ultramoe calls MPI from one thread per process only (the rank's main
+// thread: compute threads never communicate), which MPI_THREAD_FUNNELED/SERIALIZED
+// permit. The handle itself is an opaque communicator id.
+unsafe impl Send for MpiComm {}
+unsafe impl Sync for MpiComm {}
+
+/// Initialises MPI and returns this process's handle on `MPI_COMM_WORLD`. A collective
+/// that waits longer than `timeout` aborts the job with a message naming this rank.
+pub fn world(timeout: Duration) -> CommResult<Arc<MpiComm>> {
+    let (universe, _provided) = mpi::initialize_with_threading(Threading::Multiple)
+        .ok_or_else(|| CommError { rank: None, reason: "MPI was already initialised".into() })?;
+    let comm = universe.world();
+    let rt = Arc::new(Runtime {
+        _universe: universe,
+        watch: Watch { start: Instant::now(), since_ms: AtomicU64::new(0), op: Mutex::new("") },
+    });
+    let rank = comm.rank();
+    let weak = Arc::downgrade(&rt);
+    std::thread::Builder::new()
+        .name("mpi-watchdog".into())
+        .spawn(move || loop {
+            std::thread::sleep(Duration::from_millis(200));
+            let Some(rt) = weak.upgrade() else { return };
+            let since = rt.watch.since_ms.load(Ordering::Relaxed);
+            let now = rt.watch.start.elapsed().as_millis() as u64 + 1;
+            if since != 0 && now.saturating_sub(since) > timeout.as_millis() as u64 {
+                let op = *rt.watch.op.lock().unwrap_or_else(|e| e.into_inner());
+                eprintln!(
+                    "ultramoe: error: rank {rank}: no progress for {} s in {op}: another rank is stalled or gone; aborting the job",
+                    timeout.as_secs()
+                );
+                SimpleCommunicator::world().abort(1);
+            }
+        })
+        .map_err(|e| CommError { rank: Some(rank as usize), reason: format!("cannot start the watchdog: {e}") })?;
+    Ok(Arc::new(MpiComm { comm, rt }))
+}
+
+/// Ends the whole job at once (after an error on this rank), so no peer waits for it.
+pub fn abort(code: i32) -> ! {
+    SimpleCommunicator::world().abort(code)
+}
+
+fn bytes<T: Scalar>(v: &[T]) -> &[u8] {
+    // SAFETY: every Scalar is a plain number type without padding or invalid bit patterns.
+    unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
+}
+
+fn bytes_mut<T: Scalar>(v: &mut [T]) -> &mut [u8] {
+    // SAFETY: as in `bytes`; any byte pattern is a valid value of these types.
+    unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u8, std::mem::size_of_val(v)) }
+}
+
+fn vec_from_bytes<T: Scalar>(b: &[u8]) -> Vec<T> {
+    let n = b.len() / std::mem::size_of::<T>();
+    let mut v = vec![T::default(); n];
+    bytes_mut(&mut v).copy_from_slice(&b[..n * std::mem::size_of::<T>()]);
+    v
+}
+
+/// Runs `f` on the buffers viewed as their concrete element type.
+macro_rules! typed {
+    ($kind:expr, $send:expr, $recv:expr, |$s:ident, $r:ident| $body:expr) => {{
+        // SAFETY: `KIND` names the type behind `T` exactly (usize is u64 on 64-bit).
+        unsafe {
+            match $kind {
+                ScalarKind::F32 => {
+                    let ($s, $r) = (cast::<_, f32>($send), cast_mut::<_, f32>($recv));
+                    $body
+                }
+                ScalarKind::F64 => {
+                    let ($s, $r) = (cast::<_, f64>($send), cast_mut::<_, f64>($recv));
+                    $body
+                }
+                ScalarKind::U32 => {
+                    let ($s, $r) = (cast::<_, u32>($send), cast_mut::<_, u32>($recv));
+                    $body
+                }
+                ScalarKind::U64 => {
+                    let ($s, $r) = (cast::<_, u64>($send), cast_mut::<_, u64>($recv));
+                    $body
+                }
+                ScalarKind::I64 => {
+                    let ($s, $r) = (cast::<_, i64>($send), cast_mut::<_, i64>($recv));
+                    $body
+                }
+            }
+        }
+    }};
+}
+
+unsafe fn cast<T, U>(v: &[T]) -> &[U] {
+    std::slice::from_raw_parts(v.as_ptr() as *const U, v.len())
+}
+
+unsafe fn cast_mut<T, U>(v: &mut [T]) -> &mut [U] {
+    std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut U, v.len())
+}
+
+fn count(n: usize, rank: usize) -> CommResult<i32> {
+    i32::try_from(n).map_err(|_| CommError { rank: Some(rank), reason: format!("message of {n} bytes exceeds MPI's 2 GiB count limit") })
+}
+
+impl MpiComm {
+    /// Exchanges byte segments: `counts[r]` bytes to rank `r`.
+    fn exchange_bytes(&self, send: &[u8], counts: &[usize]) -> CommResult<(Vec<u8>, Vec<usize>)> {
+        let p = self.size();
+        if counts.len() != p || counts.iter().sum::<usize>() != send.len() {
+            return Err(CommError { rank: Some(self.rank()), reason: "all_to_all_v: counts do not match the group or the buffer".into() });
+        }
+        let sc: Vec<i32> = counts.iter().map(|&c| count(c, self.rank())).collect::<CommResult<_>>()?;
+        let mut rc = vec![0i32; p];
+        let _w = self.rt.watch.enter("all_to_all_v");
+        self.comm.all_to_all_into(&sc[..], &mut rc[..]);
+        let displs = |c: &[i32]| -> Vec<i32> {
+            c.iter()
+                .scan(0i32, |acc, &x| {
+                    let d = *acc;
+                    *acc += x;
+                    Some(d)
+                })
+                .collect()
+        };
+        let (sd, rd) = (displs(&sc), displs(&rc));
+        let total: usize = rc.iter().map(|&c| c as usize).sum();
+        count(total, self.rank())?;
+        // Buffers are never empty: OpenMPI rejects a send buffer equal to the receive
+        // buffer, which two empty slices (one dangling address) would be.
+        let pad = [0u8; 1];
+        let send = if send.is_empty() { &pad[..] } else { send };
+        let mut recv = vec![0u8; total.max(1)];
+        {
+            let sp = Partition::new(send, &sc[..], &sd[..]);
+            let mut rp = PartitionMut::new(&mut recv[..], &rc[..], &rd[..]);
+            self.comm.all_to_all_varcount_into(&sp, &mut rp);
+        }
+        recv.truncate(total);
+        Ok((recv, rc.into_iter().map(|c| c as usize).collect()))
+    }
+}
+
+impl Communicator for MpiComm {
+    fn rank(&self) -> usize {
+        self.comm.rank() as usize
+    }
+
+    fn size(&self) -> usize {
+        self.comm.size() as usize
+    }
+
+    fn barrier(&self) -> CommResult<()> {
+        let _w = self.rt.watch.enter("barrier");
+        self.comm.barrier();
+        Ok(())
+    }
+
+    fn all_reduce_sum<T: Scalar>(&self, buf: &mut [T]) -> CommResult<()> {
+        count(std::mem::size_of_val(buf), self.rank())?;
+        let input = buf.to_vec();
+        let _w = self.rt.watch.enter("all_reduce");
+        typed!(T::KIND, &input[..], buf, |s, r| self.comm.all_reduce_into(s, r, SystemOperation::sum()));
+        Ok(())
+    }
+
+    fn broadcast<T: Scalar>(&self, buf: &mut [T], root: usize) -> CommResult<()> {
+        count(std::mem::size_of_val(buf), self.rank())?;
+        let _w = self.rt.watch.enter("broadcast");
+        self.comm.process_at_rank(root as i32).broadcast_into(bytes_mut(buf));
+        Ok(())
+    }
+
+    fn all_gather<T: Scalar>(&self, input: &[T]) -> CommResult<Vec<T>> {
+        let mut out = vec![T::default(); input.len() * self.size()];
+        count(std::mem::size_of_val(&out[..]), self.rank())?;
+        let _w = self.rt.watch.enter("all_gather");
+        self.comm.all_gather_into(bytes(input), bytes_mut(&mut out));
+        Ok(out)
+    }
+
+    fn reduce_scatter_sum<T: Scalar>(&self, input: &[T]) -> CommResult<Vec<T>> {
+        let p = self.size();
+        if input.len() % p != 0 {
+            return Err(CommError { rank: Some(self.rank()), reason: format!("reduce_scatter: {} elements over {p} ranks", input.len()) });
+        }
+        count(std::mem::size_of_val(input), self.rank())?;
+        let mut out = vec![T::default(); input.len() / p];
+        let _w = self.rt.watch.enter("reduce_scatter");
+        typed!(T::KIND, input, &mut out[..], |s, r| self.comm.reduce_scatter_block_into(s, r, SystemOperation::sum()));
+        Ok(out)
+    }
+
+    fn all_to_all_v<T: Scalar>(&self, send: &[T], send_counts: &[usize]) -> CommResult<(Vec<T>, Vec<usize>)> {
+        let size = std::mem::size_of::<T>();
+        let byte_counts: Vec<usize> = send_counts.iter().map(|c| c * size).collect();
+        let (recv, counts) = self.exchange_bytes(bytes(send), &byte_counts)?;
+        Ok((vec_from_bytes(&recv), counts.into_iter().map(|c| c / size).collect()))
+    }
+
+    fn send<T: Scalar>(&self, data: &[T], dst: usize, tag: u32) -> CommResult<()> {
+        count(std::mem::size_of_val(data), self.rank())?;
+        let _w = self.rt.watch.enter("send");
+        self.comm.process_at_rank(dst as i32).send_with_tag(bytes(data), tag as i32);
+        Ok(())
+    }
+
+    fn recv<T: Scalar>(&self, src: usize, tag: u32) -> CommResult<Vec<T>> {
+        let _w = self.rt.watch.enter("recv");
+        let (b, _) = self.comm.process_at_rank(src as i32).receive_vec_with_tag::<u8>(tag as i32);
+        Ok(vec_from_bytes(&b))
+    }
+
+    fn split(&self, color: usize, key: usize) -> CommResult<Self> {
+        let _w = self.rt.watch.enter("split");
+        let comm = self
+            .comm
+            .split_by_color_with_key(Color::with_value(color as i32), key as i32)
+            .ok_or_else(|| CommError { rank: Some(self.rank()), reason: "MPI_Comm_split returned no communicator".into() })?;
+        Ok(MpiComm { comm, rt: self.rt.clone() })
+    }
+}
