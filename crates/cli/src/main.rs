@@ -30,7 +30,7 @@ enum Command {
     Solve(commands::solve::SolveArgs),
     /// Train the default math MoE with a live progress bar, save it, solve samples.
     Demo(commands::demo::DemoArgs),
-    /// Benchmarks: training-step throughput (`train`), grouped vs dense GEMM (`gemm`).
+    /// Benchmarks: training-step throughput (`train`), grouped vs dense GEMM (`gemm`), all-to-all (`comm`).
     #[command(subcommand)]
     Bench(commands::bench::BenchCommand),
     /// Forward + backward on given input ids; writes logits, loss and every gradient.

@@ -63,6 +63,8 @@ pub fn all_to_all_v_delivers_every_segment<C: Communicator>(c: &C) -> CommResult
     let expect: Vec<f32> = (0..n).flat_map(|s| (0..(s + r) % 3).map(move |k| (s * 100 + r * 10 + k) as f32)).collect();
     assert_eq!(recv, expect);
     // counts travel as integers too
+    let again = c.all_to_all_v_known(&send, &counts, &expect_counts)?;
+    assert_eq!(again, expect);
     let (rc2, _) = c.all_to_all_v(&counts, &vec![1; n])?;
     assert_eq!(rc2, expect_counts);
     Ok(())

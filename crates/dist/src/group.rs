@@ -32,6 +32,9 @@ pub trait ProcessGroup: Send + Sync {
     fn reduce_scatter_f32(&self, input: &[f32]) -> CommResult<Vec<f32>>;
     /// All-to-all with variable counts (see [`Communicator::all_to_all_v`]).
     fn all_to_all_v_f32(&self, send: &[f32], counts: &[usize]) -> CommResult<(Vec<f32>, Vec<usize>)>;
+    /// All-to-all with counts known on both sides (see
+    /// [`Communicator::all_to_all_v_known`]).
+    fn all_to_all_v_known_f32(&self, send: &[f32], send_counts: &[usize], recv_counts: &[usize]) -> CommResult<Vec<f32>>;
     /// All-to-all with variable counts (see [`Communicator::all_to_all_v`]).
     fn all_to_all_v_u64(&self, send: &[u64], counts: &[usize]) -> CommResult<(Vec<u64>, Vec<usize>)>;
     /// Sub-groups, as [`Communicator::split`].
@@ -71,6 +74,9 @@ impl<C: Communicator + Sync + 'static> ProcessGroup for C {
     }
     fn all_to_all_v_f32(&self, send: &[f32], counts: &[usize]) -> CommResult<(Vec<f32>, Vec<usize>)> {
         self.all_to_all_v(send, counts)
+    }
+    fn all_to_all_v_known_f32(&self, send: &[f32], send_counts: &[usize], recv_counts: &[usize]) -> CommResult<Vec<f32>> {
+        self.all_to_all_v_known(send, send_counts, recv_counts)
     }
     fn all_to_all_v_u64(&self, send: &[u64], counts: &[usize]) -> CommResult<(Vec<u64>, Vec<usize>)> {
         self.all_to_all_v(send, counts)

@@ -113,6 +113,17 @@ pub trait Communicator: Sized + Send {
     /// `0..size` of lengths `send_counts`; returns the segments addressed to this rank,
     /// concatenated in source-rank order, with their lengths.
     fn all_to_all_v<T: Scalar>(&self, send: &[T], send_counts: &[usize]) -> CommResult<(Vec<T>, Vec<usize>)>;
+    /// All-to-all when both sides' counts are already known (`recv_counts[s]` elements
+    /// arrive from rank `s`): saves the count exchange, as the expert-parallel dispatcher
+    /// knows every count after its per-expert count exchange. Returns the received
+    /// segments in source-rank order.
+    fn all_to_all_v_known<T: Scalar>(&self, send: &[T], send_counts: &[usize], recv_counts: &[usize]) -> CommResult<Vec<T>> {
+        let (recv, counts) = self.all_to_all_v(send, send_counts)?;
+        if counts != recv_counts {
+            return Err(CommError { rank: Some(self.rank()), reason: format!("all_to_all_v: expected counts {recv_counts:?}, got {counts:?}") });
+        }
+        Ok(recv)
+    }
     /// Sends `data` to rank `dst` with a `tag`.
     fn send<T: Scalar>(&self, data: &[T], dst: usize, tag: u32) -> CommResult<()>;
     /// Receives the next message from `src` with `tag`.

@@ -163,40 +163,60 @@ fn count(n: usize, rank: usize) -> CommResult<i32> {
 }
 
 impl MpiComm {
-    /// Exchanges byte segments: `counts[r]` bytes to rank `r`.
-    fn exchange_bytes(&self, send: &[u8], counts: &[usize]) -> CommResult<(Vec<u8>, Vec<usize>)> {
+    /// Byte counts and displacements in one buffer, `[counts; P] ++ [displacements; P]`
+    /// (one allocation: at small sizes the bookkeeping is what separates us from a bare
+    /// `MPI_Alltoallv`).
+    fn byte_layout(&self, counts: &[usize], size: usize) -> CommResult<Vec<i32>> {
         let p = self.size();
-        if counts.len() != p || counts.iter().sum::<usize>() != send.len() {
-            return Err(CommError { rank: Some(self.rank()), reason: "all_to_all_v: counts do not match the group or the buffer".into() });
+        if counts.len() != p {
+            return Err(CommError { rank: Some(self.rank()), reason: format!("all_to_all_v: {} counts for {p} ranks", counts.len()) });
         }
-        let sc: Vec<i32> = counts.iter().map(|&c| count(c, self.rank())).collect::<CommResult<_>>()?;
-        let mut rc = vec![0i32; p];
-        let _w = self.rt.watch.enter("all_to_all_v");
-        self.comm.all_to_all_into(&sc[..], &mut rc[..]);
-        let displs = |c: &[i32]| -> Vec<i32> {
-            c.iter()
-                .scan(0i32, |acc, &x| {
-                    let d = *acc;
-                    *acc += x;
-                    Some(d)
-                })
-                .collect()
-        };
-        let (sd, rd) = (displs(&sc), displs(&rc));
-        let total: usize = rc.iter().map(|&c| c as usize).sum();
-        count(total, self.rank())?;
-        // Buffers are never empty: OpenMPI rejects a send buffer equal to the receive
-        // buffer, which two empty slices (one dangling address) would be.
-        let pad = [0u8; 1];
-        let send = if send.is_empty() { &pad[..] } else { send };
-        let mut recv = vec![0u8; total.max(1)];
-        {
-            let sp = Partition::new(send, &sc[..], &sd[..]);
-            let mut rp = PartitionMut::new(&mut recv[..], &rc[..], &rd[..]);
+        let mut v = vec![0i32; 2 * p];
+        let mut at = 0usize;
+        for (i, &c) in counts.iter().enumerate() {
+            v[i] = count(c * size, self.rank())?;
+            v[p + i] = count(at, self.rank())?;
+            at += c * size;
+        }
+        count(at, self.rank())?;
+        Ok(v)
+    }
+
+    /// Exchanges into a new typed buffer, written by MPI directly (no zeroing first, no
+    /// copy after: at megabyte sizes either would cost as much as the transfer).
+    /// `s` and `r` are [`MpiComm::byte_layout`]s.
+    fn receive_into_new<T: Scalar>(&self, send: &[T], s: &[i32], r: &[i32]) -> CommResult<Vec<T>> {
+        let p = self.size();
+        let total = r[p - 1] as usize + r[2 * p - 1] as usize;
+        if s[p - 1] as usize + s[2 * p - 1] as usize != std::mem::size_of_val(send) {
+            return Err(CommError { rank: Some(self.rank()), reason: "all_to_all_v: counts do not cover the send buffer".into() });
+        }
+        let n = total / std::mem::size_of::<T>();
+        let mut recv: Vec<T> = Vec::with_capacity(n.max(1));
+        // SAFETY: the receive counts cover exactly `n` elements, every byte of which
+        // MPI writes before returning; the vector's length is set only afterwards, so no
+        // unwritten element is ever read. Scalars have no invalid bit patterns and no
+        // destructors. The capacity is at least 1, so the receive buffer never aliases
+        // an empty send buffer (OpenMPI rejects send == receive).
+        unsafe {
+            let buf = std::slice::from_raw_parts_mut(recv.as_mut_ptr() as *mut u8, total.max(1));
+            let pad = [0u8; 1];
+            let send = if send.is_empty() { &pad[..] } else { bytes(send) };
+            let _w = self.rt.watch.enter("all_to_all_v");
+            let sp = Partition::new(send, &s[..p], &s[p..]);
+            let mut rp = PartitionMut::new(buf, &r[..p], &r[p..]);
             self.comm.all_to_all_varcount_into(&sp, &mut rp);
+            recv.set_len(n);
         }
-        recv.truncate(total);
-        Ok((recv, rc.into_iter().map(|c| c as usize).collect()))
+        Ok(recv)
+    }
+
+    /// One bare `MPI_Alltoallv` of bytes with counts and displacements given: what a
+    /// plain MPI program calls, and the baseline `ultramoe bench comm` compares against.
+    pub fn raw_alltoallv(&self, send: &[u8], sc: &[i32], sd: &[i32], recv: &mut [u8], rc: &[i32], rd: &[i32]) {
+        let sp = Partition::new(send, sc, sd);
+        let mut rp = PartitionMut::new(recv, rc, rd);
+        self.comm.all_to_all_varcount_into(&sp, &mut rp);
     }
 }
 
@@ -251,10 +271,22 @@ impl Communicator for MpiComm {
     }
 
     fn all_to_all_v<T: Scalar>(&self, send: &[T], send_counts: &[usize]) -> CommResult<(Vec<T>, Vec<usize>)> {
+        let (p, size) = (self.size(), std::mem::size_of::<T>());
+        let s = self.byte_layout(send_counts, size)?;
+        let mut counts = vec![0i32; p];
+        {
+            let _w = self.rt.watch.enter("all_to_all_v counts");
+            self.comm.all_to_all_into(&s[..p], &mut counts[..]);
+        }
+        let counts: Vec<usize> = counts.into_iter().map(|c| c as usize / size).collect();
+        let r = self.byte_layout(&counts, size)?;
+        Ok((self.receive_into_new(send, &s, &r)?, counts))
+    }
+
+    fn all_to_all_v_known<T: Scalar>(&self, send: &[T], send_counts: &[usize], recv_counts: &[usize]) -> CommResult<Vec<T>> {
         let size = std::mem::size_of::<T>();
-        let byte_counts: Vec<usize> = send_counts.iter().map(|c| c * size).collect();
-        let (recv, counts) = self.exchange_bytes(bytes(send), &byte_counts)?;
-        Ok((vec_from_bytes(&recv), counts.into_iter().map(|c| c / size).collect()))
+        let (s, r) = (self.byte_layout(send_counts, size)?, self.byte_layout(recv_counts, size)?);
+        self.receive_into_new(send, &s, &r)
     }
 
     fn send<T: Scalar>(&self, data: &[T], dst: usize, tag: u32) -> CommResult<()> {

@@ -17,6 +17,8 @@ pub enum BenchCommand {
     Train(BenchTrainArgs),
     /// Grouped GEMM over experts against one dense GEMM of the same total size.
     Gemm(BenchGemmArgs),
+    /// All-to-all-v latency and bandwidth against message size (vs plain MPI under mpirun).
+    Comm(super::bench_comm::BenchCommArgs),
 }
 
 /// Options of `ultramoe bench train`.
@@ -72,6 +74,7 @@ pub fn run(c: BenchCommand) -> CliResult {
     match c {
         BenchCommand::Train(a) => bench_train(a),
         BenchCommand::Gemm(a) => bench_gemm(a),
+        BenchCommand::Comm(a) => super::bench_comm::run(a),
     }
 }
 

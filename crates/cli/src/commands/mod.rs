@@ -1,6 +1,7 @@
 //! One module per subcommand.
 
 pub mod bench;
+pub mod bench_comm;
 pub mod demo;
 pub mod eval;
 pub mod grad;

@@ -128,7 +128,8 @@ impl TokenDispatcher {
         let (Some(g), Some(x)) = (&self.ep, &hd.exchange) else { return rows };
         let (p, h) = (self.ranks(), self.hidden);
         let send: Vec<usize> = x.send_rows.iter().map(|r| r * h).collect();
-        let (r, _) = g.all_to_all_v_f32(&rows, &send).unwrap_or_else(|e| fatal(e));
+        let recv: Vec<usize> = x.recv_rows(p).iter().map(|r| r * h).collect();
+        let r = g.all_to_all_v_known_f32(&rows, &send, &recv).unwrap_or_else(|e| fatal(e));
         transpose_blocks(&r, &x.recv, p, x.recv.len() / p, h)
     }
 
@@ -140,6 +141,7 @@ impl TokenDispatcher {
         let by_source = transpose_blocks(&rows, &transpose_counts(&x.recv, p, el), el, p, h);
         drop(rows);
         let send: Vec<usize> = x.recv_rows(p).iter().map(|r| r * h).collect();
-        g.all_to_all_v_f32(&by_source, &send).unwrap_or_else(|e| fatal(e)).0
+        let recv: Vec<usize> = x.send_rows.iter().map(|r| r * h).collect();
+        g.all_to_all_v_known_f32(&by_source, &send, &recv).unwrap_or_else(|e| fatal(e))
     }
 }
