@@ -23,6 +23,10 @@ pub struct ParallelArgs {
     /// Data-parallel size: copies of each expert (ranks / EP).
     #[arg(long)]
     pub dp: Option<usize>,
+    /// Consecutive ranks per node (machine), for the intra/inter-node traffic figures
+    /// (default: all ranks on one node).
+    #[arg(long)]
+    pub ranks_per_node: Option<usize>,
     /// Seconds a rank waits for the others before the job is declared stuck.
     #[arg(long, default_value_t = 30)]
     pub comm_timeout: u64,
@@ -59,6 +63,12 @@ pub fn mpi_world_size() -> Option<usize> {
     ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE"].iter().find_map(|v| std::env::var(v).ok()?.parse().ok())
 }
 
+/// Ranks MPI started on this process's host (OpenMPI's local size), when known.
+#[cfg(feature = "mpi")]
+fn local_ranks() -> Option<usize> {
+    std::env::var("OMPI_COMM_WORLD_LOCAL_SIZE").ok()?.parse().ok()
+}
+
 /// Runs `f` on every rank (or once, with no mesh, for a single rank) and returns rank
 /// 0's result.
 pub fn launch<T: Send + 'static>(p: &ParallelArgs, f: impl Fn(Option<Mesh>) -> CliResult<T> + Send + Sync + 'static) -> CliResult<T> {
@@ -73,11 +83,16 @@ pub fn launch<T: Send + 'static>(p: &ParallelArgs, f: impl Fn(Option<Mesh>) -> C
         return f(None);
     }
     let ep = p.ep_for(p.ranks)?;
+    let rpn = p.ranks_per_node;
     let f = Arc::new(f);
     let results = local::run(p.ranks, timeout, move |c| {
         let rank = ultramoe_dist::Communicator::rank(&c);
         let world: Arc<dyn ProcessGroup> = Arc::new(c);
         let mesh = Mesh::new(world, ep)?;
+        let mesh = match rpn {
+            Some(r) => mesh.with_nodes(r),
+            None => mesh,
+        };
         f(Some(mesh)).map_err(|reason| CommError { rank: Some(rank), reason })
     })
     .map_err(|e| e.to_string())?;
@@ -88,7 +103,11 @@ pub fn launch<T: Send + 'static>(p: &ParallelArgs, f: impl Fn(Option<Mesh>) -> C
 fn launch_mpi<T>(p: &ParallelArgs, n: usize, timeout: Duration, f: impl Fn(Option<Mesh>) -> CliResult<T>) -> CliResult<T> {
     let world = ultramoe_dist::mpi::world(timeout).map_err(|e| e.to_string())?;
     let rank = ultramoe_dist::Communicator::rank(&*world);
-    let result = p.ep_for(n).and_then(|ep| Mesh::new(world, ep).map_err(|e| e.to_string())).and_then(|mesh| f(Some(mesh)));
+    let result = p
+        .ep_for(n)
+        .and_then(|ep| Mesh::new(world, ep).map_err(|e| e.to_string()))
+        .map(|m| m.with_nodes(p.ranks_per_node.unwrap_or_else(|| local_ranks().unwrap_or(n))))
+        .and_then(|mesh| f(Some(mesh)));
     result.or_else(|e| {
         // End every rank now: the others may be waiting on this one in a collective.
         eprintln!("ultramoe: error: rank {rank}: {e}");

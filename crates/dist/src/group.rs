@@ -98,6 +98,9 @@ pub struct Mesh {
     pub ep: Arc<dyn ProcessGroup>,
     /// the ranks holding the same experts (expert gradients are summed over it)
     pub dp: Arc<dyn ProcessGroup>,
+    /// consecutive world ranks per node (machine): traffic between nodes is what the
+    /// intra/inter-node statistics separate
+    pub ranks_per_node: usize,
 }
 
 impl Mesh {
@@ -109,7 +112,19 @@ impl Mesh {
         }
         let ep_group = world.split_group(r / ep, r % ep)?;
         let dp_group = world.split_group(r % ep, r / ep)?;
-        Ok(Mesh { world, ep: ep_group, dp: dp_group })
+        Ok(Mesh { world, ep: ep_group, dp: dp_group, ranks_per_node: n })
+    }
+
+    /// The same mesh with nodes of `ranks_per_node` consecutive ranks.
+    pub fn with_nodes(mut self, ranks_per_node: usize) -> Mesh {
+        self.ranks_per_node = ranks_per_node.max(1);
+        self
+    }
+
+    /// The node of each rank of this rank's expert-parallel group.
+    pub fn ep_nodes(&self) -> Vec<usize> {
+        let first = self.world.rank() - self.ep.rank();
+        (0..self.ep.size()).map(|k| (first + k) / self.ranks_per_node).collect()
     }
 
     /// Checks that every rank holds the same `value` (a configuration, as text): ranks

@@ -304,6 +304,41 @@ impl Model {
         }
     }
 
+    /// Tells every dispatcher which node each expert-parallel rank is on, for the
+    /// intra/inter-node traffic counts, and makes all layers share one counter.
+    pub fn set_nodes(&mut self, node_of_ep_rank: Vec<usize>) {
+        let stats = std::sync::Arc::new(crate::moe::dispatcher::ExchangeStats::default());
+        for l in &mut self.layers {
+            if let crate::decoder::FfnBlock::Moe(m) = &mut l.ffn {
+                if m.dispatcher.node_of.len() == node_of_ep_rank.len() {
+                    m.dispatcher.node_of = node_of_ep_rank.clone();
+                }
+                m.dispatcher.stats = stats.clone();
+            }
+        }
+    }
+
+    /// All-to-all traffic since the last call, over every MoE layer (zero without
+    /// expert parallelism).
+    pub fn take_exchange_totals(&self) -> crate::moe::dispatcher::ExchangeTotals {
+        let mut t = crate::moe::dispatcher::ExchangeTotals::default();
+        let mut seen: Vec<*const crate::moe::dispatcher::ExchangeStats> = vec![];
+        for l in &self.layers {
+            if let crate::decoder::FfnBlock::Moe(m) = &l.ffn {
+                let p = std::sync::Arc::as_ptr(&m.dispatcher.stats);
+                if !seen.contains(&p) {
+                    seen.push(p);
+                    let x = m.dispatcher.stats.take();
+                    t.seconds += x.seconds;
+                    t.intra_node_bytes += x.intra_node_bytes;
+                    t.inter_node_bytes += x.inter_node_bytes;
+                    t.inter_node_bytes_hierarchical += x.inter_node_bytes_hierarchical;
+                }
+            }
+        }
+        t
+    }
+
     /// Sets the skewed-load workload's Zipf exponent on every router (0 = off).
     pub fn set_routing_skew(&mut self, s: f32) {
         for l in &mut self.layers {

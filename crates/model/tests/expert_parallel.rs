@@ -106,3 +106,54 @@ fn experts_must_split_evenly() {
     .unwrap();
     assert!(err[0].as_deref().unwrap_or("").contains("n_routed_experts"), "{err:?}");
 }
+
+#[test]
+fn exchange_bytes_are_counted_by_node() {
+    // 4 ranks on two "nodes" {0, 1} and {2, 3}.
+    let (b, t, h) = (4usize, 10usize, 24u64);
+    let mut rng = Rng::new(3);
+    let ids: Vec<u32> = (0..b * t).map(|_| rng.range(0, 36) as u32).collect();
+    let per_rank = local::run(4, Duration::from_secs(30), move |c| {
+        let group: Arc<dyn ProcessGroup> = Arc::new(c);
+        let mut model = Model::expert_parallel(config("qwen3_moe"), group.clone()).unwrap();
+        model.set_nodes(vec![0, 0, 1, 1]);
+        let r = group.rank();
+        let rows = &ids[r * t..(r + 1) * t];
+        let w: Vec<f32> = init_weights(&model.layout, 5).iter().map(|x| x * 20.0).collect();
+        let fwd = model.forward(&w, rows, 1, t);
+        let counts = fwd.expert_counts();
+        let mut g = vec![0.0; model.layout.total];
+        model.backward(&w, &mut g, fwd, &shifted_targets(rows, t), 0.1);
+        Ok((r, counts, model.take_exchange_totals()))
+    })
+    .unwrap();
+    // Each (token, expert) pair on another rank crosses four times (dispatch, combine and
+    // their backwards; sent once by each side), `H` floats per row: over all ranks the
+    // bytes sent equal 4 · 4 · H · (pairs between ranks), split by whether the two ranks
+    // share a node.
+    let (mut same, mut other) = (0u64, 0u64);
+    let mut totals = ultramoe_model::moe::dispatcher::ExchangeTotals::default();
+    for (r, counts, x) in &per_rank {
+        // qwen3 config: 4 experts, one per rank.
+        for layer in counts {
+            for (e, &n) in layer.iter().enumerate().filter(|&(e, _)| e != *r) {
+                if e / 2 == r / 2 {
+                    same += n as u64
+                } else {
+                    other += n as u64
+                }
+            }
+        }
+        assert!(x.seconds > 0.0);
+        totals.intra_node_bytes += x.intra_node_bytes;
+        totals.inter_node_bytes += x.inter_node_bytes;
+        totals.inter_node_bytes_hierarchical += x.inter_node_bytes_hierarchical;
+    }
+    assert!(same > 0 && other > 0, "routing reaches both nodes");
+    assert_eq!(totals.intra_node_bytes, 4 * 4 * h * same);
+    assert_eq!(totals.inter_node_bytes, 4 * 4 * h * other);
+    // With top-2 over 4 experts, a token sometimes picks both experts of the remote
+    // node: then it crosses once instead of twice.
+    assert!(totals.inter_node_bytes_hierarchical <= totals.inter_node_bytes);
+    assert!(totals.inter_node_bytes_hierarchical >= totals.inter_node_bytes / 2);
+}

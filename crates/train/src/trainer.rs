@@ -153,8 +153,22 @@ pub struct StepStats {
     pub tokens_per_s: f64,
     /// model FLOP utilisation against the measured GEMM peak
     pub mfu: f64,
-    /// seconds of gradient-reduction communication (0 on one rank)
+    /// seconds of communication: expert-parallel all-to-all plus gradient reduction
+    /// (this rank; 0 on one rank)
     pub comm_s: f64,
+    /// seconds of communication not hidden behind computation. Dispatch/combine and
+    /// gradient reduction are not yet overlapped with compute, so this equals `comm_s`.
+    pub exposed_comm_s: f64,
+    /// seconds inside the all-to-all exchanges (this rank)
+    pub a2a_s: f64,
+    /// all-to-all bytes sent between ranks of one node (all ranks)
+    pub a2a_bytes_intra_node: u64,
+    /// all-to-all bytes sent between nodes (all ranks)
+    pub a2a_bytes_inter_node: u64,
+    /// inter-node bytes a hierarchical all-to-all would send for the same routing (each
+    /// token crossing to each remote node once per exchange; all ranks). Predicted from
+    /// the routing: the exchange itself is still flat.
+    pub a2a_bytes_inter_node_hierarchical: u64,
     /// per MoE layer, tokens routed to each expert
     pub expert_counts: Vec<Vec<usize>>,
     /// max over layers of (busiest expert's tokens / mean tokens per expert)
@@ -334,6 +348,9 @@ impl Trainer {
         let opt = AdamW::new(&model.layout, cfg.adamw.clone());
         let sched = Schedule { peak: cfg.lr, min: cfg.min_lr, warmup: cfg.warmup, total: cfg.steps };
         let g = vec![0.0; model.layout.total];
+        if let Some(m) = &mesh {
+            model.set_nodes(m.ep_nodes());
+        }
         let parallel = mesh.map(|m| Parallel::new(m, &model.layout));
         Ok(Trainer { model, w, g, opt, sched, cfg, batcher, step: 0, peak_flops, parallel, metrics: None })
     }
@@ -362,7 +379,7 @@ impl Trainer {
         let rows = self.parallel.as_ref().map_or(0..b, |p| p.rows(b));
         let (r0, r1, bl) = (rows.start * t, rows.end * t, rows.len());
         // `g` is zero here: it starts zeroed and every optimizer step clears it.
-        let mut sums = [0.0f64, 0.0]; // Σ CE, Σ aux
+        let mut sums = [0.0f64; 5]; // Σ CE, Σ aux, then all-to-all bytes (intra, inter, inter if hierarchical)
         let mut counts: Vec<Vec<usize>> = vec![];
         let (model, w, g) = (&self.model, &self.w, &mut self.g);
         catch_comm(|| {
@@ -385,8 +402,12 @@ impl Trainer {
             }
         })
         .map_err(comm_error)?;
+        let x = self.model.take_exchange_totals();
+        sums[2] = x.intra_node_bytes as f64;
+        sums[3] = x.inter_node_bytes as f64;
+        sums[4] = x.inter_node_bytes_hierarchical as f64;
         let opt_scope = ultramoe_kernels::profile::scope("optimizer");
-        let mut comm_s = 0.0;
+        let mut comm_s = x.seconds;
         let grad_norm = match &mut self.parallel {
             None => global_norm(&self.g),
             Some(p) => {
@@ -394,7 +415,7 @@ impl Trainer {
                 p.sum_counts(&mut counts).map_err(comm_error)?;
                 p.sum(&mut sums).map_err(comm_error)?;
                 let norm = p.grad_norm(&self.g).map_err(comm_error)?;
-                comm_s = p.take_comm_s();
+                comm_s += p.take_comm_s();
                 norm
             }
         };
@@ -424,6 +445,11 @@ impl Trainer {
             tokens_per_s: tokens as f64 / step_s,
             mfu: flops / step_s / self.peak_flops,
             comm_s,
+            exposed_comm_s: comm_s,
+            a2a_s: x.seconds,
+            a2a_bytes_intra_node: sums[2] as u64,
+            a2a_bytes_inter_node: sums[3] as u64,
+            a2a_bytes_inter_node_hierarchical: sums[4] as u64,
             expert_imbalance: expert_imbalance(&counts),
             rank_load_imbalance: rank_load_imbalance(&rank_loads(&counts, stats_ep)),
             rank_counts: rank_loads(&counts, stats_ep),

@@ -55,7 +55,7 @@ pub fn run(a: DemoArgs) -> CliResult {
         metrics: None,
         peak_gflops: None,
         no_progress: a.no_progress,
-        parallel: crate::launch::ParallelArgs { ranks: 1, ep: None, dp: None, comm_timeout: 30 },
+        parallel: crate::launch::ParallelArgs { ranks: 1, ep: None, dp: None, ranks_per_node: None, comm_timeout: 30 },
     };
     let mut tr = make_trainer(&targs, None)?;
     eprintln!(

@@ -13,7 +13,9 @@
 //! ranks hold consecutive rows of the global batch, the rows an expert receives are in
 //! global token order: the same order, and so the same sums, as on one rank.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 use ultramoe_dist::{CommError, ProcessGroup};
 use ultramoe_kernels::permute::{
     permute_backward, permute_forward, transpose_blocks, transpose_counts, unpermute_backward, unpermute_forward, DispatchPlan,
@@ -46,6 +48,46 @@ impl Exchange {
     }
 }
 
+/// What the all-to-all exchanges moved, accumulated over layers and steps (shared by
+/// every MoE layer of a model; read and reset by the trainer each step).
+#[derive(Debug, Default)]
+pub struct ExchangeStats {
+    /// seconds inside all-to-all calls
+    nanos: AtomicU64,
+    /// bytes sent to ranks on this rank's node (itself excluded)
+    intra: AtomicU64,
+    /// bytes sent to ranks on other nodes
+    inter: AtomicU64,
+    /// bytes that would cross nodes if each token crossed to each remote node once per
+    /// exchange (hierarchical all-to-all: one copy per node, fanned out there)
+    inter_hierarchical: AtomicU64,
+}
+
+/// A snapshot of [`ExchangeStats`].
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct ExchangeTotals {
+    /// seconds inside all-to-all calls
+    pub seconds: f64,
+    /// bytes sent within the node
+    pub intra_node_bytes: u64,
+    /// bytes sent across nodes
+    pub inter_node_bytes: u64,
+    /// inter-node bytes a hierarchical all-to-all would send for the same routing
+    pub inter_node_bytes_hierarchical: u64,
+}
+
+impl ExchangeStats {
+    /// Returns the totals since the last call and resets them.
+    pub fn take(&self) -> ExchangeTotals {
+        ExchangeTotals {
+            seconds: self.nanos.swap(0, Ordering::Relaxed) as f64 * 1e-9,
+            intra_node_bytes: self.intra.swap(0, Ordering::Relaxed),
+            inter_node_bytes: self.inter.swap(0, Ordering::Relaxed),
+            inter_node_bytes_hierarchical: self.inter_hierarchical.swap(0, Ordering::Relaxed),
+        }
+    }
+}
+
 /// Moves tokens to their experts and back.
 #[derive(Clone, Debug)]
 pub struct TokenDispatcher {
@@ -55,6 +97,10 @@ pub struct TokenDispatcher {
     pub hidden: usize,
     /// the expert-parallel group, when experts are spread over ranks
     pub ep: Option<Arc<dyn ProcessGroup>>,
+    /// node of each expert-parallel rank (all 0: one node)
+    pub node_of: Vec<usize>,
+    /// traffic counters
+    pub stats: Arc<ExchangeStats>,
 }
 
 /// A failed exchange ends the step: the payload is the [`CommError`], which the trainer
@@ -67,7 +113,9 @@ fn fatal(e: CommError) -> ! {
 impl TokenDispatcher {
     /// A dispatcher over `n_experts` experts, spread over `ep` when given.
     pub fn new(n_experts: usize, hidden: usize, ep: Option<Arc<dyn ProcessGroup>>) -> Self {
-        TokenDispatcher { n_experts, hidden, ep: ep.filter(|g| g.size() > 1) }
+        let ep = ep.filter(|g| g.size() > 1);
+        let node_of = vec![0; ep.as_ref().map_or(1, |g| g.size())];
+        TokenDispatcher { n_experts, hidden, ep, node_of, stats: Arc::default() }
     }
 
     fn ranks(&self) -> usize {
@@ -95,6 +143,7 @@ impl TokenDispatcher {
         for j in 0..el {
             offsets[j + 1] = offsets[j] + (0..p).map(|s| recv[s * el + j]).sum::<usize>();
         }
+        self.count_hierarchical(&r.experts, top_k, el, g.rank());
         let hd = DispatchHandle { plan, offsets, exchange: Some(Exchange { send_rows, recv }) };
         (self.to_experts(xs, &hd), hd)
     }
@@ -123,13 +172,45 @@ impl TokenDispatcher {
         permute_backward(dx, &dxs, &hd.plan, self.hidden, false);
     }
 
+    /// Counts what a hierarchical dispatch would send across nodes: each token once per
+    /// remote node holding any of its experts, `H` floats each.
+    fn count_hierarchical(&self, experts: &[u32], top_k: usize, el: usize, me: usize) {
+        let home = self.node_of[me];
+        let mut crossings = 0u64;
+        let mut nodes: Vec<usize> = Vec::with_capacity(top_k);
+        for choice in experts.chunks(top_k.max(1)) {
+            nodes.clear();
+            nodes.extend(choice.iter().map(|&e| self.node_of[e as usize / el]).filter(|&n| n != home));
+            nodes.sort_unstable();
+            nodes.dedup();
+            crossings += nodes.len() as u64;
+        }
+        // Four exchanges per layer and step (dispatch, combine, and their backwards), each
+        // crossing the same way: the combine returns one partial sum per remote node.
+        self.stats.inter_hierarchical.fetch_add(4 * crossings * 4 * self.hidden as u64, Ordering::Relaxed);
+    }
+
+    /// One all-to-all of rows with known counts (in floats), timed and its bytes counted
+    /// by destination node.
+    fn exchange(&self, g: &dyn ProcessGroup, rows: &[f32], send: &[usize], recv: &[usize]) -> Vec<f32> {
+        let me = g.rank();
+        for (dst, &n) in send.iter().enumerate().filter(|&(d, _)| d != me) {
+            let counter = if self.node_of[dst] == self.node_of[me] { &self.stats.intra } else { &self.stats.inter };
+            counter.fetch_add(4 * n as u64, Ordering::Relaxed);
+        }
+        let start = Instant::now();
+        let out = g.all_to_all_v_known_f32(rows, send, recv).unwrap_or_else(|e| fatal(e));
+        self.stats.nanos.fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        out
+    }
+
     /// Plan-ordered rows → the owning ranks' expert-grouped rows (dispatch's exchange).
     fn to_experts(&self, rows: Vec<f32>, hd: &DispatchHandle) -> Vec<f32> {
         let (Some(g), Some(x)) = (&self.ep, &hd.exchange) else { return rows };
         let (p, h) = (self.ranks(), self.hidden);
         let send: Vec<usize> = x.send_rows.iter().map(|r| r * h).collect();
         let recv: Vec<usize> = x.recv_rows(p).iter().map(|r| r * h).collect();
-        let r = g.all_to_all_v_known_f32(&rows, &send, &recv).unwrap_or_else(|e| fatal(e));
+        let r = self.exchange(g.as_ref(), &rows, &send, &recv);
         transpose_blocks(&r, &x.recv, p, x.recv.len() / p, h)
     }
 
@@ -142,6 +223,6 @@ impl TokenDispatcher {
         drop(rows);
         let send: Vec<usize> = x.recv_rows(p).iter().map(|r| r * h).collect();
         let recv: Vec<usize> = x.send_rows.iter().map(|r| r * h).collect();
-        g.all_to_all_v_known_f32(&by_source, &send, &recv).unwrap_or_else(|e| fatal(e))
+        self.exchange(g.as_ref(), &by_source, &send, &recv)
     }
 }
