@@ -26,5 +26,6 @@ pub fn math_train_config() -> TrainConfig {
         aux_loss: None,
         routing_skew: 0.0,
         stats_ep: 1,
+        zero1: false,
     }
 }

@@ -10,3 +10,4 @@ pub mod optimizer;
 pub mod parallel;
 pub mod schedule;
 pub mod trainer;
+pub mod zero;

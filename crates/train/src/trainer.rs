@@ -14,6 +14,7 @@ use crate::data::jsonl::read_jsonl;
 use crate::data::math::Mix;
 use crate::optimizer::{clip_to_norm, global_norm, AdamW, AdamWConfig};
 use crate::parallel::{catch_comm, Parallel};
+use crate::zero::Zero1;
 use crate::schedule::Schedule;
 use ultramoe_kernels::balance::BalanceLoss;
 use serde::{Deserialize, Serialize};
@@ -77,6 +78,10 @@ pub struct TrainConfig {
     /// this many consecutive blocks)
     #[serde(default = "one")]
     pub stats_ep: usize,
+    /// ZeRO-1: shard optimizer moments over the ranks that hold the same weights
+    /// (distributed runs only)
+    #[serde(default)]
+    pub zero1: bool,
 }
 
 /// An auxiliary balancing loss for training.
@@ -128,6 +133,7 @@ impl Default for TrainConfig {
             aux_loss: None,
             routing_skew: 0.0,
             stats_ep: 1,
+            zero1: false,
         }
     }
 }
@@ -272,6 +278,8 @@ pub struct Trainer {
     pub peak_flops: f64,
     /// this rank's place in a distributed run (`None`: one rank)
     pub parallel: Option<Parallel>,
+    /// the sharded optimizer, with ZeRO-1 (then `opt` is empty)
+    pub zero: Option<Zero1>,
     metrics: Option<std::fs::File>,
 }
 
@@ -345,14 +353,20 @@ impl Trainer {
         }
         let source = source_for(&cfg.data, model.cfg.vocab_size)?;
         let batcher = Batcher::new(source, cfg.seed + 1);
-        let opt = AdamW::new(&model.layout, cfg.adamw.clone());
+        let zero = match &mesh {
+            Some(m) if cfg.zero1 => Some(Zero1::new(&model.layout, m, cfg.adamw.clone())),
+            _ => None,
+        };
+        // With ZeRO-1 the moments live in the shards only.
+        let full = ultramoe_model::params::ParamLayout::default();
+        let opt = AdamW::new(if zero.is_some() { &full } else { &model.layout }, cfg.adamw.clone());
         let sched = Schedule { peak: cfg.lr, min: cfg.min_lr, warmup: cfg.warmup, total: cfg.steps };
         let g = vec![0.0; model.layout.total];
         if let Some(m) = &mesh {
             model.set_nodes(m.ep_nodes());
         }
         let parallel = mesh.map(|m| Parallel::new(m, &model.layout));
-        Ok(Trainer { model, w, g, opt, sched, cfg, batcher, step: 0, peak_flops, parallel, metrics: None })
+        Ok(Trainer { model, w, g, opt, sched, cfg, batcher, step: 0, peak_flops, parallel, zero, metrics: None })
     }
 
     /// Appends one JSON object per step to `path`.
@@ -408,20 +422,33 @@ impl Trainer {
         sums[4] = x.inter_node_bytes_hierarchical as f64;
         let opt_scope = ultramoe_kernels::profile::scope("optimizer");
         let mut comm_s = x.seconds;
-        let grad_norm = match &mut self.parallel {
-            None => global_norm(&self.g),
-            Some(p) => {
+        let lr = self.sched.lr(self.step);
+        if let Some(p) = &mut self.parallel {
+            p.sum_counts(&mut counts).map_err(comm_error)?;
+            p.sum(&mut sums).map_err(comm_error)?;
+        }
+        let clip = self.cfg.clip;
+        let grad_norm = match (&mut self.parallel, &mut self.zero) {
+            (Some(p), Some(z)) => {
+                let norm = z.step(&p.mesh, &mut self.w, &mut self.g, lr, clip).map_err(comm_error)?;
+                comm_s += z.take_comm_s();
+                norm
+            }
+            (Some(p), None) => {
                 p.reduce_grads(&mut self.g).map_err(comm_error)?;
-                p.sum_counts(&mut counts).map_err(comm_error)?;
-                p.sum(&mut sums).map_err(comm_error)?;
                 let norm = p.grad_norm(&self.g).map_err(comm_error)?;
                 comm_s += p.take_comm_s();
+                clip_to_norm(&mut self.g, norm, clip);
+                self.opt.step(&mut self.w, &mut self.g, lr);
+                norm
+            }
+            (None, _) => {
+                let norm = global_norm(&self.g);
+                clip_to_norm(&mut self.g, norm, clip);
+                self.opt.step(&mut self.w, &mut self.g, lr);
                 norm
             }
         };
-        clip_to_norm(&mut self.g, grad_norm, self.cfg.clip);
-        let lr = self.sched.lr(self.step);
-        self.opt.step(&mut self.w, &mut self.g, lr);
         drop(opt_scope);
         if self.cfg.bias_update_rate > 0.0 {
             self.update_router_bias(&counts);
@@ -481,6 +508,11 @@ impl Trainer {
         }
     }
 
+    /// Optimizer steps taken.
+    pub fn optimizer_steps(&self) -> u64 {
+        self.zero.as_ref().map_or(self.opt.t, |z| z.opt.t)
+    }
+
     /// This rank's expert-parallel index and size.
     fn ep(&self) -> (usize, usize) {
         self.model.ep_rank_size()
@@ -521,13 +553,19 @@ impl Trainer {
         let root = run_dir.join("checkpoints");
         let name = format!("step-{:07}", self.step);
         let dir = root.join(&name);
+        // ZeRO-1 shards come together first (a collective: before any rank branches).
+        let gathered = match (&self.zero, &self.parallel) {
+            (Some(z), Some(p)) => Some(z.gather_moments(&p.mesh, self.model.layout.total).map_err(comm_error)?),
+            _ => None,
+        };
+        let (m, v) = gathered.as_ref().map_or((&self.opt.m[..], &self.opt.v[..]), |(m, v)| (&m[..], &v[..]));
         if self.writes_share() {
             save_model_share(&self.model, &self.w, &dir)?;
             let (k, p) = self.ep();
             let mut tensors = Vec::with_capacity(2 * self.model.layout.specs.len());
             for s in self.model.layout.specs.iter().filter(|s| ultramoe_model::checkpoint::saved_by(s, k)) {
-                tensors.push((format!("exp_avg.{}", s.name), s.shape.clone(), &self.opt.m[s.range()]));
-                tensors.push((format!("exp_avg_sq.{}", s.name), s.shape.clone(), &self.opt.v[s.range()]));
+                tensors.push((format!("exp_avg.{}", s.name), s.shape.clone(), &m[s.range()]));
+                tensors.push((format!("exp_avg_sq.{}", s.name), s.shape.clone(), &v[s.range()]));
             }
             let file = if p == 1 { "optimizer.safetensors".to_string() } else { format!("optimizer-{:05}-of-{p:05}.safetensors", k + 1) };
             write_safetensors(&dir.join(file), &tensors, None)?;
@@ -536,7 +574,7 @@ impl Trainer {
         if self.is_lead() {
             let state = TrainerState {
                 step: self.step,
-                optimizer_step: self.opt.t,
+                optimizer_step: self.optimizer_steps(),
                 data_position: self.batcher.position(),
                 config: self.cfg.clone(),
             };
@@ -570,13 +608,14 @@ impl Trainer {
     /// Resumes from a checkpoint directory: weights, moments, step, data position and
     /// the training config (with `steps` optionally extended).
     pub fn resume(dir: &Path, peak_flops: f64, steps: Option<u64>) -> Result<Self> {
-        Self::resume_with_mesh(dir, peak_flops, steps, None)
+        Self::resume_with_mesh(dir, peak_flops, steps, None, None)
     }
 
     /// [`Trainer::resume`] on one rank of `mesh`. The checkpoint may have been written
-    /// under any expert- and data-parallel layout: tensors are found by name in whatever
-    /// shards hold them, and each rank takes its share.
-    pub fn resume_with_mesh(dir: &Path, peak_flops: f64, steps: Option<u64>, mesh: Option<Mesh>) -> Result<Self> {
+    /// under any expert- and data-parallel layout, with or without ZeRO-1: tensors are
+    /// found by name in whatever shards hold them, and each rank takes its share.
+    /// `zero1` switches ZeRO-1 on or off for the continued run (`None`: as saved).
+    pub fn resume_with_mesh(dir: &Path, peak_flops: f64, steps: Option<u64>, mesh: Option<Mesh>, zero1: Option<bool>) -> Result<Self> {
         let state_path = dir.join("trainer_state.json");
         let text = std::fs::read_to_string(&state_path).map_err(|e| Error::msg(format!("cannot read: {e}")).in_file(&state_path))?;
         let state: TrainerState =
@@ -591,10 +630,15 @@ impl Trainer {
         if let Some(s) = steps {
             cfg.steps = s;
         }
+        if let Some(z) = zero1 {
+            cfg.zero1 = z;
+        }
         let mut tr = Trainer::with_mesh(model, w, cfg, peak_flops, mesh)?;
         let moments = read_optimizer_shards(dir)?;
+        let total = tr.model.layout.total;
+        let (mut m, mut v) = (vec![0.0; total], vec![0.0; total]);
         for s in &tr.model.layout.specs {
-            for (prefix, buf) in [("exp_avg.", &mut tr.opt.m), ("exp_avg_sq.", &mut tr.opt.v)] {
+            for (prefix, buf) in [("exp_avg.", &mut m), ("exp_avg_sq.", &mut v)] {
                 let key = format!("{prefix}{}", s.name);
                 let (t, file) = moments.get(&key).ok_or_else(|| Error::field(&key, "missing optimizer state").in_file(dir))?;
                 if t.shape != s.shape {
@@ -603,7 +647,16 @@ impl Trainer {
                 buf[s.range()].copy_from_slice(t.f32(&key).map_err(|e| e.in_file(file))?);
             }
         }
-        tr.opt.t = state.optimizer_step;
+        match &mut tr.zero {
+            Some(z) => {
+                z.set_moments(&m, &v);
+                z.opt.t = state.optimizer_step;
+            }
+            None => {
+                (tr.opt.m, tr.opt.v) = (m, v);
+                tr.opt.t = state.optimizer_step;
+            }
+        }
         tr.step = state.step;
         tr.batcher.restore(state.data_position);
         Ok(tr)

@@ -27,7 +27,8 @@ fn model_config() -> ModelConfig {
 fn train_config(steps: u64) -> TrainConfig {
     TrainConfig {
         steps,
-        micro_batch: 8,
+        // divisible by 1, 2, 3 and 4 ranks
+        micro_batch: 12,
         seq_len: 32,
         grad_accum: 2,
         warmup: 3,
@@ -61,18 +62,30 @@ fn single(steps: u64) -> Run {
 /// Runs `ranks` ranks with expert-parallel size `ep` up to step `stop` of a `steps`-step
 /// schedule; `resume` starts from a checkpoint, `save` writes one at the end.
 fn parallel(ranks: usize, ep: usize, steps: u64, stop: u64, resume: Option<&Path>, save: Option<&Path>) -> Run {
+    parallel_with(ranks, ep, steps, stop, resume, save, false)
+}
+
+/// [`parallel`], with ZeRO-1 when `zero1`.
+fn parallel_with(ranks: usize, ep: usize, steps: u64, stop: u64, resume: Option<&Path>, save: Option<&Path>, zero1: bool) -> Run {
     let (resume, save) = (resume.map(Path::to_path_buf), save.map(Path::to_path_buf));
     let runs = local::run(ranks, Duration::from_secs(60), move |c| {
         let world: Arc<dyn ProcessGroup> = Arc::new(c);
         let mesh = Mesh::new(world, ep)?;
         let mut tr = match &resume {
-            Some(dir) => Trainer::resume_with_mesh(dir, 1e11, Some(steps), Some(mesh)).unwrap(),
+            Some(dir) => Trainer::resume_with_mesh(dir, 1e11, Some(steps), Some(mesh), Some(zero1)).unwrap(),
             None => {
                 let model = Model::expert_parallel(model_config(), mesh.ep.clone()).unwrap();
                 let w = init_weights(&model.layout, 7);
-                Trainer::with_mesh(model, w, train_config(steps), 1e11, Some(mesh)).unwrap()
+                let cfg = TrainConfig { zero1, ..train_config(steps) };
+                Trainer::with_mesh(model, w, cfg, 1e11, Some(mesh)).unwrap()
             }
         };
+        assert_eq!(tr.zero.is_some(), zero1);
+        if let Some(z) = &tr.zero {
+            // Each rank holds about 1/ranks of the replicated moments and 1/DP of its experts'.
+            let (mine, whole) = z.moment_floats();
+            assert!(mine < whole && tr.opt.m.is_empty(), "{mine} of {whole}");
+        }
         let mut losses = vec![];
         while tr.step < stop {
             losses.push(tr.train_step().unwrap().loss);
@@ -127,6 +140,28 @@ fn expert_and_data_parallel_runs_match_one_rank() {
     assert_close("4 ranks, EP 4", &parallel(4, 4, STEPS, STEPS, None, None), &reference);
     assert_close("4 ranks, EP 2 × DP 2", &parallel(4, 2, STEPS, STEPS, None, None), &reference);
     assert_close("2 ranks, DP 2", &parallel(2, 1, STEPS, STEPS, None, None), &reference);
+    assert_close("4 ranks, EP 2 × DP 2, ZeRO-1", &parallel_with(4, 2, STEPS, STEPS, None, None, true), &reference);
+    assert_close("2 ranks, DP 2, ZeRO-1", &parallel_with(2, 1, STEPS, STEPS, None, None, true), &reference);
+    assert_close("3 ranks, DP 3, ZeRO-1 (uneven chunks)", &parallel_with(3, 1, STEPS, STEPS, None, None, true), &reference);
+}
+
+#[test]
+fn zero1_checkpoints_reshard_too() {
+    let reference = single(20);
+    let dir = std::env::temp_dir().join(format!("ultramoe-zero-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let first = parallel_with(4, 2, 20, 10, None, Some(&dir), true);
+    let ckpt = Trainer::latest_checkpoint(&dir).expect("checkpoint written");
+    for (ranks, ep, zero1) in [(4, 4, true), (2, 2, false)] {
+        let rest = parallel_with(ranks, ep, 20, 20, Some(&ckpt), None, zero1);
+        let run = Run { losses: [first.losses.clone(), rest.losses].concat(), weights: rest.weights };
+        assert_close(&format!("ZeRO-1 EP 2 × DP 2 → {ranks} ranks EP {ep}, ZeRO-1 {zero1}"), &run, &reference);
+    }
+    let mut tr = Trainer::resume(&ckpt, 1e11, Some(20)).unwrap();
+    let rest: Vec<f32> = (10..20).map(|_| tr.train_step().unwrap().loss).collect();
+    let run = Run { losses: [first.losses.clone(), rest].concat(), weights: weights_of(&tr) };
+    assert_close("ZeRO-1 EP 2 × DP 2 → 1 rank", &run, &reference);
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

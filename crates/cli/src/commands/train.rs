@@ -84,6 +84,9 @@ pub struct TrainArgs {
     /// Plain log lines instead of a progress bar.
     #[arg(long)]
     pub no_progress: bool,
+    /// ZeRO-1: shard the optimizer moments over the ranks holding the same weights.
+    #[arg(long)]
+    pub zero1: bool,
     #[command(flatten)]
     pub parallel: ParallelArgs,
 }
@@ -108,6 +111,7 @@ fn apply_overrides(mut c: TrainConfig, a: &TrainArgs) -> CliResult<TrainConfig> 
     set!(bias_update_rate);
     set!(routing_skew);
     set!(stats_ep);
+    c.zero1 |= a.zero1;
     if let Some(kind) = &a.aux_loss {
         c.aux_loss = Some(AuxLossConfig { kind: kind.clone(), coef: a.aux_loss_coef, ep_groups: a.aux_ep_groups });
     }
@@ -134,7 +138,7 @@ pub fn make_trainer(a: &TrainArgs, mesh: Option<Mesh>) -> CliResult<Trainer> {
     let lead = mesh.as_ref().is_none_or(|m| m.world.rank() == 0);
     if a.resume {
         if let Some(dir) = Trainer::latest_checkpoint(&a.run_dir) {
-            let tr = Trainer::resume_with_mesh(&dir, peak, a.steps, mesh).map_err(|e| e.to_string())?;
+            let tr = Trainer::resume_with_mesh(&dir, peak, a.steps, mesh, a.zero1.then_some(true)).map_err(|e| e.to_string())?;
             if lead {
                 eprintln!("resuming from {} at step {}", dir.display(), tr.step);
             }
@@ -246,6 +250,14 @@ fn train_rank(a: &TrainArgs, mesh: Option<Mesh>) -> CliResult {
     }
     if let Some((n, ep, dp)) = layout {
         eprintln!("{n} ranks: expert-parallel {ep} × data-parallel {dp}");
+        let params = tr.model.layout.total as f64 * 4.0 / 1e6;
+        match &tr.zero {
+            Some(z) => {
+                let (mine, whole) = z.moment_floats();
+                eprintln!("per rank: {params:.1} MB of weights, {:.1} MB of optimizer moments (ZeRO-1; {:.1} MB unsharded)", mine as f64 * 4e-6, whole as f64 * 4e-6);
+            }
+            None => eprintln!("per rank: {params:.1} MB of weights, {:.1} MB of optimizer moments", 2.0 * params),
+        }
     }
     eprintln!(
         "model: {} with {:.2}M parameters ({:.2}M active per token); {} steps of {}×{}×{} tokens",
