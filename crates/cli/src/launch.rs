@@ -27,6 +27,10 @@ pub struct ParallelArgs {
     /// (default: all ranks on one node).
     #[arg(long)]
     pub ranks_per_node: Option<usize>,
+    /// Token chunks each expert-parallel MoE layer pipelines against its all-to-all, so
+    /// exchanges run while other chunks compute (1: no overlap).
+    #[arg(long, default_value_t = ultramoe_model::model::DEFAULT_OVERLAP_CHUNKS)]
+    pub overlap_chunks: usize,
     /// Seconds a rank waits for the others before the job is declared stuck.
     #[arg(long, default_value_t = 30)]
     pub comm_timeout: u64,

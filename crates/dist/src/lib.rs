@@ -20,10 +20,12 @@
 pub mod conformance;
 pub mod group;
 pub mod local;
+pub mod stream;
 #[cfg(feature = "mpi")]
 pub mod mpi;
 
 pub use group::{Mesh, ProcessGroup};
+pub use stream::{CommStream, Pending};
 
 use std::fmt;
 

@@ -11,7 +11,7 @@ use crate::moe::layer::MoeLayer;
 use crate::moe::router::Router;
 use crate::params::{fuse, Init, ParamLayout, Slot};
 use std::sync::Arc;
-use ultramoe_dist::ProcessGroup;
+use ultramoe_dist::{CommStream, ProcessGroup};
 use ultramoe_kernels::embedding::{embedding_backward, embedding_forward};
 use ultramoe_kernels::gemm::{linear, linear_grad};
 use ultramoe_kernels::loss::{cross_entropy_forward, cross_entropy_fused_backward, IGNORE};
@@ -118,7 +118,8 @@ impl Model {
     }
 
     fn build(cfg: ModelConfig, ep: Option<Arc<dyn ProcessGroup>>) -> Self {
-        let ep = ep.filter(|g| g.size() > 1);
+        // One communication stream per expert-parallel group, shared by every layer.
+        let ep = ep.filter(|g| g.size() > 1).map(|g| (g, CommStream::new("ultramoe-ep-stream")));
         let mut lay = ParamLayout::default();
         let (h, v, l) = (cfg.hidden, cfg.vocab_size, cfg.n_layers);
         let std = if cfg.tiny_init {
@@ -225,6 +226,7 @@ impl Model {
             lay.add("lm_head.weight".into(), &[v, h], normal)
         };
         let rope = build_rope(&cfg);
+        let ep = ep.map(|(g, _)| g);
         Model { cfg, layout: lay, embed, layers, final_norm, lm_head, rope, ep }
     }
 
@@ -330,6 +332,7 @@ impl Model {
                     seen.push(p);
                     let x = m.dispatcher.stats.take();
                     t.seconds += x.seconds;
+                    t.exposed_seconds += x.exposed_seconds;
                     t.intra_node_bytes += x.intra_node_bytes;
                     t.inter_node_bytes += x.inter_node_bytes;
                     t.inter_node_bytes_hierarchical += x.inter_node_bytes_hierarchical;
@@ -337,6 +340,16 @@ impl Model {
             }
         }
         t
+    }
+
+    /// Splits each expert-parallel MoE layer's tokens into `chunks` pieces pipelined
+    /// against the all-to-all (1: no overlap).
+    pub fn set_overlap_chunks(&mut self, chunks: usize) {
+        for l in &mut self.layers {
+            if let crate::decoder::FfnBlock::Moe(m) = &mut l.ffn {
+                m.chunks = chunks.max(1);
+            }
+        }
     }
 
     /// Sets the skewed-load workload's Zipf exponent on every router (0 = off).
@@ -388,7 +401,7 @@ fn build_mlp(lay: &mut ParamLayout, prefix: &str, names: [&str; 3], h: usize, in
     Mlp { gate_up: fuse(&[g, u]), down: d, hidden: h, inter }
 }
 
-fn build_moe(lay: &mut ParamLayout, cfg: &ModelConfig, p: &str, init: Init, ep: Option<Arc<dyn ProcessGroup>>) -> MoeLayer {
+fn build_moe(lay: &mut ParamLayout, cfg: &ModelConfig, p: &str, init: Init, ep: Option<(Arc<dyn ProcessGroup>, Arc<CommStream>)>) -> MoeLayer {
     let m = &cfg.moe;
     let h = cfg.hidden;
     let (block, names) = match cfg.arch {
@@ -400,7 +413,7 @@ fn build_moe(lay: &mut ParamLayout, cfg: &ModelConfig, p: &str, init: Init, ep: 
         .then(|| lay.add_frozen(format!("{p}{block}.gate.e_score_correction_bias"), &[m.n_experts], Init::Constant(0.0)));
     // This rank's experts: block `rank` of `size` consecutive blocks. The others are
     // recorded as remote so initialisation and checkpoints see the whole model.
-    let (rank, size) = ep.as_ref().map_or((0, 1), |g| (g.rank(), g.size()));
+    let (rank, size) = ep.as_ref().map_or((0, 1), |(g, _)| (g.rank(), g.size()));
     let per = m.n_experts / size;
     let local = rank * per..(rank + 1) * per;
     let add = |lay: &mut ParamLayout, e: usize, name: &str, shape: &[usize]| {
@@ -433,8 +446,12 @@ fn build_moe(lay: &mut ParamLayout, cfg: &ModelConfig, p: &str, init: Init, ep: 
         dispatcher: TokenDispatcher::new(m.n_experts, h, ep),
         experts: GroupedExperts { gate_up: fuse(&gu), down: fuse(&down), hidden: h, inter: m.expert_inter },
         shared,
+        chunks: DEFAULT_OVERLAP_CHUNKS,
     }
 }
+
+/// Token chunks an expert-parallel MoE layer pipelines against its all-to-all.
+pub const DEFAULT_OVERLAP_CHUNKS: usize = 2;
 
 fn build_rope(cfg: &ModelConfig) -> RopeTable {
     let dim = cfg.rope_dim();

@@ -41,6 +41,13 @@ fn run(model: &Model, ids: &[u32], b: usize, t: usize, count: usize) -> Share {
 }
 
 fn check(model_type: &'static str, p: usize) {
+    for chunks in [1, 3] {
+        check_chunks(model_type, p, chunks);
+    }
+}
+
+/// EP over `p` ranks with the MoE layers pipelined in `chunks` token chunks.
+fn check_chunks(model_type: &'static str, p: usize, chunks: usize) {
     let (b, t) = (4, 10);
     let mut rng = Rng::new(3);
     let ids: Vec<u32> = (0..b * t).map(|_| rng.range(0, 36) as u32).collect();
@@ -49,7 +56,8 @@ fn check(model_type: &'static str, p: usize) {
     let ids2 = ids.clone();
     let shares = local::run(p, Duration::from_secs(30), move |c| {
         let group: Arc<dyn ProcessGroup> = Arc::new(c);
-        let model = Model::expert_parallel(config(model_type), group.clone()).unwrap();
+        let mut model = Model::expert_parallel(config(model_type), group.clone()).unwrap();
+        model.set_overlap_chunks(chunks);
         let rows = b / p;
         let r = group.rank();
         let mut s = run(&model, &ids2[r * rows * t..(r + 1) * rows * t], rows, t, count);

@@ -162,11 +162,13 @@ pub struct StepStats {
     /// seconds of communication: expert-parallel all-to-all plus gradient reduction
     /// (this rank; 0 on one rank)
     pub comm_s: f64,
-    /// seconds of communication not hidden behind computation. Dispatch/combine and
-    /// gradient reduction are not yet overlapped with compute, so this equals `comm_s`.
+    /// seconds of communication not hidden behind computation: the time the compute
+    /// thread waited for all-to-all exchanges, plus gradient reduction (not overlapped)
     pub exposed_comm_s: f64,
-    /// seconds inside the all-to-all exchanges (this rank)
+    /// seconds the all-to-all exchanges ran, on the communication stream (this rank)
     pub a2a_s: f64,
+    /// seconds the compute thread waited for them (`a2a_s` minus what overlap hid)
+    pub a2a_exposed_s: f64,
     /// all-to-all bytes sent between ranks of one node (all ranks)
     pub a2a_bytes_intra_node: u64,
     /// all-to-all bytes sent between nodes (all ranks)
@@ -422,6 +424,7 @@ impl Trainer {
         sums[4] = x.inter_node_bytes_hierarchical as f64;
         let opt_scope = ultramoe_kernels::profile::scope("optimizer");
         let mut comm_s = x.seconds;
+        let mut exposed_s = x.exposed_seconds;
         let lr = self.sched.lr(self.step);
         if let Some(p) = &mut self.parallel {
             p.sum_counts(&mut counts).map_err(comm_error)?;
@@ -431,13 +434,17 @@ impl Trainer {
         let grad_norm = match (&mut self.parallel, &mut self.zero) {
             (Some(p), Some(z)) => {
                 let norm = z.step(&p.mesh, &mut self.w, &mut self.g, lr, clip).map_err(comm_error)?;
-                comm_s += z.take_comm_s();
+                let c = z.take_comm_s();
+                comm_s += c;
+                exposed_s += c;
                 norm
             }
             (Some(p), None) => {
                 p.reduce_grads(&mut self.g).map_err(comm_error)?;
                 let norm = p.grad_norm(&self.g).map_err(comm_error)?;
-                comm_s += p.take_comm_s();
+                let c = p.take_comm_s();
+                comm_s += c;
+                exposed_s += c;
                 clip_to_norm(&mut self.g, norm, clip);
                 self.opt.step(&mut self.w, &mut self.g, lr);
                 norm
@@ -472,8 +479,9 @@ impl Trainer {
             tokens_per_s: tokens as f64 / step_s,
             mfu: flops / step_s / self.peak_flops,
             comm_s,
-            exposed_comm_s: comm_s,
+            exposed_comm_s: exposed_s,
             a2a_s: x.seconds,
+            a2a_exposed_s: x.exposed_seconds,
             a2a_bytes_intra_node: sums[2] as u64,
             a2a_bytes_inter_node: sums[3] as u64,
             a2a_bytes_inter_node_hierarchical: sums[4] as u64,

@@ -245,6 +245,7 @@ pub fn run(mut a: TrainArgs) -> CliResult {
 fn train_rank(a: &TrainArgs, mesh: Option<Mesh>) -> CliResult {
     let layout = mesh.as_ref().map(|m| (m.world.size(), m.ep_size(), m.dp_size()));
     let mut tr = make_trainer(a, mesh)?;
+    tr.model.set_overlap_chunks(a.parallel.overlap_chunks);
     if !tr.is_lead() {
         return train_loop(&mut tr, &a.run_dir, a.metrics.as_deref(), false).map(|_| ());
     }

@@ -12,18 +12,20 @@
 //! Combine runs the same steps backwards, and the backward pass mirrors both. Because
 //! ranks hold consecutive rows of the global batch, the rows an expert receives are in
 //! global token order: the same order, and so the same sums, as on one rank.
+//!
+//! Every exchange is split into `start_*` (local work, then the exchange queued on the
+//! rank's communication stream) and `finish_*` (wait, then local work), so the MoE layer
+//! can compute — the shared expert, another chunk's experts — while rows travel.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
-use ultramoe_dist::{CommError, ProcessGroup};
+use ultramoe_dist::{CommError, CommResult, CommStream, Pending, ProcessGroup};
 use ultramoe_kernels::permute::{
     permute_backward, permute_forward, transpose_blocks, transpose_counts, unpermute_backward, unpermute_forward, DispatchPlan,
 };
-use ultramoe_kernels::router::Routing;
 
-/// What dispatch hands to combine (and both backward passes). A typed handle, not state
-/// stashed on the dispatcher.
+/// What dispatch hands to combine (and both backward passes) for one chunk of tokens.
+/// A typed handle, not state stashed on the dispatcher.
 pub struct DispatchHandle {
     /// where every local (token, choice) went, in global expert order
     pub plan: DispatchPlan,
@@ -52,8 +54,10 @@ impl Exchange {
 /// every MoE layer of a model; read and reset by the trainer each step).
 #[derive(Debug, Default)]
 pub struct ExchangeStats {
-    /// seconds inside all-to-all calls
+    /// time the exchanges ran on the communication stream (ns)
     nanos: AtomicU64,
+    /// time the compute thread waited for exchanges (ns): the exposed part
+    exposed_nanos: AtomicU64,
     /// bytes sent to ranks on this rank's node (itself excluded)
     intra: AtomicU64,
     /// bytes sent to ranks on other nodes
@@ -66,8 +70,10 @@ pub struct ExchangeStats {
 /// A snapshot of [`ExchangeStats`].
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct ExchangeTotals {
-    /// seconds inside all-to-all calls
+    /// seconds the exchanges ran (on the communication stream)
     pub seconds: f64,
+    /// seconds computation waited for them (not hidden by overlap)
+    pub exposed_seconds: f64,
     /// bytes sent within the node
     pub intra_node_bytes: u64,
     /// bytes sent across nodes
@@ -81,6 +87,7 @@ impl ExchangeStats {
     pub fn take(&self) -> ExchangeTotals {
         ExchangeTotals {
             seconds: self.nanos.swap(0, Ordering::Relaxed) as f64 * 1e-9,
+            exposed_seconds: self.exposed_nanos.swap(0, Ordering::Relaxed) as f64 * 1e-9,
             intra_node_bytes: self.intra.swap(0, Ordering::Relaxed),
             inter_node_bytes: self.inter.swap(0, Ordering::Relaxed),
             inter_node_bytes_hierarchical: self.inter_hierarchical.swap(0, Ordering::Relaxed),
@@ -95,12 +102,30 @@ pub struct TokenDispatcher {
     pub n_experts: usize,
     /// hidden `H`
     pub hidden: usize,
-    /// the expert-parallel group, when experts are spread over ranks
-    pub ep: Option<Arc<dyn ProcessGroup>>,
+    /// the expert-parallel group and the stream its exchanges run on, when experts are
+    /// spread over ranks (one stream per group, shared by every layer, so exchanges keep
+    /// one order on every rank)
+    pub ep: Option<(Arc<dyn ProcessGroup>, Arc<CommStream>)>,
     /// node of each expert-parallel rank (all 0: one node)
     pub node_of: Vec<usize>,
     /// traffic counters
     pub stats: Arc<ExchangeStats>,
+}
+
+/// An exchange in flight, or a result already at hand (one rank: nothing to exchange).
+pub enum Ticket<T> {
+    /// available now
+    Ready(T),
+    /// queued on the communication stream
+    Flying(Pending<CommResult<T>>),
+}
+
+/// A dispatch in flight: the local plan, and the rows on their way.
+pub struct Dispatching {
+    plan: DispatchPlan,
+    send_rows: Vec<usize>,
+    /// received per-expert counts `[P, E_local]` and rows (grouped by source rank)
+    rows: Ticket<(Vec<usize>, Vec<f32>)>,
 }
 
 /// A failed exchange ends the step: the payload is the [`CommError`], which the trainer
@@ -111,65 +136,129 @@ fn fatal(e: CommError) -> ! {
 }
 
 impl TokenDispatcher {
-    /// A dispatcher over `n_experts` experts, spread over `ep` when given.
-    pub fn new(n_experts: usize, hidden: usize, ep: Option<Arc<dyn ProcessGroup>>) -> Self {
-        let ep = ep.filter(|g| g.size() > 1);
-        let node_of = vec![0; ep.as_ref().map_or(1, |g| g.size())];
+    /// A dispatcher over `n_experts` experts, spread over `ep` (exchanging on `stream`)
+    /// when given.
+    pub fn new(n_experts: usize, hidden: usize, ep: Option<(Arc<dyn ProcessGroup>, Arc<CommStream>)>) -> Self {
+        let ep = ep.filter(|(g, _)| g.size() > 1);
+        let node_of = vec![0; ep.as_ref().map_or(1, |(g, _)| g.size())];
         TokenDispatcher { n_experts, hidden, ep, node_of, stats: Arc::default() }
     }
 
     fn ranks(&self) -> usize {
-        self.ep.as_ref().map_or(1, |g| g.size())
+        self.ep.as_ref().map_or(1, |(g, _)| g.size())
     }
 
-    /// `x: [N, H]` → the rows this rank's experts compute on, grouped by local expert,
-    /// and the handle.
-    pub fn dispatch(&self, x: &[f32], r: &Routing, top_k: usize) -> (Vec<f32>, DispatchHandle) {
+    /// Waits for a ticket, recording how long the exchange ran and how long this thread
+    /// was blocked.
+    pub fn finish<T>(&self, t: Ticket<T>) -> T {
+        match t {
+            Ticket::Ready(v) => v,
+            Ticket::Flying(p) => {
+                let d = p.wait();
+                self.stats.nanos.fetch_add((d.busy_s * 1e9) as u64, Ordering::Relaxed);
+                self.stats.exposed_nanos.fetch_add((d.exposed_s * 1e9) as u64, Ordering::Relaxed);
+                d.value.unwrap_or_else(|e| fatal(e))
+            }
+        }
+    }
+
+    /// Starts dispatching tokens `x: [N, H]` whose choices are `experts: [N, K]`.
+    pub fn start_dispatch(&self, x: &[f32], experts: &[u32], top_k: usize) -> Dispatching {
         let h = self.hidden;
-        let plan = DispatchPlan::new(&r.experts, top_k, self.n_experts);
+        let plan = DispatchPlan::new(experts, top_k, self.n_experts);
         let mut xs = vec![0.0; plan.rows() * h];
         permute_forward(&mut xs, x, &plan, h);
-        let Some(g) = &self.ep else {
-            let offsets = plan.offsets.clone();
-            return (xs, DispatchHandle { plan, offsets, exchange: None });
+        let Some((g, stream)) = &self.ep else {
+            let send_rows = vec![plan.rows()];
+            return Dispatching { rows: Ticket::Ready((plan.counts(), xs)), plan, send_rows };
         };
         let (p, el) = (self.ranks(), self.n_experts / self.ranks());
         let counts = plan.counts();
         let send_rows: Vec<usize> = counts.chunks(el).map(|c| c.iter().sum()).collect();
-        let counts64: Vec<u64> = counts.iter().map(|&c| c as u64).collect();
-        let (recv, _) = g.all_to_all_v_u64(&counts64, &vec![el; p]).unwrap_or_else(|e| fatal(e));
-        let recv: Vec<usize> = recv.into_iter().map(|c| c as usize).collect();
+        self.count_hierarchical(experts, top_k, el, g.rank());
+        self.count_bytes(g.rank(), &send_rows);
+        let (g, send) = (g.clone(), send_rows.clone());
+        let job = stream.submit(move || {
+            let counts64: Vec<u64> = counts.iter().map(|&c| c as u64).collect();
+            let (recv, _) = g.all_to_all_v_u64(&counts64, &vec![el; p])?;
+            let recv: Vec<usize> = recv.into_iter().map(|c| c as usize).collect();
+            let from: Vec<usize> = recv.chunks(el).map(|c| c.iter().sum::<usize>() * h).collect();
+            let sent: Vec<usize> = send.iter().map(|r| r * h).collect();
+            let rows = g.all_to_all_v_known_f32(&xs, &sent, &from)?;
+            Ok((recv, rows))
+        });
+        Dispatching { plan, send_rows, rows: Ticket::Flying(job) }
+    }
+
+    /// Waits for a dispatch: the rows this rank's experts compute on, grouped by local
+    /// expert, and the handle.
+    pub fn finish_dispatch(&self, d: Dispatching) -> (Vec<f32>, DispatchHandle) {
+        let (recv, rows) = self.finish(d.rows);
+        if self.ep.is_none() {
+            let offsets = d.plan.offsets.clone();
+            return (rows, DispatchHandle { plan: d.plan, offsets, exchange: None });
+        }
+        let (p, el) = (self.ranks(), self.n_experts / self.ranks());
         let mut offsets = vec![0usize; el + 1];
         for j in 0..el {
             offsets[j + 1] = offsets[j] + (0..p).map(|s| recv[s * el + j]).sum::<usize>();
         }
-        self.count_hierarchical(&r.experts, top_k, el, g.rank());
-        let hd = DispatchHandle { plan, offsets, exchange: Some(Exchange { send_rows, recv }) };
-        (self.to_experts(xs, &hd), hd)
+        let xp = transpose_blocks(&rows, &recv, p, el, self.hidden);
+        (xp, DispatchHandle { plan: d.plan, offsets, exchange: Some(Exchange { send_rows: d.send_rows, recv }) })
     }
 
-    /// Sends the experts' outputs `yp` back and combines them:
-    /// `out[t] = Σ_j w[t,j] · ys[row(t,j)]`. Returns `ys`, the outputs of this rank's
-    /// tokens in plan order (what the combine's backward needs).
-    pub fn combine(&self, out: &mut [f32], yp: Vec<f32>, weights: &[f32], hd: &DispatchHandle) -> Vec<f32> {
-        let ys = self.to_sources(yp, hd);
-        unpermute_forward(out, &ys, weights, &hd.plan, self.hidden, false);
-        ys
+    /// Starts sending expert-grouped rows (outputs, or input gradients) back to the
+    /// ranks whose tokens they are; [`TokenDispatcher::finish`] gives them in plan order.
+    pub fn start_return(&self, rows: Vec<f32>, hd: &DispatchHandle) -> Ticket<Vec<f32>> {
+        let (Some((g, stream)), Some(x)) = (&self.ep, &hd.exchange) else { return Ticket::Ready(rows) };
+        let (p, h) = (self.ranks(), self.hidden);
+        let el = x.recv.len() / p;
+        let by_source = transpose_blocks(&rows, &transpose_counts(&x.recv, p, el), el, p, h);
+        drop(rows);
+        let send: Vec<usize> = x.recv_rows(p).iter().map(|r| r * h).collect();
+        let recv: Vec<usize> = x.send_rows.iter().map(|r| r * h).collect();
+        self.count_bytes(g.rank(), &x.recv_rows(p));
+        let g = g.clone();
+        Ticket::Flying(stream.submit(move || g.all_to_all_v_known_f32(&by_source, &send, &recv)))
     }
 
-    /// Backward of combine: returns `dyp` (grouped like the experts' rows) and
-    /// `dweights: [N, K]`.
+    /// Starts sending plan-ordered rows (output gradients) to the experts' ranks;
+    /// [`TokenDispatcher::finish_to_experts`] gives them grouped by local expert.
+    pub fn start_to_experts(&self, rows: Vec<f32>, hd: &DispatchHandle) -> Ticket<Vec<f32>> {
+        let (Some((g, stream)), Some(x)) = (&self.ep, &hd.exchange) else { return Ticket::Ready(rows) };
+        let (p, h) = (self.ranks(), self.hidden);
+        let send: Vec<usize> = x.send_rows.iter().map(|r| r * h).collect();
+        let recv: Vec<usize> = x.recv_rows(p).iter().map(|r| r * h).collect();
+        self.count_bytes(g.rank(), &x.send_rows);
+        let g = g.clone();
+        Ticket::Flying(stream.submit(move || g.all_to_all_v_known_f32(&rows, &send, &recv)))
+    }
+
+    /// Waits for [`TokenDispatcher::start_to_experts`]: rows grouped by local expert.
+    pub fn finish_to_experts(&self, t: Ticket<Vec<f32>>, hd: &DispatchHandle) -> Vec<f32> {
+        let rows = self.finish(t);
+        match &hd.exchange {
+            Some(x) => transpose_blocks(&rows, &x.recv, self.ranks(), x.recv.len() / self.ranks(), self.hidden),
+            None => rows,
+        }
+    }
+
+    /// Combine from plan-ordered outputs `ys`: `out[t] (+)= Σ_j w[t,j] · ys[row(t,j)]`.
+    pub fn combine(&self, out: &mut [f32], ys: &[f32], weights: &[f32], hd: &DispatchHandle) {
+        unpermute_forward(out, ys, weights, &hd.plan, self.hidden, false);
+    }
+
+    /// Backward of combine: `dys` (plan order) and `dweights: [N, K]`.
     pub fn combine_backward(&self, dout: &[f32], ys: &[f32], weights: &[f32], hd: &DispatchHandle) -> (Vec<f32>, Vec<f32>) {
         let mut dys = vec![0.0; ys.len()];
         let mut dw = vec![0.0; weights.len()];
         unpermute_backward(&mut dys, &mut dw, dout, ys, weights, &hd.plan, self.hidden);
-        (self.to_experts(dys, hd), dw)
+        (dys, dw)
     }
 
-    /// Backward of dispatch: `dx[t] = Σ_j dxs[row(t, j)]`, from the experts' `dxp`.
-    pub fn dispatch_backward(&self, dx: &mut [f32], dxp: Vec<f32>, hd: &DispatchHandle) {
-        let dxs = self.to_sources(dxp, hd);
-        permute_backward(dx, &dxs, &hd.plan, self.hidden, false);
+    /// Backward of dispatch from plan-ordered `dxs`: `dx[t] += Σ_j dxs[row(t, j)]`.
+    pub fn dispatch_backward(&self, dx: &mut [f32], dxs: &[f32], hd: &DispatchHandle) {
+        permute_backward(dx, dxs, &hd.plan, self.hidden, true);
     }
 
     /// Counts what a hierarchical dispatch would send across nodes: each token once per
@@ -190,39 +279,11 @@ impl TokenDispatcher {
         self.stats.inter_hierarchical.fetch_add(4 * crossings * 4 * self.hidden as u64, Ordering::Relaxed);
     }
 
-    /// One all-to-all of rows with known counts (in floats), timed and its bytes counted
-    /// by destination node.
-    fn exchange(&self, g: &dyn ProcessGroup, rows: &[f32], send: &[usize], recv: &[usize]) -> Vec<f32> {
-        let me = g.rank();
-        for (dst, &n) in send.iter().enumerate().filter(|&(d, _)| d != me) {
+    /// Counts the bytes of one exchange sending `rows[d]` rows to each rank `d`.
+    fn count_bytes(&self, me: usize, rows: &[usize]) {
+        for (dst, &n) in rows.iter().enumerate().filter(|&(d, _)| d != me) {
             let counter = if self.node_of[dst] == self.node_of[me] { &self.stats.intra } else { &self.stats.inter };
-            counter.fetch_add(4 * n as u64, Ordering::Relaxed);
+            counter.fetch_add(4 * (n * self.hidden) as u64, Ordering::Relaxed);
         }
-        let start = Instant::now();
-        let out = g.all_to_all_v_known_f32(rows, send, recv).unwrap_or_else(|e| fatal(e));
-        self.stats.nanos.fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
-        out
-    }
-
-    /// Plan-ordered rows → the owning ranks' expert-grouped rows (dispatch's exchange).
-    fn to_experts(&self, rows: Vec<f32>, hd: &DispatchHandle) -> Vec<f32> {
-        let (Some(g), Some(x)) = (&self.ep, &hd.exchange) else { return rows };
-        let (p, h) = (self.ranks(), self.hidden);
-        let send: Vec<usize> = x.send_rows.iter().map(|r| r * h).collect();
-        let recv: Vec<usize> = x.recv_rows(p).iter().map(|r| r * h).collect();
-        let r = self.exchange(g.as_ref(), &rows, &send, &recv);
-        transpose_blocks(&r, &x.recv, p, x.recv.len() / p, h)
-    }
-
-    /// Expert-grouped rows → back to the ranks whose tokens they are, in plan order.
-    fn to_sources(&self, rows: Vec<f32>, hd: &DispatchHandle) -> Vec<f32> {
-        let (Some(g), Some(x)) = (&self.ep, &hd.exchange) else { return rows };
-        let (p, h) = (self.ranks(), self.hidden);
-        let el = x.recv.len() / p;
-        let by_source = transpose_blocks(&rows, &transpose_counts(&x.recv, p, el), el, p, h);
-        drop(rows);
-        let send: Vec<usize> = x.recv_rows(p).iter().map(|r| r * h).collect();
-        let recv: Vec<usize> = x.send_rows.iter().map(|r| r * h).collect();
-        self.exchange(g.as_ref(), &by_source, &send, &recv)
     }
 }

@@ -1,9 +1,27 @@
 //! The MoE layer: `y = Σ_k w_k · Expert_{e_k}(x) + SharedExperts(x)`.
+//!
+//! Under expert parallelism the tokens are split into `chunks` contiguous pieces and the
+//! layer is a small pipeline, so every all-to-all runs while something else computes:
+//!
+//! ```text
+//! forward:   start dispatch(0..C) · shared(chunk 0)        ← hides dispatch 0
+//!            for c: finish dispatch c · experts(c) · start combine c
+//!                                                        ← experts(c) hides dispatch c+1
+//!                                                          and combine c−1
+//!            shared(chunks 1..C)                          ← hides the last combine
+//!            finish combines
+//! backward:  the mirror image (combine-backward exchanges first, expert backward per
+//!            chunk, the shared expert's backward at both ends)
+//! ```
+//!
+//! Chunking changes only the order of sums inside each expert's weight gradient; on one
+//! rank (`chunks = 1`, nothing to exchange) the layer runs straight through.
 
-use super::dispatcher::{DispatchHandle, TokenDispatcher};
+use super::dispatcher::{DispatchHandle, Ticket, TokenDispatcher};
 use super::experts::{ExpertsSaved, GroupedExperts};
 use super::router::{AuxLoss, Router};
 use crate::mlp::{Mlp, MlpSaved};
+use std::ops::Range;
 use ultramoe_kernels::router::Routing;
 
 /// One MoE feed-forward block.
@@ -17,6 +35,21 @@ pub struct MoeLayer {
     pub experts: GroupedExperts,
     /// shared experts, fused into one MLP (DeepSeek)
     pub shared: Option<Mlp>,
+    /// token chunks pipelined against the all-to-all (1: no overlap)
+    pub chunks: usize,
+}
+
+/// One chunk's saved activations.
+struct Part {
+    /// the chunk's tokens
+    tokens: Range<usize>,
+    handle: DispatchHandle,
+    /// rows this rank's experts computed on
+    xp: Vec<f32>,
+    experts: ExpertsSaved,
+    /// expert outputs for the chunk's tokens, in plan order
+    ys: Vec<f32>,
+    shared: Option<MlpSaved>,
 }
 
 /// Saved activations of [`MoeLayer::forward`].
@@ -25,86 +58,127 @@ pub struct MoeSaved {
     pub routing: Routing,
     /// auxiliary balancing loss, when configured
     pub aux: Option<AuxLoss>,
-    handle: DispatchHandle,
-    /// rows this rank's experts computed on
-    xp: Vec<f32>,
-    experts: ExpertsSaved,
-    /// expert outputs for this rank's tokens, in plan order
-    ys: Vec<f32>,
-    shared: Option<MlpSaved>,
+    parts: Vec<Part>,
 }
 
 impl MoeSaved {
-    /// Tokens each expert received this step.
+    /// Tokens each expert received this step (from this rank).
     pub fn expert_counts(&self) -> Vec<usize> {
-        self.handle.plan.counts()
+        let mut out = vec![0; self.parts[0].handle.plan.offsets.len() - 1];
+        for p in &self.parts {
+            out.iter_mut().zip(p.handle.plan.counts()).for_each(|(a, c)| *a += c);
+        }
+        out
     }
     /// Bytes held.
     pub fn bytes(&self) -> usize {
-        4 * (self.routing.scores.len()
-            + self.routing.weights.len()
-            + self.routing.experts.len()
-            + 2 * self.handle.plan.rows()
-            + self.xp.len()
-            + self.experts.gu.len()
-            + self.experts.act.len()
-            + self.ys.len())
-            + self.shared.as_ref().map_or(0, |s| s.bytes())
+        let parts: usize = self
+            .parts
+            .iter()
+            .map(|p| {
+                4 * (2 * p.handle.plan.rows() + p.xp.len() + p.experts.gu.len() + p.experts.act.len() + p.ys.len())
+                    + p.shared.as_ref().map_or(0, |s| s.bytes())
+            })
+            .sum();
+        4 * (self.routing.scores.len() + self.routing.weights.len() + self.routing.experts.len()) + parts
     }
+}
+
+/// `n` tokens in `c` contiguous, nearly equal chunks (none empty unless `n` is 0).
+fn chunk_ranges(n: usize, c: usize) -> Vec<Range<usize>> {
+    let c = c.clamp(1, n.max(1));
+    (0..c).map(|i| i * n / c..(i + 1) * n / c).collect()
 }
 
 impl MoeLayer {
     /// `x: [N, H]` (normed) → `y: [N, H]`.
     pub fn forward(&self, w: &[f32], x: &[f32], n: usize) -> (Vec<f32>, MoeSaved) {
-        let k = self.router.spec.top_k;
+        let (k, h) = (self.router.spec.top_k, self.dispatcher.hidden);
         let (routing, aux) = {
             let _p = ultramoe_kernels::profile::scope("moe.router.forward");
             self.router.forward(w, x, n)
         };
-        let (xp, handle) = {
+        let ranges = chunk_ranges(n, if self.dispatcher.ep.is_some() { self.chunks } else { 1 });
+        let rows = |r: &Range<usize>| r.start * h..r.end * h;
+        let choices = |r: &Range<usize>| r.start * k..r.end * k;
+        let shared = |r: &Range<usize>| self.shared.as_ref().map(|m| m.forward(w, &x[rows(r)], r.len()));
+        let mut dispatching: Vec<_> = {
             let _p = ultramoe_kernels::profile::scope("moe.dispatch.forward");
-            self.dispatcher.dispatch(x, &routing, k)
+            ranges.iter().map(|r| Some(self.dispatcher.start_dispatch(&x[rows(r)], &routing.experts[choices(r)], k))).collect()
         };
-        let (yp, experts) = {
-            let _p = ultramoe_kernels::profile::scope("moe.experts.forward");
-            self.experts.forward(w, &xp, &handle.offsets)
-        };
+        let mut shared_out = vec![shared(&ranges[0])];
+        let mut parts = Vec::with_capacity(ranges.len());
+        let mut returning: Vec<Ticket<Vec<f32>>> = Vec::with_capacity(ranges.len());
+        for (c, r) in ranges.iter().enumerate() {
+            let (xp, handle) = {
+                let _p = ultramoe_kernels::profile::scope("moe.dispatch.forward");
+                self.dispatcher.finish_dispatch(dispatching[c].take().expect("each chunk dispatched once"))
+            };
+            let (yp, experts) = {
+                let _p = ultramoe_kernels::profile::scope("moe.experts.forward");
+                self.experts.forward(w, &xp, &handle.offsets)
+            };
+            returning.push(self.dispatcher.start_return(yp, &handle));
+            parts.push(Part { tokens: r.clone(), handle, xp, experts, ys: vec![], shared: None });
+        }
+        shared_out.extend(ranges[1..].iter().map(shared));
         let mut y = vec![0.0; x.len()];
-        let ys = {
-            let _p = ultramoe_kernels::profile::scope("moe.combine.forward");
-            self.dispatcher.combine(&mut y, yp, &routing.weights, &handle)
-        };
-        let shared = self.shared.as_ref().map(|m| {
-            let (ys, s) = m.forward(w, x, n);
-            crate::tensor_ops::add_into(&mut y, &ys);
-            s
-        });
-        (y, MoeSaved { routing, aux, handle, xp, experts, ys, shared })
+        let _p = ultramoe_kernels::profile::scope("moe.combine.forward");
+        for ((part, ticket), sh) in parts.iter_mut().zip(returning).zip(shared_out) {
+            part.ys = self.dispatcher.finish(ticket);
+            let out = &mut y[rows(&part.tokens)];
+            self.dispatcher.combine(out, &part.ys, &routing.weights[choices(&part.tokens)], &part.handle);
+            if let Some((ys, saved)) = sh {
+                crate::tensor_ops::add_into(out, &ys);
+                part.shared = Some(saved);
+            }
+        }
+        (y, MoeSaved { routing, aux, parts })
     }
 
     /// Backward: weight gradients into `g`; returns `dx: [N, H]`.
     pub fn backward(&self, w: &[f32], g: &mut [f32], x: &[f32], s: &MoeSaved, dy: &[f32], n: usize) -> Vec<f32> {
-        let (dyp, dweights) = {
+        let (k, h) = (self.router.spec.top_k, self.dispatcher.hidden);
+        let rows = |r: &Range<usize>| r.start * h..r.end * h;
+        let choices = |r: &Range<usize>| r.start * k..r.end * k;
+        let mut dweights = vec![0.0; n * k];
+        let mut to_experts = Vec::with_capacity(s.parts.len());
+        {
             let _p = ultramoe_kernels::profile::scope("moe.combine.backward");
-            self.dispatcher.combine_backward(dy, &s.ys, &s.routing.weights, &s.handle)
-        };
-        let dxp = {
-            let _p = ultramoe_kernels::profile::scope("moe.experts.backward");
-            self.experts.backward(w, g, &s.xp, &s.experts, &dyp, &s.handle.offsets)
-        };
-        drop(dyp);
+            for p in &s.parts {
+                let (dys, dw) = self.dispatcher.combine_backward(&dy[rows(&p.tokens)], &p.ys, &s.routing.weights[choices(&p.tokens)], &p.handle);
+                dweights[choices(&p.tokens)].copy_from_slice(&dw);
+                to_experts.push(self.dispatcher.start_to_experts(dys, &p.handle));
+            }
+        }
         let mut dx = vec![0.0; x.len()];
+        let shared_backward = |p: &Part, g: &mut [f32], dx: &mut [f32]| {
+            if let (Some(m), Some(ms)) = (&self.shared, &p.shared) {
+                m.backward(w, g, &x[rows(&p.tokens)], ms, &dy[rows(&p.tokens)], &mut dx[rows(&p.tokens)], p.tokens.len(), true);
+            }
+        };
+        shared_backward(&s.parts[0], g, &mut dx);
+        let mut returning = Vec::with_capacity(s.parts.len());
+        for (p, t) in s.parts.iter().zip(to_experts) {
+            let dyp = self.dispatcher.finish_to_experts(t, &p.handle);
+            let dxp = {
+                let _p = ultramoe_kernels::profile::scope("moe.experts.backward");
+                self.experts.backward(w, g, &p.xp, &p.experts, &dyp, &p.handle.offsets)
+            };
+            returning.push(self.dispatcher.start_return(dxp, &p.handle));
+        }
+        for p in &s.parts[1..] {
+            shared_backward(p, g, &mut dx);
+        }
         {
             let _p = ultramoe_kernels::profile::scope("moe.dispatch.backward");
-            self.dispatcher.dispatch_backward(&mut dx, dxp, &s.handle);
+            for (p, t) in s.parts.iter().zip(returning) {
+                let dxs = self.dispatcher.finish(t);
+                self.dispatcher.dispatch_backward(&mut dx[rows(&p.tokens)], &dxs, &p.handle);
+            }
         }
-        {
-            let _p = ultramoe_kernels::profile::scope("moe.router.backward");
-            self.router.backward(w, g, x, &s.routing, s.aux.as_ref(), &dweights, &mut dx, n);
-        }
-        if let (Some(m), Some(ms)) = (&self.shared, &s.shared) {
-            m.backward(w, g, x, ms, dy, &mut dx, n, true);
-        }
+        let _p = ultramoe_kernels::profile::scope("moe.router.backward");
+        self.router.backward(w, g, x, &s.routing, s.aux.as_ref(), &dweights, &mut dx, n);
         dx
     }
 }
