@@ -27,5 +27,6 @@ pub fn math_train_config() -> TrainConfig {
         routing_skew: 0.0,
         stats_ep: 1,
         zero1: false,
+        overlap_grad_reduce: true,
     }
 }

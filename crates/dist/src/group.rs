@@ -37,6 +37,8 @@ pub trait ProcessGroup: Send + Sync {
     fn all_to_all_v_known_f32(&self, send: &[f32], send_counts: &[usize], recv_counts: &[usize]) -> CommResult<Vec<f32>>;
     /// All-to-all with variable counts (see [`Communicator::all_to_all_v`]).
     fn all_to_all_v_u64(&self, send: &[u64], counts: &[usize]) -> CommResult<(Vec<u64>, Vec<usize>)>;
+    /// See [`Communicator::allows_concurrent_groups`].
+    fn concurrent_groups(&self) -> bool;
     /// Sub-groups, as [`Communicator::split`].
     fn split_group(&self, color: usize, key: usize) -> CommResult<Arc<dyn ProcessGroup>>;
 }
@@ -80,6 +82,9 @@ impl<C: Communicator + Sync + 'static> ProcessGroup for C {
     }
     fn all_to_all_v_u64(&self, send: &[u64], counts: &[usize]) -> CommResult<(Vec<u64>, Vec<usize>)> {
         self.all_to_all_v(send, counts)
+    }
+    fn concurrent_groups(&self) -> bool {
+        self.allows_concurrent_groups()
     }
     fn split_group(&self, color: usize, key: usize) -> CommResult<Arc<dyn ProcessGroup>> {
         Ok(Arc::new(self.split(color, key)?))

@@ -126,6 +126,11 @@ pub trait Communicator: Sized + Send {
         }
         Ok(recv)
     }
+    /// True when different groups may communicate at the same time from different
+    /// threads (the gradient stream alongside the expert-parallel stream).
+    fn allows_concurrent_groups(&self) -> bool {
+        true
+    }
     /// Sends `data` to rank `dst` with a `tag`.
     fn send<T: Scalar>(&self, data: &[T], dst: usize, tag: u32) -> CommResult<()>;
     /// Receives the next message from `src` with `tag`.

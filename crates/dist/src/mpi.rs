@@ -24,6 +24,8 @@ use std::time::{Duration, Instant};
 struct Runtime {
     _universe: mpi::environment::Universe,
     watch: Watch,
+    /// MPI_THREAD_MULTIPLE was granted
+    multiple: bool,
 }
 
 /// What the watchdog looks at: the operation in flight and since when.
@@ -58,22 +60,30 @@ pub struct MpiComm {
     rt: Arc<Runtime>,
 }
 
-// SAFETY: MPI is initialised with MPI_THREAD_MULTIPLE when the library provides it;
-// otherwise ultramoe calls MPI from one thread per process only (the rank's main
-// thread: compute threads never communicate), which MPI_THREAD_FUNNELED/SERIALIZED
-// permit. The handle itself is an opaque communicator id.
+// SAFETY: MPI is initialised with at least MPI_THREAD_SERIALIZED (checked in `world`).
+// Under SERIALIZED ultramoe has one thread inside MPI at a time: the expert-parallel
+// stream runs the exchanges while the main thread waits for them, the main thread's own
+// collectives come after every pending exchange was waited for, and the gradient stream
+// (a second thread in MPI) is only used when `allows_concurrent_groups` reports
+// MPI_THREAD_MULTIPLE. The handle itself is an opaque communicator id.
 unsafe impl Send for MpiComm {}
 unsafe impl Sync for MpiComm {}
 
 /// Initialises MPI and returns this process's handle on `MPI_COMM_WORLD`. A collective
 /// that waits longer than `timeout` aborts the job with a message naming this rank.
 pub fn world(timeout: Duration) -> CommResult<Arc<MpiComm>> {
-    let (universe, _provided) = mpi::initialize_with_threading(Threading::Multiple)
+    let (universe, provided) = mpi::initialize_with_threading(Threading::Multiple)
         .ok_or_else(|| CommError { rank: None, reason: "MPI was already initialised".into() })?;
+    // Exchanges run on a communication-stream thread while the main thread waits, one
+    // thread inside MPI at a time: MPI_THREAD_SERIALIZED is the least that allows it.
+    if provided < Threading::Serialized {
+        return Err(CommError { rank: None, reason: format!("the MPI library provides only {provided:?} threading; ultramoe needs MPI_THREAD_SERIALIZED or better") });
+    }
     let comm = universe.world();
     let rt = Arc::new(Runtime {
         _universe: universe,
         watch: Watch { start: Instant::now(), since_ms: AtomicU64::new(0), op: Mutex::new("") },
+        multiple: provided == Threading::Multiple,
     });
     let rank = comm.rank();
     let weak = Arc::downgrade(&rt);
@@ -300,6 +310,10 @@ impl Communicator for MpiComm {
         let _w = self.rt.watch.enter("recv");
         let (b, _) = self.comm.process_at_rank(src as i32).receive_vec_with_tag::<u8>(tag as i32);
         Ok(vec_from_bytes(&b))
+    }
+
+    fn allows_concurrent_groups(&self) -> bool {
+        self.rt.multiple
     }
 
     fn split(&self, color: usize, key: usize) -> CommResult<Self> {

@@ -264,7 +264,22 @@ impl Model {
     /// Backward of `scale · Σ_{positions with a target} CE` (for the mean loss,
     /// `scale = 1/count`). Consumes the forward; accumulates gradients into `g`.
     /// Returns `(Σ CE, count)` over the positions with a target.
-    pub fn backward(&self, w: &[f32], g: &mut [f32], mut fwd: Forward, targets: &[i32], scale: f32) -> (f64, usize) {
+    pub fn backward(&self, w: &[f32], g: &mut [f32], fwd: Forward, targets: &[i32], scale: f32) -> (f64, usize) {
+        self.backward_hooked(w, g, fwd, targets, scale, &mut |_, _| {})
+    }
+
+    /// [`Model::backward`], calling `layer_done(g, i)` as soon as decoder layer `i`'s
+    /// gradients are complete (layers finish last to first), so their reduction can start
+    /// while earlier layers still compute.
+    pub fn backward_hooked(
+        &self,
+        w: &[f32],
+        g: &mut [f32],
+        mut fwd: Forward,
+        targets: &[i32],
+        scale: f32,
+        layer_done: &mut dyn FnMut(&[f32], usize),
+    ) -> (f64, usize) {
         let (h, v) = (self.cfg.hidden, self.cfg.vocab_size);
         let n = fwd.b * fwd.t;
         let c = Ctx { b: fwd.b, t: fwd.t, rope: &self.rope };
@@ -286,8 +301,9 @@ impl Model {
         );
         drop(dxn);
         drop(lm_scope);
-        for (layer, s) in self.layers.iter().zip(fwd.layers.drain(..).collect::<Vec<_>>()).rev() {
+        for (i, (layer, s)) in self.layers.iter().zip(fwd.layers.drain(..).collect::<Vec<_>>()).enumerate().rev() {
             dx = layer.backward(w, g, &s, dx, &c);
+            layer_done(g, i);
         }
         embedding_backward(&mut g[self.embed.clone()], &dx, &fwd.ids, h);
         // Frozen buffers (the router correction bias) take no gradient.

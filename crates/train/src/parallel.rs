@@ -11,8 +11,9 @@
 //! target count before the backward, so the sums are the single-rank gradient.
 
 use std::ops::Range;
+use std::sync::Arc;
 use std::time::Instant;
-use ultramoe_dist::{CommError, CommResult, Mesh};
+use ultramoe_dist::{CommError, CommResult, CommStream, Mesh, Pending, ProcessGroup};
 use ultramoe_model::params::ParamLayout;
 
 use crate::optimizer::sum_squares;
@@ -23,14 +24,94 @@ pub struct Parallel {
     pub mesh: Mesh,
     replicated: Vec<Range<usize>>,
     experts: Vec<Range<usize>>,
+    /// per decoder layer, its (replicated, expert) runs: reduced as soon as the backward
+    /// pass finishes the layer
+    per_layer: Vec<(Vec<Range<usize>>, Vec<Range<usize>>)>,
+    /// the gradient stream (when reductions overlap the backward pass)
+    stream: Option<Arc<CommStream>>,
+    /// reductions in flight: the range and its summed values
+    pending: Vec<(Range<usize>, Pending<CommResult<Vec<f32>>>)>,
+    started: Vec<bool>,
     /// seconds spent in gradient reduction since the last [`Parallel::take_comm_s`]
     comm_s: f64,
+    /// of which the compute thread waited for
+    exposed_s: f64,
+}
+
+/// Maximal runs of consecutive specs (in memory order) passing `keep`.
+fn runs_where(layout: &ParamLayout, keep: impl Fn(&ultramoe_model::params::ParamSpec) -> bool) -> Vec<Range<usize>> {
+    let mut out: Vec<Range<usize>> = Vec::new();
+    for s in layout.specs.iter().filter(|s| keep(s)) {
+        match out.last_mut() {
+            Some(r) if r.end == s.offset => r.end = s.offset + s.len(),
+            _ => out.push(s.range()),
+        }
+    }
+    out
+}
+
+/// The decoder layer a tensor belongs to, from its name.
+fn layer_of(name: &str) -> Option<usize> {
+    name.strip_prefix("model.layers.")?.split('.').next()?.parse().ok()
 }
 
 impl Parallel {
-    /// For a model laid out by `layout` (this rank's share).
-    pub fn new(mesh: Mesh, layout: &ParamLayout) -> Self {
-        Parallel { mesh, replicated: layout.runs(false), experts: layout.runs(true), comm_s: 0.0 }
+    /// For a model laid out by `layout` (this rank's share). With `overlap`, gradient
+    /// reductions run on their own stream while the backward pass continues (when the
+    /// backend allows two groups to communicate at once).
+    pub fn new(mesh: Mesh, layout: &ParamLayout, overlap: bool) -> Self {
+        let n_layers = layout.specs.iter().filter_map(|s| layer_of(&s.name)).max().map_or(0, |l| l + 1);
+        let per_layer = (0..n_layers)
+            .map(|i| {
+                let here = |s: &ultramoe_model::params::ParamSpec| layer_of(&s.name) == Some(i);
+                (runs_where(layout, |s| here(s) && !s.expert), runs_where(layout, |s| here(s) && s.expert))
+            })
+            .collect();
+        let overlap = overlap && mesh.world.size() > 1 && mesh.world.concurrent_groups();
+        Parallel {
+            replicated: layout.runs(false),
+            experts: layout.runs(true),
+            per_layer,
+            stream: overlap.then(|| CommStream::new("ultramoe-grad-stream")),
+            pending: vec![],
+            started: vec![false; n_layers],
+            mesh,
+            comm_s: 0.0,
+            exposed_s: 0.0,
+        }
+    }
+
+    /// True when gradient reductions overlap the backward pass.
+    pub fn overlaps_reduction(&self) -> bool {
+        self.stream.is_some()
+    }
+
+    /// Queues the reduction of `ranges` of `g` over `group` on the gradient stream.
+    fn submit(&mut self, g: &[f32], ranges: &[Range<usize>], group: &Arc<dyn ProcessGroup>) {
+        let Some(stream) = &self.stream else { return };
+        for r in ranges {
+            let mut data = g[r.clone()].to_vec();
+            let group = group.clone();
+            let job = stream.submit(move || group.all_reduce_f32(&mut data).map(|_| data));
+            self.pending.push((r.clone(), job));
+        }
+    }
+
+    /// Called when the backward pass has finished decoder layer `i`: starts summing its
+    /// gradients while earlier layers compute.
+    pub fn layer_done(&mut self, g: &[f32], i: usize) {
+        if self.stream.is_none() || self.started[i] {
+            return;
+        }
+        self.started[i] = true;
+        let (rep, exp) = self.per_layer[i].clone();
+        let (world, dp) = (self.mesh.world.clone(), self.mesh.dp.clone());
+        if world.size() > 1 {
+            self.submit(g, &rep, &world);
+        }
+        if dp.size() > 1 {
+            self.submit(g, &exp, &dp);
+        }
     }
 
     /// This rank in the world.
@@ -49,8 +130,12 @@ impl Parallel {
         self.rank() * per..(self.rank() + 1) * per
     }
 
-    /// Sums gradients over the ranks that share them (see the module docs).
+    /// Sums gradients over the ranks that share them (see the module docs): what
+    /// [`Parallel::layer_done`] started is waited for, the rest reduced now.
     pub fn reduce_grads(&mut self, g: &mut [f32]) -> CommResult<()> {
+        if self.stream.is_some() {
+            return self.finish_overlapped(g);
+        }
         let start = Instant::now();
         if self.world() > 1 {
             for r in &self.replicated {
@@ -62,7 +147,35 @@ impl Parallel {
                 self.mesh.dp.all_reduce_f32(&mut g[r.clone()])?;
             }
         }
-        self.comm_s += start.elapsed().as_secs_f64();
+        let t = start.elapsed().as_secs_f64();
+        self.comm_s += t;
+        self.exposed_s += t;
+        Ok(())
+    }
+
+    /// Queues every range no layer started (embeddings, final norm, head; or all of
+    /// them when the hook was not used), then waits for every reduction and writes the
+    /// sums back.
+    fn finish_overlapped(&mut self, g: &mut [f32]) -> CommResult<()> {
+        let done: Vec<Range<usize>> = self.pending.iter().map(|(r, _)| r.clone()).collect();
+        let outside = |runs: &[Range<usize>]| -> Vec<Range<usize>> {
+            runs.iter().flat_map(|r| split_out(r.clone(), &done)).collect()
+        };
+        let (rest_rep, rest_exp) = (outside(&self.replicated), outside(&self.experts));
+        let (world, dp) = (self.mesh.world.clone(), self.mesh.dp.clone());
+        if world.size() > 1 {
+            self.submit(g, &rest_rep, &world);
+        }
+        if dp.size() > 1 {
+            self.submit(g, &rest_exp, &dp);
+        }
+        for (r, job) in std::mem::take(&mut self.pending) {
+            let d = job.wait();
+            self.comm_s += d.busy_s;
+            self.exposed_s += d.exposed_s;
+            g[r].copy_from_slice(&d.value?);
+        }
+        self.started.iter_mut().for_each(|s| *s = false);
         Ok(())
     }
 
@@ -73,7 +186,9 @@ impl Parallel {
         let mut experts = [self.experts.iter().map(|r| sum_squares(&g[r.clone()])).sum::<f64>()];
         let start = Instant::now();
         self.mesh.ep.all_reduce_f64(&mut experts)?;
-        self.comm_s += start.elapsed().as_secs_f64();
+        let t = start.elapsed().as_secs_f64();
+        self.comm_s += t;
+        self.exposed_s += t;
         Ok((replicated + experts[0]).sqrt() as f32)
     }
 
@@ -91,10 +206,30 @@ impl Parallel {
         self.mesh.world.all_reduce_f64(xs)
     }
 
-    /// Seconds of gradient-reduction communication since the last call.
-    pub fn take_comm_s(&mut self) -> f64 {
-        std::mem::take(&mut self.comm_s)
+    /// Seconds of gradient-reduction communication since the last call, and how many
+    /// of them the compute thread waited for.
+    pub fn take_comm_s(&mut self) -> (f64, f64) {
+        (std::mem::take(&mut self.comm_s), std::mem::take(&mut self.exposed_s))
     }
+}
+
+/// The parts of `r` outside every range in `taken` (which are disjoint, and each either
+/// inside `r` or disjoint from it).
+fn split_out(r: Range<usize>, taken: &[Range<usize>]) -> Vec<Range<usize>> {
+    let mut inside: Vec<&Range<usize>> = taken.iter().filter(|t| t.start >= r.start && t.end <= r.end).collect();
+    inside.sort_by_key(|t| t.start);
+    let mut out = vec![];
+    let mut at = r.start;
+    for t in inside {
+        if t.start > at {
+            out.push(at..t.start);
+        }
+        at = t.end;
+    }
+    if at < r.end {
+        out.push(at..r.end);
+    }
+    out
 }
 
 /// Runs `f`, turning a communication failure raised inside the model (the dispatcher's

@@ -82,6 +82,14 @@ pub struct TrainConfig {
     /// (distributed runs only)
     #[serde(default)]
     pub zero1: bool,
+    /// sum each layer's gradients over the ranks while the backward pass continues
+    /// (distributed runs without ZeRO-1)
+    #[serde(default = "yes")]
+    pub overlap_grad_reduce: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// An auxiliary balancing loss for training.
@@ -134,6 +142,7 @@ impl Default for TrainConfig {
             routing_skew: 0.0,
             stats_ep: 1,
             zero1: false,
+            overlap_grad_reduce: true,
         }
     }
 }
@@ -367,7 +376,7 @@ impl Trainer {
         if let Some(m) = &mesh {
             model.set_nodes(m.ep_nodes());
         }
-        let parallel = mesh.map(|m| Parallel::new(m, &model.layout));
+        let parallel = mesh.map(|m| Parallel::new(m, &model.layout, cfg.overlap_grad_reduce));
         Ok(Trainer { model, w, g, opt, sched, cfg, batcher, step: 0, peak_flops, parallel, zero, metrics: None })
     }
 
@@ -398,8 +407,12 @@ impl Trainer {
         let mut sums = [0.0f64; 5]; // Σ CE, Σ aux, then all-to-all bytes (intra, inter, inter if hierarchical)
         let mut counts: Vec<Vec<usize>> = vec![];
         let (model, w, g) = (&self.model, &self.w, &mut self.g);
+        // Gradient reductions start layer by layer during the last micro-batch's backward
+        // (ZeRO-1 reduce-scatters in the optimizer step instead).
+        let mut overlap = self.parallel.as_mut().filter(|p| p.overlaps_reduction() && self.zero.is_none());
+        let last = micro.len() - 1;
         catch_comm(|| {
-            for mb in &micro {
+            for (i, mb) in micro.iter().enumerate() {
                 let fwd = {
                     let _p = ultramoe_kernels::profile::scope("forward");
                     model.forward(w, &mb.ids[r0..r1], bl, t)
@@ -414,7 +427,11 @@ impl Trainer {
                     }
                 }
                 let _p = ultramoe_kernels::profile::scope("backward");
-                sums[0] += model.backward(w, g, fwd, &mb.targets[r0..r1], scale).0;
+                let targets = &mb.targets[r0..r1];
+                sums[0] += match overlap.as_deref_mut() {
+                    Some(p) if i == last => model.backward_hooked(w, g, fwd, targets, scale, &mut |g, layer| p.layer_done(g, layer)).0,
+                    _ => model.backward(w, g, fwd, targets, scale).0,
+                };
             }
         })
         .map_err(comm_error)?;
@@ -427,6 +444,11 @@ impl Trainer {
         let mut exposed_s = x.exposed_seconds;
         let lr = self.sched.lr(self.step);
         if let Some(p) = &mut self.parallel {
+            // Reductions still in flight on the gradient stream use the world group:
+            // finish them before this thread uses it.
+            if self.zero.is_none() {
+                p.reduce_grads(&mut self.g).map_err(comm_error)?;
+            }
             p.sum_counts(&mut counts).map_err(comm_error)?;
             p.sum(&mut sums).map_err(comm_error)?;
         }
@@ -440,11 +462,10 @@ impl Trainer {
                 norm
             }
             (Some(p), None) => {
-                p.reduce_grads(&mut self.g).map_err(comm_error)?;
                 let norm = p.grad_norm(&self.g).map_err(comm_error)?;
-                let c = p.take_comm_s();
-                comm_s += c;
-                exposed_s += c;
+                let (busy, waited) = p.take_comm_s();
+                comm_s += busy;
+                exposed_s += waited;
                 clip_to_norm(&mut self.g, norm, clip);
                 self.opt.step(&mut self.w, &mut self.g, lr);
                 norm

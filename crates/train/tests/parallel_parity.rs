@@ -67,6 +67,12 @@ fn parallel(ranks: usize, ep: usize, steps: u64, stop: u64, resume: Option<&Path
 
 /// [`parallel`], with ZeRO-1 when `zero1`.
 fn parallel_with(ranks: usize, ep: usize, steps: u64, stop: u64, resume: Option<&Path>, save: Option<&Path>, zero1: bool) -> Run {
+    parallel_opts(ranks, ep, steps, stop, resume, save, zero1, true)
+}
+
+/// [`parallel_with`], with gradient reduction overlapping the backward pass or not.
+#[allow(clippy::too_many_arguments)]
+fn parallel_opts(ranks: usize, ep: usize, steps: u64, stop: u64, resume: Option<&Path>, save: Option<&Path>, zero1: bool, overlap: bool) -> Run {
     let (resume, save) = (resume.map(Path::to_path_buf), save.map(Path::to_path_buf));
     let runs = local::run(ranks, Duration::from_secs(60), move |c| {
         let world: Arc<dyn ProcessGroup> = Arc::new(c);
@@ -76,11 +82,14 @@ fn parallel_with(ranks: usize, ep: usize, steps: u64, stop: u64, resume: Option<
             None => {
                 let model = Model::expert_parallel(model_config(), mesh.ep.clone()).unwrap();
                 let w = init_weights(&model.layout, 7);
-                let cfg = TrainConfig { zero1, ..train_config(steps) };
+                let cfg = TrainConfig { zero1, overlap_grad_reduce: overlap, ..train_config(steps) };
                 Trainer::with_mesh(model, w, cfg, 1e11, Some(mesh)).unwrap()
             }
         };
         assert_eq!(tr.zero.is_some(), zero1);
+        if resume.is_none() {
+            assert_eq!(tr.parallel.as_ref().unwrap().overlaps_reduction(), overlap);
+        }
         if let Some(z) = &tr.zero {
             // Each rank holds about 1/ranks of the replicated moments and 1/DP of its experts'.
             let (mine, whole) = z.moment_floats();
@@ -140,6 +149,7 @@ fn expert_and_data_parallel_runs_match_one_rank() {
     assert_close("4 ranks, EP 4", &parallel(4, 4, STEPS, STEPS, None, None), &reference);
     assert_close("4 ranks, EP 2 × DP 2", &parallel(4, 2, STEPS, STEPS, None, None), &reference);
     assert_close("2 ranks, DP 2", &parallel(2, 1, STEPS, STEPS, None, None), &reference);
+    assert_close("4 ranks, EP 2 × DP 2, reduction after backward", &parallel_opts(4, 2, STEPS, STEPS, None, None, false, false), &reference);
     assert_close("4 ranks, EP 2 × DP 2, ZeRO-1", &parallel_with(4, 2, STEPS, STEPS, None, None, true), &reference);
     assert_close("2 ranks, DP 2, ZeRO-1", &parallel_with(2, 1, STEPS, STEPS, None, None, true), &reference);
     assert_close("3 ranks, DP 3, ZeRO-1 (uneven chunks)", &parallel_with(3, 1, STEPS, STEPS, None, None, true), &reference);

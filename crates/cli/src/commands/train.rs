@@ -87,6 +87,10 @@ pub struct TrainArgs {
     /// ZeRO-1: shard the optimizer moments over the ranks holding the same weights.
     #[arg(long)]
     pub zero1: bool,
+    /// Sum gradients over ranks only after the whole backward pass (default: each
+    /// layer's as soon as it is done, overlapping the rest of the backward).
+    #[arg(long)]
+    pub no_grad_overlap: bool,
     #[command(flatten)]
     pub parallel: ParallelArgs,
 }
@@ -112,6 +116,7 @@ fn apply_overrides(mut c: TrainConfig, a: &TrainArgs) -> CliResult<TrainConfig> 
     set!(routing_skew);
     set!(stats_ep);
     c.zero1 |= a.zero1;
+    c.overlap_grad_reduce &= !a.no_grad_overlap;
     if let Some(kind) = &a.aux_loss {
         c.aux_loss = Some(AuxLossConfig { kind: kind.clone(), coef: a.aux_loss_coef, ep_groups: a.aux_ep_groups });
     }
@@ -250,7 +255,11 @@ fn train_rank(a: &TrainArgs, mesh: Option<Mesh>) -> CliResult {
         return train_loop(&mut tr, &a.run_dir, a.metrics.as_deref(), false).map(|_| ());
     }
     if let Some((n, ep, dp)) = layout {
-        eprintln!("{n} ranks: expert-parallel {ep} × data-parallel {dp}");
+        let overlap = tr.parallel.as_ref().is_some_and(|p| p.overlaps_reduction()) && tr.zero.is_none();
+        eprintln!(
+            "{n} ranks: expert-parallel {ep} × data-parallel {dp}; gradient reduction {}",
+            if overlap { "overlaps the backward pass" } else { "after the backward pass" }
+        );
         let params = tr.model.layout.total as f64 * 4.0 / 1e6;
         match &tr.zero {
             Some(z) => {
