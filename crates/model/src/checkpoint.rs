@@ -138,12 +138,7 @@ fn ignorable(name: &str, n_layers: usize) -> bool {
     if name.ends_with("rotary_emb.inv_freq") {
         return true;
     }
-    if let Some(rest) = name.strip_prefix("model.layers.") {
-        if let Some(idx) = rest.split('.').next().and_then(|s| s.parse::<usize>().ok()) {
-            return idx >= n_layers;
-        }
-    }
-    false
+    crate::params::layer_index(name).is_some_and(|i| i >= n_layers)
 }
 
 /// Loads weights for `model` from a checkpoint directory or file into a new flat buffer.

@@ -125,8 +125,13 @@ impl ParamLayout {
     /// Maximal runs of consecutive tensors that are (`expert = true`) or are not routed
     /// experts' weights: what one collective call can reduce in place.
     pub fn runs(&self, expert: bool) -> Vec<Range<usize>> {
+        self.runs_where(|s| s.expert == expert)
+    }
+
+    /// Maximal runs of consecutive tensors (in memory order) for which `keep` holds.
+    pub fn runs_where(&self, keep: impl Fn(&ParamSpec) -> bool) -> Vec<Range<usize>> {
         let mut out: Vec<Range<usize>> = Vec::new();
-        for s in self.specs.iter().filter(|s| s.expert == expert) {
+        for s in self.specs.iter().filter(|s| keep(s)) {
             match out.last_mut() {
                 Some(r) if r.end == s.offset => r.end = s.offset + s.len(),
                 _ => out.push(s.range()),
@@ -155,6 +160,11 @@ impl ParamLayout {
     pub fn n_params(&self) -> usize {
         self.total
     }
+}
+
+/// The decoder layer a checkpoint tensor belongs to (`model.layers.{i}.…`), if any.
+pub fn layer_index(name: &str) -> Option<usize> {
+    name.strip_prefix("model.layers.")?.split('.').next()?.parse().ok()
 }
 
 /// Joins consecutive slots into one (they must be adjacent).

@@ -14,7 +14,7 @@ use std::ops::Range;
 use std::sync::Arc;
 use std::time::Instant;
 use ultramoe_dist::{CommError, CommResult, CommStream, Mesh, Pending, ProcessGroup};
-use ultramoe_model::params::ParamLayout;
+use ultramoe_model::params::{layer_index, ParamLayout};
 
 use crate::optimizer::sum_squares;
 
@@ -38,33 +38,16 @@ pub struct Parallel {
     exposed_s: f64,
 }
 
-/// Maximal runs of consecutive specs (in memory order) passing `keep`.
-fn runs_where(layout: &ParamLayout, keep: impl Fn(&ultramoe_model::params::ParamSpec) -> bool) -> Vec<Range<usize>> {
-    let mut out: Vec<Range<usize>> = Vec::new();
-    for s in layout.specs.iter().filter(|s| keep(s)) {
-        match out.last_mut() {
-            Some(r) if r.end == s.offset => r.end = s.offset + s.len(),
-            _ => out.push(s.range()),
-        }
-    }
-    out
-}
-
-/// The decoder layer a tensor belongs to, from its name.
-fn layer_of(name: &str) -> Option<usize> {
-    name.strip_prefix("model.layers.")?.split('.').next()?.parse().ok()
-}
-
 impl Parallel {
     /// For a model laid out by `layout` (this rank's share). With `overlap`, gradient
     /// reductions run on their own stream while the backward pass continues (when the
     /// backend allows two groups to communicate at once).
     pub fn new(mesh: Mesh, layout: &ParamLayout, overlap: bool) -> Self {
-        let n_layers = layout.specs.iter().filter_map(|s| layer_of(&s.name)).max().map_or(0, |l| l + 1);
+        let n_layers = layout.specs.iter().filter_map(|s| layer_index(&s.name)).max().map_or(0, |l| l + 1);
         let per_layer = (0..n_layers)
             .map(|i| {
-                let here = |s: &ultramoe_model::params::ParamSpec| layer_of(&s.name) == Some(i);
-                (runs_where(layout, |s| here(s) && !s.expert), runs_where(layout, |s| here(s) && s.expert))
+                let here = |s: &ultramoe_model::params::ParamSpec| layer_index(&s.name) == Some(i);
+                (layout.runs_where(|s| here(s) && !s.expert), layout.runs_where(|s| here(s) && s.expert))
             })
             .collect();
         let overlap = overlap && mesh.world.size() > 1 && mesh.world.concurrent_groups();
