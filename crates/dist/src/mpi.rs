@@ -16,8 +16,8 @@ use mpi::datatype::{Partition, PartitionMut};
 use mpi::topology::{Color, SimpleCommunicator};
 use mpi::traits::{Communicator as _, CommunicatorCollectives as _, Destination as _, Root as _, Source as _};
 use mpi::Threading;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// MPI stays initialised while any handle lives; the last one finalises it.
@@ -33,8 +33,24 @@ struct Watch {
     start: Instant,
     /// milliseconds after `start` when the current operation began (0: none)
     since_ms: AtomicU64,
-    op: Mutex<&'static str>,
+    /// what is in flight, as an index into [`OPS`] (an atomic: this sits on every call)
+    op: AtomicUsize,
 }
+
+/// The operations the watchdog can name.
+const OPS: [&str; 11] = [
+    "an MPI call",
+    "barrier",
+    "all_reduce",
+    "broadcast",
+    "all_gather",
+    "reduce_scatter",
+    "all_to_all_v",
+    "all_to_all_v counts",
+    "send",
+    "recv",
+    "split",
+];
 
 /// Clears the watch when an operation returns.
 struct InFlight<'a>(&'a Watch);
@@ -47,7 +63,7 @@ impl Drop for InFlight<'_> {
 
 impl Watch {
     fn enter(&self, op: &'static str) -> InFlight<'_> {
-        *self.op.lock().unwrap_or_else(|e| e.into_inner()) = op;
+        self.op.store(OPS.iter().position(|&o| o == op).unwrap_or(0), Ordering::Relaxed);
         self.since_ms.store(self.start.elapsed().as_millis() as u64 + 1, Ordering::Relaxed);
         InFlight(self)
     }
@@ -82,7 +98,7 @@ pub fn world(timeout: Duration) -> CommResult<Arc<MpiComm>> {
     let comm = universe.world();
     let rt = Arc::new(Runtime {
         _universe: universe,
-        watch: Watch { start: Instant::now(), since_ms: AtomicU64::new(0), op: Mutex::new("") },
+        watch: Watch { start: Instant::now(), since_ms: AtomicU64::new(0), op: AtomicUsize::new(0) },
         multiple: provided == Threading::Multiple,
     });
     let rank = comm.rank();
@@ -95,7 +111,7 @@ pub fn world(timeout: Duration) -> CommResult<Arc<MpiComm>> {
             let since = rt.watch.since_ms.load(Ordering::Relaxed);
             let now = rt.watch.start.elapsed().as_millis() as u64 + 1;
             if since != 0 && now.saturating_sub(since) > timeout.as_millis() as u64 {
-                let op = *rt.watch.op.lock().unwrap_or_else(|e| e.into_inner());
+                let op = OPS[rt.watch.op.load(Ordering::Relaxed).min(OPS.len() - 1)];
                 eprintln!(
                     "ultramoe: error: rank {rank}: no progress for {} s in {op}: another rank is stalled or gone; aborting the job",
                     timeout.as_secs()
@@ -172,20 +188,49 @@ fn count(n: usize, rank: usize) -> CommResult<i32> {
     i32::try_from(n).map_err(|_| CommError { rank: Some(rank), reason: format!("message of {n} bytes exceeds MPI's 2 GiB count limit") })
 }
 
+/// Ranks' worth of counts and displacements kept on the stack.
+const STACK_LAYOUT: usize = 64;
+
+/// Counts and displacements of one side of an exchange.
+enum Layout {
+    Stack([i32; STACK_LAYOUT], usize),
+    Heap(Vec<i32>),
+}
+
+impl Layout {
+    fn as_mut(&mut self) -> &mut [i32] {
+        match self {
+            Layout::Stack(a, n) => &mut a[..*n],
+            Layout::Heap(v) => v,
+        }
+    }
+}
+
+impl std::ops::Deref for Layout {
+    type Target = [i32];
+    fn deref(&self) -> &[i32] {
+        match self {
+            Layout::Stack(a, n) => &a[..*n],
+            Layout::Heap(v) => v,
+        }
+    }
+}
+
 impl MpiComm {
-    /// Byte counts and displacements in one buffer, `[counts; P] ++ [displacements; P]`
-    /// (one allocation: at small sizes the bookkeeping is what separates us from a bare
-    /// `MPI_Alltoallv`).
-    fn byte_layout(&self, counts: &[usize], size: usize) -> CommResult<Vec<i32>> {
+    /// Byte counts and displacements, `[counts; P] ++ [displacements; P]`, on the stack
+    /// for groups of up to 32 ranks (at small sizes the bookkeeping is what separates us
+    /// from a bare `MPI_Alltoallv`).
+    fn byte_layout(&self, counts: &[usize], size: usize) -> CommResult<Layout> {
         let p = self.size();
         if counts.len() != p {
             return Err(CommError { rank: Some(self.rank()), reason: format!("all_to_all_v: {} counts for {p} ranks", counts.len()) });
         }
-        let mut v = vec![0i32; 2 * p];
+        let mut v = if 2 * p <= STACK_LAYOUT { Layout::Stack([0; STACK_LAYOUT], 2 * p) } else { Layout::Heap(vec![0; 2 * p]) };
+        let buf = v.as_mut();
         let mut at = 0usize;
         for (i, &c) in counts.iter().enumerate() {
-            v[i] = count(c * size, self.rank())?;
-            v[p + i] = count(at, self.rank())?;
+            buf[i] = count(c * size, self.rank())?;
+            buf[p + i] = count(at, self.rank())?;
             at += c * size;
         }
         count(at, self.rank())?;
