@@ -157,3 +157,27 @@ fn shipped_model_solves_from_a_fresh_clone() {
         assert_eq!(text.lines().last().unwrap_or(""), a, "{q}");
     }
 }
+
+#[test]
+fn expert_parallel_train_on_threads_then_resume_on_one_rank() {
+    let run = tmp("ep");
+    let args = ["train", "--steps", "3", "--micro-batch", "4", "--seq-len", "32", "--no-progress", "--peak-gflops", "100"];
+    let out = bin().args(args).args(["--ranks", "2", "--ep", "2", "--zero1", "--run-dir"]).arg(&run).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("2 ranks: expert-parallel 2 × data-parallel 1"), "{err}");
+    assert!(run.join("model/model-00002-of-00002.safetensors").is_file());
+    let lines = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    assert_eq!(lines.lines().count(), 3, "rank 0 alone writes the metrics");
+    let first: serde_json::Value = serde_json::from_str(lines.lines().next().unwrap()).unwrap();
+    for key in ["comm_s", "exposed_comm_s", "a2a_s", "a2a_exposed_s", "a2a_bytes_intra_node", "a2a_bytes_inter_node"] {
+        assert!(first.get(key).is_some(), "metrics lack `{key}`");
+    }
+    assert!(first["a2a_bytes_intra_node"].as_u64().unwrap() > 0);
+    // The two-shard checkpoint continues on one rank.
+    let out = bin().args(["train", "--resume", "--steps", "4", "--no-progress", "--peak-gflops", "100", "--run-dir"]).arg(&run).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(std::fs::read_to_string(run.join("metrics.jsonl")).unwrap().lines().count(), 4);
+    expect_error(&["train", "--ranks", "3", "--ep", "2", "--steps", "1"], &["--ep 2", "3 ranks"]);
+    expect_error(&["train", "--ranks", "2", "--ep", "2", "--micro-batch", "3", "--steps", "1"], &["micro_batch", "2 ranks"]);
+}
