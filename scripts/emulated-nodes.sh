@@ -37,6 +37,7 @@ cleanup() {
     rm -rf "$work"
 }
 trap cleanup EXIT
+trap "exit 130" INT TERM
 
 ip link add "$bridge" type bridge
 ip addr add 198.18.0.1/24 dev "$bridge"

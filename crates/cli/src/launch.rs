@@ -27,6 +27,10 @@ pub struct ParallelArgs {
     /// (default: all ranks on one node).
     #[arg(long)]
     pub ranks_per_node: Option<usize>,
+    /// Hierarchical all-to-all: a token crosses to each remote node once and is fanned
+    /// out to its experts inside that node (needs several nodes of several ranks).
+    #[arg(long)]
+    pub hierarchical_a2a: bool,
     /// Token chunks each expert-parallel MoE layer pipelines against its all-to-all, so
     /// exchanges run while other chunks compute (1: no overlap).
     #[arg(long, default_value_t = ultramoe_model::model::DEFAULT_OVERLAP_CHUNKS)]

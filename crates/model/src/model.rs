@@ -336,6 +336,27 @@ impl Model {
         }
     }
 
+    /// Makes every MoE layer's all-to-all hierarchical over nodes of `per_node`
+    /// consecutive expert-parallel ranks (see [`crate::moe::hierarchical`]); collective
+    /// over the expert-parallel group. A no-op without expert parallelism.
+    pub fn set_hierarchical(&mut self, per_node: usize) -> crate::Result<()> {
+        let Some(ep) = &self.ep else { return Ok(()) };
+        let p = ep.size();
+        if per_node < 2 || per_node >= p || p % per_node != 0 {
+            return Err(crate::Error::msg(format!(
+                "a hierarchical all-to-all needs several nodes of several ranks: {per_node} ranks per node over {p} expert-parallel ranks"
+            )));
+        }
+        let hy = crate::moe::hierarchical::Hierarchy::new(ep.as_ref(), per_node).map_err(|e| crate::Error::msg(e.to_string()))?;
+        for l in &mut self.layers {
+            if let crate::decoder::FfnBlock::Moe(m) = &mut l.ffn {
+                m.dispatcher.hierarchy = Some(hy.clone());
+                m.dispatcher.node_of = (0..p).map(|r| r / per_node).collect();
+            }
+        }
+        Ok(())
+    }
+
     /// All-to-all traffic since the last call, over every MoE layer (zero without
     /// expert parallelism).
     pub fn take_exchange_totals(&self) -> crate::moe::dispatcher::ExchangeTotals {

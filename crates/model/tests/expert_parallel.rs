@@ -165,3 +165,56 @@ fn exchange_bytes_are_counted_by_node() {
     assert!(totals.inter_node_bytes_hierarchical <= totals.inter_node_bytes);
     assert!(totals.inter_node_bytes_hierarchical >= totals.inter_node_bytes / 2);
 }
+
+#[test]
+fn hierarchical_all_to_all_matches_flat_and_crosses_nodes_once_per_token() {
+    // 4 ranks on two "nodes" {0, 1} and {2, 3}; deepseek config: 8 experts top-3, so
+    // tokens often pick several experts on one node.
+    let (b, t) = (4usize, 10usize);
+    let mut rng = Rng::new(3);
+    let ids: Vec<u32> = (0..b * t).map(|_| rng.range(0, 36) as u32).collect();
+    let count = shifted_targets(&ids, t).iter().filter(|&&x| x >= 0).count();
+    let single = run(&Model::new(config("deepseek_v3")), &ids, b, t, count);
+    for chunks in [1, 2] {
+        let ids2 = ids.clone();
+        let out = local::run(4, Duration::from_secs(30), move |c| {
+            let group: Arc<dyn ProcessGroup> = Arc::new(c);
+            let mut model = Model::expert_parallel(config("deepseek_v3"), group.clone()).unwrap();
+            model.set_overlap_chunks(chunks);
+            model.set_nodes(vec![0, 0, 1, 1]);
+            model.set_hierarchical(2).unwrap();
+            let r = group.rank();
+            let mut s = run(&model, &ids2[r * t..(r + 1) * t], 1, t, count);
+            for (name, g) in &mut s.grads {
+                if !name.contains(".experts.") {
+                    group.all_reduce_f32(g)?;
+                }
+            }
+            Ok((s, model.take_exchange_totals()))
+        })
+        .unwrap();
+        let logits: Vec<f32> = out.iter().flat_map(|(s, _)| s.logits.clone()).collect();
+        let scale = single.logits.iter().fold(0f32, |m, x| m.max(x.abs()));
+        for (a, b) in logits.iter().zip(&single.logits) {
+            assert!((a - b).abs() <= 1e-5 * scale, "hierarchical, {chunks} chunks: logit {a} vs {b}");
+        }
+        for (name, g1) in &single.grads {
+            let gscale = g1.iter().fold(1e-6f32, |m, x| m.max(x.abs()));
+            for (s, _) in &out {
+                if let Some((_, gp)) = s.grads.iter().find(|(n, _)| n == name) {
+                    for (a, b) in gp.iter().zip(g1) {
+                        assert!((a - b).abs() <= 1e-3 * gscale, "hierarchical: {name} grad {a} vs {b}");
+                    }
+                }
+            }
+        }
+        // Inter-node bytes: exactly the routing's prediction (one row per token and remote
+        // node per exchange) plus the metadata rows carry: 2K floats on the dispatch
+        // (expert ids, weights) and K on the combine backward (dweights).
+        let (h, k) = (24u64, 3u64);
+        let actual: u64 = out.iter().map(|(_, x)| x.inter_node_bytes).sum();
+        let predicted: u64 = out.iter().map(|(_, x)| x.inter_node_bytes_hierarchical).sum();
+        assert!(predicted > 0);
+        assert_eq!(actual * 4 * h, predicted * (4 * h + 3 * k), "actual {actual}, predicted {predicted}");
+    }
+}

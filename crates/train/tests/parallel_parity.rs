@@ -67,16 +67,28 @@ fn parallel(ranks: usize, ep: usize, steps: u64, stop: u64, resume: Option<&Path
 
 /// [`parallel`], with ZeRO-1 when `zero1`.
 fn parallel_with(ranks: usize, ep: usize, steps: u64, stop: u64, resume: Option<&Path>, save: Option<&Path>, zero1: bool) -> Run {
-    parallel_opts(ranks, ep, steps, stop, resume, save, zero1, true)
+    parallel_opts(ranks, ep, steps, stop, resume, save, Opts { zero1, overlap: true, hierarchical: None })
 }
 
-/// [`parallel_with`], with gradient reduction overlapping the backward pass or not.
-#[allow(clippy::too_many_arguments)]
-fn parallel_opts(ranks: usize, ep: usize, steps: u64, stop: u64, resume: Option<&Path>, save: Option<&Path>, zero1: bool, overlap: bool) -> Run {
+/// Layout options of a parallel run.
+#[derive(Clone, Copy)]
+struct Opts {
+    zero1: bool,
+    /// gradient reduction overlapping the backward pass
+    overlap: bool,
+    /// hierarchical all-to-all over nodes of this many ranks
+    hierarchical: Option<usize>,
+}
+
+/// [`parallel_with`], with every layout option.
+fn parallel_opts(ranks: usize, ep: usize, steps: u64, stop: u64, resume: Option<&Path>, save: Option<&Path>, o: Opts) -> Run {
+    let Opts { zero1, overlap, hierarchical } = o;
     let (resume, save) = (resume.map(Path::to_path_buf), save.map(Path::to_path_buf));
     let runs = local::run(ranks, Duration::from_secs(60), move |c| {
         let world: Arc<dyn ProcessGroup> = Arc::new(c);
         let mesh = Mesh::new(world, ep)?;
+        let per_node = hierarchical.unwrap_or(ranks);
+        let mesh = mesh.with_nodes(per_node);
         let mut tr = match &resume {
             Some(dir) => Trainer::resume_with_mesh(dir, 1e11, Some(steps), Some(mesh), Some(zero1)).unwrap(),
             None => {
@@ -86,6 +98,9 @@ fn parallel_opts(ranks: usize, ep: usize, steps: u64, stop: u64, resume: Option<
                 Trainer::with_mesh(model, w, cfg, 1e11, Some(mesh)).unwrap()
             }
         };
+        if let Some(n) = hierarchical {
+            tr.model.set_hierarchical(n).unwrap();
+        }
         assert_eq!(tr.zero.is_some(), zero1);
         if resume.is_none() {
             assert_eq!(tr.parallel.as_ref().unwrap().overlaps_reduction(), overlap);
@@ -149,10 +164,12 @@ fn expert_and_data_parallel_runs_match_one_rank() {
     assert_close("4 ranks, EP 4", &parallel(4, 4, STEPS, STEPS, None, None), &reference);
     assert_close("4 ranks, EP 2 × DP 2", &parallel(4, 2, STEPS, STEPS, None, None), &reference);
     assert_close("2 ranks, DP 2", &parallel(2, 1, STEPS, STEPS, None, None), &reference);
-    assert_close("4 ranks, EP 2 × DP 2, reduction after backward", &parallel_opts(4, 2, STEPS, STEPS, None, None, false, false), &reference);
+    assert_close("4 ranks, EP 2 × DP 2, reduction after backward", &parallel_opts(4, 2, STEPS, STEPS, None, None, Opts { zero1: false, overlap: false, hierarchical: None }), &reference);
     assert_close("4 ranks, EP 2 × DP 2, ZeRO-1", &parallel_with(4, 2, STEPS, STEPS, None, None, true), &reference);
     assert_close("2 ranks, DP 2, ZeRO-1", &parallel_with(2, 1, STEPS, STEPS, None, None, true), &reference);
     assert_close("3 ranks, DP 3, ZeRO-1 (uneven chunks)", &parallel_with(3, 1, STEPS, STEPS, None, None, true), &reference);
+    let hier = Opts { zero1: false, overlap: true, hierarchical: Some(2) };
+    assert_close("4 ranks, EP 4, hierarchical all-to-all over 2 nodes", &parallel_opts(4, 4, STEPS, STEPS, None, None, hier), &reference);
 }
 
 #[test]

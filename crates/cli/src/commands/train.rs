@@ -251,13 +251,18 @@ fn train_rank(a: &TrainArgs, mesh: Option<Mesh>) -> CliResult {
     let layout = mesh.as_ref().map(|m| (m.world.size(), m.ep_size(), m.dp_size()));
     let mut tr = make_trainer(a, mesh)?;
     tr.model.set_overlap_chunks(a.parallel.overlap_chunks);
+    if a.parallel.hierarchical_a2a {
+        let per_node = tr.parallel.as_ref().map_or(1, |p| p.mesh.ranks_per_node);
+        tr.model.set_hierarchical(per_node).map_err(|e| format!("--hierarchical-a2a: {e}"))?;
+    }
     if !tr.is_lead() {
         return train_loop(&mut tr, &a.run_dir, a.metrics.as_deref(), false).map(|_| ());
     }
     if let Some((n, ep, dp)) = layout {
         let overlap = tr.parallel.as_ref().is_some_and(|p| p.overlaps_reduction()) && tr.zero.is_none();
         eprintln!(
-            "{n} ranks: expert-parallel {ep} × data-parallel {dp}; gradient reduction {}",
+            "{n} ranks: expert-parallel {ep} × data-parallel {dp}; {} all-to-all; gradient reduction {}",
+            if a.parallel.hierarchical_a2a { "hierarchical" } else { "flat" },
             if overlap { "overlaps the backward pass" } else { "after the backward pass" }
         );
         let params = tr.model.layout.total as f64 * 4.0 / 1e6;

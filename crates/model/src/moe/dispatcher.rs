@@ -19,6 +19,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use super::hierarchical::{self, HierState, Hierarchy};
 use ultramoe_dist::{CommError, CommResult, CommStream, Pending, ProcessGroup};
 use ultramoe_kernels::permute::{
     permute_backward, permute_forward, transpose_blocks, transpose_counts, unpermute_backward, unpermute_forward, DispatchPlan,
@@ -34,6 +35,8 @@ pub struct DispatchHandle {
     pub offsets: Vec<usize>,
     /// the all-to-all's shape, under expert parallelism
     exchange: Option<Exchange>,
+    /// the hierarchical exchange's state, when used
+    hier: Option<Arc<HierState>>,
 }
 
 /// Row counts of one dispatch's all-to-all.
@@ -110,6 +113,8 @@ pub struct TokenDispatcher {
     pub node_of: Vec<usize>,
     /// traffic counters
     pub stats: Arc<ExchangeStats>,
+    /// rail and node groups, when the all-to-all is hierarchical
+    pub hierarchy: Option<Hierarchy>,
 }
 
 /// An exchange in flight, or a result already at hand (one rank: nothing to exchange).
@@ -123,9 +128,29 @@ pub enum Ticket<T> {
 /// A dispatch in flight: the local plan, and the rows on their way.
 pub struct Dispatching {
     plan: DispatchPlan,
-    send_rows: Vec<usize>,
+    flight: Flight,
+}
+
+enum Flight {
     /// received per-expert counts `[P, E_local]` and rows (grouped by source rank)
-    rows: Ticket<(Vec<usize>, Vec<f32>)>,
+    Flat { send_rows: Vec<usize>, rows: Ticket<(Vec<usize>, Vec<f32>)> },
+    Hier(Ticket<(Vec<f32>, HierState)>),
+}
+
+/// A combine in flight.
+pub enum Combining {
+    /// expert outputs on their way back, in plan order
+    Flat(Ticket<Vec<f32>>),
+    /// per-item partial sums, and the forwarder's per-expert outputs
+    Hier(Ticket<(Vec<f32>, Vec<f32>)>),
+}
+
+/// A combine backward in flight.
+pub enum CombineBack {
+    /// output gradients on their way to the experts, and `dweights` (already known)
+    Flat(Ticket<Vec<f32>>, Vec<f32>),
+    /// the experts' output gradients and per-item `dweights`
+    Hier(Ticket<(Vec<f32>, Vec<f32>)>),
 }
 
 /// A failed exchange ends the step: the payload is the [`CommError`], which the trainer
@@ -141,7 +166,7 @@ impl TokenDispatcher {
     pub fn new(n_experts: usize, hidden: usize, ep: Option<(Arc<dyn ProcessGroup>, Arc<CommStream>)>) -> Self {
         let ep = ep.filter(|(g, _)| g.size() > 1);
         let node_of = vec![0; ep.as_ref().map_or(1, |(g, _)| g.size())];
-        TokenDispatcher { n_experts, hidden, ep, node_of, stats: Arc::default() }
+        TokenDispatcher { n_experts, hidden, ep, node_of, stats: Arc::default(), hierarchy: None }
     }
 
     fn ranks(&self) -> usize {
@@ -162,15 +187,25 @@ impl TokenDispatcher {
         }
     }
 
-    /// Starts dispatching tokens `x: [N, H]` whose choices are `experts: [N, K]`.
-    pub fn start_dispatch(&self, x: &[f32], experts: &[u32], top_k: usize) -> Dispatching {
+    /// Starts dispatching tokens `x: [N, H]` whose choices are `experts: [N, K]` with
+    /// combine weights `weights: [N, K]`.
+    pub fn start_dispatch(&self, x: &[f32], experts: &[u32], weights: &[f32], top_k: usize) -> Dispatching {
         let h = self.hidden;
         let plan = DispatchPlan::new(experts, top_k, self.n_experts);
+        if let (Some((g, stream)), Some(hy)) = (&self.ep, &self.hierarchy) {
+            let el = self.n_experts / self.ranks();
+            let (l, nodes) = (hy.node.size(), hy.rail.size());
+            self.count_hierarchical(experts, top_k, el, g.rank());
+            let (items, items_to, rows) = hierarchical::pack_items(x, experts, weights, h, top_k, el, l, nodes);
+            let hy = hy.clone();
+            let job = stream.submit(move || hierarchical::dispatch(&hy, items, items_to, rows, h, top_k, el));
+            return Dispatching { plan, flight: Flight::Hier(Ticket::Flying(job)) };
+        }
         let mut xs = vec![0.0; plan.rows() * h];
         permute_forward(&mut xs, x, &plan, h);
         let Some((g, stream)) = &self.ep else {
             let send_rows = vec![plan.rows()];
-            return Dispatching { rows: Ticket::Ready((plan.counts(), xs)), plan, send_rows };
+            return Dispatching { flight: Flight::Flat { rows: Ticket::Ready((plan.counts(), xs)), send_rows }, plan };
         };
         let (p, el) = (self.ranks(), self.n_experts / self.ranks());
         let counts = plan.counts();
@@ -187,16 +222,26 @@ impl TokenDispatcher {
             let rows = g.all_to_all_v_known_f32(&xs, &sent, &from)?;
             Ok((recv, rows))
         });
-        Dispatching { plan, send_rows, rows: Ticket::Flying(job) }
+        Dispatching { plan, flight: Flight::Flat { send_rows, rows: Ticket::Flying(job) } }
     }
 
     /// Waits for a dispatch: the rows this rank's experts compute on, grouped by local
     /// expert, and the handle.
     pub fn finish_dispatch(&self, d: Dispatching) -> (Vec<f32>, DispatchHandle) {
-        let (recv, rows) = self.finish(d.rows);
+        let (send_rows, rows) = match d.flight {
+            Flight::Hier(t) => {
+                let (xp, st) = self.finish(t);
+                self.count_hier(&st, self.hidden + 2 * st.top_k(), self.hidden);
+                let st = Arc::new(st);
+                let offsets = st.offsets.clone();
+                return (xp, DispatchHandle { plan: d.plan, offsets, exchange: None, hier: Some(st) });
+            }
+            Flight::Flat { send_rows, rows } => (send_rows, rows),
+        };
+        let (recv, rows) = self.finish(rows);
         if self.ep.is_none() {
             let offsets = d.plan.offsets.clone();
-            return (rows, DispatchHandle { plan: d.plan, offsets, exchange: None });
+            return (rows, DispatchHandle { plan: d.plan, offsets, exchange: None, hier: None });
         }
         let (p, el) = (self.ranks(), self.n_experts / self.ranks());
         let mut offsets = vec![0usize; el + 1];
@@ -204,7 +249,104 @@ impl TokenDispatcher {
             offsets[j + 1] = offsets[j] + (0..p).map(|s| recv[s * el + j]).sum::<usize>();
         }
         let xp = transpose_blocks(&rows, &recv, p, el, self.hidden);
-        (xp, DispatchHandle { plan: d.plan, offsets, exchange: Some(Exchange { send_rows: d.send_rows, recv }) })
+        (xp, DispatchHandle { plan: d.plan, offsets, exchange: Some(Exchange { send_rows, recv }), hier: None })
+    }
+
+    /// Starts returning the experts' outputs `yp` to be combined.
+    pub fn start_combine(&self, yp: Vec<f32>, hd: &DispatchHandle) -> Combining {
+        match (&hd.hier, &self.ep, &self.hierarchy) {
+            (Some(st), Some((_, stream)), Some(hy)) => {
+                let (st, hy) = (st.clone(), hy.clone());
+                Combining::Hier(Ticket::Flying(stream.submit(move || st.combine(&hy, &yp))))
+            }
+            _ => Combining::Flat(self.start_return(yp, hd)),
+        }
+    }
+
+    /// Waits for a combine and adds `Σ_j w[t,j] · y_{t,j}` into `out: [N, H]`. Returns
+    /// what the combine's backward needs.
+    pub fn finish_combine(&self, c: Combining, hd: &DispatchHandle, out: &mut [f32], weights: &[f32]) -> Vec<f32> {
+        match c {
+            Combining::Flat(t) => {
+                let ys = self.finish(t);
+                unpermute_forward(out, &ys, weights, &hd.plan, self.hidden, true);
+                ys
+            }
+            Combining::Hier(t) => {
+                let (partials, yf) = self.finish(t);
+                let st = hd.hier.as_ref().expect("hierarchical handle");
+                self.count_hier(st, self.hidden, self.hidden);
+                st.add_items(out, &partials);
+                yf
+            }
+        }
+    }
+
+    /// Starts the combine's backward from `dout: [N, H]`.
+    pub fn start_combine_backward(&self, dout: &[f32], saved: &Arc<Vec<f32>>, weights: &[f32], hd: &DispatchHandle) -> CombineBack {
+        match (&hd.hier, &self.ep, &self.hierarchy) {
+            (Some(st), Some((_, stream)), Some(hy)) => {
+                let (st, hy, saved) = (st.clone(), hy.clone(), saved.clone());
+                let dy_items = st.item_rows(dout);
+                CombineBack::Hier(Ticket::Flying(stream.submit(move || st.combine_backward(&hy, &dy_items, &saved))))
+            }
+            _ => {
+                let (dys, dw) = self.combine_backward(dout, saved, weights, hd);
+                CombineBack::Flat(self.start_to_experts(dys, hd), dw)
+            }
+        }
+    }
+
+    /// Waits for the combine's backward: the experts' output gradients (grouped by local
+    /// expert); `dweights: [N, K]` is written.
+    pub fn finish_combine_backward(&self, cb: CombineBack, hd: &DispatchHandle, dweights: &mut [f32]) -> Vec<f32> {
+        match cb {
+            CombineBack::Flat(t, dw) => {
+                dweights.copy_from_slice(&dw);
+                self.finish_to_experts(t, hd)
+            }
+            CombineBack::Hier(t) => {
+                let (dyp, dw_items) = self.finish(t);
+                let st = hd.hier.as_ref().expect("hierarchical handle");
+                self.count_hier(st, self.hidden + st.top_k(), self.hidden);
+                dweights.fill(0.0);
+                st.add_dweights(dweights, &dw_items);
+                dyp
+            }
+        }
+    }
+
+    /// Starts sending the experts' input gradients back to the tokens' ranks.
+    pub fn start_dispatch_backward(&self, dxp: Vec<f32>, hd: &DispatchHandle) -> Ticket<Vec<f32>> {
+        match (&hd.hier, &self.ep, &self.hierarchy) {
+            (Some(st), Some((_, stream)), Some(hy)) => {
+                let (st, hy) = (st.clone(), hy.clone());
+                Ticket::Flying(stream.submit(move || st.dispatch_backward(&hy, &dxp)))
+            }
+            _ => self.start_return(dxp, hd),
+        }
+    }
+
+    /// Waits for the dispatch's backward and adds the input gradients into `dx: [N, H]`.
+    pub fn finish_dispatch_backward(&self, t: Ticket<Vec<f32>>, hd: &DispatchHandle, dx: &mut [f32]) {
+        let rows = self.finish(t);
+        match &hd.hier {
+            Some(st) => {
+                self.count_hier(st, self.hidden, self.hidden);
+                st.add_items(dx, &rows);
+            }
+            None => self.dispatch_backward(dx, &rows, hd),
+        }
+    }
+
+    /// Counts one hierarchical exchange: `inter_w` floats per item to another node and
+    /// `intra_w` per fan-out row to another rank of the node.
+    fn count_hier(&self, st: &HierState, inter_w: usize, intra_w: usize) {
+        let Some((g, _)) = &self.ep else { return };
+        let l = st.ranks_per_node();
+        let (inter, intra) = st.traffic(g.rank() / l, g.rank() % l);
+        self.stats.inter.fetch_add(4 * (inter * inter_w) as u64, Ordering::Relaxed);
+        self.stats.intra.fetch_add(4 * (intra * intra_w) as u64, Ordering::Relaxed);
     }
 
     /// Starts sending expert-grouped rows (outputs, or input gradients) back to the
@@ -241,11 +383,6 @@ impl TokenDispatcher {
             Some(x) => transpose_blocks(&rows, &x.recv, self.ranks(), x.recv.len() / self.ranks(), self.hidden),
             None => rows,
         }
-    }
-
-    /// Combine from plan-ordered outputs `ys`: `out[t] (+)= Σ_j w[t,j] · ys[row(t,j)]`.
-    pub fn combine(&self, out: &mut [f32], ys: &[f32], weights: &[f32], hd: &DispatchHandle) {
-        unpermute_forward(out, ys, weights, &hd.plan, self.hidden, false);
     }
 
     /// Backward of combine: `dys` (plan order) and `dweights: [N, K]`.

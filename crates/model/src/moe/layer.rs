@@ -17,11 +17,12 @@
 //! Chunking changes only the order of sums inside each expert's weight gradient; on one
 //! rank (`chunks = 1`, nothing to exchange) the layer runs straight through.
 
-use super::dispatcher::{DispatchHandle, Ticket, TokenDispatcher};
+use super::dispatcher::{Combining, DispatchHandle, TokenDispatcher};
 use super::experts::{ExpertsSaved, GroupedExperts};
 use super::router::{AuxLoss, Router};
 use crate::mlp::{Mlp, MlpSaved};
 use std::ops::Range;
+use std::sync::Arc;
 use ultramoe_kernels::router::Routing;
 
 /// One MoE feed-forward block.
@@ -47,8 +48,9 @@ struct Part {
     /// rows this rank's experts computed on
     xp: Vec<f32>,
     experts: ExpertsSaved,
-    /// expert outputs for the chunk's tokens, in plan order
-    ys: Vec<f32>,
+    /// what the combine's backward needs: expert outputs for the chunk's tokens in plan
+    /// order (flat), or the forwarder's per-expert outputs (hierarchical)
+    ys: Arc<Vec<f32>>,
     shared: Option<MlpSaved>,
 }
 
@@ -104,11 +106,14 @@ impl MoeLayer {
         let shared = |r: &Range<usize>| self.shared.as_ref().map(|m| m.forward(w, &x[rows(r)], r.len()));
         let mut dispatching: Vec<_> = {
             let _p = ultramoe_kernels::profile::scope("moe.dispatch.forward");
-            ranges.iter().map(|r| Some(self.dispatcher.start_dispatch(&x[rows(r)], &routing.experts[choices(r)], k))).collect()
+            ranges
+                .iter()
+                .map(|r| Some(self.dispatcher.start_dispatch(&x[rows(r)], &routing.experts[choices(r)], &routing.weights[choices(r)], k)))
+                .collect()
         };
         let mut shared_out = vec![shared(&ranges[0])];
         let mut parts = Vec::with_capacity(ranges.len());
-        let mut returning: Vec<Ticket<Vec<f32>>> = Vec::with_capacity(ranges.len());
+        let mut returning: Vec<Combining> = Vec::with_capacity(ranges.len());
         for (c, r) in ranges.iter().enumerate() {
             let (xp, handle) = {
                 let _p = ultramoe_kernels::profile::scope("moe.dispatch.forward");
@@ -118,16 +123,15 @@ impl MoeLayer {
                 let _p = ultramoe_kernels::profile::scope("moe.experts.forward");
                 self.experts.forward(w, &xp, &handle.offsets)
             };
-            returning.push(self.dispatcher.start_return(yp, &handle));
-            parts.push(Part { tokens: r.clone(), handle, xp, experts, ys: vec![], shared: None });
+            returning.push(self.dispatcher.start_combine(yp, &handle));
+            parts.push(Part { tokens: r.clone(), handle, xp, experts, ys: Arc::default(), shared: None });
         }
         shared_out.extend(ranges[1..].iter().map(shared));
         let mut y = vec![0.0; x.len()];
         let _p = ultramoe_kernels::profile::scope("moe.combine.forward");
         for ((part, ticket), sh) in parts.iter_mut().zip(returning).zip(shared_out) {
-            part.ys = self.dispatcher.finish(ticket);
             let out = &mut y[rows(&part.tokens)];
-            self.dispatcher.combine(out, &part.ys, &routing.weights[choices(&part.tokens)], &part.handle);
+            part.ys = Arc::new(self.dispatcher.finish_combine(ticket, &part.handle, out, &routing.weights[choices(&part.tokens)]));
             if let Some((ys, saved)) = sh {
                 crate::tensor_ops::add_into(out, &ys);
                 part.shared = Some(saved);
@@ -146,9 +150,8 @@ impl MoeLayer {
         {
             let _p = ultramoe_kernels::profile::scope("moe.combine.backward");
             for p in &s.parts {
-                let (dys, dw) = self.dispatcher.combine_backward(&dy[rows(&p.tokens)], &p.ys, &s.routing.weights[choices(&p.tokens)], &p.handle);
-                dweights[choices(&p.tokens)].copy_from_slice(&dw);
-                to_experts.push(self.dispatcher.start_to_experts(dys, &p.handle));
+                let weights = &s.routing.weights[choices(&p.tokens)];
+                to_experts.push(self.dispatcher.start_combine_backward(&dy[rows(&p.tokens)], &p.ys, weights, &p.handle));
             }
         }
         let mut dx = vec![0.0; x.len()];
@@ -160,12 +163,12 @@ impl MoeLayer {
         shared_backward(&s.parts[0], g, &mut dx);
         let mut returning = Vec::with_capacity(s.parts.len());
         for (p, t) in s.parts.iter().zip(to_experts) {
-            let dyp = self.dispatcher.finish_to_experts(t, &p.handle);
+            let dyp = self.dispatcher.finish_combine_backward(t, &p.handle, &mut dweights[choices(&p.tokens)]);
             let dxp = {
                 let _p = ultramoe_kernels::profile::scope("moe.experts.backward");
                 self.experts.backward(w, g, &p.xp, &p.experts, &dyp, &p.handle.offsets)
             };
-            returning.push(self.dispatcher.start_return(dxp, &p.handle));
+            returning.push(self.dispatcher.start_dispatch_backward(dxp, &p.handle));
         }
         for p in &s.parts[1..] {
             shared_backward(p, g, &mut dx);
@@ -173,8 +176,7 @@ impl MoeLayer {
         {
             let _p = ultramoe_kernels::profile::scope("moe.dispatch.backward");
             for (p, t) in s.parts.iter().zip(returning) {
-                let dxs = self.dispatcher.finish(t);
-                self.dispatcher.dispatch_backward(&mut dx[rows(&p.tokens)], &dxs, &p.handle);
+                self.dispatcher.finish_dispatch_backward(t, &p.handle, &mut dx[rows(&p.tokens)]);
             }
         }
         let _p = ultramoe_kernels::profile::scope("moe.router.backward");

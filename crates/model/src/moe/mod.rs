@@ -5,6 +5,7 @@
 //! reaches all of its top-k experts; there is no capacity factor.
 
 pub mod dispatcher;
+pub mod hierarchical;
 pub mod experts;
 pub mod layer;
 pub mod router;
