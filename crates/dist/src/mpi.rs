@@ -16,7 +16,7 @@ use mpi::datatype::{Partition, PartitionMut};
 use mpi::topology::{Color, SimpleCommunicator};
 use mpi::traits::{Communicator as _, CommunicatorCollectives as _, Destination as _, Root as _, Source as _};
 use mpi::Threading;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -28,43 +28,49 @@ struct Runtime {
     multiple: bool,
 }
 
-/// What the watchdog looks at: the operation in flight and since when.
+/// What the watchdog looks at. Updating it costs two relaxed atomic stores and an
+/// increment per call (no clock read): it sits on every exchange.
 struct Watch {
-    start: Instant,
-    /// milliseconds after `start` when the current operation began (0: none)
-    since_ms: AtomicU64,
-    /// what is in flight, as an index into [`OPS`] (an atomic: this sits on every call)
+    /// calls entered so far
+    calls: AtomicU64,
+    /// a call is in flight
+    busy: AtomicBool,
+    /// which operation, as an [`Op`]
     op: AtomicUsize,
 }
 
 /// The operations the watchdog can name.
-const OPS: [&str; 11] = [
-    "an MPI call",
-    "barrier",
-    "all_reduce",
-    "broadcast",
-    "all_gather",
-    "reduce_scatter",
-    "all_to_all_v",
-    "all_to_all_v counts",
-    "send",
-    "recv",
-    "split",
-];
+#[derive(Clone, Copy)]
+enum Op {
+    Barrier,
+    AllReduce,
+    Broadcast,
+    AllGather,
+    ReduceScatter,
+    AllToAllV,
+    AllToAllVCounts,
+    Send,
+    Recv,
+    Split,
+}
+
+const OP_NAMES: [&str; 10] =
+    ["barrier", "all_reduce", "broadcast", "all_gather", "reduce_scatter", "all_to_all_v", "all_to_all_v counts", "send", "recv", "split"];
 
 /// Clears the watch when an operation returns.
 struct InFlight<'a>(&'a Watch);
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        self.0.since_ms.store(0, Ordering::Relaxed);
+        self.0.busy.store(false, Ordering::Relaxed);
     }
 }
 
 impl Watch {
-    fn enter(&self, op: &'static str) -> InFlight<'_> {
-        self.op.store(OPS.iter().position(|&o| o == op).unwrap_or(0), Ordering::Relaxed);
-        self.since_ms.store(self.start.elapsed().as_millis() as u64 + 1, Ordering::Relaxed);
+    fn enter(&self, op: Op) -> InFlight<'_> {
+        self.op.store(op as usize, Ordering::Relaxed);
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        self.busy.store(true, Ordering::Relaxed);
         InFlight(self)
     }
 }
@@ -98,25 +104,33 @@ pub fn world(timeout: Duration) -> CommResult<Arc<MpiComm>> {
     let comm = universe.world();
     let rt = Arc::new(Runtime {
         _universe: universe,
-        watch: Watch { start: Instant::now(), since_ms: AtomicU64::new(0), op: AtomicUsize::new(0) },
+        watch: Watch { calls: AtomicU64::new(0), busy: AtomicBool::new(false), op: AtomicUsize::new(0) },
         multiple: provided == Threading::Multiple,
     });
     let rank = comm.rank();
     let weak = Arc::downgrade(&rt);
     std::thread::Builder::new()
         .name("mpi-watchdog".into())
-        .spawn(move || loop {
-            std::thread::sleep(Duration::from_millis(200));
-            let Some(rt) = weak.upgrade() else { return };
-            let since = rt.watch.since_ms.load(Ordering::Relaxed);
-            let now = rt.watch.start.elapsed().as_millis() as u64 + 1;
-            if since != 0 && now.saturating_sub(since) > timeout.as_millis() as u64 {
-                let op = OPS[rt.watch.op.load(Ordering::Relaxed).min(OPS.len() - 1)];
-                eprintln!(
-                    "ultramoe: error: rank {rank}: no progress for {} s in {op}: another rank is stalled or gone; aborting the job",
-                    timeout.as_secs()
-                );
-                SimpleCommunicator::world().abort(1);
+        .spawn(move || {
+            // The same call still in flight since `stuck.1`: (call number, first seen).
+            let mut stuck: Option<(u64, Instant)> = None;
+            loop {
+                std::thread::sleep(Duration::from_millis(200));
+                let Some(rt) = weak.upgrade() else { return };
+                let (busy, call) = (rt.watch.busy.load(Ordering::Relaxed), rt.watch.calls.load(Ordering::Relaxed));
+                stuck = match stuck {
+                    Some((c, since)) if busy && c == call => Some((c, since)),
+                    _ if busy => Some((call, Instant::now())),
+                    _ => None,
+                };
+                if let Some((_, since)) = stuck.filter(|(_, since)| since.elapsed() > timeout) {
+                    let op = OP_NAMES[rt.watch.op.load(Ordering::Relaxed).min(OP_NAMES.len() - 1)];
+                    eprintln!(
+                        "ultramoe: error: rank {rank}: no progress for {} s in {op}: another rank is stalled or gone; aborting the job",
+                        since.elapsed().as_secs()
+                    );
+                    SimpleCommunicator::world().abort(1);
+                }
             }
         })
         .map_err(|e| CommError { rank: Some(rank as usize), reason: format!("cannot start the watchdog: {e}") })?;
@@ -257,7 +271,7 @@ impl MpiComm {
             let buf = std::slice::from_raw_parts_mut(recv.as_mut_ptr() as *mut u8, total.max(1));
             let pad = [0u8; 1];
             let send = if send.is_empty() { &pad[..] } else { bytes(send) };
-            let _w = self.rt.watch.enter("all_to_all_v");
+            let _w = self.rt.watch.enter(Op::AllToAllV);
             let sp = Partition::new(send, &s[..p], &s[p..]);
             let mut rp = PartitionMut::new(buf, &r[..p], &r[p..]);
             self.comm.all_to_all_varcount_into(&sp, &mut rp);
@@ -285,7 +299,7 @@ impl Communicator for MpiComm {
     }
 
     fn barrier(&self) -> CommResult<()> {
-        let _w = self.rt.watch.enter("barrier");
+        let _w = self.rt.watch.enter(Op::Barrier);
         self.comm.barrier();
         Ok(())
     }
@@ -293,14 +307,14 @@ impl Communicator for MpiComm {
     fn all_reduce_sum<T: Scalar>(&self, buf: &mut [T]) -> CommResult<()> {
         count(std::mem::size_of_val(buf), self.rank())?;
         let input = buf.to_vec();
-        let _w = self.rt.watch.enter("all_reduce");
+        let _w = self.rt.watch.enter(Op::AllReduce);
         typed!(T::KIND, &input[..], buf, |s, r| self.comm.all_reduce_into(s, r, SystemOperation::sum()));
         Ok(())
     }
 
     fn broadcast<T: Scalar>(&self, buf: &mut [T], root: usize) -> CommResult<()> {
         count(std::mem::size_of_val(buf), self.rank())?;
-        let _w = self.rt.watch.enter("broadcast");
+        let _w = self.rt.watch.enter(Op::Broadcast);
         self.comm.process_at_rank(root as i32).broadcast_into(bytes_mut(buf));
         Ok(())
     }
@@ -308,7 +322,7 @@ impl Communicator for MpiComm {
     fn all_gather<T: Scalar>(&self, input: &[T]) -> CommResult<Vec<T>> {
         let mut out = vec![T::default(); input.len() * self.size()];
         count(std::mem::size_of_val(&out[..]), self.rank())?;
-        let _w = self.rt.watch.enter("all_gather");
+        let _w = self.rt.watch.enter(Op::AllGather);
         self.comm.all_gather_into(bytes(input), bytes_mut(&mut out));
         Ok(out)
     }
@@ -320,7 +334,7 @@ impl Communicator for MpiComm {
         }
         count(std::mem::size_of_val(input), self.rank())?;
         let mut out = vec![T::default(); input.len() / p];
-        let _w = self.rt.watch.enter("reduce_scatter");
+        let _w = self.rt.watch.enter(Op::ReduceScatter);
         typed!(T::KIND, input, &mut out[..], |s, r| self.comm.reduce_scatter_block_into(s, r, SystemOperation::sum()));
         Ok(out)
     }
@@ -330,7 +344,7 @@ impl Communicator for MpiComm {
         let s = self.byte_layout(send_counts, size)?;
         let mut counts = vec![0i32; p];
         {
-            let _w = self.rt.watch.enter("all_to_all_v counts");
+            let _w = self.rt.watch.enter(Op::AllToAllVCounts);
             self.comm.all_to_all_into(&s[..p], &mut counts[..]);
         }
         let counts: Vec<usize> = counts.into_iter().map(|c| c as usize / size).collect();
@@ -346,13 +360,13 @@ impl Communicator for MpiComm {
 
     fn send<T: Scalar>(&self, data: &[T], dst: usize, tag: u32) -> CommResult<()> {
         count(std::mem::size_of_val(data), self.rank())?;
-        let _w = self.rt.watch.enter("send");
+        let _w = self.rt.watch.enter(Op::Send);
         self.comm.process_at_rank(dst as i32).send_with_tag(bytes(data), tag as i32);
         Ok(())
     }
 
     fn recv<T: Scalar>(&self, src: usize, tag: u32) -> CommResult<Vec<T>> {
-        let _w = self.rt.watch.enter("recv");
+        let _w = self.rt.watch.enter(Op::Recv);
         let (b, _) = self.comm.process_at_rank(src as i32).receive_vec_with_tag::<u8>(tag as i32);
         Ok(vec_from_bytes(&b))
     }
@@ -362,7 +376,7 @@ impl Communicator for MpiComm {
     }
 
     fn split(&self, color: usize, key: usize) -> CommResult<Self> {
-        let _w = self.rt.watch.enter("split");
+        let _w = self.rt.watch.enter(Op::Split);
         let comm = self
             .comm
             .split_by_color_with_key(Color::with_value(color as i32), key as i32)
