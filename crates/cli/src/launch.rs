@@ -50,11 +50,11 @@ impl ParallelArgs {
     fn ep_for(&self, n: usize) -> CliResult<usize> {
         let ep = match (self.ep, self.dp) {
             (Some(ep), _) => ep,
-            (None, Some(dp)) if dp > 0 && n % dp == 0 => n / dp,
+            (None, Some(dp)) if dp > 0 && n.is_multiple_of(dp) => n / dp,
             (None, Some(dp)) => return Err(format!("--dp {dp} does not divide {n} ranks")),
             (None, None) => n,
         };
-        if ep == 0 || n % ep != 0 {
+        if ep == 0 || !n.is_multiple_of(ep) {
             return Err(format!("--ep {ep} does not divide {n} ranks"));
         }
         if let Some(dp) = self.dp {

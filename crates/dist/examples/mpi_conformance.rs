@@ -10,8 +10,8 @@ fn main() {
         eprintln!("mpi_conformance: {e}");
         std::process::exit(1)
     });
-    for (name, check) in conformance::all() {
-        if let Err(e) = check(&*world) {
+    for (name, check) in conformance::all::<ultramoe_dist::mpi::MpiComm>() {
+        if let Err(e) = check(&world) {
             eprintln!("mpi_conformance: {name}: {e}");
             ultramoe_dist::mpi::abort(1);
         }

@@ -9,8 +9,11 @@ fn val(rank: usize, i: usize) -> f32 {
     (rank * 1000 + i) as f32 * 0.5
 }
 
+/// One check, run by every rank of a group.
+pub type Check<C> = fn(&C) -> CommResult<()>;
+
 /// Every check, in order, with its name.
-pub fn all<C: Communicator>() -> Vec<(&'static str, fn(&C) -> CommResult<()>)> {
+pub fn all<C: Communicator>() -> Vec<(&'static str, Check<C>)> {
     vec![
         ("all_reduce", all_reduce_sums_in_rank_order::<C>),
         ("broadcast/all_gather/reduce_scatter", broadcast_all_gather_reduce_scatter::<C>),

@@ -213,7 +213,7 @@ impl Communicator for LocalComm {
 
     fn reduce_scatter_sum<T: Scalar>(&self, input: &[T]) -> CommResult<Vec<T>> {
         let n = self.group.size;
-        if input.len() % n != 0 {
+        if !input.len().is_multiple_of(n) {
             return Err(CommError { rank: None, reason: format!("reduce_scatter: {} elements do not split over {n} ranks", input.len()) });
         }
         let chunk = input.len() / n;

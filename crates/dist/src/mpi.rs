@@ -205,7 +205,9 @@ fn count(n: usize, rank: usize) -> CommResult<i32> {
 /// Ranks' worth of counts and displacements kept on the stack.
 const STACK_LAYOUT: usize = 64;
 
-/// Counts and displacements of one side of an exchange.
+/// Counts and displacements of one side of an exchange. The stack variant is large on
+/// purpose: it replaces an allocation per exchange.
+#[allow(clippy::large_enum_variant)]
 enum Layout {
     Stack([i32; STACK_LAYOUT], usize),
     Heap(Vec<i32>),
@@ -329,7 +331,7 @@ impl Communicator for MpiComm {
 
     fn reduce_scatter_sum<T: Scalar>(&self, input: &[T]) -> CommResult<Vec<T>> {
         let p = self.size();
-        if input.len() % p != 0 {
+        if !input.len().is_multiple_of(p) {
             return Err(CommError { rank: Some(self.rank()), reason: format!("reduce_scatter: {} elements over {p} ranks", input.len()) });
         }
         count(std::mem::size_of_val(input), self.rank())?;

@@ -18,6 +18,12 @@ use ultramoe_model::params::{layer_index, ParamLayout};
 
 use crate::optimizer::sum_squares;
 
+/// One layer's (replicated, expert) gradient runs.
+type LayerRuns = (Vec<Range<usize>>, Vec<Range<usize>>);
+
+/// A gradient reduction in flight: the summed values of one range.
+type Reduction = Pending<CommResult<Vec<f32>>>;
+
 /// A rank's place in the mesh and the gradient runs it reduces.
 pub struct Parallel {
     /// the device mesh
@@ -26,11 +32,11 @@ pub struct Parallel {
     experts: Vec<Range<usize>>,
     /// per decoder layer, its (replicated, expert) runs: reduced as soon as the backward
     /// pass finishes the layer
-    per_layer: Vec<(Vec<Range<usize>>, Vec<Range<usize>>)>,
+    per_layer: Vec<LayerRuns>,
     /// the gradient stream (when reductions overlap the backward pass)
     stream: Option<Arc<CommStream>>,
     /// reductions in flight: the range and its summed values
-    pending: Vec<(Range<usize>, Pending<CommResult<Vec<f32>>>)>,
+    pending: Vec<(Range<usize>, Reduction)>,
     started: Vec<bool>,
     /// seconds spent in gradient reduction since the last [`Parallel::take_comm_s`]
     comm_s: f64,

@@ -320,7 +320,7 @@ impl Trainer {
                     m.ep_size()
                 )));
             }
-            if cfg.micro_batch % world != 0 {
+            if !cfg.micro_batch.is_multiple_of(world) {
                 return Err(Error::field("micro_batch", format!("{} rows cannot be split evenly over {world} ranks", cfg.micro_batch)));
             }
         }
@@ -331,7 +331,7 @@ impl Trainer {
         if let Some(a) = &cfg.aux_loss {
             let kind = a.kind(cfg.seq_len)?;
             if let BalanceLoss::EpGroup { groups } = kind {
-                if model.cfg.moe.n_experts % groups != 0 {
+                if !model.cfg.moe.n_experts.is_multiple_of(groups) {
                     return Err(Error::field("aux_loss", format!("{groups} expert-parallel groups do not divide {} experts", model.cfg.moe.n_experts)));
                 }
             }
@@ -339,7 +339,7 @@ impl Trainer {
             model.set_balance_loss(Some((kind, a.coef / (cfg.grad_accum.max(1) * world) as f32)));
         }
         model.set_routing_skew(cfg.routing_skew);
-        if cfg.stats_ep == 0 || (model.cfg.moe.n_experts > 0 && model.cfg.moe.n_experts % cfg.stats_ep != 0) {
+        if cfg.stats_ep == 0 || (model.cfg.moe.n_experts > 0 && !model.cfg.moe.n_experts.is_multiple_of(cfg.stats_ep)) {
             return Err(Error::field("stats_ep", format!("{} ranks do not divide {} experts", cfg.stats_ep, model.cfg.moe.n_experts)));
         }
         if cfg.micro_batch == 0 || cfg.seq_len < 2 || cfg.grad_accum == 0 {

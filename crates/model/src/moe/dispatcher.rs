@@ -175,7 +175,7 @@ impl TokenDispatcher {
 
     /// Waits for a ticket, recording how long the exchange ran and how long this thread
     /// was blocked.
-    pub fn finish<T>(&self, t: Ticket<T>) -> T {
+    fn finish<T>(&self, t: Ticket<T>) -> T {
         match t {
             Ticket::Ready(v) => v,
             Ticket::Flying(p) => {
@@ -351,7 +351,7 @@ impl TokenDispatcher {
 
     /// Starts sending expert-grouped rows (outputs, or input gradients) back to the
     /// ranks whose tokens they are; [`TokenDispatcher::finish`] gives them in plan order.
-    pub fn start_return(&self, rows: Vec<f32>, hd: &DispatchHandle) -> Ticket<Vec<f32>> {
+    fn start_return(&self, rows: Vec<f32>, hd: &DispatchHandle) -> Ticket<Vec<f32>> {
         let (Some((g, stream)), Some(x)) = (&self.ep, &hd.exchange) else { return Ticket::Ready(rows) };
         let (p, h) = (self.ranks(), self.hidden);
         let el = x.recv.len() / p;
@@ -366,7 +366,7 @@ impl TokenDispatcher {
 
     /// Starts sending plan-ordered rows (output gradients) to the experts' ranks;
     /// [`TokenDispatcher::finish_to_experts`] gives them grouped by local expert.
-    pub fn start_to_experts(&self, rows: Vec<f32>, hd: &DispatchHandle) -> Ticket<Vec<f32>> {
+    fn start_to_experts(&self, rows: Vec<f32>, hd: &DispatchHandle) -> Ticket<Vec<f32>> {
         let (Some((g, stream)), Some(x)) = (&self.ep, &hd.exchange) else { return Ticket::Ready(rows) };
         let (p, h) = (self.ranks(), self.hidden);
         let send: Vec<usize> = x.send_rows.iter().map(|r| r * h).collect();
@@ -377,7 +377,7 @@ impl TokenDispatcher {
     }
 
     /// Waits for [`TokenDispatcher::start_to_experts`]: rows grouped by local expert.
-    pub fn finish_to_experts(&self, t: Ticket<Vec<f32>>, hd: &DispatchHandle) -> Vec<f32> {
+    fn finish_to_experts(&self, t: Ticket<Vec<f32>>, hd: &DispatchHandle) -> Vec<f32> {
         let rows = self.finish(t);
         match &hd.exchange {
             Some(x) => transpose_blocks(&rows, &x.recv, self.ranks(), x.recv.len() / self.ranks(), self.hidden),
@@ -386,7 +386,7 @@ impl TokenDispatcher {
     }
 
     /// Backward of combine: `dys` (plan order) and `dweights: [N, K]`.
-    pub fn combine_backward(&self, dout: &[f32], ys: &[f32], weights: &[f32], hd: &DispatchHandle) -> (Vec<f32>, Vec<f32>) {
+    fn combine_backward(&self, dout: &[f32], ys: &[f32], weights: &[f32], hd: &DispatchHandle) -> (Vec<f32>, Vec<f32>) {
         let mut dys = vec![0.0; ys.len()];
         let mut dw = vec![0.0; weights.len()];
         unpermute_backward(&mut dys, &mut dw, dout, ys, weights, &hd.plan, self.hidden);
@@ -394,7 +394,7 @@ impl TokenDispatcher {
     }
 
     /// Backward of dispatch from plan-ordered `dxs`: `dx[t] += Σ_j dxs[row(t, j)]`.
-    pub fn dispatch_backward(&self, dx: &mut [f32], dxs: &[f32], hd: &DispatchHandle) {
+    fn dispatch_backward(&self, dx: &mut [f32], dxs: &[f32], hd: &DispatchHandle) {
         permute_backward(dx, dxs, &hd.plan, self.hidden, true);
     }
 

@@ -52,8 +52,6 @@ pub struct HierState {
     el: usize,
     /// ranks per node
     l: usize,
-    /// nodes
-    g: usize,
     // source side
     /// token of each item this rank sent, in send order (grouped by destination node)
     items: Vec<u32>,
@@ -85,6 +83,7 @@ fn scaled(rows: &[usize], width: usize) -> Vec<usize> {
 
 /// Source side of a dispatch: the items and their rows `[x_t ; expert ids ; weights]`.
 /// Returns (items, items per node, rows).
+#[allow(clippy::too_many_arguments)]
 pub fn pack_items(x: &[f32], experts: &[u32], weights: &[f32], h: usize, k: usize, el: usize, l: usize, g: usize) -> (Vec<u32>, Vec<usize>, Vec<f32>) {
     let n = experts.len() / k.max(1);
     let w = h + 2 * k;
@@ -154,7 +153,7 @@ pub fn dispatch(hy: &Hierarchy, items: Vec<u32>, items_to: Vec<usize>, rows: Vec
     for j in 0..el {
         offsets[j + 1] = offsets[j] + (0..l).map(|s| recv_counts[s * el + j]).sum::<usize>();
     }
-    let st = HierState { h, k, el, l, g, items, items_to, items_from, meta, fanout, fan_counts, recv_counts, offsets };
+    let st = HierState { h, k, el, l, items, items_to, items_from, meta, fanout, fan_counts, recv_counts, offsets };
     Ok((xp, st))
 }
 
@@ -265,11 +264,6 @@ impl HierState {
             dst.iter_mut().zip(&dxf[r * h..(r + 1) * h]).for_each(|(d, x)| *d += x);
         }
         self.to_sources(hy, &per_item, h)
-    }
-
-    /// Nodes in the group.
-    pub fn nodes(&self) -> usize {
-        self.g
     }
 
     /// Choices per token.
