@@ -123,8 +123,12 @@ fn launch_mpi<T>(p: &ParallelArgs, n: usize, timeout: Duration, f: impl Fn(Optio
     })
 }
 
+/// What a build without the `mpi` feature says when started by `mpirun`.
+#[cfg(not(feature = "mpi"))]
+pub const NO_MPI: &str = "started by mpirun, but this ultramoe was built without MPI: rebuild with `cargo build --release --features mpi`";
+
 #[cfg(not(feature = "mpi"))]
 fn launch_mpi<T>(_: &ParallelArgs, _: usize, _: Duration, _: impl Fn(Option<Mesh>) -> CliResult<T>) -> CliResult<T> {
-    Err("started by mpirun, but this ultramoe was built without MPI: rebuild with `cargo build --release --features mpi`".into())
+    Err(NO_MPI.into())
 }
 

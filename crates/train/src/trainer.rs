@@ -376,7 +376,7 @@ impl Trainer {
         if let Some(m) = &mesh {
             model.set_nodes(m.ep_nodes());
         }
-        let parallel = mesh.map(|m| Parallel::new(m, &model.layout, cfg.overlap_grad_reduce));
+        let parallel = mesh.map(|m| Parallel::new(m, &model.layout, cfg.overlap_grad_reduce && !cfg.zero1));
         Ok(Trainer { model, w, g, opt, sched, cfg, batcher, step: 0, peak_flops, parallel, zero, metrics: None })
     }
 
@@ -408,8 +408,8 @@ impl Trainer {
         let mut counts: Vec<Vec<usize>> = vec![];
         let (model, w, g) = (&self.model, &self.w, &mut self.g);
         // Gradient reductions start layer by layer during the last micro-batch's backward
-        // (ZeRO-1 reduce-scatters in the optimizer step instead).
-        let mut overlap = self.parallel.as_mut().filter(|p| p.overlaps_reduction() && self.zero.is_none());
+        // (ZeRO-1 reduce-scatters in the optimizer step instead, and has no gradient stream).
+        let mut overlap = self.parallel.as_mut().filter(|p| p.overlaps_reduction());
         let last = micro.len() - 1;
         catch_comm(|| {
             for (i, mb) in micro.iter().enumerate() {
@@ -466,17 +466,15 @@ impl Trainer {
                 let (busy, waited) = p.take_comm_s();
                 comm_s += busy;
                 exposed_s += waited;
-                clip_to_norm(&mut self.g, norm, clip);
-                self.opt.step(&mut self.w, &mut self.g, lr);
                 norm
             }
-            (None, _) => {
-                let norm = global_norm(&self.g);
-                clip_to_norm(&mut self.g, norm, clip);
-                self.opt.step(&mut self.w, &mut self.g, lr);
-                norm
-            }
+            (None, _) => global_norm(&self.g),
         };
+        // ZeRO-1 clipped and stepped its shard above; otherwise the whole buffer here.
+        if self.zero.is_none() {
+            clip_to_norm(&mut self.g, grad_norm, clip);
+            self.opt.step(&mut self.w, &mut self.g, lr);
+        }
         drop(opt_scope);
         if self.cfg.bias_update_rate > 0.0 {
             self.update_router_bias(&counts);

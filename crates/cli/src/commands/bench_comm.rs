@@ -117,5 +117,5 @@ fn run_mpi(a: BenchCommArgs) -> CliResult {
 
 #[cfg(not(feature = "mpi"))]
 fn run_mpi(_: BenchCommArgs) -> CliResult {
-    Err("started by mpirun, but this ultramoe was built without MPI: rebuild with `cargo build --release --features mpi`".into())
+    Err(crate::launch::NO_MPI.into())
 }

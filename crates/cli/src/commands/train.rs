@@ -259,7 +259,7 @@ fn train_rank(a: &TrainArgs, mesh: Option<Mesh>) -> CliResult {
         return train_loop(&mut tr, &a.run_dir, a.metrics.as_deref(), false).map(|_| ());
     }
     if let Some((n, ep, dp)) = layout {
-        let overlap = tr.parallel.as_ref().is_some_and(|p| p.overlaps_reduction()) && tr.zero.is_none();
+        let overlap = tr.parallel.as_ref().is_some_and(|p| p.overlaps_reduction());
         eprintln!(
             "{n} ranks: expert-parallel {ep} × data-parallel {dp}; {} all-to-all; gradient reduction {}",
             if a.parallel.hierarchical_a2a { "hierarchical" } else { "flat" },

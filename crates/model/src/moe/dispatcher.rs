@@ -49,8 +49,18 @@ struct Exchange {
 
 impl Exchange {
     fn recv_rows(&self, p: usize) -> Vec<usize> {
-        self.recv.chunks(self.recv.len() / p).map(|c| c.iter().sum()).collect()
+        sums(&self.recv, self.recv.len() / p)
     }
+}
+
+/// Row counts of a `[groups, width]` grid summed per group.
+pub(super) fn sums(counts: &[usize], width: usize) -> Vec<usize> {
+    counts.chunks(width).map(|c| c.iter().sum()).collect()
+}
+
+/// Row counts in floats (`width` per row), as the exchanges take them.
+pub(super) fn scaled(rows: &[usize], width: usize) -> Vec<usize> {
+    rows.iter().map(|r| r * width).collect()
 }
 
 /// What the all-to-all exchanges moved, accumulated over layers and steps (shared by
@@ -209,7 +219,7 @@ impl TokenDispatcher {
         };
         let (p, el) = (self.ranks(), self.n_experts / self.ranks());
         let counts = plan.counts();
-        let send_rows: Vec<usize> = counts.chunks(el).map(|c| c.iter().sum()).collect();
+        let send_rows = sums(&counts, el);
         self.count_hierarchical(experts, top_k, el, g.rank());
         self.count_bytes(g.rank(), &send_rows);
         let (g, send) = (g.clone(), send_rows.clone());
@@ -217,9 +227,7 @@ impl TokenDispatcher {
             let counts64: Vec<u64> = counts.iter().map(|&c| c as u64).collect();
             let (recv, _) = g.all_to_all_v_u64(&counts64, &vec![el; p])?;
             let recv: Vec<usize> = recv.into_iter().map(|c| c as usize).collect();
-            let from: Vec<usize> = recv.chunks(el).map(|c| c.iter().sum::<usize>() * h).collect();
-            let sent: Vec<usize> = send.iter().map(|r| r * h).collect();
-            let rows = g.all_to_all_v_known_f32(&xs, &sent, &from)?;
+            let rows = g.all_to_all_v_known_f32(&xs, &scaled(&send, h), &scaled(&sums(&recv, el), h))?;
             Ok((recv, rows))
         });
         Dispatching { plan, flight: Flight::Flat { send_rows, rows: Ticket::Flying(job) } }
@@ -357,9 +365,9 @@ impl TokenDispatcher {
         let el = x.recv.len() / p;
         let by_source = transpose_blocks(&rows, &transpose_counts(&x.recv, p, el), el, p, h);
         drop(rows);
-        let send: Vec<usize> = x.recv_rows(p).iter().map(|r| r * h).collect();
-        let recv: Vec<usize> = x.send_rows.iter().map(|r| r * h).collect();
-        self.count_bytes(g.rank(), &x.recv_rows(p));
+        let back = x.recv_rows(p);
+        let (send, recv) = (scaled(&back, h), scaled(&x.send_rows, h));
+        self.count_bytes(g.rank(), &back);
         let g = g.clone();
         Ticket::Flying(stream.submit(move || g.all_to_all_v_known_f32(&by_source, &send, &recv)))
     }
@@ -369,8 +377,7 @@ impl TokenDispatcher {
     fn start_to_experts(&self, rows: Vec<f32>, hd: &DispatchHandle) -> Ticket<Vec<f32>> {
         let (Some((g, stream)), Some(x)) = (&self.ep, &hd.exchange) else { return Ticket::Ready(rows) };
         let (p, h) = (self.ranks(), self.hidden);
-        let send: Vec<usize> = x.send_rows.iter().map(|r| r * h).collect();
-        let recv: Vec<usize> = x.recv_rows(p).iter().map(|r| r * h).collect();
+        let (send, recv) = (scaled(&x.send_rows, h), scaled(&x.recv_rows(p), h));
         self.count_bytes(g.rank(), &x.send_rows);
         let g = g.clone();
         Ticket::Flying(stream.submit(move || g.all_to_all_v_known_f32(&rows, &send, &recv)))
@@ -402,6 +409,9 @@ impl TokenDispatcher {
     /// remote node holding any of its experts, `H` floats each.
     fn count_hierarchical(&self, experts: &[u32], top_k: usize, el: usize, me: usize) {
         let home = self.node_of[me];
+        if self.node_of.iter().all(|&n| n == home) {
+            return; // one node: nothing crosses
+        }
         let mut crossings = 0u64;
         let mut nodes: Vec<usize> = Vec::with_capacity(top_k);
         for choice in experts.chunks(top_k.max(1)) {

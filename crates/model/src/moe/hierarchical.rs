@@ -21,6 +21,7 @@
 
 use std::sync::Arc;
 use ultramoe_dist::{CommResult, ProcessGroup};
+use super::dispatcher::{scaled, sums};
 use ultramoe_kernels::permute::{transpose_blocks, transpose_counts};
 
 /// The two sub-groups of an expert-parallel group.
@@ -71,14 +72,6 @@ pub struct HierState {
     recv_counts: Vec<usize>,
     /// `[E_local + 1]`: local expert `j` owns rows `offsets[j]..offsets[j+1]`
     pub offsets: Vec<usize>,
-}
-
-fn sums(counts: &[usize], width: usize) -> Vec<usize> {
-    counts.chunks(width).map(|c| c.iter().sum()).collect()
-}
-
-fn scaled(rows: &[usize], width: usize) -> Vec<usize> {
-    rows.iter().map(|r| r * width).collect()
 }
 
 /// Source side of a dispatch: the items and their rows `[x_t ; expert ids ; weights]`.
