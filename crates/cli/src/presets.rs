@@ -28,5 +28,7 @@ pub fn math_train_config() -> TrainConfig {
         stats_ep: 1,
         zero1: false,
         overlap_grad_reduce: true,
+        placement_every: 0,
+        redundant_experts: 0,
     }
 }

@@ -288,10 +288,14 @@ fn write_index(dir: &Path, entries: &[(String, usize, usize)], n: usize) -> Resu
     Ok(())
 }
 
-/// True for the tensors expert-parallel rank `ep_rank` saves: its experts, and on rank
-/// 0 also every replicated tensor.
-pub fn saved_by(spec: &crate::params::ParamSpec, ep_rank: usize) -> bool {
-    spec.expert || ep_rank == 0
+/// True for the tensors expert-parallel rank `ep_rank` saves: the experts whose primary
+/// copy it holds, and on rank 0 also every replicated tensor.
+pub fn saved_by(layout: &crate::params::ParamLayout, spec: &crate::params::ParamSpec, ep_rank: usize) -> bool {
+    if spec.expert {
+        layout.owner(&spec.name) == ep_rank
+    } else {
+        ep_rank == 0
+    }
 }
 
 /// Saves this rank's share of the model to `dir`. Without expert parallelism that is the
@@ -308,7 +312,7 @@ pub fn save_model_share(model: &Model, w: &[f32], dir: &Path) -> Result<()> {
     }
     std::fs::create_dir_all(dir).map_err(|e| Error::msg(format!("cannot create directory: {e}")).in_file(dir))?;
     let mut tensors: Vec<(String, Vec<usize>, &[f32])> =
-        model.layout.specs.iter().filter(|s| saved_by(s, k)).map(|s| (s.name.clone(), s.shape.clone(), &w[s.range()])).collect();
+        model.layout.specs.iter().filter(|s| saved_by(&model.layout, s, k)).map(|s| (s.name.clone(), s.shape.clone(), &w[s.range()])).collect();
     tensors.sort_by(|a, b| a.0.cmp(&b.0));
     let meta = Some(HashMap::from([("format".to_string(), "pt".to_string())]));
     write_safetensors(&dir.join(shard_file(k, p)), &tensors, meta)?;

@@ -7,7 +7,9 @@ use crate::decoder::{AttnBlock, DecoderLayer, FfnBlock, FfnSaved, LayerSaved};
 use crate::mlp::Mlp;
 use crate::moe::dispatcher::TokenDispatcher;
 use crate::moe::experts::GroupedExperts;
+use crate::moe::experts::ExpertNames;
 use crate::moe::layer::MoeLayer;
+use crate::moe::placement::Placement;
 use crate::moe::router::Router;
 use crate::params::{fuse, Init, ParamLayout, Slot};
 use std::sync::Arc;
@@ -72,6 +74,18 @@ impl Forward {
             .collect()
     }
 
+    /// Tokens routed to each expert slot (all ranks' slots, `[n_moe_layers][P·S]`): with
+    /// replicas, how each expert's tokens were shared out.
+    pub fn slot_counts(&self) -> Vec<Vec<usize>> {
+        self.layers
+            .iter()
+            .filter_map(|l| match &l.ffn {
+                FfnSaved::Moe(m) => Some(m.slot_counts()),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Sum of the MoE layers' auxiliary balancing losses (0 when none is configured).
     pub fn aux_loss(&self) -> f32 {
         self.layers
@@ -99,17 +113,43 @@ pub fn shifted_targets(ids: &[u32], t: usize) -> Vec<i32> {
 impl Model {
     /// Builds the layout and layers from a config; this rank holds every expert.
     pub fn new(cfg: ModelConfig) -> Self {
-        Self::build(cfg, None)
+        let placements = vec![Placement::contiguous(cfg.moe.n_experts, 1, 0).expect("one rank holds every expert"); n_moe(&cfg)];
+        Self::build(cfg, None, placements)
     }
 
     /// This rank's share of an expert-parallel model: experts split into `ep.size()`
     /// consecutive blocks, block `ep.rank()` held here, everything else replicated.
     pub fn expert_parallel(cfg: ModelConfig, ep: Arc<dyn ProcessGroup>) -> crate::Result<Self> {
-        let (e, p) = (cfg.moe.n_experts, ep.size());
-        if cfg.moe_layers.iter().any(|&m| m) && e % p != 0 {
-            return Err(crate::Error::field("n_routed_experts", format!("{e} experts cannot be split evenly over {p} expert-parallel ranks")));
+        Self::expert_parallel_redundant(cfg, ep, 0)
+    }
+
+    /// [`Model::expert_parallel`] with `redundant` extra expert slots per rank (see
+    /// [`crate::moe::placement`]), which start as copies of other ranks' experts.
+    pub fn expert_parallel_redundant(cfg: ModelConfig, ep: Arc<dyn ProcessGroup>, redundant: usize) -> crate::Result<Self> {
+        let placement = match n_moe(&cfg) {
+            0 => None,
+            _ => Some(Placement::contiguous(cfg.moe.n_experts, ep.size(), redundant).map_err(|e| crate::Error::field("n_routed_experts", e))?),
+        };
+        let n = n_moe(&cfg);
+        Ok(Self::build(cfg, Some(ep), placement.into_iter().cycle().take(n).collect()))
+    }
+
+    /// This rank's share of an expert-parallel model whose MoE layers (in order) place
+    /// their experts as `placements` say (a resumed run's placement).
+    pub fn expert_parallel_placed(cfg: ModelConfig, ep: Arc<dyn ProcessGroup>, placements: Vec<Placement>) -> crate::Result<Self> {
+        if placements.len() != n_moe(&cfg) {
+            return Err(crate::Error::msg(format!("{} expert placements for {} MoE layers", placements.len(), n_moe(&cfg))));
         }
-        Ok(Self::build(cfg, Some(ep)))
+        if let Some(p) = placements.iter().find(|p| p.ranks != ep.size() || p.n_experts() != cfg.moe.n_experts) {
+            return Err(crate::Error::msg(format!(
+                "an expert placement for {} experts on {} ranks does not fit {} experts on {} ranks",
+                p.n_experts(),
+                p.ranks,
+                cfg.moe.n_experts,
+                ep.size()
+            )));
+        }
+        Ok(Self::build(cfg, Some(ep), placements))
     }
 
     /// This rank's expert-parallel index and the group size (`(0, 1)` without EP).
@@ -117,7 +157,8 @@ impl Model {
         self.ep.as_ref().map_or((0, 1), |g| (g.rank(), g.size()))
     }
 
-    fn build(cfg: ModelConfig, ep: Option<Arc<dyn ProcessGroup>>) -> Self {
+    fn build(cfg: ModelConfig, ep: Option<Arc<dyn ProcessGroup>>, placements: Vec<Placement>) -> Self {
+        let mut placements = placements.into_iter();
         // One communication stream per expert-parallel group, shared by every layer.
         let ep = ep.filter(|g| g.size() > 1).map(|g| (g, CommStream::new("ultramoe-ep-stream")));
         let mut lay = ParamLayout::default();
@@ -204,7 +245,7 @@ impl Model {
             };
             let ffn_norm = lay.add(format!("{p}post_attention_layernorm.weight"), &[h], ones);
             let ffn = if cfg.moe_layers[i] {
-                FfnBlock::Moe(build_moe(&mut lay, &cfg, &p, normal, ep.clone()))
+                FfnBlock::Moe(build_moe(&mut lay, &cfg, &p, normal, ep.clone(), placements.next().expect("one placement per MoE layer")))
             } else {
                 FfnBlock::Dense(build_mlp(&mut lay, &format!("{p}mlp."), ["gate_proj", "up_proj", "down_proj"], h, cfg.intermediate, normal))
             };
@@ -398,6 +439,49 @@ impl Model {
         }
     }
 
+    /// Every MoE layer's expert placement, in layer order.
+    pub fn placements(&self) -> Vec<&Placement> {
+        self.moe_layers().map(|m| &m.placement).collect()
+    }
+
+    fn moe_layers(&self) -> impl Iterator<Item = &MoeLayer> {
+        self.layers.iter().filter_map(|l| match &l.ffn {
+            FfnBlock::Moe(m) => Some(m),
+            _ => None,
+        })
+    }
+
+    /// Moves MoE layer `i` (counting MoE layers only) to placement `new`, carrying every
+    /// buffer in `bufs` (weights, optimizer moments) along (collective over the
+    /// expert-parallel group). Returns the floats this rank received.
+    pub fn migrate(&mut self, i: usize, new: Placement, bufs: &mut [&mut [f32]]) -> ultramoe_dist::CommResult<usize> {
+        let Some(g) = self.ep.clone() else { return Ok(0) };
+        let layer = self
+            .layers
+            .iter_mut()
+            .filter_map(|l| match &mut l.ffn {
+                FfnBlock::Moe(m) => Some(m),
+                _ => None,
+            })
+            .nth(i)
+            .expect("an MoE layer index");
+        crate::moe::replicas::migrate(layer, &mut self.layout, new, bufs, g.as_ref())
+    }
+
+    /// Sums replicated experts' gradients over their copies (collective over the
+    /// expert-parallel group; nothing to do without replicas).
+    pub fn sum_replica_grads(&self, g: &mut [f32]) -> ultramoe_dist::CommResult<()> {
+        let Some(group) = &self.ep else { return Ok(()) };
+        let layers: Vec<&MoeLayer> = self.moe_layers().collect();
+        crate::moe::replicas::sum_replica_grads(&layers, g, group.as_ref())
+    }
+
+    /// This rank's flat-buffer ranges holding non-primary expert copies.
+    pub fn duplicate_ranges(&self) -> Vec<std::ops::Range<usize>> {
+        let me = self.ep_rank_size().0;
+        self.moe_layers().flat_map(|m| crate::moe::replicas::duplicate_ranges(m, me)).collect()
+    }
+
     /// Total parameters of the whole model (all expert-parallel ranks together).
     pub fn n_params(&self) -> usize {
         self.layout.logical.iter().map(|t| t.shape.iter().product::<usize>()).sum()
@@ -438,7 +522,14 @@ fn build_mlp(lay: &mut ParamLayout, prefix: &str, names: [&str; 3], h: usize, in
     Mlp { gate_up: fuse(&[g, u]), down: d, hidden: h, inter }
 }
 
-fn build_moe(lay: &mut ParamLayout, cfg: &ModelConfig, p: &str, init: Init, ep: Option<(Arc<dyn ProcessGroup>, Arc<CommStream>)>) -> MoeLayer {
+fn build_moe(
+    lay: &mut ParamLayout,
+    cfg: &ModelConfig,
+    p: &str,
+    init: Init,
+    ep: Option<(Arc<dyn ProcessGroup>, Arc<CommStream>)>,
+    placement: Placement,
+) -> MoeLayer {
     let m = &cfg.moe;
     let h = cfg.hidden;
     let (block, names) = match cfg.arch {
@@ -448,27 +539,31 @@ fn build_moe(lay: &mut ParamLayout, cfg: &ModelConfig, p: &str, init: Init, ep: 
     let weight = lay.add(format!("{p}{block}.gate.weight"), &[m.n_experts, h], init);
     let bias = (cfg.arch == Arch::DeepseekV3)
         .then(|| lay.add_frozen(format!("{p}{block}.gate.e_score_correction_bias"), &[m.n_experts], Init::Constant(0.0)));
-    // This rank's experts: block `rank` of `size` consecutive blocks. The others are
-    // recorded as remote so initialisation and checkpoints see the whole model.
-    let (rank, size) = ep.as_ref().map_or((0, 1), |(g, _)| (g.rank(), g.size()));
-    let per = m.n_experts / size;
-    let local = rank * per..(rank + 1) * per;
-    let add = |lay: &mut ParamLayout, e: usize, name: &str, shape: &[usize]| {
-        let full = format!("{p}{block}.experts.{e}.{name}.weight");
-        if local.contains(&e) {
-            Some(lay.add_expert(full, shape, init, rank))
-        } else {
-            lay.add_remote(full, shape, init, e / per);
-            None
-        }
-    };
-    let mut gu = Vec::with_capacity(2 * per);
-    for e in 0..m.n_experts {
-        gu.extend(add(lay, e, names[0], &[m.expert_inter, h]));
-        gu.extend(add(lay, e, names[1], &[m.expert_inter, h]));
+    // This rank's slots hold the experts the placement gives it (gate and up of each
+    // slot side by side, then every slot's down projection: the grouped GEMM's [S, 2I, H]
+    // and [S, H, I]). The whole model's expert tensors are recorded in expert order, so
+    // initialisation draws the same stream on every rank and checkpoints see every expert.
+    let rank = ep.as_ref().map_or(0, |(g, _)| g.rank());
+    let proj = names;
+    let names = ExpertNames { prefix: format!("{p}{block}.experts."), proj: names.map(String::from) };
+    let mut gu = Vec::with_capacity(2 * placement.slots_per_rank);
+    let mut down = Vec::with_capacity(placement.slots_per_rank);
+    for &e in placement.rank_experts(rank) {
+        gu.push(lay.add_slot(names.tensor(e, 0), &[m.expert_inter, h], init));
+        gu.push(lay.add_slot(names.tensor(e, 1), &[m.expert_inter, h], init));
     }
-    let down: Vec<Slot> = (0..m.n_experts).filter_map(|e| add(lay, e, names[2], &[h, m.expert_inter])).collect();
-    let shared = (m.n_shared > 0).then(|| build_mlp(lay, &format!("{p}{block}.shared_experts."), names, h, m.n_shared * m.expert_inter, init));
+    for &e in placement.rank_experts(rank) {
+        down.push(lay.add_slot(names.tensor(e, 2), &[h, m.expert_inter], init));
+    }
+    let held = |e: usize| placement.slot_on(rank, e).is_some();
+    for e in 0..m.n_experts {
+        lay.add_logical(names.tensor(e, 0), &[m.expert_inter, h], init, held(e), placement.owner(e));
+        lay.add_logical(names.tensor(e, 1), &[m.expert_inter, h], init, held(e), placement.owner(e));
+    }
+    for e in 0..m.n_experts {
+        lay.add_logical(names.tensor(e, 2), &[h, m.expert_inter], init, held(e), placement.owner(e));
+    }
+    let shared = (m.n_shared > 0).then(|| build_mlp(lay, &format!("{p}{block}.shared_experts."), proj, h, m.n_shared * m.expert_inter, init));
     let spec = RouterSpec {
         score: if cfg.arch == Arch::DeepseekV3 { ScoreFn::Sigmoid } else { ScoreFn::Softmax },
         n_experts: m.n_experts,
@@ -480,11 +575,17 @@ fn build_moe(lay: &mut ParamLayout, cfg: &ModelConfig, p: &str, init: Init, ep: 
     };
     MoeLayer {
         router: Router { weight, bias, spec, hidden: h, aux: None, skew: 0.0 },
-        dispatcher: TokenDispatcher::new(m.n_experts, h, ep),
-        experts: GroupedExperts { gate_up: fuse(&gu), down: fuse(&down), hidden: h, inter: m.expert_inter },
+        dispatcher: TokenDispatcher::new(placement.n_slots(), h, ep),
+        experts: GroupedExperts { gate_up: fuse(&gu), down: fuse(&down), hidden: h, inter: m.expert_inter, names },
+        placement,
         shared,
         chunks: DEFAULT_OVERLAP_CHUNKS,
     }
+}
+
+/// MoE layers in a config.
+fn n_moe(cfg: &ModelConfig) -> usize {
+    cfg.moe_layers.iter().filter(|&&m| m).count()
 }
 
 /// Token chunks an expert-parallel MoE layer pipelines against its all-to-all.

@@ -35,8 +35,9 @@ pub struct ParamSpec {
     pub decay: bool,
     /// receives no gradient and no optimizer update (`e_score_correction_bias`)
     pub frozen: bool,
-    /// a routed expert's weight: under expert parallelism held by one rank of each
-    /// expert-parallel group, its gradient summed over the data-parallel group only
+    /// a routed expert's weight (one slot of [`crate::moe::placement`]): under expert
+    /// parallelism held by some ranks of each expert-parallel group, its gradient summed
+    /// over the data-parallel group (and over its copies, when replicated)
     pub expert: bool,
 }
 
@@ -84,6 +85,8 @@ pub struct ParamLayout {
     /// skip
     pub logical: Vec<LogicalTensor>,
     remote: std::collections::HashSet<String>,
+    /// routed experts' tensors: position in `logical`
+    owners: HashMap<String, usize>,
     /// total elements
     pub total: usize,
     index: HashMap<String, usize>,
@@ -113,13 +116,52 @@ impl ParamLayout {
         r
     }
 
-    /// Appends a routed expert's tensor, held by expert-parallel rank `owner` (this one).
-    pub fn add_expert(&mut self, name: String, shape: &[usize], init: Init, owner: usize) -> Slot {
-        let r = self.add(name, shape, init);
-        let last = self.specs.len() - 1;
-        self.specs[last].expert = true;
-        self.logical.last_mut().expect("just added").owner = owner;
+    /// Appends one slot's tensor of a routed expert (see [`crate::moe::placement`]): in
+    /// the buffer, but not in the logical list, which [`ParamLayout::add_logical`] fills
+    /// in expert order whatever slot each expert sits in.
+    pub fn add_slot(&mut self, name: String, shape: &[usize], init: Init) -> Slot {
+        let spec = ParamSpec { name: name.clone(), shape: shape.to_vec(), offset: self.total, init, decay: true, frozen: false, expert: true };
+        let r = spec.range();
+        self.total += spec.len();
+        self.index.insert(name, self.specs.len());
+        self.specs.push(spec);
         r
+    }
+
+    /// Records a routed expert's tensor of the whole model: held here (`local`) or not,
+    /// saved by expert-parallel rank `owner`.
+    pub fn add_logical(&mut self, name: String, shape: &[usize], init: Init, local: bool, owner: usize) {
+        if !local {
+            self.remote.insert(name.clone());
+        }
+        self.owners.insert(name.clone(), self.logical.len());
+        self.logical.push(LogicalTensor { name, shape: shape.to_vec(), init, local, owner });
+    }
+
+    /// Renames slot tensors (`(old, new)` pairs, applied together, so names may swap).
+    pub fn rename(&mut self, pairs: &[(String, String)]) {
+        let idx: Vec<usize> = pairs.iter().map(|(old, _)| self.index.remove(old).expect("renaming a held tensor")).collect();
+        for ((_, new), i) in pairs.iter().zip(idx) {
+            self.specs[i].name = new.clone();
+            self.index.insert(new.clone(), i);
+        }
+    }
+
+    /// Updates where a routed expert's tensor lives: held here or not, saved by `owner`.
+    pub fn set_holder(&mut self, name: &str, local: bool, owner: usize) {
+        let i = self.owners[name];
+        self.logical[i].local = local;
+        self.logical[i].owner = owner;
+        if local {
+            self.remote.remove(name);
+        } else {
+            self.remote.insert(name.to_string());
+        }
+    }
+
+    /// The expert-parallel rank that saves tensor `name` (0 for replicated tensors).
+    pub fn owner(&self, name: &str) -> usize {
+        self.owners.get(name).map_or(0, |&i| self.logical[i].owner)
     }
 
     /// Maximal runs of consecutive tensors that are (`expert = true`) or are not routed
@@ -138,12 +180,6 @@ impl ParamLayout {
             }
         }
         out
-    }
-
-    /// Records a tensor of the whole model that another rank holds.
-    pub fn add_remote(&mut self, name: String, shape: &[usize], init: Init, owner: usize) {
-        self.remote.insert(name.clone());
-        self.logical.push(LogicalTensor { name, shape: shape.to_vec(), init, local: false, owner });
     }
 
     /// True for a tensor of the whole model that this rank does not hold.

@@ -8,6 +8,7 @@
 pub mod data;
 pub mod optimizer;
 pub mod parallel;
+pub mod placement;
 pub mod schedule;
 pub mod trainer;
 pub mod zero;

@@ -169,10 +169,12 @@ impl Parallel {
     }
 
     /// `‖g‖₂` of the whole model after [`Parallel::reduce_grads`]: the replicated part
-    /// (equal on every rank) once, plus every expert-parallel rank's experts.
-    pub fn grad_norm(&mut self, g: &[f32]) -> CommResult<f32> {
+    /// (equal on every rank) once, plus every expert-parallel rank's experts, leaving out
+    /// `duplicates` (non-primary copies of replicated experts, counted at their primary).
+    pub fn grad_norm(&mut self, g: &[f32], duplicates: &[Range<usize>]) -> CommResult<f32> {
         let replicated: f64 = self.replicated.iter().map(|r| sum_squares(&g[r.clone()])).sum();
-        let mut experts = [self.experts.iter().map(|r| sum_squares(&g[r.clone()])).sum::<f64>()];
+        let copies: f64 = duplicates.iter().map(|r| sum_squares(&g[r.clone()])).sum();
+        let mut experts = [self.experts.iter().map(|r| sum_squares(&g[r.clone()])).sum::<f64>() - copies];
         let start = Instant::now();
         self.mesh.ep.all_reduce_f64(&mut experts)?;
         let t = start.elapsed().as_secs_f64();

@@ -14,6 +14,8 @@ use crate::data::jsonl::read_jsonl;
 use crate::data::math::Mix;
 use crate::optimizer::{clip_to_norm, global_norm, AdamW, AdamWConfig};
 use crate::parallel::{catch_comm, Parallel};
+use crate::placement::{Balancer, Costs};
+use ultramoe_model::moe::placement::Placement;
 use crate::zero::Zero1;
 use crate::schedule::Schedule;
 use ultramoe_kernels::balance::BalanceLoss;
@@ -86,6 +88,13 @@ pub struct TrainConfig {
     /// (distributed runs without ZeRO-1)
     #[serde(default = "yes")]
     pub overlap_grad_reduce: bool,
+    /// dynamic expert placement: re-solve where experts live every N steps (0 = off;
+    /// expert-parallel runs only)
+    #[serde(default)]
+    pub placement_every: u64,
+    /// extra expert slots per expert-parallel rank, for copies of hot experts
+    #[serde(default)]
+    pub redundant_experts: usize,
 }
 
 fn yes() -> bool {
@@ -143,6 +152,8 @@ impl Default for TrainConfig {
             stats_ep: 1,
             zero1: false,
             overlap_grad_reduce: true,
+            placement_every: 0,
+            redundant_experts: 0,
         }
     }
 }
@@ -190,11 +201,18 @@ pub struct StepStats {
     pub expert_counts: Vec<Vec<usize>>,
     /// max over layers of (busiest expert's tokens / mean tokens per expert)
     pub expert_imbalance: f64,
-    /// per MoE layer, routed tokens on each of `stats_ep` expert-parallel ranks
+    /// per MoE layer, routed rows each expert-parallel rank computed on (under expert
+    /// parallelism: its slots' rows, replicas included; on one rank: as if the experts
+    /// were split into `stats_ep` consecutive blocks)
     pub rank_counts: Vec<Vec<usize>>,
     /// `Σ_layers max_rank_load / Σ_layers mean_rank_load`: how much longer the MoE part
     /// of a step takes than with perfectly even ranks
     pub rank_load_imbalance: f64,
+    /// expert slots that received another expert after this step (dynamic placement)
+    pub experts_moved: usize,
+    /// `rank_load_imbalance` the placement in force predicts from the load average
+    /// (dynamic placement; 0 when off)
+    pub predicted_rank_load_imbalance: f64,
 }
 
 /// Tokens per expert-parallel rank when `E` experts are split into `ranks` consecutive
@@ -207,6 +225,11 @@ pub fn rank_loads(counts: &[Vec<usize>], ranks: usize) -> Vec<Vec<usize>> {
             c.chunks(per).map(|b| b.iter().sum()).collect()
         })
         .collect()
+}
+
+/// Rows per rank from per-slot rows, `slots` consecutive slots per rank.
+pub fn slot_rank_loads(slot_counts: &[Vec<usize>], slots: usize) -> Vec<Vec<usize>> {
+    slot_counts.iter().map(|c| c.chunks(slots.max(1)).map(|b| b.iter().sum()).collect()).collect()
 }
 
 /// `Σ_layers max / Σ_layers mean` of per-rank loads (1 = perfectly even).
@@ -255,6 +278,17 @@ mod tests {
     }
 }
 
+/// Adds per-layer counts into a running total (empty: takes them).
+fn accumulate(total: &mut Vec<Vec<usize>>, counts: Vec<Vec<usize>>) {
+    if total.is_empty() {
+        *total = counts;
+        return;
+    }
+    for (acc, layer) in total.iter_mut().zip(counts) {
+        acc.iter_mut().zip(layer).for_each(|(a, x)| *a += x);
+    }
+}
+
 fn comm_error(e: CommError) -> Error {
     Error::msg(format!("distributed run failed: {e}"))
 }
@@ -266,6 +300,19 @@ struct TrainerState {
     optimizer_step: u64,
     data_position: StreamPos,
     config: TrainConfig,
+    /// dynamic placement: each MoE layer's slot → expert map
+    #[serde(default)]
+    placement: Option<PlacementState>,
+}
+
+/// Where the experts were and the load average, so a resumed run continues exactly.
+#[derive(Serialize, Deserialize)]
+struct PlacementState {
+    ranks: usize,
+    slot_expert: Vec<Vec<usize>>,
+    #[serde(default)]
+    share: Vec<Vec<f64>>,
+    load: Vec<Vec<f64>>,
 }
 
 /// A training run in progress.
@@ -291,6 +338,8 @@ pub struct Trainer {
     pub parallel: Option<Parallel>,
     /// the sharded optimizer, with ZeRO-1 (then `opt` is empty)
     pub zero: Option<Zero1>,
+    /// dynamic expert placement, when on
+    pub balancer: Option<Balancer>,
     metrics: Option<std::fs::File>,
 }
 
@@ -322,6 +371,19 @@ impl Trainer {
             }
             if !cfg.micro_batch.is_multiple_of(world) {
                 return Err(Error::field("micro_batch", format!("{} rows cannot be split evenly over {world} ranks", cfg.micro_batch)));
+            }
+        }
+        let ep = mesh.as_ref().map_or(1, |m| m.ep_size());
+        if (cfg.placement_every > 0 || cfg.redundant_experts > 0) && ep < 2 {
+            return Err(Error::msg("dynamic expert placement and redundant experts need expert parallelism (--ep 2 or more)"));
+        }
+        if let Some(p) = model.placements().first() {
+            let held = p.slots_per_rank - p.n_experts() / p.ranks;
+            if held != cfg.redundant_experts {
+                return Err(Error::msg(format!(
+                    "the model has {held} redundant expert slots per rank but the training config asks for {}",
+                    cfg.redundant_experts
+                )));
             }
         }
         if let Some(m) = &mesh {
@@ -377,7 +439,8 @@ impl Trainer {
             model.set_nodes(m.ep_nodes());
         }
         let parallel = mesh.map(|m| Parallel::new(m, &model.layout, cfg.overlap_grad_reduce && !cfg.zero1));
-        Ok(Trainer { model, w, g, opt, sched, cfg, batcher, step: 0, peak_flops, parallel, zero, metrics: None })
+        let balancer = (cfg.placement_every > 0).then(|| Balancer::new(cfg.placement_every));
+        Ok(Trainer { model, w, g, opt, sched, cfg, batcher, step: 0, peak_flops, parallel, zero, balancer, metrics: None })
     }
 
     /// Appends one JSON object per step to `path`.
@@ -404,8 +467,10 @@ impl Trainer {
         let rows = self.parallel.as_ref().map_or(0..b, |p| p.rows(b));
         let (r0, r1, bl) = (rows.start * t, rows.end * t, rows.len());
         // `g` is zero here: it starts zeroed and every optimizer step clears it.
-        let mut sums = [0.0f64; 5]; // Σ CE, Σ aux, then all-to-all bytes (intra, inter, inter if hierarchical)
+        // Σ CE, Σ aux, then all-to-all bytes (intra, inter, inter if hierarchical), seconds
+        let mut sums = [0.0f64; 6];
         let mut counts: Vec<Vec<usize>> = vec![];
+        let mut slot_counts: Vec<Vec<usize>> = vec![];
         let (model, w, g) = (&self.model, &self.w, &mut self.g);
         // Gradient reductions start layer by layer during the last micro-batch's backward
         // (ZeRO-1 reduce-scatters in the optimizer step instead, and has no gradient stream).
@@ -417,15 +482,9 @@ impl Trainer {
                     let _p = ultramoe_kernels::profile::scope("forward");
                     model.forward(w, &mb.ids[r0..r1], bl, t)
                 };
-                let c = fwd.expert_counts();
                 sums[1] += fwd.aux_loss() as f64;
-                if counts.is_empty() {
-                    counts = c;
-                } else {
-                    for (acc, layer) in counts.iter_mut().zip(c) {
-                        acc.iter_mut().zip(layer).for_each(|(a, x)| *a += x);
-                    }
-                }
+                accumulate(&mut counts, fwd.expert_counts());
+                accumulate(&mut slot_counts, fwd.slot_counts());
                 let _p = ultramoe_kernels::profile::scope("backward");
                 let targets = &mb.targets[r0..r1];
                 sums[0] += match overlap.as_deref_mut() {
@@ -439,6 +498,7 @@ impl Trainer {
         sums[2] = x.intra_node_bytes as f64;
         sums[3] = x.inter_node_bytes as f64;
         sums[4] = x.inter_node_bytes_hierarchical as f64;
+        sums[5] = x.seconds;
         let opt_scope = ultramoe_kernels::profile::scope("optimizer");
         let mut comm_s = x.seconds;
         let mut exposed_s = x.exposed_seconds;
@@ -449,20 +509,28 @@ impl Trainer {
             if self.zero.is_none() {
                 p.reduce_grads(&mut self.g).map_err(comm_error)?;
             }
+            // Replicated experts: every copy gets the whole expert's gradient (linear, so
+            // before or after the data-parallel sum alike).
+            self.model.sum_replica_grads(&mut self.g).map_err(comm_error)?;
+            let n = counts.len();
+            counts.append(&mut slot_counts);
             p.sum_counts(&mut counts).map_err(comm_error)?;
+            slot_counts = counts.split_off(n);
             p.sum(&mut sums).map_err(comm_error)?;
         }
         let clip = self.cfg.clip;
+        // Non-primary expert copies are left out of the norm (their primary counts).
+        let duplicates = self.model.duplicate_ranges();
         let grad_norm = match (&mut self.parallel, &mut self.zero) {
             (Some(p), Some(z)) => {
-                let norm = z.step(&p.mesh, &mut self.w, &mut self.g, lr, clip).map_err(comm_error)?;
+                let norm = z.step(&p.mesh, &mut self.w, &mut self.g, lr, clip, &duplicates).map_err(comm_error)?;
                 let c = z.take_comm_s();
                 comm_s += c;
                 exposed_s += c;
                 norm
             }
             (Some(p), None) => {
-                let norm = p.grad_norm(&self.g).map_err(comm_error)?;
+                let norm = p.grad_norm(&self.g, &duplicates).map_err(comm_error)?;
                 let (busy, waited) = p.take_comm_s();
                 comm_s += busy;
                 exposed_s += waited;
@@ -480,12 +548,14 @@ impl Trainer {
             self.update_router_bias(&counts);
         }
         self.step += 1;
+        let bandwidth = if sums[5] > 0.0 { (sums[2] + sums[3]) / sums[5] } else { 0.0 };
+        let (experts_moved, predicted) = self.rebalance(&counts, bandwidth)?;
         let step_s = start.elapsed().as_secs_f64();
         let tokens = b * t * self.cfg.grad_accum;
         let flops = self.model.train_flops(b, t) * self.cfg.grad_accum as f64;
-        let stats_ep = match self.model.ep_rank_size().1 {
-            1 => self.cfg.stats_ep,
-            ep => ep,
+        let rank_counts = match self.model.placements().first() {
+            Some(p) if p.ranks > 1 => slot_rank_loads(&slot_counts, p.slots_per_rank),
+            _ => rank_loads(&counts, self.cfg.stats_ep),
         };
         let stats = StepStats {
             step: self.step,
@@ -505,9 +575,11 @@ impl Trainer {
             a2a_bytes_inter_node: sums[3] as u64,
             a2a_bytes_inter_node_hierarchical: sums[4] as u64,
             expert_imbalance: expert_imbalance(&counts),
-            rank_load_imbalance: rank_load_imbalance(&rank_loads(&counts, stats_ep)),
-            rank_counts: rank_loads(&counts, stats_ep),
+            rank_load_imbalance: rank_load_imbalance(&rank_counts),
+            rank_counts,
             expert_counts: counts,
+            experts_moved,
+            predicted_rank_load_imbalance: predicted,
         };
         if let Some(f) = &mut self.metrics {
             // Metrics are best-effort: a full disk must not kill a training run.
@@ -533,6 +605,40 @@ impl Trainer {
                 *b += rate * (mean - n as f32).signum() * ((mean - n as f32) != 0.0) as i32 as f32;
             }
         }
+    }
+
+    /// Dynamic placement after a step: folds the step's global expert loads into the
+    /// average and, on decision steps, migrates the layers where moving pays (weights
+    /// and optimizer moments travel together). Returns the slots that changed expert and
+    /// the placement's predicted rank imbalance.
+    fn rebalance(&mut self, counts: &[Vec<usize>], bandwidth: f64) -> Result<(usize, f64)> {
+        let Some(b) = &mut self.balancer else { return Ok((0, 0.0)) };
+        b.observe(counts);
+        let dp = self.parallel.as_ref().map_or(1, |p| p.mesh.dp_size());
+        let m = &self.model.cfg.moe;
+        let costs = Costs { hidden: self.model.cfg.hidden, inter: m.expert_inter, peak_flops: self.peak_flops, bandwidth, dp };
+        let moves = b.decide(self.step, &self.model.placements(), costs);
+        if !moves.is_empty() {
+            let _p = ultramoe_kernels::profile::scope("placement.migrate");
+            let mut moved = 0;
+            // ZeRO-1 moments come together first (collective), move, and are re-sharded.
+            let gathered = match (&self.zero, &self.parallel) {
+                (Some(z), Some(p)) => Some(z.gather_moments(&p.mesh, self.model.layout.total).map_err(comm_error)?),
+                _ => None,
+            };
+            let (mut zm, mut zv) = gathered.unwrap_or_default();
+            for mv in moves {
+                moved += mv.placement.moved_slots(self.model.placements()[mv.layer]);
+                let (m, v) = if self.zero.is_some() { (&mut zm, &mut zv) } else { (&mut self.opt.m, &mut self.opt.v) };
+                self.model.migrate(mv.layer, mv.placement, &mut [&mut self.w, m, v]).map_err(comm_error)?;
+            }
+            if let Some(z) = &mut self.zero {
+                z.set_moments(&zm, &zv);
+            }
+            let b = self.balancer.as_ref().expect("balancer");
+            return Ok((moved, b.predicted_imbalance(&self.model.placements())));
+        }
+        Ok((0, b.predicted_imbalance(&self.model.placements())))
     }
 
     /// Optimizer steps taken.
@@ -590,7 +696,7 @@ impl Trainer {
             save_model_share(&self.model, &self.w, &dir)?;
             let (k, p) = self.ep();
             let mut tensors = Vec::with_capacity(2 * self.model.layout.specs.len());
-            for s in self.model.layout.specs.iter().filter(|s| ultramoe_model::checkpoint::saved_by(s, k)) {
+            for s in self.model.layout.specs.iter().filter(|s| ultramoe_model::checkpoint::saved_by(&self.model.layout, s, k)) {
                 tensors.push((format!("exp_avg.{}", s.name), s.shape.clone(), &m[s.range()]));
                 tensors.push((format!("exp_avg_sq.{}", s.name), s.shape.clone(), &v[s.range()]));
             }
@@ -604,6 +710,12 @@ impl Trainer {
                 optimizer_step: self.optimizer_steps(),
                 data_position: self.batcher.position(),
                 config: self.cfg.clone(),
+                placement: self.balancer.as_ref().map(|b| PlacementState {
+                    ranks: self.ep().1,
+                    slot_expert: self.model.placements().iter().map(|p| p.slot_expert.clone()).collect(),
+                    share: self.model.placements().iter().map(|p| p.share.clone()).collect(),
+                    load: b.load.clone(),
+                }),
             };
             write_atomic(&dir.join("trainer_state.json"), serde_json::to_string_pretty(&state).unwrap().as_bytes())?;
             write_atomic(&root.join("latest"), name.as_bytes())?;
@@ -648,12 +760,39 @@ impl Trainer {
         let state: TrainerState =
             serde_json::from_str(&text).map_err(|e| Error::msg(format!("not a trainer state: {e}")).in_file(&state_path))?;
         let cfg_model = ModelConfig::from_file(&dir.join("config.json"))?;
+        let mut cfg = state.config;
+        let ep = mesh.as_ref().map_or(1, |m| m.ep_size());
+        if ep < 2 {
+            // Placement is an expert-parallel matter: one rank holds every expert once.
+            (cfg.placement_every, cfg.redundant_experts) = (0, 0);
+        }
+        // The saved placement continues when the expert-parallel size is unchanged;
+        // otherwise experts start from contiguous blocks (names, not slots, find them).
+        let placed = state.placement.as_ref().filter(|p| p.ranks == ep);
         let model = match &mesh {
-            Some(m) => Model::expert_parallel(cfg_model, m.ep.clone())?,
+            Some(m) => match placed {
+                Some(p) => {
+                    let e = cfg_model.moe.n_experts;
+                    let ps = p
+                        .slot_expert
+                        .iter()
+                        .enumerate()
+                        .map(|(i, map)| {
+                            let pl = Placement::new(ep, e, map.clone())?;
+                            match p.share.get(i) {
+                                Some(sh) => pl.with_shares(sh.clone()),
+                                None => Ok(pl),
+                            }
+                        })
+                        .collect::<std::result::Result<Vec<_>, _>>()
+                        .map_err(|e| Error::field("placement", e).in_file(&state_path))?;
+                    Model::expert_parallel_placed(cfg_model, m.ep.clone(), ps)?
+                }
+                None => Model::expert_parallel_redundant(cfg_model, m.ep.clone(), cfg.redundant_experts)?,
+            },
             None => Model::new(cfg_model),
         };
         let w = load_weights(&model, dir)?;
-        let mut cfg = state.config;
         if let Some(s) = steps {
             cfg.steps = s;
         }
@@ -686,6 +825,9 @@ impl Trainer {
         }
         tr.step = state.step;
         tr.batcher.restore(state.data_position);
+        if let (Some(b), Some(p)) = (&mut tr.balancer, placed) {
+            b.load = p.load.clone();
+        }
         Ok(tr)
     }
 }

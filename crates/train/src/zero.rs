@@ -43,6 +43,28 @@ impl Packing {
         Packing { runs, len, chunk: len.div_ceil(ranks.max(1)), index }
     }
 
+    /// Where flat-buffer ranges (inside this packing's runs) fall in this rank's chunk,
+    /// in chunk coordinates.
+    fn in_chunk(&self, flat: &[Range<usize>]) -> Vec<Range<usize>> {
+        let mine = self.mine();
+        let mut out = vec![];
+        for f in flat {
+            let mut at = 0;
+            for r in &self.runs {
+                if f.start >= r.start && f.end <= r.end {
+                    let p = at + (f.start - r.start)..at + (f.end - r.start);
+                    let (lo, hi) = (p.start.max(mine.start), p.end.min(mine.end));
+                    if lo < hi {
+                        out.push(lo - mine.start..hi - mine.start);
+                    }
+                    break;
+                }
+                at += r.len();
+            }
+        }
+        out
+    }
+
     /// This rank's chunk, in packed coordinates.
     fn mine(&self) -> Range<usize> {
         self.index * self.chunk..(self.index + 1) * self.chunk
@@ -150,13 +172,16 @@ impl Zero1 {
 
     /// One optimizer step from the unreduced local gradients `g` (left zeroed); returns
     /// the global gradient norm before clipping.
-    pub fn step(&mut self, mesh: &Mesh, w: &mut [f32], g: &mut [f32], lr: f32, clip: f32) -> CommResult<f32> {
+    /// `duplicates` are non-primary copies of replicated experts, left out of the norm.
+    pub fn step(&mut self, mesh: &Mesh, w: &mut [f32], g: &mut [f32], lr: f32, clip: f32, duplicates: &[Range<usize>]) -> CommResult<f32> {
         let (wn, dn) = (mesh.world.size(), mesh.dp_size());
         let start = Instant::now();
         let mut grad = reduce_scatter(mesh.world.as_ref(), &self.replicated.pack(g, wn))?;
+        let rc = grad.len();
         grad.extend(reduce_scatter(mesh.dp.as_ref(), &self.experts.pack(g, dn))?);
         g.fill(0.0);
-        let mut sq = [sum_squares(&grad)];
+        let copies: f64 = self.experts.in_chunk(duplicates).into_iter().map(|r| sum_squares(&grad[rc + r.start..rc + r.end])).sum();
+        let mut sq = [sum_squares(&grad) - copies];
         mesh.world.all_reduce_f64(&mut sq)?;
         self.comm_s += start.elapsed().as_secs_f64();
         let norm = sq[0].sqrt() as f32;

@@ -45,6 +45,10 @@ fn train_config(steps: u64) -> TrainConfig {
 struct Run {
     losses: Vec<f32>,
     weights: HashMap<String, Vec<f32>>,
+    /// expert slots migrated (dynamic placement)
+    moved: usize,
+    /// rank load imbalance of every step
+    imbalance: Vec<f64>,
 }
 
 fn weights_of(tr: &Trainer) -> HashMap<String, Vec<f32>> {
@@ -56,7 +60,7 @@ fn single(steps: u64) -> Run {
     let w = init_weights(&model.layout, 7);
     let mut tr = Trainer::new(model, w, train_config(steps), 1e11).unwrap();
     let losses = (0..steps).map(|_| tr.train_step().unwrap().loss).collect();
-    Run { losses, weights: weights_of(&tr) }
+    Run { losses, weights: weights_of(&tr), moved: 0, imbalance: vec![] }
 }
 
 /// Runs `ranks` ranks with expert-parallel size `ep` up to step `stop` of a `steps`-step
@@ -67,7 +71,7 @@ fn parallel(ranks: usize, ep: usize, steps: u64, stop: u64, resume: Option<&Path
 
 /// [`parallel`], with ZeRO-1 when `zero1`.
 fn parallel_with(ranks: usize, ep: usize, steps: u64, stop: u64, resume: Option<&Path>, save: Option<&Path>, zero1: bool) -> Run {
-    parallel_opts(ranks, ep, steps, stop, resume, save, Opts { zero1, overlap: true, hierarchical: None })
+    parallel_opts(ranks, ep, steps, stop, resume, save, Opts { zero1, ..Opts::default() })
 }
 
 /// Layout options of a parallel run.
@@ -78,11 +82,22 @@ struct Opts {
     overlap: bool,
     /// hierarchical all-to-all over nodes of this many ranks
     hierarchical: Option<usize>,
+    /// dynamic placement: decide every N steps, with R redundant slots per rank
+    placement: Option<(u64, usize)>,
+    /// skewed routing (Zipf exponent)
+    skew: f32,
+}
+
+impl Default for Opts {
+    fn default() -> Self {
+        Opts { zero1: false, overlap: true, hierarchical: None, placement: None, skew: 0.0 }
+    }
 }
 
 /// [`parallel_with`], with every layout option.
 fn parallel_opts(ranks: usize, ep: usize, steps: u64, stop: u64, resume: Option<&Path>, save: Option<&Path>, o: Opts) -> Run {
-    let Opts { zero1, overlap, hierarchical } = o;
+    let Opts { zero1, overlap, hierarchical, placement, skew } = o;
+    let (every, redundant) = placement.unwrap_or((0, 0));
     let (resume, save) = (resume.map(Path::to_path_buf), save.map(Path::to_path_buf));
     let runs = local::run(ranks, Duration::from_secs(60), move |c| {
         let world: Arc<dyn ProcessGroup> = Arc::new(c);
@@ -92,10 +107,18 @@ fn parallel_opts(ranks: usize, ep: usize, steps: u64, stop: u64, resume: Option<
         let mut tr = match &resume {
             Some(dir) => Trainer::resume_with_mesh(dir, 1e11, Some(steps), Some(mesh), Some(zero1)).unwrap(),
             None => {
-                let model = Model::expert_parallel(model_config(), mesh.ep.clone()).unwrap();
+                let model = Model::expert_parallel_redundant(model_config(), mesh.ep.clone(), redundant).unwrap();
                 let w = init_weights(&model.layout, 7);
-                let cfg = TrainConfig { zero1, overlap_grad_reduce: overlap, ..train_config(steps) };
-                Trainer::with_mesh(model, w, cfg, 1e11, Some(mesh)).unwrap()
+                let cfg = TrainConfig {
+                    zero1,
+                    overlap_grad_reduce: overlap,
+                    placement_every: every,
+                    redundant_experts: redundant,
+                    routing_skew: skew,
+                    ..train_config(steps)
+                };
+                // A slow machine (peak 1 GFLOP/s) makes every balancing move worth its cost.
+                Trainer::with_mesh(model, w, cfg, if every > 0 { 1e9 } else { 1e11 }, Some(mesh)).unwrap()
             }
         };
         if let Some(n) = hierarchical {
@@ -111,18 +134,24 @@ fn parallel_opts(ranks: usize, ep: usize, steps: u64, stop: u64, resume: Option<
             assert!(mine < whole && tr.opt.m.is_empty(), "{mine} of {whole}");
         }
         let mut losses = vec![];
+        let mut moved = 0;
+        let mut imbalance = vec![];
         while tr.step < stop {
-            losses.push(tr.train_step().unwrap().loss);
+            let s = tr.train_step().unwrap();
+            losses.push(s.loss);
+            moved += s.experts_moved;
+            imbalance.push(s.rank_load_imbalance);
         }
         if let Some(run_dir) = &save {
             tr.save_checkpoint(run_dir, 1).unwrap();
         }
-        Ok(Run { losses, weights: weights_of(&tr) })
+        Ok(Run { losses, weights: weights_of(&tr), moved, imbalance })
     })
     .unwrap();
     // Replicated tensors must be identical on every rank.
     let mut weights: HashMap<String, Vec<f32>> = HashMap::new();
     let mut losses = runs[0].losses.clone();
+    let (moved, imbalance) = (runs[0].moved, runs[0].imbalance.clone());
     for r in runs {
         assert_eq!(r.losses, losses, "every rank reports the same global loss");
         for (name, w) in r.weights {
@@ -133,7 +162,7 @@ fn parallel_opts(ranks: usize, ep: usize, steps: u64, stop: u64, resume: Option<
         }
         losses = r.losses;
     }
-    Run { losses, weights }
+    Run { losses, weights, moved, imbalance }
 }
 
 fn assert_close(label: &str, got: &Run, want: &Run) {
@@ -164,11 +193,11 @@ fn expert_and_data_parallel_runs_match_one_rank() {
     assert_close("4 ranks, EP 4", &parallel(4, 4, STEPS, STEPS, None, None), &reference);
     assert_close("4 ranks, EP 2 × DP 2", &parallel(4, 2, STEPS, STEPS, None, None), &reference);
     assert_close("2 ranks, DP 2", &parallel(2, 1, STEPS, STEPS, None, None), &reference);
-    assert_close("4 ranks, EP 2 × DP 2, reduction after backward", &parallel_opts(4, 2, STEPS, STEPS, None, None, Opts { zero1: false, overlap: false, hierarchical: None }), &reference);
+    assert_close("4 ranks, EP 2 × DP 2, reduction after backward", &parallel_opts(4, 2, STEPS, STEPS, None, None, Opts { overlap: false, ..Opts::default() }), &reference);
     assert_close("4 ranks, EP 2 × DP 2, ZeRO-1", &parallel_with(4, 2, STEPS, STEPS, None, None, true), &reference);
     assert_close("2 ranks, DP 2, ZeRO-1", &parallel_with(2, 1, STEPS, STEPS, None, None, true), &reference);
     assert_close("3 ranks, DP 3, ZeRO-1 (uneven chunks)", &parallel_with(3, 1, STEPS, STEPS, None, None, true), &reference);
-    let hier = Opts { zero1: false, overlap: true, hierarchical: Some(2) };
+    let hier = Opts { hierarchical: Some(2), ..Opts::default() };
     assert_close("4 ranks, EP 4, hierarchical all-to-all over 2 nodes", &parallel_opts(4, 4, STEPS, STEPS, None, None, hier), &reference);
 }
 
@@ -177,7 +206,7 @@ fn expert_and_data_parallel_runs_match_one_rank() {
 fn resume_on_one_rank(label: &str, ckpt: &Path, first: &Run, reference: &Run) {
     let mut tr = Trainer::resume(ckpt, 1e11, Some(20)).unwrap();
     let rest: Vec<f32> = (10..20).map(|_| tr.train_step().unwrap().loss).collect();
-    let run = Run { losses: [first.losses.clone(), rest].concat(), weights: weights_of(&tr) };
+    let run = Run { losses: [first.losses.clone(), rest].concat(), weights: weights_of(&tr), moved: 0, imbalance: vec![] };
     assert_close(label, &run, reference);
 }
 
@@ -190,7 +219,7 @@ fn zero1_checkpoints_reshard_too() {
     let ckpt = Trainer::latest_checkpoint(&dir).expect("checkpoint written");
     for (ranks, ep, zero1) in [(4, 4, true), (2, 2, false)] {
         let rest = parallel_with(ranks, ep, 20, 20, Some(&ckpt), None, zero1);
-        let run = Run { losses: [first.losses.clone(), rest.losses].concat(), weights: rest.weights };
+        let run = Run { losses: [first.losses.clone(), rest.losses].concat(), weights: rest.weights, moved: 0, imbalance: vec![] };
         assert_close(&format!("ZeRO-1 EP 2 × DP 2 → {ranks} ranks EP {ep}, ZeRO-1 {zero1}"), &run, &reference);
     }
     resume_on_one_rank("ZeRO-1 EP 2 × DP 2 → 1 rank", &ckpt, &first, &reference);
@@ -209,7 +238,7 @@ fn checkpoint_reshards_between_layouts() {
     // ... continued at EP 2, at EP 2 × DP 2, and on one rank.
     for (ranks, ep) in [(2, 2), (4, 2)] {
         let rest = parallel(ranks, ep, 20, 20, Some(&ckpt), None);
-        let run = Run { losses: [first.losses.clone(), rest.losses].concat(), weights: rest.weights };
+        let run = Run { losses: [first.losses.clone(), rest.losses].concat(), weights: rest.weights, moved: 0, imbalance: vec![] };
         assert_close(&format!("EP 4 → {ranks} ranks EP {ep}"), &run, &reference);
     }
     resume_on_one_rank("EP 4 → 1 rank", &ckpt, &first, &reference);
@@ -250,4 +279,60 @@ fn failures_end_the_job_naming_the_rank() {
     .expect_err("the job fails");
     assert_eq!(err.rank, Some(1), "{err}");
     assert!(start.elapsed() < Duration::from_secs(10), "failure took {:?}", start.elapsed());
+}
+
+/// 50 steps at EP 4 on skewed routing: with dynamic placement (every 5 steps, one
+/// redundant slot per rank) the losses and final weights are those of the run without
+/// it, while the ranks' loads even out.
+#[test]
+fn dynamic_placement_changes_nothing_but_speed() {
+    const N: u64 = 50;
+    let skewed = Opts { skew: 1.0, ..Opts::default() };
+    let off = parallel_opts(4, 4, N, N, None, None, skewed);
+    let on = parallel_opts(4, 4, N, N, None, None, Opts { placement: Some((5, 1)), ..skewed });
+    assert!(on.moved > 0, "experts moved");
+    assert_close("EP 4, dynamic placement vs none", &on, &off);
+    let tail = |r: &Run| r.imbalance[40..].iter().sum::<f64>() / 10.0;
+    eprintln!("rank load imbalance, last 10 steps: {:.3} without placement, {:.3} with", tail(&off), tail(&on));
+    assert!(tail(&off) >= 1.5, "the workload is skewed: {}", tail(&off));
+    assert!(tail(&on) <= 1.15, "placement evens the ranks: {}", tail(&on));
+    // With ZeRO-1 at EP 2 × DP 2 (moments sharded, gathered for the move) too.
+    let zero = Opts { zero1: true, ..skewed };
+    let zoff = parallel_opts(4, 2, 30, 30, None, None, zero);
+    let zon = parallel_opts(4, 2, 30, 30, None, None, Opts { placement: Some((5, 1)), ..zero });
+    assert!(zon.moved > 0);
+    assert_close("EP 2 × DP 2 ZeRO-1, dynamic placement vs none", &zon, &zoff);
+}
+
+/// A checkpoint written after experts moved names logical experts: it continues under
+/// the same placement, at another expert-parallel size, and on one rank, all on the
+/// uninterrupted run's curve.
+#[test]
+fn placed_checkpoints_load_under_any_layout() {
+    let dir = std::env::temp_dir().join(format!("ultramoe-placed-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let opts = Opts { skew: 1.0, placement: Some((5, 1)), ..Opts::default() };
+    let whole = parallel_opts(4, 4, 20, 20, None, None, opts);
+    let first = parallel_opts(4, 4, 20, 10, None, Some(&dir), opts);
+    assert!(first.moved > 0, "experts moved before the checkpoint");
+    let ckpt = Trainer::latest_checkpoint(&dir).expect("checkpoint written");
+    // Every expert saved exactly once, in the Hugging Face sharded layout.
+    let index: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(ckpt.join("model.safetensors.index.json")).unwrap()).unwrap();
+    let names = index["weight_map"].as_object().unwrap();
+    let mut saved = 0;
+    for k in 1..=4 {
+        let f = ckpt.join(format!("model-{k:05}-of-00004.safetensors"));
+        saved += ultramoe_model::checkpoint::read_safetensors(&f).unwrap().len();
+    }
+    assert_eq!(saved, names.len(), "no tensor saved twice");
+    for (ranks, ep, o) in [(4, 4, opts), (2, 2, Opts { skew: 1.0, ..Opts::default() })] {
+        let rest = parallel_opts(ranks, ep, 20, 20, Some(&ckpt), None, o);
+        let run = Run { losses: [first.losses.clone(), rest.losses].concat(), weights: rest.weights, moved: 0, imbalance: vec![] };
+        assert_close(&format!("placed EP 4 → {ranks} ranks EP {ep}"), &run, &whole);
+    }
+    let mut tr = Trainer::resume(&ckpt, 1e11, Some(20)).unwrap();
+    let rest: Vec<f32> = (10..20).map(|_| tr.train_step().unwrap().loss).collect();
+    let run = Run { losses: [first.losses.clone(), rest].concat(), weights: weights_of(&tr), moved: 0, imbalance: vec![] };
+    assert_close("placed EP 4 → 1 rank", &run, &whole);
+    let _ = std::fs::remove_dir_all(&dir);
 }

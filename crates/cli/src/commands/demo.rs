@@ -52,6 +52,8 @@ pub fn run(a: DemoArgs) -> CliResult {
         aux_ep_groups: 1,
         routing_skew: None,
         stats_ep: None,
+        placement_every: None,
+        redundant_experts: None,
         metrics: None,
         peak_gflops: None,
         no_progress: a.no_progress,

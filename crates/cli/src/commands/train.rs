@@ -72,9 +72,18 @@ pub struct TrainArgs {
     /// Skewed-load workload: Zipf exponent of a fixed router bias toward low-numbered experts.
     #[arg(long)]
     pub routing_skew: Option<f32>,
-    /// Report per-rank loads as if experts were split over this many expert-parallel ranks.
+    /// Report per-rank loads as if experts were split over this many expert-parallel
+    /// ranks (one-rank runs; under --ep the real ranks are reported).
     #[arg(long)]
     pub stats_ep: Option<usize>,
+    /// Dynamic expert placement: every N steps, move (and replicate) experts so the
+    /// expert-parallel ranks carry even loads, when the predicted gain beats the cost of
+    /// moving (0 = off; needs --ep ≥ 2).
+    #[arg(long)]
+    pub placement_every: Option<u64>,
+    /// Extra expert slots per expert-parallel rank, for copies of hot experts.
+    #[arg(long)]
+    pub redundant_experts: Option<usize>,
     /// Append per-step metrics as JSON lines to this file (default: RUN_DIR/metrics.jsonl).
     #[arg(long)]
     pub metrics: Option<PathBuf>,
@@ -115,6 +124,8 @@ fn apply_overrides(mut c: TrainConfig, a: &TrainArgs) -> CliResult<TrainConfig> 
     set!(bias_update_rate);
     set!(routing_skew);
     set!(stats_ep);
+    set!(placement_every);
+    set!(redundant_experts);
     c.zero1 |= a.zero1;
     c.overlap_grad_reduce &= !a.no_grad_overlap;
     if let Some(kind) = &a.aux_loss {
@@ -158,11 +169,11 @@ pub fn make_trainer(a: &TrainArgs, mesh: Option<Mesh>) -> CliResult<Trainer> {
         None => ModelConfig::from_json_str(MATH_MOE_CONFIG),
     }
     .map_err(|e| e.to_string())?;
+    let tc = apply_overrides(math_train_config(), a)?;
     let model = match &mesh {
-        Some(m) => Model::expert_parallel(cfg, m.ep.clone()).map_err(|e| e.to_string())?,
+        Some(m) => Model::expert_parallel_redundant(cfg, m.ep.clone(), tc.redundant_experts).map_err(|e| e.to_string())?,
         None => Model::new(cfg),
     };
-    let tc = apply_overrides(math_train_config(), a)?;
     let w = match &a.init_from {
         Some(dir) => load_weights(&model, dir).map_err(|e| e.to_string())?,
         None => init_weights(&model.layout, tc.seed),

@@ -6,17 +6,37 @@ use crate::params::Slot;
 use ultramoe_kernels::activation::{swiglu, swiglu_grad};
 use ultramoe_kernels::grouped_gemm::{grouped_linear, grouped_linear_grad};
 
-/// The routed experts of one layer.
+/// Checkpoint names of a layer's expert tensors: `{prefix}{e}.{proj}.weight`.
+#[derive(Clone, Debug)]
+pub struct ExpertNames {
+    /// e.g. `model.layers.3.mlp.experts.`
+    pub prefix: String,
+    /// gate, up and down projection names (`gate_proj`, `up_proj`, `down_proj`, or
+    /// Mixtral's `w1`, `w3`, `w2`)
+    pub proj: [String; 3],
+}
+
+impl ExpertNames {
+    /// Name of expert `e`'s gate (`which = 0`), up (1) or down (2) projection.
+    pub fn tensor(&self, e: usize, which: usize) -> String {
+        format!("{}{e}.{}.weight", self.prefix, self.proj[which])
+    }
+}
+
+/// The routed experts this rank holds in one layer: one per slot (see
+/// [`super::placement`]; without expert parallelism slot `e` is expert `e`).
 #[derive(Clone, Debug)]
 pub struct GroupedExperts {
-    /// every expert's fused gate/up, `[E, 2I, H]`
+    /// every slot's fused gate/up, `[S, 2I, H]`
     pub gate_up: Slot,
-    /// every expert's down projection, `[E, H, I]`
+    /// every slot's down projection, `[S, H, I]`
     pub down: Slot,
     /// hidden `H`
     pub hidden: usize,
     /// expert width `I`
     pub inter: usize,
+    /// checkpoint names
+    pub names: ExpertNames,
 }
 
 /// Saved activations of [`GroupedExperts::forward`].
@@ -29,6 +49,12 @@ pub struct ExpertsSaved {
 }
 
 impl GroupedExperts {
+    /// Flat-buffer ranges of slot `j`'s gate/up and down weights.
+    pub fn slot_ranges(&self, j: usize) -> [std::ops::Range<usize>; 2] {
+        let (gu, dn) = (2 * self.inter * self.hidden, self.hidden * self.inter);
+        [self.gate_up.start + j * gu..self.gate_up.start + (j + 1) * gu, self.down.start + j * dn..self.down.start + (j + 1) * dn]
+    }
+
     /// `xp: [R, H]` grouped by `offsets` → `yp: [R, H]`.
     pub fn forward(&self, w: &[f32], xp: &[f32], offsets: &[usize]) -> (Vec<f32>, ExpertsSaved) {
         let (h, i) = (self.hidden, self.inter);

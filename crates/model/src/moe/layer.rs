@@ -19,6 +19,7 @@
 
 use super::dispatcher::{Combining, DispatchHandle, TokenDispatcher};
 use super::experts::{ExpertsSaved, GroupedExperts};
+use super::placement::Placement;
 use super::router::{AuxLoss, Router};
 use crate::mlp::{Mlp, MlpSaved};
 use std::ops::Range;
@@ -38,6 +39,8 @@ pub struct MoeLayer {
     pub shared: Option<Mlp>,
     /// token chunks pipelined against the all-to-all (1: no overlap)
     pub chunks: usize,
+    /// which expert each slot of each expert-parallel rank holds
+    pub placement: Placement,
 }
 
 /// One chunk's saved activations.
@@ -61,11 +64,19 @@ pub struct MoeSaved {
     /// auxiliary balancing loss, when configured
     pub aux: Option<AuxLoss>,
     parts: Vec<Part>,
+    n_experts: usize,
 }
 
 impl MoeSaved {
-    /// Tokens each expert received this step (from this rank).
+    /// Tokens each logical expert received (from this rank).
     pub fn expert_counts(&self) -> Vec<usize> {
+        let mut out = vec![0; self.n_experts];
+        self.routing.experts.iter().for_each(|&e| out[e as usize] += 1);
+        out
+    }
+
+    /// Tokens each expert slot received (from this rank): what each rank computes on.
+    pub fn slot_counts(&self) -> Vec<usize> {
         let mut out = vec![0; self.parts[0].handle.plan.offsets.len() - 1];
         for p in &self.parts {
             out.iter_mut().zip(p.handle.plan.counts()).for_each(|(a, c)| *a += c);
@@ -100,6 +111,12 @@ impl MoeLayer {
             let _p = ultramoe_kernels::profile::scope("moe.router.forward");
             self.router.forward(w, x, n)
         };
+        // Choices of logical experts → slots (a replicated expert's tokens shared out).
+        let slots = match &self.dispatcher.ep {
+            Some(_) if !self.placement.is_identity() => Some(self.placement.route(&routing.experts)),
+            _ => None,
+        };
+        let targets = slots.as_deref().unwrap_or(&routing.experts);
         let ranges = chunk_ranges(n, if self.dispatcher.ep.is_some() { self.chunks } else { 1 });
         let rows = |r: &Range<usize>| r.start * h..r.end * h;
         let choices = |r: &Range<usize>| r.start * k..r.end * k;
@@ -108,7 +125,7 @@ impl MoeLayer {
             let _p = ultramoe_kernels::profile::scope("moe.dispatch.forward");
             ranges
                 .iter()
-                .map(|r| Some(self.dispatcher.start_dispatch(&x[rows(r)], &routing.experts[choices(r)], &routing.weights[choices(r)], k)))
+                .map(|r| Some(self.dispatcher.start_dispatch(&x[rows(r)], &targets[choices(r)], &routing.weights[choices(r)], k)))
                 .collect()
         };
         let mut shared_out = vec![shared(&ranges[0])];
@@ -137,7 +154,7 @@ impl MoeLayer {
                 part.shared = Some(saved);
             }
         }
-        (y, MoeSaved { routing, aux, parts })
+        (y, MoeSaved { routing, aux, parts, n_experts: self.placement.n_experts() })
     }
 
     /// Backward: weight gradients into `g`; returns `dx: [N, H]`.
