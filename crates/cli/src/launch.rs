@@ -38,6 +38,22 @@ pub struct ParallelArgs {
     /// Seconds a rank waits for the others before the job is declared stuck.
     #[arg(long, default_value_t = 30)]
     pub comm_timeout: u64,
+    /// How MPI ranks wait for collectives: `spin` (MPI's busy wait: lowest latency),
+    /// `sleep` (poll, sleeping between polls: leaves the core to busy ranks), or `auto`
+    /// (sleep when this machine's ranks outnumber the cores a rank may use).
+    #[arg(long, value_enum, default_value_t = MpiWait::Auto)]
+    pub mpi_wait: MpiWait,
+}
+
+/// See [`ParallelArgs::mpi_wait`].
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MpiWait {
+    /// sleep when ranks outnumber cores
+    Auto,
+    /// busy wait
+    Spin,
+    /// poll with sleeps
+    Sleep,
 }
 
 impl ParallelArgs {
@@ -111,6 +127,12 @@ pub fn launch<T: Send + 'static>(p: &ParallelArgs, f: impl Fn(Option<Mesh>) -> C
 fn launch_mpi<T>(p: &ParallelArgs, n: usize, timeout: Duration, f: impl Fn(Option<Mesh>) -> CliResult<T>) -> CliResult<T> {
     let world = ultramoe_dist::mpi::world(timeout).map_err(|e| e.to_string())?;
     let rank = ultramoe_dist::Communicator::rank(&*world);
+    let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+    world.sleep_when_idle(match p.mpi_wait {
+        MpiWait::Spin => false,
+        MpiWait::Sleep => true,
+        MpiWait::Auto => local_ranks().unwrap_or(n) > cores,
+    });
     let result = p
         .ep_for(n)
         .and_then(|ep| Mesh::new(world, ep).map_err(|e| e.to_string()))

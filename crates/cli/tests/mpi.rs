@@ -75,6 +75,41 @@ fn mpi_expert_parallel_matches_one_rank() {
     let _ = std::fs::remove_dir_all(two);
 }
 
+/// Dynamic placement with a redundant slot per rank, on skewed routing, with sleepy
+/// MPI waits: the same losses and final model as one rank, while experts moved.
+#[test]
+fn mpi_dynamic_placement_matches_one_rank() {
+    let exe = env!("CARGO_BIN_EXE_ultramoe");
+    let skew = ["--routing-skew", "1"];
+    let one = scratch("place-one");
+    let st = Command::new(exe).args(train_args(&one, 20)).args(skew).output().unwrap();
+    assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+    let two = scratch("place-two");
+    let placed = ["--ep", "2", "--placement-every", "5", "--redundant-experts", "1", "--mpi-wait", "sleep"];
+    let st = mpirun(2).arg(exe).args(train_args(&two, 20)).args(skew).args(placed).output().unwrap();
+    assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+    for (i, (x, y)) in losses(&one).iter().zip(&losses(&two)).enumerate() {
+        assert!(((x - y) / x).abs() <= 1e-5, "step {}: {x} vs {y}", i + 1);
+    }
+    let moved: u64 = std::fs::read_to_string(two.join("run/metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["experts_moved"].as_u64().unwrap())
+        .sum();
+    assert!(moved > 0, "experts moved");
+    let model = Model::new(ModelConfig::from_json_str(CONFIG).unwrap());
+    let w1 = load_weights(&model, &one.join("run/model")).unwrap();
+    let w2 = load_weights(&model, &two.join("run/model")).unwrap();
+    for s in &model.layout.specs {
+        let (a, b) = (&w1[s.range()], &w2[s.range()]);
+        let diff: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum::<f64>().sqrt();
+        let norm: f64 = a.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt().max(1e-12);
+        assert!(diff / norm <= 1e-5, "{}: relative difference {:.2e}", s.name, diff / norm);
+    }
+    let _ = std::fs::remove_dir_all(one);
+    let _ = std::fs::remove_dir_all(two);
+}
+
 #[test]
 fn mpi_ranks_with_different_configs_stop_naming_the_rank() {
     let exe = env!("CARGO_BIN_EXE_ultramoe");

@@ -9,11 +9,19 @@
 //! the collective in flight. A call that makes no progress for the timeout (a peer is
 //! stalled or gone) prints which rank waited in which operation and aborts the whole job
 //! (`MPI_Abort`). A process that dies is reported by `mpirun`, which ends the job.
+//!
+//! Waiting: MPI waits by polling, which burns a core. When ranks outnumber the cores (or
+//! each rank has a CPU quota, as in `scripts/emulated-devices.sh`) that core is the one
+//! a busy rank needs, so [`MpiComm::sleep_when_idle`] switches the all-to-all, the
+//! all-reduce and the barrier to their non-blocking forms, polled with
+//! [`MPI_Test`](mpi::request::Request::test): spinning for the first [`SPIN`], then
+//! sleeping [`NAP`] between polls.
 
 use crate::{CommError, CommResult, Communicator, Scalar, ScalarKind};
 use mpi::collective::SystemOperation;
 use mpi::datatype::{Partition, PartitionMut};
 use mpi::topology::{Color, SimpleCommunicator};
+use mpi::request::{Request, Scope};
 use mpi::traits::{Communicator as _, CommunicatorCollectives as _, Destination as _, Root as _, Source as _};
 use mpi::Threading;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -26,6 +34,30 @@ struct Runtime {
     watch: Watch,
     /// MPI_THREAD_MULTIPLE was granted
     multiple: bool,
+    /// wait for collectives by polling with sleeps instead of MPI's busy wait
+    sleepy: AtomicBool,
+}
+
+/// How long a sleepy wait spins before it starts to sleep (short exchanges stay fast).
+pub const SPIN: Duration = Duration::from_micros(50);
+/// How long a sleepy wait sleeps between polls.
+pub const NAP: Duration = Duration::from_micros(50);
+
+/// Polls a non-blocking operation to completion: spinning for [`SPIN`], then sleeping
+/// [`NAP`] between tests, so a waiting rank leaves the core to others.
+fn wait_gently<'a, R: ?Sized, S: Scope<'a>>(mut req: Request<'a, R, S>) {
+    let start = Instant::now();
+    loop {
+        match req.test() {
+            Ok(_) => return,
+            Err(r) => req = r,
+        }
+        if start.elapsed() < SPIN {
+            std::hint::spin_loop();
+        } else {
+            std::thread::sleep(NAP);
+        }
+    }
 }
 
 /// What the watchdog looks at. Updating it costs two relaxed atomic stores and an
@@ -106,6 +138,7 @@ pub fn world(timeout: Duration) -> CommResult<Arc<MpiComm>> {
         _universe: universe,
         watch: Watch { calls: AtomicU64::new(0), busy: AtomicBool::new(false), op: AtomicUsize::new(0) },
         multiple: provided == Threading::Multiple,
+        sleepy: AtomicBool::new(false),
     });
     let rank = comm.rank();
     let weak = Arc::downgrade(&rt);
@@ -276,10 +309,25 @@ impl MpiComm {
             let _w = self.rt.watch.enter(Op::AllToAllV);
             let sp = Partition::new(send, &s[..p], &s[p..]);
             let mut rp = PartitionMut::new(buf, &r[..p], &r[p..]);
-            self.comm.all_to_all_varcount_into(&sp, &mut rp);
+            if self.sleepy() {
+                mpi::request::scope(|sc| wait_gently(self.comm.immediate_all_to_all_varcount_into(sc, &sp, &mut rp)));
+            } else {
+                self.comm.all_to_all_varcount_into(&sp, &mut rp);
+            }
             recv.set_len(n);
         }
         Ok(recv)
+    }
+
+    /// Waits for the all-to-all, all-reduce and barrier by polling with sleeps (`true`)
+    /// or by MPI's own busy wait (`false`, the default): for every communicator of this
+    /// process. See the module docs.
+    pub fn sleep_when_idle(&self, on: bool) {
+        self.rt.sleepy.store(on, Ordering::Relaxed);
+    }
+
+    fn sleepy(&self) -> bool {
+        self.rt.sleepy.load(Ordering::Relaxed)
     }
 
     /// One bare `MPI_Alltoallv` of bytes with counts and displacements given: what a
@@ -302,7 +350,11 @@ impl Communicator for MpiComm {
 
     fn barrier(&self) -> CommResult<()> {
         let _w = self.rt.watch.enter(Op::Barrier);
-        self.comm.barrier();
+        if self.sleepy() {
+            wait_gently(self.comm.immediate_barrier());
+        } else {
+            self.comm.barrier();
+        }
         Ok(())
     }
 
@@ -310,7 +362,16 @@ impl Communicator for MpiComm {
         count(std::mem::size_of_val(buf), self.rank())?;
         let input = buf.to_vec();
         let _w = self.rt.watch.enter(Op::AllReduce);
-        typed!(T::KIND, &input[..], buf, |s, r| self.comm.all_reduce_into(s, r, SystemOperation::sum()));
+        if self.sleepy() {
+            typed!(T::KIND, &input[..], buf, |s, r| mpi::request::scope(|sc| wait_gently(self.comm.immediate_all_reduce_into(
+                sc,
+                s,
+                r,
+                SystemOperation::sum()
+            ))));
+        } else {
+            typed!(T::KIND, &input[..], buf, |s, r| self.comm.all_reduce_into(s, r, SystemOperation::sum()));
+        }
         Ok(())
     }
 
@@ -347,7 +408,11 @@ impl Communicator for MpiComm {
         let mut counts = vec![0i32; p];
         {
             let _w = self.rt.watch.enter(Op::AllToAllVCounts);
-            self.comm.all_to_all_into(&s[..p], &mut counts[..]);
+            if self.sleepy() {
+                mpi::request::scope(|sc| wait_gently(self.comm.immediate_all_to_all_into(sc, &s[..p], &mut counts[..])));
+            } else {
+                self.comm.all_to_all_into(&s[..p], &mut counts[..]);
+            }
         }
         let counts: Vec<usize> = counts.into_iter().map(|c| c as usize / size).collect();
         let r = self.byte_layout(&counts, size)?;

@@ -14,8 +14,12 @@
 //! where loads are rows per step (summed over the data-parallel copies, hence `/DP`),
 //! `t_row = 18·H·I / peak` is a routed row's expert work (forward `6·H·I` FLOPs, backward
 //! twice that), `P_expert = 3·H·I` the parameters of one expert moved with its two AdamW
-//! moments, and the bandwidth the all-to-all's measured bytes per second.
+//! moments, and the bandwidth what [`probe_bandwidth`] measured between the
+//! expert-parallel ranks when the run started. (The step's own all-to-all timings are
+//! no guide: under imbalance they are mostly waiting for the busiest rank.)
 
+use std::time::Instant;
+use ultramoe_dist::{CommResult, ProcessGroup};
 use ultramoe_model::moe::placement::{imbalance, solve, Placement};
 
 /// Weight of the newest step in the load average.
@@ -25,8 +29,32 @@ pub const LOAD_EMA: f64 = 0.25;
 /// least this much (small gains are noise in the load average, not worth a move).
 pub const MIN_IMPROVEMENT: f64 = 0.02;
 
-/// Bytes per second assumed for a migration before any all-to-all has been timed.
+/// Bytes per second assumed for a migration when none was measured.
 const DEFAULT_BANDWIDTH: f64 = 1e9;
+
+/// Bytes per second one rank sends in an all-to-all over `g`: 1 MiB to every peer, each
+/// rank's best of three after a barrier, averaged over the ranks (every rank returns the
+/// same figure, so every rank takes the same decisions).
+pub fn probe_bandwidth(g: &dyn ProcessGroup) -> CommResult<f64> {
+    let p = g.size();
+    if p < 2 {
+        return Ok(0.0);
+    }
+    let per = 1 << 18; // floats: 1 MiB
+    let send = vec![1.0f32; per * p];
+    let counts = vec![per; p];
+    let mut best = f64::INFINITY;
+    for _ in 0..3 {
+        g.barrier()?;
+        let t = Instant::now();
+        g.all_to_all_v_known_f32(&send, &counts, &counts)?;
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    let mut total = [best];
+    g.all_reduce_f64(&mut total)?;
+    let mean = total[0] / p as f64;
+    Ok((4 * per * (p - 1)) as f64 / mean.max(1e-9))
+}
 
 /// The load history and the decision rule.
 #[derive(Clone, Debug)]
@@ -57,7 +85,7 @@ pub struct Costs {
     pub inter: usize,
     /// FLOP/s of the machine
     pub peak_flops: f64,
-    /// all-to-all bytes per second measured (0: not yet)
+    /// all-to-all bytes per second a rank sends ([`probe_bandwidth`]; 0: unknown)
     pub bandwidth: f64,
     /// data-parallel copies whose counts are summed in the loads
     pub dp: usize,

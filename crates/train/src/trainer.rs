@@ -14,7 +14,7 @@ use crate::data::jsonl::read_jsonl;
 use crate::data::math::Mix;
 use crate::optimizer::{clip_to_norm, global_norm, AdamW, AdamWConfig};
 use crate::parallel::{catch_comm, Parallel};
-use crate::placement::{Balancer, Costs};
+use crate::placement::{probe_bandwidth, Balancer, Costs};
 use ultramoe_model::moe::placement::Placement;
 use crate::zero::Zero1;
 use crate::schedule::Schedule;
@@ -340,6 +340,9 @@ pub struct Trainer {
     pub zero: Option<Zero1>,
     /// dynamic expert placement, when on
     pub balancer: Option<Balancer>,
+    /// all-to-all bytes per second between expert-parallel ranks (measured at the start
+    /// when placement is on)
+    ep_bandwidth: f64,
     metrics: Option<std::fs::File>,
 }
 
@@ -440,7 +443,11 @@ impl Trainer {
         }
         let parallel = mesh.map(|m| Parallel::new(m, &model.layout, cfg.overlap_grad_reduce && !cfg.zero1));
         let balancer = (cfg.placement_every > 0).then(|| Balancer::new(cfg.placement_every));
-        Ok(Trainer { model, w, g, opt, sched, cfg, batcher, step: 0, peak_flops, parallel, zero, balancer, metrics: None })
+        let ep_bandwidth = match (&balancer, &parallel) {
+            (Some(_), Some(p)) => probe_bandwidth(p.mesh.ep.as_ref()).map_err(comm_error)?,
+            _ => 0.0,
+        };
+        Ok(Trainer { model, w, g, opt, sched, cfg, batcher, step: 0, peak_flops, parallel, zero, balancer, ep_bandwidth, metrics: None })
     }
 
     /// Appends one JSON object per step to `path`.
@@ -467,8 +474,7 @@ impl Trainer {
         let rows = self.parallel.as_ref().map_or(0..b, |p| p.rows(b));
         let (r0, r1, bl) = (rows.start * t, rows.end * t, rows.len());
         // `g` is zero here: it starts zeroed and every optimizer step clears it.
-        // Σ CE, Σ aux, then all-to-all bytes (intra, inter, inter if hierarchical), seconds
-        let mut sums = [0.0f64; 6];
+        let mut sums = [0.0f64; 5]; // Σ CE, Σ aux, then all-to-all bytes (intra, inter, inter if hierarchical)
         let mut counts: Vec<Vec<usize>> = vec![];
         let mut slot_counts: Vec<Vec<usize>> = vec![];
         let (model, w, g) = (&self.model, &self.w, &mut self.g);
@@ -498,7 +504,6 @@ impl Trainer {
         sums[2] = x.intra_node_bytes as f64;
         sums[3] = x.inter_node_bytes as f64;
         sums[4] = x.inter_node_bytes_hierarchical as f64;
-        sums[5] = x.seconds;
         let opt_scope = ultramoe_kernels::profile::scope("optimizer");
         let mut comm_s = x.seconds;
         let mut exposed_s = x.exposed_seconds;
@@ -548,8 +553,7 @@ impl Trainer {
             self.update_router_bias(&counts);
         }
         self.step += 1;
-        let bandwidth = if sums[5] > 0.0 { (sums[2] + sums[3]) / sums[5] } else { 0.0 };
-        let (experts_moved, predicted) = self.rebalance(&counts, bandwidth)?;
+        let (experts_moved, predicted) = self.rebalance(&counts)?;
         let step_s = start.elapsed().as_secs_f64();
         let tokens = b * t * self.cfg.grad_accum;
         let flops = self.model.train_flops(b, t) * self.cfg.grad_accum as f64;
@@ -611,12 +615,12 @@ impl Trainer {
     /// average and, on decision steps, migrates the layers where moving pays (weights
     /// and optimizer moments travel together). Returns the slots that changed expert and
     /// the placement's predicted rank imbalance.
-    fn rebalance(&mut self, counts: &[Vec<usize>], bandwidth: f64) -> Result<(usize, f64)> {
+    fn rebalance(&mut self, counts: &[Vec<usize>]) -> Result<(usize, f64)> {
         let Some(b) = &mut self.balancer else { return Ok((0, 0.0)) };
         b.observe(counts);
         let dp = self.parallel.as_ref().map_or(1, |p| p.mesh.dp_size());
         let m = &self.model.cfg.moe;
-        let costs = Costs { hidden: self.model.cfg.hidden, inter: m.expert_inter, peak_flops: self.peak_flops, bandwidth, dp };
+        let costs = Costs { hidden: self.model.cfg.hidden, inter: m.expert_inter, peak_flops: self.peak_flops, bandwidth: self.ep_bandwidth, dp };
         let moves = b.decide(self.step, &self.model.placements(), costs);
         if !moves.is_empty() {
             let _p = ultramoe_kernels::profile::scope("placement.migrate");

@@ -59,7 +59,7 @@ pub fn run(a: DemoArgs) -> CliResult {
         no_progress: a.no_progress,
         zero1: false,
         no_grad_overlap: false,
-        parallel: crate::launch::ParallelArgs { ranks: 1, ep: None, dp: None, ranks_per_node: None, hierarchical_a2a: false, overlap_chunks: 1, comm_timeout: 30 },
+        parallel: crate::launch::ParallelArgs { ranks: 1, ep: None, dp: None, ranks_per_node: None, hierarchical_a2a: false, mpi_wait: crate::launch::MpiWait::Auto, overlap_chunks: 1, comm_timeout: 30 },
     };
     let mut tr = make_trainer(&targs, None)?;
     eprintln!(
