@@ -39,7 +39,7 @@ impl Placement {
     /// Builds a placement from its slot map, checking the invariants (every expert
     /// placed, no rank holding an expert twice).
     pub fn new(ranks: usize, n_experts: usize, slot_expert: Vec<usize>) -> Result<Self, String> {
-        if ranks == 0 || slot_expert.len() % ranks != 0 {
+        if ranks == 0 || !slot_expert.len().is_multiple_of(ranks) {
             return Err(format!("{} slots cannot be split evenly over {ranks} ranks", slot_expert.len()));
         }
         let s = slot_expert.len() / ranks;

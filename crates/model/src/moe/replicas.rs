@@ -63,18 +63,18 @@ pub fn migrate(layer: &mut MoeLayer, layout: &mut ParamLayout, new: Placement, b
     let ranges: Vec<[Range<usize>; 2]> = (0..s).map(|j| layer.experts.slot_ranges(j)).collect();
     let before: Vec<Vec<Vec<f32>>> =
         bufs.iter().map(|b| ranges.iter().map(|[gu, dn]| [&b[gu.clone()], &b[dn.clone()]].concat()).collect()).collect();
-    for j in 0..s {
+    for (j, slot_ranges) in ranges.iter().enumerate() {
         let e = new.slot_expert[me * s + j];
         match old.slot_on(me, e) {
             Some(slot) => {
                 for (b, old_slots) in bufs.iter_mut().zip(&before) {
-                    write_slot(b, &ranges[j], &old_slots[slot % s]);
+                    write_slot(b, slot_ranges, &old_slots[slot % s]);
                 }
             }
             None => {
                 let src = old.owner(e);
                 for b in bufs.iter_mut() {
-                    write_slot(b, &ranges[j], &received[cursor[src]..cursor[src] + one]);
+                    write_slot(b, slot_ranges, &received[cursor[src]..cursor[src] + one]);
                     cursor[src] += one;
                 }
             }
