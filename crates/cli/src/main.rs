@@ -37,6 +37,12 @@ enum Command {
     Grad(commands::grad::GradArgs),
     /// Expert-load statistics of a run and a heat map image of expert load over steps.
     Report(commands::report::ReportArgs),
+    /// Simulate MoE training at any scale and rank parallel layouts (TP/PP/VPP/EP/DP,
+    /// micro-batch, recomputation); `--validate RUN_DIR` checks a finished run.
+    Plan(commands::plan::PlanArgs),
+    /// Measure this machine's GEMM, expert GEMM, attention, memory and copy rates into a
+    /// hardware description for `plan`.
+    Calibrate(commands::calibrate::CalibrateArgs),
 }
 
 /// Keeps freed memory in the process for reuse. A training step allocates and frees the
@@ -80,6 +86,8 @@ fn main() {
         Command::Bench(a) => commands::bench::run(a),
         Command::Grad(a) => commands::grad::run(a),
         Command::Report(a) => commands::report::run(a),
+        Command::Plan(a) => commands::plan::run(a),
+        Command::Calibrate(a) => commands::calibrate::run(a),
     };
     if let Err(e) = result {
         eprintln!("ultramoe: error: {e}");

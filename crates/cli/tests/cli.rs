@@ -182,3 +182,68 @@ fn expert_parallel_train_on_threads_then_resume_on_one_rank() {
     expect_error(&["train", "--ranks", "2", "--hierarchical-a2a", "--steps", "1"], &["--hierarchical-a2a", "ranks per node"]);
     expect_error(&["train", "--ranks", "2", "--ep", "2", "--micro-batch", "3", "--steps", "1"], &["micro_batch", "2 ranks"]);
 }
+
+#[test]
+fn plan_ranks_layouts_and_explains_rejections() {
+    let out = bin()
+        .args(["plan", "--model", "deepseek-v3-671b", "--cluster", "h800", "--devices", "2048", "--seq-len", "4096", "--global-batch", "15360", "--json", "--top", "3", "--show-rejected", "5"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let best = v["best"].as_array().unwrap();
+    assert_eq!(best.len(), 3);
+    assert!(best[0]["step_s"].as_f64().unwrap() <= best[1]["step_s"].as_f64().unwrap(), "fastest first");
+    let l = &best[0]["layout"];
+    let devices = l["tp"].as_u64().unwrap() * l["pp"].as_u64().unwrap() * l["dp"].as_u64().unwrap();
+    assert_eq!(devices, 2048);
+    assert!(best[0]["memory_bytes"].as_f64().unwrap() < 80e9);
+    for r in v["rejected"].as_array().unwrap() {
+        assert!(!r["reason"].as_str().unwrap().is_empty(), "every rejected layout says why");
+    }
+    assert!(v["rejected_by_reason"].as_object().unwrap().keys().any(|k| k.contains("GB per device")), "memory rejections are reported");
+    // Pinned dimensions, a breakdown image, and clear errors.
+    let dir = tmp("plan");
+    let img = dir.join("breakdown.png");
+    let out = bin()
+        .args(["plan", "--model", "qwen3-235b-a22b", "--cluster", "h100", "--devices", "256", "--seq-len", "4096", "--global-batch", "512", "--fix", "tp=4,ep=8", "--image"])
+        .arg(&img)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.lines().filter(|l| l.trim_start().starts_with("4 ")).count() >= 1, "{text}");
+    assert!(std::fs::read(&img).unwrap().starts_with(b"\x89PNG"));
+    expect_error(&["plan", "--model", "no-such-model", "--devices", "8"], &["no-such-model", "preset"]);
+    expect_error(&["plan", "--model", "mixtral-8x22b", "--cluster", "h100", "--devices", "8", "--fix", "tp=three"], &["--fix", "tp=three"]);
+    expect_error(&["plan", "--model", "mixtral-8x22b", "--cluster", "h100", "--devices", "8", "--dtype", "int4"], &["--dtype", "int4"]);
+    // Eight H100s cannot hold 141 B parameters with their optimizer states.
+    expect_error(&["plan", "--model", "mixtral-8x22b", "--cluster", "h100", "--devices", "8", "--seq-len", "4096", "--global-batch", "64"], &["no layout fits"]);
+}
+
+#[test]
+fn plan_validates_a_finished_run() {
+    let run = tmp("validate");
+    let out = bin().args(["train", "--steps", "10", "--micro-batch", "4", "--seq-len", "32", "--no-progress", "--peak-gflops", "100", "--run-dir"]).arg(&run).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = bin().args(["plan", "--validate"]).arg(&run).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("measured") && text.contains("predicted"), "{text}");
+    expect_error(&["plan", "--validate", "/nonexistent-run"], &["metrics.jsonl"]);
+}
+
+#[test]
+fn calibrate_writes_a_hardware_file_plan_reads() {
+    let dir = tmp("calibrate");
+    let hw = dir.join("hw.toml");
+    let out = bin().args(["calibrate", "--seconds", "0.01", "--out"]).arg(&hw).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = std::fs::read_to_string(&hw).unwrap();
+    assert!(text.contains("[efficiency]") && text.contains("grouped_gemm"), "{text}");
+    let out = bin().args(["plan", "--model", "mixtral-8x22b", "--cluster"]).arg(&hw).args(["--devices", "1", "--dtype", "fp32", "--seq-len", "64", "--global-batch", "1"]).output().unwrap();
+    // One CPU cannot hold Mixtral-8x22B: the answer is a reasoned refusal, not a crash.
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("no layout fits"), "{err}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("GB per device"));
+}

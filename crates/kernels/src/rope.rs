@@ -39,15 +39,6 @@ pub struct Yarn {
     pub truncate: bool,
 }
 
-/// YaRN's magnitude correction: `0.1 · m · ln(s) + 1` for `s > 1`, else 1.
-pub fn yarn_get_mscale(scale: f64, mscale: f64) -> f64 {
-    if scale <= 1.0 {
-        1.0
-    } else {
-        0.1 * mscale * scale.ln() + 1.0
-    }
-}
-
 /// Inverse frequencies `f_i = θ^(−2i/d)` for `i < d/2`.
 pub fn default_inv_freq(dim: usize, theta: f64) -> Vec<f64> {
     (0..dim / 2).map(|i| 1.0 / theta.powf((2 * i) as f64 / dim as f64)).collect()
@@ -193,6 +184,5 @@ mod tests {
         assert!((f[0] - base[0]).abs() < 1e-12);
         assert!((f[31] - base[31] / 40.0).abs() < 1e-12);
         assert!(f.iter().zip(&base).all(|(a, b)| *a <= *b + 1e-15 && *a >= b / 40.0 - 1e-15));
-        assert!((yarn_get_mscale(40.0, 1.0) - (0.1 * 40f64.ln() + 1.0)).abs() < 1e-12);
     }
 }

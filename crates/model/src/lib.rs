@@ -8,9 +8,7 @@
 
 pub mod attention;
 pub mod checkpoint;
-pub mod config;
 pub mod decoder;
-pub mod error;
 pub mod init;
 pub mod mlp;
 pub mod model;
@@ -18,6 +16,6 @@ pub mod moe;
 pub mod params;
 pub mod tensor_ops;
 
-pub use config::{Arch, ModelConfig};
-pub use error::{Error, Result};
+pub use ultramoe_config::{config, error};
+pub use ultramoe_config::{Arch, Error, ModelConfig, Result};
 pub use model::{shifted_targets, Forward, Model};

@@ -18,7 +18,8 @@ use ultramoe_kernels::embedding::{embedding_backward, embedding_forward};
 use ultramoe_kernels::gemm::{linear, linear_grad};
 use ultramoe_kernels::loss::{cross_entropy_forward, cross_entropy_fused_backward, IGNORE};
 use ultramoe_kernels::norm::{rmsnorm_backward, rmsnorm_forward};
-use ultramoe_kernels::rope::{default_inv_freq, yarn_get_mscale, yarn_inv_freq, RopeLayout, RopeTable, Yarn};
+use crate::config::yarn_get_mscale;
+use ultramoe_kernels::rope::{default_inv_freq, yarn_inv_freq, RopeLayout, RopeTable, Yarn};
 use ultramoe_kernels::router::{RouterSpec, ScoreFn};
 
 /// A model: its config, parameter layout and layer structure. Weights live outside, in a

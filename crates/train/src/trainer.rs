@@ -163,6 +163,10 @@ impl Default for TrainConfig {
 pub struct StepStats {
     /// step number (1-based: steps completed)
     pub step: u64,
+    /// ranks in the run
+    pub ranks: usize,
+    /// expert-parallel size
+    pub ep: usize,
     /// mean loss over the step's target tokens
     pub loss: f32,
     /// learning rate used
@@ -563,6 +567,8 @@ impl Trainer {
         };
         let stats = StepStats {
             step: self.step,
+            ranks: self.parallel.as_ref().map_or(1, |p| p.world()),
+            ep: self.ep().1,
             loss: (sums[0] / total_targets.max(1) as f64) as f32,
             lr,
             aux_loss: sums[1] as f32,

@@ -2,9 +2,11 @@
 
 pub mod bench;
 pub mod bench_comm;
+pub mod calibrate;
 pub mod demo;
 pub mod eval;
 pub mod grad;
+pub mod plan;
 pub mod report;
 pub mod solve;
 pub mod train;

@@ -415,7 +415,7 @@ impl ModelConfig {
         if self.arch == Arch::DeepseekV3 {
             if let RopeScaling::Yarn { factor, mscale_all_dim, .. } = self.rope_scaling {
                 if mscale_all_dim != 0.0 {
-                    let m = ultramoe_kernels::rope::yarn_get_mscale(factor, mscale_all_dim);
+                    let m = yarn_get_mscale(factor, mscale_all_dim);
                     s *= m * m;
                 }
             }
@@ -426,6 +426,15 @@ impl ModelConfig {
     /// Number of MoE layers.
     pub fn n_moe_layers(&self) -> usize {
         self.moe_layers.iter().filter(|&&x| x).count()
+    }
+}
+
+/// YaRN's attention magnitude correction `0.1·m·ln(s) + 1` for scale `s > 1` (else 1).
+pub fn yarn_get_mscale(scale: f64, mscale: f64) -> f64 {
+    if scale <= 1.0 {
+        1.0
+    } else {
+        0.1 * mscale * scale.ln() + 1.0
     }
 }
 
@@ -458,4 +467,15 @@ fn parse_rope_block(b: &Value, max_position: usize) -> Result<RopeScaling> {
         }
         other => return Err(Error::field("rope_type", format!("`{other}` is not supported (default, linear, yarn)"))),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn yarn_mscale_formula() {
+        assert!((yarn_get_mscale(40.0, 1.0) - (0.1 * 40f64.ln() + 1.0)).abs() < 1e-12);
+        assert_eq!(yarn_get_mscale(1.0, 1.0), 1.0);
+    }
 }

@@ -1,4 +1,5 @@
-//! The one error type of the model crate: what went wrong, where (file, field), and why.
+//! The one error type of config parsing, the model and the planner: what went wrong,
+//! where (file, field), and why.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -46,5 +47,5 @@ impl fmt::Display for Error {
 
 impl std::error::Error for Error {}
 
-/// Result with the model crate's [`Error`].
+/// Result with [`Error`].
 pub type Result<T> = std::result::Result<T, Error>;

@@ -1,0 +1,244 @@
+//! `ultramoe plan`: searches parallel layouts for a model on a cluster and prints the
+//! fastest with their time breakdown; `--validate RUN_DIR` compares the prediction for a
+//! finished ultramoe run with the step time it measured.
+
+use super::CliResult;
+use clap::Args;
+use std::path::{Path, PathBuf};
+use ultramoe_plan::validate::{predict_run, RunRecord};
+use ultramoe_plan::{presets, search, Fixed, Hardware, Job, ModelCost, Prediction};
+
+/// Options of `ultramoe plan`.
+#[derive(Args, Debug)]
+pub struct PlanArgs {
+    /// Model: a preset (pangu-ultra-moe-718b, deepseek-v3-671b, qwen3-235b-a22b,
+    /// mixtral-8x22b) or a config.json (or its directory).
+    #[arg(long, required_unless_present = "validate")]
+    pub model: Option<String>,
+    /// Cluster: a preset (atlas-800t-a2, cloudmatrix384, h800, h100, this-machine) or a
+    /// hardware TOML file (`ultramoe calibrate` writes one).
+    #[arg(long, default_value = "this-machine")]
+    pub cluster: String,
+    /// Devices in the job.
+    #[arg(long, default_value_t = 1)]
+    pub devices: usize,
+    /// Tokens per sequence.
+    #[arg(long, default_value_t = 4096)]
+    pub seq_len: usize,
+    /// Sequences per step.
+    #[arg(long, default_value_t = 1024)]
+    pub global_batch: usize,
+    /// Compute data type (picks the peak and the bytes per element).
+    #[arg(long, default_value = "bf16")]
+    pub dtype: String,
+    /// Pin search dimensions: e.g. `tp=8,pp=16,ep=32,vpp=2,mb=1,recompute=full`.
+    #[arg(long)]
+    pub fix: Option<String>,
+    /// Layouts to print.
+    #[arg(long, default_value_t = 10)]
+    pub top: usize,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Price the expert-parallel all-to-all as hierarchical (one copy per remote node).
+    #[arg(long)]
+    pub hierarchical_a2a: bool,
+    /// Busiest expert-parallel rank's routed load over the mean.
+    #[arg(long, default_value_t = 1.0)]
+    pub imbalance: f64,
+    /// Optimizer states replicated on every data-parallel rank (default: ZeRO-1).
+    #[arg(long)]
+    pub no_zero1: bool,
+    /// Also list this many rejected layouts with their reasons.
+    #[arg(long, default_value_t = 0)]
+    pub show_rejected: usize,
+    /// Draw the best layouts' time breakdown as a PNG bar chart.
+    #[arg(long)]
+    pub image: Option<PathBuf>,
+    /// Compare the prediction for this finished `ultramoe train` run directory with the
+    /// step time its metrics recorded (median of the steps after the first 5).
+    #[arg(long)]
+    pub validate: Option<PathBuf>,
+}
+
+/// `ultramoe plan`.
+pub fn run(a: PlanArgs) -> CliResult {
+    let hw = Hardware::load(&a.cluster).map_err(|e| e.to_string())?;
+    if let Some(dir) = &a.validate {
+        return validate(dir, &hw);
+    }
+    let name = a.model.as_deref().expect("clap requires --model");
+    let cfg = presets::model(name).map_err(|e| e.to_string())?;
+    let m = ModelCost::new(&cfg);
+    let fixed = match &a.fix {
+        Some(f) => Fixed::parse(f).map_err(|e| format!("--fix: {e}"))?,
+        None => Fixed::default(),
+    };
+    hw.peak(&a.dtype).map_err(|e| format!("--dtype: {e}"))?;
+    if a.devices == 0 || a.seq_len == 0 || a.global_batch == 0 {
+        return Err("--devices, --seq-len and --global-batch must be positive".into());
+    }
+    let job = Job {
+        devices: a.devices,
+        seq_len: a.seq_len,
+        global_batch: a.global_batch,
+        dtype: a.dtype.clone(),
+        hierarchical_a2a: a.hierarchical_a2a,
+        imbalance: a.imbalance,
+    };
+    let start = std::time::Instant::now();
+    let out = search(&m, &hw, &job, &fixed, !a.no_zero1);
+    let took = start.elapsed().as_secs_f64();
+    let best: Vec<&Prediction> = out.ranked.iter().take(a.top).collect();
+    if let Some(p) = &a.image {
+        draw(p, &best)?;
+    }
+    if a.json {
+        let rejected: Vec<serde_json::Value> =
+            out.rejected.iter().take(a.show_rejected).map(|(l, why)| serde_json::json!({ "layout": l, "reason": why })).collect();
+        let v = serde_json::json!({
+            "model": name, "cluster": hw.name, "job": job,
+            "params": m.params(), "active_params": m.active_params(),
+            "evaluated": out.ranked.len() + out.rejected.len(), "feasible": out.ranked.len(),
+            "rejected_by_reason": out.reasons(), "best": best, "rejected": rejected,
+        });
+        println!("{}", serde_json::to_string_pretty(&v).unwrap());
+        return Ok(());
+    }
+    println!(
+        "{name}: {:.1} B parameters ({:.1} B active) on {} × {} ({}), seq {} × {} sequences per step, {}",
+        m.params() / 1e9,
+        m.active_params() / 1e9,
+        a.devices,
+        hw.name,
+        a.cluster,
+        a.seq_len,
+        a.global_batch,
+        a.dtype
+    );
+    println!(
+        "{} layouts evaluated in {:.2} s: {} feasible, {} rejected",
+        out.ranked.len() + out.rejected.len(),
+        took,
+        out.ranked.len(),
+        out.rejected.len()
+    );
+    for (why, n) in out.reasons() {
+        println!("  rejected {n:>6}: {why}");
+    }
+    if best.is_empty() {
+        return Err("no layout fits; see the rejection reasons above (more devices, a smaller micro-batch or full recomputation may help)".into());
+    }
+    println!();
+    println!(
+        "{:>3} {:>3} {:>3} {:>4} {:>5} {:>3} {:>10} {:>9} {:>11} {:>6} {:>8}  breakdown (s): compute/recompute/tp/ep/pp/dp/bubble/imbalance/optimizer",
+        "tp", "pp", "vpp", "ep", "dp", "mb", "recompute", "step s", "tokens/s", "MFU", "mem GB"
+    );
+    for p in &best {
+        let l = &p.layout;
+        let b: Vec<String> = p.breakdown.parts().iter().map(|(_, s)| format!("{s:.2}")).collect();
+        println!(
+            "{:>3} {:>3} {:>3} {:>4} {:>5} {:>3} {:>10} {:>9.3} {:>11.0} {:>5.1}% {:>8.1}  {}",
+            l.tp,
+            l.pp,
+            l.vpp,
+            l.ep,
+            l.dp,
+            l.micro_batch,
+            l.recompute.name(),
+            p.step_s,
+            p.tokens_per_s,
+            100.0 * p.mfu,
+            p.memory_bytes / 1e9,
+            b.join("/")
+        );
+    }
+    for (l, why) in out.rejected.iter().take(a.show_rejected) {
+        println!("rejected tp {} pp {} vpp {} ep {} dp {} mb {} {}: {why}", l.tp, l.pp, l.vpp, l.ep, l.dp, l.micro_batch, l.recompute.name());
+    }
+    Ok(())
+}
+
+/// Reads a finished run: its model config, training config, layout and the median of
+/// its measured step times (steps after the first 5).
+pub fn read_run(dir: &Path) -> CliResult<RunRecord> {
+    let metrics = dir.join("metrics.jsonl");
+    let text = std::fs::read_to_string(&metrics).map_err(|e| format!("{}: cannot read: {e}", metrics.display()))?;
+    let rows: Vec<serde_json::Value> = text
+        .lines()
+        .enumerate()
+        .map(|(i, l)| serde_json::from_str(l).map_err(|e| format!("{}:{}: not JSON: {e}", metrics.display(), i + 1)))
+        .collect::<CliResult<_>>()?;
+    if rows.len() < 8 {
+        return Err(format!("{}: {} steps recorded; at least 8 needed (the first 5 are warm-up)", metrics.display(), rows.len()));
+    }
+    let field = |v: &serde_json::Value, k: &str| v.get(k).and_then(|x| x.as_f64()).ok_or_else(|| format!("{}: `{k}` missing", metrics.display()));
+    let mut steps: Vec<f64> = rows[5..].iter().map(|r| field(r, "step_s")).collect::<CliResult<_>>()?;
+    steps.sort_by(|a, b| a.total_cmp(b));
+    let first = &rows[0];
+    let ranks = first.get("ranks").and_then(|x| x.as_u64()).unwrap_or(1) as usize;
+    let ep = first.get("ep").and_then(|x| x.as_u64()).unwrap_or(1) as usize;
+    let ckpt = ultramoe_train::trainer::Trainer::latest_checkpoint(dir).ok_or_else(|| format!("{}: no checkpoint (config and training settings)", dir.display()))?;
+    let cfg_path = ckpt.join("config.json");
+    let model: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).map_err(|e| format!("{}: {e}", cfg_path.display()))?)
+        .map_err(|e| format!("{}: {e}", cfg_path.display()))?;
+    let state_path = ckpt.join("trainer_state.json");
+    let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&state_path).map_err(|e| format!("{}: {e}", state_path.display()))?)
+        .map_err(|e| format!("{}: {e}", state_path.display()))?;
+    let c = &state["config"];
+    let get = |k: &str| c.get(k).and_then(|x| x.as_u64()).map(|x| x as usize).ok_or_else(|| format!("{}: `config.{k}` missing", state_path.display()));
+    Ok(RunRecord {
+        name: dir.display().to_string(),
+        model,
+        micro_batch: get("micro_batch")?,
+        seq_len: get("seq_len")?,
+        grad_accum: get("grad_accum")?,
+        ranks,
+        ep,
+        step_s: steps[steps.len() / 2],
+    })
+}
+
+fn validate(dir: &Path, hw: &Hardware) -> CliResult {
+    let run = read_run(dir)?;
+    let predicted = predict_run(&run, hw).map_err(|e| e.to_string())?;
+    println!("run        {}", run.name);
+    println!("layout     {} rank(s), EP {}, micro-batch {} × seq {} × accumulation {}", run.ranks, run.ep, run.micro_batch, run.seq_len, run.grad_accum);
+    println!("hardware   {}", hw.name);
+    println!("measured   {:.4} s/step (median after 5 warm-up steps)", run.step_s);
+    println!("predicted  {predicted:.4} s/step ({:+.1}%)", 100.0 * (predicted / run.step_s - 1.0));
+    if std::env::var_os("ULTRAMOE_RUN_RECORD").is_some() {
+        println!("{}", serde_json::to_string(&run).unwrap());
+    }
+    Ok(())
+}
+
+/// A stacked bar per layout: its step time split into the breakdown's parts.
+fn draw(path: &Path, best: &[&Prediction]) -> CliResult {
+    const COLORS: [[u8; 3]; 9] = [[66, 133, 244], [251, 188, 5], [234, 67, 53], [52, 168, 83], [171, 71, 188], [0, 172, 193], [158, 158, 158], [255, 112, 67], [92, 107, 192]];
+    let (bar_w, gap, height) = (40usize, 12usize, 300usize);
+    let width = (best.len().max(1) * (bar_w + gap) + gap).max(200);
+    let mut img = vec![255u8; width * height * 3];
+    let longest = best.iter().map(|p| p.step_s).fold(0.0, f64::max).max(1e-12);
+    for (i, p) in best.iter().enumerate() {
+        let x0 = gap + i * (bar_w + gap);
+        let mut y = height;
+        for (c, (_, secs)) in p.breakdown.parts().iter().enumerate() {
+            let h = ((secs / longest) * (height - 10) as f64).round() as usize;
+            let top = y.saturating_sub(h);
+            for yy in top..y {
+                for xx in x0..x0 + bar_w {
+                    img[(yy * width + xx) * 3..(yy * width + xx) * 3 + 3].copy_from_slice(&COLORS[c]);
+                }
+            }
+            y = top;
+        }
+    }
+    std::fs::write(path, crate::png::encode_rgb(width, height, &img)).map_err(|e| format!("{}: cannot write: {e}", path.display()))?;
+    eprintln!(
+        "wrote {} (bars: {}; colours in order: blue, yellow, red, green, purple, cyan, grey, orange, indigo)",
+        path.display(),
+        ["compute", "recompute", "tp", "ep", "pp", "dp", "bubble", "imbalance", "optimizer"].join(", ")
+    );
+    Ok(())
+}

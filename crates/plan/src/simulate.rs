@@ -1,0 +1,314 @@
+//! One training step of one layout, simulated: time per micro-batch on the busiest
+//! pipeline stage, the pipeline bubble, exposed communication, the optimizer step, and
+//! the memory each device needs. A layout that cannot run says why.
+//!
+//! Devices are ordered TP innermost, then DP, then PP, so tensor-parallel groups sit
+//! inside a node and an expert-parallel group (EP consecutive ranks of the TP × DP
+//! plane) spans `⌈EP / devices_per_node⌉` nodes. A device computes `1/TP` of its
+//! micro-batch's dense work and, on average, `1/TP` of its routed rows
+//! (`mb·s·K/TP`, spread over its `E/EP` experts).
+//!
+//! Time of one micro-batch on a stage (forward + backward):
+//! `Σ_GEMMs 3·f / (peak·eff(f))` + attention core `(1 + 2.5)·f / (peak·eff_attn)` +
+//! elementwise traffic `3·bytes / (bw·eff_mem)` + recomputation + exposed TP and EP
+//! collectives. A step is `(m + (PP−1)/VPP)·t_mb` (1F1B with `m` micro-batches,
+//! interleaved over VPP virtual stages) plus exposed DP traffic, the optimizer step and
+//! a fixed host overhead. Collectives: ring all-reduce `2(n−1)/n·B / bw`, all-to-all
+//! `B·(n−1)/n / bw` (the slower of the intra- and inter-node parts), each plus a latency.
+
+use crate::hardware::{interpolate, Hardware};
+use crate::model_cost::{ModelCost, Recompute};
+use serde::Serialize;
+
+/// A parallel layout and its per-device batch.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct Layout {
+    /// tensor parallel
+    pub tp: usize,
+    /// pipeline stages
+    pub pp: usize,
+    /// virtual stages per device (interleaved 1F1B)
+    pub vpp: usize,
+    /// expert parallel (within the TP × DP plane)
+    pub ep: usize,
+    /// data parallel
+    pub dp: usize,
+    /// sequences per micro-batch
+    pub micro_batch: usize,
+    /// recomputation
+    pub recompute: Recompute,
+    /// optimizer states sharded over data-parallel ranks
+    pub zero1: bool,
+}
+
+/// What is being trained, on how much.
+#[derive(Clone, Debug, Serialize)]
+pub struct Job {
+    /// devices
+    pub devices: usize,
+    /// tokens per sequence
+    pub seq_len: usize,
+    /// sequences per step
+    pub global_batch: usize,
+    /// compute data type (`bf16`, `fp32`, ...): picks the peak and the bytes per element
+    pub dtype: String,
+    /// hierarchical all-to-all (one copy per remote node, fanned out there)
+    pub hierarchical_a2a: bool,
+    /// busiest expert-parallel rank's routed load over the mean (1 = balanced)
+    pub imbalance: f64,
+}
+
+/// Where a step's time goes (seconds).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Breakdown {
+    /// forward + backward computation
+    pub compute: f64,
+    /// recomputation
+    pub recompute: f64,
+    /// exposed tensor-parallel collectives
+    pub tp_comm: f64,
+    /// exposed expert-parallel all-to-all
+    pub ep_comm: f64,
+    /// pipeline sends
+    pub pp_comm: f64,
+    /// exposed data-parallel gradient traffic
+    pub dp_comm: f64,
+    /// pipeline bubble
+    pub bubble: f64,
+    /// the busiest expert rank's extra routed work
+    pub imbalance: f64,
+    /// optimizer step and fixed overhead
+    pub optimizer: f64,
+}
+
+impl Breakdown {
+    /// The parts as (name, seconds).
+    pub fn parts(&self) -> [(&'static str, f64); 9] {
+        [
+            ("compute", self.compute),
+            ("recompute", self.recompute),
+            ("tp comm", self.tp_comm),
+            ("ep comm", self.ep_comm),
+            ("pp comm", self.pp_comm),
+            ("dp comm", self.dp_comm),
+            ("bubble", self.bubble),
+            ("imbalance", self.imbalance),
+            ("optimizer", self.optimizer),
+        ]
+    }
+}
+
+/// A feasible layout's predicted step.
+#[derive(Clone, Debug, Serialize)]
+pub struct Prediction {
+    /// the layout
+    pub layout: Layout,
+    /// seconds per step
+    pub step_s: f64,
+    /// tokens per second (all devices)
+    pub tokens_per_s: f64,
+    /// model FLOP utilisation
+    pub mfu: f64,
+    /// peak memory per device (bytes)
+    pub memory_bytes: f64,
+    /// of which activations
+    pub activation_bytes: f64,
+    /// where the time goes
+    pub breakdown: Breakdown,
+}
+
+/// Ring all-reduce over `n` devices of `bytes` each.
+fn all_reduce_s(bytes: f64, n: usize, bw: f64, lat: f64) -> f64 {
+    if n <= 1 {
+        return 0.0;
+    }
+    2.0 * (n - 1) as f64 / n as f64 * bytes / bw + 2.0 * (n - 1) as f64 * lat
+}
+
+/// Bytes per element of activations and weights for a data type.
+fn elem_bytes(dtype: &str) -> f64 {
+    match dtype {
+        "fp32" => 4.0,
+        "fp8" => 1.0,
+        _ => 2.0,
+    }
+}
+
+/// Bytes of training state per parameter: `(replicated part, shardable optimizer part)`.
+/// Mixed precision: bf16 weight + fp32 gradient, and fp32 master copy + two moments;
+/// fp32: weight + gradient, and two moments.
+fn state_bytes(dtype: &str) -> (f64, f64) {
+    match dtype {
+        "fp32" => (8.0, 8.0),
+        _ => (6.0, 12.0),
+    }
+}
+
+/// Simulates `layout`; `Err` says why it cannot run.
+pub fn simulate(m: &ModelCost, hw: &Hardware, job: &Job, l: &Layout) -> Result<Prediction, String> {
+    let (tp, pp, vpp, ep, dp, mb) = (l.tp, l.pp, l.vpp.max(1), l.ep, l.dp, l.micro_batch);
+    let dpn = hw.devices_per_node;
+    if tp * pp * dp != job.devices {
+        return Err(format!("tp {tp} × pp {pp} × dp {dp} ≠ {} devices", job.devices));
+    }
+    if tp > dpn {
+        return Err(format!("tp {tp} spans nodes ({dpn} devices per node)"));
+    }
+    if !m.attention.heads.is_multiple_of(tp) {
+        return Err(format!("tp {tp} does not divide {} heads", m.attention.heads));
+    }
+    if pp > m.layers {
+        return Err(format!("pp {pp} exceeds {} layers", m.layers));
+    }
+    let stage_layers = m.layers.div_ceil(pp);
+    if vpp > 1 && (pp == 1 || !stage_layers.is_multiple_of(vpp)) {
+        return Err(format!("vpp {vpp} does not divide {stage_layers} layers per stage"));
+    }
+    if m.moe_layers > 0 && (!m.experts.is_multiple_of(ep) || !(dp * tp).is_multiple_of(ep)) {
+        return Err(format!("ep {ep} must divide {} experts and tp × dp = {}", m.experts, dp * tp));
+    }
+    if !job.global_batch.is_multiple_of(dp * mb) {
+        return Err(format!("global batch {} is not a multiple of dp {dp} × micro-batch {mb}", job.global_batch));
+    }
+    let micro = job.global_batch / (dp * mb);
+    if pp > 1 && micro < pp {
+        return Err(format!("{micro} micro-batches cannot fill {pp} pipeline stages"));
+    }
+    let peak = hw.peak(&job.dtype).map_err(|e| e.to_string())?;
+    let eb = elem_bytes(&job.dtype);
+    let e = &hw.efficiency;
+    let net = e.network.max(1e-3);
+    let (h, s) = (m.hidden as f64, job.seq_len);
+    let n = (mb * s) as f64; // tokens per micro-batch per DP rank
+    let gemm = |f: f64| 3.0 * f / (peak * interpolate(&e.gemm, f));
+    let mem_bw = hw.device.memory_bandwidth * e.memory;
+
+    // One layer, one micro-batch, forward + backward, on one device.
+    let attn_gemms: f64 = m.attention.gemms.iter().map(|&(i, o)| gemm(2.0 * n * (i * o) as f64 / tp as f64)).sum();
+    let core_f = m.attention_core_flops(s) * n / tp as f64;
+    let attn_core = 3.5 * core_f / (peak * e.attention);
+    let dense_ffn = gemm(n * m.dense_flops() / 3.0 / tp as f64) * 3.0;
+    let routed_rows = n * m.top_k as f64 / tp as f64;
+    let per_expert_rows = routed_rows * ep as f64 / m.experts.max(1) as f64;
+    let per_expert_f = 6.0 * per_expert_rows * h * m.expert_inter as f64;
+    let routed = if m.moe_layers > 0 { 3.0 * routed_rows * 6.0 * h * m.expert_inter as f64 / (peak * interpolate(&e.grouped_gemm, per_expert_f)) } else { 0.0 };
+    let shared = gemm(n * 2.0 * h * m.shared_inter as f64 / tp as f64) * 3.0 + gemm(2.0 * n * h * m.experts as f64 / tp as f64);
+    // Elementwise traffic: every saved element written once forward, read and its
+    // gradient written backward.
+    let elementwise = |moe: bool| 3.0 * m.saved_elements(moe, Recompute::None) * n / tp as f64 * eb / mem_bw;
+    let fwd = |x: f64| x / 3.0;
+    let moe_layer = attn_gemms + attn_core + routed + shared + elementwise(true);
+    let dense_layer = attn_gemms + attn_core + dense_ffn + elementwise(false);
+    let recompute_of = |layer_t: f64, moe: bool| match l.recompute {
+        Recompute::None => 0.0,
+        Recompute::Selective => fwd(attn_core) + elementwise(moe) / 3.0,
+        Recompute::Full => fwd(layer_t),
+    };
+    // The busiest stage: the heavier kind of layer throughout, plus the head.
+    let (layer_t, moe_stage) = if m.moe_layers > 0 { (moe_layer, true) } else { (dense_layer, false) };
+    let head = gemm(2.0 * n * h * m.vocab as f64 / tp as f64) + 4.0 * n * (m.vocab / tp) as f64 * 4.0 / mem_bw;
+    let stage_compute = stage_layers as f64 * (layer_t + e.layer_overhead) + head;
+    let stage_recompute = stage_layers as f64 * recompute_of(layer_t, moe_stage);
+    let stage_imbalance = if moe_stage { stage_layers as f64 * routed * (job.imbalance - 1.0).max(0.0) } else { 0.0 };
+
+    // Tensor parallel: 2 collectives forward, 2 backward per layer, of n·H elements.
+    let bw_intra = hw.network.intra_node_bandwidth * net;
+    let bw_inter = hw.network.inter_node_bandwidth * net;
+    let tp_layer = 4.0 * all_reduce_s(n * h * eb, tp, bw_intra, hw.network.intra_node_latency);
+    let tp_exposed = stage_layers as f64 * tp_layer * (1.0 - e.tp_overlap);
+    // Expert parallel: dispatch and combine, forward and backward, per MoE layer.
+    let ep_layer = if moe_stage && ep > 1 {
+        let sent = routed_rows * h * eb * (ep - 1) as f64 / ep as f64;
+        let local = ep.min(dpn);
+        let nodes = ep.div_ceil(dpn);
+        let inter_frac = (ep - local) as f64 / (ep - 1) as f64;
+        let (intra_b, inter_b) = if job.hierarchical_a2a && nodes > 1 {
+            // each token crosses once to each remote node holding one of its experts,
+            // then fans out inside that node
+            let g = nodes as f64;
+            let k = m.top_k as f64;
+            let remote_nodes = (g - 1.0) * (1.0 - (1.0 - 1.0 / g).powf(k));
+            (sent * (1.0 - inter_frac) + routed_rows * h * eb * (local - 1) as f64 / local as f64, n / tp as f64 * h * eb * remote_nodes)
+        } else {
+            (sent * (1.0 - inter_frac), sent * inter_frac)
+        };
+        let lat = if nodes > 1 { hw.network.inter_node_latency } else { hw.network.intra_node_latency };
+        4.0 * ((intra_b / bw_intra).max(inter_b / bw_inter) + 2.0 * lat)
+    } else {
+        0.0
+    };
+    let ep_exposed = stage_layers as f64 * ep_layer * (1.0 - e.ep_overlap);
+    // Pipeline: an activation forward and a gradient backward per micro-batch.
+    let pp_mb = if pp > 1 {
+        let bw = if dp * tp >= dpn { bw_inter } else { bw_intra };
+        2.0 * (n * h * eb / tp as f64 / bw + hw.network.inter_node_latency)
+    } else {
+        0.0
+    };
+    let t_mb = stage_compute + stage_recompute + stage_imbalance + tp_exposed + ep_exposed + pp_mb;
+    let bubble = (pp - 1) as f64 / vpp as f64 * t_mb;
+
+    // Parameters on the busiest device and its data-parallel traffic.
+    let stage_frac = stage_layers as f64 / m.layers as f64;
+    let replicated = m.dense_params * stage_frac / tp as f64 + (m.embed_params + m.head_params) / tp as f64 / if pp > 1 { 2.0 } else { 1.0 };
+    let experts = m.expert_params * stage_frac / ep as f64;
+    let edp = (dp * tp / ep.max(1)).max(1);
+    let (keep, shard) = state_bytes(&job.dtype);
+    let states = replicated * (keep + if l.zero1 { shard / dp as f64 } else { shard })
+        + experts * (keep + if l.zero1 { shard / edp as f64 } else { shard });
+    let dp_bw = if tp * dp > dpn { bw_inter } else { bw_intra };
+    let grad_b = if job.dtype == "fp32" { 4.0 } else { 2.0 };
+    let dp_traffic = all_reduce_s(replicated * grad_b, dp, dp_bw, hw.network.inter_node_latency)
+        + all_reduce_s(experts * grad_b, edp, dp_bw, hw.network.inter_node_latency);
+    let dp_exposed = dp_traffic * (1.0 - e.dp_overlap);
+    // AdamW reads weight, gradient and two moments and writes three: ~7 floats each.
+    let opt_params = if l.zero1 { replicated / dp as f64 + experts / edp as f64 } else { replicated + experts };
+    let optimizer = opt_params * 28.0 / (hw.device.memory_bandwidth * e.optimizer) + e.step_overhead;
+
+    // Memory: states, activations of the micro-batches in flight, logits, buffers.
+    // 1F1B: the first stage holds `PP` micro-batches of its layers; interleaving adds
+    // the factor `1 + (PP−1)/(PP·VPP)` (Korthikanti et al., 2022).
+    let in_flight = match (pp, vpp) {
+        (1, _) => 1.0,
+        (_, 1) => (pp as f64).min(micro as f64),
+        _ => (pp as f64 * (1.0 + (pp - 1) as f64 / (pp * vpp) as f64)).min(micro as f64),
+    };
+    let per_layer_act = m.saved_elements(moe_stage, l.recompute) * n * eb / tp as f64;
+    let activations = per_layer_act * stage_layers as f64 * in_flight + n * (m.vocab / tp) as f64 * 4.0;
+    let buffers = if ep > 1 { 2.0 * routed_rows * h * eb } else { 0.0 };
+    let memory = states + activations + buffers;
+    let usable = 0.9 * hw.device.memory_bytes;
+    if memory > usable {
+        return Err(format!(
+            "needs {:.1} GB per device (states {:.1}, activations {:.1}) > {:.1} GB usable",
+            memory / 1e9,
+            states / 1e9,
+            activations / 1e9,
+            usable / 1e9
+        ));
+    }
+
+    let micro_f = micro as f64;
+    let step = micro_f * t_mb + bubble + dp_exposed + optimizer;
+    let tokens = (job.global_batch * s) as f64;
+    let breakdown = Breakdown {
+        compute: micro_f * stage_compute,
+        recompute: micro_f * stage_recompute,
+        tp_comm: micro_f * tp_exposed,
+        ep_comm: micro_f * ep_exposed,
+        pp_comm: micro_f * pp_mb,
+        dp_comm: dp_exposed,
+        bubble,
+        imbalance: micro_f * stage_imbalance,
+        optimizer,
+    };
+    Ok(Prediction {
+        layout: *l,
+        step_s: step,
+        tokens_per_s: tokens / step,
+        mfu: m.train_flops_per_token(s) * tokens / (step * job.devices as f64 * peak),
+        memory_bytes: memory,
+        activation_bytes: activations,
+        breakdown,
+    })
+}
