@@ -50,7 +50,9 @@ pub struct Job {
     pub seq_len: usize,
     /// sequences per step
     pub global_batch: usize,
-    /// compute data type (`bf16`, `fp32`, ...): picks the peak and the bytes per element
+    /// compute data type: `bf16`/`fp16` (mixed precision), `fp32`, or `fp8` (FP8 GEMMs —
+    /// forward, input and weight gradients — with attention, elementwise work and stored
+    /// activations in BF16, as DeepSeek-V3 trained); picks the peaks and bytes per element
     pub dtype: String,
     /// hierarchical all-to-all (one copy per remote node, fanned out there)
     pub hierarchical_a2a: bool,
@@ -107,7 +109,7 @@ pub struct Prediction {
     pub step_s: f64,
     /// tokens per second (all devices)
     pub tokens_per_s: f64,
-    /// model FLOP utilisation
+    /// model FLOP utilisation (against the BF16 peak under FP8 training)
     pub mfu: f64,
     /// peak memory per device (bytes)
     pub memory_bytes: f64,
@@ -129,7 +131,6 @@ fn all_reduce_s(bytes: f64, n: usize, bw: f64, lat: f64) -> f64 {
 fn elem_bytes(dtype: &str) -> f64 {
     match dtype {
         "fp32" => 4.0,
-        "fp8" => 1.0,
         _ => 2.0,
     }
 }
@@ -175,7 +176,10 @@ pub fn simulate(m: &ModelCost, hw: &Hardware, job: &Job, l: &Layout) -> Result<P
         return Err(format!("{micro} micro-batches cannot fill {pp} pipeline stages"));
     }
     let peak = hw.peak(&job.dtype).map_err(|e| e.to_string())?;
-    let eb = elem_bytes(&job.dtype);
+    // Attention's core runs in BF16 under FP8 training; MFU is against the BF16 peak too.
+    let dense_dtype = if job.dtype == "fp8" { "bf16" } else { job.dtype.as_str() };
+    let core_peak = hw.peak(dense_dtype).map_err(|e| e.to_string())?;
+    let eb = elem_bytes(dense_dtype);
     let e = &hw.efficiency;
     let net = e.network.max(1e-3);
     let (h, s) = (m.hidden as f64, job.seq_len);
@@ -186,7 +190,7 @@ pub fn simulate(m: &ModelCost, hw: &Hardware, job: &Job, l: &Layout) -> Result<P
     // One layer, one micro-batch, forward + backward, on one device.
     let attn_gemms: f64 = m.attention.gemms.iter().map(|&(i, o)| gemm(2.0 * n * (i * o) as f64 / tp as f64)).sum();
     let core_f = m.attention_core_flops(s) * n / tp as f64;
-    let attn_core = 3.5 * core_f / (peak * e.attention);
+    let attn_core = 3.5 * core_f / (core_peak * e.attention);
     let dense_ffn = gemm(n * m.dense_flops() / 3.0 / tp as f64) * 3.0;
     let routed_rows = n * m.top_k as f64 / tp as f64;
     let per_expert_rows = routed_rows * ep as f64 / m.experts.max(1) as f64;
@@ -306,7 +310,7 @@ pub fn simulate(m: &ModelCost, hw: &Hardware, job: &Job, l: &Layout) -> Result<P
         layout: *l,
         step_s: step,
         tokens_per_s: tokens / step,
-        mfu: m.train_flops_per_token(s) * tokens / (step * job.devices as f64 * peak),
+        mfu: m.train_flops_per_token(s) * tokens / (step * job.devices as f64 * core_peak),
         memory_bytes: memory,
         activation_bytes: activations,
         breakdown,
