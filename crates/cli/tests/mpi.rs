@@ -45,6 +45,25 @@ fn losses(dir: &Path) -> Vec<f64> {
         .collect()
 }
 
+/// Two runs of the same length agree: every step's loss within 1e-5 relative, and the
+/// saved models (however sharded) tensor by tensor within 1e-5 relative L2.
+fn assert_same_run(one: &Path, two: &Path) {
+    let (a, b) = (losses(one), losses(two));
+    assert_eq!(a.len(), b.len(), "rank 0 alone writes the metrics");
+    for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+        assert!(((x - y) / x).abs() <= 1e-5, "step {}: {x} vs {y}", i + 1);
+    }
+    let model = Model::new(ModelConfig::from_json_str(CONFIG).unwrap());
+    let w1 = load_weights(&model, &one.join("run/model")).unwrap();
+    let w2 = load_weights(&model, &two.join("run/model")).unwrap();
+    for s in &model.layout.specs {
+        let (a, b) = (&w1[s.range()], &w2[s.range()]);
+        let diff: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum::<f64>().sqrt();
+        let norm: f64 = a.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt().max(1e-12);
+        assert!(diff / norm <= 1e-5, "{}: relative difference {:.2e}", s.name, diff / norm);
+    }
+}
+
 #[test]
 fn mpi_expert_parallel_matches_one_rank() {
     let exe = env!("CARGO_BIN_EXE_ultramoe");
@@ -57,20 +76,8 @@ fn mpi_expert_parallel_matches_one_rank() {
     let (a, b) = (losses(&one), losses(&two));
     assert_eq!(a.len(), 30);
     assert_eq!(b.len(), 30, "rank 0 alone writes the metrics");
-    for (i, (x, y)) in a.iter().zip(&b).enumerate() {
-        assert!(((x - y) / x).abs() <= 1e-5, "step {}: {x} vs {y}", i + 1);
-    }
-    // Final weights: the two-shard model equals the single-rank one, tensor by tensor.
-    let model = Model::new(ModelConfig::from_json_str(CONFIG).unwrap());
-    let w1 = load_weights(&model, &one.join("run/model")).unwrap();
-    let w2 = load_weights(&model, &two.join("run/model")).unwrap();
     assert!(two.join("run/model/model-00002-of-00002.safetensors").is_file());
-    for s in &model.layout.specs {
-        let (a, b) = (&w1[s.range()], &w2[s.range()]);
-        let diff: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum::<f64>().sqrt();
-        let norm: f64 = a.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt().max(1e-12);
-        assert!(diff / norm <= 1e-5, "{}: relative difference {:.2e}", s.name, diff / norm);
-    }
+    assert_same_run(&one, &two);
     let _ = std::fs::remove_dir_all(one);
     let _ = std::fs::remove_dir_all(two);
 }
@@ -88,24 +95,13 @@ fn mpi_dynamic_placement_matches_one_rank() {
     let placed = ["--ep", "2", "--placement-every", "5", "--redundant-experts", "1", "--mpi-wait", "sleep"];
     let st = mpirun(2).arg(exe).args(train_args(&two, 20)).args(skew).args(placed).output().unwrap();
     assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
-    for (i, (x, y)) in losses(&one).iter().zip(&losses(&two)).enumerate() {
-        assert!(((x - y) / x).abs() <= 1e-5, "step {}: {x} vs {y}", i + 1);
-    }
+    assert_same_run(&one, &two);
     let moved: u64 = std::fs::read_to_string(two.join("run/metrics.jsonl"))
         .unwrap()
         .lines()
         .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["experts_moved"].as_u64().unwrap())
         .sum();
     assert!(moved > 0, "experts moved");
-    let model = Model::new(ModelConfig::from_json_str(CONFIG).unwrap());
-    let w1 = load_weights(&model, &one.join("run/model")).unwrap();
-    let w2 = load_weights(&model, &two.join("run/model")).unwrap();
-    for s in &model.layout.specs {
-        let (a, b) = (&w1[s.range()], &w2[s.range()]);
-        let diff: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum::<f64>().sqrt();
-        let norm: f64 = a.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt().max(1e-12);
-        assert!(diff / norm <= 1e-5, "{}: relative difference {:.2e}", s.name, diff / norm);
-    }
     let _ = std::fs::remove_dir_all(one);
     let _ = std::fs::remove_dir_all(two);
 }
