@@ -9,6 +9,11 @@ mod serve;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
+/// Every heap allocation counted, for the memory figures in the metrics
+/// (`peak_bytes`) and `ultramoe memory`.
+#[global_allocator]
+static ALLOC: ultramoe_kernels::memory::CountingAlloc = ultramoe_kernels::memory::CountingAlloc;
+
 /// Mixture-of-Experts training and serving on CPUs.
 #[derive(Parser)]
 #[command(name = "ultramoe", version, about, long_about = None)]
@@ -43,6 +48,9 @@ enum Command {
     /// Measure this machine's GEMM, expert GEMM, attention, memory and copy rates into a
     /// hardware description for `plan`.
     Calibrate(commands::calibrate::CalibrateArgs),
+    /// Predict a training step's memory (weights, moments, each layer's activations)
+    /// before it runs; `--measure` checks it against real steps.
+    Memory(commands::memory::MemoryArgs),
 }
 
 /// Keeps freed memory in the process for reuse. A training step allocates and frees the
@@ -88,6 +96,7 @@ fn main() {
         Command::Report(a) => commands::report::run(a),
         Command::Plan(a) => commands::plan::run(a),
         Command::Calibrate(a) => commands::calibrate::run(a),
+        Command::Memory(a) => commands::memory::run(a),
     };
     if let Err(e) = result {
         eprintln!("ultramoe: error: {e}");

@@ -247,3 +247,28 @@ fn calibrate_writes_a_hardware_file_plan_reads() {
     assert!(!out.status.success() && err.contains("no layout fits"), "{err}");
     assert!(String::from_utf8_lossy(&out.stdout).contains("GB per device"));
 }
+
+#[test]
+fn memory_predicts_the_measured_peak_and_guards_the_budget() {
+    let out = bin().args(["memory", "--micro-batch", "8", "--seq-len", "64", "--measure"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let pct: f64 = text
+        .lines()
+        .find(|l| l.starts_with("measured peak"))
+        .and_then(|l| l.split('(').nth(1))
+        .and_then(|r| r.split('%').next())
+        .and_then(|p| p.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no measured peak in {text}"));
+    assert!(pct.abs() <= 5.0, "prediction off by {pct}%: {text}");
+    let run = tmp("budget");
+    expect_error(
+        &["train", "--steps", "1", "--micro-batch", "64", "--memory-budget", "150MB", "--no-progress", "--run-dir", run.to_str().unwrap()],
+        &["--memory-budget", "150.0 MB", "largest micro-batch that fits"],
+    );
+    expect_error(&["train", "--steps", "1", "--memory-budget", "lots", "--run-dir", run.to_str().unwrap()], &["--memory-budget", "lots"]);
+    let out = bin().args(["train", "--steps", "1", "--micro-batch", "4", "--seq-len", "32", "--memory-budget", "1GB", "--no-progress", "--peak-gflops", "100", "--run-dir"]).arg(&run).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let first: serde_json::Value = serde_json::from_str(std::fs::read_to_string(run.join("metrics.jsonl")).unwrap().lines().next().unwrap()).unwrap();
+    assert!(first["peak_bytes"].as_u64().unwrap() > first["activation_bytes"].as_u64().unwrap());
+}

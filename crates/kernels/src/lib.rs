@@ -25,6 +25,7 @@ pub mod embedding;
 pub mod gemm;
 pub mod grouped_gemm;
 pub mod loss;
+pub mod memory;
 pub mod norm;
 pub mod permute;
 pub mod profile;

@@ -10,6 +10,7 @@ pub mod attention;
 pub mod checkpoint;
 pub mod decoder;
 pub mod init;
+pub mod memory;
 pub mod mlp;
 pub mod model;
 pub mod moe;

@@ -212,6 +212,12 @@ pub struct StepStats {
     /// `Σ_layers max_rank_load / Σ_layers mean_rank_load`: how much longer the MoE part
     /// of a step takes than with perfectly even ranks
     pub rank_load_imbalance: f64,
+    /// most heap bytes live at once during the step (weights, gradients, moments,
+    /// activations, buffers: exact, from the counting allocator; 0 when the binary does
+    /// not install it)
+    pub peak_bytes: usize,
+    /// bytes of activations saved for backward by the largest micro-batch forward
+    pub activation_bytes: usize,
     /// expert slots that received another expert after this step (dynamic placement)
     pub experts_moved: usize,
     /// `rank_load_imbalance` the placement in force predicts from the load average
@@ -469,6 +475,7 @@ impl Trainer {
     /// every rank must call it; a failed exchange is an error naming the rank.
     pub fn train_step(&mut self) -> Result<StepStats> {
         let start = Instant::now();
+        ultramoe_kernels::memory::reset_peak();
         let (b, t) = (self.cfg.micro_batch, self.cfg.seq_len);
         // Every rank draws the same global micro-batches and trains on its rows.
         let micro: Vec<_> = (0..self.cfg.grad_accum).map(|_| self.batcher.next_batch(b, t)).collect();
@@ -481,6 +488,7 @@ impl Trainer {
         let mut sums = [0.0f64; 5]; // Σ CE, Σ aux, then all-to-all bytes (intra, inter, inter if hierarchical)
         let mut counts: Vec<Vec<usize>> = vec![];
         let mut slot_counts: Vec<Vec<usize>> = vec![];
+        let mut activation_bytes = 0;
         let (model, w, g) = (&self.model, &self.w, &mut self.g);
         // Gradient reductions start layer by layer during the last micro-batch's backward
         // (ZeRO-1 reduce-scatters in the optimizer step instead, and has no gradient stream).
@@ -493,6 +501,7 @@ impl Trainer {
                     model.forward(w, &mb.ids[r0..r1], bl, t)
                 };
                 sums[1] += fwd.aux_loss() as f64;
+                activation_bytes = activation_bytes.max(fwd.activation_bytes());
                 accumulate(&mut counts, fwd.expert_counts());
                 accumulate(&mut slot_counts, fwd.slot_counts());
                 let _p = ultramoe_kernels::profile::scope("backward");
@@ -588,6 +597,8 @@ impl Trainer {
             rank_load_imbalance: rank_load_imbalance(&rank_counts),
             rank_counts,
             expert_counts: counts,
+            peak_bytes: ultramoe_kernels::memory::peak_bytes(),
+            activation_bytes,
             experts_moved,
             predicted_rank_load_imbalance: predicted,
         };

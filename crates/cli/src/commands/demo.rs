@@ -53,6 +53,7 @@ pub fn run(a: DemoArgs) -> CliResult {
         routing_skew: None,
         stats_ep: None,
         placement_every: None,
+        memory_budget: None,
         redundant_experts: None,
         metrics: None,
         peak_gflops: None,

@@ -6,6 +6,7 @@ pub mod calibrate;
 pub mod demo;
 pub mod eval;
 pub mod grad;
+pub mod memory;
 pub mod plan;
 pub mod report;
 pub mod solve;

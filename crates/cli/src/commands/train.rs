@@ -93,6 +93,10 @@ pub struct TrainArgs {
     /// Plain log lines instead of a progress bar.
     #[arg(long)]
     pub no_progress: bool,
+    /// Refuse to start when the predicted peak memory of a step exceeds this (bytes, or
+    /// with a unit: 512MB, 2GB, 1.5GiB), naming what does not fit.
+    #[arg(long)]
+    pub memory_budget: Option<String>,
     /// ZeRO-1: shard the optimizer moments over the ranks holding the same weights.
     #[arg(long)]
     pub zero1: bool,
@@ -174,6 +178,10 @@ pub fn make_trainer(a: &TrainArgs, mesh: Option<Mesh>) -> CliResult<Trainer> {
         Some(m) => Model::expert_parallel_redundant(cfg, m.ep.clone(), tc.redundant_experts).map_err(|e| e.to_string())?,
         None => Model::new(cfg),
     };
+    if let Some(budget) = &a.memory_budget {
+        let world = mesh.as_ref().map_or(1, |m| m.world.size());
+        check_budget(&model, parse_bytes(budget)?, tc.micro_batch, world, tc.seq_len)?;
+    }
     let w = match &a.init_from {
         Some(dir) => load_weights(&model, dir).map_err(|e| e.to_string())?,
         None => init_weights(&model.layout, tc.seed),
@@ -297,4 +305,52 @@ fn train_rank(a: &TrainArgs, mesh: Option<Mesh>) -> CliResult {
     );
     train_loop(&mut tr, &a.run_dir, a.metrics.as_deref(), !a.no_progress)?;
     Ok(())
+}
+
+/// Parses `2GB`, `512MB`, `1.5GiB`, `100000` (bytes).
+pub fn parse_bytes(text: &str) -> CliResult<usize> {
+    let t = text.trim();
+    let split = t.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let x: f64 = num.trim().parse().map_err(|_| format!("--memory-budget `{text}`: not a size (e.g. 2GB, 512MB, 1.5GiB)"))?;
+    let scale = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "kb" => 1e3,
+        "mb" => 1e6,
+        "gb" => 1e9,
+        "kib" => 1024.0,
+        "mib" => 1024.0 * 1024.0,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        _ => return Err(format!("--memory-budget `{text}`: unknown unit `{unit}` (B, KB, MB, GB, KiB, MiB, GiB)")),
+    };
+    Ok((x * scale) as usize)
+}
+
+/// Errors before training when a step's predicted peak (this rank's share of the model,
+/// `micro_batch / world` rows) exceeds `budget`, naming the largest owners and the
+/// largest micro-batch that would fit.
+fn check_budget(model: &Model, budget: usize, micro_batch: usize, world: usize, seq_len: usize) -> CliResult {
+    let rows = (micro_batch / world.max(1)).max(1);
+    let plan = model.memory_plan(rows, seq_len, 2, 0);
+    if plan.peak_bytes <= budget {
+        return Ok(());
+    }
+    let mut owners = plan.items.clone();
+    owners.sort_by(|a, b| b.1.cmp(&a.1));
+    let top: Vec<String> = owners.iter().take(3).map(|(o, b)| format!("{o} {:.1} MB", *b as f64 / 1e6)).collect();
+    let fits = (1..rows).rev().find(|&r| model.memory_plan(r, seq_len, 2, 0).peak_bytes <= budget);
+    let advice = match fits {
+        Some(r) => format!("the largest micro-batch that fits is {} rows", r * world),
+        None if plan.static_bytes > budget => "weights, gradients and moments alone exceed it".to_string(),
+        None => "not even one row per rank fits".to_string(),
+    };
+    Err(format!(
+        "--memory-budget: a step needs {:.1} MB (weights, gradients and moments {:.1} MB, saved activations {:.1} MB, temporaries {:.1} MB) > {:.1} MB; largest: {}; {advice} (recomputation and swapping are not implemented yet)",
+        plan.peak_bytes as f64 / 1e6,
+        plan.static_bytes as f64 / 1e6,
+        plan.activation_bytes as f64 / 1e6,
+        plan.transient_bytes as f64 / 1e6,
+        budget as f64 / 1e6,
+        top.join(", ")
+    ))
 }
