@@ -267,6 +267,19 @@ fn memory_predicts_the_measured_peak_and_guards_the_budget() {
         &["--memory-budget", "150.0 MB", "largest micro-batch that fits"],
     );
     expect_error(&["train", "--steps", "1", "--memory-budget", "lots", "--run-dir", run.to_str().unwrap()], &["--memory-budget", "lots"]);
+    expect_error(&["train", "--steps", "1", "--recompute", "9", "--run-dir", run.to_str().unwrap()], &["--recompute", "layer 9"]);
+    // A budget the plain step exceeds: layers are recomputed to fit, and training runs.
+    let fit = tmp("budget-fit");
+    let out = bin()
+        .args(["train", "--steps", "2", "--micro-batch", "24", "--memory-budget", "150MB", "--no-progress", "--peak-gflops", "100", "--data", "random", "--run-dir"])
+        .arg(&fit)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("recomputing decoder layers"), "{err}");
+    let last: serde_json::Value = serde_json::from_str(std::fs::read_to_string(fit.join("metrics.jsonl")).unwrap().lines().last().unwrap()).unwrap();
+    assert!(last["peak_bytes"].as_u64().unwrap() < 150_000_000, "{last}");
     let out = bin().args(["train", "--steps", "1", "--micro-batch", "4", "--seq-len", "32", "--memory-budget", "1GB", "--no-progress", "--peak-gflops", "100", "--run-dir"]).arg(&run).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let first: serde_json::Value = serde_json::from_str(std::fs::read_to_string(run.join("metrics.jsonl")).unwrap().lines().next().unwrap()).unwrap();

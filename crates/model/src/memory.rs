@@ -17,9 +17,13 @@
 //! head      final x, normed x: 2·N·H, rstd N, logits N·V
 //! ```
 //!
+//! A layer recomputed in backward ([`Model::recompute`]) keeps only its input `N·H`; its
+//! whole set returns while its backward runs.
+//!
 //! The peak comes either at the end of the forward pass (everything saved, logits
 //! included) or early in the backward pass, when the logits have been consumed and the
-//! top layer's backward works: its input gradient, the residual gradient and the
+//! top layer's backward works (a recomputed layer's rebuilt set included): its input
+//! gradient, the residual gradient and the
 //! largest block's temporaries (MoE: `R·(2H + 3I)`; attention: the q/k/v gradients and
 //! their fused copy — the score gradients are formed block by block, never whole).
 //! Kernel workspaces and thread pools hold a few megabytes more for the whole run; they
@@ -66,6 +70,7 @@ impl Model {
         let static_bytes = 4 * (2 + moments) * p;
         let mut act = 0;
         let mut largest_block = 0usize;
+        let mut rebuilt = 0usize;
         for (i, l) in self.layers.iter().enumerate() {
             let sandwich = if l.sandwich.is_some() { 2 * (n * h + n) } else { 0 };
             let norms = 4 * (4 * n * h + 2 * n + sandwich);
@@ -94,10 +99,19 @@ impl Model {
                     (4 * f, 4 * r * (2 * h + 3 * ie), "MoE")
                 }
             };
-            items.push((format!("layer {i} norms and residuals"), norms));
-            items.push((format!("layer {i} attention"), attn));
-            items.push((format!("layer {i} {kind}"), ffn));
-            act += norms + attn + ffn;
+            if self.recompute.get(i).copied().unwrap_or(false) {
+                // Only the input stays; the whole set comes back during this layer's
+                // backward.
+                items.push((format!("layer {i} input (recomputed in backward)"), 4 * n * h));
+                act += 4 * n * h;
+                // (its kept input becomes part of the rebuilt set, not an extra copy)
+                rebuilt = rebuilt.max(norms + attn + ffn - 4 * n * h);
+            } else {
+                items.push((format!("layer {i} norms and residuals"), norms));
+                items.push((format!("layer {i} attention"), attn));
+                items.push((format!("layer {i} {kind}"), ffn));
+                act += norms + attn + ffn;
+            }
             largest_block = largest_block.max(attn_ws).max(ffn_ws);
         }
         let logits = 4 * n * v;
@@ -106,7 +120,7 @@ impl Model {
         act += head;
         // Backward of the top layer: dx and the residual gradient beside the block's own
         // temporaries; the logits are gone by then.
-        let backward = largest_block + 4 * 2 * n * h;
+        let backward = largest_block + 4 * 2 * n * h + rebuilt;
         let transient = backward.saturating_sub(logits);
         if runtime > 0 {
             items.push(("kernel workspaces and thread pools (measured)".to_string(), runtime));

@@ -44,6 +44,44 @@ pub struct Model {
     /// the expert-parallel group this rank's experts belong to (`None`: one rank holds
     /// every expert)
     pub ep: Option<Arc<dyn ProcessGroup>>,
+    /// per decoder layer: keep only its input in the forward pass and rerun its forward
+    /// in backward (full-layer recomputation)
+    pub recompute: Vec<bool>,
+}
+
+/// One decoder layer's part of a forward pass.
+pub enum LayerState {
+    /// every activation the backward needs
+    Kept(LayerSaved),
+    /// only the layer's input: the backward reruns the layer's forward first (the same
+    /// deterministic kernels, so the same numbers), plus what the caller reads
+    Recompute {
+        /// the layer's input `[N, H]`
+        x: Vec<f32>,
+        /// routing statistics of a MoE layer: (per expert, per slot, auxiliary loss)
+        moe: Option<(Vec<usize>, Vec<usize>, f32)>,
+    },
+}
+
+impl LayerState {
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        match self {
+            LayerState::Kept(s) => s.bytes(),
+            LayerState::Recompute { x, .. } => 4 * x.len(),
+        }
+    }
+
+    /// (per expert, per slot, aux loss) of a MoE layer.
+    fn moe(&self) -> Option<(Vec<usize>, Vec<usize>, f32)> {
+        match self {
+            LayerState::Kept(s) => match &s.ffn {
+                FfnSaved::Moe(m) => Some((m.expert_counts(), m.slot_counts(), m.aux.as_ref().map_or(0.0, |a| a.loss))),
+                _ => None,
+            },
+            LayerState::Recompute { moe, .. } => moe.clone(),
+        }
+    }
 }
 
 /// Everything a forward pass keeps for the backward and for the caller.
@@ -56,8 +94,8 @@ pub struct Forward {
     pub ids: Vec<u32>,
     /// logits `[B·T, V]`
     pub logits: Vec<f32>,
-    /// per-layer saved activations
-    pub layers: Vec<LayerSaved>,
+    /// per-layer saved activations (or inputs, for recomputed layers)
+    pub layers: Vec<LayerState>,
     x_final: Vec<f32>,
     rstd_final: Vec<f32>,
     xn_final: Vec<f32>,
@@ -66,36 +104,18 @@ pub struct Forward {
 impl Forward {
     /// Tokens routed to each expert, per MoE layer (`[n_moe_layers][E]`).
     pub fn expert_counts(&self) -> Vec<Vec<usize>> {
-        self.layers
-            .iter()
-            .filter_map(|l| match &l.ffn {
-                FfnSaved::Moe(m) => Some(m.expert_counts()),
-                _ => None,
-            })
-            .collect()
+        self.layers.iter().filter_map(|l| l.moe().map(|m| m.0)).collect()
     }
 
     /// Tokens routed to each expert slot (all ranks' slots, `[n_moe_layers][P·S]`): with
     /// replicas, how each expert's tokens were shared out.
     pub fn slot_counts(&self) -> Vec<Vec<usize>> {
-        self.layers
-            .iter()
-            .filter_map(|l| match &l.ffn {
-                FfnSaved::Moe(m) => Some(m.slot_counts()),
-                _ => None,
-            })
-            .collect()
+        self.layers.iter().filter_map(|l| l.moe().map(|m| m.1)).collect()
     }
 
     /// Sum of the MoE layers' auxiliary balancing losses (0 when none is configured).
     pub fn aux_loss(&self) -> f32 {
-        self.layers
-            .iter()
-            .filter_map(|l| match &l.ffn {
-                FfnSaved::Moe(m) => m.aux.as_ref().map(|a| a.loss),
-                _ => None,
-            })
-            .sum()
+        self.layers.iter().filter_map(|l| l.moe().map(|m| m.2)).sum()
     }
 
     /// Bytes of saved activations (logits included).
@@ -269,7 +289,8 @@ impl Model {
         };
         let rope = build_rope(&cfg);
         let ep = ep.map(|(g, _)| g);
-        Model { cfg, layout: lay, embed, layers, final_norm, lm_head, rope, ep }
+        let recompute = vec![false; layers.len()];
+        Model { cfg, layout: lay, embed, layers, final_norm, lm_head, rope, ep, recompute }
     }
 
     /// Forward over `ids: [B, T]` (row-major).
@@ -281,10 +302,18 @@ impl Model {
         let mut x = vec![0.0; n * h];
         embedding_forward(&mut x, &w[self.embed.clone()], ids, h);
         let mut saved = Vec::with_capacity(self.layers.len());
-        for layer in &self.layers {
-            let (y, s) = layer.forward(w, x, &c);
-            saved.push(s);
-            x = y;
+        for (i, layer) in self.layers.iter().enumerate() {
+            if self.recompute.get(i).copied().unwrap_or(false) {
+                let input = x.clone();
+                let (y, s) = layer.forward(w, x, &c);
+                let moe = LayerState::Kept(s).moe();
+                saved.push(LayerState::Recompute { x: input, moe });
+                x = y;
+            } else {
+                let (y, s) = layer.forward(w, x, &c);
+                saved.push(LayerState::Kept(s));
+                x = y;
+            }
         }
         let _p = ultramoe_kernels::profile::scope("lm_head.forward");
         let mut xn = vec![0.0; n * h];
@@ -344,6 +373,13 @@ impl Model {
         drop(dxn);
         drop(lm_scope);
         for (i, (layer, s)) in self.layers.iter().zip(fwd.layers.drain(..).collect::<Vec<_>>()).enumerate().rev() {
+            let s = match s {
+                LayerState::Kept(s) => s,
+                LayerState::Recompute { x, .. } => {
+                    let _p = ultramoe_kernels::profile::scope("recompute.forward");
+                    layer.forward(w, x, &c).1
+                }
+            };
             dx = layer.backward(w, g, &s, dx, &c);
             layer_done(g, i);
         }

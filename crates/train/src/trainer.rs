@@ -95,6 +95,9 @@ pub struct TrainConfig {
     /// extra expert slots per expert-parallel rank, for copies of hot experts
     #[serde(default)]
     pub redundant_experts: usize,
+    /// decoder layers recomputed in backward (only their inputs kept in forward)
+    #[serde(default)]
+    pub recompute_layers: Vec<usize>,
 }
 
 fn yes() -> bool {
@@ -154,6 +157,7 @@ impl Default for TrainConfig {
             overlap_grad_reduce: true,
             placement_every: 0,
             redundant_experts: 0,
+            recompute_layers: vec![],
         }
     }
 }
@@ -414,6 +418,10 @@ impl Trainer {
             model.set_balance_loss(Some((kind, a.coef / (cfg.grad_accum.max(1) * world) as f32)));
         }
         model.set_routing_skew(cfg.routing_skew);
+        if let Some(&bad) = cfg.recompute_layers.iter().find(|&&l| l >= model.layers.len()) {
+            return Err(Error::field("recompute_layers", format!("layer {bad} does not exist ({} layers)", model.layers.len())));
+        }
+        model.recompute = (0..model.layers.len()).map(|l| cfg.recompute_layers.contains(&l)).collect();
         if cfg.stats_ep == 0 || (model.cfg.moe.n_experts > 0 && !model.cfg.moe.n_experts.is_multiple_of(cfg.stats_ep)) {
             return Err(Error::field("stats_ep", format!("{} ranks do not divide {} experts", cfg.stats_ep, model.cfg.moe.n_experts)));
         }

@@ -54,6 +54,7 @@ pub fn run(a: DemoArgs) -> CliResult {
         stats_ep: None,
         placement_every: None,
         memory_budget: None,
+        recompute: None,
         redundant_experts: None,
         metrics: None,
         peak_gflops: None,

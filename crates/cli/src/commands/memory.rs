@@ -24,6 +24,9 @@ pub struct MemoryArgs {
     /// Tokens per row.
     #[arg(long, default_value_t = 128)]
     pub seq_len: usize,
+    /// Decoder layers recomputed in backward: `all`, `none`, or indices like `0,2,3`.
+    #[arg(long)]
+    pub recompute: Option<String>,
     /// Print every owner (each layer's parts), not only the totals.
     #[arg(long)]
     pub detail: bool,
@@ -47,13 +50,26 @@ pub fn run(a: MemoryArgs) -> CliResult {
     if a.seq_len > cfg.max_position {
         return Err(format!("--seq-len {} exceeds the model's {} positions", a.seq_len, cfg.max_position));
     }
-    let model = Model::new(cfg);
+    let mut model = Model::new(cfg);
+    let layers = match &a.recompute {
+        Some(r) => super::train::parse_layers(r, model.layers.len())?,
+        None => vec![],
+    };
+    model.recompute = (0..model.layers.len()).map(|l| layers.contains(&l)).collect();
     let runtime = runtime_bytes(&model);
     let plan = model.memory_plan(a.micro_batch, a.seq_len, 2, runtime);
     print_plan(&plan, &a);
     if a.measure {
         let w = init_weights(&model.layout, 1);
-        let tc = TrainConfig { steps: 3, micro_batch: a.micro_batch, seq_len: a.seq_len, data: DataSpec::Random, warmup: 1, ..TrainConfig::default() };
+        let tc = TrainConfig {
+            steps: 3,
+            micro_batch: a.micro_batch,
+            seq_len: a.seq_len,
+            data: DataSpec::Random,
+            warmup: 1,
+            recompute_layers: layers,
+            ..TrainConfig::default()
+        };
         let mut tr = Trainer::new(model, w, tc, 1e11).map_err(|e| e.to_string())?;
         let mut peak = 0;
         let mut act = 0;
@@ -70,7 +86,12 @@ pub fn run(a: MemoryArgs) -> CliResult {
 }
 
 fn print_plan(p: &MemoryPlan, a: &MemoryArgs) {
-    println!("training step, micro-batch {} × {} tokens, f32, AdamW", a.micro_batch, a.seq_len);
+    println!(
+        "training step, micro-batch {} × {} tokens, f32, AdamW, recomputing {}",
+        a.micro_batch,
+        a.seq_len,
+        a.recompute.as_deref().unwrap_or("none")
+    );
     if a.detail {
         for (owner, bytes) in &p.items {
             println!("  {owner:<45} {:>10.2} MB", *bytes as f64 / MB);

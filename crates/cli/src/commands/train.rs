@@ -93,10 +93,16 @@ pub struct TrainArgs {
     /// Plain log lines instead of a progress bar.
     #[arg(long)]
     pub no_progress: bool,
-    /// Refuse to start when the predicted peak memory of a step exceeds this (bytes, or
-    /// with a unit: 512MB, 2GB, 1.5GiB), naming what does not fit.
+    /// Memory budget for a training step (bytes, or with a unit: 512MB, 2GB, 1.5GiB):
+    /// unless --recompute is given, the fewest decoder layers are recomputed in backward
+    /// to fit; when nothing fits, training does not start and the error names what does
+    /// not fit.
     #[arg(long)]
     pub memory_budget: Option<String>,
+    /// Decoder layers to recompute in backward (only their inputs kept): `all`, `none`,
+    /// or indices like `0,2,3`.
+    #[arg(long)]
+    pub recompute: Option<String>,
     /// ZeRO-1: shard the optimizer moments over the ranks holding the same weights.
     #[arg(long)]
     pub zero1: bool,
@@ -178,9 +184,26 @@ pub fn make_trainer(a: &TrainArgs, mesh: Option<Mesh>) -> CliResult<Trainer> {
         Some(m) => Model::expert_parallel_redundant(cfg, m.ep.clone(), tc.redundant_experts).map_err(|e| e.to_string())?,
         None => Model::new(cfg),
     };
+    let mut tc = tc;
+    let mut model = model;
+    if let Some(r) = &a.recompute {
+        tc.recompute_layers = parse_layers(r, model.layers.len())?;
+    }
     if let Some(budget) = &a.memory_budget {
         let world = mesh.as_ref().map_or(1, |m| m.world.size());
-        check_budget(&model, parse_bytes(budget)?, tc.micro_batch, world, tc.seq_len)?;
+        let rows = (tc.micro_batch / world.max(1)).max(1);
+        // Kernel workspaces count against the budget too (measured on one rank; under
+        // expert parallelism a trial pass would need every rank, so they are left out).
+        let runtime = if model.ep.is_none() { ultramoe_model::memory::runtime_bytes(&model) } else { 0 };
+        let budget = parse_bytes(budget)?;
+        if a.recompute.is_none() {
+            tc.recompute_layers = layers_to_recompute(&mut model, budget, rows, tc.seq_len, runtime);
+        }
+        model.recompute = (0..model.layers.len()).map(|l| tc.recompute_layers.contains(&l)).collect();
+        check_budget(&model, budget, rows, world, tc.seq_len, runtime)?;
+        if !tc.recompute_layers.is_empty() && mesh.as_ref().is_none_or(|m| m.world.rank() == 0) {
+            eprintln!("--memory-budget: recomputing decoder layers {:?} in backward to fit", tc.recompute_layers);
+        }
     }
     let w = match &a.init_from {
         Some(dir) => load_weights(&model, dir).map_err(|e| e.to_string())?,
@@ -329,28 +352,80 @@ pub fn parse_bytes(text: &str) -> CliResult<usize> {
 /// Errors before training when a step's predicted peak (this rank's share of the model,
 /// `micro_batch / world` rows) exceeds `budget`, naming the largest owners and the
 /// largest micro-batch that would fit.
-fn check_budget(model: &Model, budget: usize, micro_batch: usize, world: usize, seq_len: usize) -> CliResult {
-    let rows = (micro_batch / world.max(1)).max(1);
-    let plan = model.memory_plan(rows, seq_len, 2, 0);
+fn check_budget(model: &Model, budget: usize, rows: usize, world: usize, seq_len: usize, runtime: usize) -> CliResult {
+    let plan = model.memory_plan(rows, seq_len, 2, runtime);
     if plan.peak_bytes <= budget {
         return Ok(());
     }
     let mut owners = plan.items.clone();
     owners.sort_by(|a, b| b.1.cmp(&a.1));
     let top: Vec<String> = owners.iter().take(3).map(|(o, b)| format!("{o} {:.1} MB", *b as f64 / 1e6)).collect();
-    let fits = (1..rows).rev().find(|&r| model.memory_plan(r, seq_len, 2, 0).peak_bytes <= budget);
+    let fits = (1..rows).rev().find(|&r| model.memory_plan(r, seq_len, 2, runtime).peak_bytes <= budget);
     let advice = match fits {
         Some(r) => format!("the largest micro-batch that fits is {} rows", r * world),
         None if plan.static_bytes > budget => "weights, gradients and moments alone exceed it".to_string(),
         None => "not even one row per rank fits".to_string(),
     };
     Err(format!(
-        "--memory-budget: a step needs {:.1} MB (weights, gradients and moments {:.1} MB, saved activations {:.1} MB, temporaries {:.1} MB) > {:.1} MB; largest: {}; {advice} (recomputation and swapping are not implemented yet)",
+        "--memory-budget: a step needs {:.1} MB (weights, gradients and moments {:.1} MB, saved activations {:.1} MB, temporaries {:.1} MB, kernel workspaces {:.1} MB) > {:.1} MB; largest: {}; {advice}{}",
         plan.peak_bytes as f64 / 1e6,
         plan.static_bytes as f64 / 1e6,
         plan.activation_bytes as f64 / 1e6,
         plan.transient_bytes as f64 / 1e6,
+        plan.runtime_bytes as f64 / 1e6,
         budget as f64 / 1e6,
-        top.join(", ")
+        top.join(", "),
+        if model.recompute.iter().all(|&r| r) { " even with every layer recomputed" } else { "" }
     ))
+}
+
+/// Parses `all`, `none` or `0,2,3` into layer indices below `layers`.
+pub fn parse_layers(text: &str, layers: usize) -> CliResult<Vec<usize>> {
+    match text {
+        "all" => return Ok((0..layers).collect()),
+        "none" => return Ok(vec![]),
+        _ => {}
+    }
+    let mut out: Vec<usize> = text
+        .split(',')
+        .map(|p| p.trim().parse::<usize>().map_err(|_| format!("--recompute `{text}`: expected all, none or layer indices like 0,2,3")))
+        .collect::<CliResult<_>>()?;
+    if let Some(&bad) = out.iter().find(|&&l| l >= layers) {
+        return Err(format!("--recompute: layer {bad} does not exist (the model has {layers})"));
+    }
+    out.sort_unstable();
+    out.dedup();
+    Ok(out)
+}
+
+/// The cheapest recomputation that fits `budget`: layers added one at a time, the one
+/// saving the most bytes first (the deepest on ties), until the predicted peak fits;
+/// every layer when nothing less does. Each recomputed layer costs one more forward of
+/// that layer.
+fn layers_to_recompute(model: &mut Model, budget: usize, rows: usize, seq_len: usize, runtime: usize) -> Vec<usize> {
+    let n = model.layers.len();
+    model.recompute = vec![false; n];
+    if model.memory_plan(rows, seq_len, 2, runtime).peak_bytes <= budget {
+        return vec![];
+    }
+    // Bytes each layer would free: its kept activations minus its input.
+    let kept = model.memory_plan(rows, seq_len, 2, 0).activation_bytes;
+    let mut gains: Vec<(usize, usize)> = (0..n)
+        .map(|l| {
+            model.recompute = (0..n).map(|i| i == l).collect();
+            (l, kept.saturating_sub(model.memory_plan(rows, seq_len, 2, 0).activation_bytes))
+        })
+        .collect();
+    gains.sort_by(|a, b| b.1.cmp(&a.1).then(b.0.cmp(&a.0)));
+    let mut chosen = vec![];
+    model.recompute = vec![false; n];
+    for (l, _) in gains {
+        chosen.push(l);
+        model.recompute[l] = true;
+        if model.memory_plan(rows, seq_len, 2, runtime).peak_bytes <= budget {
+            break;
+        }
+    }
+    chosen.sort_unstable();
+    chosen
 }
