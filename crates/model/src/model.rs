@@ -52,7 +52,7 @@ pub struct Model {
 /// One decoder layer's part of a forward pass.
 pub enum LayerState {
     /// every activation the backward needs
-    Kept(LayerSaved),
+    Kept(Box<LayerSaved>),
     /// only the layer's input: the backward reruns the layer's forward first (the same
     /// deterministic kernels, so the same numbers), plus what the caller reads
     Recompute {
@@ -306,12 +306,12 @@ impl Model {
             if self.recompute.get(i).copied().unwrap_or(false) {
                 let input = x.clone();
                 let (y, s) = layer.forward(w, x, &c);
-                let moe = LayerState::Kept(s).moe();
+                let moe = LayerState::Kept(Box::new(s)).moe();
                 saved.push(LayerState::Recompute { x: input, moe });
                 x = y;
             } else {
                 let (y, s) = layer.forward(w, x, &c);
-                saved.push(LayerState::Kept(s));
+                saved.push(LayerState::Kept(Box::new(s)));
                 x = y;
             }
         }
@@ -374,7 +374,7 @@ impl Model {
         drop(lm_scope);
         for (i, (layer, s)) in self.layers.iter().zip(fwd.layers.drain(..).collect::<Vec<_>>()).enumerate().rev() {
             let s = match s {
-                LayerState::Kept(s) => s,
+                LayerState::Kept(s) => *s,
                 LayerState::Recompute { x, .. } => {
                     let _p = ultramoe_kernels::profile::scope("recompute.forward");
                     layer.forward(w, x, &c).1
