@@ -476,6 +476,11 @@ impl Model {
         }
     }
 
+    /// Recomputes exactly the decoder layers listed (see [`Model::recompute`]).
+    pub fn set_recompute_layers(&mut self, layers: &[usize]) {
+        self.recompute = (0..self.layers.len()).map(|l| layers.contains(&l)).collect();
+    }
+
     /// Every MoE layer's expert placement, in layer order.
     pub fn placements(&self) -> Vec<&Placement> {
         self.moe_layers().map(|m| &m.placement).collect()

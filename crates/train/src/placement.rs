@@ -20,7 +20,7 @@
 
 use std::time::Instant;
 use ultramoe_dist::{CommResult, ProcessGroup};
-use ultramoe_model::moe::placement::{imbalance, solve, Placement};
+use ultramoe_model::moe::placement::{imbalance, layers_imbalance, solve, Placement};
 
 /// Weight of the newest step in the load average.
 pub const LOAD_EMA: f64 = 0.25;
@@ -110,17 +110,8 @@ impl Balancer {
 
     /// Predicted `Σ_layers max / Σ_layers mean` rank load of `placements`.
     pub fn predicted_imbalance(&self, placements: &[&Placement]) -> f64 {
-        let (mut max, mut mean) = (0.0, 0.0);
-        for (p, l) in placements.iter().zip(&self.load) {
-            let r = p.rank_loads(l);
-            max += r.iter().cloned().fold(0.0, f64::max);
-            mean += r.iter().sum::<f64>() / r.len().max(1) as f64;
-        }
-        if mean > 0.0 {
-            max / mean
-        } else {
-            1.0
-        }
+        let loads: Vec<Vec<f64>> = placements.iter().zip(&self.load).map(|(p, l)| p.rank_loads(l)).collect();
+        layers_imbalance(&loads)
     }
 
     /// The layers worth migrating after step `step` (every rank computes the same
@@ -138,10 +129,7 @@ impl Balancer {
             let (before, after) = (cur.rank_loads(load), new.rank_loads(load));
             let peak = |r: &[f64]| r.iter().cloned().fold(0.0, f64::max);
             let gain = (peak(&before) - peak(&after)) / c.dp.max(1) as f64 * t_row * self.every as f64;
-            let fetched = (0..cur.ranks)
-                .map(|r| new.rank_experts(r).iter().filter(|&&e| cur.slot_on(r, e).is_none()).count())
-                .max()
-                .unwrap_or(0);
+            let fetched = new.fetches_per_rank(cur).into_iter().max().unwrap_or(0);
             let cost = fetched as f64 * expert_bytes / bandwidth;
             let (ib, ia) = (imbalance(&before), imbalance(&after));
             // A change of shares alone moves nothing and costs nothing.

@@ -248,16 +248,8 @@ pub fn slot_rank_loads(slot_counts: &[Vec<usize>], slots: usize) -> Vec<Vec<usiz
 
 /// `Σ_layers max / Σ_layers mean` of per-rank loads (1 = perfectly even).
 pub fn rank_load_imbalance(loads: &[Vec<usize>]) -> f64 {
-    let (mut max, mut mean) = (0.0, 0.0);
-    for l in loads {
-        max += *l.iter().max().unwrap_or(&0) as f64;
-        mean += l.iter().sum::<usize>() as f64 / l.len().max(1) as f64;
-    }
-    if mean > 0.0 {
-        max / mean
-    } else {
-        1.0
-    }
+    let loads: Vec<Vec<f64>> = loads.iter().map(|l| l.iter().map(|&x| x as f64).collect()).collect();
+    ultramoe_model::moe::placement::layers_imbalance(&loads)
 }
 
 /// Busiest expert over mean expert load, maximised over layers (1 = perfectly even).
@@ -421,7 +413,7 @@ impl Trainer {
         if let Some(&bad) = cfg.recompute_layers.iter().find(|&&l| l >= model.layers.len()) {
             return Err(Error::field("recompute_layers", format!("layer {bad} does not exist ({} layers)", model.layers.len())));
         }
-        model.recompute = (0..model.layers.len()).map(|l| cfg.recompute_layers.contains(&l)).collect();
+        model.set_recompute_layers(&cfg.recompute_layers);
         if cfg.stats_ep == 0 || (model.cfg.moe.n_experts > 0 && !model.cfg.moe.n_experts.is_multiple_of(cfg.stats_ep)) {
             return Err(Error::field("stats_ep", format!("{} ranks do not divide {} experts", cfg.stats_ep, model.cfg.moe.n_experts)));
         }
@@ -647,9 +639,9 @@ impl Trainer {
         let m = &self.model.cfg.moe;
         let costs = Costs { hidden: self.model.cfg.hidden, inter: m.expert_inter, peak_flops: self.peak_flops, bandwidth: self.ep_bandwidth, dp };
         let moves = b.decide(self.step, &self.model.placements(), costs);
+        let mut moved = 0;
         if !moves.is_empty() {
             let _p = ultramoe_kernels::profile::scope("placement.migrate");
-            let mut moved = 0;
             // ZeRO-1 moments come together first (collective), move, and are re-sharded.
             let gathered = match (&self.zero, &self.parallel) {
                 (Some(z), Some(p)) => Some(z.gather_moments(&p.mesh, self.model.layout.total).map_err(comm_error)?),
@@ -664,10 +656,9 @@ impl Trainer {
             if let Some(z) = &mut self.zero {
                 z.set_moments(&zm, &zv);
             }
-            let b = self.balancer.as_ref().expect("balancer");
-            return Ok((moved, b.predicted_imbalance(&self.model.placements())));
         }
-        Ok((0, b.predicted_imbalance(&self.model.placements())))
+        let b = self.balancer.as_ref().expect("placement is on");
+        Ok((moved, b.predicted_imbalance(&self.model.placements())))
     }
 
     /// Optimizer steps taken.

@@ -1,6 +1,6 @@
 //! `ultramoe bench`: throughput figures, with medians over repeated runs.
 
-use super::CliResult;
+use super::{median, CliResult};
 use clap::{Args, Subcommand};
 use std::path::PathBuf;
 use std::time::Instant;
@@ -62,11 +62,6 @@ pub struct BenchGemmArgs {
     /// Timed repetitions.
     #[arg(long, default_value_t = 20)]
     pub reps: usize,
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
 }
 
 /// `ultramoe bench …`.

@@ -8,7 +8,7 @@
 //! backend is timed alone. A repetition's time is the slowest rank's; the figure is the
 //! median over repetitions.
 
-use super::CliResult;
+use super::{median, CliResult};
 use clap::Args;
 use std::time::{Duration, Instant};
 use ultramoe_dist::{CommResult, Communicator};
@@ -30,11 +30,6 @@ pub struct BenchCommArgs {
 /// A baseline exchange of bytes (plain MPI: send, counts, displacements, receive; the
 /// receive side's counts equal the send side's in this benchmark), if available.
 type Baseline<'a> = Option<&'a dyn Fn(&[u8], &[i32], &[i32], &mut [u8]) -> CommResult<()>>;
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
-}
 
 /// Times one repetition: barrier, run, slowest rank's seconds.
 fn timed<C: Communicator>(c: &C, f: &mut dyn FnMut() -> CommResult<()>) -> CommResult<f64> {

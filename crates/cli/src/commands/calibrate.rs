@@ -8,7 +8,7 @@
 //! backward (gate/up, SwiGLU, down), attention's forward and backward (priced at
 //! `3.5 ×` its forward FLOPs), each divided by the measured GEMM peak.
 
-use super::CliResult;
+use super::{median, CliResult};
 use clap::Args;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -40,8 +40,7 @@ fn time(budget: f64, mut f: impl FnMut()) -> f64 {
         f();
         times.push(t.elapsed().as_secs_f64());
     }
-    times.sort_by(|a, b| a.total_cmp(b));
-    times[times.len() / 2]
+    median(times)
 }
 
 fn filled(n: usize, seed: u32) -> Vec<f32> {
@@ -139,25 +138,15 @@ fn optimizer_s_per_param(budget: f64) -> f64 {
     t / n as f64
 }
 
-/// Bytes per second a rank sends in an in-process all-to-all of 2 ranks (4 MiB each).
+/// Bytes per second a rank sends in an in-process all-to-all of 2 ranks (the trainer's
+/// probe: 1 MiB per peer, best of three).
 fn copy_bandwidth() -> CliResult<f64> {
-    let per = 1 << 20;
-    let times = ultramoe_dist::local::run(2, std::time::Duration::from_secs(60), move |c| {
-        use ultramoe_dist::Communicator;
-        let send = vec![1.0f32; 2 * per];
-        let counts = vec![per; 2];
-        let mut best = f64::MAX;
-        for _ in 0..10 {
-            c.barrier()?;
-            let t = Instant::now();
-            c.all_to_all_v_known(&send, &counts, &counts)?;
-            best = best.min(t.elapsed().as_secs_f64());
-        }
-        Ok(best)
+    let rates = ultramoe_dist::local::run(2, std::time::Duration::from_secs(60), |c| {
+        let g: std::sync::Arc<dyn ultramoe_dist::ProcessGroup> = std::sync::Arc::new(c);
+        ultramoe_train::placement::probe_bandwidth(g.as_ref())
     })
     .map_err(|e| e.to_string())?;
-    let slowest = times.into_iter().fold(0.0, f64::max);
-    Ok(4.0 * per as f64 / slowest)
+    Ok(rates[0])
 }
 
 /// A training step's fixed costs, from models too small to compute: the median step with
@@ -170,24 +159,28 @@ fn fixed_costs() -> CliResult<(f64, f64)> {
     Ok(((one - per_layer).max(0.0), per_layer))
 }
 
-/// Median step time of a tiny MoE with `layers` decoder layers.
+/// Median step time of a tiny MoE with `layers` decoder layers (1 × 4 tokens, 60 steps).
 fn tiny_step(layers: usize) -> CliResult<f64> {
-    use ultramoe_model::init::init_weights;
-    use ultramoe_model::{Model, ModelConfig};
-    use ultramoe_train::trainer::{DataSpec, TrainConfig, Trainer};
-    let cfg = ModelConfig::from_json_str(&format!(
+    let cfg = format!(
         r#"{{"model_type": "qwen3_moe", "vocab_size": 16, "hidden_size": 8, "intermediate_size": 8, "moe_intermediate_size": 4,
             "num_hidden_layers": {layers}, "num_attention_heads": 1, "num_key_value_heads": 1, "head_dim": 8, "num_experts": 2,
             "num_experts_per_tok": 1, "max_position_embeddings": 16}}"#
-    ))
-    .map_err(|e| e.to_string())?;
-    let model = Model::new(cfg);
+    );
+    median_step(&cfg, 1, 4, 60, 0)
+}
+
+/// Median step of the trainer on `config` (one rank, random data) over `steps` steps
+/// after `skip` warm-up steps.
+fn median_step(config: &str, micro_batch: usize, seq_len: usize, steps: usize, skip: usize) -> CliResult<f64> {
+    use ultramoe_model::init::init_weights;
+    use ultramoe_model::{Model, ModelConfig};
+    use ultramoe_train::trainer::{DataSpec, TrainConfig, Trainer};
+    let model = Model::new(ModelConfig::from_json_str(config).map_err(|e| e.to_string())?);
     let w = init_weights(&model.layout, 1);
-    let tc = TrainConfig { steps: 60, micro_batch: 1, seq_len: 4, data: DataSpec::Random, warmup: 1, ..TrainConfig::default() };
+    let tc = TrainConfig { steps: (skip + steps) as u64, micro_batch, seq_len, data: DataSpec::Random, warmup: 1, ..TrainConfig::default() };
     let mut tr = Trainer::new(model, w, tc, 1e11).map_err(|e| e.to_string())?;
-    let mut times: Vec<f64> = (0..60).map(|_| tr.train_step().map(|s| s.step_s)).collect::<Result<_, _>>().map_err(|e| e.to_string())?;
-    times.sort_by(|a, b| a.total_cmp(b));
-    Ok(times[times.len() / 2])
+    let times: Vec<f64> = (0..skip + steps).map(|_| tr.train_step().map(|s| s.step_s)).collect::<Result<_, _>>().map_err(|e| e.to_string())?;
+    Ok(median(times[skip..].to_vec()))
 }
 
 /// Reference models for the elementwise rate: one with grouped-query attention, one with
@@ -202,21 +195,6 @@ const REFERENCES: [&str; 2] = [
         "n_shared_experts": 1, "max_position_embeddings": 256}"#,
 ];
 
-/// Median step of the trainer on `config` (8 × 128 tokens, random data, one rank).
-fn reference_step(config: &str) -> CliResult<f64> {
-    use ultramoe_model::init::init_weights;
-    use ultramoe_model::{Model, ModelConfig};
-    use ultramoe_train::trainer::{DataSpec, TrainConfig, Trainer};
-    let model = Model::new(ModelConfig::from_json_str(config).map_err(|e| e.to_string())?);
-    let w = init_weights(&model.layout, 1);
-    let tc = TrainConfig { steps: 25, micro_batch: 8, seq_len: 128, data: DataSpec::Random, warmup: 1, ..TrainConfig::default() };
-    let mut tr = Trainer::new(model, w, tc, 1e11).map_err(|e| e.to_string())?;
-    let mut times: Vec<f64> = (0..25).map(|_| tr.train_step().map(|s| s.step_s)).collect::<Result<_, _>>().map_err(|e| e.to_string())?;
-    times.drain(..5);
-    times.sort_by(|a, b| a.total_cmp(b));
-    Ok(times[times.len() / 2])
-}
-
 /// The fraction of the RMSNorm bandwidth the layers' elementwise work reaches as a whole
 /// (splits, RoPE, norms, activations, fresh buffers): on each reference model the
 /// planner's prediction is `A + B/f` in this fraction `f` (everything else fixed), solved
@@ -225,7 +203,7 @@ fn elementwise_fraction(hw: &Hardware) -> CliResult<f64> {
     use ultramoe_plan::validate::{predict_run, RunRecord};
     let mut logs = vec![];
     for cfg in REFERENCES {
-        let measured = reference_step(cfg)?;
+        let measured = median_step(cfg, 8, 128, 20, 5)?;
         let run = RunRecord {
             name: "reference".into(),
             model: serde_json::from_str(cfg).map_err(|e| e.to_string())?,

@@ -55,7 +55,7 @@ pub fn run(a: MemoryArgs) -> CliResult {
         Some(r) => super::train::parse_layers(r, model.layers.len())?,
         None => vec![],
     };
-    model.recompute = (0..model.layers.len()).map(|l| layers.contains(&l)).collect();
+    model.set_recompute_layers(&layers);
     let runtime = runtime_bytes(&model);
     let plan = model.memory_plan(a.micro_batch, a.seq_len, 2, runtime);
     print_plan(&plan, &a);

@@ -41,6 +41,12 @@ pub fn load_math_model(dir: &Path) -> CliResult<(Model, Vec<f32>)> {
     Ok((model, w))
 }
 
+/// The median (upper middle for an even count) of a non-empty list of measurements.
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
 /// Peak GEMM FLOP/s for MFU, measured briefly unless given.
 pub fn peak_flops(given_gflops: Option<f64>) -> f64 {
     match given_gflops {

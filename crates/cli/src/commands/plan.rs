@@ -173,8 +173,7 @@ pub fn read_run(dir: &Path) -> CliResult<RunRecord> {
         return Err(format!("{}: {} steps recorded; at least 8 needed (the first 5 are warm-up)", metrics.display(), rows.len()));
     }
     let field = |v: &serde_json::Value, k: &str| v.get(k).and_then(|x| x.as_f64()).ok_or_else(|| format!("{}: `{k}` missing", metrics.display()));
-    let mut steps: Vec<f64> = rows[5..].iter().map(|r| field(r, "step_s")).collect::<CliResult<_>>()?;
-    steps.sort_by(|a, b| a.total_cmp(b));
+    let steps: Vec<f64> = rows[5..].iter().map(|r| field(r, "step_s")).collect::<CliResult<_>>()?;
     let first = &rows[0];
     let ranks = first.get("ranks").and_then(|x| x.as_u64()).unwrap_or(1) as usize;
     let ep = first.get("ep").and_then(|x| x.as_u64()).unwrap_or(1) as usize;
@@ -195,7 +194,7 @@ pub fn read_run(dir: &Path) -> CliResult<RunRecord> {
         grad_accum: get("grad_accum")?,
         ranks,
         ep,
-        step_s: steps[steps.len() / 2],
+        step_s: super::median(steps),
     })
 }
 

@@ -199,7 +199,7 @@ pub fn make_trainer(a: &TrainArgs, mesh: Option<Mesh>) -> CliResult<Trainer> {
         if a.recompute.is_none() {
             tc.recompute_layers = layers_to_recompute(&mut model, budget, rows, tc.seq_len, runtime);
         }
-        model.recompute = (0..model.layers.len()).map(|l| tc.recompute_layers.contains(&l)).collect();
+        model.set_recompute_layers(&tc.recompute_layers);
         check_budget(&model, budget, rows, world, tc.seq_len, runtime)?;
         if !tc.recompute_layers.is_empty() && mesh.as_ref().is_none_or(|m| m.world.rank() == 0) {
             eprintln!("--memory-budget: recomputing decoder layers {:?} in backward to fit", tc.recompute_layers);
@@ -404,7 +404,7 @@ pub fn parse_layers(text: &str, layers: usize) -> CliResult<Vec<usize>> {
 /// that layer.
 fn layers_to_recompute(model: &mut Model, budget: usize, rows: usize, seq_len: usize, runtime: usize) -> Vec<usize> {
     let n = model.layers.len();
-    model.recompute = vec![false; n];
+    model.set_recompute_layers(&[]);
     if model.memory_plan(rows, seq_len, 2, runtime).peak_bytes <= budget {
         return vec![];
     }
@@ -412,13 +412,13 @@ fn layers_to_recompute(model: &mut Model, budget: usize, rows: usize, seq_len: u
     let kept = model.memory_plan(rows, seq_len, 2, 0).activation_bytes;
     let mut gains: Vec<(usize, usize)> = (0..n)
         .map(|l| {
-            model.recompute = (0..n).map(|i| i == l).collect();
+            model.set_recompute_layers(&[l]);
             (l, kept.saturating_sub(model.memory_plan(rows, seq_len, 2, 0).activation_bytes))
         })
         .collect();
     gains.sort_by(|a, b| b.1.cmp(&a.1).then(b.0.cmp(&a.0)));
     let mut chosen = vec![];
-    model.recompute = vec![false; n];
+    model.set_recompute_layers(&[]);
     for (l, _) in gains {
         chosen.push(l);
         model.recompute[l] = true;

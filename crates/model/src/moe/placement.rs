@@ -202,12 +202,13 @@ impl Placement {
     /// Slots whose expert differs from `old`'s: each one's weights and optimizer state
     /// must be fetched (from this rank's own copy when it had one).
     pub fn moved_slots(&self, old: &Placement) -> usize {
-        (0..self.n_slots())
-            .filter(|&s| {
-                let (r, e) = (s / self.slots_per_rank, self.slot_expert[s]);
-                old.slot_on(r, e).is_none()
-            })
-            .count()
+        self.fetches_per_rank(old).iter().sum()
+    }
+
+    /// Per rank, the slots whose expert it did not hold under `old` (what it must fetch
+    /// from another rank to move there).
+    pub fn fetches_per_rank(&self, old: &Placement) -> Vec<usize> {
+        (0..self.ranks).map(|r| self.rank_experts(r).iter().filter(|&&e| old.slot_on(r, e).is_none()).count()).collect()
     }
 }
 
@@ -229,9 +230,19 @@ fn water_level(others: &[f64], amount: f64) -> f64 {
 
 /// `max / mean` of per-rank loads (1 = perfectly even).
 pub fn imbalance(rank_loads: &[f64]) -> f64 {
-    let mean = rank_loads.iter().sum::<f64>() / rank_loads.len().max(1) as f64;
+    layers_imbalance(std::slice::from_ref(&rank_loads.to_vec()))
+}
+
+/// `Σ_layers max / Σ_layers mean` of per-rank loads, one list per layer: how much longer
+/// the MoE part of a step takes than with perfectly even ranks (1 = even).
+pub fn layers_imbalance(layers: &[Vec<f64>]) -> f64 {
+    let (mut max, mut mean) = (0.0, 0.0);
+    for l in layers {
+        max += l.iter().cloned().fold(0.0, f64::max);
+        mean += l.iter().sum::<f64>() / l.len().max(1) as f64;
+    }
     if mean > 0.0 {
-        rank_loads.iter().cloned().fold(0.0, f64::max) / mean
+        max / mean
     } else {
         1.0
     }
