@@ -30,6 +30,7 @@ pub fn math_train_config() -> TrainConfig {
         overlap_grad_reduce: true,
         placement_every: 0,
         redundant_experts: 0,
-        recompute_layers: vec![],
+        memory_policy: vec![],
+        swap_dir: None,
     }
 }

@@ -268,7 +268,15 @@ fn memory_predicts_the_measured_peak_and_guards_the_budget() {
     );
     expect_error(&["train", "--steps", "1", "--memory-budget", "lots", "--run-dir", run.to_str().unwrap()], &["--memory-budget", "lots"]);
     expect_error(&["train", "--steps", "1", "--recompute", "9", "--run-dir", run.to_str().unwrap()], &["--recompute", "layer 9"]);
-    // A budget the plain step exceeds: layers are recomputed to fit, and training runs.
+    expect_error(&["train", "--steps", "1", "--memory-policy", "swiglu+nrom", "--run-dir", run.to_str().unwrap()], &["--memory-policy", "unknown op `nrom`"]);
+    expect_error(&["train", "--steps", "1", "--memory-policy", "swap:0", "--swap-dir", "/nonexistent/swap", "--run-dir", run.to_str().unwrap()], &["swap_dir", "/nonexistent/swap"]);
+    // A policy with a swapped layer, predicted and then measured.
+    let out = bin().args(["memory", "--micro-batch", "8", "--seq-len", "64", "--memory-policy", "norm+swiglu+attention swap:0,1", "--measure", "--detail"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("layer 1 in the swap file") && text.contains("saved activations swapped"), "{text}");
+    assert!(text.contains("measured peak"), "{text}");
+    // A budget the plain step exceeds: a policy is chosen to fit, and training runs.
     let fit = tmp("budget-fit");
     let out = bin()
         .args(["train", "--steps", "2", "--micro-batch", "24", "--memory-budget", "150MB", "--no-progress", "--peak-gflops", "100", "--data", "random", "--run-dir"])
@@ -277,7 +285,7 @@ fn memory_predicts_the_measured_peak_and_guards_the_budget() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
-    assert!(err.contains("recomputing decoder layers"), "{err}");
+    assert!(err.contains("--memory-budget: memory policy"), "{err}");
     let last: serde_json::Value = serde_json::from_str(std::fs::read_to_string(fit.join("metrics.jsonl")).unwrap().lines().last().unwrap()).unwrap();
     assert!(last["peak_bytes"].as_u64().unwrap() < 150_000_000, "{last}");
     let out = bin().args(["train", "--steps", "1", "--micro-batch", "4", "--seq-len", "32", "--memory-budget", "1GB", "--no-progress", "--peak-gflops", "100", "--run-dir"]).arg(&run).output().unwrap();

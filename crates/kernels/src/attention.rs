@@ -2,8 +2,10 @@
 //!
 //! For each batch row `b` and query head `h` (key/value head `g = h / (nh / nkv)`):
 //! `S = scale · Q_h K_gᵀ` (`[T, T]`), `P = softmax(S + causal mask)` row-wise,
-//! `O_h = P V_g`. `P` is saved for backward (it is the attention's saved activation;
-//! recomputing it from `Q`, `K` is the "attention core" recompute option).
+//! `O_h = P V_g`. `P` is either saved for the backward (`B·nh·T²` floats, the attention's
+//! largest activation) or not kept at all: then the forward forms each head's `P` in a
+//! per-task scratch buffer and the backward recomputes it block by block, just before
+//! using it (flash-attention style; the same code on the same inputs, so the same bits).
 
 use crate::gemm::{gemm_strided, Op, Strided};
 use crate::vmath;
@@ -42,15 +44,50 @@ struct SendPtr(*mut f32);
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
-/// Forward. `q: [N, nh·dqk]`, `k: [N, nkv·dqk]`, `v: [N, nkv·dv]` → `out: [N, nh·dv]`,
-/// `probs: [B, nh, T, T]` (zero above the diagonal).
-pub fn attention_forward(out: &mut [f32], probs: &mut [f32], q: &[f32], k: &[f32], v: &[f32], s: AttnShape, scale: f32) {
-    let AttnShape { b: _, t, nh, nkv, dqk, dv } = s;
-    assert_eq!(probs.len(), s.probs_len());
-    assert_eq!(out.len(), s.b * t * nh * dv);
+/// `P[r0..r1, 0..r1]` of one head into rows `r0..r1` of `p: [T, T]` (zero right of the
+/// diagonal): `scale · Q_h K_gᵀ` by one GEMM, then a row softmax. The forward and the
+/// backward's recomputation both call this, so they produce the same bits.
+#[allow(clippy::too_many_arguments)]
+fn probs_block(p: &mut [f32], r0: usize, r1: usize, q: &[f32], k: &[f32], s: AttnShape, bi: usize, h: usize, scale: f32) {
+    let AttnShape { t, nh, nkv, dqk, .. } = s;
+    let g = h / (nh / nkv);
+    let row0 = bi * t;
+    // SAFETY: Q/K views stay inside row block `bi` and head `h`/`g`; rows r0..r1 of `p`
+    // (t wide) are inside it.
+    unsafe {
+        gemm_strided(
+            r1 - r0,
+            r1,
+            dqk,
+            p.as_mut_ptr().add(r0 * t),
+            Strided { rs: t as isize, cs: 1 },
+            q.as_ptr().add((row0 + r0) * nh * dqk + h * dqk),
+            Strided::row_major(nh * dqk, Op::N),
+            k.as_ptr().add(row0 * nkv * dqk + g * dqk),
+            Strided::row_major(nkv * dqk, Op::T),
+            false,
+            scale,
+            false,
+        );
+    }
+    for i in r0..r1 {
+        let row = &mut p[i * t..(i + 1) * t];
+        let max = vmath::max(&row[..=i]);
+        let sum = vmath::exp_shifted_sum(&mut row[..=i], max);
+        vmath::scale(&mut row[..=i], 1.0 / sum);
+        row[i + 1..].fill(0.0);
+    }
+}
+
+/// Forward. `q: [N, nh·dqk]`, `k: [N, nkv·dqk]`, `v: [N, nkv·dv]` → `out: [N, nh·dv]`;
+/// `probs: [B, nh, T, T]` (zero above the diagonal) when given, for the backward;
+/// without it each head's probabilities live only in a scratch buffer.
+pub fn attention_forward(out: &mut [f32], probs: Option<&mut [f32]>, q: &[f32], k: &[f32], v: &[f32], s: AttnShape, scale: f32) {
+    let AttnShape { b, t, nh, nkv, dv, .. } = s;
+    assert_eq!(out.len(), b * t * nh * dv);
     let group = nh / nkv;
     let out_ptr = SendPtr(out.as_mut_ptr());
-    probs.par_chunks_mut(t * t).enumerate().for_each(|(bh, p)| {
+    let head = |p: &mut [f32], bh: usize| {
         let (bi, h) = (bh / nh, bh % nh);
         let g = h / group;
         let row0 = bi * t;
@@ -60,31 +97,9 @@ pub fn attention_forward(out: &mut [f32], probs: &mut [f32], q: &[f32], k: &[f32
         // multiplies against that prefix alone (≈ (1 + B/T)/2 of the full product).
         for r0 in (0..t).step_by(ROW_BLOCK) {
             let r1 = (r0 + ROW_BLOCK).min(t);
-            // SAFETY: Q/K/V views stay inside row block `bi` and head `h`/`g`; the output
-            // view covers rows r0..r1 of `bi`, columns of head `h`, written by this task only.
-            unsafe {
-                gemm_strided(
-                    r1 - r0,
-                    r1,
-                    dqk,
-                    p.as_mut_ptr().add(r0 * t),
-                    Strided { rs: t as isize, cs: 1 },
-                    q.as_ptr().add((row0 + r0) * nh * dqk + h * dqk),
-                    Strided::row_major(nh * dqk, Op::N),
-                    k.as_ptr().add(row0 * nkv * dqk + g * dqk),
-                    Strided::row_major(nkv * dqk, Op::T),
-                    false,
-                    scale,
-                    false,
-                );
-            }
-            for i in r0..r1 {
-                let row = &mut p[i * t..(i + 1) * t];
-                let max = vmath::max(&row[..=i]);
-                let sum = vmath::exp_shifted_sum(&mut row[..=i], max);
-                vmath::scale(&mut row[..=i], 1.0 / sum);
-                row[i + 1..].fill(0.0);
-            }
+            probs_block(p, r0, r1, q, k, s, bi, h, scale);
+            // SAFETY: the output view covers rows r0..r1 of `bi`, columns of head `h`,
+            // written by this task only; V stays inside row block `bi`, head `g`.
             unsafe {
                 gemm_strided(
                     r1 - r0,
@@ -102,12 +117,20 @@ pub fn attention_forward(out: &mut [f32], probs: &mut [f32], q: &[f32], k: &[f32
                 );
             }
         }
-    });
+    };
+    match probs {
+        Some(probs) => {
+            assert_eq!(probs.len(), s.probs_len());
+            probs.par_chunks_mut(t * t).enumerate().for_each(|(bh, p)| head(p, bh));
+        }
+        None => (0..b * nh).into_par_iter().for_each_init(|| vec![0.0f32; t * t], |p, bh| head(p, bh)),
+    }
 }
 
 /// Backward of [`attention_forward`]; writes (not accumulates) `dq`, `dk`, `dv`:
 /// `dV_g = Σ_h Pᵀ dO_h`, `dP = dO_h V_gᵀ`, `dS = P ⊙ (dP − rowsum(P ⊙ dP))`,
-/// `dQ_h = scale · dS K_g`, `dK_g = scale · Σ_h dSᵀ Q_h`.
+/// `dQ_h = scale · dS K_g`, `dK_g = scale · Σ_h dSᵀ Q_h`. `probs`: what the forward saved,
+/// or `None` to recompute each row block of `P` just before it is used.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward(
     dq: &mut [f32],
@@ -117,7 +140,7 @@ pub fn attention_backward(
     q: &[f32],
     k: &[f32],
     v: &[f32],
-    probs: &[f32],
+    probs: Option<&[f32]>,
     s: AttnShape,
     scale: f32,
 ) {
@@ -127,17 +150,24 @@ pub fn attention_backward(
     dk.fill(0.0);
     dvv.fill(0.0);
     let (dq_p, dk_p, dv_p) = (SendPtr(dq.as_mut_ptr()), SendPtr(dk.as_mut_ptr()), SendPtr(dvv.as_mut_ptr()));
+    let scratch = if probs.is_some() { 0 } else { t * t };
     (0..b * nkv).into_par_iter().for_each_init(
-        || vec![0.0f32; t * t],
-        |dp, bg| {
+        || (vec![0.0f32; t * t], vec![0.0f32; scratch]),
+        |(dp, pbuf), bg| {
             let (bi, g) = (bg / nkv, bg % nkv);
             let row0 = bi * t;
             // Capture the whole wrappers (Send), not their raw-pointer fields.
             let (dq_p, dk_p, dv_p) = (dq_p, dk_p, dv_p);
             for h in g * group..(g + 1) * group {
-                let p = &probs[(bi * nh + h) * t * t..(bi * nh + h + 1) * t * t];
                 for r0 in (0..t).step_by(ROW_BLOCK) {
                     let r1 = (r0 + ROW_BLOCK).min(t);
+                    let p: &[f32] = match probs {
+                        Some(probs) => &probs[(bi * nh + h) * t * t..(bi * nh + h + 1) * t * t],
+                        None => {
+                            probs_block(pbuf, r0, r1, q, k, s, bi, h, scale);
+                            &pbuf[..]
+                        }
+                    };
                     // SAFETY: dq rows of (bi, h) and dk/dv rows of (bi, g) belong to this task.
                     unsafe {
                         let do_ptr = dout.as_ptr().add((row0 + r0) * nh * dv + h * dv);
@@ -269,13 +299,23 @@ mod tests {
         let run = |q: &[f32], k: &[f32], v: &[f32]| {
             let mut out = vec![0.0; n * s.nh * s.dv];
             let mut p = vec![0.0; s.probs_len()];
-            attention_forward(&mut out, &mut p, q, k, v, s, scale);
+            attention_forward(&mut out, Some(&mut p), q, k, v, s, scale);
             (out, p)
         };
         let (out, p) = run(&q, &k, &v);
         assert_close(&out, &naive(&q, &k, &v, s, scale), 1e-5, "attention forward");
+        // Without saved probabilities: the same output, and the backward (recomputing
+        // them block by block) gives the same bits as the one reading them.
+        let mut out2 = vec![0.0; out.len()];
+        attention_forward(&mut out2, None, &q, &k, &v, s, scale);
+        assert!(out.iter().zip(&out2).all(|(a, b)| a.to_bits() == b.to_bits()), "forward without saved probabilities");
         let (mut dq, mut dk, mut dv) = (vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]);
-        attention_backward(&mut dq, &mut dk, &mut dv, &g, &q, &k, &v, &p, s, scale);
+        attention_backward(&mut dq, &mut dk, &mut dv, &g, &q, &k, &v, Some(&p), s, scale);
+        let (mut dq2, mut dk2, mut dv2) = (vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]);
+        attention_backward(&mut dq2, &mut dk2, &mut dv2, &g, &q, &k, &v, None, s, scale);
+        for (a, b, what) in [(&dq, &dq2, "dq"), (&dk, &dk2, "dk"), (&dv, &dv2, "dv")] {
+            assert!(a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()), "{what} with recomputed probabilities");
+        }
         assert_close(&dq, &numeric_grad(&q, 1e-3, |x| dot64(&run(x, &k, &v).0, &g)), 2e-3, "dq");
         assert_close(&dk, &numeric_grad(&k, 1e-3, |x| dot64(&run(&q, x, &v).0, &g)), 2e-3, "dk");
         assert_close(&dv, &numeric_grad(&v, 1e-3, |x| dot64(&run(&q, &k, x).0, &g)), 2e-3, "dv");

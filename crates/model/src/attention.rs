@@ -10,6 +10,7 @@ use rayon::prelude::*;
 use ultramoe_kernels::rope::RopeTable;
 
 /// Batch geometry and shared tables for one forward/backward.
+#[derive(Clone, Copy)]
 pub struct Ctx<'a> {
     /// batch rows
     pub b: usize,
@@ -17,6 +18,9 @@ pub struct Ctx<'a> {
     pub t: usize,
     /// RoPE cos/sin
     pub rope: &'a RopeTable,
+    /// keep the attention probabilities for the backward (otherwise it recomputes them
+    /// block by block: the `attention` memory policy)
+    pub keep_probs: bool,
 }
 
 impl Ctx<'_> {
@@ -73,6 +77,34 @@ impl GqaSaved {
             .map(|v| v.len())
             .sum::<usize>()
     }
+
+    /// Frees q, k, v and what their norms kept (the `qkv` policy).
+    pub fn release_qkv(&mut self) {
+        *self = GqaSaved { probs: std::mem::take(&mut self.probs), o: std::mem::take(&mut self.o), ..Default::default() };
+    }
+
+    /// The buffers, for swapping.
+    pub fn buffers_mut(&mut self) -> [&mut Vec<f32>; 9] {
+        [&mut self.q_raw, &mut self.k_raw, &mut self.rstd_q, &mut self.rstd_k, &mut self.q, &mut self.k, &mut self.v, &mut self.probs, &mut self.o]
+    }
+}
+
+/// The attention core's forward into fresh buffers: `(probs, out)`, the probabilities
+/// empty unless `keep`.
+fn core_forward(q: &[f32], k: &[f32], v: &[f32], sh: AttnShape, scale: f32, keep: bool) -> (Vec<f32>, Vec<f32>) {
+    let _p = ultramoe_kernels::profile::scope("attention.core.forward");
+    let mut probs = if keep { vec![0.0; sh.probs_len()] } else { Vec::new() };
+    let mut o = vec![0.0; sh.b * sh.t * sh.nh * sh.dv];
+    attention_forward(&mut o, keep.then_some(&mut probs[..]), q, k, v, sh, scale);
+    (probs, o)
+}
+
+/// The attention core's backward, reading the saved probabilities or, when none were
+/// kept, recomputing them block by block.
+#[allow(clippy::too_many_arguments)]
+fn core_backward(dq: &mut [f32], dk: &mut [f32], dv: &mut [f32], d_o: &[f32], q: &[f32], k: &[f32], v: &[f32], probs: &[f32], sh: AttnShape, scale: f32) {
+    let _p = ultramoe_kernels::profile::scope("attention.core.backward");
+    attention_backward(dq, dk, dv, d_o, q, k, v, (!probs.is_empty()).then_some(probs), sh, scale);
 }
 
 impl GqaAttention {
@@ -80,9 +112,8 @@ impl GqaAttention {
         AttnShape { b: c.b, t: c.t, nh: self.nh, nkv: self.nkv, dqk: self.hd, dv: self.hd }
     }
 
-    /// `x: [N, H]` (normed) → `y: [N, H]`.
-    pub fn forward(&self, w: &[f32], x: &[f32], c: &Ctx) -> (Vec<f32>, GqaSaved) {
-        let _p = ultramoe_kernels::profile::scope("attention.forward");
+    /// The input projection: `q`, `k` (normed when configured, then rotated) and `v`.
+    fn project(&self, w: &[f32], x: &[f32], c: &Ctx) -> GqaSaved {
         let (n, h, hd) = (c.n(), self.hidden, self.hd);
         let (qw, kw) = (self.nh * hd, self.nkv * hd);
         let width = qw + 2 * kw;
@@ -106,14 +137,23 @@ impl GqaAttention {
         }
         c.rope.apply(&mut s.q, qw, c.t, self.nh, hd, 0, false);
         c.rope.apply(&mut s.k, kw, c.t, self.nkv, hd, 0, false);
-        let sh = self.shape(c);
-        s.probs = vec![0.0; sh.probs_len()];
-        s.o = vec![0.0; n * qw];
-        {
-            let _p = ultramoe_kernels::profile::scope("attention.core.forward");
-            attention_forward(&mut s.o, &mut s.probs, &s.q, &s.k, &s.v, sh, self.scale);
+        s
+    }
+
+    /// `x: [N, H]` (normed) → `y: [N, H]`.
+    pub fn forward(&self, w: &[f32], x: &[f32], c: &Ctx) -> (Vec<f32>, GqaSaved) {
+        let _p = ultramoe_kernels::profile::scope("attention.forward");
+        let mut s = self.project(w, x, c);
+        (s.probs, s.o) = core_forward(&s.q, &s.k, &s.v, self.shape(c), self.scale, c.keep_probs);
+        (linear(&s.o, &w[self.o.clone()], c.n(), self.nh * self.hd, self.hidden), s)
+    }
+
+    /// Rebuilds what the `qkv` policy freed (`x`: the block's input).
+    pub fn restore(&self, w: &[f32], x: &[f32], s: &mut GqaSaved, c: &Ctx) {
+        if s.q.is_empty() {
+            let _p = ultramoe_kernels::profile::scope("recompute.qkv");
+            *s = GqaSaved { probs: std::mem::take(&mut s.probs), o: std::mem::take(&mut s.o), ..self.project(w, x, c) };
         }
-        (linear(&s.o, &w[self.o.clone()], n, qw, h), s)
     }
 
     /// Backward: accumulates weight gradients into `g`, returns `dx: [N, H]`.
@@ -124,10 +164,7 @@ impl GqaAttention {
         let width = qw + 2 * kw;
         let d_o = linear_grad(&mut g[self.o.clone()], dy, &s.o, &w[self.o.clone()], n, qw, h);
         let (mut dq, mut dk, mut dv) = (vec![0.0; n * qw], vec![0.0; n * kw], vec![0.0; n * kw]);
-        {
-            let _p = ultramoe_kernels::profile::scope("attention.core.backward");
-            attention_backward(&mut dq, &mut dk, &mut dv, &d_o, &s.q, &s.k, &s.v, &s.probs, self.shape(c), self.scale);
-        }
+        core_backward(&mut dq, &mut dk, &mut dv, &d_o, &s.q, &s.k, &s.v, &s.probs, self.shape(c), self.scale);
         c.rope.apply(&mut dq, qw, c.t, self.nh, hd, 0, true);
         c.rope.apply(&mut dk, kw, c.t, self.nkv, hd, 0, true);
         if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
@@ -196,6 +233,8 @@ pub struct MlaSaved {
     ckv: Vec<f32>,
     rstd_kv: Vec<f32>,
     ckv_n: Vec<f32>,
+    /// the shared rotary key before rotation (kept only to rebuild `k` under `qkv`)
+    kpe: Vec<f32>,
     q: Vec<f32>,
     k: Vec<f32>,
     v: Vec<f32>,
@@ -207,12 +246,39 @@ impl MlaSaved {
     /// Bytes held.
     pub fn bytes(&self) -> usize {
         4 * [
-            &self.qa, &self.rstd_qa, &self.qa_n, &self.ckv, &self.rstd_kv, &self.ckv_n, &self.q, &self.k, &self.v,
+            &self.qa, &self.rstd_qa, &self.qa_n, &self.ckv, &self.rstd_kv, &self.ckv_n, &self.kpe, &self.q, &self.k, &self.v,
             &self.probs, &self.o,
         ]
         .iter()
         .map(|v| v.len())
         .sum::<usize>()
+    }
+
+    /// Frees the normed latents (the `norm` policy).
+    pub fn release_norm(&mut self) {
+        (self.qa_n, self.ckv_n) = Default::default();
+    }
+
+    /// Frees what the up-projections made (the `qkv` policy): `k`, `v`, and `q` when it
+    /// comes from a query LoRA (without one `q` is the down-projection itself and stays).
+    /// Otherwise frees the rotary key kept to rebuild them.
+    pub fn release_qkv(&mut self, on: bool) {
+        if !on {
+            self.kpe = Vec::new();
+            return;
+        }
+        if !self.qa.is_empty() {
+            self.q = Vec::new();
+        }
+        (self.k, self.v) = Default::default();
+    }
+
+    /// The buffers, for swapping.
+    pub fn buffers_mut(&mut self) -> [&mut Vec<f32>; 12] {
+        [
+            &mut self.qa, &mut self.rstd_qa, &mut self.qa_n, &mut self.ckv, &mut self.rstd_kv, &mut self.ckv_n, &mut self.kpe,
+            &mut self.q, &mut self.k, &mut self.v, &mut self.probs, &mut self.o,
+        ]
     }
 }
 
@@ -275,46 +341,75 @@ impl MlaAttention {
             });
     }
 
-    /// `x: [N, H]` (normed) → `y: [N, H]`.
-    pub fn forward(&self, w: &[f32], x: &[f32], c: &Ctx) -> (Vec<f32>, MlaSaved) {
-        let _p = ultramoe_kernels::profile::scope("attention.forward");
+    /// The down-projection: the query input, the compressed KV and the shared rotary key;
+    /// without a query LoRA the query input is `q` itself (rotated here).
+    fn latents(&self, w: &[f32], x: &[f32], c: &Ctx) -> MlaSaved {
         let (n, h, nh, dqk) = (c.n(), self.hidden, self.nh, self.dqk());
-        let aw = self.a_width();
-        let qin = self.q_in();
+        let (aw, qin) = (self.a_width(), self.q_in());
         let a = linear(x, &w[self.a.clone()], n, h, aw);
-        let mut s = MlaSaved { qa: take_cols(&a, aw, 0, qin), ckv: take_cols(&a, aw, qin, self.kv_lora), ..Default::default() };
-        let kpe = take_cols(&a, aw, qin + self.kv_lora, self.rope_dim);
-        drop(a);
-        // Query path.
-        s.q = match (&self.q_a_norm, &self.q_b) {
-            (Some(qn), Some(qb)) => {
-                s.qa_n = vec![0.0; n * qin];
-                s.rstd_qa = vec![0.0; n];
-                rmsnorm_forward(&mut s.qa_n, &mut s.rstd_qa, &s.qa, &w[qn.clone()], qin, self.eps);
-                linear(&s.qa_n, &w[qb.clone()], n, qin, nh * dqk)
-            }
-            _ => s.qa.clone(),
+        let mut s = MlaSaved {
+            qa: take_cols(&a, aw, 0, qin),
+            ckv: take_cols(&a, aw, qin, self.kv_lora),
+            kpe: take_cols(&a, aw, qin + self.kv_lora, self.rope_dim),
+            ..Default::default()
         };
-        // Key/value path.
+        if self.q_b.is_none() {
+            s.q = std::mem::take(&mut s.qa);
+            c.rope.apply(&mut s.q, nh * dqk, c.t, nh, dqk, self.nope, false);
+        }
+        s
+    }
+
+    /// RMSNorms of the latents (the query's only with a query LoRA).
+    fn norm_latents(&self, w: &[f32], s: &mut MlaSaved, n: usize) {
+        if let Some(qn) = &self.q_a_norm {
+            s.qa_n = vec![0.0; n * self.q_lora];
+            s.rstd_qa = vec![0.0; n];
+            rmsnorm_forward(&mut s.qa_n, &mut s.rstd_qa, &s.qa, &w[qn.clone()], self.q_lora, self.eps);
+        }
         s.ckv_n = vec![0.0; n * self.kv_lora];
         s.rstd_kv = vec![0.0; n];
         rmsnorm_forward(&mut s.ckv_n, &mut s.rstd_kv, &s.ckv, &w[self.kv_a_norm.clone()], self.kv_lora, self.eps);
+    }
+
+    /// The up-projections: `q` from the normed query latent (with a query LoRA), `k`, `v`
+    /// from the normed KV latent and the rotary key, rotated.
+    fn up_project(&self, w: &[f32], s: &mut MlaSaved, c: &Ctx) {
+        let (n, nh, dqk) = (c.n(), self.nh, self.dqk());
+        if let Some(qb) = &self.q_b {
+            s.q = linear(&s.qa_n, &w[qb.clone()], n, self.q_lora, nh * dqk);
+            c.rope.apply(&mut s.q, nh * dqk, c.t, nh, dqk, self.nope, false);
+        }
         let kvw = nh * (self.nope + self.dv);
         let kv = linear(&s.ckv_n, &w[self.kv_b.clone()], n, self.kv_lora, kvw);
         s.k = vec![0.0; n * nh * dqk];
         s.v = vec![0.0; n * nh * self.dv];
-        self.split_kv(&mut s.k, &mut s.v, &kv, &kpe);
+        self.split_kv(&mut s.k, &mut s.v, &kv, &s.kpe);
         drop(kv);
-        c.rope.apply(&mut s.q, nh * dqk, c.t, nh, dqk, self.nope, false);
         c.rope.apply(&mut s.k, nh * dqk, c.t, nh, dqk, self.nope, false);
-        let sh = self.shape(c);
-        s.probs = vec![0.0; sh.probs_len()];
-        s.o = vec![0.0; n * nh * self.dv];
-        {
-            let _p = ultramoe_kernels::profile::scope("attention.core.forward");
-            attention_forward(&mut s.o, &mut s.probs, &s.q, &s.k, &s.v, sh, self.scale);
+    }
+
+    /// `x: [N, H]` (normed) → `y: [N, H]`. The saved set keeps the rotary key; the
+    /// caller frees it ([`MlaSaved::release_qkv`]) unless `q`, `k`, `v` are to be rebuilt.
+    pub fn forward(&self, w: &[f32], x: &[f32], c: &Ctx) -> (Vec<f32>, MlaSaved) {
+        let _p = ultramoe_kernels::profile::scope("attention.forward");
+        let mut s = self.latents(w, x, c);
+        self.norm_latents(w, &mut s, c.n());
+        self.up_project(w, &mut s, c);
+        (s.probs, s.o) = core_forward(&s.q, &s.k, &s.v, self.shape(c), self.scale, c.keep_probs);
+        (linear(&s.o, &w[self.o.clone()], c.n(), self.nh * self.dv, self.hidden), s)
+    }
+
+    /// Rebuilds what the `norm` and `qkv` policies freed.
+    pub fn restore(&self, w: &[f32], s: &mut MlaSaved, c: &Ctx) {
+        if s.ckv_n.is_empty() {
+            let _p = ultramoe_kernels::profile::scope("recompute.norm");
+            self.norm_latents(w, s, c.n());
         }
-        (linear(&s.o, &w[self.o.clone()], n, nh * self.dv, h), s)
+        if s.k.is_empty() {
+            let _p = ultramoe_kernels::profile::scope("recompute.qkv");
+            self.up_project(w, s, c);
+        }
     }
 
     /// Backward: accumulates weight gradients into `g`, returns `dx: [N, H]`.
@@ -324,10 +419,7 @@ impl MlaAttention {
         let (aw, qin) = (self.a_width(), self.q_in());
         let d_o = linear_grad(&mut g[self.o.clone()], dy, &s.o, &w[self.o.clone()], n, nh * self.dv, h);
         let (mut dq, mut dk, mut dv) = (vec![0.0; n * nh * dqk], vec![0.0; n * nh * dqk], vec![0.0; n * nh * self.dv]);
-        {
-            let _p = ultramoe_kernels::profile::scope("attention.core.backward");
-            attention_backward(&mut dq, &mut dk, &mut dv, &d_o, &s.q, &s.k, &s.v, &s.probs, self.shape(c), self.scale);
-        }
+        core_backward(&mut dq, &mut dk, &mut dv, &d_o, &s.q, &s.k, &s.v, &s.probs, self.shape(c), self.scale);
         drop(d_o);
         c.rope.apply(&mut dq, nh * dqk, c.t, nh, dqk, self.nope, true);
         c.rope.apply(&mut dk, nh * dqk, c.t, nh, dqk, self.nope, true);

@@ -10,6 +10,7 @@ use crate::attention::{Ctx, GqaAttention, GqaSaved, MlaAttention, MlaSaved};
 use crate::mlp::{Mlp, MlpSaved};
 use crate::moe::layer::{MoeLayer, MoeSaved};
 use crate::params::Slot;
+use crate::policy::LayerPolicy;
 use crate::tensor_ops::add_into;
 use std::borrow::Cow;
 use ultramoe_kernels::norm::{rmsnorm_backward, rmsnorm_forward};
@@ -111,6 +112,65 @@ impl LayerSaved {
                 FfnSaved::Moe(s) => s.bytes(),
             }
     }
+
+    /// Frees what `p` rebuilds in backward (all but `full`, `swap` — the model's — and
+    /// `attention`, whose probabilities the forward never keeps). The rotary key MLA
+    /// keeps for `qkv` goes unless `qkv` is on.
+    pub fn release(&mut self, p: &LayerPolicy) {
+        if p.norm {
+            (self.xn1, self.xn2) = Default::default();
+            if let AttnSaved::Mla(a) = &mut self.attn {
+                a.release_norm();
+            }
+        }
+        if p.experts {
+            if let FfnSaved::Moe(m) = &mut self.ffn {
+                m.release_rows();
+            }
+        }
+        if p.swiglu {
+            match &mut self.ffn {
+                FfnSaved::Dense(m) => m.act = Vec::new(),
+                FfnSaved::Moe(m) => m.release_act(),
+            }
+        }
+        match &mut self.attn {
+            AttnSaved::Gqa(a) if p.qkv => a.release_qkv(),
+            AttnSaved::Gqa(_) => {}
+            AttnSaved::Mla(a) => a.release_qkv(p.qkv),
+        }
+    }
+
+    /// Every buffer, in a fixed order: what a swap writes out and reads back.
+    pub fn buffers_mut(&mut self) -> Vec<&mut Vec<f32>> {
+        let mut out = vec![&mut self.x, &mut self.rstd1, &mut self.xn1, &mut self.h, &mut self.rstd2, &mut self.xn2];
+        for n in [&mut self.attn_post, &mut self.ffn_post].into_iter().flatten() {
+            out.extend([&mut n.input, &mut n.rstd]);
+        }
+        match &mut self.attn {
+            AttnSaved::Gqa(a) => out.extend(a.buffers_mut()),
+            AttnSaved::Mla(a) => out.extend(a.buffers_mut()),
+        }
+        match &mut self.ffn {
+            FfnSaved::Dense(m) => out.extend(m.buffers_mut()),
+            FfnSaved::Moe(m) => out.extend(m.buffers_mut()),
+        }
+        out
+    }
+
+    /// Moves every buffer out (for the swap file), leaving them empty.
+    pub fn take_buffers(&mut self) -> Vec<Vec<f32>> {
+        self.buffers_mut().into_iter().map(std::mem::take).collect()
+    }
+
+    /// Puts back what [`Self::take_buffers`] took, in the same order.
+    pub fn put_buffers(&mut self, bufs: Vec<Vec<f32>>) {
+        let slots = self.buffers_mut();
+        assert_eq!(slots.len(), bufs.len(), "swapped buffers do not match the layer");
+        for (slot, b) in slots.into_iter().zip(bufs) {
+            *slot = b;
+        }
+    }
 }
 
 impl DecoderLayer {
@@ -164,6 +224,35 @@ impl DecoderLayer {
         (y, LayerSaved { x, rstd1, xn1, attn, attn_post, h, rstd2, xn2, ffn, ffn_post })
     }
 
+    /// Rebuilds what [`LayerSaved::release`] freed for the FFN's backward (`xn₂`, the
+    /// SwiGLU outputs), with the forward's own kernels on the same inputs (so the same
+    /// bits).
+    fn restore_ffn(&self, w: &[f32], s: &mut LayerSaved, n: usize) {
+        if s.xn2.is_empty() {
+            let _p = ultramoe_kernels::profile::scope("recompute.norm");
+            (s.xn2, s.rstd2) = self.norm(w, &self.ffn_norm, &s.h, n);
+        }
+        match (&self.ffn, &mut s.ffn) {
+            (FfnBlock::Dense(m), FfnSaved::Dense(ms)) => m.restore_act(ms),
+            (FfnBlock::Moe(m), FfnSaved::Moe(ms)) => m.restore(w, &s.xn2, ms),
+            _ => unreachable!("saved FFN activations do not match the layer"),
+        }
+    }
+
+    /// Rebuilds what [`LayerSaved::release`] freed for the attention's backward: `xn₁`,
+    /// then q/k/v (the attention probabilities are the core backward's own business).
+    fn restore_attention(&self, w: &[f32], s: &mut LayerSaved, c: &Ctx) {
+        if s.xn1.is_empty() {
+            let _p = ultramoe_kernels::profile::scope("recompute.norm");
+            (s.xn1, s.rstd1) = self.norm(w, &self.attn_norm, &s.x, c.n());
+        }
+        match (&self.attn, &mut s.attn) {
+            (AttnBlock::Gqa(m), AttnSaved::Gqa(ms)) => m.restore(w, &s.xn1, ms, c),
+            (AttnBlock::Mla(m), AttnSaved::Mla(ms)) => m.restore(w, ms, c),
+            _ => unreachable!("saved attention activations do not match the layer"),
+        }
+    }
+
     /// Backward through a sandwich post-norm when the layer has one; without it the
     /// gradient passes through unchanged (borrowed, not copied).
     fn post_norm_backward<'a>(&self, w: &[f32], g: &mut [f32], gain: Option<&Slot>, saved: Option<&Normed>, dy: &'a [f32]) -> Cow<'a, [f32]> {
@@ -178,8 +267,12 @@ impl DecoderLayer {
     }
 
     /// Backward from `dy: [N, H]`; weight gradients into `g`; returns `dx: [N, H]`.
-    pub fn backward(&self, w: &[f32], g: &mut [f32], s: &LayerSaved, dy: Vec<f32>, c: &Ctx) -> Vec<f32> {
+    /// Consumes the saved set: what a policy freed is rebuilt block by block (the FFN's
+    /// just before its backward, the attention's after the FFN's set is dropped), so the
+    /// layer never holds both blocks' rebuilt parts at once.
+    pub fn backward(&self, w: &[f32], g: &mut [f32], mut s: LayerSaved, dy: Vec<f32>, c: &Ctx) -> Vec<f32> {
         let (n, hd) = (c.n(), self.hidden);
+        self.restore_ffn(w, &mut s, n);
         // y = h + post(f): the residual passes dy to h unchanged.
         let df = self.post_norm_backward(w, g, self.sandwich.as_ref().map(|[_, sf]| sf), s.ffn_post.as_ref(), &dy);
         let dxn2 = match (&self.ffn, &s.ffn) {
@@ -192,9 +285,14 @@ impl DecoderLayer {
             _ => unreachable!("saved FFN activations do not match the layer"),
         };
         drop(df);
+        // The FFN's saved set is done with.
+        s.ffn = FfnSaved::Dense(MlpSaved::default());
+        s.xn2 = Vec::new();
+        s.ffn_post = None;
         let mut dh = dy;
         rmsnorm_backward(&mut dh, &mut g[self.ffn_norm.clone()], &dxn2, &s.h, &w[self.ffn_norm.clone()], &s.rstd2, hd, true);
         drop(dxn2);
+        self.restore_attention(w, &mut s, c);
         let da = self.post_norm_backward(w, g, self.sandwich.as_ref().map(|[sa, _]| sa), s.attn_post.as_ref(), &dh);
         let dxn1 = match (&self.attn, &s.attn) {
             (AttnBlock::Gqa(m), AttnSaved::Gqa(ms)) => m.backward(w, g, &s.xn1, ms, &da, c),

@@ -15,6 +15,8 @@ pub mod mlp;
 pub mod model;
 pub mod moe;
 pub mod params;
+pub mod policy;
+pub mod swap;
 pub mod tensor_ops;
 
 pub use ultramoe_config::{config, error};

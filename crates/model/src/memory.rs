@@ -17,31 +17,53 @@
 //! head      final x, normed x: 2·N·H, rstd N, logits N·V
 //! ```
 //!
-//! A layer recomputed in backward ([`Model::recompute`]) keeps only its input `N·H`; its
-//! whole set returns while its backward runs.
+//! A layer's policy ([`crate::policy`]) takes parts out: `norm` the normed copies,
+//! `swiglu` the SwiGLU outputs, `attention` the probabilities and core output, `qkv` the
+//! projections (MLA then keeps its rotary key, `N·d_rope`), `experts` a MoE layer's
+//! routed rows and outputs `2·R·H` (one rank only), `swap` moves what is left to
+//! the swap file (a MoE layer's routing and plans stay), `full` keeps only the input
+//! `N·H`. Whatever was taken out is back while the layer's backward runs.
 //!
-//! The peak comes either at the end of the forward pass (everything saved, logits
-//! included) or early in the backward pass, when the logits have been consumed and the
-//! top layer's backward works (a recomputed layer's rebuilt set included): its input
-//! gradient, the residual gradient and the
-//! largest block's temporaries (MoE: `R·(2H + 3I)`; attention: the q/k/v gradients and
-//! their fused copy — the score gradients are formed block by block, never whole).
-//! Kernel workspaces and thread pools hold a few megabytes more for the whole run; they
-//! are measured, not predicted ([`runtime_bytes`]).
+//! The peak is the largest of three moments:
+//!
+//! ```text
+//! end of forward    Σ_j kept_j + head (logits included)
+//! forward of i      Σ_{j<i} kept_j + whole_i + swapped_{i−1}     (its write may still run)
+//! backward of i     Σ_{j<i} kept_j + swapped_{i−1} (prefetched below it)
+//!                   + max(FFN phase_i, attention phase_i) + 2·N·H (dx, residual grad)
+//!                   + head without logits
+//! FFN phase         kept_i (all of it back from the swap file) + the FFN's rebuilt part
+//!                   (xn₂, SwiGLU outputs) + the FFN's temporaries
+//! attention phase   kept_i − the FFN's set − xn₂ + the attention's rebuilt part
+//!                   (xn₁, latents, q/k/v, core) + the attention's temporaries
+//! ```
+//!
+//! with temporaries MoE: `R·(2H + 3I)`, dense: `3·N·I`; attention: the q/k/v gradients and
+//! their fused copy (the score gradients are formed block by block, never whole). A layer
+//! recomputed whole holds its whole set in the FFN phase. A swap file adds its staging buffer. Kernel workspaces and thread pools hold a
+//! few megabytes more for the whole run; they are measured, not predicted
+//! ([`runtime_bytes`]).
 
-use crate::decoder::{AttnBlock, FfnBlock};
+use crate::decoder::{AttnBlock, DecoderLayer, FfnBlock};
 use crate::model::Model;
+use crate::policy::{LayerPolicy, MemoryOp};
+use crate::swap::SwapRates;
 
 /// A predicted memory footprint, in bytes.
 #[derive(Clone, Debug, Default)]
 pub struct MemoryPlan {
-    /// (owner, bytes), static parts first, then saved activations per layer
+    /// (owner, bytes) held in memory: static parts first, then saved activations per layer
     pub items: Vec<(String, usize)>,
+    /// (owner, bytes) in the swap file between forward and backward
+    pub swapped: Vec<(String, usize)>,
     /// weights, gradients, optimizer moments
     pub static_bytes: usize,
-    /// activations saved by one micro-batch's forward
+    /// activations one micro-batch's forward keeps in memory
     pub activation_bytes: usize,
-    /// temporaries beyond the saved activations at the peak
+    /// activations in the swap file
+    pub swapped_bytes: usize,
+    /// temporaries beyond the kept activations at the peak (rebuilt and prefetched sets,
+    /// backward buffers, the swap staging buffer)
     pub transient_bytes: usize,
     /// kernel workspaces and thread pools (measured by [`runtime_bytes`], or 0)
     pub runtime_bytes: usize,
@@ -49,14 +71,168 @@ pub struct MemoryPlan {
     pub peak_bytes: usize,
 }
 
-/// Floats of one dense (or shared-expert) MLP's saved activations per token.
-fn mlp_floats(inter: usize) -> usize {
-    3 * inter
+/// One layer's bytes under its policy.
+struct LayerBytes {
+    /// kept between forward and backward: (owner, bytes)
+    kept: Vec<(String, usize)>,
+    /// in the swap file
+    swapped: usize,
+    /// the whole set, as the layer's forward makes it
+    whole: usize,
+    /// held during the FFN's backward, with its temporaries
+    ffn_phase: usize,
+    /// held during the attention's backward (the FFN's set dropped), with its temporaries
+    attention_phase: usize,
+}
+
+impl LayerBytes {
+    fn kept_total(&self) -> usize {
+        self.kept.iter().map(|k| k.1).sum()
+    }
+}
+
+/// A block's floats: the whole saved set, and what each op class frees.
+#[derive(Default)]
+struct Block {
+    whole: usize,
+    norm: usize,
+    swiglu: usize,
+    attention: usize,
+    qkv: usize,
+    experts: usize,
+    /// floats that stay in memory when the layer swaps
+    unswappable: usize,
+}
+
+impl Block {
+    fn kept(&self, p: &LayerPolicy) -> usize {
+        let off = |on: bool, f: usize| if on { f } else { 0 };
+        self.whole - off(p.norm, self.norm) - off(p.swiglu, self.swiglu) - off(p.attention, self.attention) - off(p.qkv, self.qkv)
+            - off(p.experts, self.experts)
+    }
+}
+
+/// Floats of a dense (or shared-expert) SwiGLU MLP over `rows`: (whole, act).
+fn mlp_floats(rows: usize, inter: usize) -> (usize, usize) {
+    (3 * rows * inter, rows * inter)
+}
+
+fn norm_block(l: &DecoderLayer, n: usize) -> Block {
+    let h = l.hidden;
+    let sandwich = if l.sandwich.is_some() { 2 * (n * h + n) } else { 0 };
+    Block { whole: 4 * n * h + 2 * n + sandwich, norm: 2 * n * h, ..Default::default() }
+}
+
+/// The attention block's floats and its backward temporaries (floats), with `qkv` on or
+/// off (MLA keeps its rotary key only for `qkv`).
+fn attention_block(l: &DecoderLayer, b: usize, t: usize, qkv: bool) -> (Block, usize) {
+    let n = b * t;
+    match &l.attn {
+        AttnBlock::Gqa(a) => {
+            let (qw, kw) = (a.nh * a.hd, a.nkv * a.hd);
+            let qk_norm = if a.q_norm.is_some() { n * (qw + kw) + n * (a.nh + a.nkv) } else { 0 };
+            let probs = b * a.nh * t * t;
+            let proj = n * qw + 2 * n * kw + qk_norm;
+            let core = probs + n * qw;
+            (Block { whole: proj + core, attention: probs, qkv: proj, ..Default::default() }, n * (qw + 2 * kw) * 2)
+        }
+        AttnBlock::Mla(a) => {
+            let dqk = a.nope + a.rope_dim;
+            let (qa, qa_n) = if a.q_lora > 0 { (n * a.q_lora + n, n * a.q_lora) } else { (0, 0) };
+            let (ckv, ckv_n) = (n * a.kv_lora + n, n * a.kv_lora);
+            let q = n * a.nh * dqk;
+            let (k, v) = (n * a.nh * dqk, n * a.nh * a.dv);
+            let kpe = if qkv { n * a.rope_dim } else { 0 };
+            let probs = b * a.nh * t * t;
+            let core = probs + n * a.nh * a.dv;
+            let rebuilt_qkv = k + v + if a.q_lora > 0 { q } else { 0 };
+            let block = Block {
+                whole: qa + qa_n + ckv + ckv_n + q + k + v + kpe + core,
+                norm: qa_n + ckv_n,
+                attention: probs,
+                qkv: rebuilt_qkv,
+                ..Default::default()
+            };
+            (block, n * a.nh * (2 * dqk + a.dv) * 2)
+        }
+    }
+}
+
+/// The feed-forward block's floats, its backward temporaries (floats) and its name.
+fn ffn_block(l: &DecoderLayer, n: usize) -> (Block, usize, &'static str) {
+    let h = l.hidden;
+    match &l.ffn {
+        FfnBlock::Dense(m) => {
+            let (whole, act) = mlp_floats(n, m.inter);
+            (Block { whole, swiglu: act, ..Default::default() }, n * 3 * m.inter, "dense FFN")
+        }
+        FfnBlock::Moe(m) => {
+            let (e, k, ie) = (m.placement.n_experts(), m.router.spec.top_k, m.experts.inter);
+            let r = n * k;
+            let (shared, shared_act) = m.shared.as_ref().map_or((0, 0), |s| mlp_floats(n, s.inter));
+            let routing = n * e + 2 * n * k + 2 * r;
+            // On one rank the routed rows and expert outputs can be rebuilt locally.
+            let local = m.dispatcher.ep.is_none();
+            let block = Block {
+                whole: routing + r * (2 * h + 3 * ie) + shared,
+                swiglu: r * ie + shared_act,
+                experts: if local { 2 * r * h } else { 0 },
+                unswappable: routing,
+                ..Default::default()
+            };
+            (block, r * (2 * h + 3 * ie), "MoE")
+        }
+    }
 }
 
 impl Model {
+    /// One layer's bytes over `b × t` tokens under policy `p`.
+    fn layer_bytes(&self, i: usize, b: usize, t: usize, p: &LayerPolicy) -> LayerBytes {
+        let l = &self.layers[i];
+        let n = b * t;
+        let norms = norm_block(l, n);
+        let (attn, attn_tmp) = attention_block(l, b, t, p.qkv && !p.full);
+        let (ffn, ffn_tmp, kind) = ffn_block(l, n);
+        // The attention probabilities are never made whole under `attention`, nor in the
+        // first forward of a layer recomputed whole.
+        let probs = if p.attention { attn.attention } else { 0 };
+        let total = norms.whole + attn.whole + ffn.whole;
+        let whole = 4 * (total - if p.full { attn.attention } else { probs });
+        // Backward: the FFN's part is rebuilt first (xn₂, SwiGLU outputs); then the FFN's
+        // set and xn₂ go and the attention's part is rebuilt (xn₁, latents, q/k/v).
+        let xn = n * l.hidden;
+        let (ffn_phase, attention_phase) = if p.full {
+            let rerun = 4 * (total - probs);
+            (rerun, rerun - 4 * (ffn.whole + xn))
+        } else {
+            let norms_kept = norms.kept(p);
+            let attn_kept = attn.kept(p);
+            let ffn_phase = norms_kept + if p.norm { xn } else { 0 } + attn_kept + ffn.whole;
+            let attention_phase = norms_kept + if p.norm { xn } else { 0 } - xn + attn.whole - probs;
+            (4 * ffn_phase, 4 * attention_phase)
+        };
+        let (ffn_phase, attention_phase) = (ffn_phase + 4 * ffn_tmp, attention_phase + 4 * attn_tmp);
+        if p.full {
+            let kept = vec![(format!("layer {i} input (recomputed in backward)"), 4 * n * l.hidden)];
+            return LayerBytes { kept, swapped: 0, whole, ffn_phase, attention_phase };
+        }
+        let tag = if p.keeps_all() { String::new() } else { format!(" [{}]", p.describe()) };
+        let parts = [("norms and residuals", &norms), ("attention", &attn), (kind, &ffn)];
+        if p.swap {
+            let swapped = parts.iter().map(|(_, blk)| 4 * (blk.kept(p) - blk.unswappable)).sum();
+            let kept = parts
+                .iter()
+                .filter(|(_, blk)| blk.unswappable > 0)
+                .map(|(name, blk)| (format!("layer {i} {name} routing{tag}"), 4 * blk.unswappable))
+                .collect();
+            return LayerBytes { kept, swapped, whole, ffn_phase, attention_phase };
+        }
+        let kept = parts.iter().map(|(name, blk)| (format!("layer {i} {name}{tag}"), 4 * blk.kept(p))).collect();
+        LayerBytes { kept, swapped: 0, whole, ffn_phase, attention_phase }
+    }
+
     /// Predicts the memory of a training step over a micro-batch of `b × t` tokens with
-    /// `moments` optimizer floats per parameter (AdamW: 2).
+    /// `moments` optimizer floats per parameter (AdamW: 2), under [`Model::policy`].
     /// `runtime` is what [`runtime_bytes`] measured (0 to leave it out).
     pub fn memory_plan(&self, b: usize, t: usize, moments: usize, runtime: usize) -> MemoryPlan {
         let n = b * t;
@@ -68,71 +244,272 @@ impl Model {
             ("optimizer moments".to_string(), 4 * moments * p),
         ];
         let static_bytes = 4 * (2 + moments) * p;
-        let mut act = 0;
-        let mut largest_block = 0usize;
-        let mut rebuilt = 0usize;
-        for (i, l) in self.layers.iter().enumerate() {
-            let sandwich = if l.sandwich.is_some() { 2 * (n * h + n) } else { 0 };
-            let norms = 4 * (4 * n * h + 2 * n + sandwich);
-            let (attn, attn_ws) = match &l.attn {
-                AttnBlock::Gqa(a) => {
-                    let (qw, kw) = (a.nh * a.hd, a.nkv * a.hd);
-                    let qk_norm = if a.q_norm.is_some() { n * (qw + kw) + n * (a.nh + a.nkv) } else { 0 };
-                    let probs = b * a.nh * t * t;
-                    (4 * (2 * n * qw + 2 * n * kw + probs + qk_norm), 4 * n * (qw + 2 * kw) * 2)
-                }
-                AttnBlock::Mla(a) => {
-                    let dqk = a.nope + a.rope_dim;
-                    let qa = if a.q_lora > 0 { 2 * n * a.q_lora + n } else { 0 };
-                    let probs = b * a.nh * t * t;
-                    let f = qa + 2 * n * a.kv_lora + n + 2 * n * a.nh * dqk + 2 * n * a.nh * a.dv + probs;
-                    (4 * f, 4 * n * a.nh * (2 * dqk + a.dv) * 2)
-                }
-            };
-            let (ffn, ffn_ws, kind) = match &l.ffn {
-                FfnBlock::Dense(m) => (4 * n * mlp_floats(m.inter), 4 * n * 3 * m.inter, "dense FFN"),
-                FfnBlock::Moe(m) => {
-                    let (e, k, ie) = (m.placement.n_experts(), m.router.spec.top_k, m.experts.inter);
-                    let r = n * k;
-                    let shared = m.shared.as_ref().map_or(0, |s| n * mlp_floats(s.inter));
-                    let f = n * e + 2 * n * k + 2 * r + r * (2 * h + 3 * ie) + shared;
-                    (4 * f, 4 * r * (2 * h + 3 * ie), "MoE")
-                }
-            };
-            if self.recompute.get(i).copied().unwrap_or(false) {
-                // Only the input stays; the whole set comes back during this layer's
-                // backward.
-                items.push((format!("layer {i} input (recomputed in backward)"), 4 * n * h));
-                act += 4 * n * h;
-                // (its kept input becomes part of the rebuilt set, not an extra copy)
-                rebuilt = rebuilt.max(norms + attn + ffn - 4 * n * h);
-            } else {
-                items.push((format!("layer {i} norms and residuals"), norms));
-                items.push((format!("layer {i} attention"), attn));
-                items.push((format!("layer {i} {kind}"), ffn));
-                act += norms + attn + ffn;
-            }
-            largest_block = largest_block.max(attn_ws).max(ffn_ws);
-        }
+        let layers: Vec<LayerBytes> =
+            (0..self.layers.len()).map(|i| self.layer_bytes(i, b, t, &self.policy.get(i).copied().unwrap_or_default())).collect();
         let logits = 4 * n * v;
-        let head = 4 * (2 * n * h + n) + logits;
-        items.push(("final norm and logits".to_string(), head));
-        act += head;
-        // Backward of the top layer: dx and the residual gradient beside the block's own
-        // temporaries; the logits are gone by then.
-        let backward = largest_block + 4 * 2 * n * h + rebuilt;
-        let transient = backward.saturating_sub(logits);
+        let head_kept = 4 * (2 * n * h + n);
+        let kept: usize = layers.iter().map(LayerBytes::kept_total).sum();
+        let act = kept + head_kept + logits;
+        // The three moments of the peak (see the module docs).
+        let mut below = 0;
+        let mut dynamic = act;
+        for (i, l) in layers.iter().enumerate() {
+            let neighbour = if i > 0 { layers[i - 1].swapped } else { 0 };
+            let forward = below + l.whole + neighbour;
+            let backward = below + neighbour + l.ffn_phase.max(l.attention_phase) + 4 * 2 * n * h + head_kept;
+            dynamic = dynamic.max(forward).max(backward);
+            below += l.kept_total();
+        }
+        let mut swapped = vec![];
+        for (i, l) in layers.into_iter().enumerate() {
+            if l.swapped > 0 {
+                swapped.push((format!("layer {i}"), l.swapped));
+            }
+            items.extend(l.kept);
+        }
+        items.push(("final norm and logits".to_string(), head_kept + logits));
+        let staging = if swapped.is_empty() { 0 } else { crate::swap::STAGING_BYTES };
+        if staging > 0 {
+            items.push(("swap staging buffer".to_string(), staging));
+        }
         if runtime > 0 {
             items.push(("kernel workspaces and thread pools (measured)".to_string(), runtime));
         }
         MemoryPlan {
             items,
+            swapped_bytes: swapped.iter().map(|s| s.1).sum(),
+            swapped,
             static_bytes,
             activation_bytes: act,
-            transient_bytes: transient,
+            transient_bytes: dynamic - act + staging,
             runtime_bytes: runtime,
-            peak_bytes: static_bytes + act + transient + runtime,
+            peak_bytes: static_bytes + dynamic + staging + runtime,
         }
+    }
+
+    /// Estimated extra seconds per step of running `b × t` tokens under `policy` rather
+    /// than keeping everything (see [`CostRates`]).
+    pub fn policy_cost(&self, b: usize, t: usize, policy: &[LayerPolicy], rates: &CostRates) -> f64 {
+        let n = b * t;
+        let forward: Vec<f64> = (0..self.layers.len()).map(|i| self.layer_forward_seconds(i, b, t, rates)).collect();
+        let mut cost = 0.0;
+        for (i, p) in policy.iter().enumerate().take(self.layers.len()) {
+            let l = &self.layers[i];
+            if p.full {
+                cost += forward[i] + if p.attention { self.attention_scores_flops(i, b, t) / rates.attention_flops } else { 0.0 };
+                continue;
+            }
+            let norms = norm_block(l, n);
+            let (attn, _) = attention_block(l, b, t, p.qkv);
+            let (ffn, _, _) = ffn_block(l, n);
+            // Elementwise rebuilds stream their input and output once: RMSNorm reads the
+            // input and writes the copy (a fresh buffer: its first touch costs about one
+            // more half pass); SwiGLU reads 2 floats and writes 1 per output, with an exp
+            // (counted as one more pass).
+            if p.norm {
+                cost += 12.0 * (norms.norm + attn.norm) as f64 / rates.bytes;
+            }
+            if p.swiglu {
+                cost += 4.0 * 4.0 * (ffn.swiglu) as f64 / rates.bytes;
+            }
+            if p.attention {
+                // Q·Kᵀ and the softmax again, inside the core's backward, less the
+                // probabilities the forward no longer writes out and the backward no
+                // longer reads (what is left is at least a tenth of the recomputation).
+                let scores = self.attention_scores_flops(i, b, t) / rates.attention_flops;
+                cost += (scores - 8.0 * attn.attention as f64 / rates.bytes).max(0.1 * scores);
+            }
+            if p.qkv {
+                // The projections' GEMMs, and q/k/v written out again (RoPE, head split).
+                cost += self.qkv_flops(i, n) / rates.flops + 4.0 * attn.qkv as f64 / rates.bytes;
+            }
+            if let (true, FfnBlock::Moe(m)) = (p.experts && ffn.experts > 0, &l.ffn) {
+                // The permutation copies R·H floats in and out; the down-projection is
+                // 2·R·I·H FLOPs.
+                let r = n * m.router.spec.top_k;
+                cost += 8.0 * (r * l.hidden) as f64 / rates.bytes + 2.0 * (r * m.experts.inter * l.hidden) as f64 / rates.flops;
+            }
+            if p.swap {
+                // Writes run behind the next layer's forward, reads (prefetched) behind
+                // the backward of the layer above (≈ twice its forward); the top layer
+                // hides neither. The transfers' CPU time (staging copies, kernel I/O) is
+                // taken from the compute, and slows it half as much again through the
+                // memory bandwidth it shares (measured here: swapping 55 MB a step cost
+                // 36 ms beyond the 19 ms of exposed waits, where the transfers' CPU time
+                // was 27 ms).
+                let bytes = self.layer_bytes(i, b, t, p).swapped as f64;
+                let above = forward.get(i + 1).copied().unwrap_or(0.0);
+                let s = &rates.swap;
+                cost += (bytes / s.write - above).max(0.0) + (bytes / s.read - 2.0 * above).max(0.0) + 1.5 * 2.0 * bytes * s.cpu_per_byte;
+            }
+        }
+        cost
+    }
+
+    /// (heads, d_qk, d_v, keys per query) of layer `i`'s attention core (causal, in
+    /// 64-row blocks: a row block sees (T + 64)/2 keys on average).
+    fn attention_dims(&self, i: usize, t: usize) -> (f64, f64, f64, f64) {
+        let (nh, dqk, dv) = match &self.layers[i].attn {
+            AttnBlock::Gqa(a) => (a.nh, a.hd, a.hd),
+            AttnBlock::Mla(a) => (a.nh, a.nope + a.rope_dim, a.dv),
+        };
+        (nh as f64, dqk as f64, dv as f64, (t as f64 + 64.0).min(2.0 * t as f64) / 2.0)
+    }
+
+    /// FLOPs of layer `i`'s attention core forward: `2·B·nh·T·keys·(d_qk + d_v)`.
+    fn attention_core_flops(&self, i: usize, b: usize, t: usize) -> f64 {
+        let (nh, dqk, dv, keys) = self.attention_dims(i, t);
+        2.0 * (b * t) as f64 * nh * keys * (dqk + dv)
+    }
+
+    /// FLOPs of layer `i`'s attention scores alone: `2·B·nh·T·keys·d_qk`.
+    fn attention_scores_flops(&self, i: usize, b: usize, t: usize) -> f64 {
+        let (nh, dqk, _, keys) = self.attention_dims(i, t);
+        2.0 * (b * t) as f64 * nh * keys * dqk
+    }
+
+    /// FLOPs of layer `i`'s q/k/v projections (MLA: the up-projections) over `n` tokens.
+    fn qkv_flops(&self, i: usize, n: usize) -> f64 {
+        let per_token = match &self.layers[i].attn {
+            AttnBlock::Gqa(a) => a.hidden * (a.nh + 2 * a.nkv) * a.hd,
+            AttnBlock::Mla(a) => a.q_lora * a.nh * (a.nope + a.rope_dim) + a.kv_lora * a.nh * (a.nope + a.dv),
+        };
+        2.0 * (n * per_token) as f64
+    }
+
+    /// Seconds of layer `i`'s forward over `b × t` tokens: its GEMMs (active weights,
+    /// `2·N` FLOPs each) and attention core.
+    fn layer_forward_seconds(&self, i: usize, b: usize, t: usize, rates: &CostRates) -> f64 {
+        let l = &self.layers[i];
+        let n = b * t;
+        let h = l.hidden;
+        let attn_weights = match &l.attn {
+            AttnBlock::Gqa(a) => h * (a.nh + 2 * a.nkv) * a.hd + a.nh * a.hd * h,
+            AttnBlock::Mla(a) => {
+                let q_in = if a.q_lora > 0 { a.q_lora } else { a.nh * (a.nope + a.rope_dim) };
+                h * (q_in + a.kv_lora + a.rope_dim) + a.nh * a.dv * h
+            }
+        };
+        let ffn_weights = match &l.ffn {
+            FfnBlock::Dense(m) => 3 * h * m.inter,
+            FfnBlock::Moe(m) => {
+                m.router.spec.top_k * 3 * h * m.experts.inter + m.shared.as_ref().map_or(0, |s| 3 * h * s.inter) + h * m.placement.n_experts()
+            }
+        };
+        2.0 * (n * (attn_weights + ffn_weights)) as f64 / rates.flops
+            + self.qkv_flops(i, n) / rates.flops
+            + self.attention_core_flops(i, b, t) / rates.attention_flops
+    }
+
+    /// The cheapest policy (by [`Model::policy_cost`]) under which a step over `b × t`
+    /// tokens fits `budget` bytes, starting from the current one: greedily the change
+    /// with the largest peak reduction per second of cost (the kept activations when no
+    /// change lowers the peak), then every chosen change that is not needed dropped again,
+    /// dearest first. `Err` with the most frugal policy tried when nothing fits.
+    pub fn choose_policy(&mut self, b: usize, t: usize, moments: usize, runtime: usize, budget: usize, rates: &CostRates) -> Result<Vec<LayerPolicy>, Vec<LayerPolicy>> {
+        let layers = self.layers.len();
+        self.policy.resize(layers, LayerPolicy::default());
+        let measure = |m: &mut Model, p: &[LayerPolicy]| {
+            let saved = std::mem::replace(&mut m.policy, p.to_vec());
+            let plan = m.memory_plan(b, t, moments, runtime);
+            m.policy = saved;
+            (plan.peak_bytes, plan.activation_bytes)
+        };
+        let mut chosen = self.policy.clone();
+        loop {
+            let (peak, act) = measure(self, &chosen);
+            if peak <= budget {
+                break;
+            }
+            let cost = self.policy_cost(b, t, &chosen, rates);
+            let mut best: Option<(bool, f64, Vec<LayerPolicy>)> = None;
+            for l in 0..layers {
+                for op in MemoryOp::ALL {
+                    // A layer recomputed whole can still leave out its probabilities.
+                    if (chosen[l].full && op != MemoryOp::Attention) || chosen[l].has(op) {
+                        continue;
+                    }
+                    let mut trial = chosen.clone();
+                    if op == MemoryOp::Full {
+                        trial[l] = LayerPolicy { full: true, attention: chosen[l].attention, ..Default::default() };
+                    } else {
+                        trial[l].set(op);
+                    }
+                    let (tp, ta) = measure(self, &trial);
+                    let by_peak = tp < peak;
+                    let gain = if by_peak { peak - tp } else { act.saturating_sub(ta) };
+                    if gain == 0 {
+                        continue;
+                    }
+                    let extra = (self.policy_cost(b, t, &trial, rates) - cost).max(1e-9);
+                    let score = gain as f64 / extra;
+                    if best.as_ref().is_none_or(|(bp, bs, _)| (by_peak, score) > (*bp, *bs)) {
+                        best = Some((by_peak, score, trial));
+                    }
+                }
+            }
+            match best {
+                Some((_, _, next)) => chosen = next,
+                None => return Err(chosen),
+            }
+        }
+        // Drop what is not needed, dearest first.
+        let mut ops: Vec<(usize, MemoryOp)> =
+            (0..layers).flat_map(|l| MemoryOp::ALL.into_iter().map(move |op| (l, op))).filter(|&(l, op)| chosen[l].has(op)).collect();
+        let single = |l: usize, op: MemoryOp| {
+            let mut p = vec![LayerPolicy::default(); layers];
+            p[l].set(op);
+            p
+        };
+        ops.sort_by(|a, c| self.policy_cost(b, t, &single(c.0, c.1), rates).total_cmp(&self.policy_cost(b, t, &single(a.0, a.1), rates)));
+        for (l, op) in ops {
+            let mut trial = chosen.clone();
+            trial[l] = match op {
+                MemoryOp::Full => LayerPolicy::default(),
+                _ => {
+                    let mut p = trial[l];
+                    p.set_to(op, false);
+                    p
+                }
+            };
+            if measure(self, &trial).0 <= budget {
+                chosen = trial;
+            }
+        }
+        Ok(chosen)
+    }
+}
+
+/// Machine rates the policy costs are estimated with.
+#[derive(Clone, Copy, Debug)]
+pub struct CostRates {
+    /// FLOP/s the GEMMs achieve
+    pub flops: f64,
+    /// FLOP/s the attention core achieves (small per-head GEMMs and a softmax)
+    pub attention_flops: f64,
+    /// bytes/s an elementwise pass streams
+    pub bytes: f64,
+    /// the swap file's bandwidth and CPU cost
+    pub swap: SwapRates,
+}
+
+impl CostRates {
+    /// Rates from a GEMM peak (FLOP/s) and the swap file's measured rates: GEMMs at
+    /// 40% of peak and the attention core at 20% (what training steps here achieve), and
+    /// elementwise passes at the memory bandwidth measured by a 64 MB copy (best of 3).
+    pub fn from_peak(peak_flops: f64, swap: SwapRates) -> CostRates {
+        // Both buffers touched first: the copy is timed, not the page faults.
+        let src = vec![1.0f32; 16 << 20];
+        let mut dst = vec![0.5f32; 16 << 20];
+        let mut best = f64::MAX;
+        for _ in 0..3 {
+            let t0 = std::time::Instant::now();
+            dst.copy_from_slice(&src);
+            std::hint::black_box(&dst);
+            best = best.min(t0.elapsed().as_secs_f64());
+        }
+        let bytes = 2.0 * 4.0 * src.len() as f64 / best.max(1e-9);
+        CostRates { flops: 0.4 * peak_flops, attention_flops: 0.2 * peak_flops, bytes, swap }
     }
 }
 

@@ -32,6 +32,11 @@ impl MlpSaved {
     pub fn bytes(&self) -> usize {
         4 * (self.gu.len() + self.act.len())
     }
+
+    /// The buffers, for swapping.
+    pub fn buffers_mut(&mut self) -> [&mut Vec<f32>; 2] {
+        [&mut self.gu, &mut self.act]
+    }
 }
 
 impl Mlp {
@@ -42,6 +47,15 @@ impl Mlp {
         let gu = linear(x, &w[self.gate_up.clone()], n, h, 2 * i);
         let s = MlpSaved { act: swiglu(&gu, i), gu };
         (linear(&s.act, &w[self.down.clone()], n, i, h), s)
+    }
+
+    /// Rebuilds `act = silu(g) ⊙ u` from the kept gate/up projections (freed by the
+    /// `swiglu` policy).
+    pub fn restore_act(&self, s: &mut MlpSaved) {
+        if s.act.is_empty() {
+            let _p = ultramoe_kernels::profile::scope("recompute.swiglu");
+            s.act = swiglu(&s.gu, self.inter);
+        }
     }
 
     /// Backward: weight gradients into `g`; `dx` written, or added when `accumulate`.

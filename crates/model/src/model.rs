@@ -12,6 +12,9 @@ use crate::moe::layer::MoeLayer;
 use crate::moe::placement::Placement;
 use crate::moe::router::Router;
 use crate::params::{fuse, Init, ParamLayout, Slot};
+use crate::policy::LayerPolicy;
+use crate::swap::{Prefetch, SwapFile, SwapTicket};
+use std::path::PathBuf;
 use std::sync::Arc;
 use ultramoe_dist::{CommStream, ProcessGroup};
 use ultramoe_kernels::embedding::{embedding_backward, embedding_forward};
@@ -44,9 +47,11 @@ pub struct Model {
     /// the expert-parallel group this rank's experts belong to (`None`: one rank holds
     /// every expert)
     pub ep: Option<Arc<dyn ProcessGroup>>,
-    /// per decoder layer: keep only its input in the forward pass and rerun its forward
-    /// in backward (full-layer recomputation)
-    pub recompute: Vec<bool>,
+    /// per decoder layer: what its forward keeps, recomputes or swaps out for its
+    /// backward ([`crate::policy`])
+    pub policy: Vec<LayerPolicy>,
+    /// where swap files go (layers with [`LayerPolicy::swap`])
+    pub swap_dir: PathBuf,
 }
 
 /// One decoder layer's part of a forward pass.
@@ -61,13 +66,15 @@ pub enum LayerState {
         /// routing statistics of a MoE layer: (per expert, per slot, auxiliary loss)
         moe: Option<(Vec<usize>, Vec<usize>, f32)>,
     },
+    /// the saved set with its buffers in the swap file (the routing stays)
+    Swapped(Box<LayerSaved>, SwapTicket),
 }
 
 impl LayerState {
     /// Bytes held.
     pub fn bytes(&self) -> usize {
         match self {
-            LayerState::Kept(s) => s.bytes(),
+            LayerState::Kept(s) | LayerState::Swapped(s, _) => s.bytes(),
             LayerState::Recompute { x, .. } => 4 * x.len(),
         }
     }
@@ -75,7 +82,7 @@ impl LayerState {
     /// (per expert, per slot, aux loss) of a MoE layer.
     fn moe(&self) -> Option<(Vec<usize>, Vec<usize>, f32)> {
         match self {
-            LayerState::Kept(s) => match &s.ffn {
+            LayerState::Kept(s) | LayerState::Swapped(s, _) => match &s.ffn {
                 FfnSaved::Moe(m) => Some((m.expert_counts(), m.slot_counts(), m.aux.as_ref().map_or(0.0, |a| a.loss))),
                 _ => None,
             },
@@ -99,6 +106,7 @@ pub struct Forward {
     x_final: Vec<f32>,
     rstd_final: Vec<f32>,
     xn_final: Vec<f32>,
+    swap: Option<SwapFile>,
 }
 
 impl Forward {
@@ -118,7 +126,8 @@ impl Forward {
         self.layers.iter().filter_map(|l| l.moe().map(|m| m.2)).sum()
     }
 
-    /// Bytes of saved activations (logits included).
+    /// Bytes of saved activations held in memory (logits included; not what is in the
+    /// swap file).
     pub fn activation_bytes(&self) -> usize {
         self.layers.iter().map(|l| l.bytes()).sum::<usize>()
             + 4 * (self.logits.len() + self.x_final.len() + self.rstd_final.len() + self.xn_final.len())
@@ -289,8 +298,8 @@ impl Model {
         };
         let rope = build_rope(&cfg);
         let ep = ep.map(|(g, _)| g);
-        let recompute = vec![false; layers.len()];
-        Model { cfg, layout: lay, embed, layers, final_norm, lm_head, rope, ep, recompute }
+        let policy = vec![LayerPolicy::default(); layers.len()];
+        Model { cfg, layout: lay, embed, layers, final_norm, lm_head, rope, ep, policy, swap_dir: std::env::temp_dir() }
     }
 
     /// Forward over `ids: [B, T]` (row-major).
@@ -298,29 +307,52 @@ impl Model {
         let (h, v) = (self.cfg.hidden, self.cfg.vocab_size);
         let n = b * t;
         assert_eq!(ids.len(), n, "ids must hold B·T tokens");
-        let c = Ctx { b, t, rope: &self.rope };
+        let ctx = |keep_probs| Ctx { b, t, rope: &self.rope, keep_probs };
         let mut x = vec![0.0; n * h];
         embedding_forward(&mut x, &w[self.embed.clone()], ids, h);
-        let mut saved = Vec::with_capacity(self.layers.len());
+        let mut saved: Vec<LayerState> = Vec::with_capacity(self.layers.len());
+        let mut swap: Option<SwapFile> = None;
         for (i, layer) in self.layers.iter().enumerate() {
-            if self.recompute.get(i).copied().unwrap_or(false) {
+            let p = self.policy.get(i).copied().unwrap_or_default();
+            // (a layer recomputed whole keeps nothing of this pass, probabilities included)
+            let c = ctx(!p.full && !p.attention);
+            if p.full {
                 let input = x.clone();
                 let (y, s) = layer.forward(w, x, &c);
                 let moe = LayerState::Kept(Box::new(s)).moe();
                 saved.push(LayerState::Recompute { x: input, moe });
                 x = y;
-            } else {
-                let (y, s) = layer.forward(w, x, &c);
-                saved.push(LayerState::Kept(Box::new(s)));
-                x = y;
+                continue;
             }
+            let (y, mut s) = layer.forward(w, x, &c);
+            s.release(&p);
+            // At most the previous layer's write is still in flight while this one ran:
+            // wait for it now, so the memory a step holds does not depend on the disk.
+            if let (Some(f), Some(LayerState::Swapped(_, t))) = (&swap, saved.last_mut()) {
+                let _w = ultramoe_kernels::profile::scope("swap.wait");
+                f.wait_written(t);
+            }
+            if p.swap {
+                let f = swap.get_or_insert_with(|| {
+                    SwapFile::create(&self.swap_dir).unwrap_or_else(|e| panic!("swap file in {}: {e}", self.swap_dir.display()))
+                });
+                let ticket = f.write(s.take_buffers());
+                saved.push(LayerState::Swapped(Box::new(s), ticket));
+            } else {
+                saved.push(LayerState::Kept(Box::new(s)));
+            }
+            x = y;
+        }
+        if let (Some(f), Some(LayerState::Swapped(_, t))) = (&swap, saved.last_mut()) {
+            let _w = ultramoe_kernels::profile::scope("swap.wait");
+            f.wait_written(t);
         }
         let _p = ultramoe_kernels::profile::scope("lm_head.forward");
         let mut xn = vec![0.0; n * h];
         let mut rstd = vec![0.0; n];
         rmsnorm_forward(&mut xn, &mut rstd, &x, &w[self.final_norm.clone()], h, self.cfg.rms_norm_eps);
         let logits = linear(&xn, &w[self.lm_head.clone()], n, h, v);
-        Forward { b, t, ids: ids.to_vec(), logits, layers: saved, x_final: x, rstd_final: rstd, xn_final: xn }
+        Forward { b, t, ids: ids.to_vec(), logits, layers: saved, x_final: x, rstd_final: rstd, xn_final: xn, swap }
     }
 
     /// Mean cross-entropy over positions with a target, and that count. Leaves
@@ -353,7 +385,7 @@ impl Model {
     ) -> (f64, usize) {
         let (h, v) = (self.cfg.hidden, self.cfg.vocab_size);
         let n = fwd.b * fwd.t;
-        let c = Ctx { b: fwd.b, t: fwd.t, rope: &self.rope };
+        let c = Ctx { b: fwd.b, t: fwd.t, rope: &self.rope, keep_probs: true };
         let lm_scope = ultramoe_kernels::profile::scope("lm_head.backward");
         let mut dlogits = std::mem::take(&mut fwd.logits);
         let loss = cross_entropy_fused_backward(&mut dlogits, targets, v, scale);
@@ -372,15 +404,32 @@ impl Model {
         );
         drop(dxn);
         drop(lm_scope);
-        for (i, (layer, s)) in self.layers.iter().zip(fwd.layers.drain(..).collect::<Vec<_>>()).enumerate().rev() {
-            let s = match s {
+        let swap = fwd.swap.take();
+        let mut states = std::mem::take(&mut fwd.layers);
+        // The read of the layer below, started while this layer's backward runs.
+        let mut prefetched: Option<Prefetch> = None;
+        for (i, layer) in self.layers.iter().enumerate().rev() {
+            let state = states.pop().expect("one saved state per layer");
+            let s = match state {
                 LayerState::Kept(s) => *s,
                 LayerState::Recompute { x, .. } => {
                     let _p = ultramoe_kernels::profile::scope("recompute.forward");
-                    layer.forward(w, x, &c).1
+                    // With `attention` too, the rerun keeps no probabilities either.
+                    let keep_probs = !self.policy.get(i).is_some_and(|p| p.attention);
+                    layer.forward(w, x, &Ctx { keep_probs, ..c }).1
+                }
+                LayerState::Swapped(mut s, mut t) => {
+                    let f = swap.as_ref().expect("a swapped layer has a swap file");
+                    let _w = ultramoe_kernels::profile::scope("swap.wait");
+                    let p = prefetched.take().unwrap_or_else(|| f.prefetch(&mut t));
+                    s.put_buffers(f.finish(p));
+                    *s
                 }
             };
-            dx = layer.backward(w, g, &s, dx, &c);
+            if let (Some(f), Some(LayerState::Swapped(_, t))) = (&swap, states.last_mut()) {
+                prefetched = Some(f.prefetch(t));
+            }
+            dx = layer.backward(w, g, s, dx, &c);
             layer_done(g, i);
         }
         embedding_backward(&mut g[self.embed.clone()], &dx, &fwd.ids, h);
@@ -476,9 +525,10 @@ impl Model {
         }
     }
 
-    /// Recomputes exactly the decoder layers listed (see [`Model::recompute`]).
+    /// Recomputes exactly the decoder layers listed, whole, and keeps everything in the
+    /// others (see [`Model::policy`]).
     pub fn set_recompute_layers(&mut self, layers: &[usize]) {
-        self.recompute = (0..self.layers.len()).map(|l| layers.contains(&l)).collect();
+        self.policy = (0..self.layers.len()).map(|l| LayerPolicy { full: layers.contains(&l), ..Default::default() }).collect();
     }
 
     /// Every MoE layer's expert placement, in layer order.

@@ -16,6 +16,7 @@ use crate::optimizer::{clip_to_norm, global_norm, AdamW, AdamWConfig};
 use crate::parallel::{catch_comm, Parallel};
 use crate::placement::{probe_bandwidth, Balancer, Costs};
 use ultramoe_model::moe::placement::Placement;
+use ultramoe_model::policy::LayerPolicy;
 use crate::zero::Zero1;
 use crate::schedule::Schedule;
 use ultramoe_kernels::balance::BalanceLoss;
@@ -95,9 +96,13 @@ pub struct TrainConfig {
     /// extra expert slots per expert-parallel rank, for copies of hot experts
     #[serde(default)]
     pub redundant_experts: usize,
-    /// decoder layers recomputed in backward (only their inputs kept in forward)
+    /// per decoder layer: what its forward keeps, recomputes in backward or swaps out
+    /// (empty: keep everything; see `ultramoe_model::policy`)
     #[serde(default)]
-    pub recompute_layers: Vec<usize>,
+    pub memory_policy: Vec<LayerPolicy>,
+    /// directory for swap files (default: the system's temporary directory)
+    #[serde(default)]
+    pub swap_dir: Option<PathBuf>,
 }
 
 fn yes() -> bool {
@@ -157,7 +162,8 @@ impl Default for TrainConfig {
             overlap_grad_reduce: true,
             placement_every: 0,
             redundant_experts: 0,
-            recompute_layers: vec![],
+            memory_policy: vec![],
+            swap_dir: None,
         }
     }
 }
@@ -410,10 +416,19 @@ impl Trainer {
             model.set_balance_loss(Some((kind, a.coef / (cfg.grad_accum.max(1) * world) as f32)));
         }
         model.set_routing_skew(cfg.routing_skew);
-        if let Some(&bad) = cfg.recompute_layers.iter().find(|&&l| l >= model.layers.len()) {
-            return Err(Error::field("recompute_layers", format!("layer {bad} does not exist ({} layers)", model.layers.len())));
+        if !cfg.memory_policy.is_empty() {
+            if cfg.memory_policy.len() != model.layers.len() {
+                let msg = format!("{} layer policies for {} layers", cfg.memory_policy.len(), model.layers.len());
+                return Err(Error::field("memory_policy", msg));
+            }
+            model.policy = cfg.memory_policy.clone();
         }
-        model.set_recompute_layers(&cfg.recompute_layers);
+        if let Some(dir) = &cfg.swap_dir {
+            model.swap_dir = dir.clone();
+        }
+        if model.policy.iter().any(|p| p.swap && !p.full) {
+            ultramoe_model::swap::check_dir(&model.swap_dir).map_err(|e| Error::field("swap_dir", e))?;
+        }
         if cfg.stats_ep == 0 || (model.cfg.moe.n_experts > 0 && !model.cfg.moe.n_experts.is_multiple_of(cfg.stats_ep)) {
             return Err(Error::field("stats_ep", format!("{} ranks do not divide {} experts", cfg.stats_ep, model.cfg.moe.n_experts)));
         }

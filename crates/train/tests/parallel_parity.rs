@@ -86,17 +86,19 @@ struct Opts {
     placement: Option<(u64, usize)>,
     /// skewed routing (Zipf exponent)
     skew: f32,
+    /// memory policy (`ultramoe_model::policy` text)
+    policy: &'static str,
 }
 
 impl Default for Opts {
     fn default() -> Self {
-        Opts { zero1: false, overlap: true, hierarchical: None, placement: None, skew: 0.0 }
+        Opts { zero1: false, overlap: true, hierarchical: None, placement: None, skew: 0.0, policy: "none" }
     }
 }
 
 /// [`parallel_with`], with every layout option.
 fn parallel_opts(ranks: usize, ep: usize, steps: u64, stop: u64, resume: Option<&Path>, save: Option<&Path>, o: Opts) -> Run {
-    let Opts { zero1, overlap, hierarchical, placement, skew } = o;
+    let Opts { zero1, overlap, hierarchical, placement, skew, policy } = o;
     let (every, redundant) = placement.unwrap_or((0, 0));
     let (resume, save) = (resume.map(Path::to_path_buf), save.map(Path::to_path_buf));
     let runs = local::run(ranks, Duration::from_secs(60), move |c| {
@@ -115,6 +117,7 @@ fn parallel_opts(ranks: usize, ep: usize, steps: u64, stop: u64, resume: Option<
                     placement_every: every,
                     redundant_experts: redundant,
                     routing_skew: skew,
+                    memory_policy: ultramoe_model::policy::parse_policy(policy, model.layers.len()).unwrap(),
                     ..train_config(steps)
                 };
                 // A slow machine (peak 1 GFLOP/s) makes every balancing move worth its cost.
@@ -189,7 +192,13 @@ fn assert_close(label: &str, got: &Run, want: &Run) {
 fn expert_and_data_parallel_runs_match_one_rank() {
     let reference = single(STEPS);
     assert!(reference.losses[STEPS as usize - 1] < reference.losses[0], "training makes progress");
-    assert_close("2 ranks, EP 2", &parallel(2, 2, STEPS, STEPS, None, None), &reference);
+    let ep2 = parallel(2, 2, STEPS, STEPS, None, None);
+    assert_close("2 ranks, EP 2", &ep2, &reference);
+    // Memory policies hold under expert parallelism: the same bits as keeping everything.
+    let policy = Opts { policy: "norm+swiglu+attention+qkv+experts swap:0 full:2", ..Opts::default() };
+    let with_policy = parallel_opts(2, 2, STEPS, STEPS, None, None, policy);
+    assert_eq!(with_policy.losses, ep2.losses, "EP 2 with a memory policy: losses");
+    assert!(with_policy.weights == ep2.weights, "EP 2 with a memory policy: weights differ");
     assert_close("4 ranks, EP 4", &parallel(4, 4, STEPS, STEPS, None, None), &reference);
     assert_close("4 ranks, EP 2 × DP 2", &parallel(4, 2, STEPS, STEPS, None, None), &reference);
     assert_close("2 ranks, DP 2", &parallel(2, 1, STEPS, STEPS, None, None), &reference);

@@ -42,6 +42,12 @@ pub struct BenchTrainArgs {
     /// A baseline's seconds per step to compare with (e.g. PyTorch's, measured on this machine).
     #[arg(long)]
     pub baseline_step_s: Option<f64>,
+    /// Memory policy, as for `train` (e.g. "norm+swiglu+attention swap:0").
+    #[arg(long)]
+    pub memory_policy: Option<String>,
+    /// Directory for swap files (default: the system's temporary directory).
+    #[arg(long)]
+    pub swap_dir: Option<PathBuf>,
 }
 
 /// Options of `ultramoe bench gemm`.
@@ -76,6 +82,7 @@ pub fn run(c: BenchCommand) -> CliResult {
 fn bench_train(a: BenchTrainArgs) -> CliResult {
     let cfg = ModelConfig::from_file(&a.config).map_err(|e| e.to_string())?;
     let model = Model::new(cfg);
+    let memory_policy = super::train::policy_from_args(a.memory_policy.as_deref(), None, model.layers.len())?.unwrap_or_default();
     let peak = measure_peak_flops(1024, 1.0);
     let w = init_weights(&model.layout, 1);
     let tc = TrainConfig {
@@ -84,6 +91,8 @@ fn bench_train(a: BenchTrainArgs) -> CliResult {
         seq_len: a.seq,
         data: DataSpec::Random,
         warmup: 1,
+        memory_policy,
+        swap_dir: a.swap_dir.clone(),
         ..TrainConfig::default()
     };
     let mut tr = Trainer::new(model, w, tc, peak).map_err(|e| e.to_string())?;
@@ -93,10 +102,12 @@ fn bench_train(a: BenchTrainArgs) -> CliResult {
     ultramoe_kernels::profile::take();
     let mut times = Vec::with_capacity(a.steps);
     let mut mfus = Vec::with_capacity(a.steps);
+    let mut peak_bytes = 0;
     for _ in 0..a.steps {
         let s = tr.train_step().map_err(|e| e.to_string())?;
         times.push(s.step_s);
         mfus.push(s.mfu);
+        peak_bytes = peak_bytes.max(s.peak_bytes);
     }
     let med = median(times.clone());
     let tokens = (a.batch * a.seq) as f64;
@@ -107,6 +118,10 @@ fn bench_train(a: BenchTrainArgs) -> CliResult {
     println!("GEMM peak      {:.1} GFLOP/s (measured now, 1024³ f32)", peak / 1e9);
     println!("model FLOPs    {:.2} GFLOP/step", tr.model.train_flops(a.batch, a.seq) / 1e9);
     println!("MFU            {:.1}% (median)", 100.0 * median(mfus));
+    println!("memory policy  {}", ultramoe_model::policy::describe_policy(&tr.model.policy));
+    if peak_bytes > 0 {
+        println!("peak memory    {:.1} MB (heap, counted)", peak_bytes as f64 / 1e6);
+    }
     if let Some(b) = a.baseline_step_s {
         println!("vs baseline    {:.2}× ({b:.3} s/step baseline)", b / med);
     }

@@ -55,6 +55,8 @@ pub fn run(a: DemoArgs) -> CliResult {
         placement_every: None,
         memory_budget: None,
         recompute: None,
+        memory_policy: None,
+        swap_dir: None,
         redundant_experts: None,
         metrics: None,
         peak_gflops: None,

@@ -1,14 +1,17 @@
 //! `ultramoe memory`: the memory of a training step, predicted before it runs — weights,
-//! gradients, optimizer moments, each layer's saved activations, the backward pass's
-//! temporaries and the kernels' workspaces — and, with `--measure`, checked against the
-//! counting allocator over a few real steps.
+//! gradients, optimizer moments, each layer's saved activations under its memory policy,
+//! what goes to the swap file, the backward pass's temporaries and the kernels'
+//! workspaces — and, with `--measure`, checked against the counting allocator over a few
+//! real steps. With `--memory-budget` it chooses the policy the trainer would.
 
-use super::CliResult;
+use super::train::{cost_rates, parse_bytes, policy_from_args};
+use super::{peak_flops, CliResult};
 use crate::presets::MATH_MOE_CONFIG;
 use clap::Args;
 use std::path::PathBuf;
 use ultramoe_model::init::init_weights;
 use ultramoe_model::memory::{runtime_bytes, MemoryPlan};
+use ultramoe_model::policy::describe_policy;
 use ultramoe_model::{Model, ModelConfig};
 use ultramoe_train::trainer::{DataSpec, TrainConfig, Trainer};
 
@@ -24,9 +27,19 @@ pub struct MemoryArgs {
     /// Tokens per row.
     #[arg(long, default_value_t = 128)]
     pub seq_len: usize,
-    /// Decoder layers recomputed in backward: `all`, `none`, or indices like `0,2,3`.
+    /// Decoder layers recomputed whole in backward: `all`, `none`, or indices like `0,2,3`.
     #[arg(long)]
     pub recompute: Option<String>,
+    /// Per-layer policy, as for `train`: e.g. "norm+swiglu+attention swap:0,1".
+    #[arg(long)]
+    pub memory_policy: Option<String>,
+    /// Choose the cheapest policy that fits this budget (unless a policy is given), and
+    /// report the largest micro-batch that fits with and without it.
+    #[arg(long)]
+    pub memory_budget: Option<String>,
+    /// Directory for swap files (default: the system's temporary directory).
+    #[arg(long)]
+    pub swap_dir: Option<PathBuf>,
     /// Print every owner (each layer's parts), not only the totals.
     #[arg(long)]
     pub detail: bool,
@@ -51,23 +64,51 @@ pub fn run(a: MemoryArgs) -> CliResult {
         return Err(format!("--seq-len {} exceeds the model's {} positions", a.seq_len, cfg.max_position));
     }
     let mut model = Model::new(cfg);
-    let layers = match &a.recompute {
-        Some(r) => super::train::parse_layers(r, model.layers.len())?,
-        None => vec![],
-    };
-    model.set_recompute_layers(&layers);
+    if let Some(dir) = &a.swap_dir {
+        model.swap_dir = dir.clone();
+    }
+    let given = policy_from_args(a.memory_policy.as_deref(), a.recompute.as_deref(), model.layers.len())?;
+    if let Some(p) = &given {
+        model.policy = p.clone();
+    }
     let runtime = runtime_bytes(&model);
-    let plan = model.memory_plan(a.micro_batch, a.seq_len, 2, runtime);
-    print_plan(&plan, &a);
+    let (b, t) = (a.micro_batch, a.seq_len);
+    let largest = |m: &Model, budget: usize| (1..=4096).take_while(|&r| m.memory_plan(r, t, 2, runtime).peak_bytes <= budget).last();
+    let mut rates = None;
+    if let Some(budget) = &a.memory_budget {
+        let budget = parse_bytes(budget)?;
+        let r = cost_rates(&model.swap_dir, peak_flops(None))?;
+        if given.is_none() {
+            model.policy = model.choose_policy(b, t, 2, runtime, budget, &r).unwrap_or_else(|most| most);
+        }
+        let chosen = model.policy.clone();
+        model.set_recompute_layers(&[]);
+        let plain = largest(&model, budget);
+        model.policy = chosen;
+        let fits = |r: Option<usize>| r.map_or("none".to_string(), |r| r.to_string());
+        println!(
+            "budget {:.1} MB: largest micro-batch keeping everything {}, with this policy {}",
+            budget as f64 / MB,
+            fits(plain),
+            fits(largest(&model, budget))
+        );
+        rates = Some(r);
+    }
+    let plan = model.memory_plan(b, t, 2, runtime);
+    print_plan(&plan, &model, &a);
+    if let Some(r) = rates {
+        println!("estimated cost of the policy  {:>10.1} ms a micro-batch", 1e3 * model.policy_cost(b, t, &model.policy, &r));
+    }
     if a.measure {
         let w = init_weights(&model.layout, 1);
         let tc = TrainConfig {
             steps: 3,
-            micro_batch: a.micro_batch,
-            seq_len: a.seq_len,
+            micro_batch: b,
+            seq_len: t,
             data: DataSpec::Random,
             warmup: 1,
-            recompute_layers: layers,
+            memory_policy: model.policy.clone(),
+            swap_dir: Some(model.swap_dir.clone()),
             ..TrainConfig::default()
         };
         let mut tr = Trainer::new(model, w, tc, 1e11).map_err(|e| e.to_string())?;
@@ -85,22 +126,23 @@ pub fn run(a: MemoryArgs) -> CliResult {
     Ok(())
 }
 
-fn print_plan(p: &MemoryPlan, a: &MemoryArgs) {
-    println!(
-        "training step, micro-batch {} × {} tokens, f32, AdamW, recomputing {}",
-        a.micro_batch,
-        a.seq_len,
-        a.recompute.as_deref().unwrap_or("none")
-    );
+fn print_plan(p: &MemoryPlan, model: &Model, a: &MemoryArgs) {
+    println!("training step, micro-batch {} × {} tokens, f32, AdamW, memory policy `{}`", a.micro_batch, a.seq_len, describe_policy(&model.policy));
     if a.detail {
         for (owner, bytes) in &p.items {
-            println!("  {owner:<45} {:>10.2} MB", *bytes as f64 / MB);
+            println!("  {owner:<55} {:>10.2} MB", *bytes as f64 / MB);
+        }
+        for (owner, bytes) in &p.swapped {
+            println!("  {:<55} {:>10.2} MB", format!("{owner} in the swap file (not in memory)"), *bytes as f64 / MB);
         }
         println!();
     }
     println!("weights + gradients + moments {:>10.1} MB", p.static_bytes as f64 / MB);
-    println!("saved activations             {:>10.1} MB", p.activation_bytes as f64 / MB);
-    println!("backward temporaries          {:>10.1} MB", p.transient_bytes as f64 / MB);
+    println!("saved activations in memory   {:>10.1} MB", p.activation_bytes as f64 / MB);
+    if p.swapped_bytes > 0 {
+        println!("saved activations swapped     {:>10.1} MB (in {})", p.swapped_bytes as f64 / MB, model.swap_dir.display());
+    }
+    println!("temporaries at the peak       {:>10.1} MB", p.transient_bytes as f64 / MB);
     println!("kernel workspaces (measured)  {:>10.1} MB", p.runtime_bytes as f64 / MB);
     println!("predicted peak                {:>10.1} MB", p.peak_bytes as f64 / MB);
 }

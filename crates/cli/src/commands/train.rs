@@ -9,6 +9,8 @@ use crate::launch::{launch, ParallelArgs};
 use ultramoe_dist::Mesh;
 use ultramoe_model::checkpoint::load_weights;
 use ultramoe_model::init::init_weights;
+use ultramoe_model::memory::CostRates;
+use ultramoe_model::policy::{describe_policy, parse_layer_list, parse_policy, LayerPolicy};
 use ultramoe_model::{Model, ModelConfig};
 use ultramoe_train::trainer::{AuxLossConfig, DataSpec, StepStats, TrainConfig, Trainer};
 
@@ -94,15 +96,24 @@ pub struct TrainArgs {
     #[arg(long)]
     pub no_progress: bool,
     /// Memory budget for a training step (bytes, or with a unit: 512MB, 2GB, 1.5GiB):
-    /// unless --recompute is given, the fewest decoder layers are recomputed in backward
-    /// to fit; when nothing fits, training does not start and the error names what does
-    /// not fit.
+    /// unless --recompute or --memory-policy is given, the cheapest policy that fits is
+    /// chosen (selective recomputation, swapping, whole layers); when nothing fits,
+    /// training does not start and the error names what does not fit.
     #[arg(long)]
     pub memory_budget: Option<String>,
-    /// Decoder layers to recompute in backward (only their inputs kept): `all`, `none`,
-    /// or indices like `0,2,3`.
+    /// Decoder layers to recompute whole in backward (only their inputs kept): `all`,
+    /// `none`, or indices like `0,2,3` (the same as --memory-policy full:LAYERS).
     #[arg(long)]
     pub recompute: Option<String>,
+    /// What each layer frees after its forward, as OPS[:LAYERS] items: ops `norm`,
+    /// `swiglu`, `attention`, `qkv` (rebuilt in backward), `swap` (to the swap file),
+    /// `full` (whole layer), joined by `+`; layers `all` (default) or like 0,2,5-7.
+    /// E.g. "norm+swiglu+attention swap:0,1".
+    #[arg(long)]
+    pub memory_policy: Option<String>,
+    /// Directory for swap files (default: the system's temporary directory).
+    #[arg(long)]
+    pub swap_dir: Option<PathBuf>,
     /// ZeRO-1: shard the optimizer moments over the ranks holding the same weights.
     #[arg(long)]
     pub zero1: bool,
@@ -186,8 +197,12 @@ pub fn make_trainer(a: &TrainArgs, mesh: Option<Mesh>) -> CliResult<Trainer> {
     };
     let mut tc = tc;
     let mut model = model;
-    if let Some(r) = &a.recompute {
-        tc.recompute_layers = parse_layers(r, model.layers.len())?;
+    if let Some(policy) = policy_from_args(a.memory_policy.as_deref(), a.recompute.as_deref(), model.layers.len())? {
+        tc.memory_policy = policy;
+    }
+    if let Some(dir) = &a.swap_dir {
+        tc.swap_dir = Some(dir.clone());
+        model.swap_dir = dir.clone();
     }
     if let Some(budget) = &a.memory_budget {
         let world = mesh.as_ref().map_or(1, |m| m.world.size());
@@ -196,14 +211,21 @@ pub fn make_trainer(a: &TrainArgs, mesh: Option<Mesh>) -> CliResult<Trainer> {
         // expert parallelism a trial pass would need every rank, so they are left out).
         let runtime = if model.ep.is_none() { ultramoe_model::memory::runtime_bytes(&model) } else { 0 };
         let budget = parse_bytes(budget)?;
-        if a.recompute.is_none() {
-            tc.recompute_layers = layers_to_recompute(&mut model, budget, rows, tc.seq_len, runtime);
+        if tc.memory_policy.is_empty() {
+            let rates = cost_rates(&model.swap_dir, peak)?;
+            // When nothing fits, the most frugal policy tried goes to the check below,
+            // which names what does not fit.
+            let chosen = model.choose_policy(rows, tc.seq_len, 2, runtime, budget, &rates);
+            if let (true, Ok(p)) = (lead, &chosen) {
+                if p.iter().any(|p| !p.keeps_all()) {
+                    let cost = model.policy_cost(rows, tc.seq_len, p, &rates);
+                    eprintln!("--memory-budget: memory policy `{}` to fit (estimated cost {:.1} ms a micro-batch)", describe_policy(p), 1e3 * cost);
+                }
+            }
+            tc.memory_policy = chosen.unwrap_or_else(|most| most);
         }
-        model.set_recompute_layers(&tc.recompute_layers);
+        model.policy = tc.memory_policy.clone();
         check_budget(&model, budget, rows, world, tc.seq_len, runtime)?;
-        if !tc.recompute_layers.is_empty() && mesh.as_ref().is_none_or(|m| m.world.rank() == 0) {
-            eprintln!("--memory-budget: recomputing decoder layers {:?} in backward to fit", tc.recompute_layers);
-        }
     }
     let w = match &a.init_from {
         Some(dir) => load_weights(&model, dir).map_err(|e| e.to_string())?,
@@ -362,12 +384,12 @@ fn check_budget(model: &Model, budget: usize, rows: usize, world: usize, seq_len
     let top: Vec<String> = owners.iter().take(3).map(|(o, b)| format!("{o} {:.1} MB", *b as f64 / 1e6)).collect();
     let fits = (1..rows).rev().find(|&r| model.memory_plan(r, seq_len, 2, runtime).peak_bytes <= budget);
     let advice = match fits {
-        Some(r) => format!("the largest micro-batch that fits is {} rows", r * world),
+        Some(r) => format!("with memory policy `{}` the largest micro-batch that fits is {} rows", describe_policy(&model.policy), r * world),
         None if plan.static_bytes > budget => "weights, gradients and moments alone exceed it".to_string(),
-        None => "not even one row per rank fits".to_string(),
+        None => format!("not even one row per rank fits with memory policy `{}`", describe_policy(&model.policy)),
     };
     Err(format!(
-        "--memory-budget: a step needs {:.1} MB (weights, gradients and moments {:.1} MB, saved activations {:.1} MB, temporaries {:.1} MB, kernel workspaces {:.1} MB) > {:.1} MB; largest: {}; {advice}{}",
+        "--memory-budget: a step needs {:.1} MB (weights, gradients and moments {:.1} MB, saved activations {:.1} MB, temporaries {:.1} MB, kernel workspaces {:.1} MB) > {:.1} MB; largest: {}; {advice}",
         plan.peak_bytes as f64 / 1e6,
         plan.static_bytes as f64 / 1e6,
         plan.activation_bytes as f64 / 1e6,
@@ -375,57 +397,33 @@ fn check_budget(model: &Model, budget: usize, rows: usize, world: usize, seq_len
         plan.runtime_bytes as f64 / 1e6,
         budget as f64 / 1e6,
         top.join(", "),
-        if model.recompute.iter().all(|&r| r) { " even with every layer recomputed" } else { "" }
     ))
 }
 
-/// Parses `all`, `none` or `0,2,3` into layer indices below `layers`.
-pub fn parse_layers(text: &str, layers: usize) -> CliResult<Vec<usize>> {
-    match text {
-        "all" => return Ok((0..layers).collect()),
-        "none" => return Ok(vec![]),
-        _ => {}
+/// The policy `--memory-policy` and `--recompute` ask for (`None` when neither is given):
+/// the layers `--recompute` names are recomputed whole.
+pub fn policy_from_args(policy: Option<&str>, recompute: Option<&str>, layers: usize) -> CliResult<Option<Vec<LayerPolicy>>> {
+    if policy.is_none() && recompute.is_none() {
+        return Ok(None);
     }
-    let mut out: Vec<usize> = text
-        .split(',')
-        .map(|p| p.trim().parse::<usize>().map_err(|_| format!("--recompute `{text}`: expected all, none or layer indices like 0,2,3")))
-        .collect::<CliResult<_>>()?;
-    if let Some(&bad) = out.iter().find(|&&l| l >= layers) {
-        return Err(format!("--recompute: layer {bad} does not exist (the model has {layers})"));
+    let mut out = parse_policy(policy.unwrap_or("none"), layers).map_err(|e| format!("--memory-policy {e}"))?;
+    for l in parse_layers(recompute.unwrap_or("none"), layers)? {
+        out[l] = LayerPolicy { full: true, ..Default::default() };
     }
-    out.sort_unstable();
-    out.dedup();
-    Ok(out)
+    Ok(Some(out))
 }
 
-/// The cheapest recomputation that fits `budget`: layers added one at a time, the one
-/// saving the most bytes first (the deepest on ties), until the predicted peak fits;
-/// every layer when nothing less does. Each recomputed layer costs one more forward of
-/// that layer.
-fn layers_to_recompute(model: &mut Model, budget: usize, rows: usize, seq_len: usize, runtime: usize) -> Vec<usize> {
-    let n = model.layers.len();
-    model.set_recompute_layers(&[]);
-    if model.memory_plan(rows, seq_len, 2, runtime).peak_bytes <= budget {
-        return vec![];
+/// Parses `--recompute`: `all`, `none` or layer indices like `0,2,5-7`.
+pub fn parse_layers(text: &str, layers: usize) -> CliResult<Vec<usize>> {
+    if text == "none" {
+        return Ok(vec![]);
     }
-    // Bytes each layer would free: its kept activations minus its input.
-    let kept = model.memory_plan(rows, seq_len, 2, 0).activation_bytes;
-    let mut gains: Vec<(usize, usize)> = (0..n)
-        .map(|l| {
-            model.set_recompute_layers(&[l]);
-            (l, kept.saturating_sub(model.memory_plan(rows, seq_len, 2, 0).activation_bytes))
-        })
-        .collect();
-    gains.sort_by(|a, b| b.1.cmp(&a.1).then(b.0.cmp(&a.0)));
-    let mut chosen = vec![];
-    model.set_recompute_layers(&[]);
-    for (l, _) in gains {
-        chosen.push(l);
-        model.recompute[l] = true;
-        if model.memory_plan(rows, seq_len, 2, runtime).peak_bytes <= budget {
-            break;
-        }
-    }
-    chosen.sort_unstable();
-    chosen
+    parse_layer_list(text, layers).map_err(|e| format!("--recompute {e}"))
+}
+
+/// Cost rates for choosing a memory policy: the GEMM peak and the swap file's bandwidth
+/// in `dir`, measured now.
+pub fn cost_rates(dir: &std::path::Path, peak: f64) -> CliResult<CostRates> {
+    let swap = ultramoe_model::swap::probe(dir, 64 << 20).map_err(|e| format!("swap directory {}: {e}", dir.display()))?;
+    Ok(CostRates::from_peak(peak, swap))
 }

@@ -60,7 +60,21 @@ impl GroupedExperts {
         let (h, i) = (self.hidden, self.inter);
         let gu = grouped_linear(xp, &w[self.gate_up.clone()], offsets, h, 2 * i);
         let s = ExpertsSaved { act: swiglu(&gu, i), gu };
-        (grouped_linear(&s.act, &w[self.down.clone()], offsets, i, h), s)
+        (self.down(w, &s.act, offsets), s)
+    }
+
+    /// The down-projection `y = a · W_down[e]ᵀ` over every slot's rows.
+    pub fn down(&self, w: &[f32], act: &[f32], offsets: &[usize]) -> Vec<f32> {
+        grouped_linear(act, &w[self.down.clone()], offsets, self.inter, self.hidden)
+    }
+
+    /// Rebuilds `act = silu(g) ⊙ u` from the kept gate/up projections (freed by the
+    /// `swiglu` policy).
+    pub fn restore_act(&self, s: &mut ExpertsSaved) {
+        if s.act.is_empty() && !s.gu.is_empty() {
+            let _p = ultramoe_kernels::profile::scope("recompute.swiglu");
+            s.act = swiglu(&s.gu, self.inter);
+        }
     }
 
     /// Backward: weight gradients into `g`; returns `dxp: [R, H]`.

@@ -65,6 +65,9 @@ pub struct MoeSaved {
     pub aux: Option<AuxLoss>,
     parts: Vec<Part>,
     n_experts: usize,
+    /// one rank, one chunk: the routed rows are a permutation of the input and the
+    /// outputs come straight from the experts, so both can be rebuilt locally
+    local: bool,
 }
 
 impl MoeSaved {
@@ -94,6 +97,42 @@ impl MoeSaved {
             })
             .sum();
         4 * (self.routing.scores.len() + self.routing.weights.len() + self.routing.experts.len()) + parts
+    }
+
+    /// Frees the routed rows and the expert outputs when they can be rebuilt locally
+    /// (the `experts` policy; under expert parallelism they stay).
+    pub fn release_rows(&mut self) {
+        if self.local {
+            for p in &mut self.parts {
+                p.xp = Vec::new();
+                p.ys = Arc::default();
+            }
+        }
+    }
+
+    /// Frees the SwiGLU outputs of the routed and shared experts (the `swiglu` policy).
+    pub fn release_act(&mut self) {
+        for p in &mut self.parts {
+            p.experts.act = Vec::new();
+            if let Some(s) = &mut p.shared {
+                s.act = Vec::new();
+            }
+        }
+    }
+
+    /// The row buffers, for swapping (the routing and the dispatch plans stay).
+    pub fn buffers_mut(&mut self) -> Vec<&mut Vec<f32>> {
+        let mut out = vec![];
+        for p in &mut self.parts {
+            out.push(&mut p.xp);
+            out.push(&mut p.experts.gu);
+            out.push(&mut p.experts.act);
+            out.push(Arc::get_mut(&mut p.ys).expect("combine outputs are not shared once the forward is done"));
+            if let Some(s) = &mut p.shared {
+                out.extend(s.buffers_mut());
+            }
+        }
+        out
     }
 }
 
@@ -154,7 +193,27 @@ impl MoeLayer {
                 part.shared = Some(saved);
             }
         }
-        (y, MoeSaved { routing, aux, parts, n_experts: self.placement.n_experts() })
+        let local = self.dispatcher.ep.is_none() && parts.len() == 1;
+        (y, MoeSaved { routing, aux, parts, n_experts: self.placement.n_experts(), local })
+    }
+
+    /// Rebuilds what [`MoeSaved::release_act`] and [`MoeSaved::release_rows`] freed
+    /// (`x`: the layer's input): the SwiGLU outputs, then the routed rows (the same
+    /// permutation) and the expert outputs (the same down-projection).
+    pub fn restore(&self, w: &[f32], x: &[f32], s: &mut MoeSaved) {
+        for p in &mut s.parts {
+            self.experts.restore_act(&mut p.experts);
+            if let (Some(m), Some(ms)) = (&self.shared, &mut p.shared) {
+                m.restore_act(ms);
+            }
+            // (under expert parallelism an empty `xp` only means no rows came here)
+            if s.local && p.xp.is_empty() && p.handle.plan.rows() > 0 {
+                let _p = ultramoe_kernels::profile::scope("recompute.experts");
+                p.xp = vec![0.0; p.handle.plan.rows() * self.dispatcher.hidden];
+                ultramoe_kernels::permute::permute_forward(&mut p.xp, x, &p.handle.plan, self.dispatcher.hidden);
+                p.ys = Arc::new(self.experts.down(w, &p.experts.act, &p.handle.offsets));
+            }
+        }
     }
 
     /// Backward: weight gradients into `g`; returns `dx: [N, H]`.
