@@ -312,40 +312,47 @@ impl Model {
         embedding_forward(&mut x, &w[self.embed.clone()], ids, h);
         let mut saved: Vec<LayerState> = Vec::with_capacity(self.layers.len());
         let mut swap: Option<SwapFile> = None;
+        // A swapped layer whose write may still be running: it has the next layer's
+        // forward to finish, then it is waited for, so the memory a step holds does not
+        // depend on the disk.
+        let mut writing: Option<usize> = None;
+        let wait = |swap: &Option<SwapFile>, state: &mut LayerState| {
+            if let (Some(f), LayerState::Swapped(_, t)) = (swap, state) {
+                let _w = ultramoe_kernels::profile::scope("swap.wait");
+                f.wait_written(t);
+            }
+        };
         for (i, layer) in self.layers.iter().enumerate() {
             let p = self.policy.get(i).copied().unwrap_or_default();
             // (a layer recomputed whole keeps nothing of this pass, probabilities included)
             let c = ctx(!p.full && !p.attention);
-            if p.full {
-                let input = x.clone();
-                let (y, s) = layer.forward(w, x, &c);
-                let moe = LayerState::Kept(Box::new(s)).moe();
-                saved.push(LayerState::Recompute { x: input, moe });
-                x = y;
-                continue;
-            }
+            let input = p.full.then(|| x.clone());
             let (y, mut s) = layer.forward(w, x, &c);
-            s.release(&p);
-            // At most the previous layer's write is still in flight while this one ran:
-            // wait for it now, so the memory a step holds does not depend on the disk.
-            if let (Some(f), Some(LayerState::Swapped(_, t))) = (&swap, saved.last_mut()) {
-                let _w = ultramoe_kernels::profile::scope("swap.wait");
-                f.wait_written(t);
-            }
-            if p.swap {
+            let state = if let Some(x) = input {
+                let moe = LayerState::Kept(Box::new(s)).moe();
+                LayerState::Recompute { x, moe }
+            } else if p.swap {
+                s.release(&p);
                 let f = swap.get_or_insert_with(|| {
                     SwapFile::create(&self.swap_dir).unwrap_or_else(|e| panic!("swap file in {}: {e}", self.swap_dir.display()))
                 });
                 let ticket = f.write(s.take_buffers());
-                saved.push(LayerState::Swapped(Box::new(s), ticket));
+                LayerState::Swapped(Box::new(s), ticket)
             } else {
-                saved.push(LayerState::Kept(Box::new(s)));
+                s.release(&p);
+                LayerState::Kept(Box::new(s))
+            };
+            if let Some(j) = writing.take() {
+                wait(&swap, &mut saved[j]);
             }
+            if p.swap && !p.full {
+                writing = Some(i);
+            }
+            saved.push(state);
             x = y;
         }
-        if let (Some(f), Some(LayerState::Swapped(_, t))) = (&swap, saved.last_mut()) {
-            let _w = ultramoe_kernels::profile::scope("swap.wait");
-            f.wait_written(t);
+        if let Some(j) = writing {
+            wait(&swap, &mut saved[j]);
         }
         let _p = ultramoe_kernels::profile::scope("lm_head.forward");
         let mut xn = vec![0.0; n * h];

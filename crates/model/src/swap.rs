@@ -17,7 +17,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::thread::JoinHandle;
 
@@ -131,6 +131,20 @@ fn read_all(file: &File, stage: &mut Staging, mut offset: u64, bufs: &mut [Vec<f
 
 static FILES: AtomicUsize = AtomicUsize::new(0);
 
+/// Whether `file` lives on tmpfs or ramfs (memory, whatever the flags).
+fn in_memory(file: &File) -> bool {
+    use std::os::fd::AsRawFd;
+    // SAFETY: fstatfs fills the struct it is given for an open descriptor.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) } != 0 {
+        return false;
+    }
+    const RAMFS_MAGIC: i64 = 0x8584_58f6;
+    let kind = st.f_type as i64;
+    kind == libc::TMPFS_MAGIC as i64 || kind == RAMFS_MAGIC
+}
+static WARNED: AtomicBool = AtomicBool::new(false);
+
 impl SwapFile {
     /// Creates an (already unlinked) swap file in `dir` and its I/O thread.
     pub fn create(dir: &Path) -> io::Result<SwapFile> {
@@ -141,6 +155,13 @@ impl SwapFile {
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => (open(0)?, false),
             Err(e) => return Err(e),
         };
+        if (!direct || in_memory(&file)) && !WARNED.swap(true, Ordering::Relaxed) {
+            eprintln!(
+                "warning: swap files in {} {}: swapped activations stay in memory; choose a disk with --swap-dir",
+                dir.display(),
+                if direct { "are on a memory file system" } else { "refuse direct I/O" }
+            );
+        }
         std::fs::remove_file(&path)?;
         let (tx, rx) = channel::<Job>();
         let worker = std::thread::Builder::new().name("ultramoe-swap".into()).spawn(move || {
