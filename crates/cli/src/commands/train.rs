@@ -106,9 +106,10 @@ pub struct TrainArgs {
     #[arg(long)]
     pub recompute: Option<String>,
     /// What each layer frees after its forward, as OPS[:LAYERS] items: ops `norm`,
-    /// `swiglu`, `attention`, `qkv` (rebuilt in backward), `swap` (to the swap file),
-    /// `full` (whole layer), joined by `+`; layers `all` (default) or like 0,2,5-7.
-    /// E.g. "norm+swiglu+attention swap:0,1".
+    /// `swiglu`, `attention`, `qkv`, `experts` (rebuilt in backward), `swap` (to the swap
+    /// file), `full` (whole layer), joined by `+`; layers `all` (default) or like
+    /// 0,2,5-7. E.g. "norm+swiglu+attention swap:0,1". Every policy gives the same
+    /// numbers.
     #[arg(long)]
     pub memory_policy: Option<String>,
     /// Directory for swap files (default: the system's temporary directory).
