@@ -47,6 +47,20 @@ pub enum FfnSaved {
     Dense(MlpSaved),
     /// MoE
     Moe(MoeSaved),
+    /// nothing: the block's forward reruns in backward (the `ffn` policy); a MoE block
+    /// keeps its load statistics (per expert, per slot, auxiliary loss) for the caller
+    Rerun(Option<(Vec<usize>, Vec<usize>, f32)>),
+}
+
+impl FfnSaved {
+    /// (per expert, per slot, aux loss) of a MoE block.
+    pub fn moe_stats(&self) -> Option<(Vec<usize>, Vec<usize>, f32)> {
+        match self {
+            FfnSaved::Moe(m) => Some((m.expert_counts(), m.slot_counts(), m.aux.as_ref().map_or(0.0, |a| a.loss))),
+            FfnSaved::Rerun(stats) => stats.clone(),
+            FfnSaved::Dense(_) => None,
+        }
+    }
 }
 
 /// One decoder layer.
@@ -110,6 +124,7 @@ impl LayerSaved {
             + match &self.ffn {
                 FfnSaved::Dense(s) => s.bytes(),
                 FfnSaved::Moe(s) => s.bytes(),
+                FfnSaved::Rerun(_) => 0,
             }
     }
 
@@ -123,15 +138,18 @@ impl LayerSaved {
                 a.release_norm();
             }
         }
-        if p.experts {
-            if let FfnSaved::Moe(m) = &mut self.ffn {
-                m.release_rows();
-            }
+        if p.ffn {
+            self.ffn = FfnSaved::Rerun(self.ffn.moe_stats());
+        }
+        match &mut self.ffn {
+            FfnSaved::Moe(m) if p.experts => m.release_rows(),
+            _ => {}
         }
         if p.swiglu {
             match &mut self.ffn {
                 FfnSaved::Dense(m) => m.act = Vec::new(),
                 FfnSaved::Moe(m) => m.release_act(),
+                FfnSaved::Rerun(_) => {}
             }
         }
         match &mut self.attn {
@@ -154,6 +172,7 @@ impl LayerSaved {
         match &mut self.ffn {
             FfnSaved::Dense(m) => out.extend(m.buffers_mut()),
             FfnSaved::Moe(m) => out.extend(m.buffers_mut()),
+            FfnSaved::Rerun(_) => {}
         }
         out
     }
@@ -208,29 +227,38 @@ impl DecoderLayer {
         let mut h = a;
         add_into(&mut h, &x);
         let (xn2, rstd2) = self.norm(w, &self.ffn_norm, &h, n);
-        let (mut f, ffn) = match &self.ffn {
-            FfnBlock::Dense(m) => {
-                let (y, s) = m.forward(w, &xn2, n);
-                (y, FfnSaved::Dense(s))
-            }
-            FfnBlock::Moe(m) => {
-                let (y, s) = m.forward(w, &xn2, n);
-                (y, FfnSaved::Moe(s))
-            }
-        };
+        let (mut f, ffn) = self.ffn_forward(w, &xn2, n);
         let ffn_post = self.post_norm(w, self.sandwich.as_ref().map(|[_, sf]| sf), &mut f, n);
         let mut y = f;
         add_into(&mut y, &h);
         (y, LayerSaved { x, rstd1, xn1, attn, attn_post, h, rstd2, xn2, ffn, ffn_post })
     }
 
+    /// The FFN block's forward: its output and saved set.
+    fn ffn_forward(&self, w: &[f32], xn2: &[f32], n: usize) -> (Vec<f32>, FfnSaved) {
+        match &self.ffn {
+            FfnBlock::Dense(m) => {
+                let (y, s) = m.forward(w, xn2, n);
+                (y, FfnSaved::Dense(s))
+            }
+            FfnBlock::Moe(m) => {
+                let (y, s) = m.forward(w, xn2, n);
+                (y, FfnSaved::Moe(s))
+            }
+        }
+    }
+
     /// Rebuilds what [`LayerSaved::release`] freed for the FFN's backward (`xn₂`, the
-    /// SwiGLU outputs), with the forward's own kernels on the same inputs (so the same
-    /// bits).
+    /// block's set or the SwiGLU outputs and routed rows), with the forward's own kernels
+    /// on the same inputs (so the same bits).
     fn restore_ffn(&self, w: &[f32], s: &mut LayerSaved, n: usize) {
         if s.xn2.is_empty() {
             let _p = ultramoe_kernels::profile::scope("recompute.norm");
             (s.xn2, s.rstd2) = self.norm(w, &self.ffn_norm, &s.h, n);
+        }
+        if let FfnSaved::Rerun(_) = s.ffn {
+            let _p = ultramoe_kernels::profile::scope("recompute.ffn");
+            s.ffn = self.ffn_forward(w, &s.xn2, n).1;
         }
         match (&self.ffn, &mut s.ffn) {
             (FfnBlock::Dense(m), FfnSaved::Dense(ms)) => m.restore_act(ms),

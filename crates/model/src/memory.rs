@@ -20,7 +20,8 @@
 //! A layer's policy ([`crate::policy`]) takes parts out: `norm` the normed copies,
 //! `swiglu` the SwiGLU outputs, `attention` the probabilities and core output, `qkv` the
 //! projections (MLA then keeps its rotary key, `N·d_rope`), `experts` a MoE layer's
-//! routed rows and outputs `2·R·H` (one rank only), `swap` moves what is left to
+//! routed rows and outputs `2·R·H` (one rank only), `ffn` the whole FFN block's set,
+//! `swap` moves what is left to
 //! the swap file (a MoE layer's routing and plans stay), `full` keeps only the input
 //! `N·H`. Whatever was taken out is back while the layer's backward runs.
 //!
@@ -100,15 +101,28 @@ struct Block {
     attention: usize,
     qkv: usize,
     experts: usize,
+    /// the whole set goes under `ffn` (the feed-forward block)
+    rerun: bool,
     /// floats that stay in memory when the layer swaps
     unswappable: usize,
 }
 
 impl Block {
     fn kept(&self, p: &LayerPolicy) -> usize {
+        if p.ffn && self.rerun {
+            return 0;
+        }
         let off = |on: bool, f: usize| if on { f } else { 0 };
         self.whole - off(p.norm, self.norm) - off(p.swiglu, self.swiglu) - off(p.attention, self.attention) - off(p.qkv, self.qkv)
             - off(p.experts, self.experts)
+    }
+
+    fn unswappable(&self, p: &LayerPolicy) -> usize {
+        if p.ffn && self.rerun {
+            0
+        } else {
+            self.unswappable
+        }
     }
 }
 
@@ -164,7 +178,7 @@ fn ffn_block(l: &DecoderLayer, n: usize) -> (Block, usize, &'static str) {
     match &l.ffn {
         FfnBlock::Dense(m) => {
             let (whole, act) = mlp_floats(n, m.inter);
-            (Block { whole, swiglu: act, ..Default::default() }, n * 3 * m.inter, "dense FFN")
+            (Block { whole, swiglu: act, rerun: true, ..Default::default() }, n * 3 * m.inter, "dense FFN")
         }
         FfnBlock::Moe(m) => {
             let (e, k, ie) = (m.placement.n_experts(), m.router.spec.top_k, m.experts.inter);
@@ -177,6 +191,7 @@ fn ffn_block(l: &DecoderLayer, n: usize) -> (Block, usize, &'static str) {
                 whole: routing + r * (2 * h + 3 * ie) + shared,
                 swiglu: r * ie + shared_act,
                 experts: if local { 2 * r * h } else { 0 },
+                rerun: true,
                 unswappable: routing,
                 ..Default::default()
             };
@@ -219,11 +234,11 @@ impl Model {
         let tag = if p.keeps_all() { String::new() } else { format!(" [{}]", p.describe()) };
         let parts = [("norms and residuals", &norms), ("attention", &attn), (kind, &ffn)];
         if p.swap {
-            let swapped = parts.iter().map(|(_, blk)| 4 * (blk.kept(p) - blk.unswappable)).sum();
+            let swapped = parts.iter().map(|(_, blk)| 4 * (blk.kept(p) - blk.unswappable(p))).sum();
             let kept = parts
                 .iter()
-                .filter(|(_, blk)| blk.unswappable > 0)
-                .map(|(name, blk)| (format!("layer {i} {name} routing{tag}"), 4 * blk.unswappable))
+                .filter(|(_, blk)| blk.unswappable(p) > 0)
+                .map(|(name, blk)| (format!("layer {i} {name} routing{tag}"), 4 * blk.unswappable(p)))
                 .collect();
             return LayerBytes { kept, swapped, whole, ffn_phase, attention_phase };
         }
@@ -309,7 +324,7 @@ impl Model {
             if p.norm {
                 cost += 12.0 * (norms.norm + attn.norm) as f64 / rates.bytes;
             }
-            if p.swiglu {
+            if p.swiglu && !p.ffn {
                 cost += 4.0 * 4.0 * (ffn.swiglu) as f64 / rates.bytes;
             }
             if p.attention {
@@ -323,7 +338,10 @@ impl Model {
                 // The projections' GEMMs, and q/k/v written out again (RoPE, head split).
                 cost += self.qkv_flops(i, n) / rates.flops + 4.0 * attn.qkv as f64 / rates.bytes;
             }
-            if let (true, FfnBlock::Moe(m)) = (p.experts && ffn.experts > 0, &l.ffn) {
+            if p.ffn {
+                // The block's forward again: its GEMMs and its saved set written anew.
+                cost += 2.0 * (n * self.ffn_weights(i)) as f64 / rates.flops + 4.0 * ffn.whole as f64 / rates.bytes;
+            } else if let (true, FfnBlock::Moe(m)) = (p.experts && ffn.experts > 0, &l.ffn) {
                 // The permutation copies R·H floats in and out; the down-projection is
                 // 2·R·I·H FLOPs.
                 let r = n * m.router.spec.top_k;
@@ -377,6 +395,18 @@ impl Model {
         2.0 * (n * per_token) as f64
     }
 
+    /// Weights each token meets in layer `i`'s feed-forward block (router included).
+    fn ffn_weights(&self, i: usize) -> usize {
+        let l = &self.layers[i];
+        let h = l.hidden;
+        match &l.ffn {
+            FfnBlock::Dense(m) => 3 * h * m.inter,
+            FfnBlock::Moe(m) => {
+                m.router.spec.top_k * 3 * h * m.experts.inter + m.shared.as_ref().map_or(0, |s| 3 * h * s.inter) + h * m.placement.n_experts()
+            }
+        }
+    }
+
     /// Seconds of layer `i`'s forward over `b × t` tokens: its GEMMs (active weights,
     /// `2·N` FLOPs each) and attention core.
     fn layer_forward_seconds(&self, i: usize, b: usize, t: usize, rates: &CostRates) -> f64 {
@@ -390,13 +420,7 @@ impl Model {
                 h * (q_in + a.kv_lora + a.rope_dim) + a.nh * a.dv * h
             }
         };
-        let ffn_weights = match &l.ffn {
-            FfnBlock::Dense(m) => 3 * h * m.inter,
-            FfnBlock::Moe(m) => {
-                m.router.spec.top_k * 3 * h * m.experts.inter + m.shared.as_ref().map_or(0, |s| 3 * h * s.inter) + h * m.placement.n_experts()
-            }
-        };
-        2.0 * (n * (attn_weights + ffn_weights)) as f64 / rates.flops
+        2.0 * (n * (attn_weights + self.ffn_weights(i))) as f64 / rates.flops
             + self.qkv_flops(i, n) / rates.flops
             + self.attention_core_flops(i, b, t) / rates.attention_flops
     }

@@ -3,7 +3,7 @@
 
 use crate::attention::{Ctx, GqaAttention, MlaAttention};
 use crate::config::{Arch, ModelConfig, RopeScaling};
-use crate::decoder::{AttnBlock, DecoderLayer, FfnBlock, FfnSaved, LayerSaved};
+use crate::decoder::{AttnBlock, DecoderLayer, FfnBlock, LayerSaved};
 use crate::mlp::Mlp;
 use crate::moe::dispatcher::TokenDispatcher;
 use crate::moe::experts::GroupedExperts;
@@ -82,10 +82,7 @@ impl LayerState {
     /// (per expert, per slot, aux loss) of a MoE layer.
     fn moe(&self) -> Option<(Vec<usize>, Vec<usize>, f32)> {
         match self {
-            LayerState::Kept(s) | LayerState::Swapped(s, _) => match &s.ffn {
-                FfnSaved::Moe(m) => Some((m.expert_counts(), m.slot_counts(), m.aux.as_ref().map_or(0.0, |a| a.loss))),
-                _ => None,
-            },
+            LayerState::Kept(s) | LayerState::Swapped(s, _) => s.ffn.moe_stats(),
             LayerState::Recompute { moe, .. } => moe.clone(),
         }
     }

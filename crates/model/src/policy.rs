@@ -11,6 +11,7 @@
 //! | `norm`      | normed copies `xn₁`, `xn₂` (MLA: normed latents too)  | the norms' inputs (one RMSNorm pass) |
 //! | `swiglu`    | `silu(g) ⊙ u` of dense, shared and routed experts    | the kept gate/up projections        |
 //! | `attention` | the attention core's probabilities `B·nh·T²` (never kept whole) | `q`, `k`, `v`, block by block inside the core's backward (flash-attention style) |
+//! | `ffn`       | the whole feed-forward block's set (MoE: routing, rows, expert and shared-expert activations; the load statistics stay) | the block's forward again (under expert parallelism with its all-to-alls) |
 //! | `experts`   | a MoE layer's routed rows `R·H` and expert outputs `R·H` (one rank only: under expert parallelism they come from other ranks and stay) | the token permutation and the experts' down-projection |
 //! | `qkv`       | `q`, `k`, `v` (GQA: raw and normed q/k too)            | the projections (MLA: the up-projections from the latents) |
 //! | `full`      | everything but the layer's input                      | the layer's whole forward           |
@@ -41,6 +42,9 @@ pub struct LayerPolicy {
     /// rebuild a MoE layer's routed rows and expert outputs (one rank only)
     #[serde(default)]
     pub experts: bool,
+    /// rerun the whole feed-forward block (dense or MoE) in backward
+    #[serde(default)]
+    pub ffn: bool,
     /// move what the layer still keeps to the swap file until its backward
     #[serde(default)]
     pub swap: bool,
@@ -59,6 +63,8 @@ pub enum MemoryOp {
     Qkv,
     /// see [`LayerPolicy::experts`]
     Experts,
+    /// see [`LayerPolicy::ffn`]
+    Ffn,
     /// see [`LayerPolicy::swap`]
     Swap,
     /// see [`LayerPolicy::full`]
@@ -67,8 +73,16 @@ pub enum MemoryOp {
 
 impl MemoryOp {
     /// Every op, cheapest class first.
-    pub const ALL: [MemoryOp; 7] =
-        [MemoryOp::Norm, MemoryOp::Swiglu, MemoryOp::Attention, MemoryOp::Qkv, MemoryOp::Experts, MemoryOp::Swap, MemoryOp::Full];
+    pub const ALL: [MemoryOp; 8] = [
+        MemoryOp::Norm,
+        MemoryOp::Swiglu,
+        MemoryOp::Attention,
+        MemoryOp::Qkv,
+        MemoryOp::Experts,
+        MemoryOp::Ffn,
+        MemoryOp::Swap,
+        MemoryOp::Full,
+    ];
 
     /// The name used on the command line.
     pub fn name(self) -> &'static str {
@@ -78,6 +92,7 @@ impl MemoryOp {
             MemoryOp::Attention => "attention",
             MemoryOp::Qkv => "qkv",
             MemoryOp::Experts => "experts",
+            MemoryOp::Ffn => "ffn",
             MemoryOp::Swap => "swap",
             MemoryOp::Full => "full",
         }
@@ -98,6 +113,7 @@ impl LayerPolicy {
             MemoryOp::Attention => self.attention,
             MemoryOp::Qkv => self.qkv,
             MemoryOp::Experts => self.experts,
+            MemoryOp::Ffn => self.ffn,
             MemoryOp::Swap => self.swap,
             MemoryOp::Full => self.full,
         }
@@ -111,6 +127,7 @@ impl LayerPolicy {
             MemoryOp::Attention => &mut self.attention,
             MemoryOp::Qkv => &mut self.qkv,
             MemoryOp::Experts => &mut self.experts,
+            MemoryOp::Ffn => &mut self.ffn,
             MemoryOp::Swap => &mut self.swap,
             MemoryOp::Full => &mut self.full,
         };

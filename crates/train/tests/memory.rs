@@ -54,6 +54,7 @@ fn predicted_activations_are_exact_and_peaks_within_five_percent() {
             (16, 128, "norm+swiglu+attention+qkv+experts swap:0"),
             (16, 128, "swap"),
             (8, 64, "attention swap:1 full:0"),
+            (16, 128, "ffn+norm+attention"),
         ];
         for (b, t, policy) in cases {
             model.policy = parse_policy(policy, layers).unwrap();
@@ -95,10 +96,12 @@ fn recomputation_is_exact_and_saves_activations() {
         "attention",
         "qkv",
         "experts",
+        "ffn",
         "swap",
         "norm+swiglu+attention+qkv+experts",
         "norm+swiglu+attention+qkv+experts swap:0",
         "norm+qkv swap:TOP full:0",
+        "ffn+norm+attention swap:0",
     ];
     for cfg in CONFIGS {
         let mut model = Model::new(ModelConfig::from_json_str(cfg).unwrap());

@@ -195,7 +195,7 @@ fn expert_and_data_parallel_runs_match_one_rank() {
     let ep2 = parallel(2, 2, STEPS, STEPS, None, None);
     assert_close("2 ranks, EP 2", &ep2, &reference);
     // Memory policies hold under expert parallelism: the same bits as keeping everything.
-    let policy = Opts { policy: "norm+swiglu+attention+qkv+experts swap:0 full:2", ..Opts::default() };
+    let policy = Opts { policy: "norm+swiglu+attention+qkv+experts swap:0 ffn:1 full:2", ..Opts::default() };
     let with_policy = parallel_opts(2, 2, STEPS, STEPS, None, None, policy);
     assert_eq!(with_policy.losses, ep2.losses, "EP 2 with a memory policy: losses");
     assert!(with_policy.weights == ep2.weights, "EP 2 with a memory policy: weights differ");
