@@ -220,10 +220,9 @@ impl Model {
             let rerun = 4 * (total - probs);
             (rerun, rerun - 4 * (ffn.whole + xn))
         } else {
-            let norms_kept = norms.kept(p);
-            let attn_kept = attn.kept(p);
-            let ffn_phase = norms_kept + if p.norm { xn } else { 0 } + attn_kept + ffn.whole;
-            let attention_phase = norms_kept + if p.norm { xn } else { 0 } - xn + attn.whole - probs;
+            // FFN phase: xn₂ back, xn₁ still out; attention phase: xn₂ gone, xn₁ back.
+            let ffn_phase = norms.kept(p) + if p.norm { xn } else { 0 } + attn.kept(p) + ffn.whole;
+            let attention_phase = norms.whole - xn + attn.whole - probs;
             (4 * ffn_phase, 4 * attention_phase)
         };
         let (ffn_phase, attention_phase) = (ffn_phase + 4 * ffn_tmp, attention_phase + 4 * attn_tmp);
@@ -357,7 +356,11 @@ impl Model {
                 // was 27 ms).
                 let bytes = self.layer_bytes(i, b, t, p).swapped as f64;
                 let above = forward.get(i + 1).copied().unwrap_or(0.0);
-                let s = &rates.swap;
+                // (without a usable swap directory the op is never chosen; priced high)
+                let Some(s) = &rates.swap else {
+                    cost += 1e9;
+                    continue;
+                };
                 cost += (bytes / s.write - above).max(0.0) + (bytes / s.read - 2.0 * above).max(0.0) + 1.5 * 2.0 * bytes * s.cpu_per_byte;
             }
         }
@@ -450,7 +453,7 @@ impl Model {
             for l in 0..layers {
                 for op in MemoryOp::ALL {
                     // A layer recomputed whole can still leave out its probabilities.
-                    if (chosen[l].full && op != MemoryOp::Attention) || chosen[l].has(op) {
+                    if (chosen[l].full && op != MemoryOp::Attention) || chosen[l].has(op) || (op == MemoryOp::Swap && rates.swap.is_none()) {
                         continue;
                     }
                     let mut trial = chosen.clone();
@@ -513,15 +516,15 @@ pub struct CostRates {
     pub attention_flops: f64,
     /// bytes/s an elementwise pass streams
     pub bytes: f64,
-    /// the swap file's bandwidth and CPU cost
-    pub swap: SwapRates,
+    /// the swap file's bandwidth and CPU cost (`None`: no usable swap directory)
+    pub swap: Option<SwapRates>,
 }
 
 impl CostRates {
     /// Rates from a GEMM peak (FLOP/s) and the swap file's measured rates: GEMMs at
     /// 40% of peak and the attention core at 20% (what training steps here achieve), and
     /// elementwise passes at the memory bandwidth measured by a 64 MB copy (best of 3).
-    pub fn from_peak(peak_flops: f64, swap: SwapRates) -> CostRates {
+    pub fn from_peak(peak_flops: f64, swap: Option<SwapRates>) -> CostRates {
         // Both buffers touched first: the copy is timed, not the page faults.
         let src = vec![1.0f32; 16 << 20];
         let mut dst = vec![0.5f32; 16 << 20];

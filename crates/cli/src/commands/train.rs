@@ -106,9 +106,9 @@ pub struct TrainArgs {
     #[arg(long)]
     pub recompute: Option<String>,
     /// What each layer frees after its forward, as OPS[:LAYERS] items: ops `norm`,
-    /// `swiglu`, `attention`, `qkv`, `experts` (rebuilt in backward), `swap` (to the swap
-    /// file), `full` (whole layer), joined by `+`; layers `all` (default) or like
-    /// 0,2,5-7. E.g. "norm+swiglu+attention swap:0,1". Every policy gives the same
+    /// `swiglu`, `attention`, `qkv`, `experts`, `ffn` (rebuilt in backward), `swap` (to
+    /// the swap file), `full` (whole layer), joined by `+`; layers `all` (default) or
+    /// like 0,2,5-7. E.g. "norm+swiglu+attention swap:0,1". Every policy gives the same
     /// numbers.
     #[arg(long)]
     pub memory_policy: Option<String>,
@@ -213,7 +213,7 @@ pub fn make_trainer(a: &TrainArgs, mesh: Option<Mesh>) -> CliResult<Trainer> {
         let runtime = if model.ep.is_none() { ultramoe_model::memory::runtime_bytes(&model) } else { 0 };
         let budget = parse_bytes(budget)?;
         if tc.memory_policy.is_empty() {
-            let rates = cost_rates(&model.swap_dir, peak)?;
+            let rates = cost_rates(&model.swap_dir, peak);
             // When nothing fits, the most frugal policy tried goes to the check below,
             // which names what does not fit.
             let chosen = model.choose_policy(rows, tc.seq_len, 2, runtime, budget, &rates);
@@ -423,8 +423,11 @@ pub fn parse_layers(text: &str, layers: usize) -> CliResult<Vec<usize>> {
 }
 
 /// Cost rates for choosing a memory policy: the GEMM peak and the swap file's bandwidth
-/// in `dir`, measured now.
-pub fn cost_rates(dir: &std::path::Path, peak: f64) -> CliResult<CostRates> {
-    let swap = ultramoe_model::swap::probe(dir, 64 << 20).map_err(|e| format!("swap directory {}: {e}", dir.display()))?;
-    Ok(CostRates::from_peak(peak, swap))
+/// in `dir`, measured now (a directory that cannot hold a swap file rules swapping out,
+/// with a warning).
+pub fn cost_rates(dir: &std::path::Path, peak: f64) -> CostRates {
+    let swap = ultramoe_model::swap::probe(dir, 64 << 20)
+        .map_err(|e| eprintln!("warning: swap directory {}: {e}; the memory policy will not swap", dir.display()))
+        .ok();
+    CostRates::from_peak(peak, swap)
 }
