@@ -140,9 +140,12 @@ fn in_memory(file: &File) -> bool {
         return false;
     }
     const RAMFS_MAGIC: i64 = 0x8584_58f6;
-    let kind = st.f_type as i64;
-    kind == libc::TMPFS_MAGIC as i64 || kind == RAMFS_MAGIC
+    // (f_type and the constant are c_long or narrower, depending on the target)
+    #[allow(clippy::unnecessary_cast)]
+    let (kind, tmpfs) = (st.f_type as i64, libc::TMPFS_MAGIC as i64);
+    kind == tmpfs || kind == RAMFS_MAGIC
 }
+
 static WARNED: AtomicBool = AtomicBool::new(false);
 
 impl SwapFile {
