@@ -25,25 +25,29 @@
 //! the swap file (a MoE layer's routing and plans stay), `full` keeps only the input
 //! `N·H`. Whatever was taken out is back while the layer's backward runs.
 //!
-//! The peak is the largest of three moments:
+//! The peak is the largest of these moments:
 //!
 //! ```text
-//! end of forward    Σ_j kept_j + head (logits included)
+//! end of forward    Σ_j kept_j + head (logits included), + N·H as the head's backward
+//!                   forms the normed input's gradient beside the logits' gradient
 //! forward of i      Σ_{j<i} kept_j + whole_i + swapped_{i−1}     (its write may still run)
 //! backward of i     Σ_{j<i} kept_j + swapped_{i−1} (prefetched below it)
 //!                   + max(FFN phase_i, attention phase_i) + 2·N·H (dx, residual grad)
 //!                   + head without logits
 //! FFN phase         kept_i (all of it back from the swap file) + the FFN's rebuilt part
-//!                   (xn₂, SwiGLU outputs) + the FFN's temporaries
-//! attention phase   kept_i − the FFN's set − xn₂ + the attention's rebuilt part
-//!                   (xn₁, latents, q/k/v, core) + the attention's temporaries
+//!                   (xn₂, SwiGLU outputs, routed rows, or the whole block) + the FFN's
+//!                   temporaries
+//! attention phase   the norms' set − xn₂ + the attention's whole set (latents, q/k/v
+//!                   rebuilt; the probabilities only when kept) + its temporaries
 //! ```
 //!
 //! with temporaries MoE: `R·(2H + 3I)`, dense: `3·N·I`; attention: the q/k/v gradients and
 //! their fused copy (the score gradients are formed block by block, never whole). A layer
-//! recomputed whole holds its whole set in the FFN phase. A swap file adds its staging buffer. Kernel workspaces and thread pools hold a
-//! few megabytes more for the whole run; they are measured, not predicted
-//! ([`runtime_bytes`]).
+//! recomputed whole holds its whole set in the FFN phase. A swap file adds its staging
+//! buffer. Kernel workspaces and thread pools hold a few megabytes more for the whole
+//! run; they are measured, not predicted ([`runtime_bytes`]). Not predicted: the `gemm`
+//! crate's own temporaries inside large weight-gradient products (with a 4k vocabulary
+//! the lm_head's take ~6 MB at 2k tokens).
 
 use crate::decoder::{AttnBlock, DecoderLayer, FfnBlock};
 use crate::model::Model;
@@ -264,9 +268,10 @@ impl Model {
         let head_kept = 4 * (2 * n * h + n);
         let kept: usize = layers.iter().map(LayerBytes::kept_total).sum();
         let act = kept + head_kept + logits;
-        // The three moments of the peak (see the module docs).
+        // The moments of the peak (see the module docs); the head's backward first holds
+        // the logits' gradient (in place) and the normed input's gradient together.
         let mut below = 0;
-        let mut dynamic = act;
+        let mut dynamic = act + 4 * n * h;
         for (i, l) in layers.iter().enumerate() {
             let neighbour = if i > 0 { layers[i - 1].swapped } else { 0 };
             let forward = below + l.whole + neighbour;
