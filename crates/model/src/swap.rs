@@ -38,13 +38,6 @@ pub struct SwapTicket {
     written: Option<Receiver<io::Result<()>>>,
 }
 
-impl SwapTicket {
-    /// Floats written.
-    pub fn floats(&self) -> usize {
-        self.lens.iter().sum()
-    }
-}
-
 /// A read in flight.
 pub struct Prefetch {
     done: Receiver<io::Result<Vec<Vec<f32>>>>,
