@@ -32,5 +32,6 @@ pub fn math_train_config() -> TrainConfig {
         redundant_experts: 0,
         memory_policy: vec![],
         swap_dir: None,
+        swap_moments: false,
     }
 }

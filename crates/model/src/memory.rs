@@ -256,12 +256,19 @@ impl Model {
         let n = b * t;
         let (h, v) = (self.cfg.hidden, self.cfg.vocab_size);
         let p = self.layout.total;
-        let mut items = vec![
-            ("weights".to_string(), 4 * p),
-            ("gradients".to_string(), 4 * p),
-            ("optimizer moments".to_string(), 4 * moments * p),
-        ];
-        let static_bytes = 4 * (2 + moments) * p;
+        let mut items = vec![("weights".to_string(), 4 * p), ("gradients".to_string(), 4 * p)];
+        let moment_bytes = 4 * moments * p;
+        let mut swapped = vec![];
+        // Swapped moments are out from the first layer's forward to the bottom layer's
+        // backward (read back during it when there is a layer above it).
+        let (out_fwd, out_bwd) = if self.swap_moments {
+            swapped.push(("optimizer moments".to_string(), moment_bytes));
+            (moment_bytes, if self.layers.len() > 1 { moment_bytes } else { 0 })
+        } else {
+            items.push(("optimizer moments".to_string(), moment_bytes));
+            (0, 0)
+        };
+        let static_bytes = 4 * 2 * p + if self.swap_moments { 0 } else { moment_bytes };
         let layers: Vec<LayerBytes> =
             (0..self.layers.len()).map(|i| self.layer_bytes(i, b, t, &self.policy.get(i).copied().unwrap_or_default())).collect();
         let logits = 4 * n * v;
@@ -274,12 +281,17 @@ impl Model {
         let mut dynamic = act + 4 * n * h;
         for (i, l) in layers.iter().enumerate() {
             let neighbour = if i > 0 { layers[i - 1].swapped } else { 0 };
-            let forward = below + l.whole + neighbour;
-            let backward = below + neighbour + l.ffn_phase.max(l.attention_phase) + 4 * 2 * n * h + head_kept;
+            let (moments_in_fwd, moments_in_bwd) = if i == 0 { (out_fwd, out_bwd) } else { (0, 0) };
+            let forward = below + l.whole + neighbour + moments_in_fwd;
+            let backward = below + neighbour + l.ffn_phase.max(l.attention_phase) + 4 * 2 * n * h + head_kept + moments_in_bwd;
             dynamic = dynamic.max(forward).max(backward);
             below += l.kept_total();
         }
-        let mut swapped = vec![];
+        // The optimizer step holds the moments again, and none of the step's activations.
+        if self.swap_moments {
+            dynamic = dynamic.max(moment_bytes);
+        }
+        let layers_swap = layers.iter().any(|l| l.swapped > 0);
         for (i, l) in layers.into_iter().enumerate() {
             if l.swapped > 0 {
                 swapped.push((format!("layer {i}"), l.swapped));
@@ -287,7 +299,8 @@ impl Model {
             items.extend(l.kept);
         }
         items.push(("final norm and logits".to_string(), head_kept + logits));
-        let staging = if swapped.is_empty() { 0 } else { crate::swap::STAGING_BYTES };
+        // One staging buffer per swap file: the forward's, the moments'.
+        let staging = crate::swap::STAGING_BYTES * (usize::from(layers_swap) + usize::from(self.swap_moments));
         if staging > 0 {
             items.push(("swap staging buffer".to_string(), staging));
         }
@@ -546,20 +559,26 @@ impl CostRates {
 }
 
 /// Heap bytes the kernels keep after running `model` (per-thread workspaces, pools):
-/// measured with three forward and backward passes of 4 × 16 tokens on zero weights
-/// (enough work for every worker thread to take part), everything else freed again.
+/// measured with three forward and backward passes of 4 × 16 tokens on zero weights and
+/// one more driven by every worker thread, everything else freed again.
 /// Needs the counting allocator ([`ultramoe_kernels::memory`]); call it before anything
 /// else has run the kernels, or it measures 0.
 pub fn runtime_bytes(model: &Model) -> usize {
     let before = ultramoe_kernels::memory::live_bytes();
     let (b, t) = (4, model.cfg.max_position.clamp(2, 16));
-    for _ in 0..3 {
+    let pass = || {
         let w = vec![0.0f32; model.layout.total];
         let mut g = vec![0.0f32; model.layout.total];
         let ids: Vec<u32> = (0..b * t).map(|i| (i % model.cfg.vocab_size) as u32).collect();
         let fwd = model.forward(&w, &ids, b, t);
         let targets = crate::model::shifted_targets(&ids, t);
         model.backward(&w, &mut g, fwd, &targets, 1.0);
+    };
+    for _ in 0..3 {
+        pass();
     }
+    // Which worker threads run the small products (and so make their thread-local GEMM
+    // buffers) depends on scheduling: every worker drives one pass itself too.
+    rayon::broadcast(|_| pass());
     ultramoe_kernels::memory::live_bytes().saturating_sub(before)
 }

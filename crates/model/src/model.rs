@@ -50,8 +50,11 @@ pub struct Model {
     /// per decoder layer: what its forward keeps, recomputes or swaps out for its
     /// backward ([`crate::policy`])
     pub policy: Vec<LayerPolicy>,
-    /// where swap files go (layers with [`LayerPolicy::swap`])
+    /// where swap files go (layers with [`LayerPolicy::swap`], optimizer moments)
     pub swap_dir: PathBuf,
+    /// the optimizer moments wait in a swap file from the first layer's forward to the
+    /// bottom layer's backward (the trainer moves them; the memory plan counts it)
+    pub swap_moments: bool,
 }
 
 /// One decoder layer's part of a forward pass.
@@ -296,11 +299,17 @@ impl Model {
         let rope = build_rope(&cfg);
         let ep = ep.map(|(g, _)| g);
         let policy = vec![LayerPolicy::default(); layers.len()];
-        Model { cfg, layout: lay, embed, layers, final_norm, lm_head, rope, ep, policy, swap_dir: std::env::temp_dir() }
+        Model { cfg, layout: lay, embed, layers, final_norm, lm_head, rope, ep, policy, swap_dir: std::env::temp_dir(), swap_moments: false }
     }
 
     /// Forward over `ids: [B, T]` (row-major).
     pub fn forward(&self, w: &[f32], ids: &[u32], b: usize, t: usize) -> Forward {
+        self.forward_hooked(w, ids, b, t, &mut |_| {})
+    }
+
+    /// [`Model::forward`], calling `layer_done(i)` as soon as decoder layer `i`'s forward
+    /// is done.
+    pub fn forward_hooked(&self, w: &[f32], ids: &[u32], b: usize, t: usize, layer_done: &mut dyn FnMut(usize)) -> Forward {
         let (h, v) = (self.cfg.hidden, self.cfg.vocab_size);
         let n = b * t;
         assert_eq!(ids.len(), n, "ids must hold B·T tokens");
@@ -347,6 +356,7 @@ impl Model {
             }
             saved.push(state);
             x = y;
+            layer_done(i);
         }
         if let Some(j) = writing {
             wait(&swap, &mut saved[j]);

@@ -17,6 +17,7 @@ use crate::parallel::{catch_comm, Parallel};
 use crate::placement::{probe_bandwidth, Balancer, Costs};
 use ultramoe_model::moe::placement::Placement;
 use ultramoe_model::policy::LayerPolicy;
+use ultramoe_model::swap::{Prefetch, SwapFile, SwapTicket};
 use crate::zero::Zero1;
 use crate::schedule::Schedule;
 use ultramoe_kernels::balance::BalanceLoss;
@@ -103,6 +104,10 @@ pub struct TrainConfig {
     /// directory for swap files (default: the system's temporary directory)
     #[serde(default)]
     pub swap_dir: Option<PathBuf>,
+    /// keep the optimizer moments in a swap file from the first layer's forward to the
+    /// bottom layer's backward of every step
+    #[serde(default)]
+    pub swap_moments: bool,
 }
 
 fn yes() -> bool {
@@ -164,6 +169,7 @@ impl Default for TrainConfig {
             redundant_experts: 0,
             memory_policy: vec![],
             swap_dir: None,
+            swap_moments: false,
         }
     }
 }
@@ -426,7 +432,8 @@ impl Trainer {
         if let Some(dir) = &cfg.swap_dir {
             model.swap_dir = dir.clone();
         }
-        if model.policy.iter().any(|p| p.swap && !p.full) {
+        model.swap_moments = cfg.swap_moments;
+        if cfg.swap_moments || model.policy.iter().any(|p| p.swap && !p.full) {
             ultramoe_model::swap::check_dir(&model.swap_dir).map_err(|e| Error::field("swap_dir", e))?;
         }
         if cfg.stats_ep == 0 || (model.cfg.moe.n_experts > 0 && !model.cfg.moe.n_experts.is_multiple_of(cfg.stats_ep)) {
@@ -504,6 +511,13 @@ impl Trainer {
         let mut counts: Vec<Vec<usize>> = vec![];
         let mut slot_counts: Vec<Vec<usize>> = vec![];
         let mut activation_bytes = 0;
+        // Swapped moments leave now; the write is waited for once the first layer's
+        // forward is done, and the read starts when the bottom layer's backward does.
+        let mut moments = match self.cfg.swap_moments {
+            true => Some(self.moments_out()?),
+            false => None,
+        };
+        let mut reading: Option<Prefetch> = None;
         let (model, w, g) = (&self.model, &self.w, &mut self.g);
         // Gradient reductions start layer by layer during the last micro-batch's backward
         // (ZeRO-1 reduce-scatters in the optimizer step instead, and has no gradient stream).
@@ -513,7 +527,11 @@ impl Trainer {
             for (i, mb) in micro.iter().enumerate() {
                 let fwd = {
                     let _p = ultramoe_kernels::profile::scope("forward");
-                    model.forward(w, &mb.ids[r0..r1], bl, t)
+                    model.forward_hooked(w, &mb.ids[r0..r1], bl, t, &mut |layer| {
+                        if let (0, Some((f, ticket))) = (layer, &mut moments) {
+                            f.wait_written(ticket);
+                        }
+                    })
                 };
                 sums[1] += fwd.aux_loss() as f64;
                 activation_bytes = activation_bytes.max(fwd.activation_bytes());
@@ -521,13 +539,30 @@ impl Trainer {
                 accumulate(&mut slot_counts, fwd.slot_counts());
                 let _p = ultramoe_kernels::profile::scope("backward");
                 let targets = &mb.targets[r0..r1];
-                sums[0] += match overlap.as_deref_mut() {
-                    Some(p) if i == last => model.backward_hooked(w, g, fwd, targets, scale, &mut |g, layer| p.layer_done(g, layer)).0,
-                    _ => model.backward(w, g, fwd, targets, scale).0,
+                sums[0] += if i == last {
+                    model
+                        .backward_hooked(w, g, fwd, targets, scale, &mut |g, layer| {
+                            if let Some(p) = overlap.as_deref_mut() {
+                                p.layer_done(g, layer);
+                            }
+                            if let (1, Some((f, ticket))) = (layer, &mut moments) {
+                                reading = Some(f.prefetch(ticket));
+                            }
+                        })
+                        .0
+                } else {
+                    model.backward(w, g, fwd, targets, scale).0
                 };
             }
         })
         .map_err(comm_error)?;
+        if let Some((f, mut ticket)) = moments {
+            let read = reading.take().unwrap_or_else(|| f.prefetch(&mut ticket));
+            let _p = ultramoe_kernels::profile::scope("swap.wait");
+            let [m, v]: [Vec<f32>; 2] = f.finish(read).try_into().expect("two moment buffers");
+            let opt = self.zero.as_mut().map_or(&mut self.opt, |z| &mut z.opt);
+            (opt.m, opt.v) = (m, v);
+        }
         let x = self.model.take_exchange_totals();
         sums[2] = x.intra_node_bytes as f64;
         sums[3] = x.inter_node_bytes as f64;
@@ -674,6 +709,15 @@ impl Trainer {
         }
         let b = self.balancer.as_ref().expect("placement is on");
         Ok((moved, b.predicted_imbalance(&self.model.placements())))
+    }
+
+    /// Starts writing the optimizer moments to a new swap file (their memory is freed
+    /// once written).
+    fn moments_out(&mut self) -> Result<(SwapFile, SwapTicket)> {
+        let mut f = SwapFile::create(&self.model.swap_dir).map_err(|e| Error::field("swap_dir", format!("{}: {e}", self.model.swap_dir.display())))?;
+        let opt = self.zero.as_mut().map_or(&mut self.opt, |z| &mut z.opt);
+        let ticket = f.write(vec![std::mem::take(&mut opt.m), std::mem::take(&mut opt.v)]);
+        Ok((f, ticket))
     }
 
     /// Optimizer steps taken.

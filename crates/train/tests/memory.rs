@@ -19,6 +19,7 @@ static ALLOC: CountingAlloc = CountingAlloc;
 fn memory_accounting() {
     predicted_activations_are_exact_and_peaks_within_five_percent();
     recomputation_is_exact_and_saves_activations();
+    swapped_moments_change_nothing_and_are_predicted();
 }
 
 const CONFIGS: [&str; 3] = [
@@ -55,10 +56,15 @@ fn predicted_activations_are_exact_and_peaks_within_five_percent() {
             (16, 128, "swap"),
             (8, 64, "attention swap:1 full:0"),
             (16, 128, "ffn+norm+attention"),
+            (8, 64, "none+moments"),
+            (16, 128, "norm+swiglu+attention swap:0+moments"),
         ];
-        for (b, t, policy) in cases {
+        for (b, t, text) in cases {
+            // `+moments`: the optimizer moments go to the swap file too.
+            let (policy, swap_moments) = text.strip_suffix("+moments").map_or((text, false), |p| (p, true));
             model.policy = parse_policy(policy, layers).unwrap();
-            let arch = format!("{arch} [{policy}]");
+            model.swap_moments = swap_moments;
+            let arch = format!("{arch} [{text}]");
             let w = init_weights(&model.layout, 1);
             let ids: Vec<u32> = (0..b * t).map(|i| (i * 7 % 256) as u32).collect();
             let fwd = model.forward(&w, &ids, b, t);
@@ -66,7 +72,8 @@ fn predicted_activations_are_exact_and_peaks_within_five_percent() {
             assert_eq!(plan.activation_bytes, fwd.activation_bytes(), "{arch} {b}×{t}: saved activations");
             drop(fwd);
             let memory_policy = model.policy.clone();
-            let tc = TrainConfig { steps: 3, micro_batch: b, seq_len: t, data: DataSpec::Random, warmup: 1, memory_policy, ..TrainConfig::default() };
+            let tc =
+                TrainConfig { steps: 3, micro_batch: b, seq_len: t, data: DataSpec::Random, warmup: 1, memory_policy, swap_moments, ..TrainConfig::default() };
             let mut tr = Trainer::new(model.clone(), w, tc, 1e11).unwrap();
             let mut peak = 0;
             for _ in 0..3 {
@@ -134,5 +141,22 @@ fn recomputation_is_exact_and_saves_activations() {
                 }
             }
         }
+    }
+}
+
+/// Optimizer moments kept in a swap file during forward and backward: the same losses and
+/// weights, bit for bit, as keeping them, over several steps.
+fn swapped_moments_change_nothing_and_are_predicted() {
+    for cfg in CONFIGS {
+        let run = |swap_moments: bool| {
+            let model = Model::new(ModelConfig::from_json_str(cfg).unwrap());
+            let w = init_weights(&model.layout, 5);
+            let tc = TrainConfig { steps: 4, micro_batch: 4, seq_len: 32, grad_accum: 2, data: DataSpec::Random, warmup: 1, swap_moments, ..TrainConfig::default() };
+            let mut tr = Trainer::new(model, w, tc, 1e11).unwrap();
+            let losses: Vec<u32> = (0..4).map(|_| tr.train_step().unwrap().loss.to_bits()).collect();
+            assert_eq!(tr.opt.m.len(), tr.w.len(), "moments back after the step");
+            (losses, tr.w.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), tr.opt.v.iter().map(|x| x.to_bits()).collect::<Vec<_>>())
+        };
+        assert!(run(true) == run(false), "swapped moments changed the training");
     }
 }

@@ -88,17 +88,19 @@ struct Opts {
     skew: f32,
     /// memory policy (`ultramoe_model::policy` text)
     policy: &'static str,
+    /// optimizer moments in a swap file during forward and backward
+    swap_moments: bool,
 }
 
 impl Default for Opts {
     fn default() -> Self {
-        Opts { zero1: false, overlap: true, hierarchical: None, placement: None, skew: 0.0, policy: "none" }
+        Opts { zero1: false, overlap: true, hierarchical: None, placement: None, skew: 0.0, policy: "none", swap_moments: false }
     }
 }
 
 /// [`parallel_with`], with every layout option.
 fn parallel_opts(ranks: usize, ep: usize, steps: u64, stop: u64, resume: Option<&Path>, save: Option<&Path>, o: Opts) -> Run {
-    let Opts { zero1, overlap, hierarchical, placement, skew, policy } = o;
+    let Opts { zero1, overlap, hierarchical, placement, skew, policy, swap_moments } = o;
     let (every, redundant) = placement.unwrap_or((0, 0));
     let (resume, save) = (resume.map(Path::to_path_buf), save.map(Path::to_path_buf));
     let runs = local::run(ranks, Duration::from_secs(60), move |c| {
@@ -118,6 +120,7 @@ fn parallel_opts(ranks: usize, ep: usize, steps: u64, stop: u64, resume: Option<
                     redundant_experts: redundant,
                     routing_skew: skew,
                     memory_policy: ultramoe_model::policy::parse_policy(policy, model.layers.len()).unwrap(),
+                    swap_moments,
                     ..train_config(steps)
                 };
                 // A slow machine (peak 1 GFLOP/s) makes every balancing move worth its cost.
@@ -203,7 +206,11 @@ fn expert_and_data_parallel_runs_match_one_rank() {
     assert_close("4 ranks, EP 2 × DP 2", &parallel(4, 2, STEPS, STEPS, None, None), &reference);
     assert_close("2 ranks, DP 2", &parallel(2, 1, STEPS, STEPS, None, None), &reference);
     assert_close("4 ranks, EP 2 × DP 2, reduction after backward", &parallel_opts(4, 2, STEPS, STEPS, None, None, Opts { overlap: false, ..Opts::default() }), &reference);
-    assert_close("4 ranks, EP 2 × DP 2, ZeRO-1", &parallel_with(4, 2, STEPS, STEPS, None, None, true), &reference);
+    let zero = parallel_with(4, 2, STEPS, STEPS, None, None, true);
+    assert_close("4 ranks, EP 2 × DP 2, ZeRO-1", &zero, &reference);
+    // The moment shards through a swap file: the same bits.
+    let swapped = parallel_opts(4, 2, STEPS, STEPS, None, None, Opts { zero1: true, swap_moments: true, ..Opts::default() });
+    assert!(swapped.losses == zero.losses && swapped.weights == zero.weights, "ZeRO-1 with swapped moments differs");
     assert_close("2 ranks, DP 2, ZeRO-1", &parallel_with(2, 1, STEPS, STEPS, None, None, true), &reference);
     assert_close("3 ranks, DP 3, ZeRO-1 (uneven chunks)", &parallel_with(3, 1, STEPS, STEPS, None, None, true), &reference);
     let hier = Opts { hierarchical: Some(2), ..Opts::default() };

@@ -57,6 +57,7 @@ pub fn run(a: DemoArgs) -> CliResult {
         recompute: None,
         memory_policy: None,
         swap_dir: None,
+        swap_moments: false,
         redundant_experts: None,
         metrics: None,
         peak_gflops: None,

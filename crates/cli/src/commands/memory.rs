@@ -40,6 +40,9 @@ pub struct MemoryArgs {
     /// Directory for swap files (default: the system's temporary directory).
     #[arg(long)]
     pub swap_dir: Option<PathBuf>,
+    /// The optimizer moments wait in a swap file during forward and backward.
+    #[arg(long)]
+    pub swap_moments: bool,
     /// Print every owner (each layer's parts), not only the totals.
     #[arg(long)]
     pub detail: bool,
@@ -67,6 +70,7 @@ pub fn run(a: MemoryArgs) -> CliResult {
     if let Some(dir) = &a.swap_dir {
         model.swap_dir = dir.clone();
     }
+    model.swap_moments = a.swap_moments;
     let given = policy_from_args(a.memory_policy.as_deref(), a.recompute.as_deref(), model.layers.len())?;
     if let Some(p) = &given {
         model.policy = p.clone();
@@ -109,6 +113,7 @@ pub fn run(a: MemoryArgs) -> CliResult {
             warmup: 1,
             memory_policy: model.policy.clone(),
             swap_dir: Some(model.swap_dir.clone()),
+            swap_moments: model.swap_moments,
             ..TrainConfig::default()
         };
         let mut tr = Trainer::new(model, w, tc, 1e11).map_err(|e| e.to_string())?;
@@ -137,10 +142,11 @@ fn print_plan(p: &MemoryPlan, model: &Model, a: &MemoryArgs) {
         }
         println!();
     }
-    println!("weights + gradients + moments {:>10.1} MB", p.static_bytes as f64 / MB);
+    let what = if model.swap_moments { "weights + gradients          " } else { "weights + gradients + moments" };
+    println!("{what} {:>10.1} MB", p.static_bytes as f64 / MB);
     println!("saved activations in memory   {:>10.1} MB", p.activation_bytes as f64 / MB);
     if p.swapped_bytes > 0 {
-        println!("saved activations swapped     {:>10.1} MB (in {})", p.swapped_bytes as f64 / MB, model.swap_dir.display());
+        println!("in the swap file              {:>10.1} MB (in {})", p.swapped_bytes as f64 / MB, model.swap_dir.display());
     }
     println!("temporaries at the peak       {:>10.1} MB", p.transient_bytes as f64 / MB);
     println!("kernel workspaces (measured)  {:>10.1} MB", p.runtime_bytes as f64 / MB);

@@ -115,6 +115,10 @@ pub struct TrainArgs {
     /// Directory for swap files (default: the system's temporary directory).
     #[arg(long)]
     pub swap_dir: Option<PathBuf>,
+    /// Keep the optimizer moments in a swap file during each step's forward and backward
+    /// (written as the step starts, read back during the bottom layer's backward).
+    #[arg(long)]
+    pub swap_moments: bool,
     /// ZeRO-1: shard the optimizer moments over the ranks holding the same weights.
     #[arg(long)]
     pub zero1: bool,
@@ -205,6 +209,8 @@ pub fn make_trainer(a: &TrainArgs, mesh: Option<Mesh>) -> CliResult<Trainer> {
         tc.swap_dir = Some(dir.clone());
         model.swap_dir = dir.clone();
     }
+    tc.swap_moments |= a.swap_moments;
+    model.swap_moments = tc.swap_moments;
     if let Some(budget) = &a.memory_budget {
         let world = mesh.as_ref().map_or(1, |m| m.world.size());
         let rows = (tc.micro_batch / world.max(1)).max(1);
