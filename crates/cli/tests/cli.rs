@@ -271,10 +271,11 @@ fn memory_predicts_the_measured_peak_and_guards_the_budget() {
     expect_error(&["train", "--steps", "1", "--memory-policy", "swiglu+nrom", "--run-dir", run.to_str().unwrap()], &["--memory-policy", "unknown op `nrom`"]);
     expect_error(&["train", "--steps", "1", "--memory-policy", "swap:0", "--swap-dir", "/nonexistent/swap", "--run-dir", run.to_str().unwrap()], &["swap_dir", "/nonexistent/swap"]);
     // A policy with a swapped layer, predicted and then measured.
-    let out = bin().args(["memory", "--micro-batch", "8", "--seq-len", "64", "--memory-policy", "norm+swiglu+attention swap:0,1", "--measure", "--detail"]).output().unwrap();
+    let args = ["memory", "--micro-batch", "8", "--seq-len", "64", "--memory-policy", "norm+swiglu+attention swap:0,1", "--swap-moments", "--measure", "--detail"];
+    let out = bin().args(args).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(text.contains("layer 1 in the swap file") && text.contains("in the swap file "), "{text}");
+    assert!(text.contains("layer 1 in the swap file") && text.contains("optimizer moments in the swap file"), "{text}");
     assert!(text.contains("measured peak"), "{text}");
     // A budget the plain step exceeds: a policy is chosen to fit, and training runs.
     let fit = tmp("budget-fit");

@@ -325,6 +325,12 @@ impl Model {
         let n = b * t;
         let forward: Vec<f64> = (0..self.layers.len()).map(|i| self.layer_forward_seconds(i, b, t, rates)).collect();
         let mut cost = 0.0;
+        if let (true, Some(s)) = (self.swap_moments, &rates.swap) {
+            // AdamW's two moments: the write hides behind the first layer's forward, the
+            // read behind the bottom layer's backward (≈ twice its forward).
+            let bottom = forward.first().copied().unwrap_or(0.0);
+            cost += s.exposed_seconds(4.0 * 2.0 * self.layout.total as f64, bottom);
+        }
         for (i, p) in policy.iter().enumerate().take(self.layers.len()) {
             let l = &self.layers[i];
             if p.full {
@@ -366,20 +372,11 @@ impl Model {
             }
             if p.swap {
                 // Writes run behind the next layer's forward, reads (prefetched) behind
-                // the backward of the layer above (≈ twice its forward); the top layer
-                // hides neither. The transfers' CPU time (staging copies, kernel I/O) is
-                // taken from the compute, and slows it half as much again through the
-                // memory bandwidth it shares (measured here: swapping 55 MB a step cost
-                // 36 ms beyond the 19 ms of exposed waits, where the transfers' CPU time
-                // was 27 ms).
+                // the backward of the layer above; the top layer hides neither.
                 let bytes = self.layer_bytes(i, b, t, p).swapped as f64;
                 let above = forward.get(i + 1).copied().unwrap_or(0.0);
                 // (without a usable swap directory the op is never chosen; priced high)
-                let Some(s) = &rates.swap else {
-                    cost += 1e9;
-                    continue;
-                };
-                cost += (bytes / s.write - above).max(0.0) + (bytes / s.read - 2.0 * above).max(0.0) + 1.5 * 2.0 * bytes * s.cpu_per_byte;
+                cost += rates.swap.map_or(1e9, |s| s.exposed_seconds(bytes, above));
             }
         }
         cost
@@ -449,79 +446,99 @@ impl Model {
     /// The cheapest policy (by [`Model::policy_cost`]) under which a step over `b × t`
     /// tokens fits `budget` bytes, starting from the current one: greedily the change
     /// with the largest peak reduction per second of cost (the kept activations when no
-    /// change lowers the peak), then every chosen change that is not needed dropped again,
-    /// dearest first. `Err` with the most frugal policy tried when nothing fits.
+    /// change lowers the peak) — an op on a layer, or the optimizer moments to the swap
+    /// file ([`Model::swap_moments`], set here) — then every chosen change that is not
+    /// needed dropped again, dearest first. `Err` with the most frugal policy tried when
+    /// nothing fits.
     pub fn choose_policy(&mut self, b: usize, t: usize, moments: usize, runtime: usize, budget: usize, rates: &CostRates) -> Result<Vec<LayerPolicy>, Vec<LayerPolicy>> {
         let layers = self.layers.len();
         self.policy.resize(layers, LayerPolicy::default());
-        let measure = |m: &mut Model, p: &[LayerPolicy]| {
-            let saved = std::mem::replace(&mut m.policy, p.to_vec());
+        // (peak, kept activations, cost) of a candidate: layer policies and moments.
+        let eval = |m: &mut Model, p: &[LayerPolicy], swap_moments: bool| {
+            let saved = (std::mem::replace(&mut m.policy, p.to_vec()), std::mem::replace(&mut m.swap_moments, swap_moments));
             let plan = m.memory_plan(b, t, moments, runtime);
-            m.policy = saved;
-            (plan.peak_bytes, plan.activation_bytes)
+            let cost = m.policy_cost(b, t, p, rates);
+            (m.policy, m.swap_moments) = saved;
+            (plan.peak_bytes, plan.activation_bytes, cost)
         };
-        let mut chosen = self.policy.clone();
+        let asked_moments = self.swap_moments;
+        let mut chosen = (self.policy.clone(), self.swap_moments);
         loop {
-            let (peak, act) = measure(self, &chosen);
+            let (peak, act, cost) = eval(self, &chosen.0, chosen.1);
             if peak <= budget {
                 break;
             }
-            let cost = self.policy_cost(b, t, &chosen, rates);
-            let mut best: Option<(bool, f64, Vec<LayerPolicy>)> = None;
+            let mut trials: Vec<(Vec<LayerPolicy>, bool)> = vec![];
+            if !chosen.1 && rates.swap.is_some() {
+                trials.push((chosen.0.clone(), true));
+            }
             for l in 0..layers {
                 for op in MemoryOp::ALL {
                     // A layer recomputed whole can still leave out its probabilities.
-                    if (chosen[l].full && op != MemoryOp::Attention) || chosen[l].has(op) || (op == MemoryOp::Swap && rates.swap.is_none()) {
+                    let p = chosen.0[l];
+                    if (p.full && op != MemoryOp::Attention) || p.has(op) || (op == MemoryOp::Swap && rates.swap.is_none()) {
                         continue;
                     }
-                    let mut trial = chosen.clone();
+                    let mut trial = chosen.0.clone();
                     if op == MemoryOp::Full {
-                        trial[l] = LayerPolicy { full: true, attention: chosen[l].attention, ..Default::default() };
+                        trial[l] = LayerPolicy { full: true, attention: p.attention, ..Default::default() };
                     } else {
                         trial[l].set(op);
                     }
-                    let (tp, ta) = measure(self, &trial);
-                    let by_peak = tp < peak;
-                    let gain = if by_peak { peak - tp } else { act.saturating_sub(ta) };
-                    if gain == 0 {
-                        continue;
-                    }
-                    let extra = (self.policy_cost(b, t, &trial, rates) - cost).max(1e-9);
-                    let score = gain as f64 / extra;
-                    if best.as_ref().is_none_or(|(bp, bs, _)| (by_peak, score) > (*bp, *bs)) {
-                        best = Some((by_peak, score, trial));
-                    }
+                    trials.push((trial, chosen.1));
+                }
+            }
+            let mut best: Option<(bool, f64, (Vec<LayerPolicy>, bool))> = None;
+            for trial in trials {
+                let (tp, ta, tc) = eval(self, &trial.0, trial.1);
+                let by_peak = tp < peak;
+                let gain = if by_peak { peak - tp } else { act.saturating_sub(ta) };
+                if gain == 0 {
+                    continue;
+                }
+                let score = gain as f64 / (tc - cost).max(1e-9);
+                if best.as_ref().is_none_or(|(bp, bs, _)| (by_peak, score) > (*bp, *bs)) {
+                    best = Some((by_peak, score, trial));
                 }
             }
             match best {
                 Some((_, _, next)) => chosen = next,
-                None => return Err(chosen),
+                None => {
+                    self.swap_moments = chosen.1;
+                    return Err(chosen.0);
+                }
             }
         }
-        // Drop what is not needed, dearest first.
-        let mut ops: Vec<(usize, MemoryOp)> =
-            (0..layers).flat_map(|l| MemoryOp::ALL.into_iter().map(move |op| (l, op))).filter(|&(l, op)| chosen[l].has(op)).collect();
-        let single = |l: usize, op: MemoryOp| {
+        // Drop what is not needed, dearest first (moments the caller asked for stay).
+        let alone = |m: &mut Model, l: usize, op: MemoryOp| {
             let mut p = vec![LayerPolicy::default(); layers];
             p[l].set(op);
-            p
+            eval(m, &p, false).2
         };
-        ops.sort_by(|a, c| self.policy_cost(b, t, &single(c.0, c.1), rates).total_cmp(&self.policy_cost(b, t, &single(a.0, a.1), rates)));
-        for (l, op) in ops {
+        let mut ops: Vec<(f64, Option<(usize, MemoryOp)>)> = vec![];
+        for l in 0..layers {
+            for op in MemoryOp::ALL.into_iter().filter(|&op| chosen.0[l].has(op)) {
+                ops.push((alone(self, l, op), Some((l, op))));
+            }
+        }
+        if chosen.1 && !asked_moments {
+            let p = vec![LayerPolicy::default(); layers];
+            ops.push((eval(self, &p, true).2, None));
+        }
+        ops.sort_by(|a, c| c.0.total_cmp(&a.0));
+        for (_, op) in ops {
             let mut trial = chosen.clone();
-            trial[l] = match op {
-                MemoryOp::Full => LayerPolicy::default(),
-                _ => {
-                    let mut p = trial[l];
-                    p.set_to(op, false);
-                    p
-                }
-            };
-            if measure(self, &trial).0 <= budget {
+            match op {
+                Some((l, MemoryOp::Full)) => trial.0[l] = LayerPolicy::default(),
+                Some((l, op)) => trial.0[l].set_to(op, false),
+                None => trial.1 = false,
+            }
+            if eval(self, &trial.0, trial.1).0 <= budget {
                 chosen = trial;
             }
         }
-        Ok(chosen)
+        self.swap_moments = chosen.1;
+        Ok(chosen.0)
     }
 }
 

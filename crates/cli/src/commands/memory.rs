@@ -85,10 +85,11 @@ pub fn run(a: MemoryArgs) -> CliResult {
         if given.is_none() {
             model.policy = model.choose_policy(b, t, 2, runtime, budget, &r).unwrap_or_else(|most| most);
         }
-        let chosen = model.policy.clone();
+        let chosen = (model.policy.clone(), model.swap_moments);
         model.set_recompute_layers(&[]);
+        model.swap_moments = false;
         let plain = largest(&model, budget);
-        model.policy = chosen;
+        (model.policy, model.swap_moments) = chosen;
         let fits = |r: Option<usize>| r.map_or("none".to_string(), |r| r.to_string());
         println!(
             "budget {:.1} MB: largest micro-batch keeping everything {}, with this policy {}",
@@ -132,7 +133,8 @@ pub fn run(a: MemoryArgs) -> CliResult {
 }
 
 fn print_plan(p: &MemoryPlan, model: &Model, a: &MemoryArgs) {
-    println!("training step, micro-batch {} × {} tokens, f32, AdamW, memory policy `{}`", a.micro_batch, a.seq_len, describe_policy(&model.policy));
+    let moments = if model.swap_moments { ", optimizer moments swapped" } else { "" };
+    println!("training step, micro-batch {} × {} tokens, f32, AdamW, memory policy `{}`{moments}", a.micro_batch, a.seq_len, describe_policy(&model.policy));
     if a.detail {
         for (owner, bytes) in &p.items {
             println!("  {owner:<55} {:>10.2} MB", *bytes as f64 / MB);

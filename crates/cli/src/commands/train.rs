@@ -224,12 +224,14 @@ pub fn make_trainer(a: &TrainArgs, mesh: Option<Mesh>) -> CliResult<Trainer> {
             // which names what does not fit.
             let chosen = model.choose_policy(rows, tc.seq_len, 2, runtime, budget, &rates);
             if let (true, Ok(p)) = (lead, &chosen) {
-                if p.iter().any(|p| !p.keeps_all()) {
+                if p.iter().any(|p| !p.keeps_all()) || (model.swap_moments && !tc.swap_moments) {
                     let cost = model.policy_cost(rows, tc.seq_len, p, &rates);
-                    eprintln!("--memory-budget: memory policy `{}` to fit (estimated cost {:.1} ms a micro-batch)", describe_policy(p), 1e3 * cost);
+                    let moments = if model.swap_moments { ", optimizer moments swapped" } else { "" };
+                    eprintln!("--memory-budget: memory policy `{}`{moments} to fit (estimated cost {:.1} ms a micro-batch)", describe_policy(p), 1e3 * cost);
                 }
             }
             tc.memory_policy = chosen.unwrap_or_else(|most| most);
+            tc.swap_moments = model.swap_moments;
         }
         model.policy = tc.memory_policy.clone();
         check_budget(&model, budget, rows, world, tc.seq_len, runtime)?;
