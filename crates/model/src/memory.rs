@@ -84,10 +84,9 @@ struct LayerBytes {
     swapped: usize,
     /// the whole set, as the layer's forward makes it
     whole: usize,
-    /// held during the FFN's backward, with its temporaries
-    ffn_phase: usize,
-    /// held during the attention's backward (the FFN's set dropped), with its temporaries
-    attention_phase: usize,
+    /// held during its backward: the larger of the FFN's phase and the attention's (the
+    /// FFN's set dropped), each with its temporaries
+    backward: usize,
 }
 
 impl LayerBytes {
@@ -229,10 +228,10 @@ impl Model {
             let attention_phase = norms.whole - xn + attn.whole - probs;
             (4 * ffn_phase, 4 * attention_phase)
         };
-        let (ffn_phase, attention_phase) = (ffn_phase + 4 * ffn_tmp, attention_phase + 4 * attn_tmp);
+        let backward = (ffn_phase + 4 * ffn_tmp).max(attention_phase + 4 * attn_tmp);
         if p.full {
             let kept = vec![(format!("layer {i} input (recomputed in backward)"), 4 * n * l.hidden)];
-            return LayerBytes { kept, swapped: 0, whole, ffn_phase, attention_phase };
+            return LayerBytes { kept, swapped: 0, whole, backward };
         }
         let tag = if p.keeps_all() { String::new() } else { format!(" [{}]", p.describe()) };
         let parts = [("norms and residuals", &norms), ("attention", &attn), (kind, &ffn)];
@@ -243,10 +242,10 @@ impl Model {
                 .filter(|(_, blk)| blk.unswappable(p) > 0)
                 .map(|(name, blk)| (format!("layer {i} {name} routing{tag}"), 4 * blk.unswappable(p)))
                 .collect();
-            return LayerBytes { kept, swapped, whole, ffn_phase, attention_phase };
+            return LayerBytes { kept, swapped, whole, backward };
         }
         let kept = parts.iter().map(|(name, blk)| (format!("layer {i} {name}{tag}"), 4 * blk.kept(p))).collect();
-        LayerBytes { kept, swapped: 0, whole, ffn_phase, attention_phase }
+        LayerBytes { kept, swapped: 0, whole, backward }
     }
 
     /// Predicts the memory of a training step over a micro-batch of `b × t` tokens with
@@ -283,7 +282,7 @@ impl Model {
             let neighbour = if i > 0 { layers[i - 1].swapped } else { 0 };
             let (moments_in_fwd, moments_in_bwd) = if i == 0 { (out_fwd, out_bwd) } else { (0, 0) };
             let forward = below + l.whole + neighbour + moments_in_fwd;
-            let backward = below + neighbour + l.ffn_phase.max(l.attention_phase) + 4 * 2 * n * h + head_kept + moments_in_bwd;
+            let backward = below + neighbour + l.backward + 4 * 2 * n * h + head_kept + moments_in_bwd;
             dynamic = dynamic.max(forward).max(backward);
             below += l.kept_total();
         }
@@ -317,6 +316,12 @@ impl Model {
             runtime_bytes: runtime,
             peak_bytes: static_bytes + dynamic + staging + runtime,
         }
+    }
+
+    /// The largest micro-batch of `t`-token rows, up to `limit`, whose step fits `budget`
+    /// bytes under the current policy (`None`: not even one row).
+    pub fn largest_micro_batch(&self, t: usize, moments: usize, runtime: usize, budget: usize, limit: usize) -> Option<usize> {
+        (1..=limit).take_while(|&b| self.memory_plan(b, t, moments, runtime).peak_bytes <= budget).last()
     }
 
     /// Estimated extra seconds per step of running `b × t` tokens under `policy` rather

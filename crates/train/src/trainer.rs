@@ -560,7 +560,7 @@ impl Trainer {
             let read = reading.take().unwrap_or_else(|| f.prefetch(&mut ticket));
             let _p = ultramoe_kernels::profile::scope("swap.wait");
             let [m, v]: [Vec<f32>; 2] = f.finish(read).try_into().expect("two moment buffers");
-            let opt = self.zero.as_mut().map_or(&mut self.opt, |z| &mut z.opt);
+            let opt = self.stepping_optimizer();
             (opt.m, opt.v) = (m, v);
         }
         let x = self.model.take_exchange_totals();
@@ -715,9 +715,14 @@ impl Trainer {
     /// once written).
     fn moments_out(&mut self) -> Result<(SwapFile, SwapTicket)> {
         let mut f = SwapFile::create(&self.model.swap_dir).map_err(|e| Error::field("swap_dir", format!("{}: {e}", self.model.swap_dir.display())))?;
-        let opt = self.zero.as_mut().map_or(&mut self.opt, |z| &mut z.opt);
+        let opt = self.stepping_optimizer();
         let ticket = f.write(vec![std::mem::take(&mut opt.m), std::mem::take(&mut opt.v)]);
         Ok((f, ticket))
+    }
+
+    /// The AdamW that steps this rank's parameters: ZeRO-1's shard, or the whole one.
+    fn stepping_optimizer(&mut self) -> &mut AdamW {
+        self.zero.as_mut().map_or(&mut self.opt, |z| &mut z.opt)
     }
 
     /// Optimizer steps taken.

@@ -77,7 +77,7 @@ pub fn run(a: MemoryArgs) -> CliResult {
     }
     let runtime = runtime_bytes(&model);
     let (b, t) = (a.micro_batch, a.seq_len);
-    let largest = |m: &Model, budget: usize| (1..=4096).take_while(|&r| m.memory_plan(r, t, 2, runtime).peak_bytes <= budget).last();
+    let largest = |m: &Model, budget: usize| m.largest_micro_batch(t, 2, runtime, budget, 4096);
     let mut rates = None;
     if let Some(budget) = &a.memory_budget {
         let budget = parse_bytes(budget)?;

@@ -391,7 +391,7 @@ fn check_budget(model: &Model, budget: usize, rows: usize, world: usize, seq_len
     let mut owners = plan.items.clone();
     owners.sort_by(|a, b| b.1.cmp(&a.1));
     let top: Vec<String> = owners.iter().take(3).map(|(o, b)| format!("{o} {:.1} MB", *b as f64 / 1e6)).collect();
-    let fits = (1..rows).rev().find(|&r| model.memory_plan(r, seq_len, 2, runtime).peak_bytes <= budget);
+    let fits = model.largest_micro_batch(seq_len, 2, runtime, budget, rows - 1);
     let advice = match fits {
         Some(r) => format!("with memory policy `{}` the largest micro-batch that fits is {} rows", describe_policy(&model.policy), r * world),
         None if plan.static_bytes > budget => "weights, gradients and moments alone exceed it".to_string(),
