@@ -262,9 +262,19 @@ fn memory_predicts_the_measured_peak_and_guards_the_budget() {
         .unwrap_or_else(|| panic!("no measured peak in {text}"));
     assert!(pct.abs() <= 5.0, "prediction off by {pct}%: {text}");
     let run = tmp("budget");
+    // Whether a budget fits can depend on the swap directory (a disk can take every
+    // layer's activations): here swapping is ruled out by a directory that cannot hold a
+    // swap file, so the outcome is the same on tmpfs and on a disk.
+    let no_swap = run.join("not-a-directory");
+    std::fs::write(&no_swap, b"").unwrap();
     expect_error(
-        &["train", "--steps", "1", "--micro-batch", "64", "--memory-budget", "150MB", "--no-progress", "--run-dir", run.to_str().unwrap()],
+        &["train", "--steps", "1", "--micro-batch", "64", "--memory-budget", "150MB", "--no-progress", "--swap-dir", no_swap.to_str().unwrap(), "--run-dir", run.to_str().unwrap()],
         &["--memory-budget", "150.0 MB", "largest micro-batch that fits"],
+    );
+    // A budget below the weights, gradients and moments: nothing fits, swap or not.
+    expect_error(
+        &["train", "--steps", "1", "--micro-batch", "64", "--memory-budget", "1MB", "--no-progress", "--run-dir", run.to_str().unwrap()],
+        &["--memory-budget", "1.0 MB", "alone exceed it"],
     );
     expect_error(&["train", "--steps", "1", "--memory-budget", "lots", "--run-dir", run.to_str().unwrap()], &["--memory-budget", "lots"]);
     expect_error(&["train", "--steps", "1", "--recompute", "9", "--run-dir", run.to_str().unwrap()], &["--recompute", "layer 9"]);

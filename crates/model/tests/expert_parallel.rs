@@ -23,6 +23,14 @@ fn config(model_type: &str) -> ModelConfig {
     ModelConfig::from_json_str(&json).unwrap()
 }
 
+/// Logits may differ from one rank's by this fraction of the largest logit. The ranks
+/// multiply other row counts than one rank does (at EP 4 a rank may send an expert a
+/// single row), and the gemm crate's kernels for those shapes round differently on some
+/// CPUs (measured on an AVX2-only EPYC: 4 of 40 tokens off by 2.4e-5 of the largest
+/// logit, the rest bitwise equal); the ×20 weights amplify one rounding through three
+/// layers. A routing or dispatch error moves logits by a large fraction of their size.
+const LOGIT_TOLERANCE: f32 = 1e-4;
+
 /// Logits and named gradients of one rank's share.
 struct Share {
     logits: Vec<f32>,
@@ -73,7 +81,7 @@ fn check_chunks(model_type: &'static str, p: usize, chunks: usize) {
     let logits: Vec<f32> = shares.iter().flat_map(|s| s.logits.clone()).collect();
     let scale = single.logits.iter().fold(0f32, |m, x| m.max(x.abs()));
     for (a, b) in logits.iter().zip(&single.logits) {
-        assert!((a - b).abs() <= 1e-5 * scale, "{model_type} EP{p}: logit {a} vs {b}");
+        assert!((a - b).abs() <= LOGIT_TOLERANCE * scale, "{model_type} EP{p}: logit {a} vs {b}");
     }
     let mut seen = 0;
     for (name, g1) in &single.grads {
@@ -196,7 +204,7 @@ fn hierarchical_all_to_all_matches_flat_and_crosses_nodes_once_per_token() {
         let logits: Vec<f32> = out.iter().flat_map(|(s, _)| s.logits.clone()).collect();
         let scale = single.logits.iter().fold(0f32, |m, x| m.max(x.abs()));
         for (a, b) in logits.iter().zip(&single.logits) {
-            assert!((a - b).abs() <= 1e-5 * scale, "hierarchical, {chunks} chunks: logit {a} vs {b}");
+            assert!((a - b).abs() <= LOGIT_TOLERANCE * scale, "hierarchical, {chunks} chunks: logit {a} vs {b}");
         }
         for (name, g1) in &single.grads {
             let gscale = g1.iter().fold(1e-6f32, |m, x| m.max(x.abs()));
