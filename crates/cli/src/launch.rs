@@ -87,6 +87,11 @@ pub fn mpi_world_size() -> Option<usize> {
     ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE"].iter().find_map(|v| std::env::var(v).ok()?.parse().ok())
 }
 
+/// This process's rank in the MPI job, if it was started by `mpirun`.
+pub fn mpi_world_rank() -> Option<usize> {
+    ["OMPI_COMM_WORLD_RANK", "PMI_RANK"].iter().find_map(|v| std::env::var(v).ok()?.parse().ok())
+}
+
 /// Ranks MPI started on this process's host (OpenMPI's local size), when known.
 #[cfg(feature = "mpi")]
 fn local_ranks() -> Option<usize> {
@@ -96,7 +101,15 @@ fn local_ranks() -> Option<usize> {
 /// Runs `f` on every rank (or once, with no mesh, for a single rank) and returns rank
 /// 0's result.
 pub fn launch<T: Send + 'static>(p: &ParallelArgs, f: impl Fn(Option<Mesh>) -> CliResult<T> + Send + Sync + 'static) -> CliResult<T> {
-    let timeout = Duration::from_secs(p.comm_timeout.max(1));
+    for (flag, v) in [("--ranks", Some(p.ranks)), ("--overlap-chunks", Some(p.overlap_chunks)), ("--ranks-per-node", p.ranks_per_node), ("--ep", p.ep), ("--dp", p.dp)] {
+        if v == Some(0) {
+            return Err(format!("{flag}: must be at least 1, found 0"));
+        }
+    }
+    if p.comm_timeout == 0 {
+        return Err("--comm-timeout: must be at least 1 second, found 0".into());
+    }
+    let timeout = Duration::from_secs(p.comm_timeout);
     if let Some(n) = mpi_world_size() {
         if p.ranks > 1 {
             return Err("--ranks runs ranks as threads; under mpirun the ranks are MPI's processes (drop --ranks)".into());

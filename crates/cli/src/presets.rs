@@ -33,5 +33,6 @@ pub fn math_train_config() -> TrainConfig {
         memory_policy: vec![],
         swap_dir: None,
         swap_moments: false,
+        max_nonfinite_steps: 3,
     }
 }

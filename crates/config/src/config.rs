@@ -151,25 +151,50 @@ fn get<'a>(v: &'a Value, key: &str) -> Option<&'a Value> {
     v.get(key).filter(|x| !x.is_null())
 }
 
+/// The largest value a size field may take. Sizes are multiplied together when
+/// parameters and activations are laid out: with every field at most `2^24`
+/// (and the counts below), no product overflows, and what does not fit in memory is
+/// caught by the memory checks with a number rather than by an allocation failure.
+const MAX_SIZE: u64 = 1 << 24;
+
+/// Fields that count things rather than measure widths, with their own limits (far above
+/// any published model: DeepSeek-V3 has 61 layers and 256 experts).
+fn limit(key: &str) -> u64 {
+    match key {
+        "num_hidden_layers" | "num_attention_heads" | "num_key_value_heads" | "n_shared_experts" => 4096,
+        "n_routed_experts" | "num_experts" | "num_local_experts" | "num_experts_per_tok" | "n_group" | "topk_group" => 65536,
+        "max_position_embeddings" => 1 << 31,
+        _ => MAX_SIZE,
+    }
+}
+
+fn bounded(key: &str, x: &Value) -> Result<usize> {
+    let n = x.as_u64().ok_or_else(|| Error::field(key, format!("must be a non-negative integer, found {x}")))?;
+    if n > limit(key) {
+        return Err(Error::field(key, format!("{n} exceeds the supported maximum {}", limit(key))));
+    }
+    Ok(n as usize)
+}
+
 fn req_usize(v: &Value, key: &str) -> Result<usize> {
     let x = get(v, key).ok_or_else(|| Error::field(key, "missing (required for this model type)"))?;
-    x.as_u64().map(|n| n as usize).ok_or_else(|| Error::field(key, format!("must be a non-negative integer, found {x}")))
+    bounded(key, x)
 }
 
 fn opt_usize(v: &Value, key: &str) -> Result<Option<usize>> {
     match get(v, key) {
         None => Ok(None),
-        Some(x) => x
-            .as_u64()
-            .map(|n| Some(n as usize))
-            .ok_or_else(|| Error::field(key, format!("must be a non-negative integer, found {x}"))),
+        Some(x) => bounded(key, x).map(Some),
     }
 }
 
 fn opt_f64(v: &Value, key: &str) -> Result<Option<f64>> {
     match get(v, key) {
         None => Ok(None),
-        Some(x) => x.as_f64().map(Some).ok_or_else(|| Error::field(key, format!("must be a number, found {x}"))),
+        Some(x) => match x.as_f64() {
+            Some(f) if f.is_finite() => Ok(Some(f)),
+            _ => Err(Error::field(key, format!("must be a finite number, found {x}"))),
+        },
     }
 }
 
@@ -340,6 +365,40 @@ impl ModelConfig {
     }
 
     fn validate(&self) -> Result<()> {
+        let positive = |f: &str, x: f64| {
+            if x.is_finite() && x > 0.0 {
+                Ok(())
+            } else {
+                Err(Error::field(f, format!("must be a finite positive number, found {x}")))
+            }
+        };
+        positive("rms_norm_eps", self.rms_norm_eps as f64)?;
+        positive("rope_theta", self.rope_theta)?;
+        positive("routed_scaling_factor", self.moe.routed_scaling_factor as f64)?;
+        if !(self.initializer_range.is_finite() && self.initializer_range >= 0.0) {
+            return Err(Error::field("initializer_range", format!("must be a finite non-negative number, found {}", self.initializer_range)));
+        }
+        match &self.rope_scaling {
+            RopeScaling::Default => {}
+            RopeScaling::Linear { factor } => positive("rope_parameters.factor", *factor)?,
+            RopeScaling::Yarn { factor, beta_fast, beta_slow, original_max_position, attention_factor, .. } => {
+                positive("rope_parameters.factor", *factor)?;
+                positive("rope_parameters.beta_fast", *beta_fast)?;
+                positive("rope_parameters.beta_slow", *beta_slow)?;
+                positive("rope_parameters.original_max_position_embeddings", *original_max_position)?;
+                if let Some(a) = attention_factor {
+                    positive("rope_parameters.attention_factor", *a)?;
+                }
+            }
+        }
+        // Expert matrices are laid out one by one: bound how many there are in all.
+        let expert_layers = self.moe_layers.iter().filter(|&&m| m).count();
+        if expert_layers * (self.moe.n_experts + self.moe.n_shared) > 1 << 22 {
+            return Err(Error::field(
+                "n_routed_experts",
+                format!("{} experts in each of {expert_layers} MoE layers exceed the supported 4,194,304 expert matrices", self.moe.n_experts),
+            ));
+        }
         let pos = |f: &str, x: usize| if x == 0 { Err(Error::field(f, "must be positive")) } else { Ok(()) };
         pos("hidden_size", self.hidden)?;
         pos("num_hidden_layers", self.n_layers)?;

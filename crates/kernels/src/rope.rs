@@ -72,7 +72,13 @@ pub fn yarn_inv_freq(dim: usize, theta: f64, y: &Yarn) -> Vec<f64> {
         .collect()
 }
 
-/// Precomputed `cos`/`sin` tables `[max_pos, dim/2]`, attention factor included.
+/// Positions whose `cos`/`sin` are tabulated up front; later ones (up to `max_pos`) are
+/// formed when a row needs them, with the same formula and so the same bits. A model
+/// whose config allows millions of positions does not allocate for all of them.
+pub const TABULATED_POSITIONS: usize = 8192;
+
+/// `cos`/`sin` tables `[min(max_pos, TABULATED_POSITIONS), dim/2]`, attention factor
+/// included.
 #[derive(Clone, Debug)]
 pub struct RopeTable {
     /// rotary dimensions per head
@@ -81,24 +87,32 @@ pub struct RopeTable {
     pub max_pos: usize,
     /// pairing of rotary coordinates
     pub layout: RopeLayout,
+    inv_freq: Vec<f64>,
+    attention_factor: f64,
     cos: Vec<f32>,
     sin: Vec<f32>,
+}
+
+/// `cos(p·fᵢ)·a` and `sin(p·fᵢ)·a` for every frequency `fᵢ`, angles formed in f64.
+fn angles(p: usize, inv_freq: &[f64], a: f64, cos: &mut [f32], sin: &mut [f32]) {
+    for (i, f) in inv_freq.iter().enumerate() {
+        let ang = p as f64 * f;
+        cos[i] = (ang.cos() * a) as f32;
+        sin[i] = (ang.sin() * a) as f32;
+    }
 }
 
 impl RopeTable {
     /// Builds the tables from inverse frequencies; angles are formed in f64.
     pub fn new(inv_freq: &[f64], max_pos: usize, attention_factor: f64, layout: RopeLayout) -> Self {
         let half = inv_freq.len();
-        let mut cos = vec![0.0; max_pos * half];
-        let mut sin = vec![0.0; max_pos * half];
-        for p in 0..max_pos {
-            for (i, f) in inv_freq.iter().enumerate() {
-                let ang = p as f64 * f;
-                cos[p * half + i] = (ang.cos() * attention_factor) as f32;
-                sin[p * half + i] = (ang.sin() * attention_factor) as f32;
-            }
+        let rows = max_pos.min(TABULATED_POSITIONS);
+        let mut cos = vec![0.0; rows * half];
+        let mut sin = vec![0.0; rows * half];
+        for p in 0..rows {
+            angles(p, inv_freq, attention_factor, &mut cos[p * half..(p + 1) * half], &mut sin[p * half..(p + 1) * half]);
         }
-        RopeTable { dim: 2 * half, max_pos, layout, cos, sin }
+        RopeTable { dim: 2 * half, max_pos, layout, inv_freq: inv_freq.to_vec(), attention_factor, cos, sin }
     }
 
     fn pair(&self, i: usize) -> (usize, usize) {
@@ -126,10 +140,18 @@ impl RopeTable {
         assert!(seq_len <= self.max_pos, "sequence length {seq_len} exceeds RoPE table ({})", self.max_pos);
         let half = self.dim / 2;
         let sign = if inverse { -1.0 } else { 1.0 };
+        let tabulated = self.cos.len() / half.max(1);
         x.par_chunks_mut(row_len).enumerate().for_each(|(r, row)| {
             let p = r % seq_len;
-            let cos = &self.cos[p * half..(p + 1) * half];
-            let sin = &self.sin[p * half..(p + 1) * half];
+            let mut formed;
+            let (cos, sin) = if p < tabulated {
+                (&self.cos[p * half..(p + 1) * half], &self.sin[p * half..(p + 1) * half])
+            } else {
+                formed = vec![0.0f32; 2 * half];
+                let (c, s) = formed.split_at_mut(half);
+                angles(p, &self.inv_freq, self.attention_factor, c, s);
+                (&*c, &*s)
+            };
             for h in 0..heads {
                 let base = h * head_stride + offset;
                 for i in 0..half {
@@ -165,6 +187,31 @@ mod tests {
             let mut gt = g.clone();
             t.apply(&mut gt, 12, 5, 2, 6, 2, true);
             assert!((dot64(&y, &g) - dot64(&x, &gt)).abs() < 1e-4);
+        }
+    }
+
+    #[test]
+    fn positions_past_the_table_rotate_as_tabulated_ones() {
+        // Rows at positions T-2, T-1 (tabulated) and T, T+1 (formed on demand), against
+        // the rotation written out from its definition.
+        let (inv, a) = (default_inv_freq(4, 10000.0), 1.25);
+        let t = RopeTable::new(&inv, 1 << 30, a, RopeLayout::Half);
+        assert_eq!(t.cos.len(), TABULATED_POSITIONS * 2, "only the prefix is tabulated");
+        let seq = TABULATED_POSITIONS + 2;
+        let mut x = vec![0.0f32; seq * 4];
+        for p in [seq - 4, seq - 3, seq - 2, seq - 1] {
+            x[p * 4..p * 4 + 4].copy_from_slice(&[0.3, -0.7, 1.1, 0.5]);
+        }
+        let orig = x.clone();
+        t.apply(&mut x, 4, seq, 1, 4, 0, false);
+        for p in [seq - 4, seq - 3, seq - 2, seq - 1] {
+            for i in 0..2 {
+                let ang = p as f64 * inv[i];
+                let (c, s) = ((ang.cos() * a) as f32, (ang.sin() * a) as f32);
+                let (xa, xb) = (orig[p * 4 + i], orig[p * 4 + i + 2]);
+                assert_eq!(x[p * 4 + i].to_bits(), (xa * c - xb * s).to_bits(), "position {p}");
+                assert_eq!(x[p * 4 + i + 2].to_bits(), (xb * c + xa * s).to_bits(), "position {p}");
+            }
         }
     }
 

@@ -119,7 +119,17 @@ pub fn checkpoint_files(path: &Path) -> Result<Vec<PathBuf>> {
             .get("weight_map")
             .and_then(|m| m.as_object())
             .ok_or_else(|| Error::field("weight_map", "missing or not an object").in_file(&index))?;
-        let mut files: Vec<String> = map.values().filter_map(|f| f.as_str().map(String::from)).collect();
+        let mut files: Vec<String> = vec![];
+        for (tensor, f) in map {
+            let f = f.as_str().ok_or_else(|| Error::field(tensor, format!("shard must be a file name, found {f}")).in_file(&index))?;
+            // Shards live in the model directory: a name that climbs out of it, or an
+            // absolute path, is refused rather than read.
+            let plain = Path::new(f).components().all(|c| matches!(c, std::path::Component::Normal(_)));
+            if !plain || f.is_empty() {
+                return Err(Error::field(tensor, format!("shard `{f}` is outside the model directory")).in_file(&index));
+            }
+            files.push(f.to_string());
+        }
         files.sort();
         files.dedup();
         return Ok(files.into_iter().map(|f| path.join(f)).collect());
@@ -131,19 +141,24 @@ pub fn checkpoint_files(path: &Path) -> Result<Vec<PathBuf>> {
     Err(Error::msg("directory holds neither model.safetensors nor model.safetensors.index.json").in_file(path))
 }
 
-/// True for checkpoint tensors that ultramoe deliberately does not use: multi-token
-/// prediction layers stored past `num_hidden_layers` (DeepSeek-V3) and cached RoPE
-/// frequencies.
-fn ignorable(name: &str, n_layers: usize) -> bool {
+/// True for checkpoint tensors that ultramoe deliberately does not use: cached RoPE
+/// frequencies, and the multi-token prediction layers DeepSeek-V3 stores right after
+/// its `num_hidden_layers` (as many as `num_nextn_predict_layers` says). Any other
+/// layer past the config's is an error: a config with fewer layers than its checkpoint
+/// would silently drop some.
+fn ignorable(name: &str, cfg: &crate::ModelConfig) -> bool {
     if name.ends_with("rotary_emb.inv_freq") {
         return true;
     }
-    crate::params::layer_index(name).is_some_and(|i| i >= n_layers)
+    let mtp = cfg.raw.get("num_nextn_predict_layers").and_then(|v| v.as_u64()).unwrap_or(0) as usize;
+    crate::params::layer_index(name).is_some_and(|i| i >= cfg.n_layers && i < cfg.n_layers + mtp)
 }
 
 /// Loads weights for `model` from a checkpoint directory or file into a new flat buffer.
 /// Every tensor must be present with its exact shape; unknown tensors are errors.
 pub fn load_weights(model: &Model, path: &Path) -> Result<Vec<f32>> {
+    // The weights, and every tensor converted before it is placed: twice the model.
+    crate::memory::check_available(2 * 4 * model.layout.total, || format!("loading a model of {}", model.size_fields())).map_err(|e| e.in_file(path))?;
     let mut w = vec![0.0f32; model.layout.total];
     let mut seen = vec![false; model.layout.specs.len()];
     let index: HashMap<&str, usize> = model.layout.specs.iter().enumerate().map(|(i, s)| (s.name.as_str(), i)).collect();
@@ -157,7 +172,7 @@ pub fn load_weights(model: &Model, path: &Path) -> Result<Vec<f32>> {
         for (name, view) in st.tensors() {
             // Tensors another expert-parallel rank holds (and their FP8 scales) are skipped.
             let remote = model.layout.is_remote(name.strip_suffix("_scale_inv").unwrap_or(&name));
-            if remote || ignorable(&name, model.cfg.n_layers) || model.layout.aliases.contains_key(&name) {
+            if remote || ignorable(&name, &model.cfg) || model.layout.aliases.contains_key(&name) {
                 continue;
             }
             let fp8 = view.dtype() == Dtype::F8_E4M3;
@@ -197,6 +212,11 @@ pub fn load_weights(model: &Model, path: &Path) -> Result<Vec<f32>> {
                 }
             }
         }
+        // A NaN or Inf weight would turn every loss and answer into NaN.
+        let bad = count_nonfinite(dst);
+        if bad > 0 {
+            return Err(Error::field(name, format!("{bad} of {} values are not finite (NaN or Inf)", dst.len())).in_file(file));
+        }
         seen[i] = true;
     }
     let missing: Vec<&str> = model.layout.specs.iter().zip(&seen).filter(|(_, s)| !**s).map(|(p, _)| p.name.as_str()).collect();
@@ -205,6 +225,11 @@ pub fn load_weights(model: &Model, path: &Path) -> Result<Vec<f32>> {
         return Err(Error::msg(format!("checkpoint is missing tensor(s) {}{more}", missing[..missing.len().min(3)].join(", "))).in_file(path));
     }
     Ok(w)
+}
+
+/// How many of `v` are NaN or infinite.
+pub fn count_nonfinite(v: &[f32]) -> usize {
+    v.iter().filter(|x| !x.is_finite()).count()
 }
 
 fn f32_bytes(v: &[f32]) -> Vec<u8> {
@@ -229,8 +254,13 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::msg(format!("cannot create directory: {e}")).in_file(dir))?;
     let tmp = dir.join(format!(".{}.tmp", path.file_name().and_then(|s| s.to_str()).unwrap_or("checkpoint")));
     let mut f = std::fs::File::create(&tmp).map_err(|e| Error::msg(format!("cannot create: {e}")).in_file(&tmp))?;
-    f.write_all(data).and_then(|_| f.sync_all()).map_err(|e| Error::msg(format!("cannot write: {e}")).in_file(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::msg(format!("cannot rename into place: {e}")).in_file(path))
+    let written = f.write_all(data).and_then(|_| f.sync_all()).map_err(|e| Error::msg(format!("cannot write: {e}")).in_file(&tmp));
+    let placed = written.and_then(|_| std::fs::rename(&tmp, path).map_err(|e| Error::msg(format!("cannot rename into place: {e}")).in_file(path)));
+    if placed.is_err() {
+        // A full disk or a failed rename leaves no partial temporary behind.
+        let _ = std::fs::remove_file(&tmp);
+    }
+    placed
 }
 
 /// Saves `config.json` and the weights to `dir` in the Hugging Face layout. With

@@ -604,3 +604,71 @@ pub fn runtime_bytes(model: &Model) -> usize {
     rayon::broadcast(|_| pass());
     ultramoe_kernels::memory::live_bytes().saturating_sub(before)
 }
+
+/// Bytes this process can still allocate without swapping or being killed: the kernel's
+/// `MemAvailable`, or less when a cgroup (v2 `memory.max` − `memory.current`) limits the
+/// process more tightly. `None` where neither can be read (not Linux).
+pub fn available_bytes() -> Option<usize> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok().and_then(|t| {
+        let line = t.lines().find(|l| l.starts_with("MemAvailable:"))?;
+        let kb: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kb * 1024)
+    });
+    let read = |f: &str| std::fs::read_to_string(format!("/sys/fs/cgroup/{f}")).ok().and_then(|s| s.trim().parse::<usize>().ok());
+    let cgroup = match (read("memory.max"), read("memory.current")) {
+        (Some(max), Some(cur)) => Some(max.saturating_sub(cur)),
+        _ => None,
+    };
+    match (meminfo, cgroup) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// An error when `bytes` more than [`available_bytes`] would be needed for `what`
+/// (`what` names the config fields or flags that set the size).
+pub fn check_available(bytes: usize, what: impl FnOnce() -> String) -> crate::Result<()> {
+    match available_bytes() {
+        Some(avail) if bytes > avail => Err(crate::Error::msg(format!(
+            "{} needs {:.1} GB, but this machine has {:.1} GB available",
+            what(),
+            bytes as f64 / 1e9,
+            avail as f64 / 1e9
+        ))),
+        _ => Ok(()),
+    }
+}
+
+impl Model {
+    /// An error naming the sizes when a training step over `rows × seq_len` tokens on
+    /// each of `ranks_here` ranks in this process (weights, gradients, moments and the
+    /// step's peak of activations: [`Model::memory_plan`] without kernel workspaces)
+    /// would need more memory than the machine has available — checked before anything
+    /// is allocated, so a huge config or micro-batch is one line, not an allocation
+    /// failure or an out-of-memory kill.
+    pub fn check_step_fits_machine(&self, rows: usize, seq_len: usize, ranks_here: usize) -> crate::Result<()> {
+        let plan = self.memory_plan(rows, seq_len, 2, 0);
+        check_available(plan.peak_bytes.saturating_mul(ranks_here.max(1)), || {
+            format!(
+                "a training step of {rows} rows × seq-len {seq_len}{} on a model of {} (weights, gradients and moments {:.1} GB, saved activations {:.1} GB a rank)",
+                if ranks_here > 1 { format!(" on each of {ranks_here} ranks") } else { String::new() },
+                self.size_fields(),
+                plan.static_bytes as f64 / 1e9,
+                plan.activation_bytes as f64 / 1e9
+            )
+        })
+    }
+
+    /// The config fields that size the weights, for error messages.
+    pub fn size_fields(&self) -> String {
+        let c = &self.cfg;
+        let mut s = format!("hidden_size {}, num_hidden_layers {}, vocab_size {}", c.hidden, c.n_layers, c.vocab_size);
+        if c.moe_layers.iter().any(|&m| !m) {
+            s += &format!(", intermediate_size {}", c.intermediate);
+        }
+        if c.n_moe_layers() > 0 {
+            s += &format!(", n_routed_experts {} of moe_intermediate_size {}", c.moe.n_experts, c.moe.expert_inter);
+        }
+        format!("{s}: {:.3} B parameters", self.layout.total as f64 / 1e9)
+    }
+}

@@ -122,6 +122,24 @@ fn read_all(file: &File, stage: &mut Staging, mut offset: u64, bufs: &mut [Vec<f
     Ok(())
 }
 
+/// A swap file's write or read failed (a full disk, an I/O error): raised as a panic
+/// payload from inside a forward or backward pass and caught by the trainer.
+#[derive(Clone, Debug)]
+pub struct SwapError {
+    /// the swap directory
+    pub dir: PathBuf,
+    /// what the operating system said
+    pub reason: String,
+}
+
+impl std::fmt::Display for SwapError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "swap file in {}: {}", self.dir.display(), self.reason)
+    }
+}
+
+impl std::error::Error for SwapError {}
+
 static FILES: AtomicUsize = AtomicUsize::new(0);
 
 /// Whether `file` lives on tmpfs or ramfs (memory, whatever the flags).
@@ -202,8 +220,11 @@ impl SwapFile {
         }
     }
 
+    /// A failed transfer cannot return through the layers that asked for it: it unwinds
+    /// with a [`SwapError`] as payload, which the trainer turns back into an error value
+    /// (as the dispatcher does with a failed all-to-all).
     fn check<T>(&self, r: io::Result<T>) -> T {
-        r.unwrap_or_else(|e| panic!("swap file in {}: {e}", self.path.parent().unwrap_or(Path::new(".")).display()))
+        r.unwrap_or_else(|e| std::panic::panic_any(SwapError { dir: self.path.parent().unwrap_or(Path::new(".")).to_path_buf(), reason: e.to_string() }))
     }
 
     /// Starts reading `t` back: its buffers are allocated now, filled in the background.

@@ -155,6 +155,13 @@ impl Hardware {
         Ok(())
     }
 
+    /// The data type a job computes in when none is asked for: `bf16` where the device
+    /// has a figure for it (accelerators), else `fp32` (CPUs), else its first entry.
+    pub fn default_dtype(&self) -> &str {
+        let p = &self.device.peak_flops;
+        ["bf16", "fp32"].into_iter().find(|d| p.contains_key(*d)).or_else(|| p.keys().next().map(String::as_str)).unwrap_or("bf16")
+    }
+
     /// Peak FLOP/s for `dtype`.
     pub fn peak(&self, dtype: &str) -> Result<f64> {
         self.device.peak_flops.get(dtype).copied().ok_or_else(|| {

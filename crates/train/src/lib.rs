@@ -9,6 +9,7 @@ pub mod data;
 pub mod optimizer;
 pub mod parallel;
 pub mod placement;
+pub mod run_dir;
 pub mod schedule;
 pub mod trainer;
 pub mod zero;

@@ -15,6 +15,8 @@ use std::sync::Arc;
 use std::time::Instant;
 use ultramoe_dist::{CommError, CommResult, CommStream, Mesh, Pending, ProcessGroup};
 use ultramoe_model::params::{layer_index, ParamLayout};
+use ultramoe_model::swap::SwapError;
+use ultramoe_model::Error;
 
 use crate::optimizer::sum_squares;
 
@@ -223,28 +225,33 @@ fn split_out(r: Range<usize>, taken: &[Range<usize>]) -> Vec<Range<usize>> {
     out
 }
 
-/// Runs `f`, turning a communication failure raised inside the model (the dispatcher's
-/// all-to-all cannot return an error through the layers, so it unwinds with the
-/// [`CommError`] as payload) back into an error. Other panics continue unwinding.
-pub fn catch_comm<T>(f: impl FnOnce() -> T) -> CommResult<T> {
-    quiet_comm_unwinds();
+/// Runs a forward or backward pass `f`, turning the failures raised inside the model
+/// back into errors: a failed all-to-all (the dispatcher cannot return an error through
+/// the layers, so it unwinds with the [`CommError`] as payload) and a failed swap-file
+/// transfer ([`SwapError`], likewise). Other panics continue unwinding.
+pub fn catch_step<T>(f: impl FnOnce() -> T) -> Result<T, Error> {
+    quiet_step_unwinds();
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
         Ok(v) => Ok(v),
         Err(payload) => match payload.downcast::<CommError>() {
-            Ok(e) => Err(*e),
-            Err(other) => std::panic::resume_unwind(other),
+            Ok(e) => Err(Error::msg(format!("distributed run failed: {e}"))),
+            Err(other) => match other.downcast::<SwapError>() {
+                Ok(e) => Err(Error::field("swap_dir", e.to_string())),
+                Err(other) => std::panic::resume_unwind(other),
+            },
         },
     }
 }
 
-/// Keeps the panic hook from printing a backtrace for communication failures, which are
-/// reported as errors once caught.
-fn quiet_comm_unwinds() {
+/// Keeps the panic hook from printing a backtrace for the failures [`catch_step`]
+/// reports as errors.
+fn quiet_step_unwinds() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         let previous = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
-            if info.payload().downcast_ref::<CommError>().is_none() {
+            let p = info.payload();
+            if p.downcast_ref::<CommError>().is_none() && p.downcast_ref::<SwapError>().is_none() {
                 previous(info);
             }
         }));

@@ -13,7 +13,7 @@ use crate::data::batch::{Batcher, Source, StreamPos};
 use crate::data::jsonl::read_jsonl;
 use crate::data::math::Mix;
 use crate::optimizer::{clip_to_norm, global_norm, AdamW, AdamWConfig};
-use crate::parallel::{catch_comm, Parallel};
+use crate::parallel::{catch_step, Parallel};
 use crate::placement::{probe_bandwidth, Balancer, Costs};
 use ultramoe_model::moe::placement::Placement;
 use ultramoe_model::policy::LayerPolicy;
@@ -108,6 +108,14 @@ pub struct TrainConfig {
     /// bottom layer's backward of every step
     #[serde(default)]
     pub swap_moments: bool,
+    /// steps in a row with a non-finite loss or gradient norm (each skipped) after
+    /// which training stops with an error
+    #[serde(default = "three")]
+    pub max_nonfinite_steps: u64,
+}
+
+fn three() -> u64 {
+    3
 }
 
 fn yes() -> bool {
@@ -144,6 +152,79 @@ impl AuxLossConfig {
     }
 }
 
+impl TrainConfig {
+    /// Checks every number a step uses: rates finite and in range, sizes positive and
+    /// small enough that `micro_batch · seq_len · grad_accum` tokens can be counted.
+    pub fn validate(&self) -> Result<()> {
+        let finite = |field: &str, x: f32, lo: f32, lo_ok: bool, what: &str| {
+            if x.is_finite() && (x > lo || (lo_ok && x == lo)) {
+                Ok(())
+            } else {
+                Err(Error::field(field, format!("must be a finite number {what}, found {x}")))
+            }
+        };
+        finite("lr", self.lr, 0.0, false, "> 0")?;
+        finite("min_lr", self.min_lr, 0.0, true, "≥ 0")?;
+        if self.min_lr > self.lr {
+            return Err(Error::field("min_lr", format!("{} exceeds the peak learning rate {}", self.min_lr, self.lr)));
+        }
+        finite("clip", self.clip, 0.0, true, "≥ 0 (0: no clipping)")?;
+        finite("bias_update_rate", self.bias_update_rate, 0.0, true, "≥ 0")?;
+        finite("routing_skew", self.routing_skew, 0.0, true, "≥ 0")?;
+        finite("adamw.eps", self.adamw.eps, 0.0, false, "> 0")?;
+        finite("adamw.weight_decay", self.adamw.weight_decay, 0.0, true, "≥ 0")?;
+        for (field, b) in [("adamw.beta1", self.adamw.beta1), ("adamw.beta2", self.adamw.beta2)] {
+            if !(b.is_finite() && (0.0..1.0).contains(&b)) {
+                return Err(Error::field(field, format!("must be in [0, 1), found {b}")));
+            }
+        }
+        if let Some(a) = &self.aux_loss {
+            finite("aux_loss_coef", a.coef, 0.0, true, "≥ 0")?;
+        }
+        if self.micro_batch == 0 || self.grad_accum == 0 {
+            return Err(Error::field(if self.micro_batch == 0 { "micro_batch" } else { "grad_accum" }, "must be positive"));
+        }
+        // Tokens are counted (and activations sized) in machine words: bound a step.
+        let tokens = (self.micro_batch as u128) * (self.seq_len as u128) * (self.grad_accum as u128);
+        if tokens > 1 << 40 {
+            return Err(Error::field("micro_batch", format!("{} × {} × {} tokens a step is beyond any machine", self.micro_batch, self.seq_len, self.grad_accum)));
+        }
+        if self.max_nonfinite_steps == 0 {
+            return Err(Error::field("max_nonfinite_steps", "must be at least 1"));
+        }
+        Ok(())
+    }
+
+    /// [`TrainConfig::validate`], and what must agree with the model: the rows fit its
+    /// positions, its vocabulary holds the data's tokens, the expert counts divide.
+    pub fn validate_for(&self, model: &ModelConfig) -> Result<()> {
+        self.validate()?;
+        if self.seq_len < 2 {
+            return Err(Error::field("seq_len", format!("must be at least 2, found {}", self.seq_len)));
+        }
+        if self.seq_len > model.max_position {
+            return Err(Error::field("max_position_embeddings", format!("seq-len {} exceeds the model's {} positions", self.seq_len, model.max_position)));
+        }
+        let experts = model.moe.n_experts;
+        if self.stats_ep == 0 || (experts > 0 && !experts.is_multiple_of(self.stats_ep)) {
+            return Err(Error::field("stats_ep", format!("{} ranks do not divide {experts} experts", self.stats_ep)));
+        }
+        if self.data != DataSpec::Random && model.vocab_size < crate::data::tokenizer::VOCAB_SIZE {
+            let need = crate::data::tokenizer::VOCAB_SIZE;
+            let msg = format!("{} is smaller than the math tokenizer's {need} tokens; use a config with vocab_size ≥ {need}", model.vocab_size);
+            return Err(Error::field("vocab_size", msg));
+        }
+        if let Some(a) = &self.aux_loss {
+            if let BalanceLoss::EpGroup { groups } = a.kind(self.seq_len)? {
+                if !experts.is_multiple_of(groups) {
+                    return Err(Error::field("aux_loss", format!("{groups} expert-parallel groups do not divide {experts} experts")));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 impl Default for TrainConfig {
     fn default() -> Self {
         TrainConfig {
@@ -170,6 +251,7 @@ impl Default for TrainConfig {
             memory_policy: vec![],
             swap_dir: None,
             swap_moments: false,
+            max_nonfinite_steps: 3,
         }
     }
 }
@@ -185,6 +267,8 @@ pub struct StepStats {
     pub ep: usize,
     /// mean loss over the step's target tokens
     pub loss: f32,
+    /// the loss or gradient norm was not finite, so no update was made
+    pub skipped: bool,
     /// learning rate used
     pub lr: f32,
     /// auxiliary balancing loss (0 when none is configured)
@@ -361,13 +445,31 @@ pub struct Trainer {
     /// all-to-all bytes per second between expert-parallel ranks (measured at the start
     /// when placement is on)
     ep_bandwidth: f64,
+    /// steps in a row whose update was skipped (non-finite loss or gradient norm)
+    skipped_in_a_row: u64,
     metrics: Option<std::fs::File>,
+    metrics_path: PathBuf,
 }
 
-fn source_for(data: &DataSpec, vocab: usize) -> Result<Source> {
+fn source_for(data: &DataSpec, vocab: usize, seq_len: usize) -> Result<Source> {
     Ok(match data {
         DataSpec::Math => Source::Generated { mix: Mix::default() },
-        DataSpec::Jsonl(p) => Source::Dataset { items: read_jsonl(p).map_err(Error::msg)? },
+        DataSpec::Jsonl(p) => {
+            let items = read_jsonl(p).map_err(Error::msg)?;
+            // An example longer than a row would be cut and lose (part of) its answer,
+            // which is all that is trained: refuse it rather than train on nothing.
+            for qa in &items {
+                let n = crate::data::batch::example_tokens(&qa.question, &qa.answer).0.len();
+                if n > seq_len {
+                    return Err(Error::msg(format!(
+                        "line {}: the example is {n} tokens, longer than seq-len {seq_len} (shorten it or raise --seq-len)",
+                        qa.line
+                    ))
+                    .in_file(p));
+                }
+            }
+            Source::Dataset { items }
+        }
         DataSpec::Random => Source::Random { vocab },
     })
 }
@@ -381,6 +483,7 @@ impl Trainer {
     /// A fresh run on one rank of `mesh` (or one rank alone): `model` must be this rank's
     /// share ([`Model::expert_parallel`] over `mesh.ep`), `w` its weights.
     pub fn with_mesh(mut model: Model, w: Vec<f32>, cfg: TrainConfig, peak_flops: f64, mesh: Option<Mesh>) -> Result<Self> {
+        cfg.validate_for(&model.cfg)?;
         let world = mesh.as_ref().map_or(1, |m| m.world.size());
         if let Some(m) = &mesh {
             if model.ep_rank_size().1 != m.ep_size() {
@@ -413,11 +516,6 @@ impl Trainer {
         }
         if let Some(a) = &cfg.aux_loss {
             let kind = a.kind(cfg.seq_len)?;
-            if let BalanceLoss::EpGroup { groups } = kind {
-                if !model.cfg.moe.n_experts.is_multiple_of(groups) {
-                    return Err(Error::field("aux_loss", format!("{groups} expert-parallel groups do not divide {} experts", model.cfg.moe.n_experts)));
-                }
-            }
             // Each micro-batch and each rank contributes its share of the step's mean.
             model.set_balance_loss(Some((kind, a.coef / (cfg.grad_accum.max(1) * world) as f32)));
         }
@@ -436,30 +534,7 @@ impl Trainer {
         if cfg.swap_moments || model.policy.iter().any(|p| p.swap && !p.full) {
             ultramoe_model::swap::check_dir(&model.swap_dir).map_err(|e| Error::field("swap_dir", e))?;
         }
-        if cfg.stats_ep == 0 || (model.cfg.moe.n_experts > 0 && !model.cfg.moe.n_experts.is_multiple_of(cfg.stats_ep)) {
-            return Err(Error::field("stats_ep", format!("{} ranks do not divide {} experts", cfg.stats_ep, model.cfg.moe.n_experts)));
-        }
-        if cfg.micro_batch == 0 || cfg.seq_len < 2 || cfg.grad_accum == 0 {
-            return Err(Error::msg("micro-batch, accumulation must be positive and seq-len at least 2"));
-        }
-        if cfg.seq_len > model.cfg.max_position {
-            return Err(Error::field(
-                "max_position_embeddings",
-                format!("seq-len {} exceeds the model's {} positions", cfg.seq_len, model.cfg.max_position),
-            ));
-        }
-        if cfg.data != DataSpec::Random && model.cfg.vocab_size < crate::data::tokenizer::VOCAB_SIZE {
-            return Err(Error::field(
-                "vocab_size",
-                format!(
-                    "{} is smaller than the math tokenizer's {} tokens; use a config with vocab_size ≥ {}",
-                    model.cfg.vocab_size,
-                    crate::data::tokenizer::VOCAB_SIZE,
-                    crate::data::tokenizer::VOCAB_SIZE
-                ),
-            ));
-        }
-        let source = source_for(&cfg.data, model.cfg.vocab_size)?;
+        let source = source_for(&cfg.data, model.cfg.vocab_size, cfg.seq_len)?;
         let batcher = Batcher::new(source, cfg.seed + 1);
         let zero = match &mesh {
             Some(m) if cfg.zero1 => Some(Zero1::new(&model.layout, m, cfg.adamw.clone())),
@@ -479,17 +554,29 @@ impl Trainer {
             (Some(_), Some(p)) => probe_bandwidth(p.mesh.ep.as_ref()).map_err(comm_error)?,
             _ => 0.0,
         };
-        Ok(Trainer { model, w, g, opt, sched, cfg, batcher, step: 0, peak_flops, parallel, zero, balancer, ep_bandwidth, metrics: None })
+        Ok(Trainer { model, w, g, opt, sched, cfg, batcher, step: 0, peak_flops, parallel, zero, balancer, ep_bandwidth, skipped_in_a_row: 0, metrics: None, metrics_path: PathBuf::new() })
     }
 
-    /// Appends one JSON object per step to `path`.
-    pub fn log_metrics_to(&mut self, path: &Path) -> Result<()> {
+    /// Appends one JSON object per step to `path`. Continuing a run (`continues`: the
+    /// file is that run's), the lines written for steps after this trainer's (the run
+    /// was killed after its last checkpoint, or before its first) and a line cut off by
+    /// a kill are dropped first: the file reads as one run.
+    pub fn log_metrics_to(&mut self, path: &Path, continues: bool) -> Result<()> {
+        if let Some(text) = std::fs::read_to_string(path).ok().filter(|_| continues) {
+            let step_of = |l: &str| serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v.get("step").and_then(|s| s.as_u64()));
+            let kept: Vec<&str> = text.lines().filter(|l| step_of(l).is_some_and(|s| s <= self.step)).collect();
+            if kept.len() != text.lines().count() {
+                let body: String = kept.iter().map(|l| format!("{l}\n")).collect();
+                write_atomic(path, body.as_bytes())?;
+            }
+        }
         let f = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(path)
             .map_err(|e| Error::msg(format!("cannot open metrics file: {e}")).in_file(path))?;
         self.metrics = Some(f);
+        self.metrics_path = path.to_path_buf();
         Ok(())
     }
 
@@ -523,7 +610,7 @@ impl Trainer {
         // (ZeRO-1 reduce-scatters in the optimizer step instead, and has no gradient stream).
         let mut overlap = self.parallel.as_mut().filter(|p| p.overlaps_reduction());
         let last = micro.len() - 1;
-        catch_comm(|| {
+        catch_step(|| {
             for (i, mb) in micro.iter().enumerate() {
                 let fwd = {
                     let _p = ultramoe_kernels::profile::scope("forward");
@@ -554,12 +641,14 @@ impl Trainer {
                     model.backward(w, g, fwd, targets, scale).0
                 };
             }
-        })
-        .map_err(comm_error)?;
+        })?;
         if let Some((f, mut ticket)) = moments {
-            let read = reading.take().unwrap_or_else(|| f.prefetch(&mut ticket));
             let _p = ultramoe_kernels::profile::scope("swap.wait");
-            let [m, v]: [Vec<f32>; 2] = f.finish(read).try_into().expect("two moment buffers");
+            let back = catch_step(|| {
+                let read = reading.take().unwrap_or_else(|| f.prefetch(&mut ticket));
+                f.finish(read)
+            })?;
+            let [m, v]: [Vec<f32>; 2] = back.try_into().expect("two moment buffers");
             let opt = self.stepping_optimizer();
             (opt.m, opt.v) = (m, v);
         }
@@ -587,9 +676,16 @@ impl Trainer {
             p.sum(&mut sums).map_err(comm_error)?;
         }
         let clip = self.cfg.clip;
+        // Every rank holds the same summed loss, so every rank decides alike.
+        let loss = (sums[0] / total_targets.max(1) as f64) as f32;
         // Non-primary expert copies are left out of the norm (their primary counts).
         let duplicates = self.model.duplicate_ranges();
         let grad_norm = match (&mut self.parallel, &mut self.zero) {
+            // A non-finite loss: no update (ZeRO-1 would otherwise step its shards first).
+            (_, Some(_)) if !loss.is_finite() => {
+                self.g.fill(0.0);
+                f32::NAN
+            }
             (Some(p), Some(z)) => {
                 let norm = z.step(&p.mesh, &mut self.w, &mut self.g, lr, clip, &duplicates).map_err(comm_error)?;
                 let c = z.take_comm_s();
@@ -606,17 +702,27 @@ impl Trainer {
             }
             (None, _) => global_norm(&self.g),
         };
-        // ZeRO-1 clipped and stepped its shard above; otherwise the whole buffer here.
-        if self.zero.is_none() {
+        // A non-finite loss or gradient norm skips the update (ZeRO-1 skipped its own);
+        // a run that keeps producing them stops, naming the step.
+        let skipped = !(loss.is_finite() && grad_norm.is_finite());
+        if skipped {
+            self.g.fill(0.0);
+        } else if self.zero.is_none() {
+            // ZeRO-1 clipped and stepped its shard above; otherwise the whole buffer here.
             clip_to_norm(&mut self.g, grad_norm, clip);
             self.opt.step(&mut self.w, &mut self.g, lr);
         }
         drop(opt_scope);
-        if self.cfg.bias_update_rate > 0.0 {
-            self.update_router_bias(&counts);
-        }
         self.step += 1;
-        let (experts_moved, predicted) = self.rebalance(&counts)?;
+        self.skipped_in_a_row = if skipped { self.skipped_in_a_row + 1 } else { 0 };
+        let (experts_moved, predicted) = if skipped {
+            (0, 0.0)
+        } else {
+            if self.cfg.bias_update_rate > 0.0 {
+                self.update_router_bias(&counts);
+            }
+            self.rebalance(&counts)?
+        };
         let step_s = start.elapsed().as_secs_f64();
         let tokens = b * t * self.cfg.grad_accum;
         let flops = self.model.train_flops(b, t) * self.cfg.grad_accum as f64;
@@ -628,7 +734,8 @@ impl Trainer {
             step: self.step,
             ranks: self.parallel.as_ref().map_or(1, |p| p.world()),
             ep: self.ep().1,
-            loss: (sums[0] / total_targets.max(1) as f64) as f32,
+            loss,
+            skipped,
             lr,
             aux_loss: sums[1] as f32,
             grad_norm,
@@ -653,8 +760,21 @@ impl Trainer {
             predicted_rank_load_imbalance: predicted,
         };
         if let Some(f) = &mut self.metrics {
-            // Metrics are best-effort: a full disk must not kill a training run.
-            let _ = writeln!(f, "{}", serde_json::to_string(&stats).unwrap_or_default());
+            writeln!(f, "{}", serde_json::to_string(&stats).unwrap_or_default())
+                .map_err(|e| Error::msg(format!("cannot write metrics: {e}")).in_file(&self.metrics_path))?;
+        }
+        if skipped {
+            let limit = self.cfg.max_nonfinite_steps;
+            if self.skipped_in_a_row >= limit {
+                return Err(Error::msg(format!(
+                    "step {}: loss {loss}, gradient norm {grad_norm}: not finite for {limit} step(s) in a row (updates skipped); \
+                     training stopped (lower the learning rate or check the data)",
+                    self.step
+                )));
+            }
+            if self.is_lead() {
+                eprintln!("warning: step {}: loss {loss}, gradient norm {grad_norm}: not finite; the update is skipped", self.step);
+            }
         }
         Ok(stats)
     }
@@ -753,9 +873,27 @@ impl Trainer {
         }
     }
 
+    /// An error (on every rank alike) when any of `bufs` holds a NaN or an infinity:
+    /// nothing non-finite is ever saved, so the last checkpoint stays the last good one.
+    fn check_finite(&self, bufs: &[(&str, &[f32])]) -> Result<()> {
+        let mut bad: Vec<u64> = bufs.iter().map(|(_, b)| ultramoe_model::checkpoint::count_nonfinite(b) as u64).collect();
+        if let Some(p) = &self.parallel {
+            p.mesh.world.all_reduce_u64(&mut bad).map_err(comm_error)?;
+        }
+        match bufs.iter().zip(&bad).find(|(_, &n)| n > 0) {
+            None => Ok(()),
+            Some(((what, b), n)) => {
+                let first = self.model.layout.specs.iter().find(|s| b.get(s.range()).is_some_and(|x| x.iter().any(|v| !v.is_finite())));
+                let name = first.map_or(String::new(), |s| format!(" (first in `{}`)", s.name));
+                Err(Error::msg(format!("step {}: {what} hold {n} non-finite values{name}; nothing saved", self.step)))
+            }
+        }
+    }
+
     /// Saves the model (every rank's share) to `dir` in the Hugging Face layout. Every
     /// rank must call it; it returns when the directory is complete.
     pub fn save_model(&self, dir: &Path) -> Result<()> {
+        self.check_finite(&[("weights", &self.w)])?;
         if self.writes_share() {
             save_model_share(&self.model, &self.w, dir)?;
         }
@@ -776,6 +914,7 @@ impl Trainer {
             _ => None,
         };
         let (m, v) = gathered.as_ref().map_or((&self.opt.m[..], &self.opt.v[..]), |(m, v)| (&m[..], &v[..]));
+        self.check_finite(&[("weights", &self.w), ("exp_avg", m), ("exp_avg_sq", v)])?;
         if self.writes_share() {
             save_model_share(&self.model, &self.w, &dir)?;
             let (k, p) = self.ep();
@@ -839,10 +978,29 @@ impl Trainer {
     /// found by name in whatever shards hold them, and each rank takes its share.
     /// `zero1` switches ZeRO-1 on or off for the continued run (`None`: as saved).
     pub fn resume_with_mesh(dir: &Path, peak_flops: f64, steps: Option<u64>, mesh: Option<Mesh>, zero1: Option<bool>) -> Result<Self> {
+        Self::resume_prepared(dir, peak_flops, mesh, &mut |_, cfg| {
+            if let Some(s) = steps {
+                cfg.steps = s;
+            }
+            if let Some(z) = zero1 {
+                cfg.zero1 = z;
+            }
+            Ok(())
+        })
+    }
+
+    /// The training config a checkpoint was saved with.
+    pub fn saved_config(dir: &Path) -> Result<TrainConfig> {
+        Ok(read_state(dir)?.config)
+    }
+
+    /// [`Trainer::resume_with_mesh`] with the continued run's settings given by
+    /// `prepare`, called with this rank's model (before any weights are read) and the
+    /// saved config: it may change what does not change the numbers (steps, memory
+    /// policy, ZeRO-1) — the caller is responsible for refusing anything else.
+    pub fn resume_prepared(dir: &Path, peak_flops: f64, mesh: Option<Mesh>, prepare: &mut dyn FnMut(&mut Model, &mut TrainConfig) -> Result<()>) -> Result<Self> {
         let state_path = dir.join("trainer_state.json");
-        let text = std::fs::read_to_string(&state_path).map_err(|e| Error::msg(format!("cannot read: {e}")).in_file(&state_path))?;
-        let state: TrainerState =
-            serde_json::from_str(&text).map_err(|e| Error::msg(format!("not a trainer state: {e}")).in_file(&state_path))?;
+        let state = read_state(dir)?;
         let cfg_model = ModelConfig::from_file(&dir.join("config.json"))?;
         let mut cfg = state.config;
         let ep = mesh.as_ref().map_or(1, |m| m.ep_size());
@@ -876,13 +1034,9 @@ impl Trainer {
             },
             None => Model::new(cfg_model),
         };
+        let mut model = model;
+        prepare(&mut model, &mut cfg)?;
         let w = load_weights(&model, dir)?;
-        if let Some(s) = steps {
-            cfg.steps = s;
-        }
-        if let Some(z) = zero1 {
-            cfg.zero1 = z;
-        }
         let mut tr = Trainer::with_mesh(model, w, cfg, peak_flops, mesh)?;
         let moments = read_optimizer_shards(dir)?;
         let total = tr.model.layout.total;
@@ -894,7 +1048,12 @@ impl Trainer {
                 if t.shape != s.shape {
                     return Err(Error::field(&key, format!("shape {:?} does not match {:?}", t.shape, s.shape)).in_file(file));
                 }
-                buf[s.range()].copy_from_slice(t.f32(&key).map_err(|e| e.in_file(file))?);
+                let values = t.f32(&key).map_err(|e| e.in_file(file))?;
+                let bad = ultramoe_model::checkpoint::count_nonfinite(values);
+                if bad > 0 {
+                    return Err(Error::field(&key, format!("{bad} of {} values are not finite (NaN or Inf)", values.len())).in_file(file));
+                }
+                buf[s.range()].copy_from_slice(values);
             }
         }
         match &mut tr.zero {
@@ -914,6 +1073,13 @@ impl Trainer {
         }
         Ok(tr)
     }
+}
+
+/// A checkpoint's `trainer_state.json`.
+fn read_state(dir: &Path) -> Result<TrainerState> {
+    let state_path = dir.join("trainer_state.json");
+    let text = std::fs::read_to_string(&state_path).map_err(|e| Error::msg(format!("cannot read: {e}")).in_file(&state_path))?;
+    serde_json::from_str(&text).map_err(|e| Error::msg(format!("not a trainer state: {e}")).in_file(&state_path))
 }
 
 /// Every optimizer tensor of a checkpoint, from `optimizer.safetensors` or the

@@ -185,6 +185,10 @@ impl Zero1 {
         mesh.world.all_reduce_f64(&mut sq)?;
         self.comm_s += start.elapsed().as_secs_f64();
         let norm = sq[0].sqrt() as f32;
+        if !norm.is_finite() {
+            // Every rank has the same norm: all skip the update (the trainer reports it).
+            return Ok(norm);
+        }
         clip_to_norm(&mut grad, norm, clip);
         let mut chunk = self.replicated.slice(w, self.replicated.mine());
         chunk.extend(self.experts.slice(w, self.experts.mine()));

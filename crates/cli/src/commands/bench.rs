@@ -81,8 +81,10 @@ pub fn run(c: BenchCommand) -> CliResult {
 
 fn bench_train(a: BenchTrainArgs) -> CliResult {
     let cfg = ModelConfig::from_file(&a.config).map_err(|e| e.to_string())?;
-    let model = Model::new(cfg);
+    let mut model = Model::new(cfg);
     let memory_policy = super::train::policy_from_args(a.memory_policy.as_deref(), None, model.layers.len())?.unwrap_or_default();
+    model.policy = memory_policy.clone();
+    model.check_step_fits_machine(a.batch.max(1), a.seq, 1).map_err(|e| e.to_string())?;
     let peak = measure_peak_flops(1024, 1.0);
     let w = init_weights(&model.layout, 1);
     let tc = TrainConfig {

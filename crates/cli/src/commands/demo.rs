@@ -7,11 +7,12 @@ use crate::serve::solve_batch;
 use clap::Args;
 use std::path::PathBuf;
 use std::time::Instant;
+use ultramoe_train::run_dir::{RunDir, Start};
 
 /// Options of `ultramoe demo`.
 #[derive(Args, Debug)]
 pub struct DemoArgs {
-    /// Run directory.
+    /// Run directory (an earlier demo's run there is replaced).
     #[arg(long, default_value = "runs/demo")]
     pub run_dir: PathBuf,
     /// Optimizer steps (default: the preset's).
@@ -36,6 +37,8 @@ pub fn run(a: DemoArgs) -> CliResult {
         init_from: None,
         run_dir: a.run_dir.clone(),
         resume: false,
+        overwrite: true,
+        max_nonfinite_steps: None,
         steps: a.steps,
         micro_batch: None,
         seq_len: None,
@@ -66,7 +69,9 @@ pub fn run(a: DemoArgs) -> CliResult {
         no_grad_overlap: false,
         parallel: crate::launch::ParallelArgs { ranks: 1, ep: None, dp: None, ranks_per_node: None, hierarchical_a2a: false, mpi_wait: crate::launch::MpiWait::Auto, overlap_chunks: 1, comm_timeout: 30 },
     };
-    let mut tr = make_trainer(&targs, None)?;
+    // The demo starts over each time: an earlier demo's run is replaced.
+    let run = RunDir::open(&a.run_dir, Start::Overwrite, true).map_err(|e| e.to_string())?;
+    let mut tr = make_trainer(&targs, None, None)?;
     eprintln!(
         "training the default math MoE ({:.2}M parameters, {} experts top-{}) for {} steps",
         tr.model.n_params() as f64 / 1e6,
@@ -74,7 +79,8 @@ pub fn run(a: DemoArgs) -> CliResult {
         tr.model.cfg.moe.top_k,
         tr.cfg.steps
     );
-    train_loop(&mut tr, &a.run_dir, None, !a.no_progress)?;
+    train_loop(&mut tr, &a.run_dir, None, !a.no_progress, false)?;
+    drop(run);
     let train_s = start.elapsed().as_secs_f64();
     let model_dir = a.run_dir.join("model");
     let (model, w) = load_math_model(&model_dir)?;

@@ -75,7 +75,10 @@ pub fn run(a: MemoryArgs) -> CliResult {
     if let Some(p) = &given {
         model.policy = p.clone();
     }
-    let runtime = runtime_bytes(&model);
+    // Workspaces are measured by running the model: only where it fits this machine
+    // (a prediction for a larger model leaves them out).
+    let fits = model.check_step_fits_machine(1, 2, 1);
+    let runtime = if fits.is_ok() { runtime_bytes(&model) } else { 0 };
     let (b, t) = (a.micro_batch, a.seq_len);
     let largest = |m: &Model, budget: usize| m.largest_micro_batch(t, 2, runtime, budget, 4096);
     let mut rates = None;
@@ -104,7 +107,11 @@ pub fn run(a: MemoryArgs) -> CliResult {
     if let Some(r) = rates {
         println!("estimated cost of the policy  {:>10.1} ms a micro-batch", 1e3 * model.policy_cost(b, t, &model.policy, &r));
     }
+    if fits.is_err() {
+        println!("(kernel workspaces not measured: the model does not fit this machine)");
+    }
     if a.measure {
+        model.check_step_fits_machine(b, t, 1).map_err(|e| format!("--measure: {e}"))?;
         let w = init_weights(&model.layout, 1);
         let tc = TrainConfig {
             steps: 3,

@@ -28,9 +28,10 @@ pub struct PlanArgs {
     /// Sequences per step.
     #[arg(long, default_value_t = 1024)]
     pub global_batch: usize,
-    /// Compute data type (picks the peak and the bytes per element).
-    #[arg(long, default_value = "bf16")]
-    pub dtype: String,
+    /// Compute data type (picks the peak and the bytes per element; default: bf16 where
+    /// the cluster has a bf16 peak, else fp32).
+    #[arg(long)]
+    pub dtype: Option<String>,
     /// Pin search dimensions: e.g. `tp=8,pp=16,ep=32,vpp=2,mb=1,recompute=full`.
     #[arg(long)]
     pub fix: Option<String>,
@@ -74,15 +75,19 @@ pub fn run(a: PlanArgs) -> CliResult {
         Some(f) => Fixed::parse(f).map_err(|e| format!("--fix: {e}"))?,
         None => Fixed::default(),
     };
-    hw.peak(&a.dtype).map_err(|e| format!("--dtype: {e}"))?;
+    let dtype = a.dtype.clone().unwrap_or_else(|| hw.default_dtype().to_string());
+    hw.peak(&dtype).map_err(|e| format!("--dtype: {e}"))?;
     if a.devices == 0 || a.seq_len == 0 || a.global_batch == 0 {
         return Err("--devices, --seq-len and --global-batch must be positive".into());
+    }
+    if !(a.imbalance.is_finite() && a.imbalance >= 1.0) {
+        return Err(format!("--imbalance: the busiest rank's load over the mean must be a finite number ≥ 1, found {}", a.imbalance));
     }
     let job = Job {
         devices: a.devices,
         seq_len: a.seq_len,
         global_batch: a.global_batch,
-        dtype: a.dtype.clone(),
+        dtype: dtype.clone(),
         hierarchical_a2a: a.hierarchical_a2a,
         imbalance: a.imbalance,
     };
@@ -114,7 +119,7 @@ pub fn run(a: PlanArgs) -> CliResult {
         a.cluster,
         a.seq_len,
         a.global_batch,
-        a.dtype
+        dtype
     );
     println!(
         "{} layouts evaluated in {:.2} s: {} feasible, {} rejected",

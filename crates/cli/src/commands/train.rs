@@ -12,6 +12,7 @@ use ultramoe_model::init::init_weights;
 use ultramoe_model::memory::CostRates;
 use ultramoe_model::policy::{describe_policy, parse_layer_list, parse_policy, LayerPolicy};
 use ultramoe_model::{Model, ModelConfig};
+use ultramoe_train::run_dir::{RunDir, Start};
 use ultramoe_train::trainer::{AuxLossConfig, DataSpec, StepStats, TrainConfig, Trainer};
 
 /// Options of `ultramoe train`.
@@ -26,71 +27,81 @@ pub struct TrainArgs {
     /// Run directory: checkpoints, metrics, final model.
     #[arg(long, default_value = "runs/train")]
     pub run_dir: PathBuf,
-    /// Continue from the run directory's latest checkpoint.
+    /// Continue from the run directory's latest checkpoint. Flags that would change the
+    /// continued run's numbers (learning rate, batch, data, model…) are refused; steps,
+    /// the checkpoint interval, ZeRO-1 and the memory options apply.
     #[arg(long)]
     pub resume: bool,
-    /// Optimizer steps.
+    /// Remove an earlier run's checkpoints, model and metrics from the run directory and
+    /// start over (without it, training into a directory that holds a run is refused).
     #[arg(long)]
+    pub overwrite: bool,
+    /// Steps in a row with a non-finite loss or gradient norm (each update skipped)
+    /// before training stops with an error.
+    #[arg(long, allow_hyphen_values = true)]
+    pub max_nonfinite_steps: Option<u64>,
+    /// Optimizer steps.
+    #[arg(long, allow_hyphen_values = true)]
     pub steps: Option<u64>,
     /// Rows per micro-batch.
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub micro_batch: Option<usize>,
     /// Tokens per row.
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub seq_len: Option<usize>,
     /// Micro-batches per optimizer step.
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub grad_accum: Option<usize>,
     /// Peak learning rate.
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub lr: Option<f32>,
     /// Final learning rate of the cosine decay.
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub min_lr: Option<f32>,
     /// Warmup steps.
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub warmup: Option<u64>,
     /// Seed (weights: seed, data: seed + 1).
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub seed: Option<u64>,
     /// Data: `math` (generated problems), `random` (random tokens), or a JSONL file.
     #[arg(long)]
     pub data: Option<String>,
     /// Save a checkpoint every N steps (0: only at the end).
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub save_every: Option<u64>,
     /// Aux-loss-free balancing rate for routers with a correction bias (0 = off).
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub bias_update_rate: Option<f32>,
     /// Auxiliary balancing loss: switch, sequence, ep-group or z (off by default).
     #[arg(long)]
     pub aux_loss: Option<String>,
     /// Coefficient of the auxiliary loss.
-    #[arg(long, default_value_t = 1e-2)]
+    #[arg(long, default_value_t = 1e-2, allow_hyphen_values = true)]
     pub aux_loss_coef: f32,
     /// Expert-parallel groups the `ep-group` loss balances.
     #[arg(long, default_value_t = 1)]
     pub aux_ep_groups: usize,
     /// Skewed-load workload: Zipf exponent of a fixed router bias toward low-numbered experts.
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub routing_skew: Option<f32>,
     /// Report per-rank loads as if experts were split over this many expert-parallel
     /// ranks (one-rank runs; under --ep the real ranks are reported).
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub stats_ep: Option<usize>,
     /// Dynamic expert placement: every N steps, move (and replicate) experts so the
     /// expert-parallel ranks carry even loads, when the predicted gain beats the cost of
     /// moving (0 = off; needs --ep ≥ 2).
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub placement_every: Option<u64>,
     /// Extra expert slots per expert-parallel rank, for copies of hot experts.
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub redundant_experts: Option<usize>,
     /// Append per-step metrics as JSON lines to this file (default: RUN_DIR/metrics.jsonl).
     #[arg(long)]
     pub metrics: Option<PathBuf>,
     /// Peak GFLOP/s for MFU (default: measured at start).
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub peak_gflops: Option<f64>,
     /// Plain log lines instead of a progress bar.
     #[arg(long)]
@@ -99,7 +110,7 @@ pub struct TrainArgs {
     /// unless --recompute or --memory-policy is given, the cheapest policy that fits is
     /// chosen (selective recomputation, swapping, whole layers); when nothing fits,
     /// training does not start and the error names what does not fit.
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub memory_budget: Option<String>,
     /// Decoder layers to recompute whole in backward (only their inputs kept): `all`,
     /// `none`, or indices like `0,2,3` (the same as --memory-policy full:LAYERS).
@@ -152,6 +163,7 @@ fn apply_overrides(mut c: TrainConfig, a: &TrainArgs) -> CliResult<TrainConfig> 
     set!(stats_ep);
     set!(placement_every);
     set!(redundant_experts);
+    set!(max_nonfinite_steps);
     c.zero1 |= a.zero1;
     c.overlap_grad_reduce &= !a.no_grad_overlap;
     if let Some(kind) = &a.aux_loss {
@@ -173,35 +185,59 @@ fn apply_overrides(mut c: TrainConfig, a: &TrainArgs) -> CliResult<TrainConfig> 
     Ok(c)
 }
 
-/// Builds a trainer from the arguments (fresh, initialised from a checkpoint, or
-/// resumed) on one rank of `mesh`, or alone.
-pub fn make_trainer(a: &TrainArgs, mesh: Option<Mesh>) -> CliResult<Trainer> {
+/// Builds a trainer from the arguments on one rank of `mesh`, or alone: resumed from
+/// `latest` (the run directory's newest checkpoint, see [`RunDir`]) or fresh.
+pub fn make_trainer(a: &TrainArgs, latest: Option<&Path>, mesh: Option<Mesh>) -> CliResult<Trainer> {
     let peak = peak_flops(a.peak_gflops);
     let lead = mesh.as_ref().is_none_or(|m| m.world.rank() == 0);
-    if a.resume {
-        if let Some(dir) = Trainer::latest_checkpoint(&a.run_dir) {
-            let tr = Trainer::resume_with_mesh(&dir, peak, a.steps, mesh, a.zero1.then_some(true)).map_err(|e| e.to_string())?;
-            if lead {
-                eprintln!("resuming from {} at step {}", dir.display(), tr.step);
+    let world = mesh.as_ref().map_or(1, |m| m.world.size());
+    if let Some(dir) = latest {
+        refuse_contradictions(a, dir)?;
+        let tr = Trainer::resume_prepared(dir, peak, mesh, &mut |model, tc| {
+            if let Some(s) = a.steps {
+                tc.steps = s;
             }
-            return Ok(tr);
-        }
+            tc.zero1 |= a.zero1;
+            tc.overlap_grad_reduce &= !a.no_grad_overlap;
+            if let Some(n) = a.save_every {
+                tc.save_every = n;
+            }
+            apply_memory_args(a, model, tc, lead, peak, world).map_err(ultramoe_model::Error::msg)
+        })
+        .map_err(|e| e.to_string())?;
         if lead {
-            eprintln!("no checkpoint in {}; starting fresh", a.run_dir.display());
+            eprintln!("resuming from {} at step {}", dir.display(), tr.step);
         }
+        return Ok(tr);
+    }
+    if a.resume && lead {
+        eprintln!("no checkpoint in {}; starting fresh", a.run_dir.display());
     }
     let cfg = match &a.model_config {
         Some(p) => ModelConfig::from_file(p),
         None => ModelConfig::from_json_str(MATH_MOE_CONFIG),
     }
     .map_err(|e| e.to_string())?;
-    let tc = apply_overrides(math_train_config(), a)?;
-    let model = match &mesh {
+    let mut tc = apply_overrides(math_train_config(), a)?;
+    tc.validate_for(&cfg).map_err(|e| e.to_string())?;
+    let mut model = match &mesh {
         Some(m) => Model::expert_parallel_redundant(cfg, m.ep.clone(), tc.redundant_experts).map_err(|e| e.to_string())?,
         None => Model::new(cfg),
     };
-    let mut tc = tc;
-    let mut model = model;
+    apply_memory_args(a, &mut model, &mut tc, lead, peak, world)?;
+    let w = match &a.init_from {
+        Some(dir) => load_weights(&model, dir).map_err(|e| e.to_string())?,
+        None => init_weights(&model.layout, tc.seed),
+    };
+    Trainer::with_mesh(model, w, tc, peak, mesh).map_err(|e| e.to_string())
+}
+
+/// The memory options (`--memory-policy`, `--recompute`, `--swap-dir`, `--swap-moments`,
+/// `--memory-budget`) applied to a model and its training config, fresh or resumed
+/// (policies change no number, so a resumed run may take new ones); then the step's
+/// predicted peak is checked against the budget and against what the machine has,
+/// before any weights are allocated.
+fn apply_memory_args(a: &TrainArgs, model: &mut Model, tc: &mut TrainConfig, lead: bool, peak: f64, world: usize) -> CliResult {
     if let Some(policy) = policy_from_args(a.memory_policy.as_deref(), a.recompute.as_deref(), model.layers.len())? {
         tc.memory_policy = policy;
     }
@@ -211,14 +247,19 @@ pub fn make_trainer(a: &TrainArgs, mesh: Option<Mesh>) -> CliResult<Trainer> {
     }
     tc.swap_moments |= a.swap_moments;
     model.swap_moments = tc.swap_moments;
+    model.policy = tc.memory_policy.clone();
+    let rows = (tc.micro_batch / world.max(1)).max(1);
+    // Before anything runs: the size alone (weights, moments, activations) against the
+    // machine, so a huge config or micro-batch is one line, not an allocation failure.
+    // Ranks that are threads of this process share its memory.
+    let here = if crate::launch::mpi_world_size().is_some() { 1 } else { world };
+    model.check_step_fits_machine(rows, tc.seq_len, here).map_err(|e| e.to_string())?;
     if let Some(budget) = &a.memory_budget {
-        let world = mesh.as_ref().map_or(1, |m| m.world.size());
-        let rows = (tc.micro_batch / world.max(1)).max(1);
         // Kernel workspaces count against the budget too (measured on one rank; under
         // expert parallelism a trial pass would need every rank, so they are left out).
-        let runtime = if model.ep.is_none() { ultramoe_model::memory::runtime_bytes(&model) } else { 0 };
+        let runtime = if model.ep.is_none() { ultramoe_model::memory::runtime_bytes(model) } else { 0 };
         let budget = parse_bytes(budget)?;
-        if tc.memory_policy.is_empty() {
+        if a.memory_policy.is_none() && a.recompute.is_none() {
             let rates = cost_rates(&model.swap_dir, peak);
             // When nothing fits, the most frugal policy tried goes to the check below,
             // which names what does not fit.
@@ -234,24 +275,63 @@ pub fn make_trainer(a: &TrainArgs, mesh: Option<Mesh>) -> CliResult<Trainer> {
             tc.swap_moments = model.swap_moments;
         }
         model.policy = tc.memory_policy.clone();
-        check_budget(&model, budget, rows, world, tc.seq_len, runtime)?;
+        check_budget(model, budget, rows, world, tc.seq_len, runtime)?;
     }
-    let w = match &a.init_from {
-        Some(dir) => load_weights(&model, dir).map_err(|e| e.to_string())?,
-        None => init_weights(&model.layout, tc.seed),
-    };
-    Trainer::with_mesh(model, w, tc, peak, mesh).map_err(|e| e.to_string())
+    Ok(())
+}
+
+/// On `--resume`, flags that would change the numbers of the continued run are refused
+/// (naming the flag, the value given and the checkpoint's); steps, checkpoint interval,
+/// ZeRO-1, gradient overlap and the memory options apply.
+fn refuse_contradictions(a: &TrainArgs, dir: &Path) -> CliResult {
+    if a.init_from.is_some() {
+        return Err("--init-from starts a new run from a model; it cannot be combined with --resume".into());
+    }
+    if a.overwrite {
+        return Err("--overwrite starts over; it cannot be combined with --resume".into());
+    }
+    if let Some(p) = &a.model_config {
+        let given = ModelConfig::from_file(p).map_err(|e| e.to_string())?;
+        let saved = ModelConfig::from_file(&dir.join("config.json")).map_err(|e| e.to_string())?;
+        if given.raw != saved.raw {
+            return Err(format!("--resume: --model-config {} differs from the checkpoint's config.json ({})", p.display(), dir.display()));
+        }
+    }
+    let saved = Trainer::saved_config(dir).map_err(|e| e.to_string())?;
+    let asked = apply_overrides(saved.clone(), a)?;
+    let (saved_v, asked_v) = (serde_json::to_value(&saved).unwrap_or_default(), serde_json::to_value(&asked).unwrap_or_default());
+    const APPLIES: [&str; 7] = ["steps", "save_every", "zero1", "overlap_grad_reduce", "memory_policy", "swap_dir", "swap_moments"];
+    if let (Some(s), Some(q)) = (saved_v.as_object(), asked_v.as_object()) {
+        for (key, given) in q {
+            if APPLIES.contains(&key.as_str()) || s.get(key) == Some(given) {
+                continue;
+            }
+            // Single-precision settings read back through f64: print them as given.
+            let show = |v: &serde_json::Value| match v.as_f64() {
+                Some(x) if v.is_f64() => (x as f32).to_string(),
+                _ => v.to_string(),
+            };
+            return Err(format!(
+                "--resume: --{} {} contradicts the checkpoint's {} ({}); it would change the continued run — start a new run instead",
+                key.replace('_', "-"),
+                show(given),
+                s.get(key).map_or("(unset)".to_string(), show),
+                dir.display()
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Trains to the configured step count with a progress bar (or log lines), saving
 /// checkpoints and the final model under the run directory. Returns the last step's
 /// statistics.
-pub fn train_loop(tr: &mut Trainer, run_dir: &Path, metrics: Option<&Path>, progress: bool) -> CliResult<Option<StepStats>> {
+pub fn train_loop(tr: &mut Trainer, run_dir: &Path, metrics: Option<&Path>, progress: bool, continues: bool) -> CliResult<Option<StepStats>> {
     std::fs::create_dir_all(run_dir).map_err(|e| format!("{}: cannot create run directory: {e}", run_dir.display()))?;
     let lead = tr.is_lead();
     if lead {
         let metrics_path = metrics.map(Path::to_path_buf).unwrap_or_else(|| run_dir.join("metrics.jsonl"));
-        tr.log_metrics_to(&metrics_path).map_err(|e| e.to_string())?;
+        tr.log_metrics_to(&metrics_path, continues).map_err(|e| e.to_string())?;
     }
     let total = tr.cfg.steps;
     let bar = if progress && lead {
@@ -288,7 +368,9 @@ pub fn train_loop(tr: &mut Trainer, run_dir: &Path, metrics: Option<&Path>, prog
                 }
             }
         }
-        if tr.cfg.save_every > 0 && s.step.is_multiple_of(tr.cfg.save_every) && s.step < total {
+        // A step whose update was skipped is not saved: the newest checkpoint stays one
+        // from before a run of non-finite steps, and pruning never drops it for copies.
+        if tr.cfg.save_every > 0 && s.step.is_multiple_of(tr.cfg.save_every) && s.step < total && !s.skipped {
             tr.save_checkpoint(run_dir, 2).map_err(|e| e.to_string())?;
         }
         last = Some(s);
@@ -316,20 +398,36 @@ pub fn run(mut a: TrainArgs) -> CliResult {
         // Measure once, before the ranks start competing for the cores.
         a.peak_gflops = Some(peak_flops(None) / 1e9);
     }
+    if let Some(g) = a.peak_gflops {
+        if !(g.is_finite() && g > 0.0) {
+            return Err(format!("--peak-gflops: must be a finite positive number, found {g}"));
+        }
+    }
+    let start = match (a.resume, a.overwrite) {
+        (true, true) => return Err("--overwrite starts over; it cannot be combined with --resume".into()),
+        (true, false) => Start::Resume,
+        (false, true) => Start::Overwrite,
+        (false, false) => Start::Fresh,
+    };
+    // The process that writes run-wide files holds the run's lock (under mpirun: rank 0).
+    let run = RunDir::open(&a.run_dir, start, crate::launch::mpi_world_rank().is_none_or(|r| r == 0)).map_err(|e| e.to_string())?;
+    let latest = run.latest.clone();
     let p = a.parallel.clone();
-    launch(&p, move |mesh| train_rank(&a, mesh))
+    let result = launch(&p, move |mesh| train_rank(&a, latest.as_deref(), mesh));
+    drop(run);
+    result
 }
 
-fn train_rank(a: &TrainArgs, mesh: Option<Mesh>) -> CliResult {
+fn train_rank(a: &TrainArgs, latest: Option<&Path>, mesh: Option<Mesh>) -> CliResult {
     let layout = mesh.as_ref().map(|m| (m.world.size(), m.ep_size(), m.dp_size()));
-    let mut tr = make_trainer(a, mesh)?;
+    let mut tr = make_trainer(a, latest, mesh)?;
     tr.model.set_overlap_chunks(a.parallel.overlap_chunks);
     if a.parallel.hierarchical_a2a {
         let per_node = tr.parallel.as_ref().map_or(1, |p| p.mesh.ranks_per_node);
         tr.model.set_hierarchical(per_node).map_err(|e| format!("--hierarchical-a2a: {e}"))?;
     }
     if !tr.is_lead() {
-        return train_loop(&mut tr, &a.run_dir, a.metrics.as_deref(), false).map(|_| ());
+        return train_loop(&mut tr, &a.run_dir, a.metrics.as_deref(), false, a.resume).map(|_| ());
     }
     if let Some((n, ep, dp)) = layout {
         let overlap = tr.parallel.as_ref().is_some_and(|p| p.overlaps_reduction());
@@ -357,7 +455,7 @@ fn train_rank(a: &TrainArgs, mesh: Option<Mesh>) -> CliResult {
         tr.cfg.seq_len,
         tr.cfg.grad_accum
     );
-    train_loop(&mut tr, &a.run_dir, a.metrics.as_deref(), !a.no_progress)?;
+    train_loop(&mut tr, &a.run_dir, a.metrics.as_deref(), !a.no_progress, a.resume)?;
     Ok(())
 }
 
@@ -367,6 +465,9 @@ pub fn parse_bytes(text: &str) -> CliResult<usize> {
     let split = t.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
     let x: f64 = num.trim().parse().map_err(|_| format!("--memory-budget `{text}`: not a size (e.g. 2GB, 512MB, 1.5GiB)"))?;
+    if !(x.is_finite() && x > 0.0) {
+        return Err(format!("--memory-budget `{text}`: must be a positive size (e.g. 2GB, 512MB, 1.5GiB)"));
+    }
     let scale = match unit.to_ascii_lowercase().as_str() {
         "" | "b" => 1.0,
         "kb" => 1e3,

@@ -221,7 +221,7 @@ mod tests {
         let got = b.next_batch(4, 64);
         assert_eq!(expect.ids, got.ids);
         // A dataset across several epochs.
-        let items: Vec<QaPair> = (0..7).map(|i| QaPair { question: format!("{i}+1"), answer: format!("{}", i + 1) }).collect();
+        let items: Vec<QaPair> = (0..7).map(|i| QaPair { question: format!("{i}+1"), answer: format!("{}", i + 1), line: i + 1 }).collect();
         let src = Source::Dataset { items };
         let mut a = Batcher::new(src.clone(), 3);
         for _ in 0..5 {

@@ -10,6 +10,8 @@ pub struct QaPair {
     pub question: String,
     /// expected final answer
     pub answer: String,
+    /// line in the file (1-based; 0 when not read from a file)
+    pub line: usize,
 }
 
 /// Reads a JSONL file; errors name the file, line and field.
@@ -29,7 +31,7 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<QaPair>, String> {
             Some(serde_json::Value::Number(n)) => n.to_string(),
             _ => return Err(at("`answer`: missing or not a string/number".into())),
         };
-        out.push(QaPair { question: q.to_string(), answer: a.trim().to_string() });
+        out.push(QaPair { question: q.to_string(), answer: a.trim().to_string(), line: i + 1 });
     }
     if out.is_empty() {
         return Err(format!("{}: no problems found", path.display()));
