@@ -28,7 +28,23 @@ pub struct RunDir {
     pub path: PathBuf,
     /// the checkpoint to resume from (`Start::Resume` with a checkpoint present)
     pub latest: Option<PathBuf>,
-    _lock: Option<File>,
+    lock: Option<File>,
+    /// the directory did not exist before: removed again if the run leaves nothing in it
+    created: bool,
+}
+
+impl Drop for RunDir {
+    /// A run that failed before writing anything (a bad flag, a config error) leaves no
+    /// directory behind that it created, only to hold its lock.
+    fn drop(&mut self) {
+        if self.created && self.lock.take().is_some() {
+            let only_lock = std::fs::read_dir(&self.path).map(|rd| rd.filter_map(|e| e.ok()).all(|e| e.file_name() == "lock")).unwrap_or(false);
+            if only_lock {
+                let _ = std::fs::remove_file(self.path.join("lock"));
+                let _ = std::fs::remove_dir(&self.path);
+            }
+        }
+    }
 }
 
 /// What an earlier run leaves behind, by name under the run directory.
@@ -38,6 +54,7 @@ impl RunDir {
     /// Opens `path` (created if missing). `lock`: take the run's lock — the process that
     /// writes run-wide files does; the other ranks of an MPI job only read.
     pub fn open(path: &Path, start: Start, lock: bool) -> Result<RunDir> {
+        let created = !path.exists();
         std::fs::create_dir_all(path).map_err(|e| Error::msg(format!("cannot create run directory: {e}")).in_file(path))?;
         let held = if lock { Some(acquire(path)?) } else { None };
         let root = path.join("checkpoints");
@@ -70,7 +87,7 @@ impl RunDir {
                 None
             }
         };
-        Ok(RunDir { path: path.to_path_buf(), latest, _lock: held })
+        Ok(RunDir { path: path.to_path_buf(), latest, lock: held, created })
     }
 }
 
@@ -165,12 +182,18 @@ mod tests {
     #[test]
     fn one_holder_at_a_time_and_earlier_runs_are_never_reused_silently() {
         let d = scratch("lock");
+        // A run that leaves nothing removes the directory it made for its lock.
+        drop(RunDir::open(&d, Start::Fresh, true).unwrap());
+        assert!(!d.exists());
         let first = RunDir::open(&d, Start::Fresh, true).unwrap();
+        std::fs::write(d.join("metrics.jsonl"), "").unwrap();
         // flock locks belong to open file descriptions: a second open in this process
         // conflicts as another process's would.
         let e = RunDir::open(&d, Start::Fresh, true).unwrap_err().to_string();
         assert!(e.contains(&format!("pid {}", std::process::id())), "{e}");
         drop(first);
+        assert!(d.join("lock").exists(), "a directory the run wrote into stays");
+        std::fs::remove_file(d.join("metrics.jsonl")).unwrap();
         // An earlier run's checkpoints: refused, resumed, or removed.
         let ck = d.join("checkpoints/step-0000002");
         std::fs::create_dir_all(&ck).unwrap();
