@@ -156,6 +156,11 @@ fn shipped_model_solves_from_a_fresh_clone() {
         let text = String::from_utf8_lossy(&out.stdout);
         assert_eq!(text.lines().last().unwrap_or(""), a, "{q}");
     }
+    // Negative operands reach the model rather than the argument parser (whatever it
+    // answers: the arithmetic itself is the math issue's).
+    let out = bin().args(["solve", "-5 - -5", "--model"]).arg(&model).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!String::from_utf8_lossy(&out.stdout).trim().is_empty());
 }
 
 #[test]
@@ -215,6 +220,15 @@ fn plan_ranks_layouts_and_explains_rejections() {
     assert!(text.lines().filter(|l| l.trim_start().starts_with("4 ")).count() >= 1, "{text}");
     assert!(std::fs::read(&img).unwrap().starts_with(b"\x89PNG"));
     expect_error(&["plan", "--model", "no-such-model", "--devices", "8"], &["no-such-model", "preset"]);
+    // Every preset with the command's own defaults (this machine's cluster has no bf16
+    // peak: the default data type follows the cluster). On one CPU nothing fits, and
+    // the answer says why.
+    for model in ["deepseek-v3-671b", "pangu-ultra-moe-718b", "qwen3-235b-a22b", "mixtral-8x22b"] {
+        let out = bin().args(["plan", "--model", model]).output().unwrap();
+        let (text, err) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(text.contains("fp32") && text.contains("layouts evaluated"), "{model}: {text}{err}");
+        assert!(out.status.success() || (err.contains("no layout fits") && text.contains("GB per device")), "{model}: {err}");
+    }
     expect_error(&["plan", "--model", "mixtral-8x22b", "--cluster", "h100", "--devices", "8", "--fix", "tp=three"], &["--fix", "tp=three"]);
     expect_error(&["plan", "--model", "mixtral-8x22b", "--cluster", "h100", "--devices", "8", "--dtype", "int4"], &["--dtype", "int4"]);
     // Eight H100s cannot hold 141 B parameters with their optimizer states.

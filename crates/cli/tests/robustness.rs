@@ -601,3 +601,31 @@ fn a_diverging_run_stops_and_keeps_its_last_good_checkpoint() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_second_training_on_a_busy_run_directory_is_refused_naming_the_holder() {
+    let dir = scratch("busy");
+    let run = dir.join("run");
+    let mut first = Command::new(exe())
+        .args(["--threads", "1", "train", "--steps", "100000", "--micro-batch", "2", "--seq-len", "16", "--no-progress", "--peak-gflops", "100", "--run-dir"])
+        .arg(&run)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait until it trains (it holds the lock from before its first step).
+    let start = Instant::now();
+    while std::fs::metadata(run.join("metrics.jsonl")).map_or(true, |m| m.len() == 0) {
+        assert!(start.elapsed() < Duration::from_secs(60), "the first training did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for extra in [&[][..], &["--resume"][..], &["--overwrite"][..]] {
+        let out = Command::new(exe()).args(["--threads", "1", "train", "--steps", "1", "--no-progress", "--peak-gflops", "100", "--run-dir"]).arg(&run).args(extra).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{extra:?}: {err}");
+        assert!(err.contains(&format!("pid {}", first.id())), "{extra:?}: {err}");
+    }
+    let _ = first.kill();
+    let _ = first.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -250,7 +250,7 @@ pub fn simulate(m: &ModelCost, hw: &Hardware, job: &Job, l: &Layout) -> Result<P
         0.0
     };
     let t_mb = stage_compute + stage_recompute + stage_imbalance + tp_exposed + ep_exposed + pp_mb;
-    let bubble = (pp - 1) as f64 / vpp as f64 * t_mb;
+    let bubble = pipeline_bubble(pp, vpp, t_mb);
 
     // Parameters on the busiest device and its data-parallel traffic.
     let stage_frac = stage_layers as f64 / m.layers as f64;
@@ -270,13 +270,7 @@ pub fn simulate(m: &ModelCost, hw: &Hardware, job: &Job, l: &Layout) -> Result<P
     let optimizer = opt_params * 28.0 / (hw.device.memory_bandwidth * e.optimizer) + e.step_overhead;
 
     // Memory: states, activations of the micro-batches in flight, logits, buffers.
-    // 1F1B: the first stage holds `PP` micro-batches of its layers; interleaving adds
-    // the factor `1 + (PP−1)/(PP·VPP)` (Korthikanti et al., 2022).
-    let in_flight = match (pp, vpp) {
-        (1, _) => 1.0,
-        (_, 1) => (pp as f64).min(micro as f64),
-        _ => (pp as f64 * (1.0 + (pp - 1) as f64 / (pp * vpp) as f64)).min(micro as f64),
-    };
+    let in_flight = micro_batches_in_flight(pp, vpp, micro);
     let per_layer_act = m.saved_elements(moe_stage, l.recompute) * n * eb / tp as f64;
     let activations = per_layer_act * stage_layers as f64 * in_flight + n * (m.vocab / tp) as f64 * 4.0;
     let buffers = if ep > 1 { 2.0 * routed_rows * h * eb } else { 0.0 };
@@ -315,4 +309,23 @@ pub fn simulate(m: &ModelCost, hw: &Hardware, job: &Job, l: &Layout) -> Result<P
         activation_bytes: activations,
         breakdown,
     })
+}
+
+/// Seconds a step loses to the pipeline bubble: `(PP − 1)/VPP` micro-batch times
+/// (1F1B; interleaving over `VPP` chunks divides it). Checked against the schedules
+/// the trainer runs (`ultramoe-schedule`) in `tests/schedule_agreement.rs`.
+pub fn pipeline_bubble(pp: usize, vpp: usize, t_mb: f64) -> f64 {
+    (pp - 1) as f64 / vpp as f64 * t_mb
+}
+
+/// Micro-batches of a stage's layers whose activations the first stage holds at once:
+/// 1F1B `min(PP, m)`; interleaved `PP + (PP − 1)/VPP`, i.e. the factor
+/// `1 + (PP−1)/(PP·VPP)` of Korthikanti et al. (2022). Checked against the schedules
+/// in `tests/schedule_agreement.rs`.
+pub fn micro_batches_in_flight(pp: usize, vpp: usize, micro: usize) -> f64 {
+    match (pp, vpp) {
+        (1, _) => 1.0,
+        (_, 1) => (pp as f64).min(micro as f64),
+        _ => (pp as f64 * (1.0 + (pp - 1) as f64 / (pp * vpp) as f64)).min(micro as f64),
+    }
 }

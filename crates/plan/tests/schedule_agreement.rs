@@ -1,0 +1,27 @@
+//! The planner prices the pipeline the trainer runs: its bubble and in-flight formulas
+//! equal what the schedules of `ultramoe-schedule` give when simulated.
+
+use ultramoe_plan::simulate::{micro_batches_in_flight, pipeline_bubble};
+use ultramoe_schedule::{build, simulate, Kind, Shape};
+
+#[test]
+fn bubble_and_in_flight_match_the_schedules() {
+    // A micro-batch's pass through all of a rank's layers: forward 1, backward 2 (split
+    // evenly over its chunks).
+    let (f, b) = (1.0, 2.0);
+    for pp in 1..=8 {
+        for vpp in 1..=4 {
+            for m in [pp, 2 * pp, 4 * pp, 8 * pp] {
+                let s = build(Kind::OneFOneB, Shape { pp, vpp, micro_batches: m }).unwrap();
+                let t = simulate(&s, f / vpp as f64, b / vpp as f64, 0.0).unwrap();
+                let bubble = t.makespan - m as f64 * (f + b);
+                let predicted = pipeline_bubble(pp, vpp, f + b);
+                assert!((bubble - predicted).abs() < 1e-9, "pp {pp} vpp {vpp} m {m}: simulated bubble {bubble}, planner {predicted}");
+                // Rank 0 holds the most; in units of a whole stage's micro-batch.
+                let held = s.in_flight(0) as f64 / vpp as f64;
+                let planned = micro_batches_in_flight(pp, vpp, m);
+                assert!((held - planned).abs() < 1e-9, "pp {pp} vpp {vpp} m {m}: schedule holds {held}, planner {planned}");
+            }
+        }
+    }
+}
