@@ -60,7 +60,7 @@ impl RunDir {
         let root = path.join("checkpoints");
         let steps = checkpoint_dirs(&root);
         let latest = match start {
-            Start::Resume => resumable(&root, &steps)?,
+            Start::Resume => latest_checkpoint(path)?,
             Start::Fresh => {
                 // Only the lock holder judges: the other ranks may look after it started.
                 let found = RUN_OUTPUTS.iter().find(|n| held.is_some() && path.join(n).exists());
@@ -144,8 +144,11 @@ fn checkpoint_dirs(root: &Path) -> Vec<String> {
     v
 }
 
-/// The checkpoint `latest` names, checked complete; `None` when the run has none yet.
-fn resumable(root: &Path, steps: &[String]) -> Result<Option<PathBuf>> {
+/// The checkpoint `RUN/checkpoints/latest` names, checked complete; `None` when the run
+/// has none yet; an error when `latest` is broken or lost (see [`Start::Resume`]).
+pub fn latest_checkpoint(run: &Path) -> Result<Option<PathBuf>> {
+    let root = run.join("checkpoints");
+    let steps = checkpoint_dirs(&root);
     let latest = root.join("latest");
     let name = match std::fs::read_to_string(&latest) {
         Ok(n) => n.trim().to_string(),

@@ -961,10 +961,7 @@ impl Trainer {
 
     /// The newest complete checkpoint of a run, if any.
     pub fn latest_checkpoint(run_dir: &Path) -> Option<PathBuf> {
-        let root = run_dir.join("checkpoints");
-        let name = std::fs::read_to_string(root.join("latest")).ok()?;
-        let dir = root.join(name.trim());
-        dir.join("trainer_state.json").is_file().then_some(dir)
+        crate::run_dir::latest_checkpoint(run_dir).ok().flatten()
     }
 
     /// Resumes from a checkpoint directory: weights, moments, step, data position and
