@@ -10,17 +10,38 @@ use std::time::Duration;
 use ultramoe_dist::{local, CommError, Mesh, ProcessGroup};
 
 /// Parallelism options shared by the commands that train.
-#[derive(Args, Clone, Debug)]
+#[derive(Args, Clone, Debug, Default)]
 pub struct ParallelArgs {
-    /// Ranks to run as threads of this process (in-process backend). Under `mpirun`
-    /// the ranks are MPI's processes instead.
-    #[arg(long, default_value_t = 1)]
-    pub ranks: usize,
-    /// Expert-parallel size: each rank holds 1/EP of every layer's experts (default:
-    /// all ranks, or ranks / DP when --dp is given).
+    /// Ranks to run as threads of this process (in-process backend; default 1, or a
+    /// plan's device count). Under `mpirun` the ranks are MPI's processes instead.
+    #[arg(long)]
+    pub ranks: Option<usize>,
+    /// Pipeline stages: each rank holds a contiguous range of the decoder layers (the
+    /// first stage also the embedding, the last the head and loss).
+    #[arg(long)]
+    pub pp: Option<usize>,
+    /// Model chunks per pipeline rank (interleaved 1F1B: rank r holds virtual stages
+    /// r, r + PP, …); the micro-batch count must be a multiple of PP.
+    #[arg(long)]
+    pub vpp: Option<usize>,
+    /// Decoder layers of each pipeline stage (PP counts, e.g. 3,4,4,3) or of each
+    /// virtual stage (PP × VPP counts); default an even split.
+    #[arg(long)]
+    pub pp_layers: Option<String>,
+    /// Pipeline schedule: `1f1b` (interleaved with --vpp), `gpipe` (all forwards, then
+    /// all backwards), or `overlap` (1F1B with each steady-state forward and backward run
+    /// together, so one micro-batch's all-to-all hides under the other's compute).
+    #[arg(long)]
+    pub schedule: Option<String>,
+    /// Print every pipeline rank's schedule (F<micro-batch>.<chunk>, B…; pairs run
+    /// together as F…+B…) and exit.
+    #[arg(long)]
+    pub print_schedule: bool,
+    /// Expert-parallel size within a stage: each rank holds 1/EP of its layers' experts
+    /// (default: the stage's ranks, or those / DP when --dp is given).
     #[arg(long)]
     pub ep: Option<usize>,
-    /// Data-parallel size: copies of each expert (ranks / EP).
+    /// Data-parallel size: copies of each expert within a stage (stage ranks / EP).
     #[arg(long)]
     pub dp: Option<usize>,
     /// Consecutive ranks per node (machine), for the intra/inter-node traffic figures
@@ -32,9 +53,9 @@ pub struct ParallelArgs {
     #[arg(long)]
     pub hierarchical_a2a: bool,
     /// Token chunks each expert-parallel MoE layer pipelines against its all-to-all, so
-    /// exchanges run while other chunks compute (1: no overlap).
-    #[arg(long, default_value_t = ultramoe_model::model::DEFAULT_OVERLAP_CHUNKS)]
-    pub overlap_chunks: usize,
+    /// exchanges run while other chunks compute (1: no overlap; default 2).
+    #[arg(long)]
+    pub overlap_chunks: Option<usize>,
     /// Seconds a rank waits for the others before the job is declared stuck.
     #[arg(long, default_value_t = 30)]
     pub comm_timeout: u64,
@@ -46,9 +67,10 @@ pub struct ParallelArgs {
 }
 
 /// See [`ParallelArgs::mpi_wait`].
-#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum MpiWait {
     /// sleep when ranks outnumber cores
+    #[default]
     Auto,
     /// busy wait
     Spin,
@@ -56,29 +78,69 @@ pub enum MpiWait {
     Sleep,
 }
 
-impl ParallelArgs {
-    /// True when more than one rank will run.
-    pub fn is_parallel(&self) -> bool {
-        self.ranks > 1 || mpi_world_size().is_some_and(|n| n > 1)
-    }
+/// A job's layout: pipeline stages, expert-parallel and data-parallel sizes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Layout {
+    /// pipeline stages
+    pub pp: usize,
+    /// expert-parallel size
+    pub ep: usize,
+    /// data-parallel size
+    pub dp: usize,
+}
 
-    /// The expert-parallel size for a world of `n` ranks.
-    fn ep_for(&self, n: usize) -> CliResult<usize> {
-        let ep = match (self.ep, self.dp) {
-            (Some(ep), _) => ep,
-            (None, Some(dp)) if dp > 0 && n.is_multiple_of(dp) => n / dp,
-            (None, Some(dp)) => return Err(format!("--dp {dp} does not divide {n} ranks")),
-            (None, None) => n,
-        };
-        if ep == 0 || !n.is_multiple_of(ep) {
-            return Err(format!("--ep {ep} does not divide {n} ranks"));
-        }
-        if let Some(dp) = self.dp {
-            if dp * ep != n {
-                return Err(format!("--ep {ep} × --dp {dp} must equal the {n} ranks"));
+impl ParallelArgs {
+    /// Checks the flags' own values (every command that launches calls it first).
+    pub fn check(&self) -> CliResult {
+        for (flag, v) in [("--ranks", self.ranks), ("--overlap-chunks", self.overlap_chunks), ("--ranks-per-node", self.ranks_per_node), ("--pp", self.pp), ("--vpp", self.vpp), ("--ep", self.ep), ("--dp", self.dp)] {
+            if v == Some(0) {
+                return Err(format!("{flag}: must be at least 1, found 0"));
             }
         }
-        Ok(ep)
+        if self.comm_timeout == 0 {
+            return Err("--comm-timeout: must be at least 1 second, found 0".into());
+        }
+        Ok(())
+    }
+
+    /// Ranks in the job: MPI's processes under `mpirun`, else `--ranks` (default 1).
+    pub fn world(&self) -> usize {
+        mpi_world_size().unwrap_or(self.ranks.unwrap_or(1))
+    }
+
+    /// True when more than one rank will run.
+    pub fn is_parallel(&self) -> bool {
+        self.world() > 1
+    }
+
+    /// True when a layout flag (--pp, --ep, --dp) was given.
+    pub fn sets_layout(&self) -> bool {
+        self.pp.is_some() || self.ep.is_some() || self.dp.is_some()
+    }
+
+    /// The layout for a world of `n` ranks: the flags', with the expert-parallel size
+    /// taking the stage's ranks the others leave.
+    pub fn layout_for(&self, n: usize) -> CliResult<Layout> {
+        self.check()?;
+        let pp = self.pp.unwrap_or(1);
+        if !n.is_multiple_of(pp) {
+            return Err(format!("--pp {pp} does not divide {n} ranks"));
+        }
+        let stage = n / pp;
+        let ep = match (self.ep, self.dp) {
+            (Some(ep), _) => ep,
+            (None, Some(dp)) if stage.is_multiple_of(dp) => stage / dp,
+            (None, Some(dp)) => return Err(format!("--dp {dp} does not divide the {stage} ranks of a stage")),
+            (None, None) => stage,
+        };
+        if !stage.is_multiple_of(ep) {
+            return Err(format!("--ep {ep} does not divide the {stage} ranks of a stage ({n} ranks over {pp} pipeline stages)"));
+        }
+        let dp = stage / ep;
+        if self.dp.is_some_and(|d| d != dp) {
+            return Err(format!("--pp {pp} × --ep {ep} × --dp {} must equal the {n} ranks", self.dp.unwrap_or(1)));
+        }
+        Ok(Layout { pp, ep, dp })
     }
 }
 
@@ -98,46 +160,39 @@ fn local_ranks() -> Option<usize> {
     std::env::var("OMPI_COMM_WORLD_LOCAL_SIZE").ok()?.parse().ok()
 }
 
-/// Runs `f` on every rank (or once, with no mesh, for a single rank) and returns rank
-/// 0's result.
-pub fn launch<T: Send + 'static>(p: &ParallelArgs, f: impl Fn(Option<Mesh>) -> CliResult<T> + Send + Sync + 'static) -> CliResult<T> {
-    for (flag, v) in [("--ranks", Some(p.ranks)), ("--overlap-chunks", Some(p.overlap_chunks)), ("--ranks-per-node", p.ranks_per_node), ("--ep", p.ep), ("--dp", p.dp)] {
-        if v == Some(0) {
-            return Err(format!("{flag}: must be at least 1, found 0"));
-        }
-    }
-    if p.comm_timeout == 0 {
-        return Err("--comm-timeout: must be at least 1 second, found 0".into());
-    }
+/// Runs `f` on every rank of `layout` (or once, with no mesh, for a single rank) and
+/// returns rank 0's result. `f` learns whether the ranks are threads of this process.
+pub fn launch<T: Send + 'static>(p: &ParallelArgs, layout: Layout, f: impl Fn(Option<Mesh>, bool) -> CliResult<T> + Send + Sync + 'static) -> CliResult<T> {
+    p.check()?;
     let timeout = Duration::from_secs(p.comm_timeout);
     if let Some(n) = mpi_world_size() {
-        if p.ranks > 1 {
+        if p.ranks.is_some_and(|r| r > 1) {
             return Err("--ranks runs ranks as threads; under mpirun the ranks are MPI's processes (drop --ranks)".into());
         }
-        return launch_mpi(p, n, timeout, f);
+        return launch_mpi(p, layout, n, timeout, f);
     }
-    if p.ranks <= 1 && p.ep.unwrap_or(1) == 1 && p.dp.unwrap_or(1) == 1 {
-        return f(None);
+    let n = p.ranks.unwrap_or(1);
+    if n <= 1 {
+        return f(None, false);
     }
-    let ep = p.ep_for(p.ranks)?;
     let rpn = p.ranks_per_node;
     let f = Arc::new(f);
-    let results = local::run(p.ranks, timeout, move |c| {
+    let results = local::run(n, timeout, move |c| {
         let rank = ultramoe_dist::Communicator::rank(&c);
         let world: Arc<dyn ProcessGroup> = Arc::new(c);
-        let mesh = Mesh::new(world, ep)?;
+        let mesh = Mesh::pipelined(world, layout.pp, layout.ep)?;
         let mesh = match rpn {
             Some(r) => mesh.with_nodes(r),
             None => mesh,
         };
-        f(Some(mesh)).map_err(|reason| CommError { rank: Some(rank), reason })
+        f(Some(mesh), true).map_err(|reason| CommError { rank: Some(rank), reason })
     })
     .map_err(|e| e.to_string())?;
     results.into_iter().next().ok_or_else(|| "no ranks ran".to_string())
 }
 
 #[cfg(feature = "mpi")]
-fn launch_mpi<T>(p: &ParallelArgs, n: usize, timeout: Duration, f: impl Fn(Option<Mesh>) -> CliResult<T>) -> CliResult<T> {
+fn launch_mpi<T>(p: &ParallelArgs, layout: Layout, n: usize, timeout: Duration, f: impl Fn(Option<Mesh>, bool) -> CliResult<T>) -> CliResult<T> {
     let world = ultramoe_dist::mpi::world(timeout).map_err(|e| e.to_string())?;
     let rank = ultramoe_dist::Communicator::rank(&*world);
     let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
@@ -146,11 +201,10 @@ fn launch_mpi<T>(p: &ParallelArgs, n: usize, timeout: Duration, f: impl Fn(Optio
         MpiWait::Sleep => true,
         MpiWait::Auto => local_ranks().unwrap_or(n) > cores,
     });
-    let result = p
-        .ep_for(n)
-        .and_then(|ep| Mesh::new(world, ep).map_err(|e| e.to_string()))
+    let result = Mesh::pipelined(world, layout.pp, layout.ep)
+        .map_err(|e| e.to_string())
         .map(|m| m.with_nodes(p.ranks_per_node.unwrap_or_else(|| local_ranks().unwrap_or(n))))
-        .and_then(|mesh| f(Some(mesh)));
+        .and_then(|mesh| f(Some(mesh), false));
     result.or_else(|e| {
         // End every rank now: the others may be waiting on this one in a collective.
         eprintln!("ultramoe: error: rank {rank}: {e}");
@@ -163,7 +217,7 @@ fn launch_mpi<T>(p: &ParallelArgs, n: usize, timeout: Duration, f: impl Fn(Optio
 pub const NO_MPI: &str = "started by mpirun, but this ultramoe was built without MPI: rebuild with `cargo build --release --features mpi`";
 
 #[cfg(not(feature = "mpi"))]
-fn launch_mpi<T>(_: &ParallelArgs, _: usize, _: Duration, _: impl Fn(Option<Mesh>) -> CliResult<T>) -> CliResult<T> {
+fn launch_mpi<T>(_: &ParallelArgs, _: Layout, _: usize, _: Duration, _: impl Fn(Option<Mesh>, bool) -> CliResult<T>) -> CliResult<T> {
     Err(NO_MPI.into())
 }
 

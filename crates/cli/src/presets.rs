@@ -26,13 +26,6 @@ pub fn math_train_config() -> TrainConfig {
         aux_loss: None,
         routing_skew: 0.0,
         stats_ep: 1,
-        zero1: false,
-        overlap_grad_reduce: true,
-        placement_every: 0,
-        redundant_experts: 0,
-        memory_policy: vec![],
-        swap_dir: None,
-        swap_moments: false,
         max_nonfinite_steps: 3,
     }
 }

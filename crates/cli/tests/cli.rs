@@ -170,7 +170,7 @@ fn expert_parallel_train_on_threads_then_resume_on_one_rank() {
     let out = bin().args(args).args(["--ranks", "2", "--ep", "2", "--zero1", "--run-dir"]).arg(&run).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
-    assert!(err.contains("2 ranks: expert-parallel 2 × data-parallel 1; flat all-to-all"), "{err}");
+    assert!(err.contains("2 ranks: EP 2 × DP 1; flat all-to-all"), "{err}");
     assert!(run.join("model/model-00002-of-00002.safetensors").is_file());
     let lines = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
     assert_eq!(lines.lines().count(), 3, "rank 0 alone writes the metrics");

@@ -19,6 +19,7 @@ pub fn all<C: Communicator>() -> Vec<(&'static str, Check<C>)> {
         ("broadcast/all_gather/reduce_scatter", broadcast_all_gather_reduce_scatter::<C>),
         ("all_to_all_v", all_to_all_v_delivers_every_segment::<C>),
         ("send/recv", point_to_point_in_a_ring::<C>),
+        ("large sends both ways", large_sends_both_ways_before_receiving::<C>),
         ("split", split_makes_independent_groups::<C>),
     ]
 }
@@ -83,6 +84,26 @@ pub fn point_to_point_in_a_ring<C: Communicator>(c: &C) -> CommResult<()> {
     let got: Vec<u64> = c.recv((r + n - 1) % n, 8)?;
     assert_eq!(got, vec![((r + n - 1) % n) as u64]);
     Ok(())
+}
+
+/// Every rank sends 4 MiB to both neighbours, in both directions, before receiving
+/// anything, and the messages of one tag arrive in the order sent: pipeline stages send
+/// activations forward and gradients backward at the same time, which deadlocks where a
+/// send waits for its receive.
+pub fn large_sends_both_ways_before_receiving<C: Communicator>(c: &C) -> CommResult<()> {
+    let (n, r) = (c.size(), c.rank());
+    let (next, prev) = ((r + 1) % n, (r + n - 1) % n);
+    let big = |from: usize, k: usize| -> Vec<f32> { (0..1 << 20).map(|i| (from * 7 + k * 3 + i % 5) as f32).collect() };
+    for k in 0..2 {
+        c.send(&big(r, k), next, 20)?;
+        c.send(&big(r, k + 10), prev, 21)?;
+    }
+    for k in 0..2 {
+        assert!(c.recv::<f32>(prev, 20)? == big(prev, k), "message {k} from the rank before");
+        assert!(c.recv::<f32>(next, 21)? == big(next, k + 10), "message {k} from the rank after");
+    }
+    c.flush_sends()?;
+    c.barrier()
 }
 
 /// Pairs of neighbouring ranks ("expert-parallel") and same-parity ranks

@@ -39,6 +39,13 @@ pub trait ProcessGroup: Send + Sync {
     fn all_to_all_v_u64(&self, send: &[u64], counts: &[usize]) -> CommResult<(Vec<u64>, Vec<usize>)>;
     /// See [`Communicator::allows_concurrent_groups`].
     fn concurrent_groups(&self) -> bool;
+    /// Sends `data` to rank `dst` with `tag`, returning at once (see
+    /// [`Communicator::send`]).
+    fn send_f32(&self, data: &[f32], dst: usize, tag: u32) -> CommResult<()>;
+    /// Receives the next message from `src` with `tag`.
+    fn recv_f32(&self, src: usize, tag: u32) -> CommResult<Vec<f32>>;
+    /// Waits until every message sent has left.
+    fn flush_sends(&self) -> CommResult<()>;
     /// Sub-groups, as [`Communicator::split`].
     fn split_group(&self, color: usize, key: usize) -> CommResult<Arc<dyn ProcessGroup>>;
 }
@@ -86,38 +93,66 @@ impl<C: Communicator + Sync + 'static> ProcessGroup for C {
     fn concurrent_groups(&self) -> bool {
         self.allows_concurrent_groups()
     }
+    fn send_f32(&self, data: &[f32], dst: usize, tag: u32) -> CommResult<()> {
+        self.send(data, dst, tag)
+    }
+    fn recv_f32(&self, src: usize, tag: u32) -> CommResult<Vec<f32>> {
+        self.recv(src, tag)
+    }
+    fn flush_sends(&self) -> CommResult<()> {
+        Communicator::flush_sends(self)
+    }
     fn split_group(&self, color: usize, key: usize) -> CommResult<Arc<dyn ProcessGroup>> {
         Ok(Arc::new(self.split(color, key)?))
     }
 }
 
-/// The device mesh of a job: `world = DP × EP` ranks, expert-parallel ranks
-/// consecutive (`rank = dp_rank · EP + ep_rank`), so an expert-parallel group — the
-/// ranks that exchange tokens every layer — sits on neighbouring ranks (one node, when
-/// ranks are placed node by node). Pipeline stages would add an outer dimension.
+/// The device mesh of a job: `world = DP × PP × EP` ranks, expert-parallel ranks
+/// innermost, then pipeline stages, then data-parallel copies
+/// (`rank = (dp_rank · PP + pp_rank) · EP + ep_rank`). An expert-parallel group — the
+/// ranks that exchange tokens every MoE layer — sits on neighbouring ranks (one node,
+/// when ranks are placed node by node), and the ranks of one pipeline are `EP` apart.
 #[derive(Clone)]
 pub struct Mesh {
     /// every rank
     pub world: Arc<dyn ProcessGroup>,
-    /// the ranks sharing one copy of the experts between them (token exchange)
+    /// the ranks sharing one copy of a stage's experts between them (token exchange)
     pub ep: Arc<dyn ProcessGroup>,
-    /// the ranks holding the same experts (expert gradients are summed over it)
+    /// the ranks holding the same experts of the same stage (expert gradients are
+    /// summed over it)
     pub dp: Arc<dyn ProcessGroup>,
+    /// the ranks holding the same pipeline stage (`DP × EP`; replicated gradients are
+    /// summed over it); the world without pipeline parallelism
+    pub stage: Arc<dyn ProcessGroup>,
+    /// the stages of this rank's pipeline (same data- and expert-parallel index), in
+    /// stage order: activations and their gradients travel along it
+    pub pp: Arc<dyn ProcessGroup>,
     /// consecutive world ranks per node (machine): traffic between nodes is what the
     /// intra/inter-node statistics separate
     pub ranks_per_node: usize,
 }
 
 impl Mesh {
-    /// Splits `world` into the EP and DP groups. `ep` must divide the world size.
+    /// Splits `world` into the EP and DP groups (no pipeline). `ep` must divide the
+    /// world size.
     pub fn new(world: Arc<dyn ProcessGroup>, ep: usize) -> CommResult<Mesh> {
+        Mesh::pipelined(world, 1, ep)
+    }
+
+    /// Splits `world` into pipelines of `pp` stages, each stage's ranks into
+    /// expert-parallel groups of `ep`. `pp · ep` must divide the world size.
+    pub fn pipelined(world: Arc<dyn ProcessGroup>, pp: usize, ep: usize) -> CommResult<Mesh> {
         let (r, n) = (world.rank(), world.size());
-        if ep == 0 || n % ep != 0 {
-            return Err(crate::CommError { rank: None, reason: format!("--ep {ep} does not divide {n} ranks") });
+        if ep == 0 || pp == 0 || n % (ep * pp) != 0 {
+            let what = if pp > 1 { format!("--pp {pp} × --ep {ep}") } else { format!("--ep {ep}") };
+            return Err(crate::CommError { rank: None, reason: format!("{what} does not divide {n} ranks") });
         }
-        let ep_group = world.split_group(r / ep, r % ep)?;
-        let dp_group = world.split_group(r % ep, r / ep)?;
-        Ok(Mesh { world, ep: ep_group, dp: dp_group, ranks_per_node: n })
+        let (e, s, d) = (r % ep, (r / ep) % pp, r / (ep * pp));
+        let ep_group = world.split_group(r / ep, e)?;
+        let dp_group = world.split_group(s * ep + e, d)?;
+        let stage = world.split_group(s, d * ep + e)?;
+        let pp_group = world.split_group(d * ep + e, s)?;
+        Ok(Mesh { world, ep: ep_group, dp: dp_group, stage, pp: pp_group, ranks_per_node: n })
     }
 
     /// The same mesh with nodes of `ranks_per_node` consecutive ranks.
@@ -152,6 +187,10 @@ impl Mesh {
     /// Data-parallel size (copies of each expert).
     pub fn dp_size(&self) -> usize {
         self.dp.size()
+    }
+    /// Pipeline stages.
+    pub fn pp_size(&self) -> usize {
+        self.pp.size()
     }
 }
 

@@ -131,10 +131,16 @@ pub trait Communicator: Sized + Send {
     fn allows_concurrent_groups(&self) -> bool {
         true
     }
-    /// Sends `data` to rank `dst` with a `tag`.
+    /// Sends `data` to rank `dst` with a `tag`. Returns at once (the data is copied), so
+    /// ranks that send to each other before receiving never wait on each other.
     fn send<T: Scalar>(&self, data: &[T], dst: usize, tag: u32) -> CommResult<()>;
-    /// Receives the next message from `src` with `tag`.
+    /// Receives the next message from `src` with `tag` (messages of one sender and tag
+    /// arrive in the order sent).
     fn recv<T: Scalar>(&self, src: usize, tag: u32) -> CommResult<Vec<T>>;
+    /// Waits until every message this rank sent has left (its buffers freed).
+    fn flush_sends(&self) -> CommResult<()> {
+        Ok(())
+    }
     /// Splits the group: ranks with equal `color` form a new group, ordered by `key`
     /// (ties by current rank). Every rank must call it.
     fn split(&self, color: usize, key: usize) -> CommResult<Self>;

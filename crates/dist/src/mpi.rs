@@ -107,14 +107,66 @@ impl Watch {
     }
 }
 
+/// A send in flight (`MPI_Isend`): its request and the buffer it reads, owned here
+/// until the request completes.
+struct Sending {
+    request: mpi::ffi::MPI_Request,
+    data: *mut [u8],
+}
+
+// SAFETY: the request is an opaque handle and the buffer is owned by this value alone;
+// both are only touched under the communicator's `sends` lock.
+unsafe impl Send for Sending {}
+
+impl Sending {
+    /// True (and the buffer freed) once the send has completed; with `block`, waits.
+    fn finished(&mut self, block: bool) -> bool {
+        let mut flag = 0;
+        // SAFETY: the request is live (completed requests are removed at once) and the
+        // buffer it reads is still owned here.
+        unsafe {
+            if block {
+                mpi::ffi::MPI_Wait(&mut self.request, mpi::ffi::RSMPI_STATUS_IGNORE);
+                flag = 1;
+            } else {
+                mpi::ffi::MPI_Test(&mut self.request, &mut flag, mpi::ffi::RSMPI_STATUS_IGNORE);
+            }
+            if flag != 0 {
+                drop(Box::from_raw(self.data));
+            }
+        }
+        flag != 0
+    }
+}
+
 /// A rank's handle on an MPI communicator.
 pub struct MpiComm {
     // Field order matters: the communicator is freed before the runtime can finalise.
     comm: SimpleCommunicator,
+    /// point-to-point sends still in flight: `send` returns at once, as in the
+    /// in-process backend, so two ranks sending to each other never deadlock
+    sends: std::sync::Mutex<Vec<Sending>>,
     rt: Arc<Runtime>,
 }
 
+impl MpiComm {
+    /// Frees the buffers of completed sends; with `block`, waits for every send.
+    fn reap_sends(&self, block: bool) {
+        let mut sends = self.sends.lock().unwrap_or_else(|e| e.into_inner());
+        sends.retain_mut(|s| !s.finished(block));
+    }
+}
+
+impl Drop for MpiComm {
+    fn drop(&mut self) {
+        // A send's buffer must outlive its request; the communicator must outlive both.
+        self.reap_sends(true);
+    }
+}
+
 // SAFETY: MPI is initialised with at least MPI_THREAD_SERIALIZED (checked in `world`).
+// Pipeline parallelism sends and receives from the compute threads while exchanges run
+// on streams; the trainer requires MPI_THREAD_MULTIPLE for it.
 // Under SERIALIZED ultramoe has one thread inside MPI at a time: the expert-parallel
 // stream runs the exchanges while the main thread waits for them, the main thread's own
 // collectives come after every pending exchange was waited for, and the gradient stream
@@ -167,7 +219,7 @@ pub fn world(timeout: Duration) -> CommResult<Arc<MpiComm>> {
             }
         })
         .map_err(|e| CommError { rank: Some(rank as usize), reason: format!("cannot start the watchdog: {e}") })?;
-    Ok(Arc::new(MpiComm { comm, rt }))
+    Ok(Arc::new(MpiComm { comm, sends: Default::default(), rt }))
 }
 
 /// Ends the whole job at once (after an error on this rank), so no peer waits for it.
@@ -427,15 +479,41 @@ impl Communicator for MpiComm {
 
     fn send<T: Scalar>(&self, data: &[T], dst: usize, tag: u32) -> CommResult<()> {
         count(std::mem::size_of_val(data), self.rank())?;
+        self.reap_sends(false);
+        // The copy is owned by the request until it completes (`reap_sends`).
+        let buf: &'static [u8] = Box::leak(bytes(data).to_vec().into_boxed_slice());
         let _w = self.rt.watch.enter(Op::Send);
-        self.comm.process_at_rank(dst as i32).send_with_tag(bytes(data), tag as i32);
+        let request = self.comm.process_at_rank(dst as i32).immediate_send_with_tag(mpi::request::StaticScope, buf, tag as i32);
+        // SAFETY: the request is completed (tested or waited) before its buffer is freed,
+        // and before this communicator is dropped.
+        let (request, data, _) = unsafe { request.into_raw() };
+        self.sends.lock().unwrap_or_else(|e| e.into_inner()).push(Sending { request, data: data as *const [u8] as *mut [u8] });
         Ok(())
     }
 
     fn recv<T: Scalar>(&self, src: usize, tag: u32) -> CommResult<Vec<T>> {
         let _w = self.rt.watch.enter(Op::Recv);
-        let (b, _) = self.comm.process_at_rank(src as i32).receive_vec_with_tag::<u8>(tag as i32);
+        let from = self.comm.process_at_rank(src as i32);
+        if self.sleepy() {
+            // Wait for the message without spinning: probe, sleeping between probes.
+            let start = Instant::now();
+            while from.immediate_probe_with_tag(tag as i32).is_none() {
+                self.reap_sends(false);
+                if start.elapsed() < SPIN {
+                    std::hint::spin_loop();
+                } else {
+                    std::thread::sleep(NAP);
+                }
+            }
+        }
+        let (b, _) = from.receive_vec_with_tag::<u8>(tag as i32);
+        self.reap_sends(false);
         Ok(vec_from_bytes(&b))
+    }
+
+    fn flush_sends(&self) -> CommResult<()> {
+        self.reap_sends(true);
+        Ok(())
     }
 
     fn allows_concurrent_groups(&self) -> bool {
@@ -448,6 +526,6 @@ impl Communicator for MpiComm {
             .comm
             .split_by_color_with_key(Color::with_value(color as i32), key as i32)
             .ok_or_else(|| CommError { rank: Some(self.rank()), reason: "MPI_Comm_split returned no communicator".into() })?;
-        Ok(MpiComm { comm, rt: self.rt.clone() })
+        Ok(MpiComm { comm, sends: Default::default(), rt: self.rt.clone() })
     }
 }

@@ -21,6 +21,8 @@ pub struct Ctx<'a> {
     /// keep the attention probabilities for the backward (otherwise it recomputes them
     /// block by block: the `attention` memory policy)
     pub keep_probs: bool,
+    /// how the MoE layers run
+    pub moe: crate::moe::layer::MoeCtx<'a>,
 }
 
 impl Ctx<'_> {

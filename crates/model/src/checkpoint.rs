@@ -328,30 +328,41 @@ pub fn saved_by(layout: &crate::params::ParamLayout, spec: &crate::params::Param
     }
 }
 
-/// Saves this rank's share of the model to `dir`. Without expert parallelism that is the
-/// whole model ([`save_weights`]). Under EP of size `P`, rank `k` writes shard `k` of
-/// `P` with its experts (rank 0 also every replicated tensor) and rank 0 writes
+/// Saves this rank's share of the model to `dir`. Without expert or pipeline
+/// parallelism that is the whole model ([`save_weights`]). Otherwise, with `S` pipeline
+/// stages of `P` expert-parallel ranks, the rank of stage `s` and expert-parallel index
+/// `k` writes shard `s·P + k` of `S·P` with its stage's experts whose primary copy it
+/// holds (index 0 also the stage's replicated tensors), and the first writes
 /// `config.json` and the index naming every tensor's shard: the Hugging Face sharded
-/// layout, which loads as one model under any expert-parallel layout. Called by one
-/// rank of each expert-parallel rank index (the other data-parallel copies hold the
-/// same values).
+/// layout, which loads as one model under any layout. Called by one rank of each
+/// (stage, expert-parallel index) pair (the other data-parallel copies hold the same
+/// values).
 pub fn save_model_share(model: &Model, w: &[f32], dir: &Path) -> Result<()> {
     let (k, p) = model.ep_rank_size();
-    if p == 1 {
+    let (s, stages) = (model.stage.rank, model.stage.ranks);
+    if p == 1 && stages == 1 {
         return save_weights(model, w, dir, None);
     }
     std::fs::create_dir_all(dir).map_err(|e| Error::msg(format!("cannot create directory: {e}")).in_file(dir))?;
     let mut tensors: Vec<(String, Vec<usize>, &[f32])> =
-        model.layout.specs.iter().filter(|s| saved_by(&model.layout, s, k)).map(|s| (s.name.clone(), s.shape.clone(), &w[s.range()])).collect();
+        model.layout.specs.iter().filter(|t| saved_by(&model.layout, t, k)).map(|t| (t.name.clone(), t.shape.clone(), &w[t.range()])).collect();
     tensors.sort_by(|a, b| a.0.cmp(&b.0));
     let meta = Some(HashMap::from([("format".to_string(), "pt".to_string())]));
-    write_safetensors(&dir.join(shard_file(k, p)), &tensors, meta)?;
-    if k == 0 {
+    let shards = stages * p;
+    write_safetensors(&dir.join(shard_file(share_index(model), shards)), &tensors, meta)?;
+    if k == 0 && s == 0 {
         let cfg_text = serde_json::to_string_pretty(&model.cfg.raw).expect("config serialises");
         write_atomic(&dir.join("config.json"), cfg_text.as_bytes())?;
         let entries: Vec<(String, usize, usize)> =
-            model.layout.logical.iter().map(|t| (t.name.clone(), t.owner, t.shape.iter().product())).collect();
-        write_index(dir, &entries, p)?;
+            model.layout.logical.iter().map(|t| (t.name.clone(), t.stage * p + t.owner, t.shape.iter().product())).collect();
+        write_index(dir, &entries, shards)?;
     }
     Ok(())
+}
+
+/// This rank's shard of a saved share: `stage · P + ep_rank` (see [`save_model_share`]),
+/// and how many shards the layout writes.
+pub fn share_index(model: &Model) -> usize {
+    let (k, p) = model.ep_rank_size();
+    model.stage.rank * p + k
 }

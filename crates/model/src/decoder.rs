@@ -227,7 +227,7 @@ impl DecoderLayer {
         let mut h = a;
         add_into(&mut h, &x);
         let (xn2, rstd2) = self.norm(w, &self.ffn_norm, &h, n);
-        let (mut f, ffn) = self.ffn_forward(w, &xn2, n);
+        let (mut f, ffn) = self.ffn_forward(w, &xn2, c);
         let ffn_post = self.post_norm(w, self.sandwich.as_ref().map(|[_, sf]| sf), &mut f, n);
         let mut y = f;
         add_into(&mut y, &h);
@@ -235,14 +235,15 @@ impl DecoderLayer {
     }
 
     /// The FFN block's forward: its output and saved set.
-    fn ffn_forward(&self, w: &[f32], xn2: &[f32], n: usize) -> (Vec<f32>, FfnSaved) {
+    fn ffn_forward(&self, w: &[f32], xn2: &[f32], c: &Ctx) -> (Vec<f32>, FfnSaved) {
+        let n = c.n();
         match &self.ffn {
             FfnBlock::Dense(m) => {
                 let (y, s) = m.forward(w, xn2, n);
                 (y, FfnSaved::Dense(s))
             }
             FfnBlock::Moe(m) => {
-                let (y, s) = m.forward(w, xn2, n);
+                let (y, s) = m.forward(w, xn2, n, &c.moe);
                 (y, FfnSaved::Moe(s))
             }
         }
@@ -251,14 +252,15 @@ impl DecoderLayer {
     /// Rebuilds what [`LayerSaved::release`] freed for the FFN's backward (`xn₂`, the
     /// block's set or the SwiGLU outputs and routed rows), with the forward's own kernels
     /// on the same inputs (so the same bits).
-    fn restore_ffn(&self, w: &[f32], s: &mut LayerSaved, n: usize) {
+    fn restore_ffn(&self, w: &[f32], s: &mut LayerSaved, c: &Ctx) {
+        let n = c.n();
         if s.xn2.is_empty() {
             let _p = ultramoe_kernels::profile::scope("recompute.norm");
             (s.xn2, s.rstd2) = self.norm(w, &self.ffn_norm, &s.h, n);
         }
         if let FfnSaved::Rerun(_) = s.ffn {
             let _p = ultramoe_kernels::profile::scope("recompute.ffn");
-            s.ffn = self.ffn_forward(w, &s.xn2, n).1;
+            s.ffn = self.ffn_forward(w, &s.xn2, c).1;
         }
         match (&self.ffn, &mut s.ffn) {
             (FfnBlock::Dense(m), FfnSaved::Dense(ms)) => m.restore_act(ms),
@@ -300,7 +302,7 @@ impl DecoderLayer {
     /// layer never holds both blocks' rebuilt parts at once.
     pub fn backward(&self, w: &[f32], g: &mut [f32], mut s: LayerSaved, dy: Vec<f32>, c: &Ctx) -> Vec<f32> {
         let (n, hd) = (c.n(), self.hidden);
-        self.restore_ffn(w, &mut s, n);
+        self.restore_ffn(w, &mut s, c);
         // y = h + post(f): the residual passes dy to h unchanged.
         let df = self.post_norm_backward(w, g, self.sandwich.as_ref().map(|[_, sf]| sf), s.ffn_post.as_ref(), &dy);
         let dxn2 = match (&self.ffn, &s.ffn) {
@@ -309,7 +311,7 @@ impl DecoderLayer {
                 m.backward(w, g, &s.xn2, ms, &df, &mut dx, n, false);
                 dx
             }
-            (FfnBlock::Moe(m), FfnSaved::Moe(ms)) => m.backward(w, g, &s.xn2, ms, &df, n),
+            (FfnBlock::Moe(m), FfnSaved::Moe(ms)) => m.backward(w, g, &s.xn2, ms, &df, n, &c.moe),
             _ => unreachable!("saved FFN activations do not match the layer"),
         };
         drop(df);

@@ -15,10 +15,14 @@ pub mod mlp;
 pub mod model;
 pub mod moe;
 pub mod params;
+pub mod pass;
 pub mod policy;
+pub mod stage;
 pub mod swap;
 pub mod tensor_ops;
 
 pub use ultramoe_config::{config, error};
 pub use ultramoe_config::{Arch, Error, ModelConfig, Result};
-pub use model::{shifted_targets, Forward, Model};
+pub use model::{shifted_targets, ExpertSlots, Forward, Model, Share};
+pub use pass::PassOptions;
+pub use stage::Stage;

@@ -51,7 +51,9 @@
 
 use crate::decoder::{AttnBlock, DecoderLayer, FfnBlock};
 use crate::model::Model;
+use crate::pass::PassOptions;
 use crate::policy::{LayerPolicy, MemoryOp};
+use ultramoe_schedule::Action;
 use crate::swap::SwapRates;
 
 /// A predicted memory footprint, in bytes.
@@ -72,6 +74,11 @@ pub struct MemoryPlan {
     pub transient_bytes: usize,
     /// kernel workspaces and thread pools (measured by [`runtime_bytes`], or 0)
     pub runtime_bytes: usize,
+    /// activations other micro-batches held at the peak (pipeline schedules keep
+    /// several in flight)
+    pub in_flight_bytes: usize,
+    /// the most micro-batches in flight at once on this rank
+    pub micro_batches_in_flight: usize,
     /// predicted peak
     pub peak_bytes: usize,
 }
@@ -176,7 +183,7 @@ fn attention_block(l: &DecoderLayer, b: usize, t: usize, qkv: bool) -> (Block, u
 }
 
 /// The feed-forward block's floats, its backward temporaries (floats) and its name.
-fn ffn_block(l: &DecoderLayer, n: usize) -> (Block, usize, &'static str) {
+fn ffn_block(l: &DecoderLayer, n: usize, self_local: bool) -> (Block, usize, &'static str) {
     let h = l.hidden;
     match &l.ffn {
         FfnBlock::Dense(m) => {
@@ -189,7 +196,7 @@ fn ffn_block(l: &DecoderLayer, n: usize) -> (Block, usize, &'static str) {
             let (shared, shared_act) = m.shared.as_ref().map_or((0, 0), |s| mlp_floats(n, s.inter));
             let routing = n * e + 2 * n * k + 2 * r;
             // On one rank the routed rows and expert outputs can be rebuilt locally.
-            let local = m.dispatcher.ep.is_none();
+            let local = self_local;
             let block = Block {
                 whole: routing + r * (2 * h + 3 * ie) + shared,
                 swiglu: r * ie + shared_act,
@@ -210,7 +217,7 @@ impl Model {
         let n = b * t;
         let norms = norm_block(l, n);
         let (attn, attn_tmp) = attention_block(l, b, t, p.qkv && !p.full);
-        let (ffn, ffn_tmp, kind) = ffn_block(l, n);
+        let (ffn, ffn_tmp, kind) = ffn_block(l, n, self.ep.is_none());
         // The attention probabilities are never made whole under `attention`, nor in the
         // first forward of a layer recomputed whole.
         let probs = if p.attention { attn.attention } else { 0 };
@@ -229,8 +236,9 @@ impl Model {
             (4 * ffn_phase, 4 * attention_phase)
         };
         let backward = (ffn_phase + 4 * ffn_tmp).max(attention_phase + 4 * attn_tmp);
+        let id = self.layer_ids[i];
         if p.full {
-            let kept = vec![(format!("layer {i} input (recomputed in backward)"), 4 * n * l.hidden)];
+            let kept = vec![(format!("layer {id} input (recomputed in backward)"), 4 * n * l.hidden)];
             return LayerBytes { kept, swapped: 0, whole, backward };
         }
         let tag = if p.keeps_all() { String::new() } else { format!(" [{}]", p.describe()) };
@@ -240,111 +248,191 @@ impl Model {
             let kept = parts
                 .iter()
                 .filter(|(_, blk)| blk.unswappable(p) > 0)
-                .map(|(name, blk)| (format!("layer {i} {name} routing{tag}"), 4 * blk.unswappable(p)))
+                .map(|(name, blk)| (format!("layer {id} {name} routing{tag}"), 4 * blk.unswappable(p)))
                 .collect();
             return LayerBytes { kept, swapped, whole, backward };
         }
-        let kept = parts.iter().map(|(name, blk)| (format!("layer {i} {name}{tag}"), 4 * blk.kept(p))).collect();
+        let kept = parts.iter().map(|(name, blk)| (format!("layer {id} {name}{tag}"), 4 * blk.kept(p))).collect();
         LayerBytes { kept, swapped: 0, whole, backward }
     }
 
     /// Predicts the memory of a training step over a micro-batch of `b × t` tokens with
-    /// `moments` optimizer floats per parameter (AdamW: 2), under [`Model::policy`].
+    /// `moments` optimizer floats per parameter (AdamW: 2), under `opts` (policy,
+    /// swapped moments), one micro-batch at a time through this rank's layers.
     /// `runtime` is what [`runtime_bytes`] measured (0 to leave it out).
-    pub fn memory_plan(&self, b: usize, t: usize, moments: usize, runtime: usize) -> MemoryPlan {
+    pub fn memory_plan(&self, b: usize, t: usize, moments: usize, runtime: usize, opts: &PassOptions) -> MemoryPlan {
+        let chunks = self.stage.vpp;
+        let mut actions: Vec<Action> = (0..chunks).map(|chunk| Action::Forward { mb: 0, chunk }).collect();
+        actions.extend((0..chunks).rev().map(|chunk| Action::Backward { mb: 0, chunk }));
+        self.memory_plan_scheduled(b, t, moments, runtime, opts, &actions)
+    }
+
+    /// [`Model::memory_plan`] for this rank running `actions` (its list of a pipeline
+    /// schedule): the activations of every micro-batch in flight are held at once, and
+    /// the peak is the largest moment of any action (see the module docs) on top of what
+    /// the other micro-batches hold then. A stage that is not the last sends its
+    /// output (and, above the first, its input gradient) as a copy: `N·H` more at the end
+    /// of a pass.
+    pub fn memory_plan_scheduled(&self, b: usize, t: usize, moments: usize, runtime: usize, opts: &PassOptions, actions: &[Action]) -> MemoryPlan {
         let n = b * t;
         let (h, v) = (self.cfg.hidden, self.cfg.vocab_size);
         let p = self.layout.total;
         let mut items = vec![("weights".to_string(), 4 * p), ("gradients".to_string(), 4 * p)];
         let moment_bytes = 4 * moments * p;
         let mut swapped = vec![];
-        // Swapped moments are out from the first layer's forward to the bottom layer's
-        // backward (read back during it when there is a layer above it).
-        let (out_fwd, out_bwd) = if self.swap_moments {
+        let swap_moments = opts.swap_moments;
+        if swap_moments {
             swapped.push(("optimizer moments".to_string(), moment_bytes));
-            (moment_bytes, if self.layers.len() > 1 { moment_bytes } else { 0 })
         } else {
             items.push(("optimizer moments".to_string(), moment_bytes));
-            (0, 0)
+        }
+        let static_bytes = 4 * 2 * p + if swap_moments { 0 } else { moment_bytes };
+        let layers: Vec<LayerBytes> = (0..self.layers.len()).map(|i| self.layer_bytes(i, b, t, &opts.layer(self.layer_ids[i]))).collect();
+        let head = self.stage.holds_head();
+        let (head_kept, logits) = if head { (4 * (2 * n * h + n), 4 * n * v) } else { (0, 0) };
+        let xh = 4 * n * h;
+        let last_chunk = self.stage.vpp - 1;
+        let chunk_ranges: Vec<std::ops::Range<usize>> = (0..self.stage.vpp).map(|c| self.chunk_layers(c)).collect();
+        // What one micro-batch's pass through chunk c keeps until its backward.
+        let hold = |c: usize| {
+            let kept: usize = layers[chunk_ranges[c].clone()].iter().map(LayerBytes::kept_total).sum();
+            kept + if c == last_chunk { head_kept + logits } else { 0 }
         };
-        let static_bytes = 4 * 2 * p + if self.swap_moments { 0 } else { moment_bytes };
-        let layers: Vec<LayerBytes> =
-            (0..self.layers.len()).map(|i| self.layer_bytes(i, b, t, &self.policy.get(i).copied().unwrap_or_default())).collect();
-        let logits = 4 * n * v;
-        let head_kept = 4 * (2 * n * h + n);
-        let kept: usize = layers.iter().map(LayerBytes::kept_total).sum();
-        let act = kept + head_kept + logits;
-        // The moments of the peak (see the module docs); the head's backward first holds
-        // the logits' gradient (in place) and the normed input's gradient together.
-        let mut below = 0;
-        let mut dynamic = act + 4 * n * h;
-        for (i, l) in layers.iter().enumerate() {
-            let neighbour = if i > 0 { layers[i - 1].swapped } else { 0 };
-            let (moments_in_fwd, moments_in_bwd) = if i == 0 { (out_fwd, out_bwd) } else { (0, 0) };
-            let forward = below + l.whole + neighbour + moments_in_fwd;
-            let backward = below + neighbour + l.backward + 4 * 2 * n * h + head_kept + moments_in_bwd;
-            dynamic = dynamic.max(forward).max(backward);
-            below += l.kept_total();
+        // Swapped moments are out from the first layer's forward of the step to the
+        // bottom layer's backward of its last backward pass (read back during it when
+        // there is a layer above it in that chunk).
+        let first_forward = actions.iter().position(|a| matches!(a, Action::Forward { .. }));
+        let last_backward = actions.iter().rposition(|a| matches!(a, Action::Backward { .. }));
+        let mut held = 0usize;
+        let mut in_flight = 0usize;
+        let (mut dynamic, mut at_peak_others, mut most_in_flight) = (0usize, 0usize, 0usize);
+        let mut note = |moment: usize, others: usize, dynamic: &mut usize| {
+            if moment > *dynamic {
+                *dynamic = moment;
+                at_peak_others = others;
+            }
+        };
+        for (k, a) in actions.iter().enumerate() {
+            match *a {
+                Action::Forward { chunk, .. } => {
+                    let others = held;
+                    let mut below = held;
+                    for (j, i) in chunk_ranges[chunk].clone().enumerate() {
+                        let l = &layers[i];
+                        let neighbour = if j > 0 { layers[i - 1].swapped } else { 0 };
+                        let moments_out = if Some(k) == first_forward && j == 0 && swap_moments { moment_bytes } else { 0 };
+                        note(below + l.whole + neighbour + moments_out, others, &mut dynamic);
+                        below += l.kept_total();
+                    }
+                    if chunk == last_chunk && head {
+                        below += head_kept + logits;
+                    } else {
+                        // the output and its copy on its way to the next stage
+                        note(below + 2 * xh, others, &mut dynamic);
+                    }
+                    held = below;
+                    in_flight += 1;
+                    most_in_flight = most_in_flight.max(in_flight);
+                }
+                Action::Backward { chunk, .. } => {
+                    held -= hold(chunk);
+                    in_flight -= 1;
+                    let base = held;
+                    let kept: Vec<usize> = layers[chunk_ranges[chunk].clone()].iter().map(LayerBytes::kept_total).collect();
+                    let all: usize = kept.iter().sum();
+                    if chunk == last_chunk && head {
+                        // the head's backward forms the normed input's gradient beside
+                        // the logits' gradient (in place of the logits)
+                        note(base + all + head_kept + logits + xh, base, &mut dynamic);
+                    } else {
+                        // the output's gradient, received
+                        note(base + all + xh, base, &mut dynamic);
+                    }
+                    let range = chunk_ranges[chunk].clone();
+                    for (j, i) in range.clone().enumerate().rev() {
+                        let l = &layers[i];
+                        let below = base + kept[..j].iter().sum::<usize>();
+                        let neighbour = if j > 0 { layers[i - 1].swapped } else { 0 };
+                        let moments_in = if Some(k) == last_backward && j == 0 && swap_moments && range.len() > 1 { moment_bytes } else { 0 };
+                        note(below + neighbour + l.backward + 2 * xh + moments_in, base, &mut dynamic);
+                    }
+                    if self.stage.virtual_stage(chunk) > 0 {
+                        // the input's gradient and its copy on its way to the stage below
+                        note(base + 2 * xh, base, &mut dynamic);
+                    }
+                }
+            }
         }
         // The optimizer step holds the moments again, and none of the step's activations.
-        if self.swap_moments {
+        if swap_moments {
             dynamic = dynamic.max(moment_bytes);
         }
+        let act = layers.iter().map(LayerBytes::kept_total).sum::<usize>() + head_kept + logits;
         let layers_swap = layers.iter().any(|l| l.swapped > 0);
         for (i, l) in layers.into_iter().enumerate() {
             if l.swapped > 0 {
-                swapped.push((format!("layer {i}"), l.swapped));
+                swapped.push((format!("layer {}", self.layer_ids[i]), l.swapped));
             }
             items.extend(l.kept);
         }
-        items.push(("final norm and logits".to_string(), head_kept + logits));
+        if head {
+            items.push(("final norm and logits".to_string(), head_kept + logits));
+        }
+        if at_peak_others > 0 {
+            items.push((format!("other micro-batches in flight (up to {most_in_flight} at once)"), at_peak_others));
+        }
         // One staging buffer per swap file: the forward's, the moments'.
-        let staging = crate::swap::STAGING_BYTES * (usize::from(layers_swap) + usize::from(self.swap_moments));
+        let staging = crate::swap::STAGING_BYTES * (usize::from(layers_swap) + usize::from(swap_moments));
         if staging > 0 {
             items.push(("swap staging buffer".to_string(), staging));
         }
         if runtime > 0 {
             items.push(("kernel workspaces and thread pools (measured)".to_string(), runtime));
         }
+        let held_at_peak = act.max(at_peak_others);
         MemoryPlan {
             items,
             swapped_bytes: swapped.iter().map(|s| s.1).sum(),
             swapped,
             static_bytes,
             activation_bytes: act,
-            transient_bytes: dynamic - act + staging,
+            in_flight_bytes: at_peak_others,
+            micro_batches_in_flight: most_in_flight,
+            transient_bytes: dynamic.saturating_sub(held_at_peak) + staging,
             runtime_bytes: runtime,
             peak_bytes: static_bytes + dynamic + staging + runtime,
         }
     }
 
     /// The largest micro-batch of `t`-token rows, up to `limit`, whose step fits `budget`
-    /// bytes under the current policy (`None`: not even one row).
-    pub fn largest_micro_batch(&self, t: usize, moments: usize, runtime: usize, budget: usize, limit: usize) -> Option<usize> {
-        (1..=limit).take_while(|&b| self.memory_plan(b, t, moments, runtime).peak_bytes <= budget).last()
+    /// bytes under `opts`, running `actions` (`None`: not even one row).
+    #[allow(clippy::too_many_arguments)]
+    pub fn largest_micro_batch(&self, t: usize, moments: usize, runtime: usize, budget: usize, limit: usize, opts: &PassOptions, actions: &[Action]) -> Option<usize> {
+        (1..=limit).take_while(|&b| self.memory_plan_scheduled(b, t, moments, runtime, opts, actions).peak_bytes <= budget).last()
     }
 
-    /// Estimated extra seconds per step of running `b × t` tokens under `policy` rather
-    /// than keeping everything (see [`CostRates`]).
-    pub fn policy_cost(&self, b: usize, t: usize, policy: &[LayerPolicy], rates: &CostRates) -> f64 {
+    /// Estimated extra seconds per micro-batch of running `b × t` tokens through this
+    /// rank's layers under `opts` (policy, swapped moments) rather than keeping
+    /// everything (see [`CostRates`]).
+    pub fn policy_cost(&self, b: usize, t: usize, opts: &PassOptions, rates: &CostRates) -> f64 {
         let n = b * t;
         let forward: Vec<f64> = (0..self.layers.len()).map(|i| self.layer_forward_seconds(i, b, t, rates)).collect();
         let mut cost = 0.0;
-        if let (true, Some(s)) = (self.swap_moments, &rates.swap) {
+        if let (true, Some(s)) = (opts.swap_moments, &rates.swap) {
             // AdamW's two moments: the write hides behind the first layer's forward, the
             // read behind the bottom layer's backward (≈ twice its forward).
             let bottom = forward.first().copied().unwrap_or(0.0);
             cost += s.exposed_seconds(4.0 * 2.0 * self.layout.total as f64, bottom);
         }
-        for (i, p) in policy.iter().enumerate().take(self.layers.len()) {
-            let l = &self.layers[i];
+        for (i, l) in self.layers.iter().enumerate() {
+            let p = &opts.layer(self.layer_ids[i]);
             if p.full {
                 cost += forward[i] + if p.attention { self.attention_scores_flops(i, b, t) / rates.attention_flops } else { 0.0 };
                 continue;
             }
             let norms = norm_block(l, n);
             let (attn, _) = attention_block(l, b, t, p.qkv);
-            let (ffn, _, _) = ffn_block(l, n);
+            let (ffn, _, _) = ffn_block(l, n, self.ep.is_none());
             // Elementwise rebuilds stream their input and output once: RMSNorm reads the
             // input and writes the copy (a fresh buffer: its first touch costs about one
             // more half pass); SwiGLU reads 2 floats and writes 1 per output, with an exp
@@ -448,54 +536,64 @@ impl Model {
             + self.attention_core_flops(i, b, t) / rates.attention_flops
     }
 
-    /// The cheapest policy (by [`Model::policy_cost`]) under which a step over `b × t`
-    /// tokens fits `budget` bytes, starting from the current one: greedily the change
-    /// with the largest peak reduction per second of cost (the kept activations when no
-    /// change lowers the peak) — an op on a layer, or the optimizer moments to the swap
-    /// file ([`Model::swap_moments`], set here) — then every chosen change that is not
-    /// needed dropped again, dearest first. `Err` with the most frugal policy tried when
-    /// nothing fits.
-    pub fn choose_policy(&mut self, b: usize, t: usize, moments: usize, runtime: usize, budget: usize, rates: &CostRates) -> Result<Vec<LayerPolicy>, Vec<LayerPolicy>> {
-        let layers = self.layers.len();
-        self.policy.resize(layers, LayerPolicy::default());
-        // (peak, kept activations, cost) of a candidate: layer policies and moments.
-        let eval = |m: &mut Model, p: &[LayerPolicy], swap_moments: bool| {
-            let saved = (std::mem::replace(&mut m.policy, p.to_vec()), std::mem::replace(&mut m.swap_moments, swap_moments));
-            let plan = m.memory_plan(b, t, moments, runtime);
-            let cost = m.policy_cost(b, t, p, rates);
-            (m.policy, m.swap_moments) = saved;
-            (plan.peak_bytes, plan.activation_bytes, cost)
+    /// The cheapest memory options (by [`Model::policy_cost`]) under which a step over
+    /// `b × t` tokens running `actions` fits `budget` bytes, starting from `opts`:
+    /// greedily the change with the largest peak reduction per second of cost (the kept
+    /// activations when no change lowers the peak) — an op on a held layer, or the
+    /// optimizer moments to the swap file — then every chosen change that is not needed
+    /// dropped again, dearest first. A pure function of its arguments: `Ok` with the
+    /// options chosen, `Err` with the most frugal ones tried when nothing fits.
+    #[allow(clippy::too_many_arguments)]
+    pub fn choose_policy(
+        &self,
+        b: usize,
+        t: usize,
+        moments: usize,
+        runtime: usize,
+        budget: usize,
+        rates: &CostRates,
+        opts: &PassOptions,
+        actions: &[Action],
+    ) -> Result<PassOptions, PassOptions> {
+        let mut start = opts.clone();
+        start.policy.resize(self.cfg.n_layers.max(start.policy.len()), LayerPolicy::default());
+        // (peak, kept activations, cost) of a candidate.
+        let eval = |c: &PassOptions| {
+            let plan = self.memory_plan_scheduled(b, t, moments, runtime, c, actions);
+            (plan.peak_bytes, plan.activation_bytes, self.policy_cost(b, t, c, rates))
         };
-        let asked_moments = self.swap_moments;
-        let mut chosen = (self.policy.clone(), self.swap_moments);
+        let with = |policy: &[LayerPolicy], swap_moments: bool| PassOptions { policy: policy.to_vec(), swap_moments, ..start.clone() };
+        let asked_moments = start.swap_moments;
+        let held = self.layer_ids.clone();
+        let mut chosen = start.clone();
         loop {
-            let (peak, act, cost) = eval(self, &chosen.0, chosen.1);
+            let (peak, act, cost) = eval(&chosen);
             if peak <= budget {
                 break;
             }
-            let mut trials: Vec<(Vec<LayerPolicy>, bool)> = vec![];
-            if !chosen.1 && rates.swap.is_some() {
-                trials.push((chosen.0.clone(), true));
+            let mut trials: Vec<PassOptions> = vec![];
+            if !chosen.swap_moments && rates.swap.is_some() {
+                trials.push(with(&chosen.policy, true));
             }
-            for l in 0..layers {
+            for &l in &held {
                 for op in MemoryOp::ALL {
                     // A layer recomputed whole can still leave out its probabilities.
-                    let p = chosen.0[l];
+                    let p = chosen.policy[l];
                     if (p.full && op != MemoryOp::Attention) || p.has(op) || (op == MemoryOp::Swap && rates.swap.is_none()) {
                         continue;
                     }
-                    let mut trial = chosen.0.clone();
+                    let mut trial = chosen.policy.clone();
                     if op == MemoryOp::Full {
                         trial[l] = LayerPolicy { full: true, attention: p.attention, ..Default::default() };
                     } else {
                         trial[l].set(op);
                     }
-                    trials.push((trial, chosen.1));
+                    trials.push(with(&trial, chosen.swap_moments));
                 }
             }
-            let mut best: Option<(bool, f64, (Vec<LayerPolicy>, bool))> = None;
+            let mut best: Option<(bool, f64, PassOptions)> = None;
             for trial in trials {
-                let (tp, ta, tc) = eval(self, &trial.0, trial.1);
+                let (tp, ta, tc) = eval(&trial);
                 let by_peak = tp < peak;
                 let gain = if by_peak { peak - tp } else { act.saturating_sub(ta) };
                 if gain == 0 {
@@ -508,42 +606,38 @@ impl Model {
             }
             match best {
                 Some((_, _, next)) => chosen = next,
-                None => {
-                    self.swap_moments = chosen.1;
-                    return Err(chosen.0);
-                }
+                None => return Err(chosen),
             }
         }
         // Drop what is not needed, dearest first (moments the caller asked for stay).
-        let alone = |m: &mut Model, l: usize, op: MemoryOp| {
-            let mut p = vec![LayerPolicy::default(); layers];
+        let plain = vec![LayerPolicy::default(); chosen.policy.len()];
+        let alone = |l: usize, op: MemoryOp| {
+            let mut p = plain.clone();
             p[l].set(op);
-            eval(m, &p, false).2
+            eval(&with(&p, false)).2
         };
         let mut ops: Vec<(f64, Option<(usize, MemoryOp)>)> = vec![];
-        for l in 0..layers {
-            for op in MemoryOp::ALL.into_iter().filter(|&op| chosen.0[l].has(op)) {
-                ops.push((alone(self, l, op), Some((l, op))));
+        for &l in &held {
+            for op in MemoryOp::ALL.into_iter().filter(|&op| chosen.policy[l].has(op)) {
+                ops.push((alone(l, op), Some((l, op))));
             }
         }
-        if chosen.1 && !asked_moments {
-            let p = vec![LayerPolicy::default(); layers];
-            ops.push((eval(self, &p, true).2, None));
+        if chosen.swap_moments && !asked_moments {
+            ops.push((eval(&with(&plain, true)).2, None));
         }
         ops.sort_by(|a, c| c.0.total_cmp(&a.0));
         for (_, op) in ops {
             let mut trial = chosen.clone();
             match op {
-                Some((l, MemoryOp::Full)) => trial.0[l] = LayerPolicy::default(),
-                Some((l, op)) => trial.0[l].set_to(op, false),
-                None => trial.1 = false,
+                Some((l, MemoryOp::Full)) => trial.policy[l] = LayerPolicy::default(),
+                Some((l, op)) => trial.policy[l].set_to(op, false),
+                None => trial.swap_moments = false,
             }
-            if eval(self, &trial.0, trial.1).0 <= budget {
+            if eval(&trial).0 <= budget {
                 chosen = trial;
             }
         }
-        self.swap_moments = chosen.1;
-        Ok(chosen.0)
+        Ok(chosen)
     }
 }
 
@@ -646,8 +740,8 @@ impl Model {
     /// would need more memory than the machine has available — checked before anything
     /// is allocated, so a huge config or micro-batch is one line, not an allocation
     /// failure or an out-of-memory kill.
-    pub fn check_step_fits_machine(&self, rows: usize, seq_len: usize, ranks_here: usize) -> crate::Result<()> {
-        let plan = self.memory_plan(rows, seq_len, 2, 0);
+    pub fn check_step_fits_machine(&self, rows: usize, seq_len: usize, ranks_here: usize, opts: &PassOptions, actions: &[Action]) -> crate::Result<()> {
+        let plan = self.memory_plan_scheduled(rows, seq_len, 2, 0, opts, actions);
         check_available(plan.peak_bytes.saturating_mul(ranks_here.max(1)), || {
             format!(
                 "a training step of {rows} rows × seq-len {seq_len}{} on a model of {} (weights, gradients and moments {:.1} GB, saved activations {:.1} GB a rank)",

@@ -2,6 +2,10 @@
 //! parameter layout built from the config, and explicit forward/backward.
 
 use crate::attention::{Ctx, GqaAttention, MlaAttention};
+use crate::moe::dispatcher::ExpertExchange;
+use crate::moe::layer::MoeCtx;
+use crate::pass::PassOptions;
+use crate::stage::Stage;
 use crate::config::{Arch, ModelConfig, RopeScaling};
 use crate::decoder::{AttnBlock, DecoderLayer, FfnBlock, LayerSaved};
 use crate::mlp::Mlp;
@@ -12,11 +16,9 @@ use crate::moe::layer::MoeLayer;
 use crate::moe::placement::Placement;
 use crate::moe::router::Router;
 use crate::params::{fuse, Init, ParamLayout, Slot};
-use crate::policy::LayerPolicy;
 use crate::swap::{Prefetch, SwapFile, SwapTicket};
-use std::path::PathBuf;
 use std::sync::Arc;
-use ultramoe_dist::{CommStream, ProcessGroup};
+use ultramoe_dist::ProcessGroup;
 use ultramoe_kernels::embedding::{embedding_backward, embedding_forward};
 use ultramoe_kernels::gemm::{linear, linear_grad};
 use ultramoe_kernels::loss::{cross_entropy_forward, cross_entropy_fused_backward, IGNORE};
@@ -25,36 +27,72 @@ use crate::config::yarn_get_mscale;
 use ultramoe_kernels::rope::{default_inv_freq, yarn_inv_freq, RopeLayout, RopeTable, Yarn};
 use ultramoe_kernels::router::{RouterSpec, ScoreFn};
 
-/// A model: its config, parameter layout and layer structure. Weights live outside, in a
-/// flat buffer laid out by [`Model::layout`], so the same model serves any number of
-/// weight/gradient buffers.
+/// A model, or one rank's share of it: its config, parameter layout and layer structure.
+/// Weights live outside, in a flat buffer laid out by [`Model::layout`], so the same
+/// model serves any number of weight/gradient buffers. A share holds the decoder layers
+/// of its pipeline stage ([`Stage`]) and, under expert parallelism, its slots of every
+/// MoE layer's experts; how a pass runs is given per pass ([`PassOptions`]).
 #[derive(Clone, Debug)]
 pub struct Model {
     /// configuration
     pub cfg: ModelConfig,
     /// parameter table
     pub layout: ParamLayout,
-    /// `embed_tokens`, `[V, H]`
-    pub embed: Slot,
-    /// decoder layers
+    /// which layers this rank holds (the whole model without pipeline parallelism)
+    pub stage: Stage,
+    /// `embed_tokens`, `[V, H]`, when this rank holds the first stage
+    pub embed: Option<Slot>,
+    /// the decoder layers held, in model order
     pub layers: Vec<DecoderLayer>,
-    /// final norm gain
-    pub final_norm: Slot,
-    /// `lm_head`, `[V, H]` (the embedding's slot when tied)
-    pub lm_head: Slot,
+    /// the model-wide index of each held layer
+    pub layer_ids: Vec<usize>,
+    /// final norm gain, when this rank holds the last stage
+    pub final_norm: Option<Slot>,
+    /// `lm_head`, `[V, H]` (the embedding's slot when tied), when this rank holds the
+    /// last stage
+    pub lm_head: Option<Slot>,
     /// RoPE tables
     pub rope: RopeTable,
     /// the expert-parallel group this rank's experts belong to (`None`: one rank holds
     /// every expert)
     pub ep: Option<Arc<dyn ProcessGroup>>,
-    /// per decoder layer: what its forward keeps, recomputes or swaps out for its
-    /// backward ([`crate::policy`])
-    pub policy: Vec<LayerPolicy>,
-    /// where swap files go (layers with [`LayerPolicy::swap`], optimizer moments)
-    pub swap_dir: PathBuf,
-    /// the optimizer moments wait in a swap file from the first layer's forward to the
-    /// bottom layer's backward (the trainer moves them; the memory plan counts it)
-    pub swap_moments: bool,
+    /// where the expert-parallel exchanges run (with more than one expert-parallel rank)
+    pub exchange: Option<Arc<ExpertExchange>>,
+}
+
+/// What a rank's share of a model is: its pipeline stage, its expert-parallel group and
+/// which experts it holds, and how its exchanges cross nodes.
+#[derive(Clone)]
+pub struct Share {
+    /// the decoder layers held
+    pub stage: Stage,
+    /// the expert-parallel group (`None`: every expert here)
+    pub ep: Option<Arc<dyn ProcessGroup>>,
+    /// which experts each expert-parallel rank holds
+    pub experts: ExpertSlots,
+    /// node of each expert-parallel rank (empty: one node)
+    pub ep_nodes: Vec<usize>,
+    /// hierarchical all-to-all over those nodes
+    pub hierarchical: bool,
+}
+
+/// How experts are placed on the expert-parallel ranks.
+#[derive(Clone, Debug)]
+pub enum ExpertSlots {
+    /// consecutive blocks, with this many extra slots per rank for copies
+    Contiguous {
+        /// redundant slots per rank
+        redundant: usize,
+    },
+    /// as given, one placement per MoE layer of the whole model (a resumed run's)
+    Placed(Vec<Placement>),
+}
+
+impl Share {
+    /// The whole model on one rank.
+    pub fn whole(cfg: &ModelConfig) -> Share {
+        Share { stage: Stage::whole(cfg.n_layers), ep: None, experts: ExpertSlots::Contiguous { redundant: 0 }, ep_nodes: vec![], hierarchical: false }
+    }
 }
 
 /// One decoder layer's part of a forward pass.
@@ -91,26 +129,21 @@ impl LayerState {
     }
 }
 
-/// Everything a forward pass keeps for the backward and for the caller.
-pub struct Forward {
+/// What one model chunk's forward (a range of decoder layers) keeps for its backward.
+pub struct ChunkForward {
     /// batch rows
     pub b: usize,
     /// sequence length
     pub t: usize,
-    /// input ids `[B·T]`
-    pub ids: Vec<u32>,
-    /// logits `[B·T, V]`
-    pub logits: Vec<f32>,
+    /// which chunk of this rank
+    pub chunk: usize,
     /// per-layer saved activations (or inputs, for recomputed layers)
     pub layers: Vec<LayerState>,
-    x_final: Vec<f32>,
-    rstd_final: Vec<f32>,
-    xn_final: Vec<f32>,
     swap: Option<SwapFile>,
 }
 
-impl Forward {
-    /// Tokens routed to each expert, per MoE layer (`[n_moe_layers][E]`).
+impl ChunkForward {
+    /// Tokens routed to each expert, per MoE layer of the chunk (`[n_moe_layers][E]`).
     pub fn expert_counts(&self) -> Vec<Vec<usize>> {
         self.layers.iter().filter_map(|l| l.moe().map(|m| m.0)).collect()
     }
@@ -121,16 +154,68 @@ impl Forward {
         self.layers.iter().filter_map(|l| l.moe().map(|m| m.1)).collect()
     }
 
-    /// Sum of the MoE layers' auxiliary balancing losses (0 when none is configured).
+    /// Sum of the chunk's MoE layers' auxiliary balancing losses.
     pub fn aux_loss(&self) -> f32 {
         self.layers.iter().filter_map(|l| l.moe().map(|m| m.2)).sum()
+    }
+
+    /// Bytes of saved activations held in memory (not what is in the swap file).
+    pub fn activation_bytes(&self) -> usize {
+        self.layers.iter().map(|l| l.bytes()).sum()
+    }
+}
+
+/// What the head's forward (final norm, `lm_head`) keeps.
+pub struct HeadForward {
+    /// logits `[B·T, V]`
+    pub logits: Vec<f32>,
+    x: Vec<f32>,
+    rstd: Vec<f32>,
+    xn: Vec<f32>,
+}
+
+impl HeadForward {
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        4 * (self.logits.len() + self.x.len() + self.rstd.len() + self.xn.len())
+    }
+}
+
+/// Everything a whole model's forward pass keeps for the backward and for the caller.
+pub struct Forward {
+    /// batch rows
+    pub b: usize,
+    /// sequence length
+    pub t: usize,
+    /// input ids `[B·T]`
+    pub ids: Vec<u32>,
+    /// logits `[B·T, V]`
+    pub logits: Vec<f32>,
+    /// the decoder layers' part
+    pub chunk: ChunkForward,
+    head: HeadForward,
+}
+
+impl Forward {
+    /// Tokens routed to each expert, per MoE layer (`[n_moe_layers][E]`).
+    pub fn expert_counts(&self) -> Vec<Vec<usize>> {
+        self.chunk.expert_counts()
+    }
+
+    /// Tokens routed to each expert slot, per MoE layer (see [`ChunkForward::slot_counts`]).
+    pub fn slot_counts(&self) -> Vec<Vec<usize>> {
+        self.chunk.slot_counts()
+    }
+
+    /// Sum of the MoE layers' auxiliary balancing losses (0 when none is configured).
+    pub fn aux_loss(&self) -> f32 {
+        self.chunk.aux_loss()
     }
 
     /// Bytes of saved activations held in memory (logits included; not what is in the
     /// swap file).
     pub fn activation_bytes(&self) -> usize {
-        self.layers.iter().map(|l| l.bytes()).sum::<usize>()
-            + 4 * (self.logits.len() + self.x_final.len() + self.rstd_final.len() + self.xn_final.len())
+        self.chunk.activation_bytes() + 4 * self.logits.len() + self.head.bytes()
     }
 }
 
@@ -141,10 +226,11 @@ pub fn shifted_targets(ids: &[u32], t: usize) -> Vec<i32> {
 }
 
 impl Model {
-    /// Builds the layout and layers from a config; this rank holds every expert.
+    /// Builds the layout and layers from a config; this rank holds every layer and
+    /// expert.
     pub fn new(cfg: ModelConfig) -> Self {
-        let placements = vec![Placement::contiguous(cfg.moe.n_experts, 1, 0).expect("one rank holds every expert"); n_moe(&cfg)];
-        Self::build(cfg, None, placements)
+        let share = Share::whole(&cfg);
+        Self::share(cfg, share).expect("one rank holds the whole model")
     }
 
     /// This rank's share of an expert-parallel model: experts split into `ep.size()`
@@ -156,30 +242,55 @@ impl Model {
     /// [`Model::expert_parallel`] with `redundant` extra expert slots per rank (see
     /// [`crate::moe::placement`]), which start as copies of other ranks' experts.
     pub fn expert_parallel_redundant(cfg: ModelConfig, ep: Arc<dyn ProcessGroup>, redundant: usize) -> crate::Result<Self> {
-        let placement = match n_moe(&cfg) {
-            0 => None,
-            _ => Some(Placement::contiguous(cfg.moe.n_experts, ep.size(), redundant).map_err(|e| crate::Error::field("n_routed_experts", e))?),
-        };
-        let n = n_moe(&cfg);
-        Ok(Self::build(cfg, Some(ep), placement.into_iter().cycle().take(n).collect()))
+        let share = Share { ep: Some(ep), experts: ExpertSlots::Contiguous { redundant }, ..Share::whole(&cfg) };
+        Self::share(cfg, share)
     }
 
     /// This rank's share of an expert-parallel model whose MoE layers (in order) place
     /// their experts as `placements` say (a resumed run's placement).
     pub fn expert_parallel_placed(cfg: ModelConfig, ep: Arc<dyn ProcessGroup>, placements: Vec<Placement>) -> crate::Result<Self> {
-        if placements.len() != n_moe(&cfg) {
-            return Err(crate::Error::msg(format!("{} expert placements for {} MoE layers", placements.len(), n_moe(&cfg))));
+        let share = Share { ep: Some(ep), experts: ExpertSlots::Placed(placements), ..Share::whole(&cfg) };
+        Self::share(cfg, share)
+    }
+
+    /// This rank's share of the model as `share` describes it (collective over the
+    /// expert-parallel group when it has more than one rank: the exchange is set up).
+    pub fn share(cfg: ModelConfig, share: Share) -> crate::Result<Self> {
+        let n = n_moe(&cfg);
+        let ranks = share.ep.as_ref().map_or(1, |g| g.size());
+        if share.stage.virtual_layers.last().map(|r| r.end) != Some(cfg.n_layers) {
+            return Err(crate::Error::field("num_hidden_layers", format!("a pipeline split of {} layers for a model of {}", share.stage.virtual_layers.last().map_or(0, |r| r.end), cfg.n_layers)));
         }
-        if let Some(p) = placements.iter().find(|p| p.ranks != ep.size() || p.n_experts() != cfg.moe.n_experts) {
-            return Err(crate::Error::msg(format!(
-                "an expert placement for {} experts on {} ranks does not fit {} experts on {} ranks",
-                p.n_experts(),
-                p.ranks,
-                cfg.moe.n_experts,
-                ep.size()
-            )));
-        }
-        Ok(Self::build(cfg, Some(ep), placements))
+        let placements = match share.experts {
+            _ if n == 0 => vec![],
+            ExpertSlots::Contiguous { redundant } => {
+                let p = Placement::contiguous(cfg.moe.n_experts, ranks, redundant).map_err(|e| crate::Error::field("n_routed_experts", e))?;
+                vec![p; n]
+            }
+            ExpertSlots::Placed(ps) => {
+                if ps.len() != n {
+                    return Err(crate::Error::msg(format!("{} expert placements for {n} MoE layers", ps.len())));
+                }
+                if let Some(p) = ps.iter().find(|p| p.ranks != ranks || p.n_experts() != cfg.moe.n_experts) {
+                    return Err(crate::Error::msg(format!(
+                        "an expert placement for {} experts on {} ranks does not fit {} experts on {ranks} ranks",
+                        p.n_experts(),
+                        p.ranks,
+                        cfg.moe.n_experts,
+                    )));
+                }
+                ps
+            }
+        };
+        let exchange = match &share.ep {
+            Some(g) if g.size() > 1 => {
+                let nodes = if share.ep_nodes.is_empty() { vec![0; g.size()] } else { share.ep_nodes.clone() };
+                Some(Arc::new(ExpertExchange::new(g.clone(), nodes, share.hierarchical).map_err(crate::Error::msg)?))
+            }
+            _ if share.hierarchical => return Err(crate::Error::msg("a hierarchical all-to-all needs expert parallelism")),
+            _ => None,
+        };
+        Ok(Self::build(cfg, share.stage, share.ep, exchange, placements))
     }
 
     /// This rank's expert-parallel index and the group size (`(0, 1)` without EP).
@@ -187,10 +298,8 @@ impl Model {
         self.ep.as_ref().map_or((0, 1), |g| (g.rank(), g.size()))
     }
 
-    fn build(cfg: ModelConfig, ep: Option<Arc<dyn ProcessGroup>>, placements: Vec<Placement>) -> Self {
+    fn build(cfg: ModelConfig, stage: Stage, ep: Option<Arc<dyn ProcessGroup>>, exchange: Option<Arc<ExpertExchange>>, placements: Vec<Placement>) -> Self {
         let mut placements = placements.into_iter();
-        // One communication stream per expert-parallel group, shared by every layer.
-        let ep = ep.filter(|g| g.size() > 1).map(|g| (g, CommStream::new("ultramoe-ep-stream")));
         let mut lay = ParamLayout::default();
         let (h, v, l) = (cfg.hidden, cfg.vocab_size, cfg.n_layers);
         let std = if cfg.tiny_init {
@@ -201,9 +310,16 @@ impl Model {
         };
         let normal = Init::Normal(std);
         let ones = Init::Constant(1.0);
+        let rank = ep.as_ref().map_or(0, |g| g.rank());
+        lay.set_stage(stage.embedding_holder(), stage.holds_embedding());
         let embed = lay.add("model.embed_tokens.weight".into(), &[v, h], normal);
+        let embed_here = stage.holds_embedding().then_some(embed.clone());
         let mut layers = Vec::with_capacity(l);
+        let mut layer_ids = vec![];
         for i in 0..l {
+            // Every layer is registered (the logical list names the whole model);
+            // only the stage's own get buffer space and are kept.
+            lay.set_stage(stage.holder(i), stage.holds(i));
             let p = format!("model.layers.{i}.");
             let attn_norm = lay.add(format!("{p}input_layernorm.weight"), &[h], ones);
             let attn = match &cfg.mla {
@@ -275,7 +391,7 @@ impl Model {
             };
             let ffn_norm = lay.add(format!("{p}post_attention_layernorm.weight"), &[h], ones);
             let ffn = if cfg.moe_layers[i] {
-                FfnBlock::Moe(build_moe(&mut lay, &cfg, &p, normal, ep.clone(), placements.next().expect("one placement per MoE layer")))
+                FfnBlock::Moe(build_moe(&mut lay, &cfg, &p, normal, rank, placements.next().expect("one placement per MoE layer")))
             } else {
                 FfnBlock::Dense(build_mlp(&mut lay, &format!("{p}mlp."), ["gate_proj", "up_proj", "down_proj"], h, cfg.intermediate, normal))
             };
@@ -287,8 +403,12 @@ impl Model {
                     lay.add(format!("{p}post_mlp_layernorm.weight"), &[h], gain),
                 ]
             });
-            layers.push(DecoderLayer { attn_norm, attn, ffn_norm, ffn, sandwich, hidden: h, eps: cfg.rms_norm_eps });
+            if stage.holds(i) {
+                layers.push(DecoderLayer { attn_norm, attn, ffn_norm, ffn, sandwich, hidden: h, eps: cfg.rms_norm_eps });
+                layer_ids.push(i);
+            }
         }
+        lay.set_stage(stage.head_holder(), stage.holds_head());
         let final_norm = lay.add("model.norm.weight".into(), &[h], ones);
         let lm_head = if cfg.tie_word_embeddings {
             lay.aliases.insert("lm_head.weight".into(), "model.embed_tokens.weight".into());
@@ -296,27 +416,80 @@ impl Model {
         } else {
             lay.add("lm_head.weight".into(), &[v, h], normal)
         };
+        let head = stage.holds_head();
         let rope = build_rope(&cfg);
-        let ep = ep.map(|(g, _)| g);
-        let policy = vec![LayerPolicy::default(); layers.len()];
-        Model { cfg, layout: lay, embed, layers, final_norm, lm_head, rope, ep, policy, swap_dir: std::env::temp_dir(), swap_moments: false }
+        Model {
+            cfg,
+            layout: lay,
+            embed: embed_here,
+            layers,
+            layer_ids,
+            final_norm: head.then_some(final_norm),
+            lm_head: head.then_some(lm_head),
+            rope,
+            ep,
+            exchange,
+            stage,
+        }
     }
 
-    /// Forward over `ids: [B, T]` (row-major).
+    /// The held layers of this rank's model chunk `chunk`, as indices into
+    /// [`Model::layers`].
+    pub fn chunk_layers(&self, chunk: usize) -> std::ops::Range<usize> {
+        let r = &self.stage.chunks()[chunk];
+        let lo = self.layer_ids.iter().position(|&i| i == r.start).expect("the chunk's layers are held");
+        lo..lo + r.len()
+    }
+
+    /// The context a pass over `b × t` tokens runs layers in, on `exchange`.
+    fn ctx<'a>(&'a self, b: usize, t: usize, opts: &PassOptions, exchange: Option<&'a ExpertExchange>) -> Ctx<'a> {
+        let moe = MoeCtx { exchange, chunks: opts.overlap_chunks.max(1), balance_loss: opts.balance_loss, skew: opts.routing_skew };
+        Ctx { b, t, rope: &self.rope, keep_probs: true, moe }
+    }
+
+    /// Forward over `ids: [B, T]` (row-major), keeping everything for the backward.
     pub fn forward(&self, w: &[f32], ids: &[u32], b: usize, t: usize) -> Forward {
-        self.forward_hooked(w, ids, b, t, &mut |_| {})
+        self.forward_with(w, ids, b, t, &PassOptions::default())
     }
 
-    /// [`Model::forward`], calling `layer_done(i)` as soon as decoder layer `i`'s forward
-    /// is done.
-    pub fn forward_hooked(&self, w: &[f32], ids: &[u32], b: usize, t: usize, layer_done: &mut dyn FnMut(usize)) -> Forward {
-        let (h, v) = (self.cfg.hidden, self.cfg.vocab_size);
-        let n = b * t;
-        assert_eq!(ids.len(), n, "ids must hold B·T tokens");
-        let ctx = |keep_probs| Ctx { b, t, rope: &self.rope, keep_probs };
-        let mut x = vec![0.0; n * h];
-        embedding_forward(&mut x, &w[self.embed.clone()], ids, h);
-        let mut saved: Vec<LayerState> = Vec::with_capacity(self.layers.len());
+    /// [`Model::forward`] under `opts` (this rank must hold the whole model).
+    pub fn forward_with(&self, w: &[f32], ids: &[u32], b: usize, t: usize, opts: &PassOptions) -> Forward {
+        let x = self.embed_forward(w, ids);
+        let (x, chunk) = self.chunk_forward(w, x, 0, b, t, opts, self.exchange.as_deref(), &mut |_| {});
+        let mut head = self.head_forward(w, x);
+        // The caller reads the logits from the forward; the head keeps the rest.
+        let logits = std::mem::take(&mut head.logits);
+        Forward { b, t, ids: ids.to_vec(), logits, chunk, head }
+    }
+
+    /// The embedding of `ids` (this rank must hold the first stage): `[N, H]`.
+    pub fn embed_forward(&self, w: &[f32], ids: &[u32]) -> Vec<f32> {
+        let h = self.cfg.hidden;
+        let slot = self.embed.clone().expect("the first pipeline stage holds the embedding");
+        let mut x = vec![0.0; ids.len() * h];
+        embedding_forward(&mut x, &w[slot], ids, h);
+        x
+    }
+
+    /// Forward of this rank's model chunk `chunk` from its input `x: [B·T, H]`, calling
+    /// `layer_done(i)` as soon as held layer `i` ([`Model::layers`] index) is done.
+    /// Returns the chunk's output and what its backward needs.
+    #[allow(clippy::too_many_arguments)]
+    pub fn chunk_forward(
+        &self,
+        w: &[f32],
+        mut x: Vec<f32>,
+        chunk: usize,
+        b: usize,
+        t: usize,
+        opts: &PassOptions,
+        exchange: Option<&ExpertExchange>,
+        layer_done: &mut dyn FnMut(usize),
+    ) -> (Vec<f32>, ChunkForward) {
+        assert_eq!(x.len(), b * t * self.cfg.hidden, "the chunk's input must be B·T rows of H");
+        let base = self.ctx(b, t, opts, exchange);
+        let held = self.chunk_layers(chunk);
+        let mut saved: Vec<LayerState> = Vec::with_capacity(held.len());
         let mut swap: Option<SwapFile> = None;
         // A swapped layer whose write may still be running: it has the next layer's
         // forward to finish, then it is waited for, so the memory a step holds does not
@@ -328,10 +501,11 @@ impl Model {
                 f.wait_written(t);
             }
         };
-        for (i, layer) in self.layers.iter().enumerate() {
-            let p = self.policy.get(i).copied().unwrap_or_default();
+        for i in held {
+            let layer = &self.layers[i];
+            let p = opts.layer(self.layer_ids[i]);
             // (a layer recomputed whole keeps nothing of this pass, probabilities included)
-            let c = ctx(!p.full && !p.attention);
+            let c = Ctx { keep_probs: !p.full && !p.attention, ..base };
             let input = p.full.then(|| x.clone());
             let (y, mut s) = layer.forward(w, x, &c);
             let state = if let Some(x) = input {
@@ -340,7 +514,7 @@ impl Model {
             } else if p.swap {
                 s.release(&p);
                 let f = swap.get_or_insert_with(|| {
-                    SwapFile::create(&self.swap_dir).unwrap_or_else(|e| panic!("swap file in {}: {e}", self.swap_dir.display()))
+                    SwapFile::create(&opts.swap_dir).unwrap_or_else(|e| panic!("swap file in {}: {e}", opts.swap_dir.display()))
                 });
                 let ticket = f.write(s.take_buffers());
                 LayerState::Swapped(Box::new(s), ticket)
@@ -352,7 +526,7 @@ impl Model {
                 wait(&swap, &mut saved[j]);
             }
             if p.swap && !p.full {
-                writing = Some(i);
+                writing = Some(saved.len());
             }
             saved.push(state);
             x = y;
@@ -361,12 +535,26 @@ impl Model {
         if let Some(j) = writing {
             wait(&swap, &mut saved[j]);
         }
+        (x, ChunkForward { b, t, chunk, layers: saved, swap })
+    }
+
+    /// The head's forward from the last layer's output `x: [N, H]` (this rank must hold
+    /// the last stage): final norm and logits.
+    pub fn head_forward(&self, w: &[f32], x: Vec<f32>) -> HeadForward {
         let _p = ultramoe_kernels::profile::scope("lm_head.forward");
+        let (h, v) = (self.cfg.hidden, self.cfg.vocab_size);
+        let (norm, head) = self.head_slots();
+        let n = x.len() / h;
         let mut xn = vec![0.0; n * h];
         let mut rstd = vec![0.0; n];
-        rmsnorm_forward(&mut xn, &mut rstd, &x, &w[self.final_norm.clone()], h, self.cfg.rms_norm_eps);
-        let logits = linear(&xn, &w[self.lm_head.clone()], n, h, v);
-        Forward { b, t, ids: ids.to_vec(), logits, layers: saved, x_final: x, rstd_final: rstd, xn_final: xn, swap }
+        rmsnorm_forward(&mut xn, &mut rstd, &x, &w[norm], h, self.cfg.rms_norm_eps);
+        let logits = linear(&xn, &w[head], n, h, v);
+        HeadForward { logits, x, rstd, xn }
+    }
+
+    fn head_slots(&self) -> (Slot, Slot) {
+        let expect = "the last pipeline stage holds the final norm and the head";
+        (self.final_norm.clone().expect(expect), self.lm_head.clone().expect(expect))
     }
 
     /// Mean cross-entropy over positions with a target, and that count. Leaves
@@ -382,54 +570,68 @@ impl Model {
     /// `scale = 1/count`). Consumes the forward; accumulates gradients into `g`.
     /// Returns `(Σ CE, count)` over the positions with a target.
     pub fn backward(&self, w: &[f32], g: &mut [f32], fwd: Forward, targets: &[i32], scale: f32) -> (f64, usize) {
-        self.backward_hooked(w, g, fwd, targets, scale, &mut |_, _| {})
+        self.backward_with(w, g, fwd, targets, scale, &PassOptions::default())
     }
 
-    /// [`Model::backward`], calling `layer_done(g, i)` as soon as decoder layer `i`'s
-    /// gradients are complete (layers finish last to first), so their reduction can start
-    /// while earlier layers still compute.
-    pub fn backward_hooked(
+    /// [`Model::backward`] under `opts` (the forward's own).
+    pub fn backward_with(&self, w: &[f32], g: &mut [f32], fwd: Forward, targets: &[i32], scale: f32, opts: &PassOptions) -> (f64, usize) {
+        let Forward { ids, chunk, mut head, logits, .. } = fwd;
+        // The loss's gradient is formed in place of the logits.
+        head.logits = logits;
+        let (loss, count, dx) = self.head_backward(w, g, &mut head, targets, scale);
+        drop(head);
+        let dx = self.chunk_backward(w, g, chunk, dx, opts, self.exchange.as_deref(), &mut |_, _| {});
+        self.embed_backward(g, &dx, &ids);
+        (loss, count)
+    }
+
+    /// The head's backward for `scale · Σ CE` over `targets`: gradients of the final
+    /// norm and `lm_head` into `g`. Returns `(Σ CE, count, dx)` with `dx: [N, H]` the
+    /// gradient of the last layer's output. The logits are consumed.
+    pub fn head_backward(&self, w: &[f32], g: &mut [f32], head: &mut HeadForward, targets: &[i32], scale: f32) -> (f64, usize, Vec<f32>) {
+        let _p = ultramoe_kernels::profile::scope("lm_head.backward");
+        let (h, v) = (self.cfg.hidden, self.cfg.vocab_size);
+        let (norm, lm) = self.head_slots();
+        let n = head.x.len() / h;
+        let mut dlogits = std::mem::take(&mut head.logits);
+        let (loss, count) = cross_entropy_fused_backward(&mut dlogits, targets, v, scale);
+        let dxn = linear_grad(&mut g[lm.clone()], &dlogits, &head.xn, &w[lm], n, h, v);
+        drop(dlogits);
+        let mut dx = vec![0.0; n * h];
+        rmsnorm_backward(&mut dx, &mut g[norm.clone()], &dxn, &head.x, &w[norm], &head.rstd, h, false);
+        (loss, count, dx)
+    }
+
+    /// Backward of model chunk `fwd.chunk` from the gradient of its output `dy`;
+    /// weight gradients into `g`. Returns the gradient of the chunk's input. Calls
+    /// `layer_done(g, i)` as soon as held layer `i`'s gradients are complete (layers
+    /// finish last to first), so their reduction can start while earlier layers still
+    /// compute. `opts` and `exchange` must be the forward's.
+    #[allow(clippy::too_many_arguments)]
+    pub fn chunk_backward(
         &self,
         w: &[f32],
         g: &mut [f32],
-        mut fwd: Forward,
-        targets: &[i32],
-        scale: f32,
+        mut fwd: ChunkForward,
+        mut dx: Vec<f32>,
+        opts: &PassOptions,
+        exchange: Option<&ExpertExchange>,
         layer_done: &mut dyn FnMut(&[f32], usize),
-    ) -> (f64, usize) {
-        let (h, v) = (self.cfg.hidden, self.cfg.vocab_size);
-        let n = fwd.b * fwd.t;
-        let c = Ctx { b: fwd.b, t: fwd.t, rope: &self.rope, keep_probs: true };
-        let lm_scope = ultramoe_kernels::profile::scope("lm_head.backward");
-        let mut dlogits = std::mem::take(&mut fwd.logits);
-        let loss = cross_entropy_fused_backward(&mut dlogits, targets, v, scale);
-        let dxn = linear_grad(&mut g[self.lm_head.clone()], &dlogits, &fwd.xn_final, &w[self.lm_head.clone()], n, h, v);
-        drop(dlogits);
-        let mut dx = vec![0.0; n * h];
-        rmsnorm_backward(
-            &mut dx,
-            &mut g[self.final_norm.clone()],
-            &dxn,
-            &fwd.x_final,
-            &w[self.final_norm.clone()],
-            &fwd.rstd_final,
-            h,
-            false,
-        );
-        drop(dxn);
-        drop(lm_scope);
+    ) -> Vec<f32> {
+        let c = self.ctx(fwd.b, fwd.t, opts, exchange);
         let swap = fwd.swap.take();
         let mut states = std::mem::take(&mut fwd.layers);
         // The read of the layer below, started while this layer's backward runs.
         let mut prefetched: Option<Prefetch> = None;
-        for (i, layer) in self.layers.iter().enumerate().rev() {
+        for i in self.chunk_layers(fwd.chunk).rev() {
+            let layer = &self.layers[i];
             let state = states.pop().expect("one saved state per layer");
             let s = match state {
                 LayerState::Kept(s) => *s,
                 LayerState::Recompute { x, .. } => {
                     let _p = ultramoe_kernels::profile::scope("recompute.forward");
                     // With `attention` too, the rerun keeps no probabilities either.
-                    let keep_probs = !self.policy.get(i).is_some_and(|p| p.attention);
+                    let keep_probs = !opts.layer(self.layer_ids[i]).attention;
                     layer.forward(w, x, &Ctx { keep_probs, ..c }).1
                 }
                 LayerState::Swapped(mut s, mut t) => {
@@ -446,103 +648,29 @@ impl Model {
             dx = layer.backward(w, g, s, dx, &c);
             layer_done(g, i);
         }
-        embedding_backward(&mut g[self.embed.clone()], &dx, &fwd.ids, h);
         // Frozen buffers (the router correction bias) take no gradient.
         for spec in self.layout.specs.iter().filter(|s| s.frozen) {
             g[spec.range()].fill(0.0);
         }
-        loss
+        dx
     }
 
-    /// Adds `coef · kind` to the training objective of every MoE layer (`None` removes it).
-    pub fn set_balance_loss(&mut self, loss: Option<(ultramoe_kernels::balance::BalanceLoss, f32)>) {
-        for l in &mut self.layers {
-            if let crate::decoder::FfnBlock::Moe(m) = &mut l.ffn {
-                m.router.aux = loss;
-            }
-        }
+    /// The embedding's backward from the first layer's input gradient `dx` (this rank
+    /// must hold the first stage).
+    pub fn embed_backward(&self, g: &mut [f32], dx: &[f32], ids: &[u32]) {
+        let slot = self.embed.clone().expect("the first pipeline stage holds the embedding");
+        embedding_backward(&mut g[slot], dx, ids, self.cfg.hidden);
     }
 
-    /// Tells every dispatcher which node each expert-parallel rank is on, for the
-    /// intra/inter-node traffic counts, and makes all layers share one counter.
-    pub fn set_nodes(&mut self, node_of_ep_rank: Vec<usize>) {
-        let stats = std::sync::Arc::new(crate::moe::dispatcher::ExchangeStats::default());
-        for l in &mut self.layers {
-            if let crate::decoder::FfnBlock::Moe(m) = &mut l.ffn {
-                if m.dispatcher.node_of.len() == node_of_ep_rank.len() {
-                    m.dispatcher.node_of = node_of_ep_rank.clone();
-                }
-                m.dispatcher.stats = stats.clone();
-            }
-        }
-    }
-
-    /// Makes every MoE layer's all-to-all hierarchical over nodes of `per_node`
-    /// consecutive expert-parallel ranks (see [`crate::moe::hierarchical`]); collective
-    /// over the expert-parallel group. A no-op without expert parallelism.
-    pub fn set_hierarchical(&mut self, per_node: usize) -> crate::Result<()> {
-        let Some(ep) = &self.ep else { return Ok(()) };
-        let p = ep.size();
-        if per_node < 2 || per_node >= p || p % per_node != 0 {
-            return Err(crate::Error::msg(format!(
-                "a hierarchical all-to-all needs several nodes of several ranks: {per_node} ranks per node over {p} expert-parallel ranks"
-            )));
-        }
-        let hy = crate::moe::hierarchical::Hierarchy::new(ep.as_ref(), per_node).map_err(|e| crate::Error::msg(e.to_string()))?;
-        for l in &mut self.layers {
-            if let crate::decoder::FfnBlock::Moe(m) = &mut l.ffn {
-                m.dispatcher.hierarchy = Some(hy.clone());
-                m.dispatcher.node_of = (0..p).map(|r| r / per_node).collect();
-            }
-        }
-        Ok(())
-    }
-
-    /// All-to-all traffic since the last call, over every MoE layer (zero without
-    /// expert parallelism).
+    /// All-to-all traffic since the last call (zero without expert parallelism).
     pub fn take_exchange_totals(&self) -> crate::moe::dispatcher::ExchangeTotals {
-        let mut t = crate::moe::dispatcher::ExchangeTotals::default();
-        let mut seen: Vec<*const crate::moe::dispatcher::ExchangeStats> = vec![];
-        for l in &self.layers {
-            if let crate::decoder::FfnBlock::Moe(m) = &l.ffn {
-                let p = std::sync::Arc::as_ptr(&m.dispatcher.stats);
-                if !seen.contains(&p) {
-                    seen.push(p);
-                    let x = m.dispatcher.stats.take();
-                    t.seconds += x.seconds;
-                    t.exposed_seconds += x.exposed_seconds;
-                    t.intra_node_bytes += x.intra_node_bytes;
-                    t.inter_node_bytes += x.inter_node_bytes;
-                    t.inter_node_bytes_hierarchical += x.inter_node_bytes_hierarchical;
-                }
-            }
-        }
-        t
+        self.exchange.as_ref().map(|e| e.stats.take()).unwrap_or_default()
     }
 
-    /// Splits each expert-parallel MoE layer's tokens into `chunks` pieces pipelined
-    /// against the all-to-all (1: no overlap).
-    pub fn set_overlap_chunks(&mut self, chunks: usize) {
-        for l in &mut self.layers {
-            if let crate::decoder::FfnBlock::Moe(m) = &mut l.ffn {
-                m.chunks = chunks.max(1);
-            }
-        }
-    }
-
-    /// Sets the skewed-load workload's Zipf exponent on every router (0 = off).
-    pub fn set_routing_skew(&mut self, s: f32) {
-        for l in &mut self.layers {
-            if let crate::decoder::FfnBlock::Moe(m) = &mut l.ffn {
-                m.router.skew = s;
-            }
-        }
-    }
-
-    /// Recomputes exactly the decoder layers listed, whole, and keeps everything in the
-    /// others (see [`Model::policy`]).
-    pub fn set_recompute_layers(&mut self, layers: &[usize]) {
-        self.policy = (0..self.layers.len()).map(|l| LayerPolicy { full: layers.contains(&l), ..Default::default() }).collect();
+    /// The model-wide MoE-layer index of each held MoE layer, in order.
+    pub fn moe_ids(&self) -> Vec<usize> {
+        let global: Vec<usize> = (0..self.cfg.n_layers).filter(|&i| self.cfg.moe_layers[i]).collect();
+        self.layer_ids.iter().filter_map(|i| global.iter().position(|g| g == i)).collect()
     }
 
     /// Every MoE layer's expert placement, in layer order.
@@ -628,14 +756,7 @@ fn build_mlp(lay: &mut ParamLayout, prefix: &str, names: [&str; 3], h: usize, in
     Mlp { gate_up: fuse(&[g, u]), down: d, hidden: h, inter }
 }
 
-fn build_moe(
-    lay: &mut ParamLayout,
-    cfg: &ModelConfig,
-    p: &str,
-    init: Init,
-    ep: Option<(Arc<dyn ProcessGroup>, Arc<CommStream>)>,
-    placement: Placement,
-) -> MoeLayer {
+fn build_moe(lay: &mut ParamLayout, cfg: &ModelConfig, p: &str, init: Init, rank: usize, placement: Placement) -> MoeLayer {
     let m = &cfg.moe;
     let h = cfg.hidden;
     let (block, names) = match cfg.arch {
@@ -649,7 +770,6 @@ fn build_moe(
     // slot side by side, then every slot's down projection: the grouped GEMM's [S, 2I, H]
     // and [S, H, I]). The whole model's expert tensors are recorded in expert order, so
     // initialisation draws the same stream on every rank and checkpoints see every expert.
-    let rank = ep.as_ref().map_or(0, |(g, _)| g.rank());
     let proj = names;
     let names = ExpertNames { prefix: format!("{p}{block}.experts."), proj: names.map(String::from) };
     let mut gu = Vec::with_capacity(2 * placement.slots_per_rank);
@@ -680,12 +800,11 @@ fn build_moe(
         scaling: m.routed_scaling_factor,
     };
     MoeLayer {
-        router: Router { weight, bias, spec, hidden: h, aux: None, skew: 0.0 },
-        dispatcher: TokenDispatcher::new(placement.n_slots(), h, ep),
+        router: Router { weight, bias, spec, hidden: h },
+        dispatcher: TokenDispatcher { n_experts: placement.n_slots(), hidden: h },
         experts: GroupedExperts { gate_up: fuse(&gu), down: fuse(&down), hidden: h, inter: m.expert_inter, names },
         placement,
         shared,
-        chunks: DEFAULT_OVERLAP_CHUNKS,
     }
 }
 
@@ -694,8 +813,7 @@ fn n_moe(cfg: &ModelConfig) -> usize {
     cfg.moe_layers.iter().filter(|&&m| m).count()
 }
 
-/// Token chunks an expert-parallel MoE layer pipelines against its all-to-all.
-pub const DEFAULT_OVERLAP_CHUNKS: usize = 2;
+pub use crate::pass::DEFAULT_OVERLAP_CHUNKS;
 
 fn build_rope(cfg: &ModelConfig) -> RopeTable {
     let dim = cfg.rope_dim();

@@ -68,10 +68,13 @@ pub struct LogicalTensor {
     pub shape: Vec<usize>,
     /// initialisation
     pub init: Init,
-    /// held in this rank's buffer (false: another expert-parallel rank holds it)
+    /// held in this rank's buffer (false: another expert-parallel rank or pipeline
+    /// stage holds it)
     pub local: bool,
     /// the expert-parallel rank that holds (and saves) it; 0 for replicated tensors
     pub owner: usize,
+    /// the pipeline rank whose stage holds it
+    pub stage: usize,
 }
 
 /// The table of all tensors.
@@ -92,15 +95,32 @@ pub struct ParamLayout {
     index: HashMap<String, usize>,
     /// checkpoint names that alias another tensor (tied `lm_head.weight`)
     pub aliases: HashMap<String, String>,
+    /// the pipeline rank holding what is registered now, and whether it is this rank
+    /// ([`ParamLayout::set_stage`])
+    stage: usize,
+    elsewhere: bool,
 }
 
 impl ParamLayout {
+    /// Tensors registered from now on belong to pipeline rank `stage`'s part of the
+    /// model; when that is not this rank (`here` false) they are recorded in the logical
+    /// list only (so initialisation draws the same stream and checkpoints name them) and
+    /// their slots are empty.
+    pub fn set_stage(&mut self, stage: usize, here: bool) {
+        self.stage = stage;
+        self.elsewhere = !here;
+    }
+
     /// Appends a tensor; returns its range.
     pub fn add(&mut self, name: String, shape: &[usize], init: Init) -> Slot {
+        if self.elsewhere {
+            self.add_logical(name, shape, init, false, 0);
+            return self.total..self.total;
+        }
         let decay = shape.len() >= 2;
         let spec = ParamSpec { name: name.clone(), shape: shape.to_vec(), offset: self.total, init, decay, frozen: false, expert: false };
         let r = spec.range();
-        self.logical.push(LogicalTensor { name: name.clone(), shape: shape.to_vec(), init, local: true, owner: 0 });
+        self.logical.push(LogicalTensor { name: name.clone(), shape: shape.to_vec(), init, local: true, owner: 0, stage: self.stage });
         self.total += spec.len();
         self.index.insert(name, self.specs.len());
         self.specs.push(spec);
@@ -110,6 +130,9 @@ impl ParamLayout {
     /// Appends a tensor that takes no gradient step (a buffer in PyTorch terms).
     pub fn add_frozen(&mut self, name: String, shape: &[usize], init: Init) -> Slot {
         let r = self.add(name, shape, init);
+        if self.elsewhere {
+            return r;
+        }
         let last = self.specs.len() - 1;
         self.specs[last].frozen = true;
         self.specs[last].decay = false;
@@ -120,6 +143,9 @@ impl ParamLayout {
     /// the buffer, but not in the logical list, which [`ParamLayout::add_logical`] fills
     /// in expert order whatever slot each expert sits in.
     pub fn add_slot(&mut self, name: String, shape: &[usize], init: Init) -> Slot {
+        if self.elsewhere {
+            return self.total..self.total;
+        }
         let spec = ParamSpec { name: name.clone(), shape: shape.to_vec(), offset: self.total, init, decay: true, frozen: false, expert: true };
         let r = spec.range();
         self.total += spec.len();
@@ -131,11 +157,12 @@ impl ParamLayout {
     /// Records a routed expert's tensor of the whole model: held here (`local`) or not,
     /// saved by expert-parallel rank `owner`.
     pub fn add_logical(&mut self, name: String, shape: &[usize], init: Init, local: bool, owner: usize) {
+        let local = local && !self.elsewhere;
         if !local {
             self.remote.insert(name.clone());
         }
         self.owners.insert(name.clone(), self.logical.len());
-        self.logical.push(LogicalTensor { name, shape: shape.to_vec(), init, local, owner });
+        self.logical.push(LogicalTensor { name, shape: shape.to_vec(), init, local, owner, stage: self.stage });
     }
 
     /// Renames slot tensors (`(old, new)` pairs, applied together, so names may swap).
@@ -180,6 +207,11 @@ impl ParamLayout {
             }
         }
         out
+    }
+
+    /// The pipeline rank that holds tensor `name` (0 when unknown).
+    pub fn stage_of(&self, name: &str) -> usize {
+        self.logical.iter().find(|t| t.name == name).map_or(0, |t| t.stage)
     }
 
     /// True for a tensor of the whole model that this rank does not hold.

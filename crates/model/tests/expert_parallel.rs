@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use ultramoe_dist::{local, ProcessGroup};
 use ultramoe_model::init::{init_weights, Rng};
-use ultramoe_model::{shifted_targets, Model, ModelConfig};
+use ultramoe_model::{shifted_targets, Model, ModelConfig, PassOptions, Share};
 
 fn config(model_type: &str) -> ModelConfig {
     let base = match model_type {
@@ -32,20 +32,28 @@ fn config(model_type: &str) -> ModelConfig {
 const LOGIT_TOLERANCE: f32 = 1e-4;
 
 /// Logits and named gradients of one rank's share.
-struct Share {
+struct Result {
     logits: Vec<f32>,
     grads: Vec<(String, Vec<f32>)>,
 }
 
-fn run(model: &Model, ids: &[u32], b: usize, t: usize, count: usize) -> Share {
+fn run(model: &Model, ids: &[u32], b: usize, t: usize, count: usize, chunks: usize) -> Result {
     // Larger weights than the 0.02 init spread the routing over every expert.
     let w: Vec<f32> = init_weights(&model.layout, 5).iter().map(|x| x * 20.0).collect();
-    let fwd = model.forward(&w, ids, b, t);
+    let opts = PassOptions { overlap_chunks: chunks, ..PassOptions::default() };
+    let fwd = model.forward_with(&w, ids, b, t, &opts);
     let logits = fwd.logits.clone();
     let mut g = vec![0.0; model.layout.total];
-    model.backward(&w, &mut g, fwd, &shifted_targets(ids, t), 1.0 / count as f32);
+    model.backward_with(&w, &mut g, fwd, &shifted_targets(ids, t), 1.0 / count as f32, &opts);
     let grads = model.layout.specs.iter().map(|s| (s.name.clone(), g[s.range()].to_vec())).collect();
-    Share { logits, grads }
+    Result { logits, grads }
+}
+
+/// This rank's share of an expert-parallel model over `group`, its ranks on the nodes
+/// `nodes` says, with a hierarchical all-to-all when `hierarchical`.
+fn share(cfg: ultramoe_model::ModelConfig, group: Arc<dyn ProcessGroup>, nodes: Vec<usize>, hierarchical: bool) -> Model {
+    let share = Share { ep: Some(group), ep_nodes: nodes, hierarchical, ..Share::whole(&cfg) };
+    Model::share(cfg, share).unwrap()
 }
 
 fn check(model_type: &'static str, p: usize) {
@@ -60,15 +68,14 @@ fn check_chunks(model_type: &'static str, p: usize, chunks: usize) {
     let mut rng = Rng::new(3);
     let ids: Vec<u32> = (0..b * t).map(|_| rng.range(0, 36) as u32).collect();
     let count = shifted_targets(&ids, t).iter().filter(|&&x| x >= 0).count();
-    let single = run(&Model::new(config(model_type)), &ids, b, t, count);
+    let single = run(&Model::new(config(model_type)), &ids, b, t, count, 1);
     let ids2 = ids.clone();
     let shares = local::run(p, Duration::from_secs(30), move |c| {
         let group: Arc<dyn ProcessGroup> = Arc::new(c);
-        let mut model = Model::expert_parallel(config(model_type), group.clone()).unwrap();
-        model.set_overlap_chunks(chunks);
+        let model = Model::expert_parallel(config(model_type), group.clone()).unwrap();
         let rows = b / p;
         let r = group.rank();
-        let mut s = run(&model, &ids2[r * rows * t..(r + 1) * rows * t], rows, t, count);
+        let mut s = run(&model, &ids2[r * rows * t..(r + 1) * rows * t], rows, t, count, chunks);
         // Replicated tensors' gradients are partial sums over each rank's rows.
         for (name, g) in &mut s.grads {
             if !name.contains(".experts.") {
@@ -131,8 +138,7 @@ fn exchange_bytes_are_counted_by_node() {
     let ids: Vec<u32> = (0..b * t).map(|_| rng.range(0, 36) as u32).collect();
     let per_rank = local::run(4, Duration::from_secs(30), move |c| {
         let group: Arc<dyn ProcessGroup> = Arc::new(c);
-        let mut model = Model::expert_parallel(config("qwen3_moe"), group.clone()).unwrap();
-        model.set_nodes(vec![0, 0, 1, 1]);
+        let model = share(config("qwen3_moe"), group.clone(), vec![0, 0, 1, 1], false);
         let r = group.rank();
         let rows = &ids[r * t..(r + 1) * t];
         let w: Vec<f32> = init_weights(&model.layout, 5).iter().map(|x| x * 20.0).collect();
@@ -182,17 +188,14 @@ fn hierarchical_all_to_all_matches_flat_and_crosses_nodes_once_per_token() {
     let mut rng = Rng::new(3);
     let ids: Vec<u32> = (0..b * t).map(|_| rng.range(0, 36) as u32).collect();
     let count = shifted_targets(&ids, t).iter().filter(|&&x| x >= 0).count();
-    let single = run(&Model::new(config("deepseek_v3")), &ids, b, t, count);
+    let single = run(&Model::new(config("deepseek_v3")), &ids, b, t, count, 1);
     for chunks in [1, 2] {
         let ids2 = ids.clone();
         let out = local::run(4, Duration::from_secs(30), move |c| {
             let group: Arc<dyn ProcessGroup> = Arc::new(c);
-            let mut model = Model::expert_parallel(config("deepseek_v3"), group.clone()).unwrap();
-            model.set_overlap_chunks(chunks);
-            model.set_nodes(vec![0, 0, 1, 1]);
-            model.set_hierarchical(2).unwrap();
+            let model = share(config("deepseek_v3"), group.clone(), vec![0, 0, 1, 1], true);
             let r = group.rank();
-            let mut s = run(&model, &ids2[r * t..(r + 1) * t], 1, t, count);
+            let mut s = run(&model, &ids2[r * t..(r + 1) * t], 1, t, count, chunks);
             for (name, g) in &mut s.grads {
                 if !name.contains(".experts.") {
                     group.all_reduce_f32(g)?;

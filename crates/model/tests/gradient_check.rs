@@ -8,7 +8,7 @@
 
 use ultramoe_kernels::balance::BalanceLoss;
 use ultramoe_model::init::{init_weights, Rng};
-use ultramoe_model::{shifted_targets, Model, ModelConfig};
+use ultramoe_model::{shifted_targets, Model, ModelConfig, PassOptions};
 
 fn config(model_type: &str, extra: &str) -> ModelConfig {
     let base = match model_type {
@@ -35,8 +35,8 @@ fn config(model_type: &str, extra: &str) -> ModelConfig {
 
 /// Objective (cross-entropy plus any auxiliary balancing loss) and the routing it took
 /// (per-layer expert loads).
-fn loss(model: &Model, w: &[f32], ids: &[u32], b: usize, t: usize) -> (f64, Vec<Vec<usize>>) {
-    let fwd = model.forward(w, ids, b, t);
+fn loss(model: &Model, w: &[f32], ids: &[u32], b: usize, t: usize, opts: &PassOptions) -> (f64, Vec<Vec<usize>>) {
+    let fwd = model.forward_with(w, ids, b, t, opts);
     (model.loss(&fwd, &shifted_targets(ids, t)).0 as f64 + fwd.aux_loss() as f64, fwd.expert_counts())
 }
 
@@ -45,8 +45,8 @@ fn check(model_type: &str, extra: &str) {
 }
 
 fn check_with(model_type: &str, extra: &str, aux: Option<(BalanceLoss, f32)>) {
-    let mut model = Model::new(config(model_type, extra));
-    model.set_balance_loss(aux);
+    let model = Model::new(config(model_type, extra));
+    let opts = PassOptions { balance_loss: aux, ..PassOptions::default() };
     let w = init_weights(&model.layout, 5);
     // Larger weights than the 0.02 init make every path's gradient visible.
     let w: Vec<f32> = w.iter().zip(model.layout.specs.iter().flat_map(|s| std::iter::repeat_n(s.shape.len(), s.len())))
@@ -56,19 +56,19 @@ fn check_with(model_type: &str, extra: &str, aux: Option<(BalanceLoss, f32)>) {
     let mut rng = Rng::new(11);
     let ids: Vec<u32> = (0..b * t).map(|_| rng.range(0, 36) as u32).collect();
     let targets = shifted_targets(&ids, t);
-    let fwd = model.forward(&w, &ids, b, t);
+    let fwd = model.forward_with(&w, &ids, b, t, &opts);
     let (_, count) = model.loss(&fwd, &targets);
     let mut g = vec![0.0f32; w.len()];
-    model.backward(&w, &mut g, fwd, &targets, 1.0 / count as f32);
+    model.backward_with(&w, &mut g, fwd, &targets, 1.0 / count as f32, &opts);
     let frozen: Vec<bool> = model.layout.specs.iter().flat_map(|s| std::iter::repeat_n(s.frozen, s.len())).collect();
-    let base_routing = loss(&model, &w, &ids, b, t).1;
+    let base_routing = loss(&model, &w, &ids, b, t, &opts).1;
     let mut checked = 0;
     for dir in 0..40 {
         let d: Vec<f32> = frozen.iter().map(|&f| if f { 0.0 } else { rng.normal() as f32 }).collect();
         let eps = 3e-4f32;
         let wp: Vec<f32> = w.iter().zip(&d).map(|(a, b)| a + eps * b).collect();
         let wm: Vec<f32> = w.iter().zip(&d).map(|(a, b)| a - eps * b).collect();
-        let ((lp, rp), (lm, rm)) = (loss(&model, &wp, &ids, b, t), loss(&model, &wm, &ids, b, t));
+        let ((lp, rp), (lm, rm)) = (loss(&model, &wp, &ids, b, t, &opts), loss(&model, &wm, &ids, b, t, &opts));
         // Top-k routing is piecewise constant: a step that changes a decision has no
         // derivative to compare with, so such directions are skipped.
         if rp != base_routing || rm != base_routing {

@@ -37,6 +37,16 @@ impl Recompute {
         }
     }
 
+    /// The same policy in the trainer's vocabulary of memory ops
+    /// (`ultramoe_model::policy`): what `train --plan` runs and what the planner prices.
+    pub fn policy(&self) -> &'static str {
+        match self {
+            Recompute::None => "none",
+            Recompute::Selective => "norm+swiglu+attention",
+            Recompute::Full => "full",
+        }
+    }
+
     /// The policy's name.
     pub fn name(&self) -> &'static str {
         match self {

@@ -19,6 +19,11 @@
 //! - **Interleaved 1F1B** (`vpp > 1`; needs `m` a multiple of `pp`): forwards visit the
 //!   chunks in groups of `pp` micro-batches, backwards the chunks in reverse; warm-up
 //!   `(pp − r − 1)·2 + (vpp − 1)·pp` forwards (capped at `m·vpp`). In flight: warm-up + 1.
+//! - **Overlapped 1F1B** (Megatron-Core's "combined 1F1B"): 1F1B (or interleaved 1F1B)
+//!   with one more warm-up forward, so that in the steady state each forward is of a
+//!   different micro-batch than the backward that follows it; the engine runs each such
+//!   pair at once ([`Schedule::steps`]), so one micro-batch's expert all-to-all waits
+//!   while the other computes. In flight: one more than the plain schedule's.
 //!
 //! With unit costs (a forward `f`, a backward `b`) the idle fraction of 1F1B is
 //! `(pp − 1)/(m + pp − 1)` and interleaving divides the bubble by `vpp`; [`simulate`]
@@ -35,6 +40,34 @@ pub enum Kind {
     /// one forward, one backward in the steady state (`vpp` 1), or interleaved over
     /// `vpp` model chunks per rank
     OneFOneB,
+    /// 1F1B with each steady-state forward and backward run together (see the module
+    /// docs)
+    Overlapped,
+}
+
+impl Kind {
+    /// The name used on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::GPipe => "gpipe",
+            Kind::OneFOneB => "1f1b",
+            Kind::Overlapped => "overlap",
+        }
+    }
+
+    /// Parses [`Kind::name`].
+    pub fn parse(text: &str) -> Option<Kind> {
+        [Kind::GPipe, Kind::OneFOneB, Kind::Overlapped].into_iter().find(|k| k.name() == text)
+    }
+}
+
+/// What a rank runs next: one pass, or a forward and a backward at once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// one pass
+    One(Action),
+    /// a forward and a backward (of different micro-batches) together
+    Pair(Action, Action),
 }
 
 /// One pass a rank runs.
@@ -93,14 +126,15 @@ pub fn build(kind: Kind, shape: Shape) -> Result<Schedule, String> {
     if pp == 0 || vpp == 0 || m == 0 {
         return Err("pp, vpp and the micro-batch count must be at least 1".into());
     }
-    if kind == Kind::OneFOneB && vpp > 1 && !m.is_multiple_of(pp) {
+    if kind != Kind::GPipe && vpp > 1 && !m.is_multiple_of(pp) {
         return Err(format!("interleaved 1F1B needs the micro-batch count ({m}) to be a multiple of pp ({pp})"));
     }
+    let extra = usize::from(kind == Kind::Overlapped);
     let ranks = (0..pp)
         .map(|r| match kind {
             Kind::GPipe => gpipe(m, vpp),
-            Kind::OneFOneB if vpp == 1 => one_f_one_b(r, pp, m),
-            Kind::OneFOneB => interleaved(r, pp, vpp, m),
+            _ if vpp == 1 => one_f_one_b(r, pp, m, extra),
+            _ => interleaved(r, pp, vpp, m, extra),
         })
         .collect();
     Ok(Schedule { kind, shape, ranks })
@@ -112,8 +146,8 @@ fn gpipe(m: usize, vpp: usize) -> Vec<Action> {
     out
 }
 
-fn one_f_one_b(r: usize, pp: usize, m: usize) -> Vec<Action> {
-    let warmup = (pp - r - 1).min(m);
+fn one_f_one_b(r: usize, pp: usize, m: usize, extra: usize) -> Vec<Action> {
+    let warmup = (pp - r - 1 + extra).min(m);
     let mut out: Vec<Action> = (0..warmup).map(|mb| Action::Forward { mb, chunk: 0 }).collect();
     for i in 0..m - warmup {
         out.push(Action::Forward { mb: warmup + i, chunk: 0 });
@@ -132,9 +166,9 @@ fn interleaved_slot(k: usize, pp: usize, vpp: usize, backward: bool) -> (usize, 
     (mb, if backward { vpp - 1 - chunk } else { chunk })
 }
 
-fn interleaved(r: usize, pp: usize, vpp: usize, m: usize) -> Vec<Action> {
+fn interleaved(r: usize, pp: usize, vpp: usize, m: usize, extra: usize) -> Vec<Action> {
     let total = m * vpp;
-    let warmup = ((pp - r - 1) * 2 + (vpp - 1) * pp).min(total);
+    let warmup = ((pp - r - 1) * 2 + (vpp - 1) * pp + extra).min(total);
     let f = |k| {
         let (mb, chunk) = interleaved_slot(k, pp, vpp, false);
         Action::Forward { mb, chunk }
@@ -181,14 +215,46 @@ impl Schedule {
             Kind::GPipe => m * vpp,
             Kind::OneFOneB if vpp == 1 => (pp - rank).min(m),
             Kind::OneFOneB => ((pp - rank - 1) * 2 + (vpp - 1) * pp + 1).min(m * vpp),
+            Kind::Overlapped if vpp == 1 => (pp - rank + 1).min(m),
+            Kind::Overlapped => ((pp - rank - 1) * 2 + (vpp - 1) * pp + 2).min(m * vpp),
         }
     }
 
-    /// One line per rank: `rank r: F0.0 F1.0 B0.0 …` (micro-batch.chunk).
+    /// What rank `rank` runs, in order: its actions, with each steady-state forward and
+    /// the backward after it joined into a [`Step::Pair`] under [`Kind::Overlapped`]
+    /// (never a forward and a backward of the same micro-batch and chunk).
+    pub fn steps(&self, rank: usize) -> Vec<Step> {
+        let acts = &self.ranks[rank];
+        let mut out = Vec::with_capacity(acts.len());
+        let mut i = 0;
+        while i < acts.len() {
+            match (self.kind, acts[i], acts.get(i + 1)) {
+                (Kind::Overlapped, f @ Action::Forward { mb, chunk }, Some(&b @ Action::Backward { mb: bm, chunk: bc })) if (mb, chunk) != (bm, bc) => {
+                    out.push(Step::Pair(f, b));
+                    i += 2;
+                }
+                (_, a, _) => {
+                    out.push(Step::One(a));
+                    i += 1;
+                }
+            }
+        }
+        out
+    }
+
+    /// One line per rank: `rank r: F0.0 F1.0 B0.0 …` (micro-batch.chunk); a forward and
+    /// backward run together print as `F2.0+B0.0`.
     pub fn render(&self) -> String {
         let mut s = String::new();
-        for (r, acts) in self.ranks.iter().enumerate() {
-            let list: Vec<String> = acts.iter().map(|a| a.to_string()).collect();
+        for r in 0..self.ranks.len() {
+            let list: Vec<String> = self
+                .steps(r)
+                .iter()
+                .map(|st| match st {
+                    Step::One(a) => a.to_string(),
+                    Step::Pair(f, b) => format!("{f}+{b}"),
+                })
+                .collect();
             s += &format!("rank {r}: {}\n", list.join(" "));
         }
         s
@@ -293,12 +359,12 @@ mod tests {
         for pp in 1..=8 {
             for vpp in 1..=4 {
                 for m in [1, 2, 3, 4, 5, 8, 12, 16, 17, 32] {
-                    for kind in [Kind::GPipe, Kind::OneFOneB] {
+                    for kind in [Kind::GPipe, Kind::OneFOneB, Kind::Overlapped] {
                         let shape = Shape { pp, vpp, micro_batches: m };
                         let s = match build(kind, shape) {
                             Ok(s) => s,
                             Err(e) => {
-                                assert!(kind == Kind::OneFOneB && vpp > 1 && m % pp != 0, "{shape:?}: {e}");
+                                assert!(kind != Kind::GPipe && vpp > 1 && m % pp != 0, "{shape:?}: {e}");
                                 continue;
                             }
                         };
@@ -315,14 +381,29 @@ mod tests {
                                     assert!(s.ranks[r][..i].contains(&Action::Forward { mb, chunk }), "{kind:?} {shape:?} rank {r}: {a} before its forward");
                                 }
                             }
+                            // Steps cover the actions in order; a pair never joins a
+                            // backward to its own forward.
+                            let flat: Vec<Action> = s
+                                .steps(r)
+                                .into_iter()
+                                .flat_map(|st| match st {
+                                    Step::One(a) => vec![a],
+                                    Step::Pair(f, b) => {
+                                        let (Action::Forward { mb, chunk }, Action::Backward { mb: bm, chunk: bc }) = (f, b) else { panic!("pair {f} {b}") };
+                                        assert!((mb, chunk) != (bm, bc));
+                                        vec![f, b]
+                                    }
+                                })
+                                .collect();
+                            assert_eq!(flat, s.ranks[r]);
                         }
                         checked += 1;
                     }
                 }
             }
         }
-        // 8 × 4 × 10 shapes, two kinds, less the interleaved ones that need m % pp = 0.
-        assert_eq!(checked, 484);
+        // 8 × 4 × 10 shapes, three kinds, less the interleaved ones that need m % pp = 0.
+        assert_eq!(checked, 484 + 484 - 320);
     }
 
     #[test]
@@ -333,6 +414,10 @@ mod tests {
         assert_eq!(s.render().lines().next().unwrap(), "rank 0: F0.0 F1.0 F2.0 F3.0 B0.0 F4.0 B1.0 F5.0 B2.0 F6.0 B3.0 F7.0 B4.0 B5.0 B6.0 B7.0");
         let g = build(Kind::GPipe, Shape { pp: 4, vpp: 1, micro_batches: 8 }).unwrap();
         assert_eq!(g.in_flight(0), 8);
+        // Overlapped: one more warm-up forward; the last rank pairs F(i+1) with B(i).
+        let o = build(Kind::Overlapped, Shape { pp: 4, vpp: 1, micro_batches: 8 }).unwrap();
+        assert_eq!((0..4).map(|r| o.in_flight(r)).collect::<Vec<_>>(), vec![5, 4, 3, 2]);
+        assert_eq!(o.render().lines().nth(3).unwrap(), "rank 3: F0.0 F1.0+B0.0 F2.0+B1.0 F3.0+B2.0 F4.0+B3.0 F5.0+B4.0 F6.0+B5.0 F7.0+B6.0 B7.0");
     }
 
     #[test]

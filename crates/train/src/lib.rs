@@ -6,10 +6,13 @@
 #![deny(missing_docs)]
 
 pub mod data;
+pub mod budget;
 pub mod optimizer;
 pub mod parallel;
+pub mod pipeline;
 pub mod placement;
 pub mod run_dir;
 pub mod schedule;
+pub mod spec;
 pub mod trainer;
 pub mod zero;

@@ -19,7 +19,7 @@ struct Segment {
 }
 
 /// Hyper-parameters.
-#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct AdamWConfig {
     /// β₁
     pub beta1: f32,

@@ -2,13 +2,14 @@
 //! rank trains on, which gradients are summed over which group, and the gradient norm
 //! of the whole model.
 //!
-//! With `world = DP × EP` ranks, every rank trains on `B/world` consecutive rows of each
-//! global micro-batch. Replicated tensors (attention, norms, router, shared experts,
-//! embeddings) get partial gradients on every rank, summed over the world; a routed
-//! expert lives on one rank of each expert-parallel group, has already seen the tokens
-//! of its whole EP group through the all-to-all, and is summed over the data-parallel
-//! group (the ranks holding the same experts). The loss is normalised by the global
-//! target count before the backward, so the sums are the single-rank gradient.
+//! With `world = DP × PP × EP` ranks, every rank of a pipeline stage (`DP × EP` of them)
+//! trains on `B/(DP·EP)` consecutive rows of each global micro-batch. A stage's
+//! replicated tensors (attention, norms, router, shared experts, embeddings) get partial
+//! gradients on every rank of the stage, summed over the stage group; a routed expert
+//! lives on one rank of each expert-parallel group, has already seen the tokens of its
+//! whole EP group through the all-to-all, and is summed over the data-parallel group
+//! (the ranks holding the same experts). The loss is normalised by the global target
+//! count before the backward, so the sums are the single-rank gradient.
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -96,9 +97,9 @@ impl Parallel {
         }
         self.started[i] = true;
         let (rep, exp) = self.per_layer[i].clone();
-        let (world, dp) = (self.mesh.world.clone(), self.mesh.dp.clone());
-        if world.size() > 1 {
-            self.submit(g, &rep, &world);
+        let (stage, dp) = (self.mesh.stage.clone(), self.mesh.dp.clone());
+        if stage.size() > 1 {
+            self.submit(g, &rep, &stage);
         }
         if dp.size() > 1 {
             self.submit(g, &exp, &dp);
@@ -115,10 +116,12 @@ impl Parallel {
         self.mesh.world.size()
     }
 
-    /// The rows of a global micro-batch of `b` rows that this rank trains on.
+    /// The rows of a global micro-batch of `b` rows that this rank trains on (its share
+    /// of its stage's).
     pub fn rows(&self, b: usize) -> Range<usize> {
-        let per = b / self.world();
-        self.rank() * per..(self.rank() + 1) * per
+        let (k, n) = (self.mesh.stage.rank(), self.mesh.stage.size());
+        let per = b / n;
+        k * per..(k + 1) * per
     }
 
     /// Sums gradients over the ranks that share them (see the module docs): what
@@ -128,9 +131,9 @@ impl Parallel {
             return self.finish_overlapped(g);
         }
         let start = Instant::now();
-        if self.world() > 1 {
+        if self.mesh.stage.size() > 1 {
             for r in &self.replicated {
-                self.mesh.world.all_reduce_f32(&mut g[r.clone()])?;
+                self.mesh.stage.all_reduce_f32(&mut g[r.clone()])?;
             }
         }
         if self.mesh.dp_size() > 1 {
@@ -153,9 +156,9 @@ impl Parallel {
             runs.iter().flat_map(|r| split_out(r.clone(), &done)).collect()
         };
         let (rest_rep, rest_exp) = (outside(&self.replicated), outside(&self.experts));
-        let (world, dp) = (self.mesh.world.clone(), self.mesh.dp.clone());
-        if world.size() > 1 {
-            self.submit(g, &rest_rep, &world);
+        let (stage, dp) = (self.mesh.stage.clone(), self.mesh.dp.clone());
+        if stage.size() > 1 {
+            self.submit(g, &rest_rep, &stage);
         }
         if dp.size() > 1 {
             self.submit(g, &rest_exp, &dp);
@@ -170,19 +173,24 @@ impl Parallel {
         Ok(())
     }
 
-    /// `‖g‖₂` of the whole model after [`Parallel::reduce_grads`]: the replicated part
-    /// (equal on every rank) once, plus every expert-parallel rank's experts, leaving out
-    /// `duplicates` (non-primary copies of replicated experts, counted at their primary).
+    /// `‖g‖₂` of the whole model after [`Parallel::reduce_grads`]: per stage, the
+    /// replicated part (equal on every rank of the stage) once plus every
+    /// expert-parallel rank's experts, leaving out `duplicates` (non-primary copies of
+    /// replicated experts, counted at their primary); then summed over the stages.
     pub fn grad_norm(&mut self, g: &[f32], duplicates: &[Range<usize>]) -> CommResult<f32> {
         let replicated: f64 = self.replicated.iter().map(|r| sum_squares(&g[r.clone()])).sum();
         let copies: f64 = duplicates.iter().map(|r| sum_squares(&g[r.clone()])).sum();
         let mut experts = [self.experts.iter().map(|r| sum_squares(&g[r.clone()])).sum::<f64>() - copies];
         let start = Instant::now();
         self.mesh.ep.all_reduce_f64(&mut experts)?;
+        let mut stage = [replicated + experts[0]];
+        if self.mesh.pp_size() > 1 {
+            self.mesh.pp.all_reduce_f64(&mut stage)?;
+        }
         let t = start.elapsed().as_secs_f64();
         self.comm_s += t;
         self.exposed_s += t;
-        Ok((replicated + experts[0]).sqrt() as f32)
+        Ok(stage[0].sqrt() as f32)
     }
 
     /// Sums per-rank counts over the world.

@@ -20,7 +20,7 @@
 
 use std::time::Instant;
 use ultramoe_dist::{CommResult, ProcessGroup};
-use ultramoe_model::moe::placement::{imbalance, layers_imbalance, solve, Placement};
+use ultramoe_model::moe::placement::{imbalance, layers_load_sums, solve, Placement};
 
 /// Weight of the newest step in the load average.
 pub const LOAD_EMA: f64 = 0.25;
@@ -108,10 +108,12 @@ impl Balancer {
         }
     }
 
-    /// Predicted `Σ_layers max / Σ_layers mean` rank load of `placements`.
-    pub fn predicted_imbalance(&self, placements: &[&Placement]) -> f64 {
+    /// The two sums of the predicted rank imbalance `Σ_layers max / Σ_layers mean` of
+    /// `placements` for the load average, so that pipeline stages holding different
+    /// layers can add theirs before dividing.
+    pub fn predicted_load_sums(&self, placements: &[&Placement]) -> (f64, f64) {
         let loads: Vec<Vec<f64>> = placements.iter().zip(&self.load).map(|(p, l)| p.rank_loads(l)).collect();
-        layers_imbalance(&loads)
+        layers_load_sums(&loads)
     }
 
     /// The layers worth migrating after step `step` (every rank computes the same

@@ -14,10 +14,15 @@ use crate::data::jsonl::read_jsonl;
 use crate::data::math::Mix;
 use crate::optimizer::{clip_to_norm, global_norm, AdamW, AdamWConfig};
 use crate::parallel::{catch_step, Parallel};
+use crate::pipeline::{Hooks, Pipeline};
 use crate::placement::{probe_bandwidth, Balancer, Costs};
+use crate::spec::{PipelineSchedule as ScheduleKind, RunSpec};
+use ultramoe_model::init::init_weights;
+use ultramoe_model::moe::dispatcher::ExpertExchange;
 use ultramoe_model::moe::placement::Placement;
-use ultramoe_model::policy::LayerPolicy;
 use ultramoe_model::swap::{Prefetch, SwapFile, SwapTicket};
+use ultramoe_model::PassOptions;
+use ultramoe_schedule::{Schedule as PipelineSchedule, Step};
 use crate::zero::Zero1;
 use crate::schedule::Schedule;
 use ultramoe_kernels::balance::BalanceLoss;
@@ -42,18 +47,20 @@ pub enum DataSpec {
     Random,
 }
 
-/// Training hyper-parameters.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+/// Training hyper-parameters: what is trained (how a step runs is a
+/// [`RunSpec`](crate::spec::RunSpec)).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct TrainConfig {
     /// seed for weights (seed) and data (seed + 1)
     pub seed: u64,
     /// optimizer steps
     pub steps: u64,
-    /// rows per micro-batch `B` (the global batch: split over data-parallel ranks)
+    /// rows per micro-batch `B` (the global batch: split over each pipeline stage's
+    /// expert- and data-parallel ranks)
     pub micro_batch: usize,
     /// tokens per row `T`
     pub seq_len: usize,
-    /// micro-batches per step
+    /// micro-batches per step (a pipeline's micro-batches)
     pub grad_accum: usize,
     /// peak learning rate
     pub lr: f32,
@@ -82,32 +89,6 @@ pub struct TrainConfig {
     /// this many consecutive blocks)
     #[serde(default = "one")]
     pub stats_ep: usize,
-    /// ZeRO-1: shard optimizer moments over the ranks that hold the same weights
-    /// (distributed runs only)
-    #[serde(default)]
-    pub zero1: bool,
-    /// sum each layer's gradients over the ranks while the backward pass continues
-    /// (distributed runs without ZeRO-1)
-    #[serde(default = "yes")]
-    pub overlap_grad_reduce: bool,
-    /// dynamic expert placement: re-solve where experts live every N steps (0 = off;
-    /// expert-parallel runs only)
-    #[serde(default)]
-    pub placement_every: u64,
-    /// extra expert slots per expert-parallel rank, for copies of hot experts
-    #[serde(default)]
-    pub redundant_experts: usize,
-    /// per decoder layer: what its forward keeps, recomputes in backward or swaps out
-    /// (empty: keep everything; see `ultramoe_model::policy`)
-    #[serde(default)]
-    pub memory_policy: Vec<LayerPolicy>,
-    /// directory for swap files (default: the system's temporary directory)
-    #[serde(default)]
-    pub swap_dir: Option<PathBuf>,
-    /// keep the optimizer moments in a swap file from the first layer's forward to the
-    /// bottom layer's backward of every step
-    #[serde(default)]
-    pub swap_moments: bool,
     /// steps in a row with a non-finite loss or gradient norm (each skipped) after
     /// which training stops with an error
     #[serde(default = "three")]
@@ -116,10 +97,6 @@ pub struct TrainConfig {
 
 fn three() -> u64 {
     3
-}
-
-fn yes() -> bool {
-    true
 }
 
 /// An auxiliary balancing loss for training.
@@ -244,13 +221,6 @@ impl Default for TrainConfig {
             aux_loss: None,
             routing_skew: 0.0,
             stats_ep: 1,
-            zero1: false,
-            overlap_grad_reduce: true,
-            placement_every: 0,
-            redundant_experts: 0,
-            memory_policy: vec![],
-            swap_dir: None,
-            swap_moments: false,
             max_nonfinite_steps: 3,
         }
     }
@@ -265,6 +235,19 @@ pub struct StepStats {
     pub ranks: usize,
     /// expert-parallel size
     pub ep: usize,
+    /// pipeline stages
+    pub pp: usize,
+    /// model chunks per pipeline rank
+    pub vpp: usize,
+    /// data-parallel copies (within a stage)
+    pub dp: usize,
+    /// the pipeline schedule
+    pub schedule: &'static str,
+    /// per pipeline stage: seconds its passes computed (the step's span less the waits
+    /// for other stages' activations and gradients), from the stage's first rank
+    pub stage_busy_s: Vec<f64>,
+    /// per pipeline stage: seconds it waited for other stages (the pipeline bubble)
+    pub stage_idle_s: Vec<f64>,
     /// mean loss over the step's target tokens
     pub loss: f32,
     /// the loss or gradient norm was not finite, so no update was made
@@ -380,20 +363,10 @@ mod tests {
     }
 }
 
-/// Adds per-layer counts into a running total (empty: takes them).
-fn accumulate(total: &mut Vec<Vec<usize>>, counts: Vec<Vec<usize>>) {
-    if total.is_empty() {
-        *total = counts;
-        return;
-    }
-    for (acc, layer) in total.iter_mut().zip(counts) {
-        acc.iter_mut().zip(layer).for_each(|(a, x)| *a += x);
-    }
-}
-
 fn comm_error(e: CommError) -> Error {
     Error::msg(format!("distributed run failed: {e}"))
 }
+
 
 /// Saved alongside the weights.
 #[derive(Serialize, Deserialize)]
@@ -402,24 +375,69 @@ struct TrainerState {
     optimizer_step: u64,
     data_position: StreamPos,
     config: TrainConfig,
-    /// dynamic placement: each MoE layer's slot → expert map
+    /// how the step ran (absent in checkpoints from before the run specification: the
+    /// run settings then sit in `config`)
+    #[serde(default)]
+    spec: Option<RunSpec>,
+    /// dynamic placement, in checkpoints from before per-stage placement files
     #[serde(default)]
     placement: Option<PlacementState>,
 }
 
-/// Where the experts were and the load average, so a resumed run continues exactly.
+/// Where one stage's experts were and the load average, so a resumed run continues
+/// exactly (`placement-SSSSS-of-PPPPP.json`, one per pipeline stage).
 #[derive(Serialize, Deserialize)]
 struct PlacementState {
     ranks: usize,
+    /// the model-wide MoE-layer index of each entry (absent: every MoE layer, in order)
+    #[serde(default)]
+    moe_layers: Option<Vec<usize>>,
     slot_expert: Vec<Vec<usize>>,
     #[serde(default)]
     share: Vec<Vec<f64>>,
     load: Vec<Vec<f64>>,
 }
 
+/// How a fresh run's weights start.
+pub enum Weights {
+    /// drawn from this seed (every layout draws the single rank's weights)
+    Seed(u64),
+    /// read from a model or checkpoint directory (the Hugging Face layout)
+    From(PathBuf),
+}
+
+/// Where a run is: its ranks (`mesh`, `None` alone), the FLOP/s that count as 100% MFU,
+/// and how many of its ranks share this process's memory (threads of the in-process
+/// backend; 1 under MPI).
+pub struct Place {
+    /// the device mesh (`None`: one rank)
+    pub mesh: Option<Mesh>,
+    /// FLOP/s taken as 100% MFU (and the rate memory-policy costs are priced at)
+    pub peak_flops: f64,
+    /// ranks in this process
+    pub ranks_here: usize,
+}
+
+impl Place {
+    /// One rank alone.
+    pub fn alone(peak_flops: f64) -> Place {
+        Place { mesh: None, peak_flops, ranks_here: 1 }
+    }
+
+    /// A rank of `mesh` (threads of this process when `threads`).
+    pub fn on(mesh: Mesh, peak_flops: f64, threads: bool) -> Place {
+        let ranks_here = if threads { mesh.world.size() } else { 1 };
+        Place { mesh: Some(mesh), peak_flops, ranks_here }
+    }
+
+    fn world(&self) -> usize {
+        self.mesh.as_ref().map_or(1, |m| m.world.size())
+    }
+}
+
 /// A training run in progress.
 pub struct Trainer {
-    /// the model
+    /// this rank's share of the model
     pub model: Model,
     /// weights
     pub w: Vec<f32>,
@@ -430,6 +448,14 @@ pub struct Trainer {
     pub sched: Schedule,
     /// hyper-parameters
     pub cfg: TrainConfig,
+    /// how a step runs
+    pub spec: RunSpec,
+    /// the options every pass runs with (the spec's, with a memory budget's choice)
+    pub pass: PassOptions,
+    /// the pipeline schedule of every pipeline rank
+    pub pipeline: PipelineSchedule,
+    /// this rank's steps of it
+    steps: Vec<Step>,
     /// data stream
     pub batcher: Batcher,
     /// steps completed
@@ -442,6 +468,9 @@ pub struct Trainer {
     pub zero: Option<Zero1>,
     /// dynamic expert placement, when on
     pub balancer: Option<Balancer>,
+    /// a second expert exchange, for forwards that run beside a backward (overlapped
+    /// schedule)
+    forward_lane: Option<ExpertExchange>,
     /// all-to-all bytes per second between expert-parallel ranks (measured at the start
     /// when placement is on)
     ep_bandwidth: f64,
@@ -474,87 +503,131 @@ fn source_for(data: &DataSpec, vocab: usize, seq_len: usize) -> Result<Source> {
     })
 }
 
+/// Tensors a stage's share holds, by rank in the pipeline, to name files.
+fn pipeline_files(prefix: &str, model: &Model, shards: usize) -> String {
+    let index = ultramoe_model::checkpoint::share_index(model);
+    if shards == 1 {
+        format!("{prefix}.safetensors")
+    } else {
+        format!("{prefix}-{:05}-of-{shards:05}.safetensors", index + 1)
+    }
+}
+
 impl Trainer {
-    /// A fresh run on one rank: weights from `w`, data from `cfg.data`.
-    pub fn new(model: Model, w: Vec<f32>, cfg: TrainConfig, peak_flops: f64) -> Result<Self> {
-        Self::with_mesh(model, w, cfg, peak_flops, None)
+    /// A fresh run: `model_cfg` trained as `cfg` says, laid out and run as `spec` says,
+    /// on this rank of `place` (every rank calls it alike). Weights start as `weights`
+    /// says; the run checks its layout, its memory against `spec.memory_budget` (choosing
+    /// a policy when none is given) and against the machine before allocating them.
+    pub fn start(model_cfg: ModelConfig, cfg: TrainConfig, spec: RunSpec, weights: Weights, place: Place) -> Result<Self> {
+        let mut tr = Self::assemble(model_cfg, cfg, spec, &place, None, &mut |model| match &weights {
+            Weights::Seed(seed) => Ok(init_weights(&model.layout, *seed)),
+            Weights::From(dir) => load_weights(model, dir),
+        })?;
+        tr.parallel_start(place)?;
+        Ok(tr)
     }
 
-    /// A fresh run on one rank of `mesh` (or one rank alone): `model` must be this rank's
-    /// share ([`Model::expert_parallel`] over `mesh.ep`), `w` its weights.
-    pub fn with_mesh(mut model: Model, w: Vec<f32>, cfg: TrainConfig, peak_flops: f64, mesh: Option<Mesh>) -> Result<Self> {
-        cfg.validate_for(&model.cfg)?;
-        let world = mesh.as_ref().map_or(1, |m| m.world.size());
-        if let Some(m) = &mesh {
-            if model.ep_rank_size().1 != m.ep_size() {
+    /// Builds this rank's trainer (weights from `weights`, moments zero) without the
+    /// distributed parts that need every rank's model ([`Trainer::parallel_start`]).
+    fn assemble(
+        model_cfg: ModelConfig,
+        cfg: TrainConfig,
+        spec: RunSpec,
+        place: &Place,
+        placed: Option<Vec<Placement>>,
+        weights: &mut dyn FnMut(&Model) -> Result<Vec<f32>>,
+    ) -> Result<Self> {
+        cfg.validate_for(&model_cfg)?;
+        spec.validate(&model_cfg, &cfg, place.world())?;
+        if let Some(m) = &place.mesh {
+            if m.pp_size() != spec.pp || m.ep_size() != spec.ep || m.dp_size() != spec.dp {
                 return Err(Error::msg(format!(
-                    "the model is split over {} expert-parallel ranks but the mesh has {}",
-                    model.ep_rank_size().1,
-                    m.ep_size()
+                    "the mesh is PP {} × EP {} × DP {} but the run specification asks for {}",
+                    m.pp_size(),
+                    m.ep_size(),
+                    m.dp_size(),
+                    spec.describe()
                 )));
             }
-            if !cfg.micro_batch.is_multiple_of(world) {
-                return Err(Error::field("micro_batch", format!("{} rows cannot be split evenly over {world} ranks", cfg.micro_batch)));
-            }
+            let text = [serde_json::to_string(&model_cfg.raw), serde_json::to_string(&cfg), serde_json::to_string(&spec)].map(|t| t.unwrap_or_default()).concat();
+            m.agree("model, training configuration or run specification", &text).map_err(comm_error)?;
         }
-        let ep = mesh.as_ref().map_or(1, |m| m.ep_size());
-        if (cfg.placement_every > 0 || cfg.redundant_experts > 0) && ep < 2 {
-            return Err(Error::msg("dynamic expert placement and redundant experts need expert parallelism (--ep 2 or more)"));
+        let share = spec.share(&model_cfg, place.mesh.as_ref(), placed)?;
+        let model = Model::share(model_cfg, share)?;
+        let pipeline = spec.schedule_for(&cfg).map_err(|e| Error::field("grad_accum", e))?;
+        let pp_rank = model.stage.rank;
+        let rows = cfg.micro_batch / spec.stage_ranks();
+        let mut pass = spec.pass_options(&cfg)?;
+        let actions = pipeline.ranks[pp_rank].clone();
+        // Before anything runs: the size alone (weights, moments, activations) against
+        // the machine, so a huge config or micro-batch is one line, not an allocation
+        // failure. Ranks that are threads of this process share its memory.
+        model.check_step_fits_machine(rows, cfg.seq_len, place.ranks_here, &pass, &actions)?;
+        if let Some(budget) = spec.memory_budget {
+            let report = place.mesh.as_ref().is_none_or(|m| m.stage.rank() == 0);
+            pass = crate::budget::fit(&model, &spec, &pass, rows, cfg.seq_len, &actions, budget as usize, place.peak_flops, report)?;
         }
-        if let Some(p) = model.placements().first() {
-            let held = p.slots_per_rank - p.n_experts() / p.ranks;
-            if held != cfg.redundant_experts {
-                return Err(Error::msg(format!(
-                    "the model has {held} redundant expert slots per rank but the training config asks for {}",
-                    cfg.redundant_experts
-                )));
-            }
+        if pass.swap_moments || pass.swaps_layers() {
+            ultramoe_model::swap::check_dir(&pass.swap_dir).map_err(|e| Error::field("swap_dir", e))?;
         }
-        if let Some(m) = &mesh {
-            let text = format!("{}{}", serde_json::to_string(&model.cfg.raw).unwrap_or_default(), serde_json::to_string(&cfg).unwrap_or_default());
-            m.agree("model or training configuration", &text).map_err(comm_error)?;
-        }
-        if let Some(a) = &cfg.aux_loss {
-            let kind = a.kind(cfg.seq_len)?;
-            // Each micro-batch and each rank contributes its share of the step's mean.
-            model.set_balance_loss(Some((kind, a.coef / (cfg.grad_accum.max(1) * world) as f32)));
-        }
-        model.set_routing_skew(cfg.routing_skew);
-        if !cfg.memory_policy.is_empty() {
-            if cfg.memory_policy.len() != model.layers.len() {
-                let msg = format!("{} layer policies for {} layers", cfg.memory_policy.len(), model.layers.len());
-                return Err(Error::field("memory_policy", msg));
-            }
-            model.policy = cfg.memory_policy.clone();
-        }
-        if let Some(dir) = &cfg.swap_dir {
-            model.swap_dir = dir.clone();
-        }
-        model.swap_moments = cfg.swap_moments;
-        if cfg.swap_moments || model.policy.iter().any(|p| p.swap && !p.full) {
-            ultramoe_model::swap::check_dir(&model.swap_dir).map_err(|e| Error::field("swap_dir", e))?;
-        }
+        let w = weights(&model)?;
         let source = source_for(&cfg.data, model.cfg.vocab_size, cfg.seq_len)?;
         let batcher = Batcher::new(source, cfg.seed + 1);
-        let zero = match &mesh {
-            Some(m) if cfg.zero1 => Some(Zero1::new(&model.layout, m, cfg.adamw.clone())),
-            _ => None,
-        };
-        // With ZeRO-1 the moments live in the shards only.
-        let full = ultramoe_model::params::ParamLayout::default();
-        let opt = AdamW::new(if zero.is_some() { &full } else { &model.layout }, cfg.adamw.clone());
         let sched = Schedule { peak: cfg.lr, min: cfg.min_lr, warmup: cfg.warmup, total: cfg.steps };
         let g = vec![0.0; model.layout.total];
-        if let Some(m) = &mesh {
-            model.set_nodes(m.ep_nodes());
-        }
-        let parallel = mesh.map(|m| Parallel::new(m, &model.layout, cfg.overlap_grad_reduce && !cfg.zero1));
-        let balancer = (cfg.placement_every > 0).then(|| Balancer::new(cfg.placement_every));
-        let ep_bandwidth = match (&balancer, &parallel) {
-            (Some(_), Some(p)) => probe_bandwidth(p.mesh.ep.as_ref()).map_err(comm_error)?,
-            _ => 0.0,
+        let opt = AdamW::new(&model.layout, cfg.adamw.clone());
+        let steps = pipeline.steps(pp_rank);
+        Ok(Trainer {
+            model,
+            w,
+            g,
+            opt,
+            sched,
+            cfg,
+            spec,
+            pass,
+            pipeline,
+            steps,
+            batcher,
+            step: 0,
+            peak_flops: place.peak_flops,
+            parallel: None,
+            zero: None,
+            balancer: None,
+            forward_lane: None,
+            ep_bandwidth: 0.0,
+            skipped_in_a_row: 0,
+            metrics: None,
+            metrics_path: PathBuf::new(),
+        })
+    }
+
+    /// The distributed parts (collective: every rank calls it): gradient reduction,
+    /// ZeRO-1 shards (the moments then live there only), the overlapped schedule's
+    /// second exchange lane, and the link measurement dynamic placement prices moves
+    /// with.
+    fn parallel_start(&mut self, place: Place) -> Result<()> {
+        let Some(mesh) = place.mesh else {
+            self.balancer = None;
+            return Ok(());
         };
-        Ok(Trainer { model, w, g, opt, sched, cfg, batcher, step: 0, peak_flops, parallel, zero, balancer, ep_bandwidth, skipped_in_a_row: 0, metrics: None, metrics_path: PathBuf::new() })
+        if self.spec.pp > 1 && !mesh.pp.concurrent_groups() {
+            return Err(Error::msg("pipeline parallelism sends activations while exchanges run on other threads: the MPI library must provide MPI_THREAD_MULTIPLE"));
+        }
+        if self.spec.zero1 {
+            self.zero = Some(Zero1::new(&self.model.layout, &mesh, self.cfg.adamw.clone()));
+            self.opt = AdamW::new(&ultramoe_model::params::ParamLayout::default(), self.cfg.adamw.clone());
+        }
+        if let (ScheduleKind::Overlapped, Some(ex)) = (self.spec.schedule, &self.model.exchange) {
+            self.forward_lane = Some(ex.lane().map_err(Error::msg)?);
+        }
+        self.parallel = Some(Parallel::new(mesh, &self.model.layout, self.spec.overlap_grad_reduce && !self.spec.zero1));
+        if self.spec.placement_every > 0 {
+            self.balancer = Some(Balancer::new(self.spec.placement_every));
+            let p = self.parallel.as_ref().expect("just set");
+            self.ep_bandwidth = probe_bandwidth(p.mesh.ep.as_ref()).map_err(comm_error)?;
+        }
+        Ok(())
     }
 
     /// Appends one JSON object per step to `path`. Continuing a run (`continues`: the
@@ -580,8 +653,14 @@ impl Trainer {
         Ok(())
     }
 
-    /// Runs one optimizer step over `grad_accum` micro-batches. In a distributed run
-    /// every rank must call it; a failed exchange is an error naming the rank.
+    /// This rank's steps of the pipeline schedule.
+    pub fn schedule_steps(&self) -> &[Step] {
+        &self.steps
+    }
+
+    /// Runs one optimizer step over `grad_accum` micro-batches (through the pipeline
+    /// schedule). In a distributed run every rank must call it; a failed exchange is an
+    /// error naming the rank.
     pub fn train_step(&mut self) -> Result<StepStats> {
         let start = Instant::now();
         ultramoe_kernels::memory::reset_peak();
@@ -592,56 +671,34 @@ impl Trainer {
             micro.iter().map(|m| m.targets.iter().filter(|&&x| x != ultramoe_kernels::loss::IGNORE).count()).sum();
         let scale = 1.0 / total_targets.max(1) as f32;
         let rows = self.parallel.as_ref().map_or(0..b, |p| p.rows(b));
-        let (r0, r1, bl) = (rows.start * t, rows.end * t, rows.len());
         // `g` is zero here: it starts zeroed and every optimizer step clears it.
-        let mut sums = [0.0f64; 5]; // Σ CE, Σ aux, then all-to-all bytes (intra, inter, inter if hierarchical)
-        let mut counts: Vec<Vec<usize>> = vec![];
-        let mut slot_counts: Vec<Vec<usize>> = vec![];
-        let mut activation_bytes = 0;
         // Swapped moments leave now; the write is waited for once the first layer's
         // forward is done, and the read starts when the bottom layer's backward does.
-        let mut moments = match self.cfg.swap_moments {
+        let moments = match self.pass.swap_moments {
             true => Some(self.moments_out()?),
             false => None,
         };
-        let mut reading: Option<Prefetch> = None;
-        let (model, w, g) = (&self.model, &self.w, &mut self.g);
-        // Gradient reductions start layer by layer during the last micro-batch's backward
-        // (ZeRO-1 reduce-scatters in the optimizer step instead, and has no gradient stream).
-        let mut overlap = self.parallel.as_mut().filter(|p| p.overlaps_reduction());
-        let last = micro.len() - 1;
-        catch_step(|| {
-            for (i, mb) in micro.iter().enumerate() {
-                let fwd = {
-                    let _p = ultramoe_kernels::profile::scope("forward");
-                    model.forward_hooked(w, &mb.ids[r0..r1], bl, t, &mut |layer| {
-                        if let (0, Some((f, ticket))) = (layer, &mut moments) {
-                            f.wait_written(ticket);
-                        }
-                    })
-                };
-                sums[1] += fwd.aux_loss() as f64;
-                activation_bytes = activation_bytes.max(fwd.activation_bytes());
-                accumulate(&mut counts, fwd.expert_counts());
-                accumulate(&mut slot_counts, fwd.slot_counts());
-                let _p = ultramoe_kernels::profile::scope("backward");
-                let targets = &mb.targets[r0..r1];
-                sums[0] += if i == last {
-                    model
-                        .backward_hooked(w, g, fwd, targets, scale, &mut |g, layer| {
-                            if let Some(p) = overlap.as_deref_mut() {
-                                p.layer_done(g, layer);
-                            }
-                            if let (1, Some((f, ticket))) = (layer, &mut moments) {
-                                reading = Some(f.prefetch(ticket));
-                            }
-                        })
-                        .0
-                } else {
-                    model.backward(w, g, fwd, targets, scale).0
-                };
-            }
-        })?;
+        let pp = self.parallel.as_ref().filter(|p| p.mesh.pp_size() > 1).map(|p| p.mesh.pp.clone());
+        let pipe = Pipeline {
+            model: &self.model,
+            w: &self.w,
+            pass: &self.pass,
+            pp: pp.as_ref(),
+            forward_lane: self.forward_lane.as_ref(),
+            micro: &micro,
+            rows,
+            scale,
+        };
+        // Gradient reductions start layer by layer during the last backward of each
+        // layer (ZeRO-1 reduce-scatters in the optimizer step instead, and has no
+        // gradient stream).
+        let overlap = self.parallel.as_mut().filter(|p| p.overlaps_reduction());
+        let mut hooks = StepHooks { layer_ids: &self.model.layer_ids, overlap, moments, reading: None };
+        let out = catch_step(|| pipe.run(&self.steps, &mut self.g, &mut hooks))??;
+        let StepHooks { moments, mut reading, .. } = hooks;
+        if let Some(g) = &pp {
+            g.flush_sends().map_err(comm_error)?;
+        }
         if let Some((f, mut ticket)) = moments {
             let _p = ultramoe_kernels::profile::scope("swap.wait");
             let back = catch_step(|| {
@@ -653,15 +710,29 @@ impl Trainer {
             (opt.m, opt.v) = (m, v);
         }
         let x = self.model.take_exchange_totals();
+        // Σ CE, Σ aux, then all-to-all bytes (intra, inter, inter if hierarchical), then
+        // each stage's busy and idle seconds (from its first rank).
+        let stages = self.spec.pp;
+        let mut sums = vec![0.0f64; 5 + 2 * stages];
+        sums[0] = out.ce;
+        sums[1] = out.aux;
         sums[2] = x.intra_node_bytes as f64;
         sums[3] = x.inter_node_bytes as f64;
         sums[4] = x.inter_node_bytes_hierarchical as f64;
+        let stage_lead = self.parallel.as_ref().is_none_or(|p| p.mesh.stage.rank() == 0);
+        if stage_lead {
+            let s = self.model.stage.rank;
+            sums[5 + s] = out.span_s - out.idle_s;
+            sums[5 + stages + s] = out.idle_s;
+        }
+        // Loads of every MoE layer of the model (a stage fills its own).
+        let (mut counts, mut slot_counts) = self.global_counts(out.counts, out.slot_counts);
         let opt_scope = ultramoe_kernels::profile::scope("optimizer");
         let mut comm_s = x.seconds;
         let mut exposed_s = x.exposed_seconds;
         let lr = self.sched.lr(self.step);
         if let Some(p) = &mut self.parallel {
-            // Reductions still in flight on the gradient stream use the world group:
+            // Reductions still in flight on the gradient stream use the stage group:
             // finish them before this thread uses it.
             if self.zero.is_none() {
                 p.reduce_grads(&mut self.g).map_err(comm_error)?;
@@ -726,14 +797,20 @@ impl Trainer {
         let step_s = start.elapsed().as_secs_f64();
         let tokens = b * t * self.cfg.grad_accum;
         let flops = self.model.train_flops(b, t) * self.cfg.grad_accum as f64;
-        let rank_counts = match self.model.placements().first() {
-            Some(p) if p.ranks > 1 => slot_rank_loads(&slot_counts, p.slots_per_rank),
-            _ => rank_loads(&counts, self.cfg.stats_ep),
+        let rank_counts = match self.slots_per_rank() {
+            Some(per) => slot_rank_loads(&slot_counts, per),
+            None => rank_loads(&counts, self.cfg.stats_ep),
         };
         let stats = StepStats {
             step: self.step,
             ranks: self.parallel.as_ref().map_or(1, |p| p.world()),
-            ep: self.ep().1,
+            ep: self.spec.ep,
+            pp: self.spec.pp,
+            vpp: self.spec.vpp,
+            dp: self.spec.dp,
+            schedule: self.spec.schedule.name(),
+            stage_busy_s: sums[5..5 + stages].to_vec(),
+            stage_idle_s: sums[5 + stages..].to_vec(),
             loss,
             skipped,
             lr,
@@ -755,7 +832,7 @@ impl Trainer {
             rank_counts,
             expert_counts: counts,
             peak_bytes: ultramoe_kernels::memory::peak_bytes(),
-            activation_bytes,
+            activation_bytes: out.activation_bytes,
             experts_moved,
             predicted_rank_load_imbalance: predicted,
         };
@@ -779,18 +856,46 @@ impl Trainer {
         Ok(stats)
     }
 
+    /// Per-expert and per-slot loads of every MoE layer of the model, from this rank's
+    /// held layers' (zeros for the layers of other stages, which the sum over the world
+    /// fills in).
+    fn global_counts(&self, held: Vec<Vec<usize>>, held_slots: Vec<Vec<usize>>) -> (Vec<Vec<usize>>, Vec<Vec<usize>>) {
+        let n = self.model.cfg.n_moe_layers();
+        let e = self.model.cfg.moe.n_experts;
+        let slots = self.slots_per_rank().map_or(e, |per| per * self.spec.ep);
+        let mut counts = vec![vec![0; e]; n];
+        let mut slot_counts = vec![vec![0; slots]; n];
+        for ((i, c), s) in self.model.moe_ids().into_iter().zip(held).zip(held_slots) {
+            if !c.is_empty() {
+                counts[i] = c;
+            }
+            if !s.is_empty() {
+                slot_counts[i] = s;
+            }
+        }
+        (counts, slot_counts)
+    }
+
+    /// Expert slots per expert-parallel rank under expert parallelism (every MoE layer
+    /// of the model alike, whichever this rank's stage holds).
+    fn slots_per_rank(&self) -> Option<usize> {
+        (self.spec.ep > 1).then(|| self.model.cfg.moe.n_experts / self.spec.ep + self.spec.redundant_experts)
+    }
+
     /// Aux-loss-free balancing (DeepSeek-V3): after each step every expert's correction
     /// bias moves by `γ · sign(mean load − its load)`, so overloaded experts become less
     /// likely to be chosen. The bias only affects which experts are chosen, never the
-    /// combine weights, so the loss being optimised is unchanged.
+    /// combine weights, so the loss being optimised is unchanged. `counts` covers every
+    /// MoE layer of the model; this rank moves its stage's.
     fn update_router_bias(&mut self, counts: &[Vec<usize>]) {
         let rate = self.cfg.bias_update_rate;
         let moe = self.model.layers.iter().filter_map(|l| match &l.ffn {
             ultramoe_model::decoder::FfnBlock::Moe(m) => Some(m),
             _ => None,
         });
-        for (m, c) in moe.zip(counts) {
+        for (m, i) in moe.zip(self.model.moe_ids()) {
             let Some(slot) = &m.router.bias else { continue };
+            let c = &counts[i];
             let mean = c.iter().sum::<usize>() as f32 / c.len().max(1) as f32;
             for (b, &n) in self.w[slot.clone()].iter_mut().zip(c) {
                 *b += rate * (mean - n as f32).signum() * ((mean - n as f32) != 0.0) as i32 as f32;
@@ -798,13 +903,14 @@ impl Trainer {
         }
     }
 
-    /// Dynamic placement after a step: folds the step's global expert loads into the
-    /// average and, on decision steps, migrates the layers where moving pays (weights
-    /// and optimizer moments travel together). Returns the slots that changed expert and
-    /// the placement's predicted rank imbalance.
+    /// Dynamic placement after a step: folds the step's global expert loads of this
+    /// stage's MoE layers into the average and, on decision steps, migrates the layers
+    /// where moving pays (weights and optimizer moments travel together). Returns the
+    /// slots that changed expert and the placement's predicted rank imbalance.
     fn rebalance(&mut self, counts: &[Vec<usize>]) -> Result<(usize, f64)> {
         let Some(b) = &mut self.balancer else { return Ok((0, 0.0)) };
-        b.observe(counts);
+        let held: Vec<Vec<usize>> = self.model.moe_ids().into_iter().map(|i| counts[i].clone()).collect();
+        b.observe(&held);
         let dp = self.parallel.as_ref().map_or(1, |p| p.mesh.dp_size());
         let m = &self.model.cfg.moe;
         let costs = Costs { hidden: self.model.cfg.hidden, inter: m.expert_inter, peak_flops: self.peak_flops, bandwidth: self.ep_bandwidth, dp };
@@ -828,13 +934,25 @@ impl Trainer {
             }
         }
         let b = self.balancer.as_ref().expect("placement is on");
-        Ok((moved, b.predicted_imbalance(&self.model.placements())))
+        // Every stage moves and predicts its own layers: the run's figures are the sums
+        // over the stages (from each stage's first rank).
+        let (max, mean) = b.predicted_load_sums(&self.model.placements());
+        let mut sums = [moved as f64, max, mean];
+        if let Some(p) = &self.parallel {
+            if p.mesh.stage.rank() != 0 {
+                sums = [0.0; 3];
+            }
+            p.mesh.world.all_reduce_f64(&mut sums).map_err(comm_error)?;
+        }
+        let imbalance = if sums[2] > 0.0 { sums[1] / sums[2] } else { 1.0 };
+        Ok((sums[0] as usize, imbalance))
     }
 
     /// Starts writing the optimizer moments to a new swap file (their memory is freed
     /// once written).
     fn moments_out(&mut self) -> Result<(SwapFile, SwapTicket)> {
-        let mut f = SwapFile::create(&self.model.swap_dir).map_err(|e| Error::field("swap_dir", format!("{}: {e}", self.model.swap_dir.display())))?;
+        let dir = self.pass.swap_dir.clone();
+        let mut f = SwapFile::create(&dir).map_err(|e| Error::field("swap_dir", format!("{}: {e}", dir.display())))?;
         let opt = self.stepping_optimizer();
         let ticket = f.write(vec![std::mem::take(&mut opt.m), std::mem::take(&mut opt.v)]);
         Ok((f, ticket))
@@ -861,7 +979,7 @@ impl Trainer {
     }
 
     /// True on the ranks that write their share of a checkpoint: the first
-    /// data-parallel copy of each expert-parallel rank.
+    /// data-parallel copy of each (stage, expert-parallel rank).
     fn writes_share(&self) -> bool {
         self.parallel.as_ref().is_none_or(|p| p.mesh.dp.rank() == 0)
     }
@@ -902,8 +1020,10 @@ impl Trainer {
 
     /// Writes a checkpoint under `run_dir/checkpoints/` and points `latest` at it; keeps
     /// the newest `keep` checkpoints. In a distributed run every rank must call it: each
-    /// writes its share (weights and moments of its experts; rank 0 also the replicated
-    /// tensors), rank 0 the run state, and `latest` moves only after all shares are down.
+    /// writes its share (weights and moments of its stage's tensors and experts; the
+    /// first expert-parallel rank of each stage also the replicated ones), the first
+    /// rank of each stage its experts' placement, rank 0 the run state, and `latest`
+    /// moves only after all shares are down.
     pub fn save_checkpoint(&self, run_dir: &Path, keep: usize) -> Result<PathBuf> {
         let root = run_dir.join("checkpoints");
         let name = format!("step-{:07}", self.step);
@@ -917,14 +1037,26 @@ impl Trainer {
         self.check_finite(&[("weights", &self.w), ("exp_avg", m), ("exp_avg_sq", v)])?;
         if self.writes_share() {
             save_model_share(&self.model, &self.w, &dir)?;
-            let (k, p) = self.ep();
+            let k = self.ep().0;
             let mut tensors = Vec::with_capacity(2 * self.model.layout.specs.len());
             for s in self.model.layout.specs.iter().filter(|s| ultramoe_model::checkpoint::saved_by(&self.model.layout, s, k)) {
                 tensors.push((format!("exp_avg.{}", s.name), s.shape.clone(), &m[s.range()]));
                 tensors.push((format!("exp_avg_sq.{}", s.name), s.shape.clone(), &v[s.range()]));
             }
-            let file = if p == 1 { "optimizer.safetensors".to_string() } else { format!("optimizer-{:05}-of-{p:05}.safetensors", k + 1) };
-            write_safetensors(&dir.join(file), &tensors, None)?;
+            let shards = self.ep().1 * self.model.stage.ranks;
+            write_safetensors(&dir.join(pipeline_files("optimizer", &self.model, shards)), &tensors, None)?;
+            if let (Some(b), 0) = (&self.balancer, k) {
+                let state = PlacementState {
+                    ranks: self.ep().1,
+                    moe_layers: Some(self.model.moe_ids()),
+                    slot_expert: self.model.placements().iter().map(|p| p.slot_expert.clone()).collect(),
+                    share: self.model.placements().iter().map(|p| p.share.clone()).collect(),
+                    load: b.load.clone(),
+                };
+                let (s, stages) = (self.model.stage.rank, self.model.stage.ranks);
+                let file = dir.join(format!("placement-{:05}-of-{stages:05}.json", s + 1));
+                write_atomic(&file, serde_json::to_string_pretty(&state).unwrap().as_bytes())?;
+            }
         }
         self.barrier()?;
         if self.is_lead() {
@@ -933,12 +1065,8 @@ impl Trainer {
                 optimizer_step: self.optimizer_steps(),
                 data_position: self.batcher.position(),
                 config: self.cfg.clone(),
-                placement: self.balancer.as_ref().map(|b| PlacementState {
-                    ranks: self.ep().1,
-                    slot_expert: self.model.placements().iter().map(|p| p.slot_expert.clone()).collect(),
-                    share: self.model.placements().iter().map(|p| p.share.clone()).collect(),
-                    load: b.load.clone(),
-                }),
+                spec: Some(self.spec.clone()),
+                placement: None,
             };
             write_atomic(&dir.join("trainer_state.json"), serde_json::to_string_pretty(&state).unwrap().as_bytes())?;
             write_atomic(&root.join("latest"), name.as_bytes())?;
@@ -964,77 +1092,71 @@ impl Trainer {
         crate::run_dir::latest_checkpoint(run_dir).ok().flatten()
     }
 
-    /// Resumes from a checkpoint directory: weights, moments, step, data position and
-    /// the training config (with `steps` optionally extended).
-    pub fn resume(dir: &Path, peak_flops: f64, steps: Option<u64>) -> Result<Self> {
-        Self::resume_with_mesh(dir, peak_flops, steps, None, None)
+    /// The training config and run specification a checkpoint was saved with (for a
+    /// checkpoint from before run specifications: the run settings its config held).
+    pub fn saved_config(dir: &Path) -> Result<(TrainConfig, RunSpec)> {
+        let state_path = dir.join("trainer_state.json");
+        let text = std::fs::read_to_string(&state_path).map_err(|e| Error::msg(format!("cannot read: {e}")).in_file(&state_path))?;
+        let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::msg(format!("not a trainer state: {e}")).in_file(&state_path))?;
+        let state: TrainerState = serde_json::from_value(value.clone()).map_err(|e| Error::msg(format!("not a trainer state: {e}")).in_file(&state_path))?;
+        let spec = match state.spec {
+            Some(s) => s,
+            None => serde_json::from_value(value["config"].clone()).map_err(|e| Error::msg(format!("not a trainer state: {e}")).in_file(&state_path))?,
+        };
+        Ok((state.config, spec))
     }
 
-    /// [`Trainer::resume`] on one rank of `mesh`. The checkpoint may have been written
-    /// under any expert- and data-parallel layout, with or without ZeRO-1: tensors are
-    /// found by name in whatever shards hold them, and each rank takes its share.
-    /// `zero1` switches ZeRO-1 on or off for the continued run (`None`: as saved).
-    pub fn resume_with_mesh(dir: &Path, peak_flops: f64, steps: Option<u64>, mesh: Option<Mesh>, zero1: Option<bool>) -> Result<Self> {
-        Self::resume_prepared(dir, peak_flops, mesh, &mut |_, cfg| {
-            if let Some(s) = steps {
-                cfg.steps = s;
-            }
-            if let Some(z) = zero1 {
-                cfg.zero1 = z;
-            }
-            Ok(())
-        })
-    }
-
-    /// The training config a checkpoint was saved with.
-    pub fn saved_config(dir: &Path) -> Result<TrainConfig> {
-        Ok(read_state(dir)?.config)
-    }
-
-    /// [`Trainer::resume_with_mesh`] with the continued run's settings given by
-    /// `prepare`, called with this rank's model (before any weights are read) and the
-    /// saved config: it may change what does not change the numbers (steps, memory
-    /// policy, ZeRO-1) — the caller is responsible for refusing anything else.
-    pub fn resume_prepared(dir: &Path, peak_flops: f64, mesh: Option<Mesh>, prepare: &mut dyn FnMut(&mut Model, &mut TrainConfig) -> Result<()>) -> Result<Self> {
+    /// Resumes from a checkpoint directory: weights, moments, step, data position, the
+    /// training config and the run specification, which `adjust` may change first (the
+    /// layout to the ranks at hand, steps, memory options…: whatever leaves the numbers
+    /// alone — the caller refuses the rest). The checkpoint may have been written under
+    /// any layout, with or without ZeRO-1: tensors are found by name in whatever shards
+    /// hold them, and each rank takes its share.
+    pub fn resume(dir: &Path, place: Place, adjust: &mut dyn FnMut(&mut TrainConfig, &mut RunSpec) -> Result<()>) -> Result<Self> {
         let state_path = dir.join("trainer_state.json");
         let state = read_state(dir)?;
+        let (mut cfg, mut spec) = Self::saved_config(dir)?;
         let cfg_model = ModelConfig::from_file(&dir.join("config.json"))?;
-        let mut cfg = state.config;
-        let ep = mesh.as_ref().map_or(1, |m| m.ep_size());
-        if ep < 2 {
+        adjust(&mut cfg, &mut spec)?;
+        if spec.ep < 2 {
             // Placement is an expert-parallel matter: one rank holds every expert once.
-            (cfg.placement_every, cfg.redundant_experts) = (0, 0);
+            (spec.placement_every, spec.redundant_experts) = (0, 0);
         }
         // The saved placement continues when the expert-parallel size is unchanged;
         // otherwise experts start from contiguous blocks (names, not slots, find them).
-        let placed = state.placement.as_ref().filter(|p| p.ranks == ep);
-        let model = match &mesh {
-            Some(m) => match placed {
-                Some(p) => {
-                    let e = cfg_model.moe.n_experts;
-                    let ps = p
-                        .slot_expert
-                        .iter()
-                        .enumerate()
-                        .map(|(i, map)| {
-                            let pl = Placement::new(ep, e, map.clone())?;
-                            match p.share.get(i) {
-                                Some(sh) => pl.with_shares(sh.clone()),
-                                None => Ok(pl),
-                            }
-                        })
-                        .collect::<std::result::Result<Vec<_>, _>>()
-                        .map_err(|e| Error::field("placement", e).in_file(&state_path))?;
-                    Model::expert_parallel_placed(cfg_model, m.ep.clone(), ps)?
-                }
-                None => Model::expert_parallel_redundant(cfg_model, m.ep.clone(), cfg.redundant_experts)?,
-            },
-            None => Model::new(cfg_model),
+        let saved = read_placements(dir, state.placement)?;
+        let placed = match saved {
+            Some(p) if p.ranks == spec.ep && p.slot_expert.len() == cfg_model.n_moe_layers() => Some(p),
+            _ => None,
         };
-        let mut model = model;
-        prepare(&mut model, &mut cfg)?;
-        let w = load_weights(&model, dir)?;
-        let mut tr = Trainer::with_mesh(model, w, cfg, peak_flops, mesh)?;
+        let placements = match &placed {
+            Some(p) => {
+                let e = cfg_model.moe.n_experts;
+                let ps = p
+                    .slot_expert
+                    .iter()
+                    .enumerate()
+                    .map(|(i, map)| {
+                        let pl = Placement::new(spec.ep, e, map.clone())?;
+                        match p.share.get(i).filter(|s| !s.is_empty()) {
+                            Some(sh) => pl.with_shares(sh.clone()),
+                            None => Ok(pl),
+                        }
+                    })
+                    .collect::<std::result::Result<Vec<_>, _>>()
+                    .map_err(|e| Error::field("placement", e).in_file(&state_path))?;
+                Some(ps)
+            }
+            None => None,
+        };
+        if let (Some(ps), true) = (&placements, spec.redundant_experts == 0) {
+            // A placement saved with redundant slots keeps them.
+            if let Some(p) = ps.first() {
+                spec.redundant_experts = p.slots_per_rank - p.n_experts() / p.ranks;
+            }
+        }
+        let mut tr = Self::assemble(cfg_model, cfg, spec, &place, placements, &mut |model| load_weights(model, dir))?;
+        tr.parallel_start(place)?;
         let moments = read_optimizer_shards(dir)?;
         let total = tr.model.layout.total;
         let (mut m, mut v) = (vec![0.0; total], vec![0.0; total]);
@@ -1066,10 +1188,80 @@ impl Trainer {
         tr.step = state.step;
         tr.batcher.restore(state.data_position);
         if let (Some(b), Some(p)) = (&mut tr.balancer, placed) {
-            b.load = p.load.clone();
+            b.load = tr.model.moe_ids().into_iter().filter_map(|i| p.load.get(i).cloned()).collect();
         }
         Ok(tr)
     }
+}
+
+/// What the trainer does as the step's passes progress: waits for the swapped moments'
+/// write after the first layer's forward, starts reading them back during the bottom
+/// layer's last backward, and starts each layer's gradient reduction once its last
+/// backward is done.
+struct StepHooks<'a> {
+    layer_ids: &'a [usize],
+    overlap: Option<&'a mut Parallel>,
+    moments: Option<(SwapFile, SwapTicket)>,
+    reading: Option<Prefetch>,
+}
+
+impl Hooks for StepHooks<'_> {
+    fn forward_layer_done(&mut self, first: bool, layer: usize) {
+        if let (true, 0, Some((f, ticket))) = (first, layer, &mut self.moments) {
+            f.wait_written(ticket);
+        }
+    }
+
+    fn backward_layer_done(&mut self, g: &[f32], last: bool, final_backward: bool, layer: usize) {
+        if let (true, Some(p)) = (last, self.overlap.as_deref_mut()) {
+            p.layer_done(g, self.layer_ids[layer]);
+        }
+        if let (true, 1, Some((f, ticket))) = (final_backward, layer, &mut self.moments) {
+            self.reading = Some(f.prefetch(ticket));
+        }
+    }
+}
+
+/// Every stage's saved placement, merged by MoE layer (`legacy`: a trainer state's
+/// from before per-stage files). `None` when the run had no dynamic placement.
+fn read_placements(dir: &Path, legacy: Option<PlacementState>) -> Result<Option<PlacementState>> {
+    if legacy.is_some() {
+        return Ok(legacy);
+    }
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| Error::msg(format!("cannot read directory: {e}")).in_file(dir))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("placement-") && n.ends_with(".json")))
+        .collect();
+    files.sort();
+    let mut merged: Option<PlacementState> = None;
+    // per MoE layer: (slot → expert, shares, load average)
+    type Entry = (Vec<usize>, Vec<f64>, Vec<f64>);
+    let mut entries: std::collections::BTreeMap<usize, Entry> = Default::default();
+    for f in files {
+        let text = std::fs::read_to_string(&f).map_err(|e| Error::msg(format!("cannot read: {e}")).in_file(&f))?;
+        let p: PlacementState = serde_json::from_str(&text).map_err(|e| Error::msg(format!("not a placement: {e}")).in_file(&f))?;
+        let ids = p.moe_layers.clone().unwrap_or_else(|| (0..p.slot_expert.len()).collect());
+        for (k, i) in ids.into_iter().enumerate() {
+            let share = p.share.get(k).cloned().unwrap_or_default();
+            let load = p.load.get(k).cloned().unwrap_or_default();
+            entries.insert(i, (p.slot_expert[k].clone(), share, load));
+        }
+        merged = Some(PlacementState { ranks: p.ranks, moe_layers: None, slot_expert: vec![], share: vec![], load: vec![] });
+    }
+    Ok(merged.map(|mut m| {
+        // Layers listed by index 0..n; a gap (a stage without a file) leaves the list
+        // short, and the resumed run starts from contiguous blocks.
+        for (i, (map, share, load)) in entries {
+            if i != m.slot_expert.len() {
+                break;
+            }
+            m.slot_expert.push(map);
+            m.share.push(share);
+            m.load.push(load);
+        }
+        m
+    }))
 }
 
 /// A checkpoint's `trainer_state.json`.
@@ -1080,7 +1272,7 @@ fn read_state(dir: &Path) -> Result<TrainerState> {
 }
 
 /// Every optimizer tensor of a checkpoint, from `optimizer.safetensors` or the
-/// per-expert-parallel-rank `optimizer-*-of-*.safetensors` shards, with its file.
+/// per-rank `optimizer-*-of-*.safetensors` shards, with its file.
 fn read_optimizer_shards(dir: &Path) -> Result<std::collections::BTreeMap<String, (Tensor, PathBuf)>> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(|e| Error::msg(format!("cannot read directory: {e}")).in_file(dir))?

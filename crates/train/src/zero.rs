@@ -1,11 +1,12 @@
 //! ZeRO stage 1: optimizer moments sharded over the ranks that hold the same weights.
 //!
-//! Replicated tensors (held by every rank) are packed in memory order into one vector of
-//! `R` elements, padded to `W·⌈R/W⌉`, and rank `r` of the world owns chunk `r`. A rank's
+//! A stage's replicated tensors (held by every rank of the stage: `W = DP × EP` ranks) are
+//! packed in memory order into one vector of `R` elements, padded to `W·⌈R/W⌉`, and rank
+//! `r` of the stage owns chunk `r`. A rank's
 //! routed experts (`X` elements, equal on every data-parallel copy) are packed the same
 //! way and chunk `d` belongs to data-parallel rank `d`. A step then:
 //!
-//! 1. reduce-scatters the packed gradients (world for replicated, DP group for experts):
+//! 1. reduce-scatters the packed gradients (stage for replicated, DP group for experts):
 //!    each rank receives the summed gradient of its chunks only;
 //! 2. takes the global norm from the chunks (`Σ chunk²` summed over the world: every
 //!    element of the model sits in exactly one rank's chunk) and clips;
@@ -157,7 +158,7 @@ fn all_gather(g: &dyn ProcessGroup, chunk: &[f32]) -> CommResult<Vec<f32>> {
 impl Zero1 {
     /// Shards for this rank of `mesh`, for a model laid out by `layout`.
     pub fn new(layout: &ParamLayout, mesh: &Mesh, cfg: AdamWConfig) -> Self {
-        let replicated = Packing::new(layout, false, mesh.world.size(), mesh.world.rank());
+        let replicated = Packing::new(layout, false, mesh.stage.size(), mesh.stage.rank());
         let experts = Packing::new(layout, true, mesh.dp_size(), mesh.dp.rank());
         let mut chunk = ParamLayout::default();
         replicated.chunk_layout(layout, false, &mut chunk);
@@ -174,9 +175,9 @@ impl Zero1 {
     /// the global gradient norm before clipping.
     /// `duplicates` are non-primary copies of replicated experts, left out of the norm.
     pub fn step(&mut self, mesh: &Mesh, w: &mut [f32], g: &mut [f32], lr: f32, clip: f32, duplicates: &[Range<usize>]) -> CommResult<f32> {
-        let (wn, dn) = (mesh.world.size(), mesh.dp_size());
+        let (wn, dn) = (mesh.stage.size(), mesh.dp_size());
         let start = Instant::now();
-        let mut grad = reduce_scatter(mesh.world.as_ref(), &self.replicated.pack(g, wn))?;
+        let mut grad = reduce_scatter(mesh.stage.as_ref(), &self.replicated.pack(g, wn))?;
         let rc = grad.len();
         grad.extend(reduce_scatter(mesh.dp.as_ref(), &self.experts.pack(g, dn))?);
         g.fill(0.0);
@@ -195,7 +196,7 @@ impl Zero1 {
         self.opt.step(&mut chunk, &mut grad, lr);
         let rc = self.replicated.chunk;
         let start = Instant::now();
-        self.replicated.unpack(&all_gather(mesh.world.as_ref(), &chunk[..rc])?, w);
+        self.replicated.unpack(&all_gather(mesh.stage.as_ref(), &chunk[..rc])?, w);
         self.experts.unpack(&all_gather(mesh.dp.as_ref(), &chunk[rc..])?, w);
         self.comm_s += start.elapsed().as_secs_f64();
         Ok(norm)
@@ -212,7 +213,7 @@ impl Zero1 {
         let rc = self.replicated.chunk;
         let mut out = (vec![0.0; total], vec![0.0; total]);
         for (src, dst) in [(&self.opt.m, &mut out.0), (&self.opt.v, &mut out.1)] {
-            self.replicated.unpack(&all_gather(mesh.world.as_ref(), &src[..rc])?, dst);
+            self.replicated.unpack(&all_gather(mesh.stage.as_ref(), &src[..rc])?, dst);
             self.experts.unpack(&all_gather(mesh.dp.as_ref(), &src[rc..])?, dst);
         }
         Ok(out)

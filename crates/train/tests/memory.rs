@@ -7,8 +7,9 @@
 use ultramoe_kernels::memory::CountingAlloc;
 use ultramoe_model::init::init_weights;
 use ultramoe_model::policy::{parse_policy, LayerPolicy};
-use ultramoe_model::{Model, ModelConfig};
-use ultramoe_train::trainer::{DataSpec, TrainConfig, Trainer};
+use ultramoe_model::{Model, ModelConfig, PassOptions};
+use ultramoe_train::spec::RunSpec;
+use ultramoe_train::trainer::{DataSpec, Place, TrainConfig, Trainer, Weights};
 
 #[global_allocator]
 static ALLOC: CountingAlloc = CountingAlloc;
@@ -41,7 +42,7 @@ fn predicted_activations_are_exact_and_peaks_within_five_percent() {
     let base = ultramoe_kernels::memory::live_bytes();
     let mut runtime = None;
     for cfg in CONFIGS {
-        let mut model = Model::new(ModelConfig::from_json_str(cfg).unwrap());
+        let model = Model::new(ModelConfig::from_json_str(cfg).unwrap());
         // Kernel workspaces appear on the first pass and stay: measured once.
         let runtime = *runtime.get_or_insert_with(|| ultramoe_model::memory::runtime_bytes(&model));
         let arch = model.cfg.arch.model_type();
@@ -62,19 +63,18 @@ fn predicted_activations_are_exact_and_peaks_within_five_percent() {
         for (b, t, text) in cases {
             // `+moments`: the optimizer moments go to the swap file too.
             let (policy, swap_moments) = text.strip_suffix("+moments").map_or((text, false), |p| (p, true));
-            model.policy = parse_policy(policy, layers).unwrap();
-            model.swap_moments = swap_moments;
+            let memory_policy = parse_policy(policy, layers).unwrap();
+            let opts = PassOptions { policy: memory_policy.clone(), swap_moments, ..PassOptions::default() };
             let arch = format!("{arch} [{text}]");
             let w = init_weights(&model.layout, 1);
             let ids: Vec<u32> = (0..b * t).map(|i| (i * 7 % 256) as u32).collect();
-            let fwd = model.forward(&w, &ids, b, t);
-            let plan = model.memory_plan(b, t, 2, runtime);
+            let fwd = model.forward_with(&w, &ids, b, t, &opts);
+            let plan = model.memory_plan(b, t, 2, runtime, &opts);
             assert_eq!(plan.activation_bytes, fwd.activation_bytes(), "{arch} {b}×{t}: saved activations");
-            drop(fwd);
-            let memory_policy = model.policy.clone();
-            let tc =
-                TrainConfig { steps: 3, micro_batch: b, seq_len: t, data: DataSpec::Random, warmup: 1, memory_policy, swap_moments, ..TrainConfig::default() };
-            let mut tr = Trainer::new(model.clone(), w, tc, 1e11).unwrap();
+            drop((fwd, w));
+            let tc = TrainConfig { steps: 3, micro_batch: b, seq_len: t, data: DataSpec::Random, warmup: 1, ..TrainConfig::default() };
+            let spec = RunSpec { memory_policy, swap_moments, ..RunSpec::default() };
+            let mut tr = Trainer::start(model.cfg.clone(), tc, spec, Weights::Seed(1), Place::alone(1e11)).unwrap();
             let mut peak = 0;
             for _ in 0..3 {
                 let s = tr.train_step().unwrap();
@@ -111,7 +111,7 @@ fn recomputation_is_exact_and_saves_activations() {
         "ffn+norm+attention swap:0",
     ];
     for cfg in CONFIGS {
-        let mut model = Model::new(ModelConfig::from_json_str(cfg).unwrap());
+        let model = Model::new(ModelConfig::from_json_str(cfg).unwrap());
         let arch = model.cfg.arch.model_type();
         let (b, t) = (8, 64);
         let w = init_weights(&model.layout, 3);
@@ -121,12 +121,12 @@ fn recomputation_is_exact_and_saves_activations() {
         let mut reference: Option<(f64, Vec<f32>, usize)> = None;
         for text in policies {
             let text = text.replace("TOP", &(n - 1).to_string());
-            model.policy = parse_policy(&text, n).unwrap();
-            let fwd = model.forward(&w, &ids, b, t);
+            let opts = PassOptions { policy: parse_policy(&text, n).unwrap(), ..PassOptions::default() };
+            let fwd = model.forward_with(&w, &ids, b, t, &opts);
             let saved = fwd.activation_bytes();
-            assert_eq!(saved, model.memory_plan(b, t, 2, 0).activation_bytes, "{arch} [{text}]");
+            assert_eq!(saved, model.memory_plan(b, t, 2, 0, &opts).activation_bytes, "{arch} [{text}]");
             let mut g = vec![0.0; w.len()];
-            let (loss, _) = model.backward(&w, &mut g, fwd, &targets, 1.0);
+            let (loss, _) = model.backward_with(&w, &mut g, fwd, &targets, 1.0, &opts);
             match &reference {
                 None => reference = Some((loss, g, saved)),
                 Some((l0, g0, s0)) => {
@@ -134,7 +134,7 @@ fn recomputation_is_exact_and_saves_activations() {
                     assert!(g.iter().zip(g0).all(|(a, b)| a.to_bits() == b.to_bits()), "{arch} [{text}]: gradients differ");
                     assert!(saved < *s0, "{arch} [{text}]: keeps {saved} bytes, no fewer than {s0}");
                     eprintln!("{arch} [{text}]: keeps {saved} of {s0} bytes ({:.0}% less)", 100.0 * (1.0 - saved as f64 / *s0 as f64));
-                    if model.policy.iter().all(|p: &LayerPolicy| p.full) {
+                    if opts.policy.iter().all(|p: &LayerPolicy| p.full) {
                         let cut = 1.0 - saved as f64 / *s0 as f64;
                         assert!(cut >= 0.7, "{arch}: only {:.0}% less", 100.0 * cut);
                     }
@@ -149,10 +149,9 @@ fn recomputation_is_exact_and_saves_activations() {
 fn swapped_moments_change_nothing_and_are_predicted() {
     for cfg in CONFIGS {
         let run = |swap_moments: bool| {
-            let model = Model::new(ModelConfig::from_json_str(cfg).unwrap());
-            let w = init_weights(&model.layout, 5);
-            let tc = TrainConfig { steps: 4, micro_batch: 4, seq_len: 32, grad_accum: 2, data: DataSpec::Random, warmup: 1, swap_moments, ..TrainConfig::default() };
-            let mut tr = Trainer::new(model, w, tc, 1e11).unwrap();
+            let tc = TrainConfig { steps: 4, micro_batch: 4, seq_len: 32, grad_accum: 2, data: DataSpec::Random, warmup: 1, ..TrainConfig::default() };
+            let spec = RunSpec { swap_moments, ..RunSpec::default() };
+            let mut tr = Trainer::start(ModelConfig::from_json_str(cfg).unwrap(), tc, spec, Weights::Seed(5), Place::alone(1e11)).unwrap();
             let losses: Vec<u32> = (0..4).map(|_| tr.train_step().unwrap().loss.to_bits()).collect();
             assert_eq!(tr.opt.m.len(), tr.w.len(), "moments back after the step");
             (losses, tr.w.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), tr.opt.v.iter().map(|x| x.to_bits()).collect::<Vec<_>>())

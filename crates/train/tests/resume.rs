@@ -2,19 +2,18 @@
 //! uninterrupted run: weights, optimizer moments, step, schedule and data position all
 //! come back.
 
-use ultramoe_model::init::init_weights;
-use ultramoe_model::{Model, ModelConfig};
-use ultramoe_train::trainer::{DataSpec, TrainConfig, Trainer};
+use ultramoe_model::ModelConfig;
+use ultramoe_train::spec::RunSpec;
+use ultramoe_train::trainer::{DataSpec, Place, TrainConfig, Trainer, Weights};
 
-fn tiny() -> Model {
-    let cfg = ModelConfig::from_json_str(
+fn tiny() -> ModelConfig {
+    ModelConfig::from_json_str(
         r#"{"model_type": "deepseek_v3", "vocab_size": 128, "hidden_size": 32, "intermediate_size": 48,
             "moe_intermediate_size": 16, "num_hidden_layers": 2, "first_k_dense_replace": 1, "num_attention_heads": 2,
             "q_lora_rank": 16, "kv_lora_rank": 8, "qk_nope_head_dim": 8, "qk_rope_head_dim": 4, "v_head_dim": 8,
             "n_routed_experts": 4, "num_experts_per_tok": 2, "n_shared_experts": 1, "max_position_embeddings": 64}"#,
     )
-    .unwrap();
-    Model::new(cfg)
+    .unwrap()
 }
 
 fn config() -> TrainConfig {
@@ -33,20 +32,19 @@ fn config() -> TrainConfig {
 
 #[test]
 fn resumed_run_repeats_the_uninterrupted_losses() {
-    let model = tiny();
-    let w = init_weights(&model.layout, 7);
-    let mut full = Trainer::new(model.clone(), w.clone(), config(), 1e11).unwrap();
+    let start = || Trainer::start(tiny(), config(), RunSpec::default(), Weights::Seed(7), Place::alone(1e11)).unwrap();
+    let mut full = start();
     let expect: Vec<f32> = (0..8).map(|_| full.train_step().unwrap().loss).collect();
     assert!(expect[7] < expect[0], "loss should fall: {expect:?}");
 
     let dir = std::env::temp_dir().join(format!("ultramoe-resume-test-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let mut first = Trainer::new(model, w, config(), 1e11).unwrap();
+    let mut first = start();
     let mut got: Vec<f32> = (0..3).map(|_| first.train_step().unwrap().loss).collect();
     first.save_checkpoint(&dir, 2).unwrap();
     drop(first);
     let ckpt = Trainer::latest_checkpoint(&dir).expect("latest checkpoint");
-    let mut resumed = Trainer::resume(&ckpt, 1e11, None).unwrap();
+    let mut resumed = Trainer::resume(&ckpt, Place::alone(1e11), &mut |_, _| Ok(())).unwrap();
     assert_eq!(resumed.step, 3);
     got.extend((3..8).map(|_| resumed.train_step().unwrap().loss));
     assert_eq!(got, expect, "resumed losses differ");

@@ -6,9 +6,10 @@ use std::path::PathBuf;
 use std::time::Instant;
 use ultramoe_kernels::gemm::{linear, linear_grad, measure_peak_flops};
 use ultramoe_kernels::grouped_gemm::{grouped_linear, grouped_linear_grad};
-use ultramoe_model::init::{init_weights, Rng};
-use ultramoe_model::{Model, ModelConfig};
-use ultramoe_train::trainer::{DataSpec, TrainConfig, Trainer};
+use ultramoe_model::init::Rng;
+use ultramoe_model::ModelConfig;
+use ultramoe_train::spec::RunSpec;
+use ultramoe_train::trainer::{DataSpec, Place, TrainConfig, Trainer, Weights};
 
 /// Benchmarks.
 #[derive(Subcommand, Debug)]
@@ -81,23 +82,14 @@ pub fn run(c: BenchCommand) -> CliResult {
 
 fn bench_train(a: BenchTrainArgs) -> CliResult {
     let cfg = ModelConfig::from_file(&a.config).map_err(|e| e.to_string())?;
-    let mut model = Model::new(cfg);
-    let memory_policy = super::train::policy_from_args(a.memory_policy.as_deref(), None, model.layers.len())?.unwrap_or_default();
-    model.policy = memory_policy.clone();
-    model.check_step_fits_machine(a.batch.max(1), a.seq, 1).map_err(|e| e.to_string())?;
+    let memory_policy = super::train::policy_from_args(a.memory_policy.as_deref(), None, cfg.n_layers)?.unwrap_or_default();
+    let spec = RunSpec { memory_policy, swap_dir: a.swap_dir.clone(), ..RunSpec::default() };
+    let tc = TrainConfig { steps: (a.steps + a.warmup) as u64, micro_batch: a.batch, seq_len: a.seq, data: DataSpec::Random, warmup: 1, ..TrainConfig::default() };
+    // The step's size is checked against the machine (by the trainer) before the peak
+    // is measured.
+    tc.validate_for(&cfg).map_err(|e| e.to_string())?;
     let peak = measure_peak_flops(1024, 1.0);
-    let w = init_weights(&model.layout, 1);
-    let tc = TrainConfig {
-        steps: (a.steps + a.warmup) as u64,
-        micro_batch: a.batch,
-        seq_len: a.seq,
-        data: DataSpec::Random,
-        warmup: 1,
-        memory_policy,
-        swap_dir: a.swap_dir.clone(),
-        ..TrainConfig::default()
-    };
-    let mut tr = Trainer::new(model, w, tc, peak).map_err(|e| e.to_string())?;
+    let mut tr = Trainer::start(cfg, tc, spec, Weights::Seed(1), Place::alone(peak)).map_err(|e| e.to_string())?;
     for _ in 0..a.warmup {
         tr.train_step().map_err(|e| e.to_string())?;
     }
@@ -120,7 +112,7 @@ fn bench_train(a: BenchTrainArgs) -> CliResult {
     println!("GEMM peak      {:.1} GFLOP/s (measured now, 1024³ f32)", peak / 1e9);
     println!("model FLOPs    {:.2} GFLOP/step", tr.model.train_flops(a.batch, a.seq) / 1e9);
     println!("MFU            {:.1}% (median)", 100.0 * median(mfus));
-    println!("memory policy  {}", ultramoe_model::policy::describe_policy(&tr.model.policy));
+    println!("memory policy  {}", ultramoe_model::policy::describe_policy(&tr.pass.policy));
     if peak_bytes > 0 {
         println!("peak memory    {:.1} MB (heap, counted)", peak_bytes as f64 / 1e6);
     }

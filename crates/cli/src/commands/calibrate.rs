@@ -172,13 +172,12 @@ fn tiny_step(layers: usize) -> CliResult<f64> {
 /// Median step of the trainer on `config` (one rank, random data) over `steps` steps
 /// after `skip` warm-up steps.
 fn median_step(config: &str, micro_batch: usize, seq_len: usize, steps: usize, skip: usize) -> CliResult<f64> {
-    use ultramoe_model::init::init_weights;
-    use ultramoe_model::{Model, ModelConfig};
-    use ultramoe_train::trainer::{DataSpec, TrainConfig, Trainer};
-    let model = Model::new(ModelConfig::from_json_str(config).map_err(|e| e.to_string())?);
-    let w = init_weights(&model.layout, 1);
+    use ultramoe_model::ModelConfig;
+    use ultramoe_train::spec::RunSpec;
+    use ultramoe_train::trainer::{DataSpec, Place, TrainConfig, Trainer, Weights};
+    let cfg = ModelConfig::from_json_str(config).map_err(|e| e.to_string())?;
     let tc = TrainConfig { steps: (skip + steps) as u64, micro_batch, seq_len, data: DataSpec::Random, warmup: 1, ..TrainConfig::default() };
-    let mut tr = Trainer::new(model, w, tc, 1e11).map_err(|e| e.to_string())?;
+    let mut tr = Trainer::start(cfg, tc, RunSpec::default(), Weights::Seed(1), Place::alone(1e11)).map_err(|e| e.to_string())?;
     let times: Vec<f64> = (0..skip + steps).map(|_| tr.train_step().map(|s| s.step_s)).collect::<Result<_, _>>().map_err(|e| e.to_string())?;
     Ok(median(times[skip..].to_vec()))
 }

@@ -1,7 +1,7 @@
 //! `ultramoe demo`: train the default math MoE, save it, then solve sample problems.
 
 use super::eval::{evaluate, parse_kinds};
-use super::train::{make_trainer, train_loop, TrainArgs};
+use super::train::{make_trainer, resolve, train_loop, TrainArgs};
 use super::{load_math_model, CliResult};
 use crate::serve::solve_batch;
 use clap::Args;
@@ -67,11 +67,14 @@ pub fn run(a: DemoArgs) -> CliResult {
         no_progress: a.no_progress,
         zero1: false,
         no_grad_overlap: false,
-        parallel: crate::launch::ParallelArgs { ranks: 1, ep: None, dp: None, ranks_per_node: None, hierarchical_a2a: false, mpi_wait: crate::launch::MpiWait::Auto, overlap_chunks: 1, comm_timeout: 30 },
+        plan: None,
+        plan_rank: None,
+        parallel: crate::launch::ParallelArgs { overlap_chunks: Some(1), comm_timeout: 30, ..Default::default() },
     };
     // The demo starts over each time: an earlier demo's run is replaced.
     let run = RunDir::open(&a.run_dir, Start::Overwrite, true).map_err(|e| e.to_string())?;
-    let mut tr = make_trainer(&targs, None, None)?;
+    let resolved = resolve(&targs, None)?;
+    let mut tr = make_trainer(&targs, &resolved, None, false)?;
     eprintln!(
         "training the default math MoE ({:.2}M parameters, {} experts top-{}) for {} steps",
         tr.model.n_params() as f64 / 1e6,

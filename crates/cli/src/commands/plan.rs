@@ -102,7 +102,7 @@ pub fn run(a: PlanArgs) -> CliResult {
         let rejected: Vec<serde_json::Value> =
             out.rejected.iter().take(a.show_rejected).map(|(l, why)| serde_json::json!({ "layout": l, "reason": why })).collect();
         let v = serde_json::json!({
-            "model": name, "cluster": hw.name, "job": job,
+            "model": name, "model_config": cfg.raw, "cluster": hw.name, "job": job,
             "params": m.params(), "active_params": m.active_params(),
             "evaluated": out.ranked.len() + out.rejected.len(), "feasible": out.ranked.len(),
             "rejected_by_reason": out.reasons(), "best": best, "rejected": rejected,
@@ -162,6 +162,100 @@ pub fn run(a: PlanArgs) -> CliResult {
         println!("rejected tp {} pp {} vpp {} ep {} dp {} mb {} {}: {why}", l.tp, l.pp, l.vpp, l.ep, l.dp, l.micro_batch, l.recompute.name());
     }
     Ok(())
+}
+
+/// One layout of a `plan --json` file, as `train --plan` runs it.
+#[derive(Clone, Debug)]
+pub struct PlanChoice {
+    /// the plan file
+    pub path: PathBuf,
+    /// the model it was planned for (`config.json` contents)
+    pub model_config: serde_json::Value,
+    /// the cluster it was planned for
+    pub cluster: String,
+    /// devices (ranks)
+    pub devices: usize,
+    /// pipeline stages
+    pub pp: usize,
+    /// model chunks per pipeline rank
+    pub vpp: usize,
+    /// expert-parallel size
+    pub ep: usize,
+    /// data-parallel copies of each expert (the planner's DP over EP)
+    pub dp: usize,
+    /// rows per micro-batch over a stage's ranks (the planner's per-rank micro-batch ×
+    /// its DP)
+    pub micro_batch: usize,
+    /// micro-batches per step
+    pub grad_accum: usize,
+    /// tokens per row
+    pub seq_len: usize,
+    /// the planner's recomputation
+    pub recompute: String,
+    /// ZeRO-1
+    pub zero1: bool,
+}
+
+/// Reads layout `rank` (0: the best) of a `plan --json` file.
+pub fn read_plan(path: &Path, rank: usize) -> CliResult<PlanChoice> {
+    let where_ = path.display();
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{where_}: cannot read: {e}"))?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| format!("{where_}: not JSON (write it with `ultramoe plan … --json`): {e}"))?;
+    let field = |v: &serde_json::Value, k: &str| v.get(k).and_then(|x| x.as_u64()).map(|x| x as usize).ok_or_else(|| format!("{where_}: `{k}` missing or not a count"));
+    let best = v.get("best").and_then(|b| b.as_array()).ok_or_else(|| format!("{where_}: `best` missing: not an `ultramoe plan --json` file"))?;
+    let chosen = best.get(rank).ok_or_else(|| format!("--plan-rank {rank}: {where_} ranks {} layouts (0 to {})", best.len(), best.len().saturating_sub(1)))?;
+    let l = chosen.get("layout").ok_or_else(|| format!("{where_}: `best[{rank}].layout` missing"))?;
+    let job = v.get("job").ok_or_else(|| format!("{where_}: `job` missing"))?;
+    let (tp, pp, vpp, ep, dp, mb) = (field(l, "tp")?, field(l, "pp")?, field(l, "vpp")?, field(l, "ep")?, field(l, "dp")?, field(l, "micro_batch")?);
+    if tp != 1 {
+        return Err(format!("{where_}: layout {rank} uses tensor parallelism (tp {tp}), which the trainer does not run yet; plan with --fix tp=1"));
+    }
+    let (devices, seq_len, global) = (field(job, "devices")?, field(job, "seq_len")?, field(job, "global_batch")?);
+    if dp == 0 || mb == 0 || ep == 0 || !dp.is_multiple_of(ep) || !global.is_multiple_of(dp * mb) {
+        return Err(format!("{where_}: layout {rank} (dp {dp}, ep {ep}, micro-batch {mb}) does not split the global batch {global}"));
+    }
+    Ok(PlanChoice {
+        path: path.to_path_buf(),
+        model_config: v.get("model_config").cloned().ok_or_else(|| format!("{where_}: `model_config` missing: re-run `ultramoe plan … --json` with this version"))?,
+        cluster: v.get("cluster").and_then(|c| c.as_str()).unwrap_or_default().to_string(),
+        devices,
+        pp,
+        vpp,
+        ep,
+        dp: dp / ep,
+        micro_batch: mb * dp,
+        grad_accum: global / (dp * mb),
+        seq_len,
+        recompute: l.get("recompute").and_then(|r| r.as_str()).unwrap_or("none").to_string(),
+        zero1: l.get("zero1").and_then(|z| z.as_bool()).unwrap_or(false),
+    })
+}
+
+impl PlanChoice {
+    /// An error when the plan is not for `cfg` on `world` ranks of this machine.
+    pub fn check(&self, cfg: &ultramoe_model::ModelConfig, world: usize) -> CliResult {
+        let where_ = self.path.display();
+        if self.model_config != cfg.raw {
+            return Err(format!("{where_}: the plan is for another model than the one being trained (its `model_config` differs from --model-config)"));
+        }
+        if self.devices != world {
+            return Err(format!("{where_}: the plan is for {} devices, but the run has {world} ranks", self.devices));
+        }
+        if !self.cluster.starts_with("this machine") {
+            return Err(format!(
+                "{where_}: the plan is for the cluster `{}`; runs here need a plan for this machine (ultramoe plan --cluster this-machine, or a file from ultramoe calibrate)",
+                self.cluster
+            ));
+        }
+        Ok(())
+    }
+
+    /// The trainer's memory policy for the planner's recomputation (one vocabulary:
+    /// `selective` is the trainer's `norm+swiglu+attention`, `full` its `full`).
+    pub fn memory_policy(&self, n_layers: usize) -> CliResult<Vec<ultramoe_model::policy::LayerPolicy>> {
+        let r = ultramoe_plan::model_cost::Recompute::parse(&self.recompute).ok_or_else(|| format!("{}: unknown recompute `{}`", self.path.display(), self.recompute))?;
+        ultramoe_model::policy::parse_policy(r.policy(), n_layers).map_err(|e| format!("{}: {e}", self.path.display()))
+    }
 }
 
 /// Reads a finished run: its model config, training config, layout and the median of

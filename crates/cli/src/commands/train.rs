@@ -5,15 +5,13 @@ use crate::presets::{math_train_config, MATH_MOE_CONFIG};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::{Path, PathBuf};
-use crate::launch::{launch, ParallelArgs};
+use crate::launch::{launch, Layout, ParallelArgs};
 use ultramoe_dist::Mesh;
-use ultramoe_model::checkpoint::load_weights;
-use ultramoe_model::init::init_weights;
-use ultramoe_model::memory::CostRates;
-use ultramoe_model::policy::{describe_policy, parse_layer_list, parse_policy, LayerPolicy};
-use ultramoe_model::{Model, ModelConfig};
+use ultramoe_model::policy::{parse_layer_list, parse_policy, LayerPolicy};
+use ultramoe_model::ModelConfig;
 use ultramoe_train::run_dir::{RunDir, Start};
-use ultramoe_train::trainer::{AuxLossConfig, DataSpec, StepStats, TrainConfig, Trainer};
+use ultramoe_train::spec::{PipelineSchedule, RunSpec};
+use ultramoe_train::trainer::{AuxLossConfig, DataSpec, Place, StepStats, TrainConfig, Trainer, Weights};
 
 /// Options of `ultramoe train`.
 #[derive(Args, Clone, Debug)]
@@ -27,11 +25,21 @@ pub struct TrainArgs {
     /// Run directory: checkpoints, metrics, final model.
     #[arg(long, default_value = "runs/train")]
     pub run_dir: PathBuf,
-    /// Continue from the run directory's latest checkpoint. Flags that would change the
-    /// continued run's numbers (learning rate, batch, data, model…) are refused; steps,
-    /// the checkpoint interval, ZeRO-1 and the memory options apply.
+    /// Continue from the run directory's latest checkpoint, with its saved run
+    /// specification. Flags that would change the continued run's numbers (learning
+    /// rate, batch, data, model…) are refused; steps, the checkpoint interval, the
+    /// layout (any PP × EP × DP), the schedule, ZeRO-1, overlap and the memory options
+    /// apply.
     #[arg(long)]
     pub resume: bool,
+    /// Run a layout `ultramoe plan … --json` ranked: its PP, VPP, EP, DP, micro-batch,
+    /// micro-batches per step and recomputation (the plan must be for this model, and
+    /// its device count is the number of ranks).
+    #[arg(long)]
+    pub plan: Option<PathBuf>,
+    /// Which of the plan's layouts (0: the best).
+    #[arg(long, requires = "plan")]
+    pub plan_rank: Option<usize>,
     /// Remove an earlier run's checkpoints, model and metrics from the run directory and
     /// start over (without it, training into a directory that holds a run is refused).
     #[arg(long)]
@@ -161,11 +169,7 @@ fn apply_overrides(mut c: TrainConfig, a: &TrainArgs) -> CliResult<TrainConfig> 
     set!(bias_update_rate);
     set!(routing_skew);
     set!(stats_ep);
-    set!(placement_every);
-    set!(redundant_experts);
     set!(max_nonfinite_steps);
-    c.zero1 |= a.zero1;
-    c.overlap_grad_reduce &= !a.no_grad_overlap;
     if let Some(kind) = &a.aux_loss {
         c.aux_loss = Some(AuxLossConfig { kind: kind.clone(), coef: a.aux_loss_coef, ep_groups: a.aux_ep_groups });
     }
@@ -185,24 +189,144 @@ fn apply_overrides(mut c: TrainConfig, a: &TrainArgs) -> CliResult<TrainConfig> 
     Ok(c)
 }
 
-/// Builds a trainer from the arguments on one rank of `mesh`, or alone: resumed from
-/// `latest` (the run directory's newest checkpoint, see [`RunDir`]) or fresh.
-pub fn make_trainer(a: &TrainArgs, latest: Option<&Path>, mesh: Option<Mesh>) -> CliResult<Trainer> {
-    let peak = peak_flops(a.peak_gflops);
-    let lead = mesh.as_ref().is_none_or(|m| m.world.rank() == 0);
-    let world = mesh.as_ref().map_or(1, |m| m.world.size());
+/// What a run is, resolved once from the flags (and a resumed run's checkpoint, or a
+/// plan) before any rank starts: the model, the training config and the run
+/// specification every rank builds its trainer from.
+#[derive(Clone)]
+pub struct Resolved {
+    /// the model config (a fresh run; a resumed run reads its checkpoint's)
+    pub model: Option<ModelConfig>,
+    /// what is trained
+    pub tc: TrainConfig,
+    /// how a step runs
+    pub spec: RunSpec,
+    /// the checkpoint to resume from
+    pub resume: Option<PathBuf>,
+}
+
+/// Resolves the run: fresh from the flags (over the default recipe), or from the
+/// checkpoint `latest` with the flags as overrides — those that would change the
+/// continued run's numbers are refused, the others (layout, schedule, memory…) apply.
+pub fn resolve(a: &TrainArgs, latest: Option<&Path>) -> CliResult<Resolved> {
+    let world = a.parallel.world();
+    let plan = match &a.plan {
+        Some(p) => Some(crate::commands::plan::read_plan(p, a.plan_rank.unwrap_or(0))?),
+        None => None,
+    };
     if let Some(dir) = latest {
         refuse_contradictions(a, dir)?;
-        let tr = Trainer::resume_prepared(dir, peak, mesh, &mut |model, tc| {
-            if let Some(s) = a.steps {
-                tc.steps = s;
+        if plan.is_some() {
+            return Err("--plan starts a new run with the plan's batch; it cannot be combined with --resume".into());
+        }
+        let (saved_tc, saved_spec) = Trainer::saved_config(dir).map_err(|e| e.to_string())?;
+        let mut tc = saved_tc;
+        if let Some(s) = a.steps {
+            tc.steps = s;
+        }
+        if let Some(n) = a.save_every {
+            tc.save_every = n;
+        }
+        if let Some(n) = a.max_nonfinite_steps {
+            tc.max_nonfinite_steps = n;
+        }
+        let cfg = ModelConfig::from_file(&dir.join("config.json")).map_err(|e| e.to_string())?;
+        let layout = if !a.parallel.sets_layout() && saved_spec.world() == world {
+            Layout { pp: saved_spec.pp, ep: saved_spec.ep, dp: saved_spec.dp }
+        } else {
+            a.parallel.layout_for(world)?
+        };
+        let spec = spec_from_args(saved_spec, a, layout, cfg.n_layers)?;
+        return Ok(Resolved { model: None, tc, spec, resume: Some(dir.to_path_buf()) });
+    }
+    let cfg = match &a.model_config {
+        Some(p) => ModelConfig::from_file(p),
+        None => ModelConfig::from_json_str(MATH_MOE_CONFIG),
+    }
+    .map_err(|e| e.to_string())?;
+    let mut tc = apply_overrides(math_train_config(), a)?;
+    let spec = match &plan {
+        Some(p) => {
+            if a.parallel.sets_layout() || a.parallel.vpp.is_some() || a.micro_batch.is_some() || a.grad_accum.is_some() || a.seq_len.is_some() {
+                return Err("--plan gives the layout and the batch: drop --pp, --vpp, --ep, --dp, --micro-batch, --grad-accum and --seq-len".into());
             }
-            tc.zero1 |= a.zero1;
-            tc.overlap_grad_reduce &= !a.no_grad_overlap;
-            if let Some(n) = a.save_every {
-                tc.save_every = n;
-            }
-            apply_memory_args(a, model, tc, lead, peak, world).map_err(ultramoe_model::Error::msg)
+            p.check(&cfg, world)?;
+            (tc.micro_batch, tc.grad_accum, tc.seq_len) = (p.micro_batch, p.grad_accum, p.seq_len);
+            let base = RunSpec { memory_policy: p.memory_policy(cfg.n_layers)?, zero1: p.zero1, ..RunSpec::default() };
+            let mut spec = spec_from_args(base, a, Layout { pp: p.pp, ep: p.ep, dp: p.dp }, cfg.n_layers)?;
+            spec.vpp = p.vpp;
+            spec
+        }
+        None => spec_from_args(RunSpec::default(), a, a.parallel.layout_for(world)?, cfg.n_layers)?,
+    };
+    tc.validate_for(&cfg).map_err(|e| e.to_string())?;
+    spec.validate(&cfg, &tc, world).map_err(|e| e.to_string())?;
+    Ok(Resolved { model: Some(cfg), tc, spec, resume: None })
+}
+
+/// The run specification: `base` (the defaults, a plan's, or a resumed run's saved
+/// one) with the flags given applied, laid out as `layout`. A schedule, chunk split
+/// or VPP of the base carries over only while the pipeline keeps its shape.
+pub fn spec_from_args(base: RunSpec, a: &TrainArgs, layout: Layout, n_layers: usize) -> CliResult<RunSpec> {
+    let p = &a.parallel;
+    let same_pipeline = layout.pp == base.pp;
+    let vpp = p.vpp.unwrap_or(if same_pipeline { base.vpp } else { 1 });
+    let pp_layers = match &p.pp_layers {
+        Some(text) => Some(parse_counts(text)?),
+        None if same_pipeline && vpp == base.vpp => base.pp_layers.clone(),
+        None => None,
+    };
+    let schedule = match &p.schedule {
+        Some(name) => PipelineSchedule::parse(name).ok_or_else(|| format!("--schedule `{name}`: expected gpipe, 1f1b or overlap"))?,
+        None => base.schedule,
+    };
+    let mut spec = RunSpec {
+        pp: layout.pp,
+        ep: layout.ep,
+        dp: layout.dp,
+        vpp,
+        pp_layers,
+        schedule,
+        zero1: base.zero1 || a.zero1,
+        overlap_grad_reduce: base.overlap_grad_reduce && !a.no_grad_overlap,
+        overlap_chunks: p.overlap_chunks.unwrap_or(base.overlap_chunks),
+        hierarchical_a2a: base.hierarchical_a2a || p.hierarchical_a2a,
+        ranks_per_node: p.ranks_per_node.or(base.ranks_per_node),
+        placement_every: a.placement_every.unwrap_or(base.placement_every),
+        redundant_experts: a.redundant_experts.unwrap_or(base.redundant_experts),
+        swap_moments: base.swap_moments || a.swap_moments,
+        swap_dir: a.swap_dir.clone().or(base.swap_dir.clone()),
+        ..base
+    };
+    if let Some(policy) = policy_from_args(a.memory_policy.as_deref(), a.recompute.as_deref(), n_layers)? {
+        spec.memory_policy = policy;
+    }
+    if let Some(b) = &a.memory_budget {
+        spec.memory_budget = Some(parse_bytes(b)? as u64);
+    }
+    Ok(spec)
+}
+
+/// Parses `3,4,4,3`.
+fn parse_counts(text: &str) -> CliResult<Vec<usize>> {
+    text.split(',')
+        .map(|c| c.trim().parse::<usize>().map_err(|_| format!("--pp-layers `{text}`: expected layer counts like 3,4,4,3")))
+        .collect()
+}
+
+/// Builds this rank's trainer for the resolved run, on `mesh` (or alone; `threads`:
+/// the ranks are threads of this process).
+pub fn make_trainer(a: &TrainArgs, run: &Resolved, mesh: Option<Mesh>, threads: bool) -> CliResult<Trainer> {
+    let peak = peak_flops(a.peak_gflops);
+    let place = match mesh {
+        Some(m) => Place::on(m, peak, threads),
+        None => Place::alone(peak),
+    };
+    let lead = place.mesh.as_ref().is_none_or(|m| m.world.rank() == 0);
+    if let Some(dir) = &run.resume {
+        let (tc, spec) = (run.tc.clone(), run.spec.clone());
+        let tr = Trainer::resume(dir, place, &mut |t, s| {
+            (*t, *s) = (tc.clone(), spec.clone());
+            Ok(())
         })
         .map_err(|e| e.to_string())?;
         if lead {
@@ -213,82 +337,21 @@ pub fn make_trainer(a: &TrainArgs, latest: Option<&Path>, mesh: Option<Mesh>) ->
     if a.resume && lead {
         eprintln!("no checkpoint in {}; starting fresh", a.run_dir.display());
     }
-    let cfg = match &a.model_config {
-        Some(p) => ModelConfig::from_file(p),
-        None => ModelConfig::from_json_str(MATH_MOE_CONFIG),
-    }
-    .map_err(|e| e.to_string())?;
-    let mut tc = apply_overrides(math_train_config(), a)?;
-    tc.validate_for(&cfg).map_err(|e| e.to_string())?;
-    let mut model = match &mesh {
-        Some(m) => Model::expert_parallel_redundant(cfg, m.ep.clone(), tc.redundant_experts).map_err(|e| e.to_string())?,
-        None => Model::new(cfg),
+    let cfg = run.model.clone().expect("a fresh run has its model config");
+    let weights = match &a.init_from {
+        Some(dir) => Weights::From(dir.clone()),
+        None => Weights::Seed(run.tc.seed),
     };
-    apply_memory_args(a, &mut model, &mut tc, lead, peak, world)?;
-    let w = match &a.init_from {
-        Some(dir) => load_weights(&model, dir).map_err(|e| e.to_string())?,
-        None => init_weights(&model.layout, tc.seed),
-    };
-    Trainer::with_mesh(model, w, tc, peak, mesh).map_err(|e| e.to_string())
-}
-
-/// The memory options (`--memory-policy`, `--recompute`, `--swap-dir`, `--swap-moments`,
-/// `--memory-budget`) applied to a model and its training config, fresh or resumed
-/// (policies change no number, so a resumed run may take new ones); then the step's
-/// predicted peak is checked against the budget and against what the machine has,
-/// before any weights are allocated.
-fn apply_memory_args(a: &TrainArgs, model: &mut Model, tc: &mut TrainConfig, lead: bool, peak: f64, world: usize) -> CliResult {
-    if let Some(policy) = policy_from_args(a.memory_policy.as_deref(), a.recompute.as_deref(), model.layers.len())? {
-        tc.memory_policy = policy;
-    }
-    if let Some(dir) = &a.swap_dir {
-        tc.swap_dir = Some(dir.clone());
-        model.swap_dir = dir.clone();
-    }
-    tc.swap_moments |= a.swap_moments;
-    model.swap_moments = tc.swap_moments;
-    model.policy = tc.memory_policy.clone();
-    let rows = (tc.micro_batch / world.max(1)).max(1);
-    // Before anything runs: the size alone (weights, moments, activations) against the
-    // machine, so a huge config or micro-batch is one line, not an allocation failure.
-    // Ranks that are threads of this process share its memory.
-    let here = if crate::launch::mpi_world_size().is_some() { 1 } else { world };
-    model.check_step_fits_machine(rows, tc.seq_len, here).map_err(|e| e.to_string())?;
-    if let Some(budget) = &a.memory_budget {
-        // Kernel workspaces count against the budget too (measured on one rank; under
-        // expert parallelism a trial pass would need every rank, so they are left out).
-        let runtime = if model.ep.is_none() { ultramoe_model::memory::runtime_bytes(model) } else { 0 };
-        let budget = parse_bytes(budget)?;
-        if a.memory_policy.is_none() && a.recompute.is_none() {
-            let rates = cost_rates(&model.swap_dir, peak);
-            // When nothing fits, the most frugal policy tried goes to the check below,
-            // which names what does not fit.
-            let chosen = model.choose_policy(rows, tc.seq_len, 2, runtime, budget, &rates);
-            if let (true, Ok(p)) = (lead, &chosen) {
-                if p.iter().any(|p| !p.keeps_all()) || (model.swap_moments && !tc.swap_moments) {
-                    let cost = model.policy_cost(rows, tc.seq_len, p, &rates);
-                    let moments = if model.swap_moments { ", optimizer moments swapped" } else { "" };
-                    eprintln!("--memory-budget: memory policy `{}`{moments} to fit (estimated cost {:.1} ms a micro-batch)", describe_policy(p), 1e3 * cost);
-                }
-            }
-            tc.memory_policy = chosen.unwrap_or_else(|most| most);
-            tc.swap_moments = model.swap_moments;
-        }
-        model.policy = tc.memory_policy.clone();
-        check_budget(model, budget, rows, world, tc.seq_len, runtime)?;
-    }
-    Ok(())
+    Trainer::start(cfg, run.tc.clone(), run.spec.clone(), weights, place).map_err(|e| e.to_string())
 }
 
 /// On `--resume`, flags that would change the numbers of the continued run are refused
-/// (naming the flag, the value given and the checkpoint's); steps, checkpoint interval,
-/// ZeRO-1, gradient overlap and the memory options apply.
+/// (naming the flag, the value given and the checkpoint's): every training-config field
+/// but steps, the checkpoint interval and the non-finite step limit. The run
+/// specification's (layout, schedule, memory, overlap…) apply.
 fn refuse_contradictions(a: &TrainArgs, dir: &Path) -> CliResult {
     if a.init_from.is_some() {
         return Err("--init-from starts a new run from a model; it cannot be combined with --resume".into());
-    }
-    if a.overwrite {
-        return Err("--overwrite starts over; it cannot be combined with --resume".into());
     }
     if let Some(p) = &a.model_config {
         let given = ModelConfig::from_file(p).map_err(|e| e.to_string())?;
@@ -297,10 +360,10 @@ fn refuse_contradictions(a: &TrainArgs, dir: &Path) -> CliResult {
             return Err(format!("--resume: --model-config {} differs from the checkpoint's config.json ({})", p.display(), dir.display()));
         }
     }
-    let saved = Trainer::saved_config(dir).map_err(|e| e.to_string())?;
+    let (saved, _) = Trainer::saved_config(dir).map_err(|e| e.to_string())?;
     let asked = apply_overrides(saved.clone(), a)?;
     let (saved_v, asked_v) = (serde_json::to_value(&saved).unwrap_or_default(), serde_json::to_value(&asked).unwrap_or_default());
-    const APPLIES: [&str; 7] = ["steps", "save_every", "zero1", "overlap_grad_reduce", "memory_policy", "swap_dir", "swap_moments"];
+    const APPLIES: [&str; 3] = ["steps", "save_every", "max_nonfinite_steps"];
     if let (Some(s), Some(q)) = (saved_v.as_object(), asked_v.as_object()) {
         for (key, given) in q {
             if APPLIES.contains(&key.as_str()) || s.get(key) == Some(given) {
@@ -394,14 +457,29 @@ pub fn train_loop(tr: &mut Trainer, run_dir: &Path, metrics: Option<&Path>, prog
 
 /// `ultramoe train`.
 pub fn run(mut a: TrainArgs) -> CliResult {
-    if a.parallel.is_parallel() && a.peak_gflops.is_none() {
-        // Measure once, before the ranks start competing for the cores.
-        a.peak_gflops = Some(peak_flops(None) / 1e9);
-    }
+    a.parallel.check()?;
     if let Some(g) = a.peak_gflops {
         if !(g.is_finite() && g > 0.0) {
             return Err(format!("--peak-gflops: must be a finite positive number, found {g}"));
         }
+    }
+    if let (Some(plan), None, None) = (&a.plan, a.parallel.ranks, crate::launch::mpi_world_size()) {
+        // A plan's devices run as threads of this process unless mpirun starts them.
+        a.parallel.ranks = Some(crate::commands::plan::read_plan(plan, a.plan_rank.unwrap_or(0))?.devices);
+    }
+    if a.parallel.print_schedule {
+        let run = resolve(&a, None)?;
+        let s = run.spec.schedule_for(&run.tc).map_err(|e| format!("--grad-accum: {e}"))?;
+        println!("{} schedule, {} micro-batches, {}: F<micro-batch>.<chunk> forward, B backward{}", run.spec.schedule.name(), run.tc.grad_accum, run.spec.describe(), if run.spec.schedule == PipelineSchedule::Overlapped { ", F+B run together" } else { "" });
+        print!("{}", s.render());
+        for r in 0..run.spec.pp {
+            println!("rank {r}: at most {} micro-batches in flight", s.in_flight(r));
+        }
+        return Ok(());
+    }
+    if a.parallel.is_parallel() && a.peak_gflops.is_none() {
+        // Measure once, before the ranks start competing for the cores.
+        a.peak_gflops = Some(peak_flops(None) / 1e9);
     }
     let start = match (a.resume, a.overwrite) {
         (true, true) => return Err("--overwrite starts over; it cannot be combined with --resume".into()),
@@ -410,39 +488,44 @@ pub fn run(mut a: TrainArgs) -> CliResult {
         (false, false) => Start::Fresh,
     };
     // The process that writes run-wide files holds the run's lock (under mpirun: rank 0).
-    let run = RunDir::open(&a.run_dir, start, crate::launch::mpi_world_rank().is_none_or(|r| r == 0)).map_err(|e| e.to_string())?;
-    let latest = run.latest.clone();
+    let run_dir = RunDir::open(&a.run_dir, start, crate::launch::mpi_world_rank().is_none_or(|r| r == 0)).map_err(|e| e.to_string())?;
+    let resolved = resolve(&a, run_dir.latest.as_deref())?;
+    let layout = Layout { pp: resolved.spec.pp, ep: resolved.spec.ep, dp: resolved.spec.dp };
     let p = a.parallel.clone();
-    let result = launch(&p, move |mesh| train_rank(&a, latest.as_deref(), mesh));
-    drop(run);
+    let result = launch(&p, layout, move |mesh, threads| train_rank(&a, &resolved, mesh, threads));
+    drop(run_dir);
     result
 }
 
-fn train_rank(a: &TrainArgs, latest: Option<&Path>, mesh: Option<Mesh>) -> CliResult {
-    let layout = mesh.as_ref().map(|m| (m.world.size(), m.ep_size(), m.dp_size()));
-    let mut tr = make_trainer(a, latest, mesh)?;
-    tr.model.set_overlap_chunks(a.parallel.overlap_chunks);
-    if a.parallel.hierarchical_a2a {
-        let per_node = tr.parallel.as_ref().map_or(1, |p| p.mesh.ranks_per_node);
-        tr.model.set_hierarchical(per_node).map_err(|e| format!("--hierarchical-a2a: {e}"))?;
-    }
+fn train_rank(a: &TrainArgs, run: &Resolved, mesh: Option<Mesh>, threads: bool) -> CliResult {
+    let mut tr = make_trainer(a, run, mesh, threads)?;
+    // A resumed run's metrics file is that run's (kept up to the checkpoint's step; all
+    // of it dropped when no checkpoint was written yet).
+    let continues = a.resume;
     if !tr.is_lead() {
-        return train_loop(&mut tr, &a.run_dir, a.metrics.as_deref(), false, a.resume).map(|_| ());
+        return train_loop(&mut tr, &a.run_dir, a.metrics.as_deref(), false, continues).map(|_| ());
     }
-    if let Some((n, ep, dp)) = layout {
-        let overlap = tr.parallel.as_ref().is_some_and(|p| p.overlaps_reduction());
+    let spec = &tr.spec;
+    if let Some(p) = &tr.parallel {
+        let overlap = p.overlaps_reduction();
         eprintln!(
-            "{n} ranks: expert-parallel {ep} × data-parallel {dp}; {} all-to-all; gradient reduction {}",
-            if a.parallel.hierarchical_a2a { "hierarchical" } else { "flat" },
+            "{} ranks: {}; {} all-to-all; gradient reduction {}",
+            p.world(),
+            spec.describe(),
+            if spec.hierarchical_a2a { "hierarchical" } else { "flat" },
             if overlap { "overlaps the backward pass" } else { "after the backward pass" }
         );
+        if spec.pp > 1 {
+            let stage = spec.stage(&tr.model.cfg, 0).map_err(|e| e.to_string())?;
+            eprintln!("pipeline: layers per stage {} ({} micro-batches a step)", stage.describe(), tr.cfg.grad_accum);
+        }
         let params = tr.model.layout.total as f64 * 4.0 / 1e6;
         match &tr.zero {
             Some(z) => {
                 let (mine, whole) = z.moment_floats();
-                eprintln!("per rank: {params:.1} MB of weights, {:.1} MB of optimizer moments (ZeRO-1; {:.1} MB unsharded)", mine as f64 * 4e-6, whole as f64 * 4e-6);
+                eprintln!("rank 0: {params:.1} MB of weights, {:.1} MB of optimizer moments (ZeRO-1; {:.1} MB unsharded)", mine as f64 * 4e-6, whole as f64 * 4e-6);
             }
-            None => eprintln!("per rank: {params:.1} MB of weights, {:.1} MB of optimizer moments", 2.0 * params),
+            None => eprintln!("rank 0: {params:.1} MB of weights, {:.1} MB of optimizer moments", 2.0 * params),
         }
     }
     eprintln!(
@@ -455,7 +538,7 @@ fn train_rank(a: &TrainArgs, latest: Option<&Path>, mesh: Option<Mesh>) -> CliRe
         tr.cfg.seq_len,
         tr.cfg.grad_accum
     );
-    train_loop(&mut tr, &a.run_dir, a.metrics.as_deref(), !a.no_progress, a.resume)?;
+    train_loop(&mut tr, &a.run_dir, a.metrics.as_deref(), !a.no_progress, continues)?;
     Ok(())
 }
 
@@ -481,35 +564,6 @@ pub fn parse_bytes(text: &str) -> CliResult<usize> {
     Ok((x * scale) as usize)
 }
 
-/// Errors before training when a step's predicted peak (this rank's share of the model,
-/// `micro_batch / world` rows) exceeds `budget`, naming the largest owners and the
-/// largest micro-batch that would fit.
-fn check_budget(model: &Model, budget: usize, rows: usize, world: usize, seq_len: usize, runtime: usize) -> CliResult {
-    let plan = model.memory_plan(rows, seq_len, 2, runtime);
-    if plan.peak_bytes <= budget {
-        return Ok(());
-    }
-    let mut owners = plan.items.clone();
-    owners.sort_by(|a, b| b.1.cmp(&a.1));
-    let top: Vec<String> = owners.iter().take(3).map(|(o, b)| format!("{o} {:.1} MB", *b as f64 / 1e6)).collect();
-    let fits = model.largest_micro_batch(seq_len, 2, runtime, budget, rows - 1);
-    let advice = match fits {
-        Some(r) => format!("with memory policy `{}` the largest micro-batch that fits is {} rows", describe_policy(&model.policy), r * world),
-        None if plan.static_bytes > budget => "weights, gradients and moments alone exceed it".to_string(),
-        None => format!("not even one row per rank fits with memory policy `{}`", describe_policy(&model.policy)),
-    };
-    Err(format!(
-        "--memory-budget: a step needs {:.1} MB (weights, gradients and moments {:.1} MB, saved activations {:.1} MB, temporaries {:.1} MB, kernel workspaces {:.1} MB) > {:.1} MB; largest: {}; {advice}",
-        plan.peak_bytes as f64 / 1e6,
-        plan.static_bytes as f64 / 1e6,
-        plan.activation_bytes as f64 / 1e6,
-        plan.transient_bytes as f64 / 1e6,
-        plan.runtime_bytes as f64 / 1e6,
-        budget as f64 / 1e6,
-        top.join(", "),
-    ))
-}
-
 /// The policy `--memory-policy` and `--recompute` ask for (`None` when neither is given):
 /// the layers `--recompute` names are recomputed whole.
 pub fn policy_from_args(policy: Option<&str>, recompute: Option<&str>, layers: usize) -> CliResult<Option<Vec<LayerPolicy>>> {
@@ -531,12 +585,4 @@ pub fn parse_layers(text: &str, layers: usize) -> CliResult<Vec<usize>> {
     parse_layer_list(text, layers).map_err(|e| format!("--recompute {e}"))
 }
 
-/// Cost rates for choosing a memory policy: the GEMM peak and the swap file's bandwidth
-/// in `dir`, measured now (a directory that cannot hold a swap file rules swapping out,
-/// with a warning).
-pub fn cost_rates(dir: &std::path::Path, peak: f64) -> CostRates {
-    let swap = ultramoe_model::swap::probe(dir, 64 << 20)
-        .map_err(|e| eprintln!("warning: swap directory {}: {e}; the memory policy will not swap", dir.display()))
-        .ok();
-    CostRates::from_peak(peak, swap)
-}
+pub use ultramoe_train::budget::cost_rates;

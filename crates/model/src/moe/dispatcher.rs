@@ -18,7 +18,8 @@
 //! can compute — the shared expert, another chunk's experts — while rows travel.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 use super::hierarchical::{self, HierState, Hierarchy};
 use ultramoe_dist::{CommError, CommResult, CommStream, Pending, ProcessGroup};
 use ultramoe_kernels::permute::{
@@ -69,8 +70,9 @@ pub(super) fn scaled(rows: &[usize], width: usize) -> Vec<usize> {
 pub struct ExchangeStats {
     /// time the exchanges ran on the communication stream (ns)
     nanos: AtomicU64,
-    /// time the compute thread waited for exchanges (ns): the exposed part
-    exposed_nanos: AtomicU64,
+    /// the passes computing at once, and how long all of them waited for exchanges:
+    /// the exposed part
+    pub lanes: LaneClock,
     /// bytes sent to ranks on this rank's node (itself excluded)
     intra: AtomicU64,
     /// bytes sent to ranks on other nodes
@@ -78,6 +80,76 @@ pub struct ExchangeStats {
     /// bytes that would cross nodes if each token crossed to each remote node once per
     /// exchange (hierarchical all-to-all: one copy per node, fanned out there)
     inter_hierarchical: AtomicU64,
+}
+
+/// Exposed exchange time when several passes (lanes) compute at once: a lane waiting for
+/// an exchange while another lane computes hides that wait, so time counts as exposed
+/// only while every running lane waits. With no lane registered a single pass is
+/// assumed (its whole wait is exposed).
+#[derive(Debug, Default)]
+pub struct LaneClock {
+    state: Mutex<LaneState>,
+}
+
+#[derive(Debug, Default)]
+struct LaneState {
+    running: usize,
+    waiting: usize,
+    /// every running lane has been waiting since
+    since: Option<Instant>,
+    exposed: Duration,
+}
+
+impl LaneState {
+    /// Starts or stops the clock as the counts now say.
+    fn settle(&mut self) {
+        let all_wait = self.waiting > 0 && self.waiting >= self.running.max(1);
+        match (all_wait, self.since) {
+            (true, None) => self.since = Some(Instant::now()),
+            (false, Some(t)) => {
+                self.exposed += t.elapsed();
+                self.since = None;
+            }
+            _ => {}
+        }
+    }
+}
+
+impl LaneClock {
+    fn with(&self, f: impl FnOnce(&mut LaneState)) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut st);
+        st.settle();
+    }
+
+    /// A pass starts computing on its own thread.
+    pub fn start_lane(&self) {
+        self.with(|s| s.running += 1);
+    }
+
+    /// A pass started by [`LaneClock::start_lane`] is done.
+    pub fn end_lane(&self) {
+        self.with(|s| s.running = s.running.saturating_sub(1));
+    }
+
+    /// Runs `wait` (a wait for an exchange), counting it exposed while no other lane
+    /// computes.
+    pub fn waiting<T>(&self, wait: impl FnOnce() -> T) -> T {
+        self.with(|s| s.waiting += 1);
+        let v = wait();
+        self.with(|s| s.waiting -= 1);
+        v
+    }
+
+    /// Exposed seconds since the last call.
+    fn take_exposed(&self) -> f64 {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = st.since {
+            st.exposed += t.elapsed();
+            st.since = Some(Instant::now());
+        }
+        std::mem::take(&mut st.exposed).as_secs_f64()
+    }
 }
 
 /// A snapshot of [`ExchangeStats`].
@@ -100,7 +172,7 @@ impl ExchangeStats {
     pub fn take(&self) -> ExchangeTotals {
         ExchangeTotals {
             seconds: self.nanos.swap(0, Ordering::Relaxed) as f64 * 1e-9,
-            exposed_seconds: self.exposed_nanos.swap(0, Ordering::Relaxed) as f64 * 1e-9,
+            exposed_seconds: self.lanes.take_exposed(),
             intra_node_bytes: self.intra.swap(0, Ordering::Relaxed),
             inter_node_bytes: self.inter.swap(0, Ordering::Relaxed),
             inter_node_bytes_hierarchical: self.inter_hierarchical.swap(0, Ordering::Relaxed),
@@ -108,23 +180,79 @@ impl ExchangeStats {
     }
 }
 
-/// Moves tokens to their experts and back.
+/// Moves tokens to their experts and back: what a MoE layer is (its expert slots and
+/// width). The exchange it runs over is given per pass ([`TokenDispatcher::over`]).
 #[derive(Clone, Debug)]
 pub struct TokenDispatcher {
-    /// routed experts `E` (all ranks together)
+    /// routed expert slots `E` (all ranks together)
     pub n_experts: usize,
     /// hidden `H`
     pub hidden: usize,
-    /// the expert-parallel group and the stream its exchanges run on, when experts are
-    /// spread over ranks (one stream per group, shared by every layer, so exchanges keep
-    /// one order on every rank)
-    pub ep: Option<(Arc<dyn ProcessGroup>, Arc<CommStream>)>,
+}
+
+/// Where a model's expert-parallel exchanges run: the group, the stream its exchanges
+/// run on (one per group, shared by every layer, so exchanges keep one order on every
+/// rank), which node each rank is on, the traffic counters, and the hierarchical
+/// all-to-all's sub-groups when it is used. Built once per run; a second, independent
+/// lane ([`ExpertExchange::lane`]) lets two passes exchange at the same time.
+#[derive(Debug)]
+pub struct ExpertExchange {
+    /// the expert-parallel group
+    pub group: Arc<dyn ProcessGroup>,
+    /// the communication stream its exchanges run on
+    pub stream: Arc<CommStream>,
     /// node of each expert-parallel rank (all 0: one node)
     pub node_of: Vec<usize>,
-    /// traffic counters
+    /// traffic counters (shared by the lanes of one model)
     pub stats: Arc<ExchangeStats>,
     /// rail and node groups, when the all-to-all is hierarchical
     pub hierarchy: Option<Hierarchy>,
+}
+
+impl ExpertExchange {
+    /// An exchange over `group` (more than one rank), whose ranks sit on the nodes
+    /// `node_of` says; hierarchical over those nodes when `hierarchical` (collective over
+    /// `group`: it splits rail and node groups).
+    pub fn new(group: Arc<dyn ProcessGroup>, node_of: Vec<usize>, hierarchical: bool) -> Result<ExpertExchange, String> {
+        let p = group.size();
+        if node_of.len() != p {
+            return Err(format!("{} node entries for {p} expert-parallel ranks", node_of.len()));
+        }
+        let hierarchy = if hierarchical {
+            let per_node = node_of.iter().filter(|&&n| n == node_of[0]).count();
+            let regular = node_of.iter().enumerate().all(|(r, &n)| n == node_of[0] + r / per_node);
+            if per_node < 2 || per_node >= p || !p.is_multiple_of(per_node) || !regular {
+                return Err(format!(
+                    "a hierarchical all-to-all needs several nodes of several ranks: {per_node} ranks per node over {p} expert-parallel ranks"
+                ));
+            }
+            Some(Hierarchy::new(group.as_ref(), per_node).map_err(|e| e.to_string())?)
+        } else {
+            None
+        };
+        Ok(ExpertExchange { group, stream: CommStream::new("ultramoe-ep-stream"), node_of, stats: Arc::default(), hierarchy })
+    }
+
+    /// A second lane over the same ranks: its own copy of the group (and of the
+    /// hierarchy's groups) and its own stream, sharing the traffic counters. Exchanges
+    /// of two lanes may run at once from two threads (collective over the group).
+    pub fn lane(&self) -> Result<ExpertExchange, String> {
+        let r = self.group.rank();
+        let group = self.group.split_group(0, r).map_err(|e| e.to_string())?;
+        let mut lane = ExpertExchange::new(group, self.node_of.clone(), self.hierarchy.is_some())?;
+        lane.stats = self.stats.clone();
+        Ok(lane)
+    }
+}
+
+/// A [`TokenDispatcher`] over one pass's exchange (`None`: one rank holds every expert).
+pub struct Dispatch<'a> {
+    n_experts: usize,
+    hidden: usize,
+    ep: Option<(&'a Arc<dyn ProcessGroup>, &'a Arc<CommStream>)>,
+    node_of: &'a [usize],
+    stats: Option<&'a ExchangeStats>,
+    hierarchy: Option<&'a Hierarchy>,
 }
 
 /// An exchange in flight, or a result already at hand (one rank: nothing to exchange).
@@ -171,16 +299,32 @@ fn fatal(e: CommError) -> ! {
 }
 
 impl TokenDispatcher {
-    /// A dispatcher over `n_experts` experts, spread over `ep` (exchanging on `stream`)
-    /// when given.
-    pub fn new(n_experts: usize, hidden: usize, ep: Option<(Arc<dyn ProcessGroup>, Arc<CommStream>)>) -> Self {
-        let ep = ep.filter(|(g, _)| g.size() > 1);
-        let node_of = vec![0; ep.as_ref().map_or(1, |(g, _)| g.size())];
-        TokenDispatcher { n_experts, hidden, ep, node_of, stats: Arc::default(), hierarchy: None }
+    /// The dispatcher over `ex` for one pass.
+    pub fn over<'a>(&self, ex: Option<&'a ExpertExchange>) -> Dispatch<'a> {
+        Dispatch {
+            n_experts: self.n_experts,
+            hidden: self.hidden,
+            ep: ex.map(|e| (&e.group, &e.stream)),
+            node_of: ex.map_or(&[0][..], |e| &e.node_of),
+            stats: ex.map(|e| e.stats.as_ref()),
+            hierarchy: ex.and_then(|e| e.hierarchy.as_ref()),
+        }
+    }
+}
+
+impl Dispatch<'_> {
+    fn ranks(&self) -> usize {
+        self.ep.map_or(1, |(g, _)| g.size())
     }
 
-    fn ranks(&self) -> usize {
-        self.ep.as_ref().map_or(1, |(g, _)| g.size())
+    /// The traffic counters (only exchanges count, and they need an exchange).
+    fn stats(&self) -> &ExchangeStats {
+        self.stats.expect("exchanges run over an expert exchange")
+    }
+
+    /// True when rows travel between ranks.
+    pub fn exchanges(&self) -> bool {
+        self.ep.is_some()
     }
 
     /// Waits for a ticket, recording how long the exchange ran and how long this thread
@@ -189,9 +333,9 @@ impl TokenDispatcher {
         match t {
             Ticket::Ready(v) => v,
             Ticket::Flying(p) => {
-                let d = p.wait();
-                self.stats.nanos.fetch_add((d.busy_s * 1e9) as u64, Ordering::Relaxed);
-                self.stats.exposed_nanos.fetch_add((d.exposed_s * 1e9) as u64, Ordering::Relaxed);
+                let stats = self.stats();
+                let d = stats.lanes.waiting(|| p.wait());
+                stats.nanos.fetch_add((d.busy_s * 1e9) as u64, Ordering::Relaxed);
                 d.value.unwrap_or_else(|e| fatal(e))
             }
         }
@@ -202,7 +346,7 @@ impl TokenDispatcher {
     pub fn start_dispatch(&self, x: &[f32], experts: &[u32], weights: &[f32], top_k: usize) -> Dispatching {
         let h = self.hidden;
         let plan = DispatchPlan::new(experts, top_k, self.n_experts);
-        if let (Some((g, stream)), Some(hy)) = (&self.ep, &self.hierarchy) {
+        if let (Some((g, stream)), Some(hy)) = (self.ep, self.hierarchy) {
             let el = self.n_experts / self.ranks();
             let (l, nodes) = (hy.node.size(), hy.rail.size());
             self.count_hierarchical(experts, top_k, el, g.rank());
@@ -213,7 +357,7 @@ impl TokenDispatcher {
         }
         let mut xs = vec![0.0; plan.rows() * h];
         permute_forward(&mut xs, x, &plan, h);
-        let Some((g, stream)) = &self.ep else {
+        let Some((g, stream)) = self.ep else {
             let send_rows = vec![plan.rows()];
             return Dispatching { flight: Flight::Flat { rows: Ticket::Ready((plan.counts(), xs)), send_rows }, plan };
         };
@@ -262,7 +406,7 @@ impl TokenDispatcher {
 
     /// Starts returning the experts' outputs `yp` to be combined.
     pub fn start_combine(&self, yp: Vec<f32>, hd: &DispatchHandle) -> Combining {
-        match (&hd.hier, &self.ep, &self.hierarchy) {
+        match (&hd.hier, self.ep, self.hierarchy) {
             (Some(st), Some((_, stream)), Some(hy)) => {
                 let (st, hy) = (st.clone(), hy.clone());
                 Combining::Hier(Ticket::Flying(stream.submit(move || st.combine(&hy, &yp))))
@@ -292,7 +436,7 @@ impl TokenDispatcher {
 
     /// Starts the combine's backward from `dout: [N, H]`.
     pub fn start_combine_backward(&self, dout: &[f32], saved: &Arc<Vec<f32>>, weights: &[f32], hd: &DispatchHandle) -> CombineBack {
-        match (&hd.hier, &self.ep, &self.hierarchy) {
+        match (&hd.hier, self.ep, self.hierarchy) {
             (Some(st), Some((_, stream)), Some(hy)) => {
                 let (st, hy, saved) = (st.clone(), hy.clone(), saved.clone());
                 let dy_items = st.item_rows(dout);
@@ -326,7 +470,7 @@ impl TokenDispatcher {
 
     /// Starts sending the experts' input gradients back to the tokens' ranks.
     pub fn start_dispatch_backward(&self, dxp: Vec<f32>, hd: &DispatchHandle) -> Ticket<Vec<f32>> {
-        match (&hd.hier, &self.ep, &self.hierarchy) {
+        match (&hd.hier, self.ep, self.hierarchy) {
             (Some(st), Some((_, stream)), Some(hy)) => {
                 let (st, hy) = (st.clone(), hy.clone());
                 Ticket::Flying(stream.submit(move || st.dispatch_backward(&hy, &dxp)))
@@ -350,17 +494,17 @@ impl TokenDispatcher {
     /// Counts one hierarchical exchange: `inter_w` floats per item to another node and
     /// `intra_w` per fan-out row to another rank of the node.
     fn count_hier(&self, st: &HierState, inter_w: usize, intra_w: usize) {
-        let Some((g, _)) = &self.ep else { return };
+        let Some((g, _)) = self.ep else { return };
         let l = st.ranks_per_node();
         let (inter, intra) = st.traffic(g.rank() / l, g.rank() % l);
-        self.stats.inter.fetch_add(4 * (inter * inter_w) as u64, Ordering::Relaxed);
-        self.stats.intra.fetch_add(4 * (intra * intra_w) as u64, Ordering::Relaxed);
+        self.stats().inter.fetch_add(4 * (inter * inter_w) as u64, Ordering::Relaxed);
+        self.stats().intra.fetch_add(4 * (intra * intra_w) as u64, Ordering::Relaxed);
     }
 
     /// Starts sending expert-grouped rows (outputs, or input gradients) back to the
     /// ranks whose tokens they are; [`TokenDispatcher::finish`] gives them in plan order.
     fn start_return(&self, rows: Vec<f32>, hd: &DispatchHandle) -> Ticket<Vec<f32>> {
-        let (Some((g, stream)), Some(x)) = (&self.ep, &hd.exchange) else { return Ticket::Ready(rows) };
+        let (Some((g, stream)), Some(x)) = (self.ep, &hd.exchange) else { return Ticket::Ready(rows) };
         let (p, h) = (self.ranks(), self.hidden);
         let el = x.recv.len() / p;
         let by_source = transpose_blocks(&rows, &transpose_counts(&x.recv, p, el), el, p, h);
@@ -375,7 +519,7 @@ impl TokenDispatcher {
     /// Starts sending plan-ordered rows (output gradients) to the experts' ranks;
     /// [`TokenDispatcher::finish_to_experts`] gives them grouped by local expert.
     fn start_to_experts(&self, rows: Vec<f32>, hd: &DispatchHandle) -> Ticket<Vec<f32>> {
-        let (Some((g, stream)), Some(x)) = (&self.ep, &hd.exchange) else { return Ticket::Ready(rows) };
+        let (Some((g, stream)), Some(x)) = (self.ep, &hd.exchange) else { return Ticket::Ready(rows) };
         let (p, h) = (self.ranks(), self.hidden);
         let (send, recv) = (scaled(&x.send_rows, h), scaled(&x.recv_rows(p), h));
         self.count_bytes(g.rank(), &x.send_rows);
@@ -423,13 +567,13 @@ impl TokenDispatcher {
         }
         // Four exchanges per layer and step (dispatch, combine, and their backwards), each
         // crossing the same way: the combine returns one partial sum per remote node.
-        self.stats.inter_hierarchical.fetch_add(4 * crossings * 4 * self.hidden as u64, Ordering::Relaxed);
+        self.stats().inter_hierarchical.fetch_add(4 * crossings * 4 * self.hidden as u64, Ordering::Relaxed);
     }
 
     /// Counts the bytes of one exchange sending `rows[d]` rows to each rank `d`.
     fn count_bytes(&self, me: usize, rows: &[usize]) {
         for (dst, &n) in rows.iter().enumerate().filter(|&(d, _)| d != me) {
-            let counter = if self.node_of[dst] == self.node_of[me] { &self.stats.intra } else { &self.stats.inter };
+            let counter = if self.node_of[dst] == self.node_of[me] { &self.stats().intra } else { &self.stats().inter };
             counter.fetch_add(4 * (n * self.hidden) as u64, Ordering::Relaxed);
         }
     }

@@ -17,14 +17,35 @@
 //! Chunking changes only the order of sums inside each expert's weight gradient; on one
 //! rank (`chunks = 1`, nothing to exchange) the layer runs straight through.
 
-use super::dispatcher::{Combining, DispatchHandle, TokenDispatcher};
+use super::dispatcher::{Combining, DispatchHandle, ExpertExchange, TokenDispatcher};
 use super::experts::{ExpertsSaved, GroupedExperts};
 use super::placement::Placement;
 use super::router::{AuxLoss, Router};
 use crate::mlp::{Mlp, MlpSaved};
 use std::ops::Range;
 use std::sync::Arc;
+use ultramoe_kernels::balance::BalanceLoss;
 use ultramoe_kernels::router::Routing;
+
+/// How a MoE layer runs in one pass (see [`crate::pass::PassOptions`]).
+#[derive(Clone, Copy, Debug)]
+pub struct MoeCtx<'a> {
+    /// the expert-parallel exchange (`None`: this rank holds every expert)
+    pub exchange: Option<&'a ExpertExchange>,
+    /// token chunks pipelined against the all-to-all (1: no overlap)
+    pub chunks: usize,
+    /// auxiliary balancing loss and its coefficient
+    pub balance_loss: Option<(BalanceLoss, f32)>,
+    /// skewed-load workload's Zipf exponent (0 = off)
+    pub skew: f32,
+}
+
+impl MoeCtx<'_> {
+    /// One rank, no balancing loss, no skew.
+    pub fn local() -> MoeCtx<'static> {
+        MoeCtx { exchange: None, chunks: 1, balance_loss: None, skew: 0.0 }
+    }
+}
 
 /// One MoE feed-forward block.
 #[derive(Clone, Debug)]
@@ -37,8 +58,6 @@ pub struct MoeLayer {
     pub experts: GroupedExperts,
     /// shared experts, fused into one MLP (DeepSeek)
     pub shared: Option<Mlp>,
-    /// token chunks pipelined against the all-to-all (1: no overlap)
-    pub chunks: usize,
     /// which expert each slot of each expert-parallel rank holds
     pub placement: Placement,
 }
@@ -144,19 +163,20 @@ fn chunk_ranges(n: usize, c: usize) -> Vec<Range<usize>> {
 
 impl MoeLayer {
     /// `x: [N, H]` (normed) → `y: [N, H]`.
-    pub fn forward(&self, w: &[f32], x: &[f32], n: usize) -> (Vec<f32>, MoeSaved) {
+    pub fn forward(&self, w: &[f32], x: &[f32], n: usize, c: &MoeCtx) -> (Vec<f32>, MoeSaved) {
         let (k, h) = (self.router.spec.top_k, self.dispatcher.hidden);
+        let d = self.dispatcher.over(c.exchange);
         let (routing, aux) = {
             let _p = ultramoe_kernels::profile::scope("moe.router.forward");
-            self.router.forward(w, x, n)
+            self.router.forward(w, x, n, c.balance_loss, c.skew)
         };
         // Choices of logical experts → slots (a replicated expert's tokens shared out).
-        let slots = match &self.dispatcher.ep {
-            Some(_) if !self.placement.is_identity() => Some(self.placement.route(&routing.experts)),
+        let slots = match d.exchanges() {
+            true if !self.placement.is_identity() => Some(self.placement.route(&routing.experts)),
             _ => None,
         };
         let targets = slots.as_deref().unwrap_or(&routing.experts);
-        let ranges = chunk_ranges(n, if self.dispatcher.ep.is_some() { self.chunks } else { 1 });
+        let ranges = chunk_ranges(n, if d.exchanges() { c.chunks } else { 1 });
         let rows = |r: &Range<usize>| r.start * h..r.end * h;
         let choices = |r: &Range<usize>| r.start * k..r.end * k;
         let shared = |r: &Range<usize>| self.shared.as_ref().map(|m| m.forward(w, &x[rows(r)], r.len()));
@@ -164,7 +184,7 @@ impl MoeLayer {
             let _p = ultramoe_kernels::profile::scope("moe.dispatch.forward");
             ranges
                 .iter()
-                .map(|r| Some(self.dispatcher.start_dispatch(&x[rows(r)], &targets[choices(r)], &routing.weights[choices(r)], k)))
+                .map(|r| Some(d.start_dispatch(&x[rows(r)], &targets[choices(r)], &routing.weights[choices(r)], k)))
                 .collect()
         };
         let mut shared_out = vec![shared(&ranges[0])];
@@ -173,13 +193,13 @@ impl MoeLayer {
         for (c, r) in ranges.iter().enumerate() {
             let (xp, handle) = {
                 let _p = ultramoe_kernels::profile::scope("moe.dispatch.forward");
-                self.dispatcher.finish_dispatch(dispatching[c].take().expect("each chunk dispatched once"))
+                d.finish_dispatch(dispatching[c].take().expect("each chunk dispatched once"))
             };
             let (yp, experts) = {
                 let _p = ultramoe_kernels::profile::scope("moe.experts.forward");
                 self.experts.forward(w, &xp, &handle.offsets)
             };
-            returning.push(self.dispatcher.start_combine(yp, &handle));
+            returning.push(d.start_combine(yp, &handle));
             parts.push(Part { tokens: r.clone(), handle, xp, experts, ys: Arc::default(), shared: None });
         }
         shared_out.extend(ranges[1..].iter().map(shared));
@@ -187,13 +207,13 @@ impl MoeLayer {
         let _p = ultramoe_kernels::profile::scope("moe.combine.forward");
         for ((part, ticket), sh) in parts.iter_mut().zip(returning).zip(shared_out) {
             let out = &mut y[rows(&part.tokens)];
-            part.ys = Arc::new(self.dispatcher.finish_combine(ticket, &part.handle, out, &routing.weights[choices(&part.tokens)]));
+            part.ys = Arc::new(d.finish_combine(ticket, &part.handle, out, &routing.weights[choices(&part.tokens)]));
             if let Some((ys, saved)) = sh {
                 crate::tensor_ops::add_into(out, &ys);
                 part.shared = Some(saved);
             }
         }
-        let local = self.dispatcher.ep.is_none() && parts.len() == 1;
+        let local = !d.exchanges() && parts.len() == 1;
         (y, MoeSaved { routing, aux, parts, n_experts: self.placement.n_experts(), local })
     }
 
@@ -217,8 +237,10 @@ impl MoeLayer {
     }
 
     /// Backward: weight gradients into `g`; returns `dx: [N, H]`.
-    pub fn backward(&self, w: &[f32], g: &mut [f32], x: &[f32], s: &MoeSaved, dy: &[f32], n: usize) -> Vec<f32> {
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward(&self, w: &[f32], g: &mut [f32], x: &[f32], s: &MoeSaved, dy: &[f32], n: usize, c: &MoeCtx) -> Vec<f32> {
         let (k, h) = (self.router.spec.top_k, self.dispatcher.hidden);
+        let d = self.dispatcher.over(c.exchange);
         let rows = |r: &Range<usize>| r.start * h..r.end * h;
         let choices = |r: &Range<usize>| r.start * k..r.end * k;
         let mut dweights = vec![0.0; n * k];
@@ -227,7 +249,7 @@ impl MoeLayer {
             let _p = ultramoe_kernels::profile::scope("moe.combine.backward");
             for p in &s.parts {
                 let weights = &s.routing.weights[choices(&p.tokens)];
-                to_experts.push(self.dispatcher.start_combine_backward(&dy[rows(&p.tokens)], &p.ys, weights, &p.handle));
+                to_experts.push(d.start_combine_backward(&dy[rows(&p.tokens)], &p.ys, weights, &p.handle));
             }
         }
         let mut dx = vec![0.0; x.len()];
@@ -239,12 +261,12 @@ impl MoeLayer {
         shared_backward(&s.parts[0], g, &mut dx);
         let mut returning = Vec::with_capacity(s.parts.len());
         for (p, t) in s.parts.iter().zip(to_experts) {
-            let dyp = self.dispatcher.finish_combine_backward(t, &p.handle, &mut dweights[choices(&p.tokens)]);
+            let dyp = d.finish_combine_backward(t, &p.handle, &mut dweights[choices(&p.tokens)]);
             let dxp = {
                 let _p = ultramoe_kernels::profile::scope("moe.experts.backward");
                 self.experts.backward(w, g, &p.xp, &p.experts, &dyp, &p.handle.offsets)
             };
-            returning.push(self.dispatcher.start_dispatch_backward(dxp, &p.handle));
+            returning.push(d.start_dispatch_backward(dxp, &p.handle));
         }
         for p in &s.parts[1..] {
             shared_backward(p, g, &mut dx);
@@ -252,7 +274,7 @@ impl MoeLayer {
         {
             let _p = ultramoe_kernels::profile::scope("moe.dispatch.backward");
             for (p, t) in s.parts.iter().zip(returning) {
-                self.dispatcher.finish_dispatch_backward(t, &p.handle, &mut dx[rows(&p.tokens)]);
+                d.finish_dispatch_backward(t, &p.handle, &mut dx[rows(&p.tokens)]);
             }
         }
         let _p = ultramoe_kernels::profile::scope("moe.router.backward");

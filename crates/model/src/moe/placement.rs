@@ -236,16 +236,23 @@ pub fn imbalance(rank_loads: &[f64]) -> f64 {
 /// `Σ_layers max / Σ_layers mean` of per-rank loads, one list per layer: how much longer
 /// the MoE part of a step takes than with perfectly even ranks (1 = even).
 pub fn layers_imbalance(layers: &[Vec<f64>]) -> f64 {
-    let (mut max, mut mean) = (0.0, 0.0);
-    for l in layers {
-        max += l.iter().cloned().fold(0.0, f64::max);
-        mean += l.iter().sum::<f64>() / l.len().max(1) as f64;
-    }
+    let (max, mean) = layers_load_sums(layers);
     if mean > 0.0 {
         max / mean
     } else {
         1.0
     }
+}
+
+/// `(Σ_layers max, Σ_layers mean)` of per-rank loads: the two sums of
+/// [`layers_imbalance`], which pipeline stages holding different layers add up.
+pub fn layers_load_sums(layers: &[Vec<f64>]) -> (f64, f64) {
+    let (mut max, mut mean) = (0.0, 0.0);
+    for l in layers {
+        max += l.iter().cloned().fold(0.0, f64::max);
+        mean += l.iter().sum::<f64>() / l.len().max(1) as f64;
+    }
+    (max, mean)
 }
 
 /// A placement of `load.len()` experts on `ranks` ranks of `slots_per_rank` slots that

@@ -17,11 +17,6 @@ pub struct Router {
     pub spec: RouterSpec,
     /// hidden `H`
     pub hidden: usize,
-    /// auxiliary balancing loss and its coefficient (training option; off by default)
-    pub aux: Option<(BalanceLoss, f32)>,
-    /// skewed-load workload (testing and benchmarks; 0 = off): a fixed Zipf bias
-    /// `−s · ln(e + 1)` on expert `e`'s logit, so low-numbered experts are hot by design
-    pub skew: f32,
 }
 
 /// An auxiliary loss's value and its gradient with respect to the router logits
@@ -34,17 +29,19 @@ pub struct AuxLoss {
 }
 
 impl Router {
-    /// `x: [N, H]` → routing decisions for each token, and the auxiliary loss when one
-    /// is configured.
-    pub fn forward(&self, w: &[f32], x: &[f32], n: usize) -> (Routing, Option<AuxLoss>) {
+    /// `x: [N, H]` → routing decisions for each token, and `coef · kind` of the
+    /// auxiliary balancing loss when `aux` gives one. `skew` (testing and benchmarks;
+    /// 0 = off) adds a fixed Zipf bias `−s · ln(e + 1)` to expert `e`'s logit, so
+    /// low-numbered experts are hot by design.
+    pub fn forward(&self, w: &[f32], x: &[f32], n: usize, aux: Option<(BalanceLoss, f32)>, skew: f32) -> (Routing, Option<AuxLoss>) {
         let e = self.spec.n_experts;
         let mut logits = linear(x, &w[self.weight.clone()], n, self.hidden, e);
-        if self.skew != 0.0 {
-            let bias: Vec<f32> = (0..e).map(|j| -self.skew * ((j + 1) as f32).ln()).collect();
+        if skew != 0.0 {
+            let bias: Vec<f32> = (0..e).map(|j| -skew * ((j + 1) as f32).ln()).collect();
             logits.chunks_mut(e).for_each(|row| row.iter_mut().zip(&bias).for_each(|(l, b)| *l += b));
         }
         let r = route_forward(&logits, self.bias.as_ref().map(|b| &w[b.clone()]), &self.spec);
-        let aux = self.aux.map(|(kind, coef)| {
+        let aux = aux.map(|(kind, coef)| {
             let mut dlogits = vec![0.0; n * e];
             let loss = balance_loss(&logits, &r.experts, e, self.spec.top_k, self.spec.score, kind, coef, &mut dlogits);
             AuxLoss { loss, dlogits }

@@ -1,0 +1,69 @@
+//! How a forward and backward pass runs — as opposed to what the model is ([`Model`]).
+//!
+//! A run builds one [`PassOptions`] (from its run specification) and hands it to every
+//! pass; the model keeps no run settings of its own. None of these options changes a
+//! number of the forward or the gradients except the two that change the objective
+//! (`balance_loss`) or the workload (`routing_skew`): memory policies rebuild what they
+//! free with the same kernels, and token chunking only reorders sums inside each
+//! expert's weight gradient.
+//!
+//! [`Model`]: crate::Model
+
+use crate::policy::LayerPolicy;
+use std::path::PathBuf;
+use ultramoe_kernels::balance::BalanceLoss;
+
+/// Token chunks an expert-parallel MoE layer pipelines against its all-to-all.
+pub const DEFAULT_OVERLAP_CHUNKS: usize = 2;
+
+/// Settings of a forward and backward pass.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PassOptions {
+    /// per decoder layer of the whole model (by global index): what its forward keeps,
+    /// recomputes or swaps out for its backward; layers past the end keep everything
+    pub policy: Vec<LayerPolicy>,
+    /// where swap files go (layers with [`LayerPolicy::swap`], optimizer moments)
+    pub swap_dir: PathBuf,
+    /// the optimizer moments wait in a swap file from the first layer's forward to the
+    /// bottom layer's backward (the trainer moves them; the memory plan counts them)
+    pub swap_moments: bool,
+    /// token chunks each expert-parallel MoE layer pipelines against its all-to-all
+    /// (1: no overlap)
+    pub overlap_chunks: usize,
+    /// auxiliary balancing loss added to each MoE layer's objective, and its coefficient
+    /// (already divided by the micro-batches and ranks that each add a share)
+    pub balance_loss: Option<(BalanceLoss, f32)>,
+    /// skewed-load workload: Zipf exponent of a fixed router bias (0 = off)
+    pub routing_skew: f32,
+}
+
+impl Default for PassOptions {
+    fn default() -> Self {
+        PassOptions {
+            policy: vec![],
+            swap_dir: std::env::temp_dir(),
+            swap_moments: false,
+            overlap_chunks: DEFAULT_OVERLAP_CHUNKS,
+            balance_loss: None,
+            routing_skew: 0.0,
+        }
+    }
+}
+
+impl PassOptions {
+    /// The policy of decoder layer `layer` (global index).
+    pub fn layer(&self, layer: usize) -> LayerPolicy {
+        self.policy.get(layer).copied().unwrap_or_default()
+    }
+
+    /// The same options with `policy` for the layers.
+    pub fn with_policy(&self, policy: Vec<LayerPolicy>) -> PassOptions {
+        PassOptions { policy, ..self.clone() }
+    }
+
+    /// True when some layer swaps (not counting layers recomputed whole, which keep
+    /// only their input).
+    pub fn swaps_layers(&self) -> bool {
+        self.policy.iter().any(|p| p.swap && !p.full)
+    }
+}
