@@ -318,3 +318,46 @@ fn memory_predicts_the_measured_peak_and_guards_the_budget() {
     let first: serde_json::Value = serde_json::from_str(std::fs::read_to_string(run.join("metrics.jsonl")).unwrap().lines().next().unwrap()).unwrap();
     assert!(first["peak_bytes"].as_u64().unwrap() > first["activation_bytes"].as_u64().unwrap());
 }
+
+#[test]
+fn pipeline_train_prints_its_schedule_resumes_elsewhere_and_refuses_bad_layouts() {
+    let run = tmp("pp");
+    let args = ["train", "--steps", "3", "--micro-batch", "4", "--seq-len", "32", "--grad-accum", "4", "--no-progress", "--peak-gflops", "100"];
+    let out = bin().args(args).args(["--ranks", "2", "--pp", "2", "--schedule", "overlap", "--run-dir"]).arg(&run).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("2 ranks: PP 2 × EP 1 × DP 1, overlap schedule") && err.contains("layers per stage 2,2"), "{err}");
+    // Two stages' shards in the Hugging Face layout, and the metrics name the layout
+    // and time each stage.
+    assert!(run.join("model/model-00002-of-00002.safetensors").is_file());
+    let first: serde_json::Value = serde_json::from_str(std::fs::read_to_string(run.join("metrics.jsonl")).unwrap().lines().next().unwrap()).unwrap();
+    assert_eq!((first["pp"].as_u64(), first["schedule"].as_str()), (Some(2), Some("overlap")));
+    assert_eq!(first["stage_busy_s"].as_array().unwrap().len(), 2);
+    assert_eq!(first["stage_idle_s"].as_array().unwrap().len(), 2);
+    // The saved specification continues (the same world: the same pipeline) …
+    let out = bin().args(["train", "--resume", "--steps", "4", "--ranks", "2", "--no-progress", "--peak-gflops", "100", "--run-dir"]).arg(&run).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && err.contains("PP 2 × EP 1 × DP 1, overlap schedule"), "{err}");
+    // … and one rank takes the two-stage checkpoint; a change of micro-batch is refused.
+    let out = bin().args(["train", "--resume", "--steps", "5", "--no-progress", "--peak-gflops", "100", "--run-dir"]).arg(&run).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(std::fs::read_to_string(run.join("metrics.jsonl")).unwrap().lines().count(), 5);
+    let resume = ["train", "--resume", "--steps", "6", "--micro-batch", "8", "--run-dir", run.to_str().unwrap()];
+    expect_error(&resume, &["--micro-batch 8", "contradicts"]);
+    // The schedule as data.
+    let out = bin().args(["train", "--ranks", "4", "--pp", "4", "--grad-accum", "8", "--print-schedule"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("rank 0: F0.0 F1.0 F2.0 F3.0 B0.0 F4.0 B1.0") && text.contains("rank 3: at most 1 micro-batches in flight"), "{text}");
+    // Layouts that cannot run: one line each, naming the field.
+    let t = ["train", "--steps", "1", "--no-progress"];
+    let with = |extra: &[&'static str]| -> Vec<&'static str> { t.iter().chain(extra).copied().collect() };
+    expect_error(&with(&["--ranks", "3", "--pp", "2"]), &["--pp 2", "3 ranks"]);
+    expect_error(&with(&["--ranks", "3", "--pp", "3", "--grad-accum", "3"]), &["pp", "do not split evenly", "--pp-layers"]);
+    expect_error(&with(&["--ranks", "2", "--pp", "2", "--pp-layers", "1,2"]), &["pp_layers", "add up to 3"]);
+    expect_error(&with(&["--ranks", "2", "--pp", "2", "--vpp", "3", "--grad-accum", "2"]), &["pp", "2 stages × 3 chunks"]);
+    expect_error(&with(&["--ranks", "2", "--pp", "2", "--vpp", "2", "--grad-accum", "3"]), &["grad_accum", "multiple of pp"]);
+    expect_error(&with(&["--ranks", "4", "--pp", "4", "--grad-accum", "2"]), &["grad_accum", "2 micro-batches cannot fill 4 pipeline stages"]);
+    expect_error(&with(&["--ranks", "2", "--pp", "2", "--schedule", "zigzag"]), &["--schedule `zigzag`"]);
+    expect_error(&with(&["--pp", "0"]), &["--pp", "at least 1"]);
+}

@@ -82,6 +82,68 @@ fn mpi_expert_parallel_matches_one_rank() {
     let _ = std::fs::remove_dir_all(two);
 }
 
+/// Pipeline parallelism over processes: `mpirun -np 4 … --pp 2 --ep 2` (uneven stages of
+/// 1 and 2 layers) and the overlapped schedule at `--pp 2` give the single rank's run.
+#[test]
+fn mpi_pipeline_matches_one_rank() {
+    let exe = env!("CARGO_BIN_EXE_ultramoe");
+    let one = scratch("pp-one");
+    let st = Command::new(exe).args(train_args(&one, 30)).output().unwrap();
+    assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+    let four = scratch("pp-four");
+    let st = mpirun(4).arg(exe).args(train_args(&four, 30)).args(["--pp", "2", "--ep", "2", "--pp-layers", "1,2", "--threads", "1"]).output().unwrap();
+    assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+    assert!(four.join("run/model/model-00004-of-00004.safetensors").is_file());
+    assert_same_run(&one, &four);
+    let two = scratch("pp-overlap");
+    let st = mpirun(2).arg(exe).args(train_args(&two, 30)).args(["--pp", "2", "--pp-layers", "2,1", "--schedule", "overlap", "--mpi-wait", "sleep"]).output().unwrap();
+    assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+    assert_same_run(&one, &two);
+    for d in [one, four, two] {
+        let _ = std::fs::remove_dir_all(d);
+    }
+}
+
+/// Each pipeline stage's measured heap peak (one process per rank) is within 5% of
+/// what `ultramoe memory --pp` predicts for it, micro-batches in flight included.
+#[test]
+fn mpi_pipeline_stage_peaks_match_the_prediction() {
+    let exe = env!("CARGO_BIN_EXE_ultramoe");
+    let dir = scratch("pp-memory");
+    let batch = ["--micro-batch", "16", "--seq-len", "128", "--grad-accum", "4"];
+    let out = Command::new(exe).args(["--threads", "1", "memory", "--pp", "2"]).args(batch).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let predicted: Vec<f64> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.strip_prefix("predicted peak"))
+        .map(|l| l.trim().trim_end_matches("MB").trim().parse::<f64>().unwrap() * 1e6)
+        .collect();
+    assert_eq!(predicted.len(), 2, "a prediction per stage");
+    let run = dir.join("run");
+    let st = mpirun(2)
+        .arg(exe)
+        .args(["--threads", "1", "train", "--pp", "2", "--steps", "3", "--no-progress", "--peak-gflops", "100", "--run-dir"])
+        .arg(&run)
+        .args(batch)
+        .output()
+        .unwrap();
+    assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+    let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let mut measured = vec![0f64; 2];
+    for l in text.lines() {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        for (m, x) in measured.iter_mut().zip(v["stage_peak_bytes"].as_array().unwrap()) {
+            *m = m.max(x.as_f64().unwrap());
+        }
+    }
+    for (s, (p, m)) in predicted.iter().zip(&measured).enumerate() {
+        eprintln!("stage {s}: predicted {:.1} MB, measured {:.1} MB ({:+.1}%)", p / 1e6, m / 1e6, 100.0 * (p / m - 1.0));
+        assert!((p / m - 1.0).abs() <= 0.05, "stage {s}: predicted {p} vs measured {m}");
+    }
+    assert!(measured[0] > measured[1], "the first stage holds more micro-batches in flight");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 /// Dynamic placement with a redundant slot per rank, on skewed routing, with sleepy
 /// MPI waits: the same losses and final model as one rank, while experts moved.
 #[test]

@@ -675,28 +675,55 @@ impl CostRates {
 }
 
 /// Heap bytes the kernels keep after running `model` (per-thread workspaces, pools):
-/// measured with three forward and backward passes of 4 × 16 tokens on zero weights and
-/// one more driven by every worker thread, everything else freed again.
+/// measured with three forward and backward passes of 4 × 16 tokens on zero weights
+/// through this rank's share (its stage's layers; the embedding and head where it holds
+/// them) and one more driven by every worker thread, everything else freed again.
 /// Needs the counting allocator ([`ultramoe_kernels::memory`]); call it before anything
-/// else has run the kernels, or it measures 0.
+/// else has run the kernels, or it measures 0. A share under expert parallelism cannot
+/// run alone (its passes exchange with the other ranks): measure the whole model then.
 pub fn runtime_bytes(model: &Model) -> usize {
     let before = ultramoe_kernels::memory::live_bytes();
     let (b, t) = (4, model.cfg.max_position.clamp(2, 16));
-    let pass = || {
-        let w = vec![0.0f32; model.layout.total];
-        let mut g = vec![0.0f32; model.layout.total];
-        let ids: Vec<u32> = (0..b * t).map(|i| (i % model.cfg.vocab_size) as u32).collect();
-        let fwd = model.forward(&w, &ids, b, t);
-        let targets = crate::model::shifted_targets(&ids, t);
-        model.backward(&w, &mut g, fwd, &targets, 1.0);
-    };
     for _ in 0..3 {
-        pass();
+        model.trial_pass(b, t);
     }
     // Which worker threads run the small products (and so make their thread-local GEMM
     // buffers) depends on scheduling: every worker drives one pass itself too.
-    rayon::broadcast(|_| pass());
+    rayon::broadcast(|_| model.trial_pass(b, t));
     ultramoe_kernels::memory::live_bytes().saturating_sub(before)
+}
+
+impl Model {
+    /// One forward and backward of `b × t` tokens through this rank's share on zero
+    /// weights (a stage without the embedding starts from zero activations, one without
+    /// the head from a zero gradient), to make the kernels' workspaces.
+    fn trial_pass(&self, b: usize, t: usize) {
+        let n = b * t;
+        let w = vec![0.0f32; self.layout.total];
+        let mut g = vec![0.0f32; self.layout.total];
+        let ids: Vec<u32> = (0..n).map(|i| (i % self.cfg.vocab_size) as u32).collect();
+        let opts = PassOptions::default();
+        let mut x = if self.stage.holds_embedding() { self.embed_forward(&w, &ids) } else { vec![0.0; n * self.cfg.hidden] };
+        let mut chunks = vec![];
+        for c in 0..self.stage.vpp {
+            let (y, f) = self.chunk_forward(&w, x, c, b, t, &opts, self.exchange.as_deref(), &mut |_| {});
+            chunks.push(f);
+            x = y;
+        }
+        let mut dy = if self.stage.holds_head() {
+            let mut head = self.head_forward(&w, x);
+            let targets = crate::model::shifted_targets(&ids, t);
+            self.head_backward(&w, &mut g, &mut head, &targets, 1.0).2
+        } else {
+            vec![0.0; n * self.cfg.hidden]
+        };
+        for f in chunks.into_iter().rev() {
+            dy = self.chunk_backward(&w, &mut g, f, dy, &opts, self.exchange.as_deref(), &mut |_, _| {});
+        }
+        if self.stage.holds_embedding() {
+            self.embed_backward(&mut g, &dy, &ids);
+        }
+    }
 }
 
 /// Bytes this process can still allocate without swapping or being killed: the kernel's

@@ -28,9 +28,10 @@ pub fn cost_rates(dir: &Path, peak: f64) -> CostRates {
 /// naming the largest owners and the largest micro-batch that would fit.
 #[allow(clippy::too_many_arguments)]
 pub fn fit(model: &Model, spec: &RunSpec, pass: &PassOptions, rows: usize, t: usize, actions: &[Action], budget: usize, peak_flops: f64, report: bool) -> Result<PassOptions> {
-    // Kernel workspaces count against the budget too (measured on a whole model; a
-    // share's trial pass would need every rank, so they are left out).
-    let runtime = if model.ep.is_none() && model.stage.ranks == 1 { runtime_bytes(model) } else { 0 };
+    // Kernel workspaces count against the budget too (measured by a trial pass through
+    // this rank's share; under expert parallelism that pass would need every rank of
+    // the group, so they are left out).
+    let runtime = if model.exchange.is_none() { runtime_bytes(model) } else { 0 };
     let mut pass = pass.clone();
     if spec.memory_policy.is_empty() {
         let rates = cost_rates(&pass.swap_dir, peak_flops);

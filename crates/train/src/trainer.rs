@@ -248,6 +248,9 @@ pub struct StepStats {
     pub stage_busy_s: Vec<f64>,
     /// per pipeline stage: seconds it waited for other stages (the pipeline bubble)
     pub stage_idle_s: Vec<f64>,
+    /// per pipeline stage: the most heap bytes its first rank's process held during the
+    /// step (ranks that are threads of one process share its count)
+    pub stage_peak_bytes: Vec<usize>,
     /// mean loss over the step's target tokens
     pub loss: f32,
     /// the loss or gradient norm was not finite, so no update was made
@@ -550,7 +553,7 @@ impl Trainer {
                 )));
             }
             let text = [serde_json::to_string(&model_cfg.raw), serde_json::to_string(&cfg), serde_json::to_string(&spec)].map(|t| t.unwrap_or_default()).concat();
-            m.agree("model, training configuration or run specification", &text).map_err(comm_error)?;
+            m.agree("model or training configuration (or run specification)", &text).map_err(comm_error)?;
         }
         let share = spec.share(&model_cfg, place.mesh.as_ref(), placed)?;
         let model = Model::share(model_cfg, share)?;
@@ -794,6 +797,7 @@ impl Trainer {
             }
             self.rebalance(&counts)?
         };
+        let stage_peak_bytes = self.stage_peaks()?;
         let step_s = start.elapsed().as_secs_f64();
         let tokens = b * t * self.cfg.grad_accum;
         let flops = self.model.train_flops(b, t) * self.cfg.grad_accum as f64;
@@ -811,6 +815,7 @@ impl Trainer {
             schedule: self.spec.schedule.name(),
             stage_busy_s: sums[5..5 + stages].to_vec(),
             stage_idle_s: sums[5 + stages..].to_vec(),
+            stage_peak_bytes,
             loss,
             skipped,
             lr,
@@ -874,6 +879,19 @@ impl Trainer {
             }
         }
         (counts, slot_counts)
+    }
+
+    /// The step's heap peak of each pipeline stage's first rank (collective over the
+    /// world when there are several stages).
+    fn stage_peaks(&self) -> Result<Vec<usize>> {
+        let peak = ultramoe_kernels::memory::peak_bytes() as u64;
+        let Some(p) = self.parallel.as_ref().filter(|p| p.mesh.pp_size() > 1) else { return Ok(vec![peak as usize]) };
+        let mut peaks = vec![0u64; p.mesh.pp_size()];
+        if p.mesh.stage.rank() == 0 {
+            peaks[self.model.stage.rank] = peak;
+        }
+        p.mesh.world.all_reduce_u64(&mut peaks).map_err(comm_error)?;
+        Ok(peaks.into_iter().map(|x| x as usize).collect())
     }
 
     /// Expert slots per expert-parallel rank under expert parallelism (every MoE layer

@@ -108,14 +108,22 @@ pub fn run(a: MemoryArgs) -> CliResult {
     let pipeline = spec.schedule_for(&tc)?;
     let (b, t) = (a.micro_batch, a.seq_len);
     let base = spec.pass_options(&tc).map_err(|e| e.to_string())?;
+    let before = ultramoe_kernels::memory::live_bytes();
     let mut last = None;
     for r in 0..spec.pp {
         let model = Model::share(cfg.clone(), spec.share(&cfg, None, None).map(|s| Share { stage: s.stage.for_rank(r), ..s }).map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
         let actions = &pipeline.ranks[r];
-        // Workspaces are measured by running a whole model: only where it fits this
-        // machine (a prediction for a larger model, or a stage, leaves them out).
+        // Workspaces are measured by running the stage: only where it fits this machine
+        // (a prediction for a larger model leaves them out). Every stage's trial pass
+        // runs in this process and finds the workspaces of the stages before it: each
+        // stage is charged all made so far (at most a little more than its own).
         let fits = model.check_step_fits_machine(1, 2, 1, &base, actions);
-        let runtime = if fits.is_ok() && spec.pp == 1 { runtime_bytes(&model) } else { 0 };
+        let runtime = if fits.is_ok() {
+            runtime_bytes(&model);
+            ultramoe_kernels::memory::live_bytes().saturating_sub(before)
+        } else {
+            0
+        };
         let mut pass = base.clone();
         let mut rates = None;
         if let Some(budget) = spec.memory_budget {
@@ -145,8 +153,6 @@ pub fn run(a: MemoryArgs) -> CliResult {
         }
         if fits.is_err() {
             println!("(kernel workspaces not measured: the model does not fit this machine)");
-        } else if spec.pp > 1 {
-            println!("(kernel workspaces not measured for a stage)");
         }
         if r + 1 < spec.pp {
             println!();

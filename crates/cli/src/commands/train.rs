@@ -470,7 +470,8 @@ pub fn run(mut a: TrainArgs) -> CliResult {
     if a.parallel.print_schedule {
         let run = resolve(&a, None)?;
         let s = run.spec.schedule_for(&run.tc).map_err(|e| format!("--grad-accum: {e}"))?;
-        println!("{} schedule, {} micro-batches, {}: F<micro-batch>.<chunk> forward, B backward{}", run.spec.schedule.name(), run.tc.grad_accum, run.spec.describe(), if run.spec.schedule == PipelineSchedule::Overlapped { ", F+B run together" } else { "" });
+        let pairs = if run.spec.schedule == PipelineSchedule::Overlapped { ", F+B run together" } else { "" };
+        println!("{} schedule, {}, {} micro-batches: F<micro-batch>.<chunk> forward, B backward{pairs}", run.spec.schedule.name(), run.spec.describe(), run.tc.grad_accum);
         print!("{}", s.render());
         for r in 0..run.spec.pp {
             println!("rank {r}: at most {} micro-batches in flight", s.in_flight(r));
