@@ -361,3 +361,55 @@ fn pipeline_train_prints_its_schedule_resumes_elsewhere_and_refuses_bad_layouts(
     expect_error(&with(&["--ranks", "2", "--pp", "2", "--schedule", "zigzag"]), &["--schedule `zigzag`"]);
     expect_error(&with(&["--pp", "0"]), &["--pp", "at least 1"]);
 }
+
+#[test]
+fn train_runs_the_layout_a_plan_ranks_and_refuses_a_plan_for_something_else() {
+    let dir = tmp("plan-run");
+    let model = dir.join("config.json");
+    std::fs::write(
+        &model,
+        r#"{"model_type": "deepseek_v3", "vocab_size": 128, "hidden_size": 32, "intermediate_size": 48,
+            "moe_intermediate_size": 16, "num_hidden_layers": 4, "first_k_dense_replace": 1, "num_attention_heads": 2,
+            "q_lora_rank": 16, "kv_lora_rank": 8, "qk_nope_head_dim": 8, "qk_rope_head_dim": 4, "v_head_dim": 8,
+            "n_routed_experts": 8, "num_experts_per_tok": 2, "n_shared_experts": 1, "max_position_embeddings": 64}"#,
+    )
+    .unwrap();
+    let plan = |cluster: &str, fix: &str, out: &Path| {
+        let p = bin()
+            .args(["plan", "--model", model.to_str().unwrap(), "--cluster", cluster, "--devices", "2", "--seq-len", "32", "--global-batch", "16", "--fix", fix, "--json"])
+            .output()
+            .unwrap();
+        assert!(p.status.success(), "{}", String::from_utf8_lossy(&p.stderr));
+        std::fs::write(out, &p.stdout).unwrap();
+    };
+    let file = dir.join("plan.json");
+    plan("this-machine", "tp=1,pp=2,mb=2", &file);
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    let best = &v["best"][0]["layout"];
+    assert_eq!(best["pp"], 2);
+    // The plan's two devices run as two threads, with its layout and batch.
+    let run = dir.join("run");
+    let out = bin()
+        .args(["train", "--model-config", model.to_str().unwrap(), "--plan", file.to_str().unwrap(), "--steps", "2", "--no-progress", "--peak-gflops", "100", "--run-dir"])
+        .arg(&run)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("2 ranks: PP 2 × EP 1 × DP 1"), "{err}");
+    let first: serde_json::Value = serde_json::from_str(std::fs::read_to_string(run.join("metrics.jsonl")).unwrap().lines().next().unwrap()).unwrap();
+    // planner micro-batch 2 × DP 1 rows, 16 / 2 = 8 micro-batches of 32 tokens
+    assert_eq!((first["pp"].as_u64(), first["tokens"].as_u64()), (Some(2), Some(2 * 8 * 32)));
+    let m = model.to_str().unwrap();
+    let f = file.to_str().unwrap();
+    expect_error(&["train", "--plan", f, "--steps", "1"], &["plan is for another model"]);
+    expect_error(&["train", "--model-config", m, "--plan", f, "--ranks", "4", "--steps", "1"], &["2 devices", "4 ranks"]);
+    expect_error(&["train", "--model-config", m, "--plan", f, "--plan-rank", "999", "--steps", "1"], &["--plan-rank 999"]);
+    expect_error(&["train", "--model-config", m, "--plan", f, "--pp", "1", "--steps", "1"], &["--plan gives the layout"]);
+    let h800 = dir.join("h800.json");
+    plan("h800", "tp=1", &h800);
+    expect_error(&["train", "--model-config", m, "--plan", h800.to_str().unwrap(), "--steps", "1"], &["cluster", "this machine"]);
+    let junk = dir.join("junk.json");
+    std::fs::write(&junk, "{}").unwrap();
+    expect_error(&["train", "--model-config", m, "--plan", junk.to_str().unwrap(), "--steps", "1"], &["junk.json", "best"]);
+}

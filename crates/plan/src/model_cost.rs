@@ -11,7 +11,7 @@ use serde::Serialize;
 use ultramoe_config::ModelConfig;
 
 /// Which saved activations are dropped after the forward pass and rebuilt in backward.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Recompute {
     /// keep everything

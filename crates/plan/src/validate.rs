@@ -1,12 +1,18 @@
 //! Predictions for ultramoe's own training runs on one machine, to hold the model
 //! against measured step times.
 //!
-//! A run of `R` ranks (threads or processes) on one machine shares that machine: every
-//! rank trains `B/R` rows of each micro-batch, and the machine runs all ranks' work, so
-//! the step takes `R ×` one rank's simulated step on the whole machine (f32, no TP/PP),
-//! plus the expert-parallel exchanges: per MoE layer and micro-batch, dispatch and
-//! combine forward and backward, each moving the rank's routed rows to the other
-//! `EP − 1` ranks at the machine's copy bandwidth (`intra_node_bandwidth`).
+//! Two descriptions of the machine:
+//! - **one device** (`devices_per_node = 1`, `ultramoe calibrate`): a run of `R` ranks
+//!   (threads or processes) shares that device: every rank trains `B/R` rows of each
+//!   micro-batch, and the machine runs all ranks' work, so the step takes `R ×` one
+//!   rank's simulated step on the whole machine (f32, no TP/PP), plus the
+//!   expert-parallel exchanges: per MoE layer and micro-batch, dispatch and combine
+//!   forward and backward, each moving the rank's routed rows to the other `EP − 1`
+//!   ranks at the machine's copy bandwidth (`intra_node_bandwidth`).
+//! - **several devices** (`ultramoe --threads T calibrate --devices-per-node D`): each
+//!   rank is a device, and the run is exactly a layout the planner searches — the
+//!   prediction is [`simulate`] of that layout (pipeline bubble, exposed communication
+//!   and per-device memory included).
 
 use crate::hardware::Hardware;
 use crate::model_cost::{ModelCost, Recompute};
@@ -33,13 +39,101 @@ pub struct RunRecord {
     pub ep: usize,
     /// measured median seconds per step
     pub step_s: f64,
+    /// pipeline stages
+    #[serde(default = "one")]
+    pub pp: usize,
+    /// model chunks per pipeline rank
+    #[serde(default = "one")]
+    pub vpp: usize,
+    /// the run's memory policy as one of the planner's recomputation modes (`None`:
+    /// another policy, priced as keeping everything)
+    #[serde(default)]
+    pub recompute: Option<Recompute>,
+    /// ZeRO-1
+    #[serde(default)]
+    pub zero1: bool,
+    /// what else the run measured (runs recorded before pipelines have none)
+    #[serde(default)]
+    pub measured: Option<Measured>,
+}
+
+fn one() -> usize {
+    1
+}
+
+/// A run's measured figures besides its step time (medians over the steps after the
+/// first 5).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Measured {
+    /// the busiest stage's idle fraction (waiting for other stages)
+    pub bubble: f64,
+    /// seconds of communication computation waited for
+    pub exposed_comm_s: f64,
+    /// the largest rank's heap peak, bytes
+    pub peak_bytes: f64,
+    /// the busiest expert-parallel rank's routed rows over the mean (`rank_load_imbalance`):
+    /// a property of the routing, which the prediction takes as given
+    #[serde(default = "one_f64")]
+    pub rank_load_imbalance: f64,
+}
+
+fn one_f64() -> f64 {
+    1.0
+}
+
+/// What the planner predicts for a run.
+#[derive(Clone, Debug, Default)]
+pub struct RunPrediction {
+    /// seconds per step
+    pub step_s: f64,
+    /// fraction of the step in the pipeline bubble (per-device descriptions only)
+    pub bubble: Option<f64>,
+    /// seconds of exposed communication (per-device descriptions only)
+    pub exposed_comm_s: Option<f64>,
+    /// bytes one device needs (per-device descriptions only)
+    pub memory_bytes: Option<f64>,
 }
 
 /// Predicted seconds per step of `run` on `hw`.
 pub fn predict_run(run: &RunRecord, hw: &Hardware) -> Result<f64> {
+    predict(run, hw).map(|p| p.step_s)
+}
+
+/// The planner's prediction for `run` on `hw` (see the module docs for the two kinds of
+/// machine description).
+pub fn predict(run: &RunRecord, hw: &Hardware) -> Result<RunPrediction> {
     let cfg = ModelConfig::from_value(run.model.clone()).map_err(|e| Error::msg(format!("run `{}`: {e}", run.name)))?;
     let m = ModelCost::new(&cfg);
     let r = run.ranks.max(1);
+    if hw.devices_per_node > 1 {
+        if r > hw.devices_per_node {
+            return Err(Error::msg(format!("run `{}`: {r} ranks on a machine of {} devices", run.name, hw.devices_per_node)));
+        }
+        let per_stage = r / run.pp.max(1);
+        if per_stage == 0 || !run.micro_batch.is_multiple_of(per_stage) {
+            return Err(Error::msg(format!("run `{}`: {} rows do not split over {per_stage} ranks per stage", run.name, run.micro_batch)));
+        }
+        let imbalance = run.measured.as_ref().map_or(1.0, |m| m.rank_load_imbalance.max(1.0));
+        let job = Job { devices: r, seq_len: run.seq_len, global_batch: run.micro_batch * run.grad_accum, dtype: "fp32".into(), hierarchical_a2a: false, imbalance };
+        let layout = Layout {
+            tp: 1,
+            pp: run.pp.max(1),
+            vpp: run.vpp.max(1),
+            ep: run.ep.max(1),
+            dp: per_stage,
+            micro_batch: run.micro_batch / per_stage,
+            recompute: run.recompute.unwrap_or(Recompute::None),
+            zero1: run.zero1,
+        };
+        let p = simulate(&m, hw, &job, &layout).map_err(|e| Error::msg(format!("run `{}`: {e}", run.name)))?;
+        let b = &p.breakdown;
+        return Ok(RunPrediction {
+            step_s: p.step_s,
+            bubble: Some(b.bubble / p.step_s),
+            exposed_comm_s: Some(b.ep_comm + b.pp_comm + b.dp_comm + b.tp_comm),
+            memory_bytes: Some(p.memory_bytes),
+        });
+    }
     if !run.micro_batch.is_multiple_of(r) {
         return Err(Error::msg(format!("run `{}`: {} rows do not split over {r} ranks", run.name, run.micro_batch)));
     }
@@ -60,7 +154,7 @@ pub fn predict_run(run: &RunRecord, hw: &Hardware) -> Result<f64> {
         let per_layer = 4.0 * routed * (run.ep - 1) as f64 / run.ep as f64 / hw.network.intra_node_bandwidth;
         step += r as f64 * (run.grad_accum * m.moe_layers) as f64 * per_layer;
     }
-    Ok(step)
+    Ok(RunPrediction { step_s: step, ..RunPrediction::default() })
 }
 
 /// Mean absolute relative error of the predictions for `runs`, and each run's

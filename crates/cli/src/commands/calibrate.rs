@@ -28,6 +28,14 @@ pub struct CalibrateArgs {
     /// Seconds per measured point (more: steadier figures).
     #[arg(long, default_value_t = 0.3)]
     pub seconds: f64,
+    /// Describe the machine as this many devices, each a rank with the `--threads`
+    /// cores this calibration runs on. Memory is split between them; the all-to-all runs
+    /// at the machine's copy bandwidth. Default: 1 (the whole machine is one device), or
+    /// under `mpirun` its process count: `mpirun -np 2 ultramoe --threads 1 calibrate`
+    /// measures each core while the other is as busy as in `mpirun -np 2 ultramoe
+    /// --threads 1 train` (each process bound to its core by mpirun), and rank 0 writes.
+    #[arg(long)]
+    pub devices_per_node: Option<usize>,
 }
 
 /// Median seconds of `f` over repetitions filling about `budget` seconds.
@@ -198,7 +206,7 @@ const REFERENCES: [&str; 2] = [
 /// (splits, RoPE, norms, activations, fresh buffers): on each reference model the
 /// planner's prediction is `A + B/f` in this fraction `f` (everything else fixed), solved
 /// for the measured step; the geometric mean over the references.
-fn elementwise_fraction(hw: &Hardware) -> CliResult<f64> {
+fn elementwise_fraction(hw: &Hardware, quiet: bool) -> CliResult<f64> {
     use ultramoe_plan::validate::{predict_run, RunRecord};
     let mut logs = vec![];
     for cfg in REFERENCES {
@@ -212,6 +220,11 @@ fn elementwise_fraction(hw: &Hardware) -> CliResult<f64> {
             ranks: 1,
             ep: 1,
             step_s: measured,
+            pp: 1,
+            vpp: 1,
+            recompute: None,
+            zero1: false,
+            measured: None,
         };
         let at = |f: f64| {
             let mut h = hw.clone();
@@ -222,7 +235,9 @@ fn elementwise_fraction(hw: &Hardware) -> CliResult<f64> {
         let b = 2.0 * (t1 - t2);
         let a = t1 - b;
         let f = if measured > a && b > 0.0 { (b / (measured - a)).clamp(0.05, 2.0) } else { 2.0 };
-        eprintln!("  reference {}: {:.1} ms measured, elementwise at {:.2} of the RMSNorm rate", if logs.is_empty() { "GQA" } else { "MLA" }, measured * 1e3, f);
+        if !quiet {
+            eprintln!("  reference {}: {:.1} ms measured, elementwise at {:.2} of the RMSNorm rate", if logs.is_empty() { "GQA" } else { "MLA" }, measured * 1e3, f);
+        }
         logs.push(f.ln());
     }
     Ok((logs.iter().sum::<f64>() / logs.len() as f64).exp())
@@ -230,7 +245,38 @@ fn elementwise_fraction(hw: &Hardware) -> CliResult<f64> {
 
 /// `ultramoe calibrate`.
 pub fn run(a: CalibrateArgs) -> CliResult {
+    // Under mpirun every process measures at once (so each core is measured beside busy
+    // neighbours, as in training); rank 0 reports and writes.
+    let devices = a.devices_per_node.or(crate::launch::mpi_world_size()).unwrap_or(1);
+    if devices == 0 {
+        return Err("--devices-per-node: must be at least 1, found 0".into());
+    }
+    if crate::launch::mpi_world_rank().is_some_and(|r| r > 0) {
+        return measure(&a, devices).map(|_| ());
+    }
+    let text = measure(&a, devices)?;
+    match &a.out {
+        Some(p) => {
+            std::fs::write(p, &text).map_err(|e| format!("{}: cannot write: {e}", p.display()))?;
+            eprintln!("wrote {}", p.display());
+        }
+        None => print!("{text}"),
+    }
+    Ok(())
+}
+
+/// The hardware description's text, from measurements of this machine described as
+/// `devices` devices (progress on stderr, from MPI rank 0 only).
+fn measure(a: &CalibrateArgs, devices: usize) -> CliResult<String> {
     let b = a.seconds;
+    let quiet = crate::launch::mpi_world_rank().is_some_and(|r| r > 0);
+    macro_rules! eprintln {
+        ($($t:tt)*) => {
+            if !quiet {
+                std::eprintln!($($t)*)
+            }
+        };
+    }
     eprintln!("measuring the GEMM peak ...");
     let peak = measure_peak_flops(1024, 4.0 * b);
     eprintln!("  {:.1} GFLOP/s", peak / 1e9);
@@ -280,12 +326,18 @@ pub fn run(a: CalibrateArgs) -> CliResult {
     eprintln!("fixed cost of a training step ...");
     let (overhead, per_layer) = fixed_costs()?;
     eprintln!("  {:.2} ms per step, {:.3} ms per layer and micro-batch", overhead * 1e3, per_layer * 1e3);
-    let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+    // The machine's cores (not this process's: mpirun binds each process to one).
+    let cores = std::fs::read_to_string("/proc/cpuinfo").map_or(0, |t| t.lines().filter(|l| l.starts_with("processor")).count());
+    let cores = if cores > 0 { cores } else { std::thread::available_parallelism().map_or(1, |c| c.get()) };
+    let name = match devices {
+        1 => format!("this machine ({cores} cores, f32, calibrated)"),
+        d => format!("this machine ({cores} cores as {d} devices of {} thread(s), f32, calibrated)", rayon::current_num_threads()),
+    };
     let hw = Hardware {
-        name: format!("this machine ({cores} cores, f32, calibrated)"),
+        name,
         source: "ultramoe calibrate".into(),
-        devices_per_node: 1,
-        device: Device { peak_flops: BTreeMap::from([("fp32".to_string(), peak)]), memory_bytes: total_memory().unwrap_or(16e9), memory_bandwidth: mem },
+        devices_per_node: devices,
+        device: Device { peak_flops: BTreeMap::from([("fp32".to_string(), peak)]), memory_bytes: total_memory().unwrap_or(16e9) / devices as f64, memory_bandwidth: mem },
         network: Network {
             intra_node_bandwidth: copy,
             intra_node_latency: 5e-6,
@@ -310,16 +362,8 @@ pub fn run(a: CalibrateArgs) -> CliResult {
     };
     eprintln!("elementwise work on reference models ...");
     let mut hw = hw;
-    hw.efficiency.memory = elementwise_fraction(&hw)?;
-    let text = format!("# Measured by `ultramoe calibrate` ({} s per point).\n{}", b, hw.to_toml());
-    match &a.out {
-        Some(p) => {
-            std::fs::write(p, &text).map_err(|e| format!("{}: cannot write: {e}", p.display()))?;
-            eprintln!("wrote {}", p.display());
-        }
-        None => print!("{text}"),
-    }
-    Ok(())
+    hw.efficiency.memory = elementwise_fraction(&hw, quiet)?;
+    Ok(format!("# Measured by `ultramoe calibrate` ({} s per point).\n{}", b, hw.to_toml()))
 }
 
 /// Points sorted by FLOPs (equal FLOPs: the first kept).

@@ -5,8 +5,8 @@
 use super::CliResult;
 use clap::Args;
 use std::path::{Path, PathBuf};
-use ultramoe_plan::validate::{predict_run, RunRecord};
-use ultramoe_plan::{presets, search, Fixed, Hardware, Job, ModelCost, Prediction};
+use ultramoe_plan::validate::{predict, Measured, RunRecord};
+use ultramoe_plan::{presets, search, Fixed, Hardware, Job, ModelCost, Prediction, Recompute};
 
 /// Options of `ultramoe plan`.
 #[derive(Args, Debug)]
@@ -258,8 +258,9 @@ impl PlanChoice {
     }
 }
 
-/// Reads a finished run: its model config, training config, layout and the median of
-/// its measured step times (steps after the first 5).
+/// Reads a finished run: its model config, training config, layout and the medians of
+/// what it measured (steps after the first 5): step time, the busiest stage's bubble,
+/// exposed communication, and the largest rank's heap peak.
 pub fn read_run(dir: &Path) -> CliResult<RunRecord> {
     let metrics = dir.join("metrics.jsonl");
     let text = std::fs::read_to_string(&metrics).map_err(|e| format!("{}: cannot read: {e}", metrics.display()))?;
@@ -272,39 +273,78 @@ pub fn read_run(dir: &Path) -> CliResult<RunRecord> {
         return Err(format!("{}: {} steps recorded; at least 8 needed (the first 5 are warm-up)", metrics.display(), rows.len()));
     }
     let field = |v: &serde_json::Value, k: &str| v.get(k).and_then(|x| x.as_f64()).ok_or_else(|| format!("{}: `{k}` missing", metrics.display()));
-    let steps: Vec<f64> = rows[5..].iter().map(|r| field(r, "step_s")).collect::<CliResult<_>>()?;
+    let steady = &rows[5..];
+    let steps: Vec<f64> = steady.iter().map(|r| field(r, "step_s")).collect::<CliResult<_>>()?;
     let first = &rows[0];
-    let ranks = first.get("ranks").and_then(|x| x.as_u64()).unwrap_or(1) as usize;
-    let ep = first.get("ep").and_then(|x| x.as_u64()).unwrap_or(1) as usize;
+    let count = |k: &str| first.get(k).and_then(|x| x.as_u64()).unwrap_or(1) as usize;
+    let (ranks, ep, pp, vpp) = (count("ranks"), count("ep"), count("pp"), count("vpp"));
     let ckpt = ultramoe_train::trainer::Trainer::latest_checkpoint(dir).ok_or_else(|| format!("{}: no checkpoint (config and training settings)", dir.display()))?;
     let cfg_path = ckpt.join("config.json");
     let model: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).map_err(|e| format!("{}: {e}", cfg_path.display()))?)
         .map_err(|e| format!("{}: {e}", cfg_path.display()))?;
-    let state_path = ckpt.join("trainer_state.json");
-    let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&state_path).map_err(|e| format!("{}: {e}", state_path.display()))?)
-        .map_err(|e| format!("{}: {e}", state_path.display()))?;
-    let c = &state["config"];
-    let get = |k: &str| c.get(k).and_then(|x| x.as_u64()).map(|x| x as usize).ok_or_else(|| format!("{}: `config.{k}` missing", state_path.display()));
+    let (tc, spec) = ultramoe_train::trainer::Trainer::saved_config(&ckpt).map_err(|e| e.to_string())?;
+    // The run's policy in the planner's vocabulary, when it is one of its modes.
+    let n_layers = ultramoe_model::ModelConfig::from_value(model.clone()).map_err(|e| e.to_string())?.n_layers;
+    let recompute = Recompute::ALL.into_iter().find(|r| {
+        let p = ultramoe_model::policy::parse_policy(r.policy(), n_layers).unwrap_or_default();
+        p == spec.memory_policy || (*r == Recompute::None && spec.memory_policy.is_empty())
+    });
+    // Per step: the busiest stage's idle fraction, the exposed communication and the
+    // largest stage peak; then the medians.
+    let per_step = |f: &dyn Fn(&serde_json::Value) -> Option<f64>| -> Option<f64> {
+        let v: Option<Vec<f64>> = steady.iter().map(f).collect();
+        v.map(super::median)
+    };
+    let list = |r: &serde_json::Value, k: &str| -> Option<Vec<f64>> { r.get(k)?.as_array()?.iter().map(|x| x.as_f64()).collect() };
+    // The schedule's bubble shows on the busiest stage; a lighter stage also waits for
+    // the heavier ones (stage imbalance), which the planner does not count as bubble.
+    let bubble = per_step(&|r| {
+        let (busy, idle) = (list(r, "stage_busy_s")?, list(r, "stage_idle_s")?);
+        let s = (0..busy.len()).max_by(|&a, &b| busy[a].total_cmp(&busy[b]))?;
+        Some(idle[s] / (busy[s] + idle[s]).max(1e-12))
+    });
+    let exposed = per_step(&|r| r.get("exposed_comm_s")?.as_f64());
+    let peak = per_step(&|r| list(r, "stage_peak_bytes").and_then(|p| p.into_iter().reduce(f64::max)).or_else(|| r.get("peak_bytes")?.as_f64()));
+    let imbalance = per_step(&|r| r.get("rank_load_imbalance")?.as_f64()).unwrap_or(1.0);
+    let measured = match (bubble, exposed, peak) {
+        (Some(bubble), Some(exposed_comm_s), Some(peak_bytes)) => Some(Measured { bubble, exposed_comm_s, peak_bytes, rank_load_imbalance: imbalance }),
+        _ => None,
+    };
     Ok(RunRecord {
         name: dir.display().to_string(),
         model,
-        micro_batch: get("micro_batch")?,
-        seq_len: get("seq_len")?,
-        grad_accum: get("grad_accum")?,
+        micro_batch: tc.micro_batch,
+        seq_len: tc.seq_len,
+        grad_accum: tc.grad_accum,
         ranks,
         ep,
         step_s: super::median(steps),
+        pp,
+        vpp,
+        recompute,
+        zero1: spec.zero1,
+        measured,
     })
 }
 
 fn validate(dir: &Path, hw: &Hardware) -> CliResult {
     let run = read_run(dir)?;
-    let predicted = predict_run(&run, hw).map_err(|e| e.to_string())?;
+    let p = predict(&run, hw).map_err(|e| e.to_string())?;
+    let layout = if run.pp > 1 { format!("PP {}{} × ", run.pp, if run.vpp > 1 { format!(" (VPP {})", run.vpp) } else { String::new() }) } else { String::new() };
     println!("run        {}", run.name);
-    println!("layout     {} rank(s), EP {}, micro-batch {} × seq {} × accumulation {}", run.ranks, run.ep, run.micro_batch, run.seq_len, run.grad_accum);
+    println!("layout     {} rank(s), {layout}EP {}, micro-batch {} × seq {} × accumulation {}", run.ranks, run.ep, run.micro_batch, run.seq_len, run.grad_accum);
     println!("hardware   {}", hw.name);
-    println!("measured   {:.4} s/step (median after 5 warm-up steps)", run.step_s);
-    println!("predicted  {predicted:.4} s/step ({:+.1}%)", 100.0 * (predicted / run.step_s - 1.0));
+    println!("step       measured {:.4} s (median after 5 warm-up steps), predicted {:.4} s ({:+.1}%)", run.step_s, p.step_s, 100.0 * (p.step_s / run.step_s - 1.0));
+    if let Some(m) = run.measured.as_ref().filter(|_| hw.devices_per_node > 1 && run.ep > 1) {
+        println!("           (priced at the run's measured rank load imbalance {:.2})", m.rank_load_imbalance);
+    }
+    if let Some(m) = &run.measured {
+        let pct = |x: f64| format!("{:.1}%", 100.0 * x);
+        let opt = |x: Option<f64>, f: &dyn Fn(f64) -> String| x.map_or("— (a one-device description)".to_string(), f);
+        println!("bubble     measured {} of the busiest stage's step, predicted {}", pct(m.bubble), opt(p.bubble, &pct));
+        println!("exposed    measured {:.4} s of communication, predicted {}", m.exposed_comm_s, opt(p.exposed_comm_s, &|x| format!("{x:.4} s")));
+        println!("memory     measured {:.1} MB peak on the largest rank, predicted {}", m.peak_bytes / 1e6, opt(p.memory_bytes, &|x| format!("{:.1} MB", x / 1e6)));
+    }
     if std::env::var_os("ULTRAMOE_RUN_RECORD").is_some() {
         println!("{}", serde_json::to_string(&run).unwrap());
     }
