@@ -7,7 +7,12 @@
 # Needs root, cgroup v1's cpu controller at /sys/fs/cgroup/cpu and OpenMPI. The cgroups
 # are removed on exit.
 #
-#   scripts/emulated-devices.sh [-np N] [--cpu 0.5] -- COMMAND...
+#   scripts/emulated-devices.sh [-np N] [--cpu 0.5] [--period-us 100000] -- COMMAND...
+#
+# The quota is enforced per CFS period: a rank may run its whole share at the start of
+# a period and then stall for the rest of it. Pipelines, whose ranks hand work to each
+# other many times a step, want a short period (e.g. --period-us 5000) so that a stall
+# is short against a pass.
 set -euo pipefail
 root=/sys/fs/cgroup/cpu
 if [[ "${1:-}" == "--rank" ]]; then
@@ -19,15 +24,17 @@ if [[ "${1:-}" == "--rank" ]]; then
 fi
 np=4
 cpu=0.5
+period=100000
 while [[ $# -gt 0 ]]; do
     case "$1" in
         -np) np=$2; shift 2 ;;
         --cpu) cpu=$2; shift 2 ;;
+        --period-us) period=$2; shift 2 ;;
         --) shift; break ;;
         *) echo "unknown option $1" >&2; exit 2 ;;
     esac
 done
-[[ $# -gt 0 ]] || { echo "usage: $0 [-np N] [--cpu FRACTION] -- COMMAND..." >&2; exit 2; }
+[[ $# -gt 0 ]] || { echo "usage: $0 [-np N] [--cpu FRACTION] [--period-us US] -- COMMAND..." >&2; exit 2; }
 [[ $(id -u) -eq 0 ]] || { echo "$0: needs root (cgroups)" >&2; exit 1; }
 [[ -w $root ]] || { echo "$0: no writable cgroup v1 cpu controller at $root" >&2; exit 1; }
 dir="$root/ultramoe-$$"
@@ -43,7 +50,6 @@ cleanup() {
 trap cleanup EXIT
 trap "exit 130" INT TERM
 mkdir -p "$dir"
-period=100000
 quota=$(awk -v c="$cpu" -v p=$period 'BEGIN { printf "%d", c * p }')
 for ((r = 0; r < np; r++)); do
     mkdir "$dir/rank$r"

@@ -5,16 +5,27 @@
 # in 198.18.0.0/15 (reserved for network benchmarks); nothing leaves the machine.
 # Needs root, iproute2 and OpenMPI. Everything it creates is removed on exit.
 #
-#   scripts/emulated-nodes.sh [--nodes N] [--ranks-per-node K] [--rate 200mbit|none] -- COMMAND...
+#   scripts/emulated-nodes.sh [--nodes N] [--ranks-per-node K] [--rate 200mbit|none] [--round-robin]
+#                             [--cpu FRACTION [--period-us US]] -- COMMAND...
 #
 # COMMAND is what every rank runs (e.g. target/release/ultramoe train --ep 4 ...); it is
-# started by mpirun with K ranks in each of N namespaces, rank order node by node.
+# started by mpirun with K ranks in each of N namespaces, rank order node by node — or,
+# with --round-robin, rank r on node r mod N (so that groups of consecutive ranks, such
+# as expert-parallel groups, span the nodes). With --cpu, each rank also gets its own CPU
+# quota, as in scripts/emulated-devices.sh (cgroup v1 cpu controller): a rank that waits
+# cannot lend its share of the cores to the others, as on separate machines.
 set -euo pipefail
 nodes=2
 per_node=2
 rate=200mbit
+map=slot
+cpu=
+period=100000
 while [[ $# -gt 0 ]]; do
     case "$1" in
+        --round-robin) map=node; shift ;;
+        --cpu) cpu=$2; shift 2 ;;
+        --period-us) period=$2; shift 2 ;;
         --nodes) nodes=$2; shift 2 ;;
         --ranks-per-node) per_node=$2; shift 2 ;;
         --rate) rate=$2; shift 2 ;;
@@ -22,13 +33,24 @@ while [[ $# -gt 0 ]]; do
         *) echo "unknown option $1" >&2; exit 2 ;;
     esac
 done
-[[ $# -gt 0 ]] || { echo "usage: $0 [--nodes N] [--ranks-per-node K] [--rate R] -- COMMAND..." >&2; exit 2; }
+[[ $# -gt 0 ]] || { echo "usage: $0 [--nodes N] [--ranks-per-node K] [--rate R] [--round-robin] -- COMMAND..." >&2; exit 2; }
 [[ $(id -u) -eq 0 ]] || { echo "$0: needs root (network namespaces)" >&2; exit 1; }
 
 tag=um$$
 bridge=${tag}br
 work=$(mktemp -d)
+# `ip netns exec` mounts a fresh /sys, so ranks reach their cgroups through a second
+# mount of the cpu controller outside /sys.
+cgroups=$work/cpu
+groups=$cgroups/ultramoe-$$
 cleanup() {
+    for g in "$groups"/rank*; do
+        [[ -d $g ]] || continue
+        while read -r pid; do echo "$pid" > "$cgroups/cgroup.procs" 2>/dev/null || true; done < "$g/cgroup.procs"
+        rmdir "$g" 2>/dev/null || true
+    done
+    rmdir "$groups" 2>/dev/null || true
+    umount "$cgroups" 2>/dev/null || true
     for ((n = 0; n < nodes; n++)); do
         ip netns del "${tag}n$n" 2>/dev/null || true
         ip link del "${tag}v$n" 2>/dev/null || true
@@ -73,11 +95,26 @@ exec ip netns exec "$host" sh -c "$*"
 AGENT
 chmod +x "$work/agent"
 
+# Per-rank CPU quotas: every rank joins its own cgroup (emulated-devices.sh's wrapper).
+cmd=("$@")
+if [[ -n $cpu ]]; then
+    mkdir -p "$cgroups"
+    mount -t cgroup -o cpu cgroup "$cgroups" || { echo "$0: --cpu needs cgroup v1's cpu controller" >&2; exit 1; }
+    mkdir -p "$groups"
+    quota=$(awk -v c="$cpu" -v p="$period" 'BEGIN { printf "%d", c * p }')
+    for ((r = 0; r < nodes * per_node; r++)); do
+        mkdir "$groups/rank$r"
+        echo "$period" > "$groups/rank$r/cpu.cfs_period_us"
+        echo "$quota" > "$groups/rank$r/cpu.cfs_quota_us"
+    done
+    cmd=("$(cd "$(dirname "$0")" && pwd)/emulated-devices.sh" --rank "$groups" -- "$@")
+fi
+
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 # --bind-to none: every namespace's daemon believes it has the machine to itself and
 # would pin its first rank to core 0, so ranks of different "nodes" would share one core.
-mpirun --hostfile "$work/hosts" -np $((nodes * per_node)) --map-by slot --oversubscribe \
+mpirun --hostfile "$work/hosts" -np $((nodes * per_node)) --map-by "$map" --oversubscribe \
     --bind-to none --mca plm_rsh_agent "$work/agent" --mca plm_rsh_no_tree_spawn 1 \
     --mca oob_tcp_if_include 198.18.0.0/24 --mca btl tcp,self --mca btl_tcp_if_include 198.18.0.0/24 \
     -x PATH -x OMPI_ALLOW_RUN_AS_ROOT -x OMPI_ALLOW_RUN_AS_ROOT_CONFIRM \
-    --wdir "$PWD" "$@"
+    --wdir "$PWD" "${cmd[@]}"

@@ -15,7 +15,9 @@
 //! a busy rank needs, so [`MpiComm::sleep_when_idle`] switches the all-to-all, the
 //! all-reduce and the barrier to their non-blocking forms, polled with
 //! [`MPI_Test`](mpi::request::Request::test): spinning for the first [`SPIN`], then
-//! sleeping [`NAP`] between polls.
+//! sleeping between polls — [`NAP`] at first, doubling up to [`LONGEST_NAP`] while the
+//! wait goes on, so a long wait (a slow link) costs a few polls a millisecond instead of
+//! twenty.
 
 use crate::{CommError, CommResult, Communicator, Scalar, ScalarKind};
 use mpi::collective::SystemOperation;
@@ -40,23 +42,41 @@ struct Runtime {
 
 /// How long a sleepy wait spins before it starts to sleep (short exchanges stay fast).
 pub const SPIN: Duration = Duration::from_micros(50);
-/// How long a sleepy wait sleeps between polls.
+/// How long a sleepy wait first sleeps between polls.
 pub const NAP: Duration = Duration::from_micros(50);
+/// The longest sleep between polls of one wait.
+pub const LONGEST_NAP: Duration = Duration::from_micros(400);
+
+/// The sleeps between polls of one wait: [`NAP`], doubling up to [`LONGEST_NAP`].
+struct Naps(Duration);
+
+impl Naps {
+    fn new() -> Naps {
+        Naps(NAP)
+    }
+
+    /// Spins during the first [`SPIN`] of a wait started at `start`, then sleeps.
+    fn take(&mut self, start: Instant) {
+        if start.elapsed() < SPIN {
+            std::hint::spin_loop();
+        } else {
+            std::thread::sleep(self.0);
+            self.0 = (self.0 * 2).min(LONGEST_NAP);
+        }
+    }
+}
 
 /// Polls a non-blocking operation to completion: spinning for [`SPIN`], then sleeping
-/// [`NAP`] between tests, so a waiting rank leaves the core to others.
+/// between tests ([`Naps`]), so a waiting rank leaves the core to others.
 fn wait_gently<'a, R: ?Sized, S: Scope<'a>>(mut req: Request<'a, R, S>) {
     let start = Instant::now();
+    let mut naps = Naps::new();
     loop {
         match req.test() {
             Ok(_) => return,
             Err(r) => req = r,
         }
-        if start.elapsed() < SPIN {
-            std::hint::spin_loop();
-        } else {
-            std::thread::sleep(NAP);
-        }
+        naps.take(start);
     }
 }
 
@@ -497,13 +517,10 @@ impl Communicator for MpiComm {
         if self.sleepy() {
             // Wait for the message without spinning: probe, sleeping between probes.
             let start = Instant::now();
+            let mut naps = Naps::new();
             while from.immediate_probe_with_tag(tag as i32).is_none() {
                 self.reap_sends(false);
-                if start.elapsed() < SPIN {
-                    std::hint::spin_loop();
-                } else {
-                    std::thread::sleep(NAP);
-                }
+                naps.take(start);
             }
         }
         let (b, _) = from.receive_vec_with_tag::<u8>(tag as i32);

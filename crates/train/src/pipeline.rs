@@ -14,21 +14,21 @@
 //! Every stage runs its micro-batches' backwards in micro-batch order, so each weight's
 //! gradient is accumulated in the single rank's order: a pipeline changes no gradient.
 //!
-//! Under the overlapped schedule a steady-state pair (a forward and a backward of
-//! different micro-batches) runs at once: the backward on this thread over the model's
-//! expert exchange, the forward on a second thread over a second exchange lane, so
-//! while one pass waits for its all-to-all the other computes.
+//! Under the overlapped schedule the forwards run on a second thread over a second
+//! expert-exchange lane while the backwards run on this one, each lane in list order and
+//! the forwards at most the schedule's in-flight bound ahead: while one pass waits for
+//! its all-to-all (or a message) the other computes.
 
 use crate::data::batch::Batch;
 use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 use ultramoe_dist::{CommError, ProcessGroup};
 use ultramoe_model::model::{ChunkForward, HeadForward};
-use ultramoe_model::moe::dispatcher::ExpertExchange;
+use ultramoe_model::moe::dispatcher::{ExpertExchange, LaneClock};
 use ultramoe_model::{Error, Model, PassOptions, Result};
-use ultramoe_schedule::{Action, Step};
+use ultramoe_schedule::{Action, Kind, Schedule};
 
 /// What the step's passes are told as they progress.
 pub trait Hooks {
@@ -64,6 +64,8 @@ pub struct Pipeline<'a> {
     pub rows: Range<usize>,
     /// loss scale (`1 / target tokens of the step`)
     pub scale: f32,
+    /// time this rank's lanes wait for other stages (all of them at once: idle)
+    pub waits: LaneClock,
 }
 
 /// What a step's passes produced on this rank.
@@ -89,7 +91,6 @@ pub struct StepOutput {
 struct Forwarded {
     chunk: ChunkForward,
     head: Option<HeadForward>,
-    waited: Duration,
 }
 
 fn comm(e: CommError) -> Error {
@@ -121,12 +122,10 @@ impl Pipeline<'_> {
         v % self.model.stage.ranks
     }
 
-    fn recv(&self, src_v: usize, tag: u32) -> Result<(Vec<f32>, Duration)> {
+    fn recv(&self, src_v: usize, tag: u32) -> Result<Vec<f32>> {
         let g = self.pp.expect("a pipeline of several stages has a group");
-        let t = Instant::now();
         let _p = ultramoe_kernels::profile::scope("pipeline.recv");
-        let x = g.recv_f32(self.holder(src_v), tag).map_err(comm)?;
-        Ok((x, t.elapsed()))
+        self.waits.waiting(|| g.recv_f32(self.holder(src_v), tag)).map_err(comm)
     }
 
     fn send(&self, dst_v: usize, data: &[f32], tag: u32) -> Result<()> {
@@ -150,7 +149,7 @@ impl Pipeline<'_> {
         let _p = ultramoe_kernels::profile::scope("forward");
         let v = self.model.stage.virtual_stage(chunk);
         let (b, t) = (self.rows.len(), self.micro[mb].t);
-        let (x, waited) = if v == 0 { (self.model.embed_forward(self.w, self.ids(mb)), Duration::ZERO) } else { self.recv(v - 1, self.tag(mb, v, false))? };
+        let x = if v == 0 { self.model.embed_forward(self.w, self.ids(mb)) } else { self.recv(v - 1, self.tag(mb, v, false))? };
         let (y, cf) = self.model.chunk_forward(self.w, x, chunk, b, t, self.pass, ex, done);
         let head = if v + 1 == self.stages() {
             Some(self.model.head_forward(self.w, y))
@@ -158,7 +157,7 @@ impl Pipeline<'_> {
             self.send(v + 1, &y, self.tag(mb, v + 1, false))?;
             None
         };
-        Ok(Forwarded { chunk: cf, head, waited })
+        Ok(Forwarded { chunk: cf, head })
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -169,21 +168,17 @@ impl Pipeline<'_> {
         fwd: Forwarded,
         ex: Option<&ExpertExchange>,
         done: &mut dyn FnMut(&[f32], usize),
-    ) -> Result<(f64, Duration)> {
+    ) -> Result<f64> {
         let _p = ultramoe_kernels::profile::scope("backward");
         let v = self.model.stage.virtual_stage(fwd.chunk.chunk);
-        let (mut ce, mut waited) = (0.0, Duration::ZERO);
+        let mut ce = 0.0;
         let dy = match fwd.head {
             Some(mut head) => {
                 let (loss, _, dx) = self.model.head_backward(self.w, g, &mut head, self.targets(mb), self.scale);
                 ce = loss;
                 dx
             }
-            None => {
-                let (dy, w) = self.recv(v + 1, self.tag(mb, v, true))?;
-                waited = w;
-                dy
-            }
+            None => self.recv(v + 1, self.tag(mb, v, true))?,
         };
         let dx = self.model.chunk_backward(self.w, g, fwd.chunk, dy, self.pass, ex, done);
         if v == 0 {
@@ -191,106 +186,207 @@ impl Pipeline<'_> {
         } else {
             self.send(v - 1, &dx, self.tag(mb, v - 1, true))?;
         }
-        Ok((ce, waited))
+        Ok(ce)
     }
 
-    /// Runs `steps` (this rank's schedule), accumulating gradients into `g`.
-    pub fn run(&self, steps: &[Step], g: &mut [f32], hooks: &mut dyn Hooks) -> Result<StepOutput> {
+    /// Runs this rank's list of `schedule`, accumulating gradients into `g`: in order,
+    /// or — under the overlapped schedule — as two lanes (see [`Pipeline::run_lanes`]).
+    pub fn run(&self, schedule: &Schedule, g: &mut [f32], hooks: &mut dyn Hooks) -> Result<StepOutput> {
+        let rank = self.model.stage.rank;
+        let actions = &schedule.ranks[rank];
         let start = Instant::now();
-        let model = self.model;
-        // Held MoE layers before each chunk's first, to place its counts.
-        let chunks = model.stage.vpp;
-        let moe_before: Vec<usize> = (0..chunks)
-            .map(|c| model.layers[..model.chunk_layers(c).start].iter().filter(|l| matches!(l.ffn, ultramoe_model::decoder::FfnBlock::Moe(_))).count())
-            .collect();
-        let n_moe = model.layers.iter().filter(|l| matches!(l.ffn, ultramoe_model::decoder::FfnBlock::Moe(_))).count();
-        let mut out = StepOutput { counts: vec![vec![]; n_moe], slot_counts: vec![vec![]; n_moe], ..StepOutput::default() };
-        let actions: Vec<Action> = steps.iter().flat_map(|s| match *s {
-            Step::One(a) => vec![a],
-            Step::Pair(f, b) => vec![f, b],
-        }).collect();
-        // The last backward of each chunk completes its layers' gradients.
-        let last_backward: Vec<Option<usize>> = (0..chunks)
+        let mut tally = Tally::new(self.model);
+        let (out, ce) = match schedule.kind {
+            Kind::Overlapped => self.run_lanes(actions, schedule.in_flight_bound(rank), g, hooks, &mut tally)?,
+            _ => self.run_in_order(actions, g, hooks, &mut tally)?,
+        };
+        let mut out = StepOutput { ce, ..out };
+        (out.aux, out.counts, out.slot_counts, out.activation_bytes) = (tally.aux, tally.counts, tally.slot_counts, tally.most_bytes);
+        out.span_s = start.elapsed().as_secs_f64();
+        out.idle_s = self.waits.take_exposed();
+        Ok(out)
+    }
+
+    /// The chunks whose last backward in `actions` is of micro-batch `mb`, and the
+    /// step's last backward: when hooks learn that gradients are complete.
+    fn last_backwards(&self, actions: &[Action]) -> (Vec<Option<usize>>, Option<(usize, usize)>) {
+        let last = (0..self.model.stage.vpp)
             .map(|c| actions.iter().filter_map(|a| match a { Action::Backward { mb, chunk } if *chunk == c => Some(*mb), _ => None }).next_back())
             .collect();
-        let final_mb_chunk = actions.iter().rev().find_map(|a| match a { Action::Backward { mb, chunk } => Some((*mb, *chunk)), _ => None });
+        let fin = actions.iter().rev().find_map(|a| match a { Action::Backward { mb, chunk } => Some((*mb, *chunk)), _ => None });
+        (last, fin)
+    }
+
+    /// Every action in list order on this thread.
+    fn run_in_order(&self, actions: &[Action], g: &mut [f32], hooks: &mut dyn Hooks, tally: &mut Tally) -> Result<(StepOutput, f64)> {
+        let (last_backward, fin) = self.last_backwards(actions);
         let mut live: HashMap<(usize, usize), Forwarded> = HashMap::new();
-        let mut bytes: HashMap<usize, usize> = HashMap::new();
-        let mut first = true;
-        let mut idle = Duration::ZERO;
-        let record = |out: &mut StepOutput, bytes: &mut HashMap<usize, usize>, mb: usize, f: &Forwarded| {
-            let c = f.chunk.chunk;
-            out.aux += f.chunk.aux_loss() as f64;
-            add_counts(&mut out.counts, moe_before[c], f.chunk.expert_counts());
-            add_counts(&mut out.slot_counts, moe_before[c], f.chunk.slot_counts());
-            let b = bytes.entry(mb).or_default();
-            *b += f.chunk.activation_bytes() + f.head.as_ref().map_or(0, |h| h.bytes());
-            out.activation_bytes = out.activation_bytes.max(*b);
-        };
-        for step in steps {
-            match *step {
-                Step::One(Action::Forward { mb, chunk }) => {
+        let (mut first, mut ce) = (true, 0.0);
+        for a in actions {
+            match *a {
+                Action::Forward { mb, chunk } => {
                     let is_first = std::mem::take(&mut first);
-                    let f = self.forward(mb, chunk, model.exchange.as_deref(), &mut |l| hooks.forward_layer_done(is_first, l))?;
-                    idle += f.waited;
-                    record(&mut out, &mut bytes, mb, &f);
+                    let f = self.forward(mb, chunk, self.model.exchange.as_deref(), &mut |l| hooks.forward_layer_done(is_first, l))?;
+                    tally.record(mb, &f);
                     live.insert((mb, chunk), f);
                 }
-                Step::One(Action::Backward { mb, chunk }) => {
+                Action::Backward { mb, chunk } => {
                     let f = live.remove(&(mb, chunk)).expect("a backward follows its forward");
-                    let (last, fin) = (last_backward[chunk] == Some(mb), final_mb_chunk == Some((mb, chunk)));
-                    let (ce, waited) = self.backward(g, mb, f, model.exchange.as_deref(), &mut |g, l| hooks.backward_layer_done(g, last, fin, l))?;
-                    out.ce += ce;
-                    idle += waited;
-                    bytes.remove(&mb);
+                    let (last, fin) = (last_backward[chunk] == Some(mb), fin == Some((mb, chunk)));
+                    ce += self.backward(g, mb, f, self.model.exchange.as_deref(), &mut |g, l| hooks.backward_layer_done(g, last, fin, l))?;
+                    tally.done(mb);
                 }
-                Step::Pair(Action::Forward { mb: fm, chunk: fc }, Action::Backward { mb, chunk }) => {
-                    let f = live.remove(&(mb, chunk)).expect("a backward follows its forward");
-                    let (last, fin) = (last_backward[chunk] == Some(mb), final_mb_chunk == Some((mb, chunk)));
-                    let stats = model.exchange.as_ref().map(|e| e.stats.clone());
-                    let lanes = |on: bool| {
-                        if let Some(s) = &stats {
-                            if on {
-                                s.lanes.start_lane()
-                            } else {
-                                s.lanes.end_lane()
-                            }
-                        }
-                    };
-                    // (the step's first forward is a warm-up forward, never in a pair)
-                    let lane = self.forward_lane.or(model.exchange.as_deref());
-                    let (forwarded, backward) = std::thread::scope(|s| {
-                        lanes(true);
-                        lanes(true);
-                        let fwd = std::thread::Builder::new()
-                            .name("ultramoe-forward-lane".into())
-                            .spawn_scoped(s, || {
-                                let r = self.forward(fm, fc, lane, &mut |_| {});
-                                lanes(false);
-                                r
-                            })
-                            .expect("start the forward lane");
-                        let b = self.backward(g, mb, f, model.exchange.as_deref(), &mut |g, l| hooks.backward_layer_done(g, last, fin, l));
-                        lanes(false);
-                        let f = fwd.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
-                        (f, b)
-                    });
-                    let (ce, waited_b) = backward?;
-                    let forwarded = forwarded?;
-                    // Both lanes start by waiting for their inputs: the rank is idle
-                    // while both wait.
-                    idle += waited_b.min(forwarded.waited);
-                    out.ce += ce;
-                    bytes.remove(&mb);
-                    record(&mut out, &mut bytes, fm, &forwarded);
-                    live.insert((fm, fc), forwarded);
-                }
-                Step::Pair(..) => unreachable!("a pair is a forward then a backward"),
             }
         }
         debug_assert!(live.is_empty(), "every forward has had its backward");
-        out.span_s = start.elapsed().as_secs_f64();
-        out.idle_s = idle.as_secs_f64();
-        Ok(out)
+        Ok((StepOutput::default(), ce))
+    }
+
+    /// The overlapped schedule: the forwards of `actions` on a second thread over the
+    /// second exchange lane, the backwards on this one, each lane in list order (so each
+    /// lane's collectives match on every rank of the expert-parallel group), the
+    /// forwards at most `bound` micro-batch chunks ahead of the backwards (the
+    /// schedule's in-flight bound). While one lane waits for an all-to-all or a message
+    /// the other computes. Gradients accumulate in the backward lane, in list order: the
+    /// same numbers as running the list in order.
+    fn run_lanes(&self, actions: &[Action], bound: usize, g: &mut [f32], hooks: &mut dyn Hooks, tally: &mut Tally) -> Result<(StepOutput, f64)> {
+        let (last_backward, fin) = self.last_backwards(actions);
+        let forwards: Vec<(usize, usize)> = actions.iter().filter_map(|a| match *a { Action::Forward { mb, chunk } => Some((mb, chunk)), _ => None }).collect();
+        let backwards: Vec<(usize, usize)> = actions.iter().filter_map(|a| match *a { Action::Backward { mb, chunk } => Some((mb, chunk)), _ => None }).collect();
+        let model = self.model;
+        let lane = self.forward_lane.or(model.exchange.as_deref());
+        let stats = model.exchange.as_ref().map(|e| e.stats.clone());
+        let lanes = |on: bool| {
+            for clock in stats.iter().map(|s| &s.lanes).chain([&self.waits]) {
+                if on {
+                    clock.start_lane()
+                } else {
+                    clock.end_lane()
+                }
+            }
+        };
+        struct Shared {
+            ready: HashMap<(usize, usize), Forwarded>,
+            in_flight: usize,
+            /// a lane failed: the other stops waiting
+            failed: bool,
+        }
+        let shared = std::sync::Mutex::new(Shared { ready: HashMap::new(), in_flight: 0, failed: false });
+        let cv = std::sync::Condvar::new();
+        let lock = || shared.lock().unwrap_or_else(|e| e.into_inner());
+        let fail = || {
+            lock().failed = true;
+            cv.notify_all();
+        };
+        // (forward hooks are not called on the forward lane: the swapped moments' write
+        // is then waited for when they are read back, after the step's passes)
+        let (forward_out, backward_out) = std::thread::scope(|s| {
+            lanes(true);
+            lanes(true);
+            let forward_lane = std::thread::Builder::new()
+                .name("ultramoe-forward-lane".into())
+                .spawn_scoped(s, || {
+                    let body = || -> Result<Tally> {
+                        let mut t = Tally::new(model);
+                        for &(mb, chunk) in &forwards {
+                            {
+                                let mut st = self.waits.waiting(|| cv.wait_while(lock(), |st| st.in_flight >= bound && !st.failed).unwrap_or_else(|e| e.into_inner()));
+                                if st.failed {
+                                    return Ok(t);
+                                }
+                                st.in_flight += 1;
+                            }
+                            let f = self.forward(mb, chunk, lane, &mut |_| {})?;
+                            t.record(mb, &f);
+                            lock().ready.insert((mb, chunk), f);
+                            cv.notify_all();
+                        }
+                        Ok(t)
+                    };
+                    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(body));
+                    lanes(false);
+                    if !matches!(r, Ok(Ok(_))) {
+                        fail();
+                    }
+                    r
+                })
+                .expect("start the forward lane");
+            let body = || -> Result<f64> {
+                let mut ce = 0.0;
+                for &(mb, chunk) in &backwards {
+                    let f = {
+                        let mut st = self.waits.waiting(|| cv.wait_while(lock(), |st| !st.ready.contains_key(&(mb, chunk)) && !st.failed).unwrap_or_else(|e| e.into_inner()));
+                        match st.ready.remove(&(mb, chunk)) {
+                            Some(f) => f,
+                            None => return Ok(ce),
+                        }
+                    };
+                    let (last, fin) = (last_backward[chunk] == Some(mb), fin == Some((mb, chunk)));
+                    ce += self.backward(g, mb, f, model.exchange.as_deref(), &mut |g, l| hooks.backward_layer_done(g, last, fin, l))?;
+                    lock().in_flight -= 1;
+                    cv.notify_all();
+                }
+                Ok(ce)
+            };
+            let b = std::panic::catch_unwind(std::panic::AssertUnwindSafe(body));
+            lanes(false);
+            if !matches!(b, Ok(Ok(_))) {
+                fail();
+            }
+            let f = forward_lane.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
+            (f, b)
+        });
+        // A panic (a failed all-to-all unwinds with its error) continues on this thread,
+        // where the trainer turns it back into an error.
+        let ce = backward_out.unwrap_or_else(|p| std::panic::resume_unwind(p))?;
+        let forward_tally = forward_out.unwrap_or_else(|p| std::panic::resume_unwind(p))?;
+        tally.merge(forward_tally);
+        Ok((StepOutput::default(), ce))
+    }
+}
+
+/// What the forwards of a step report: auxiliary losses (summed in forward order), loads
+/// per held MoE layer, and the largest micro-batch's saved activations.
+struct Tally {
+    moe_before: Vec<usize>,
+    aux: f64,
+    counts: Vec<Vec<usize>>,
+    slot_counts: Vec<Vec<usize>>,
+    bytes: HashMap<usize, usize>,
+    most_bytes: usize,
+}
+
+impl Tally {
+    fn new(model: &Model) -> Tally {
+        let is_moe = |l: &ultramoe_model::decoder::DecoderLayer| matches!(l.ffn, ultramoe_model::decoder::FfnBlock::Moe(_));
+        // Held MoE layers before each chunk's first, to place its counts.
+        let moe_before = (0..model.stage.vpp).map(|c| model.layers[..model.chunk_layers(c).start].iter().filter(|l| is_moe(l)).count()).collect();
+        let n = model.layers.iter().filter(|l| is_moe(l)).count();
+        Tally { moe_before, aux: 0.0, counts: vec![vec![]; n], slot_counts: vec![vec![]; n], bytes: HashMap::new(), most_bytes: 0 }
+    }
+
+    fn record(&mut self, mb: usize, f: &Forwarded) {
+        let c = f.chunk.chunk;
+        self.aux += f.chunk.aux_loss() as f64;
+        add_counts(&mut self.counts, self.moe_before[c], f.chunk.expert_counts());
+        add_counts(&mut self.slot_counts, self.moe_before[c], f.chunk.slot_counts());
+        let b = self.bytes.entry(mb).or_default();
+        *b += f.chunk.activation_bytes() + f.head.as_ref().map_or(0, |h| h.bytes());
+        self.most_bytes = self.most_bytes.max(*b);
+    }
+
+    fn done(&mut self, mb: usize) {
+        self.bytes.remove(&mb);
+    }
+
+    fn merge(&mut self, other: Tally) {
+        self.aux += other.aux;
+        for (i, c) in other.counts.into_iter().enumerate() {
+            add_counts(&mut self.counts, i, vec![c]);
+        }
+        for (i, c) in other.slot_counts.into_iter().enumerate() {
+            add_counts(&mut self.slot_counts, i, vec![c]);
+        }
+        self.most_bytes = self.most_bytes.max(other.most_bytes);
     }
 }

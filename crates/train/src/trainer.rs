@@ -22,7 +22,7 @@ use ultramoe_model::moe::dispatcher::ExpertExchange;
 use ultramoe_model::moe::placement::Placement;
 use ultramoe_model::swap::{Prefetch, SwapFile, SwapTicket};
 use ultramoe_model::PassOptions;
-use ultramoe_schedule::{Schedule as PipelineSchedule, Step};
+use ultramoe_schedule::Schedule as PipelineSchedule;
 use crate::zero::Zero1;
 use crate::schedule::Schedule;
 use ultramoe_kernels::balance::BalanceLoss;
@@ -246,7 +246,9 @@ pub struct StepStats {
     /// per pipeline stage: seconds its passes computed (the step's span less the waits
     /// for other stages' activations and gradients), from the stage's first rank
     pub stage_busy_s: Vec<f64>,
-    /// per pipeline stage: seconds it waited for other stages (the pipeline bubble)
+    /// per pipeline stage: seconds of the pipeline's makespan (from the step's first pass
+    /// to the last stage's last) it did not compute: the bubble, and any wait for
+    /// slower stages
     pub stage_idle_s: Vec<f64>,
     /// per pipeline stage: the most heap bytes its first rank's process held during the
     /// step (ranks that are threads of one process share its count)
@@ -457,8 +459,6 @@ pub struct Trainer {
     pub pass: PassOptions,
     /// the pipeline schedule of every pipeline rank
     pub pipeline: PipelineSchedule,
-    /// this rank's steps of it
-    steps: Vec<Step>,
     /// data stream
     pub batcher: Batcher,
     /// steps completed
@@ -579,7 +579,6 @@ impl Trainer {
         let sched = Schedule { peak: cfg.lr, min: cfg.min_lr, warmup: cfg.warmup, total: cfg.steps };
         let g = vec![0.0; model.layout.total];
         let opt = AdamW::new(&model.layout, cfg.adamw.clone());
-        let steps = pipeline.steps(pp_rank);
         Ok(Trainer {
             model,
             w,
@@ -590,7 +589,6 @@ impl Trainer {
             spec,
             pass,
             pipeline,
-            steps,
             batcher,
             step: 0,
             peak_flops: place.peak_flops,
@@ -656,11 +654,6 @@ impl Trainer {
         Ok(())
     }
 
-    /// This rank's steps of the pipeline schedule.
-    pub fn schedule_steps(&self) -> &[Step] {
-        &self.steps
-    }
-
     /// Runs one optimizer step over `grad_accum` micro-batches (through the pipeline
     /// schedule). In a distributed run every rank must call it; a failed exchange is an
     /// error naming the rank.
@@ -691,13 +684,14 @@ impl Trainer {
             micro: &micro,
             rows,
             scale,
+            waits: Default::default(),
         };
         // Gradient reductions start layer by layer during the last backward of each
         // layer (ZeRO-1 reduce-scatters in the optimizer step instead, and has no
         // gradient stream).
         let overlap = self.parallel.as_mut().filter(|p| p.overlaps_reduction());
         let mut hooks = StepHooks { layer_ids: &self.model.layer_ids, overlap, moments, reading: None };
-        let out = catch_step(|| pipe.run(&self.steps, &mut self.g, &mut hooks))??;
+        let out = catch_step(|| pipe.run(&self.pipeline, &mut self.g, &mut hooks))??;
         let StepHooks { moments, mut reading, .. } = hooks;
         if let Some(g) = &pp {
             g.flush_sends().map_err(comm_error)?;
@@ -714,7 +708,7 @@ impl Trainer {
         }
         let x = self.model.take_exchange_totals();
         // Σ CE, Σ aux, then all-to-all bytes (intra, inter, inter if hierarchical), then
-        // each stage's busy and idle seconds (from its first rank).
+        // each stage's busy seconds and span (from its first rank).
         let stages = self.spec.pp;
         let mut sums = vec![0.0f64; 5 + 2 * stages];
         sums[0] = out.ce;
@@ -726,7 +720,7 @@ impl Trainer {
         if stage_lead {
             let s = self.model.stage.rank;
             sums[5 + s] = out.span_s - out.idle_s;
-            sums[5 + stages + s] = out.idle_s;
+            sums[5 + stages + s] = out.span_s;
         }
         // Loads of every MoE layer of the model (a stage fills its own).
         let (mut counts, mut slot_counts) = self.global_counts(out.counts, out.slot_counts);
@@ -798,6 +792,8 @@ impl Trainer {
             self.rebalance(&counts)?
         };
         let stage_peak_bytes = self.stage_peaks()?;
+        let busy = sums[5..5 + stages].to_vec();
+        let makespan = sums[5 + stages..].iter().cloned().fold(0.0, f64::max);
         let step_s = start.elapsed().as_secs_f64();
         let tokens = b * t * self.cfg.grad_accum;
         let flops = self.model.train_flops(b, t) * self.cfg.grad_accum as f64;
@@ -813,8 +809,10 @@ impl Trainer {
             vpp: self.spec.vpp,
             dp: self.spec.dp,
             schedule: self.spec.schedule.name(),
-            stage_busy_s: sums[5..5 + stages].to_vec(),
-            stage_idle_s: sums[5 + stages..].to_vec(),
+            stage_busy_s: busy.clone(),
+            // A stage is idle for the pipeline's whole makespan (the longest stage's
+            // span) less its own passes: waiting at the start and at the end included.
+            stage_idle_s: busy.iter().map(|b| (makespan - b).max(0.0)).collect(),
             stage_peak_bytes,
             loss,
             skipped,

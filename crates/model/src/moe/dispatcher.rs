@@ -142,7 +142,7 @@ impl LaneClock {
     }
 
     /// Exposed seconds since the last call.
-    fn take_exposed(&self) -> f64 {
+    pub fn take_exposed(&self) -> f64 {
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(t) = st.since {
             st.exposed += t.elapsed();
