@@ -253,6 +253,10 @@ pub struct StepStats {
     /// per pipeline stage: the most heap bytes its first rank's process held during the
     /// step (ranks that are threads of one process share its count)
     pub stage_peak_bytes: Vec<usize>,
+    /// per pipeline stage: the peak its first rank's memory plan predicts for the step
+    /// (weights, gradients, moments, saved activations of the micro-batches in flight,
+    /// temporaries; kernel workspaces measured except under expert parallelism)
+    pub stage_predicted_peak_bytes: Vec<usize>,
     /// mean loss over the step's target tokens
     pub loss: f32,
     /// the loss or gradient norm was not finite, so no update was made
@@ -461,6 +465,8 @@ pub struct Trainer {
     pub pipeline: PipelineSchedule,
     /// data stream
     pub batcher: Batcher,
+    /// this rank's predicted step peak (bytes), from its memory plan
+    pub predicted_peak: usize,
     /// steps completed
     pub step: u64,
     /// FLOP/s taken as 100% MFU
@@ -566,10 +572,12 @@ impl Trainer {
         // the machine, so a huge config or micro-batch is one line, not an allocation
         // failure. Ranks that are threads of this process share its memory.
         model.check_step_fits_machine(rows, cfg.seq_len, place.ranks_here, &pass, &actions)?;
+        let runtime = crate::budget::workspace_bytes(&model);
         if let Some(budget) = spec.memory_budget {
             let report = place.mesh.as_ref().is_none_or(|m| m.stage.rank() == 0);
-            pass = crate::budget::fit(&model, &spec, &pass, rows, cfg.seq_len, &actions, budget as usize, place.peak_flops, report)?;
+            pass = crate::budget::fit(&model, &spec, &pass, rows, cfg.seq_len, &actions, runtime, budget as usize, place.peak_flops, report)?;
         }
+        let predicted_peak = model.memory_plan_scheduled(rows, cfg.seq_len, 2, runtime, &pass, &actions).peak_bytes;
         if pass.swap_moments || pass.swaps_layers() {
             ultramoe_model::swap::check_dir(&pass.swap_dir).map_err(|e| Error::field("swap_dir", e))?;
         }
@@ -590,6 +598,7 @@ impl Trainer {
             pass,
             pipeline,
             batcher,
+            predicted_peak,
             step: 0,
             peak_flops: place.peak_flops,
             parallel: None,
@@ -791,7 +800,8 @@ impl Trainer {
             }
             self.rebalance(&counts)?
         };
-        let stage_peak_bytes = self.stage_peaks()?;
+        let stage_peak_bytes = self.per_stage(ultramoe_kernels::memory::peak_bytes())?;
+        let stage_predicted_peak_bytes = self.per_stage(self.predicted_peak)?;
         let busy = sums[5..5 + stages].to_vec();
         let makespan = sums[5 + stages..].iter().cloned().fold(0.0, f64::max);
         let step_s = start.elapsed().as_secs_f64();
@@ -814,6 +824,7 @@ impl Trainer {
             // span) less its own passes: waiting at the start and at the end included.
             stage_idle_s: busy.iter().map(|b| (makespan - b).max(0.0)).collect(),
             stage_peak_bytes,
+            stage_predicted_peak_bytes,
             loss,
             skipped,
             lr,
@@ -879,14 +890,13 @@ impl Trainer {
         (counts, slot_counts)
     }
 
-    /// The step's heap peak of each pipeline stage's first rank (collective over the
-    /// world when there are several stages).
-    fn stage_peaks(&self) -> Result<Vec<usize>> {
-        let peak = ultramoe_kernels::memory::peak_bytes() as u64;
-        let Some(p) = self.parallel.as_ref().filter(|p| p.mesh.pp_size() > 1) else { return Ok(vec![peak as usize]) };
+    /// `value` of each pipeline stage's first rank (collective over the world when there
+    /// are several stages).
+    fn per_stage(&self, value: usize) -> Result<Vec<usize>> {
+        let Some(p) = self.parallel.as_ref().filter(|p| p.mesh.pp_size() > 1) else { return Ok(vec![value]) };
         let mut peaks = vec![0u64; p.mesh.pp_size()];
         if p.mesh.stage.rank() == 0 {
-            peaks[self.model.stage.rank] = peak;
+            peaks[self.model.stage.rank] = value as u64;
         }
         p.mesh.world.all_reduce_u64(&mut peaks).map_err(comm_error)?;
         Ok(peaks.into_iter().map(|x| x as usize).collect())

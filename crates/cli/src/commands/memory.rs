@@ -130,9 +130,9 @@ pub fn run(a: MemoryArgs) -> CliResult {
             let budget = budget as usize;
             let r = cost_rates(&pass.swap_dir, peak_flops(None));
             if given.is_none() {
-                pass = model.choose_policy(b, t, 2, runtime, budget, &r, &pass, actions).unwrap_or_else(|most| most);
+                pass = ultramoe_train::budget::choose(&model, &pass, b, t, runtime, budget, &r, actions).unwrap_or_else(|most| most);
             }
-            let largest = |p: &PassOptions| model.largest_micro_batch(t, 2, runtime, budget, 4096, p, actions);
+            let largest = |p: &PassOptions| model.largest_micro_batch(t, 2, runtime, ultramoe_train::budget::aim(budget), 4096, p, actions);
             let plain = PassOptions { policy: vec![], swap_moments: false, ..pass.clone() };
             let fits = |r: Option<usize>| r.map_or("none".to_string(), |r| r.to_string());
             println!(
