@@ -348,7 +348,7 @@ fn pipeline_train_prints_its_schedule_resumes_elsewhere_and_refuses_bad_layouts(
     let out = bin().args(["train", "--ranks", "4", "--pp", "4", "--grad-accum", "8", "--print-schedule"]).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(text.contains("rank 0: F0.0 F1.0 F2.0 F3.0 B0.0 F4.0 B1.0") && text.contains("rank 3: at most 1 micro-batches in flight"), "{text}");
+    assert!(text.contains("rank 0: F0.0 F1.0 F2.0 F3.0 B0.0 F4.0 B1.0") && text.contains("rank 3: forwards awaiting their backward at most 1"), "{text}");
     // Layouts that cannot run: one line each, naming the field.
     let t = ["train", "--steps", "1", "--no-progress"];
     let with = |extra: &[&'static str]| -> Vec<&'static str> { t.iter().chain(extra).copied().collect() };

@@ -145,7 +145,7 @@ pub fn run(a: MemoryArgs) -> CliResult {
         }
         let plan = model.memory_plan_scheduled(b, t, 2, runtime, &pass, actions);
         if spec.pp > 1 {
-            println!("pipeline stage {r} of {} (layers {}), {} schedule: up to {} micro-batches in flight", spec.pp, describe_chunks(&model), spec.schedule.name(), plan.micro_batches_in_flight);
+            println!("pipeline stage {r} of {} (layers {}), {} schedule: micro-batches in flight up to {}", spec.pp, describe_chunks(&model), spec.schedule.name(), plan.micro_batches_in_flight);
         }
         print_plan(&plan, &pass, &a);
         if let Some(r) = rates {

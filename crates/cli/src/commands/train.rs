@@ -471,10 +471,10 @@ pub fn run(mut a: TrainArgs) -> CliResult {
         let run = resolve(&a, None)?;
         let s = run.spec.schedule_for(&run.tc).map_err(|e| format!("--grad-accum: {e}"))?;
         let pairs = if run.spec.schedule == PipelineSchedule::Overlapped { ", F+B run together" } else { "" };
-        println!("{} schedule, {}, {} micro-batches: F<micro-batch>.<chunk> forward, B backward{pairs}", run.spec.schedule.name(), run.spec.describe(), run.tc.grad_accum);
+        println!("{}, {} micro-batches: F<micro-batch>.<chunk> forward, B backward{pairs}", run.spec.describe(), run.tc.grad_accum);
         print!("{}", s.render());
         for r in 0..run.spec.pp {
-            println!("rank {r}: at most {} micro-batches in flight", s.in_flight(r));
+            println!("rank {r}: forwards awaiting their backward at most {}", s.in_flight(r));
         }
         return Ok(());
     }
