@@ -125,7 +125,16 @@ impl Pipeline<'_> {
     fn recv(&self, src_v: usize, tag: u32) -> Result<Vec<f32>> {
         let g = self.pp.expect("a pipeline of several stages has a group");
         let _p = ultramoe_kernels::profile::scope("pipeline.recv");
-        self.waits.waiting(|| g.recv_f32(self.holder(src_v), tag)).map_err(comm)
+        self.idle(|| g.recv_f32(self.holder(src_v), tag)).map_err(comm)
+    }
+
+    /// Runs `wait`, for another stage or the other lane: the stage's idle clock, and time
+    /// in which this lane hides none of the other lane's exchanges.
+    fn idle<T>(&self, wait: impl FnOnce() -> T) -> T {
+        match self.model.exchange.as_deref() {
+            Some(ex) => self.waits.waiting(|| ex.stats.lanes.waiting_elsewhere(wait)),
+            None => self.waits.waiting(wait),
+        }
     }
 
     fn send(&self, dst_v: usize, data: &[f32], tag: u32) -> Result<()> {
@@ -289,12 +298,13 @@ impl Pipeline<'_> {
                     let body = || -> Result<Tally> {
                         let mut t = Tally::new(model);
                         for &(mb, chunk) in &forwards {
-                            {
-                                let mut st = self.waits.waiting(|| cv.wait_while(lock(), |st| st.in_flight >= bound && !st.failed).unwrap_or_else(|e| e.into_inner()));
-                                if st.failed {
-                                    return Ok(t);
-                                }
-                                st.in_flight += 1;
+                            let admitted = self.idle(|| {
+                                let mut st = cv.wait_while(lock(), |st| st.in_flight >= bound && !st.failed).unwrap_or_else(|e| e.into_inner());
+                                st.in_flight += usize::from(!st.failed);
+                                !st.failed
+                            });
+                            if !admitted {
+                                return Ok(t);
                             }
                             let f = self.forward(mb, chunk, lane, &mut |_| {})?;
                             t.record(mb, &f);
@@ -314,13 +324,8 @@ impl Pipeline<'_> {
             let body = || -> Result<f64> {
                 let mut ce = 0.0;
                 for &(mb, chunk) in &backwards {
-                    let f = {
-                        let mut st = self.waits.waiting(|| cv.wait_while(lock(), |st| !st.ready.contains_key(&(mb, chunk)) && !st.failed).unwrap_or_else(|e| e.into_inner()));
-                        match st.ready.remove(&(mb, chunk)) {
-                            Some(f) => f,
-                            None => return Ok(ce),
-                        }
-                    };
+                    let ready = self.idle(|| cv.wait_while(lock(), |st| !st.ready.contains_key(&(mb, chunk)) && !st.failed).unwrap_or_else(|e| e.into_inner()).ready.remove(&(mb, chunk)));
+                    let Some(f) = ready else { return Ok(ce) };
                     let (last, fin) = (last_backward[chunk] == Some(mb), fin == Some((mb, chunk)));
                     ce += self.backward(g, mb, f, model.exchange.as_deref(), &mut |g, l| hooks.backward_layer_done(g, last, fin, l))?;
                     lock().in_flight -= 1;

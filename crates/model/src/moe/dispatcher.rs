@@ -84,8 +84,10 @@ pub struct ExchangeStats {
 
 /// Exposed exchange time when several passes (lanes) compute at once: a lane waiting for
 /// an exchange while another lane computes hides that wait, so time counts as exposed
-/// only while every running lane waits. With no lane registered a single pass is
-/// assumed (its whole wait is exposed).
+/// only while every running lane waits — for an exchange, or for anything else
+/// ([`LaneClock::waiting_elsewhere`]: a lane blocked on another stage's message hides
+/// nothing). With no lane registered a single pass is assumed (its whole wait is
+/// exposed).
 #[derive(Debug, Default)]
 pub struct LaneClock {
     state: Mutex<LaneState>,
@@ -95,6 +97,9 @@ pub struct LaneClock {
 struct LaneState {
     running: usize,
     waiting: usize,
+    /// running lanes blocked on something other than this clock's waits (another
+    /// stage's message, the other lane): they compute nothing either
+    elsewhere: usize,
     /// every running lane has been waiting since
     since: Option<Instant>,
     exposed: Duration,
@@ -103,7 +108,7 @@ struct LaneState {
 impl LaneState {
     /// Starts or stops the clock as the counts now say.
     fn settle(&mut self) {
-        let all_wait = self.waiting > 0 && self.waiting >= self.running.max(1);
+        let all_wait = self.waiting > 0 && self.waiting + self.elsewhere >= self.running.max(1);
         match (all_wait, self.since) {
             (true, None) => self.since = Some(Instant::now()),
             (false, Some(t)) => {
@@ -138,6 +143,15 @@ impl LaneClock {
         self.with(|s| s.waiting += 1);
         let v = wait();
         self.with(|s| s.waiting -= 1);
+        v
+    }
+
+    /// Runs `wait`, a wait of a running lane that is not this clock's kind: while it
+    /// lasts the lane computes nothing, so it does not hide this clock's waits.
+    pub fn waiting_elsewhere<T>(&self, wait: impl FnOnce() -> T) -> T {
+        self.with(|s| s.elsewhere += 1);
+        let v = wait();
+        self.with(|s| s.elsewhere -= 1);
         v
     }
 
@@ -576,5 +590,48 @@ impl Dispatch<'_> {
             let counter = if self.node_of[dst] == self.node_of[me] { &self.stats().intra } else { &self.stats().inter };
             counter.fetch_add(4 * (n * self.hidden) as u64, Ordering::Relaxed);
         }
+    }
+}
+
+#[cfg(test)]
+mod lane_clock_tests {
+    use super::LaneClock;
+    use std::time::Duration;
+
+    fn nap() {
+        std::thread::sleep(Duration::from_millis(30));
+    }
+
+    /// A wait is exposed alone, hidden while another lane computes, and exposed again
+    /// while the other lane is blocked on something else.
+    #[test]
+    fn waits_count_as_exposed_only_while_no_lane_computes() {
+        let alone = LaneClock::default();
+        alone.waiting(nap);
+        assert!(alone.take_exposed() >= 0.025, "a single pass's wait is exposed");
+
+        let two = LaneClock::default();
+        two.start_lane();
+        two.start_lane();
+        std::thread::scope(|s| {
+            s.spawn(|| two.waiting(nap));
+            // the other lane computes meanwhile
+            nap();
+        });
+        assert_eq!(two.take_exposed(), 0.0, "hidden by the computing lane");
+        // Both inside their waits at once for at least a nap (the barriers make sure).
+        let both_in = std::sync::Barrier::new(2);
+        let both_out = std::sync::Barrier::new(2);
+        let hold = || {
+            both_in.wait();
+            nap();
+            both_out.wait();
+        };
+        std::thread::scope(|s| {
+            s.spawn(|| two.waiting(hold));
+            // the other lane waits for another stage, computing nothing
+            two.waiting_elsewhere(hold);
+        });
+        assert!(two.take_exposed() >= 0.025, "a blocked lane hides nothing");
     }
 }
