@@ -183,6 +183,16 @@ fn expert_parallel_train_on_threads_then_resume_on_one_rank() {
     let out = bin().args(["train", "--resume", "--steps", "4", "--no-progress", "--peak-gflops", "100", "--run-dir"]).arg(&run).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(std::fs::read_to_string(run.join("metrics.jsonl")).unwrap().lines().count(), 4);
+    // ZeRO-1 switched on and off at a resume, and kept by the next one.
+    let resume = |steps: &str, extra: &[&str]| {
+        let out = bin().args(["train", "--resume", "--ranks", "2", "--no-progress", "--peak-gflops", "100", "--steps", steps]).args(extra).arg("--run-dir").arg(&run).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(out.status.success(), "{err}");
+        err.contains("(ZeRO-1;")
+    };
+    assert!(resume("5", &["--zero1"]), "--zero1 applies at a resume");
+    assert!(resume("6", &[]), "a resume keeps the checkpoint's ZeRO-1");
+    assert!(!resume("7", &["--no-zero1"]), "--no-zero1 applies at a resume");
     expect_error(&["train", "--ranks", "3", "--ep", "2", "--steps", "1"], &["--ep 2", "3 ranks"]);
     expect_error(&["train", "--ranks", "2", "--hierarchical-a2a", "--steps", "1"], &["--hierarchical-a2a", "ranks per node"]);
     expect_error(&["train", "--ranks", "2", "--ep", "2", "--micro-batch", "3", "--steps", "1"], &["micro_batch", "2 ranks"]);

@@ -67,6 +67,8 @@ pub fn run(a: DemoArgs) -> CliResult {
         no_progress: a.no_progress,
         zero1: false,
         no_grad_overlap: false,
+        no_zero1: false,
+        no_swap_moments: false,
         plan: None,
         plan_rank: None,
         parallel: crate::launch::ParallelArgs { overlap_chunks: Some(1), comm_timeout: 30, ..Default::default() },

@@ -138,9 +138,17 @@ pub struct TrainArgs {
     /// (written as the step starts, read back during the bottom layer's backward).
     #[arg(long)]
     pub swap_moments: bool,
+    /// Keep the optimizer moments in memory (a resumed run otherwise keeps its
+    /// checkpoint's --swap-moments).
+    #[arg(long, conflicts_with = "swap_moments")]
+    pub no_swap_moments: bool,
     /// ZeRO-1: shard the optimizer moments over the ranks holding the same weights.
     #[arg(long)]
     pub zero1: bool,
+    /// Replicate the optimizer moments (a resumed run otherwise keeps its checkpoint's
+    /// --zero1; checkpoints hold whole moments either way).
+    #[arg(long, conflicts_with = "zero1")]
+    pub no_zero1: bool,
     /// Sum gradients over ranks only after the whole backward pass (default: each
     /// layer's as soon as it is done, overlapping the rest of the backward).
     #[arg(long)]
@@ -286,14 +294,14 @@ pub fn spec_from_args(base: RunSpec, a: &TrainArgs, layout: Layout, n_layers: us
         vpp,
         pp_layers,
         schedule,
-        zero1: base.zero1 || a.zero1,
+        zero1: (base.zero1 || a.zero1) && !a.no_zero1,
         overlap_grad_reduce: base.overlap_grad_reduce && !a.no_grad_overlap,
         overlap_chunks: p.overlap_chunks.unwrap_or(base.overlap_chunks),
         hierarchical_a2a: base.hierarchical_a2a || p.hierarchical_a2a,
         ranks_per_node: p.ranks_per_node.or(base.ranks_per_node),
         placement_every: a.placement_every.unwrap_or(base.placement_every),
         redundant_experts: a.redundant_experts.unwrap_or(base.redundant_experts),
-        swap_moments: base.swap_moments || a.swap_moments,
+        swap_moments: (base.swap_moments || a.swap_moments) && !a.no_swap_moments,
         swap_dir: a.swap_dir.clone().or(base.swap_dir.clone()),
         ..base
     };
