@@ -255,7 +255,8 @@ pub struct StepStats {
     pub stage_peak_bytes: Vec<usize>,
     /// per pipeline stage: the peak its first rank's memory plan predicts for the step
     /// (weights, gradients, moments, saved activations of the micro-batches in flight,
-    /// temporaries; kernel workspaces measured except under expert parallelism)
+    /// temporaries; kernel workspaces too when `--memory-budget` measured them, which
+    /// it does except under expert parallelism)
     pub stage_predicted_peak_bytes: Vec<usize>,
     /// mean loss over the step's target tokens
     pub loss: f32,
@@ -572,7 +573,9 @@ impl Trainer {
         // the machine, so a huge config or micro-batch is one line, not an allocation
         // failure. Ranks that are threads of this process share its memory.
         model.check_step_fits_machine(rows, cfg.seq_len, place.ranks_here, &pass, &actions)?;
-        let runtime = crate::budget::workspace_bytes(&model);
+        // Kernel workspaces are measured (a trial pass, with weight-sized buffers) only
+        // when a budget needs them.
+        let runtime = if spec.memory_budget.is_some() { crate::budget::workspace_bytes(&model) } else { 0 };
         if let Some(budget) = spec.memory_budget {
             let report = place.mesh.as_ref().is_none_or(|m| m.stage.rank() == 0);
             pass = crate::budget::fit(&model, &spec, &pass, rows, cfg.seq_len, &actions, runtime, budget as usize, place.peak_flops, report)?;
