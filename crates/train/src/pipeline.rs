@@ -205,15 +205,19 @@ impl Pipeline<'_> {
         let actions = &schedule.ranks[rank];
         let start = Instant::now();
         let mut tally = Tally::new(self.model);
-        let (out, ce) = match schedule.kind {
+        let ce = match schedule.kind {
             Kind::Overlapped => self.run_lanes(actions, schedule.in_flight_bound(rank), g, hooks, &mut tally)?,
             _ => self.run_in_order(actions, g, hooks, &mut tally)?,
         };
-        let mut out = StepOutput { ce, ..out };
-        (out.aux, out.counts, out.slot_counts, out.activation_bytes) = (tally.aux, tally.counts, tally.slot_counts, tally.most_bytes);
-        out.span_s = start.elapsed().as_secs_f64();
-        out.idle_s = self.waits.take_exposed();
-        Ok(out)
+        Ok(StepOutput {
+            ce,
+            aux: tally.aux,
+            counts: tally.counts,
+            slot_counts: tally.slot_counts,
+            activation_bytes: tally.most_bytes,
+            span_s: start.elapsed().as_secs_f64(),
+            idle_s: self.waits.take_exposed(),
+        })
     }
 
     /// The chunks whose last backward in `actions` is of micro-batch `mb`, and the
@@ -227,7 +231,8 @@ impl Pipeline<'_> {
     }
 
     /// Every action in list order on this thread.
-    fn run_in_order(&self, actions: &[Action], g: &mut [f32], hooks: &mut dyn Hooks, tally: &mut Tally) -> Result<(StepOutput, f64)> {
+    /// Returns `Σ CE` of the backwards.
+    fn run_in_order(&self, actions: &[Action], g: &mut [f32], hooks: &mut dyn Hooks, tally: &mut Tally) -> Result<f64> {
         let (last_backward, fin) = self.last_backwards(actions);
         let mut live: HashMap<(usize, usize), Forwarded> = HashMap::new();
         let (mut first, mut ce) = (true, 0.0);
@@ -248,7 +253,7 @@ impl Pipeline<'_> {
             }
         }
         debug_assert!(live.is_empty(), "every forward has had its backward");
-        Ok((StepOutput::default(), ce))
+        Ok(ce)
     }
 
     /// The overlapped schedule: the forwards of `actions` on a second thread over the
@@ -258,7 +263,7 @@ impl Pipeline<'_> {
     /// schedule's in-flight bound). While one lane waits for an all-to-all or a message
     /// the other computes. Gradients accumulate in the backward lane, in list order: the
     /// same numbers as running the list in order.
-    fn run_lanes(&self, actions: &[Action], bound: usize, g: &mut [f32], hooks: &mut dyn Hooks, tally: &mut Tally) -> Result<(StepOutput, f64)> {
+    fn run_lanes(&self, actions: &[Action], bound: usize, g: &mut [f32], hooks: &mut dyn Hooks, tally: &mut Tally) -> Result<f64> {
         let (last_backward, fin) = self.last_backwards(actions);
         let forwards: Vec<(usize, usize)> = actions.iter().filter_map(|a| match *a { Action::Forward { mb, chunk } => Some((mb, chunk)), _ => None }).collect();
         let backwards: Vec<(usize, usize)> = actions.iter().filter_map(|a| match *a { Action::Backward { mb, chunk } => Some((mb, chunk)), _ => None }).collect();
@@ -283,9 +288,13 @@ impl Pipeline<'_> {
         let shared = std::sync::Mutex::new(Shared { ready: HashMap::new(), in_flight: 0, failed: false });
         let cv = std::sync::Condvar::new();
         let lock = || shared.lock().unwrap_or_else(|e| e.into_inner());
-        let fail = || {
-            lock().failed = true;
-            cv.notify_all();
+        // A lane's end: off the clocks, and — when it failed — the other lane told.
+        let lane_ended = |ok: bool| {
+            lanes(false);
+            if !ok {
+                lock().failed = true;
+                cv.notify_all();
+            }
         };
         // (forward hooks are not called on the forward lane: the swapped moments' write
         // is then waited for when they are read back, after the step's passes)
@@ -313,12 +322,7 @@ impl Pipeline<'_> {
                         }
                         Ok(t)
                     };
-                    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(body));
-                    lanes(false);
-                    if !matches!(r, Ok(Ok(_))) {
-                        fail();
-                    }
-                    r
+                    guarded(body, lane_ended)
                 })
                 .expect("start the forward lane");
             let body = || -> Result<f64> {
@@ -333,11 +337,7 @@ impl Pipeline<'_> {
                 }
                 Ok(ce)
             };
-            let b = std::panic::catch_unwind(std::panic::AssertUnwindSafe(body));
-            lanes(false);
-            if !matches!(b, Ok(Ok(_))) {
-                fail();
-            }
+            let b = guarded(body, lane_ended);
             let f = forward_lane.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
             (f, b)
         });
@@ -346,8 +346,16 @@ impl Pipeline<'_> {
         let ce = backward_out.unwrap_or_else(|p| std::panic::resume_unwind(p))?;
         let forward_tally = forward_out.unwrap_or_else(|p| std::panic::resume_unwind(p))?;
         tally.merge(forward_tally);
-        Ok((StepOutput::default(), ce))
+        Ok(ce)
     }
+}
+
+/// Runs a lane's `body`, catching a panic (a failed all-to-all unwinds with its error),
+/// then tells `ended` whether it succeeded.
+fn guarded<T>(body: impl FnOnce() -> Result<T>, ended: impl Fn(bool)) -> std::thread::Result<Result<T>> {
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(body));
+    ended(matches!(r, Ok(Ok(_))));
+    r
 }
 
 /// What the forwards of a step report: auxiliary losses (summed in forward order), loads

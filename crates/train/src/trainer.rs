@@ -803,8 +803,7 @@ impl Trainer {
             }
             self.rebalance(&counts)?
         };
-        let stage_peak_bytes = self.per_stage(ultramoe_kernels::memory::peak_bytes())?;
-        let stage_predicted_peak_bytes = self.per_stage(self.predicted_peak)?;
+        let [stage_peak_bytes, stage_predicted_peak_bytes] = self.per_stage([ultramoe_kernels::memory::peak_bytes(), self.predicted_peak])?;
         let busy = sums[5..5 + stages].to_vec();
         let makespan = sums[5 + stages..].iter().cloned().fold(0.0, f64::max);
         let step_s = start.elapsed().as_secs_f64();
@@ -893,16 +892,19 @@ impl Trainer {
         (counts, slot_counts)
     }
 
-    /// `value` of each pipeline stage's first rank (collective over the world when there
-    /// are several stages).
-    fn per_stage(&self, value: usize) -> Result<Vec<usize>> {
-        let Some(p) = self.parallel.as_ref().filter(|p| p.mesh.pp_size() > 1) else { return Ok(vec![value]) };
-        let mut peaks = vec![0u64; p.mesh.pp_size()];
+    /// Each of `values` as every pipeline stage's first rank has it: one list per value,
+    /// one entry per stage (one collective over the world when there are several stages).
+    fn per_stage<const N: usize>(&self, values: [usize; N]) -> Result<[Vec<usize>; N]> {
+        let Some(p) = self.parallel.as_ref().filter(|p| p.mesh.pp_size() > 1) else { return Ok(values.map(|v| vec![v])) };
+        let stages = p.mesh.pp_size();
+        let mut all = vec![0u64; N * stages];
         if p.mesh.stage.rank() == 0 {
-            peaks[self.model.stage.rank] = value as u64;
+            for (i, v) in values.iter().enumerate() {
+                all[i * stages + self.model.stage.rank] = *v as u64;
+            }
         }
-        p.mesh.world.all_reduce_u64(&mut peaks).map_err(comm_error)?;
-        Ok(peaks.into_iter().map(|x| x as usize).collect())
+        p.mesh.world.all_reduce_u64(&mut all).map_err(comm_error)?;
+        Ok(std::array::from_fn(|i| all[i * stages..(i + 1) * stages].iter().map(|&x| x as usize).collect()))
     }
 
     /// Expert slots per expert-parallel rank under expert parallelism (every MoE layer
