@@ -2,8 +2,8 @@
 
 mod commands;
 mod launch;
-mod png;
 mod presets;
+mod progress;
 mod serve;
 
 use clap::{Parser, Subcommand};
@@ -40,7 +40,8 @@ enum Command {
     Bench(commands::bench::BenchCommand),
     /// Forward + backward on given input ids; writes logits, loss and every gradient.
     Grad(commands::grad::GradArgs),
-    /// Expert-load statistics of a run and a heat map image of expert load over steps.
+    /// Charts of a run (loss, throughput, memory, expert load, imbalance, communication,
+    /// pipeline timeline) as PNG or SVG with an index.html, and a short summary.
     Report(commands::report::ReportArgs),
     /// Simulate MoE training at any scale and rank parallel layouts (TP/PP/VPP/EP/DP,
     /// micro-batch, recomputation); `--validate RUN_DIR` checks a finished run.

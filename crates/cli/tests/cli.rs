@@ -26,6 +26,33 @@ fn tmp(name: &str) -> PathBuf {
 }
 
 /// Runs and expects failure with a single-line error mentioning every `needle`.
+/// Decodes a PNG file, checks it is `w × h` as its header says and not blank (a
+/// chart: thousands of inked pixels in several colours); returns its size.
+fn assert_png_chart(path: &Path) -> (u32, u32) {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut reader = png::Decoder::new(std::io::Cursor::new(bytes)).read_info().unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut buf = vec![0; reader.output_buffer_size()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    let (w, h) = (info.width, info.height);
+    assert!(w >= 300 && h >= 200, "{}: {w} × {h}", path.display());
+    let px = info.color_type.samples();
+    let pixels: Vec<&[u8]> = buf[..info.buffer_size()].chunks(px).collect();
+    let inked = pixels.iter().filter(|p| p.iter().any(|&c| c < 250)).count();
+    let colours: std::collections::HashSet<&[u8]> = pixels.iter().copied().collect();
+    assert!(inked > 2000 && colours.len() > 5, "{}: blank ({inked} inked pixels, {} colours)", path.display(), colours.len());
+    (w, h)
+}
+
+/// An SVG file's text, checked to hold each of `texts` as a text element's content.
+fn assert_svg_text(path: &Path, texts: &[&str]) {
+    let svg = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    assert!(svg.starts_with("<svg"), "{}", path.display());
+    for t in texts {
+        let t = t.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('\'', "&apos;");
+        assert!(svg.contains(&format!(">\n{t}\n<")) || svg.contains(&format!(">{t}<")), "{}: no text `{t}`", path.display());
+    }
+}
+
 fn expect_error(args: &[&str], needles: &[&str]) {
     let out = bin().args(args).output().unwrap();
     assert!(!out.status.success(), "{args:?} should fail");
@@ -136,11 +163,28 @@ fn train_then_resume_then_solve_round_trip() {
     assert!(resumed.status.success());
     assert!(String::from_utf8_lossy(&resumed.stderr).contains("resuming from"));
     assert_eq!(std::fs::read_to_string(run.join("metrics.jsonl")).unwrap().lines().count(), 6);
+    // The report: every chart index.html shows decodes and is drawn; as SVG, the axis
+    // titles and legend entries are there as text.
     let report = bin().arg("report").arg(&run).output().unwrap();
     assert!(report.status.success(), "{}", String::from_utf8_lossy(&report.stderr));
     assert!(String::from_utf8_lossy(&report.stdout).contains("6 steps"));
-    let png = std::fs::read(run.join("expert_load.png")).unwrap();
-    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    let index = std::fs::read_to_string(run.join("report/index.html")).unwrap();
+    let images: Vec<&str> = index.split("<img src=\"").skip(1).map(|s| s.split('"').next().unwrap()).collect();
+    for name in ["loss.png", "learning_rate.png", "grad_norm.png", "throughput.png", "mfu.png", "memory.png", "expert_load.png", "pipeline_timeline.png"] {
+        assert!(images.contains(&name), "index.html lacks {name}: {images:?}");
+    }
+    for name in &images {
+        assert_png_chart(&run.join("report").join(name));
+    }
+    assert!(std::fs::read_to_string(run.join("report/summary.txt")).unwrap().contains("6 steps"));
+    let svg_dir = tmp("report-svg");
+    let report = bin().args(["report", "--format", "svg", "--out"]).arg(&svg_dir).arg(&run).output().unwrap();
+    assert!(report.status.success(), "{}", String::from_utf8_lossy(&report.stderr));
+    assert_svg_text(&svg_dir.join("loss.svg"), &["Loss", "step", "cross-entropy (nats / token)", "training loss"]);
+    assert_svg_text(&svg_dir.join("throughput.svg"), &["step", "tokens / s (all ranks)", "tokens/s"]);
+    assert_svg_text(&svg_dir.join("expert_load.svg"), &["MoE layer 0", "MoE layer 2", "expert", "step", "tokens / mean tokens per expert"]);
+    expect_error(&["report", "--format", "gif", run.to_str().unwrap()], &["--format", "png or svg"]);
+    expect_error(&["report", svg_dir.to_str().unwrap()], &["metrics.jsonl", "cannot read"]);
     let out = bin().args(["solve", "12 + 7", "--json", "--model"]).arg(run.join("model")).output().unwrap();
     assert!(out.status.success());
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -228,7 +272,17 @@ fn plan_ranks_layouts_and_explains_rejections() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(text.lines().filter(|l| l.trim_start().starts_with("4 ")).count() >= 1, "{text}");
-    assert!(std::fs::read(&img).unwrap().starts_with(b"\x89PNG"));
+    assert_png_chart(&img);
+    let svg = dir.join("breakdown.svg");
+    let out = bin()
+        .args(["plan", "--model", "qwen3-235b-a22b", "--cluster", "h100", "--devices", "256", "--seq-len", "4096", "--global-batch", "512", "--fix", "tp=4,ep=8", "--top", "3", "--image"])
+        .arg(&svg)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // The layout under each bar, seconds on the axis, every part in the legend.
+    assert_svg_text(&svg, &["#1", "#3", "EP8 DP8", "seconds per step", "compute", "recompute", "ep comm", "bubble", "optimizer"]);
+    assert!(std::fs::read_to_string(&svg).unwrap().contains("TP4 PP"));
     expect_error(&["plan", "--model", "no-such-model", "--devices", "8"], &["no-such-model", "preset"]);
     // Every preset with the command's own defaults (this machine's cluster has no bf16
     // peak: the default data type follows the cluster). On one CPU nothing fits, and
@@ -344,6 +398,25 @@ fn pipeline_train_prints_its_schedule_resumes_elsewhere_and_refuses_bad_layouts(
     assert_eq!((first["pp"].as_u64(), first["schedule"].as_str()), (Some(2), Some("overlap")));
     assert_eq!(first["stage_busy_s"].as_array().unwrap().len(), 2);
     assert_eq!(first["stage_idle_s"].as_array().unwrap().len(), 2);
+    // The last step's timeline: both stages, each micro-batch's forward on the forward
+    // lane and its backward on the other, the later stage waiting for activations.
+    let t: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run.join("pipeline_timeline.json")).unwrap()).unwrap();
+    assert_eq!((t["step"].as_u64(), t["stages"].as_u64()), (Some(3), Some(2)));
+    let events = t["events"].as_array().unwrap();
+    for stage in 0..2 {
+        let count = |kind: &str, lane: u64| events.iter().filter(|e| e["stage"] == stage && e["kind"] == kind && e["lane"] == lane).count();
+        assert_eq!((count("forward", 1), count("backward", 0)), (4, 4), "stage {stage}: {t}");
+        assert!(events.iter().filter(|e| e["stage"] == stage).all(|e| e["start_s"].as_f64().unwrap() <= e["end_s"].as_f64().unwrap()));
+    }
+    assert!(events.iter().any(|e| e["stage"] == 1 && e["kind"] == "wait"), "{t}");
+    let svg_dir = tmp("pp-report");
+    let report = bin().args(["report", "--format", "svg", "--out"]).arg(&svg_dir).arg(&run).output().unwrap();
+    assert!(report.status.success(), "{}", String::from_utf8_lossy(&report.stderr));
+    assert_svg_text(
+        &svg_dir.join("pipeline_timeline.svg"),
+        &["stage 0 forwards", "stage 0 backwards", "stage 1 forwards", "stage 1 backwards", "forward", "backward", "waiting for another stage"],
+    );
+    assert_svg_text(&svg_dir.join("memory.svg"), &["stage 0 measured (its first rank's process)", "stage 1 predicted (one rank)"]);
     // The saved specification continues (the same world: the same pipeline) …
     let out = bin().args(["train", "--resume", "--steps", "4", "--ranks", "2", "--no-progress", "--peak-gflops", "100", "--run-dir"]).arg(&run).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);

@@ -14,5 +14,6 @@ pub mod placement;
 pub mod run_dir;
 pub mod schedule;
 pub mod spec;
+pub mod trace;
 pub mod trainer;
 pub mod zero;

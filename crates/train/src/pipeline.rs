@@ -20,6 +20,7 @@
 //! its all-to-all (or a message) the other computes.
 
 use crate::data::batch::Batch;
+use crate::trace::{PassKind, PassTrace};
 use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::Arc;
@@ -66,6 +67,8 @@ pub struct Pipeline<'a> {
     pub scale: f32,
     /// time this rank's lanes wait for other stages (all of them at once: idle)
     pub waits: LaneClock,
+    /// the step's passes as intervals (for the pipeline timeline)
+    pub trace: PassTrace,
 }
 
 /// What a step's passes produced on this rank.
@@ -85,6 +88,8 @@ pub struct StepOutput {
     pub span_s: f64,
     /// of which waiting for another stage's activations or gradients
     pub idle_s: f64,
+    /// the passes as intervals
+    pub events: Vec<crate::trace::PassEvent>,
 }
 
 /// One forward's results.
@@ -122,10 +127,12 @@ impl Pipeline<'_> {
         v % self.model.stage.ranks
     }
 
-    fn recv(&self, src_v: usize, tag: u32) -> Result<Vec<f32>> {
+    /// Receives micro-batch `mb`'s message from virtual stage `src_v` for a pass of
+    /// `chunk`.
+    fn recv(&self, src_v: usize, tag: u32, mb: usize, chunk: usize) -> Result<Vec<f32>> {
         let g = self.pp.expect("a pipeline of several stages has a group");
         let _p = ultramoe_kernels::profile::scope("pipeline.recv");
-        self.idle(|| g.recv_f32(self.holder(src_v), tag)).map_err(comm)
+        self.trace.span(PassKind::Wait, mb, chunk, || self.idle(|| g.recv_f32(self.holder(src_v), tag))).map_err(comm)
     }
 
     /// Runs `wait`, for another stage or the other lane: the stage's idle clock, and time
@@ -137,10 +144,10 @@ impl Pipeline<'_> {
         }
     }
 
-    fn send(&self, dst_v: usize, data: &[f32], tag: u32) -> Result<()> {
+    fn send(&self, dst_v: usize, data: &[f32], tag: u32, mb: usize, chunk: usize) -> Result<()> {
         let g = self.pp.expect("a pipeline of several stages has a group");
         let _p = ultramoe_kernels::profile::scope("pipeline.send");
-        g.send_f32(data, self.holder(dst_v), tag).map_err(comm)
+        self.trace.span(PassKind::Send, mb, chunk, || g.send_f32(data, self.holder(dst_v), tag)).map_err(comm)
     }
 
     /// This rank's token ids of micro-batch `mb`.
@@ -156,17 +163,19 @@ impl Pipeline<'_> {
 
     fn forward(&self, mb: usize, chunk: usize, ex: Option<&ExpertExchange>, done: &mut dyn FnMut(usize)) -> Result<Forwarded> {
         let _p = ultramoe_kernels::profile::scope("forward");
-        let v = self.model.stage.virtual_stage(chunk);
-        let (b, t) = (self.rows.len(), self.micro[mb].t);
-        let x = if v == 0 { self.model.embed_forward(self.w, self.ids(mb)) } else { self.recv(v - 1, self.tag(mb, v, false))? };
-        let (y, cf) = self.model.chunk_forward(self.w, x, chunk, b, t, self.pass, ex, done);
-        let head = if v + 1 == self.stages() {
-            Some(self.model.head_forward(self.w, y))
-        } else {
-            self.send(v + 1, &y, self.tag(mb, v + 1, false))?;
-            None
-        };
-        Ok(Forwarded { chunk: cf, head })
+        self.trace.span(PassKind::Forward, mb, chunk, || {
+            let v = self.model.stage.virtual_stage(chunk);
+            let (b, t) = (self.rows.len(), self.micro[mb].t);
+            let x = if v == 0 { self.model.embed_forward(self.w, self.ids(mb)) } else { self.recv(v - 1, self.tag(mb, v, false), mb, chunk)? };
+            let (y, cf) = self.model.chunk_forward(self.w, x, chunk, b, t, self.pass, ex, done);
+            let head = if v + 1 == self.stages() {
+                Some(self.model.head_forward(self.w, y))
+            } else {
+                self.send(v + 1, &y, self.tag(mb, v + 1, false), mb, chunk)?;
+                None
+            };
+            Ok(Forwarded { chunk: cf, head })
+        })
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -179,23 +188,26 @@ impl Pipeline<'_> {
         done: &mut dyn FnMut(&[f32], usize),
     ) -> Result<f64> {
         let _p = ultramoe_kernels::profile::scope("backward");
-        let v = self.model.stage.virtual_stage(fwd.chunk.chunk);
-        let mut ce = 0.0;
-        let dy = match fwd.head {
-            Some(mut head) => {
-                let (loss, _, dx) = self.model.head_backward(self.w, g, &mut head, self.targets(mb), self.scale);
-                ce = loss;
-                dx
+        let chunk = fwd.chunk.chunk;
+        self.trace.span(PassKind::Backward, mb, chunk, || {
+            let v = self.model.stage.virtual_stage(chunk);
+            let mut ce = 0.0;
+            let dy = match fwd.head {
+                Some(mut head) => {
+                    let (loss, _, dx) = self.model.head_backward(self.w, g, &mut head, self.targets(mb), self.scale);
+                    ce = loss;
+                    dx
+                }
+                None => self.recv(v + 1, self.tag(mb, v, true), mb, chunk)?,
+            };
+            let dx = self.model.chunk_backward(self.w, g, fwd.chunk, dy, self.pass, ex, done);
+            if v == 0 {
+                self.model.embed_backward(g, &dx, self.ids(mb));
+            } else {
+                self.send(v - 1, &dx, self.tag(mb, v - 1, true), mb, chunk)?;
             }
-            None => self.recv(v + 1, self.tag(mb, v, true))?,
-        };
-        let dx = self.model.chunk_backward(self.w, g, fwd.chunk, dy, self.pass, ex, done);
-        if v == 0 {
-            self.model.embed_backward(g, &dx, self.ids(mb));
-        } else {
-            self.send(v - 1, &dx, self.tag(mb, v - 1, true))?;
-        }
-        Ok(ce)
+            Ok(ce)
+        })
     }
 
     /// Runs this rank's list of `schedule`, accumulating gradients into `g`: in order,
@@ -217,6 +229,7 @@ impl Pipeline<'_> {
             activation_bytes: tally.most_bytes,
             span_s: start.elapsed().as_secs_f64(),
             idle_s: self.waits.take_exposed(),
+            events: self.trace.take(),
         })
     }
 
@@ -305,6 +318,7 @@ impl Pipeline<'_> {
                 .name("ultramoe-forward-lane".into())
                 .spawn_scoped(s, || {
                     let body = || -> Result<Tally> {
+                        crate::trace::set_lane(1);
                         let mut t = Tally::new(model);
                         for &(mb, chunk) in &forwards {
                             let admitted = self.idle(|| {

@@ -17,6 +17,7 @@ use crate::parallel::{catch_step, Parallel};
 use crate::pipeline::{Hooks, Pipeline};
 use crate::placement::{probe_bandwidth, Balancer, Costs};
 use crate::spec::{PipelineSchedule as ScheduleKind, RunSpec};
+use crate::trace::{PassEvent, EVENT_WORDS};
 use ultramoe_model::init::init_weights;
 use ultramoe_model::moe::dispatcher::ExpertExchange;
 use ultramoe_model::moe::placement::Placement;
@@ -697,13 +698,15 @@ impl Trainer {
             rows,
             scale,
             waits: Default::default(),
+            trace: Default::default(),
         };
         // Gradient reductions start layer by layer during the last backward of each
         // layer (ZeRO-1 reduce-scatters in the optimizer step instead, and has no
         // gradient stream).
         let overlap = self.parallel.as_mut().filter(|p| p.overlaps_reduction());
         let mut hooks = StepHooks { layer_ids: &self.model.layer_ids, overlap, moments, reading: None };
-        let out = catch_step(|| pipe.run(&self.pipeline, &mut self.g, &mut hooks))??;
+        let mut out = catch_step(|| pipe.run(&self.pipeline, &mut self.g, &mut hooks))??;
+        let events = std::mem::take(&mut out.events);
         let StepHooks { moments, mut reading, .. } = hooks;
         if let Some(g) = &pp {
             g.flush_sends().map_err(comm_error)?;
@@ -856,6 +859,9 @@ impl Trainer {
             writeln!(f, "{}", serde_json::to_string(&stats).unwrap_or_default())
                 .map_err(|e| Error::msg(format!("cannot write metrics: {e}")).in_file(&self.metrics_path))?;
         }
+        if self.step == self.cfg.steps {
+            self.write_timeline(events)?;
+        }
         if skipped {
             let limit = self.cfg.max_nonfinite_steps;
             if self.skipped_in_a_row >= limit {
@@ -890,6 +896,38 @@ impl Trainer {
             }
         }
         (counts, slot_counts)
+    }
+
+    /// Every stage's passes of this step (its first rank's), gathered in one collective
+    /// and written beside the metrics as `pipeline_timeline.json` for `ultramoe report`.
+    /// Each stage's times are on its own clock from the start of its passes; the stages
+    /// start a step together (after the previous step's collectives), within the
+    /// collectives' skew.
+    fn write_timeline(&self, events: Vec<PassEvent>) -> Result<()> {
+        let stages = self.spec.pp;
+        // A pass records itself and at most one wait and one send.
+        let per = 3 * self.pipeline.ranks.iter().map(|r| r.len()).max().unwrap_or(0);
+        let mut words = vec![0.0f64; stages * per * EVENT_WORDS];
+        if self.parallel.as_ref().is_none_or(|p| p.mesh.stage.rank() == 0) {
+            let s = self.model.stage.rank;
+            for (i, e) in events.iter().take(per).enumerate() {
+                let at = (s * per + i) * EVENT_WORDS;
+                words[at..at + EVENT_WORDS].copy_from_slice(&PassEvent { stage: s, ..*e }.to_words());
+            }
+        }
+        if let Some(p) = self.parallel.as_ref().filter(|p| p.mesh.pp_size() > 1) {
+            p.mesh.world.all_reduce_f64(&mut words).map_err(comm_error)?;
+        }
+        if self.metrics.is_none() {
+            return Ok(());
+        }
+        let events: Vec<PassEvent> = words.chunks(EVENT_WORDS).filter_map(PassEvent::from_words).collect();
+        let v = serde_json::json!({
+            "step": self.step, "schedule": self.spec.schedule.name(), "stages": stages, "vpp": self.spec.vpp,
+            "micro_batches": self.cfg.grad_accum, "events": events,
+        });
+        let path = self.metrics_path.with_file_name("pipeline_timeline.json");
+        std::fs::write(&path, serde_json::to_string(&v).unwrap_or_default()).map_err(|e| Error::msg(format!("cannot write: {e}")).in_file(&path))
     }
 
     /// Each of `values` as every pipeline stage's first rank has it: one list per value,

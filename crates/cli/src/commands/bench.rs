@@ -1,6 +1,7 @@
 //! `ultramoe bench`: throughput figures, with medians over repeated runs.
 
 use super::{median, CliResult};
+use crate::progress::Progress;
 use clap::{Args, Subcommand};
 use std::path::PathBuf;
 use std::time::Instant;
@@ -49,6 +50,9 @@ pub struct BenchTrainArgs {
     /// Directory for swap files (default: the system's temporary directory).
     #[arg(long)]
     pub swap_dir: Option<PathBuf>,
+    /// No progress bar (there is none when stderr is not a terminal either).
+    #[arg(long)]
+    pub no_progress: bool,
 }
 
 /// Options of `ultramoe bench gemm`.
@@ -90,9 +94,13 @@ fn bench_train(a: BenchTrainArgs) -> CliResult {
     tc.validate_for(&cfg).map_err(|e| e.to_string())?;
     let peak = measure_peak_flops(1024, 1.0);
     let mut tr = Trainer::start(cfg, tc, spec, Weights::Seed(1), Place::alone(peak)).map_err(|e| e.to_string())?;
+    let bar = Progress::new("bench train", (a.warmup + a.steps) as u64, !a.no_progress);
+    bar.doing("warm-up");
     for _ in 0..a.warmup {
         tr.train_step().map_err(|e| e.to_string())?;
+        bar.done_one();
     }
+    bar.doing("measured steps");
     ultramoe_kernels::profile::take();
     let mut times = Vec::with_capacity(a.steps);
     let mut mfus = Vec::with_capacity(a.steps);
@@ -102,7 +110,9 @@ fn bench_train(a: BenchTrainArgs) -> CliResult {
         times.push(s.step_s);
         mfus.push(s.mfu);
         peak_bytes = peak_bytes.max(s.peak_bytes);
+        bar.done_one();
     }
+    bar.finish();
     let med = median(times.clone());
     let tokens = (a.batch * a.seq) as f64;
     println!("model          {} ({:.2}M params, {:.2}M active)", a.config.display(), tr.model.n_params() as f64 / 1e6, tr.model.active_params() as f64 / 1e6);

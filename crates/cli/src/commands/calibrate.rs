@@ -36,6 +36,9 @@ pub struct CalibrateArgs {
     /// --threads 1 train` (each process bound to its core by mpirun), and rank 0 writes.
     #[arg(long)]
     pub devices_per_node: Option<usize>,
+    /// No progress bar and no phase lines (the measured figures are still printed).
+    #[arg(long)]
+    pub no_progress: bool,
 }
 
 /// Median seconds of `f` over repetitions filling about `budget` seconds.
@@ -206,7 +209,7 @@ const REFERENCES: [&str; 2] = [
 /// (splits, RoPE, norms, activations, fresh buffers): on each reference model the
 /// planner's prediction is `A + B/f` in this fraction `f` (everything else fixed), solved
 /// for the measured step; the geometric mean over the references.
-fn elementwise_fraction(hw: &Hardware, quiet: bool) -> CliResult<f64> {
+fn elementwise_fraction(hw: &Hardware, log: &dyn Fn(String)) -> CliResult<f64> {
     use ultramoe_plan::validate::{predict_run, RunRecord};
     let mut logs = vec![];
     for cfg in REFERENCES {
@@ -235,9 +238,7 @@ fn elementwise_fraction(hw: &Hardware, quiet: bool) -> CliResult<f64> {
         let b = 2.0 * (t1 - t2);
         let a = t1 - b;
         let f = if measured > a && b > 0.0 { (b / (measured - a)).clamp(0.05, 2.0) } else { 2.0 };
-        if !quiet {
-            eprintln!("  reference {}: {:.1} ms measured, elementwise at {:.2} of the RMSNorm rate", if logs.is_empty() { "GQA" } else { "MLA" }, measured * 1e3, f);
-        }
+        log(format!("  reference {}: {:.1} ms measured, elementwise at {:.2} of the RMSNorm rate", if logs.is_empty() { "GQA" } else { "MLA" }, measured * 1e3, f));
         logs.push(f.ln());
     }
     Ok((logs.iter().sum::<f64>() / logs.len() as f64).exp())
@@ -270,17 +271,30 @@ pub fn run(a: CalibrateArgs) -> CliResult {
 fn measure(a: &CalibrateArgs, devices: usize) -> CliResult<String> {
     let b = a.seconds;
     let quiet = crate::launch::mpi_world_rank().is_some_and(|r| r > 0);
+    let bar = crate::progress::Progress::new("calibrate", 7, !a.no_progress);
+    // Measured figures above the bar; phases as its message.
     macro_rules! eprintln {
         ($($t:tt)*) => {
             if !quiet {
-                std::eprintln!($($t)*)
+                bar.log(format!($($t)*))
             }
         };
     }
-    eprintln!("measuring the GEMM peak ...");
+    let mut phases = 0;
+    let mut phase = |what: &str| {
+        if phases > 0 {
+            bar.done_one();
+        }
+        phases += 1;
+        bar.doing(what);
+        if !quiet && !a.no_progress && !bar.shown() {
+            std::eprintln!("{what} ...");
+        }
+    };
+    phase("measuring the GEMM peak");
     let peak = measure_peak_flops(1024, 4.0 * b);
     eprintln!("  {:.1} GFLOP/s", peak / 1e9);
-    eprintln!("GEMM efficiency by size ...");
+    phase("GEMM efficiency by size");
     // Token counts and widths as transformer layers have them, skinny ones included (a
     // GEMM with a 32-wide side runs far below a square one of the same FLOPs).
     let shapes = [
@@ -299,7 +313,7 @@ fn measure(a: &CalibrateArgs, devices: usize) -> CliResult<String> {
     for p in &gemm {
         eprintln!("  {:>10.3e} FLOPs per call: {:.1}% of peak", p[0], 100.0 * p[1]);
     }
-    eprintln!("grouped expert GEMM by rows per expert ...");
+    phase("grouped expert GEMM by rows per expert");
     let grouped: Vec<[f64; 2]> = [(16, 4, 64, 32), (16, 16, 128, 96), (16, 64, 128, 96), (16, 64, 256, 128), (16, 256, 256, 512), (16, 512, 256, 512), (8, 2048, 512, 512)]
         .iter()
         .map(|&(e, r, h, i)| grouped_point(e, r, h, i, peak, b))
@@ -313,17 +327,17 @@ fn measure(a: &CalibrateArgs, devices: usize) -> CliResult<String> {
     let peak = peak * best;
     let rescale = |v: Vec<[f64; 2]>| by_flops(v.into_iter().map(|[f, e]| [f, e / best]).collect());
     let (gemm, grouped) = (rescale(gemm), rescale(grouped));
-    eprintln!("attention core ...");
+    phase("attention core");
     let att: Vec<f64> = [(8, 128, 4, 32), (4, 256, 8, 32), (8, 64, 4, 16)].iter().map(|&(bb, t, nh, d)| attention_point(bb, t, nh, d, peak, b)).collect();
     let attention = att.iter().sum::<f64>() / att.len() as f64;
     eprintln!("  {:.1}% of peak (mean of {} shapes)", 100.0 * attention, att.len());
-    eprintln!("memory and copy bandwidth ...");
+    phase("memory and copy bandwidth");
     let mem = memory_bandwidth(b);
     let copy = copy_bandwidth()?;
     eprintln!("  memory {:.1} GB/s, in-process all-to-all {:.1} GB/s per rank", mem / 1e9, copy / 1e9);
     let opt_s = optimizer_s_per_param(b);
     eprintln!("  optimizer step {:.2} ns per parameter", opt_s * 1e9);
-    eprintln!("fixed cost of a training step ...");
+    phase("fixed cost of a training step");
     let (overhead, per_layer) = fixed_costs()?;
     eprintln!("  {:.2} ms per step, {:.3} ms per layer and micro-batch", overhead * 1e3, per_layer * 1e3);
     // The machine's cores (not this process's: mpirun binds each process to one).
@@ -360,9 +374,13 @@ fn measure(a: &CalibrateArgs, devices: usize) -> CliResult<String> {
             layer_overhead: per_layer,
         },
     };
-    eprintln!("elementwise work on reference models ...");
+    phase("elementwise work on reference models");
     let mut hw = hw;
-    hw.efficiency.memory = elementwise_fraction(&hw, quiet)?;
+    hw.efficiency.memory = elementwise_fraction(&hw, &|line| {
+        if !quiet {
+            bar.log(line)
+        }
+    })?;
     Ok(format!("# Measured by `ultramoe calibrate` ({} s per point).\n{}", b, hw.to_toml()))
 }
 

@@ -97,7 +97,7 @@ pub fn run(a: DemoArgs) -> CliResult {
     if a.eval_n > 0 {
         println!("\nexact-match accuracy on {} unseen problems per kind:", a.eval_n);
         let kinds = parse_kinds("addsub,addsub1,mul2x2,equation,mul,expr,word")?;
-        for s in evaluate(&model_dir, None, &kinds, a.eval_n, 987_654_321, false)? {
+        for s in evaluate(&model_dir, None, &kinds, a.eval_n, 987_654_321, false, !a.no_progress)? {
             println!("  {:<10} {:>6.1}%", s.name, 100.0 * s.accuracy);
         }
     }

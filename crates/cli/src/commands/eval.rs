@@ -2,6 +2,7 @@
 
 use super::{load_math_model, CliResult};
 use crate::serve::{answers_match, solve_batch};
+use crate::progress::Progress;
 use clap::Args;
 use std::path::{Path, PathBuf};
 use ultramoe_model::init::Rng;
@@ -33,6 +34,9 @@ pub struct EvalArgs {
     /// Print each wrong answer.
     #[arg(long)]
     pub show_errors: bool,
+    /// No progress bar (there is none when stderr is not a terminal either).
+    #[arg(long)]
+    pub no_progress: bool,
 }
 
 /// One accuracy figure.
@@ -69,15 +73,28 @@ pub fn generated(kind: Kind, n: usize, seed: u64) -> Vec<(String, String)> {
     (0..n).map(|_| generate_in(&mut rng, kind, Split::Test)).map(|p| (p.question, p.answer)).collect()
 }
 
-/// Scores a model directory over kinds or a file.
-pub fn evaluate(dir: &Path, file: Option<&Path>, kinds: &[Kind], n: usize, seed: u64, show_errors: bool) -> CliResult<Vec<Score>> {
+/// Scores a model directory over kinds or a file (a progress bar per kind when
+/// `progress`).
+pub fn evaluate(dir: &Path, file: Option<&Path>, kinds: &[Kind], n: usize, seed: u64, show_errors: bool, progress: bool) -> CliResult<Vec<Score>> {
     if let Some(f) = file {
         let items: Vec<(String, String)> = read_jsonl(f)?.into_iter().map(|q| (q.question, q.answer)).collect();
         let (model, w) = load_math_model(dir)?;
+        let bar = Progress::new("eval", 1, progress);
+        bar.doing(format!("{} problems of {}", items.len(), f.display()));
         return Ok(vec![score(&model, &w, &f.display().to_string(), &items, show_errors)]);
     }
     let (model, w) = load_math_model(dir)?;
-    Ok(kinds.iter().map(|k| score(&model, &w, k.name(), &generated(*k, n, seed), show_errors)).collect())
+    let bar = Progress::new("eval", kinds.len() as u64, progress);
+    let scores = kinds
+        .iter()
+        .map(|k| {
+            bar.doing(format!("{n} {} problems", k.name()));
+            let s = score(&model, &w, k.name(), &generated(*k, n, seed), show_errors);
+            bar.done_one();
+            s
+        })
+        .collect();
+    Ok(scores)
 }
 
 /// Parses `--kinds`.
@@ -95,7 +112,7 @@ pub fn parse_kinds(s: &str) -> CliResult<Vec<Kind>> {
 pub fn run(a: EvalArgs) -> CliResult {
     let dir = a.model.clone().unwrap_or_else(crate::default_model_dir);
     let kinds = parse_kinds(&a.kinds)?;
-    let scores = evaluate(&dir, a.file.as_deref(), &kinds, a.n, a.seed, a.show_errors)?;
+    let scores = evaluate(&dir, a.file.as_deref(), &kinds, a.n, a.seed, a.show_errors, !a.no_progress)?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&scores).unwrap());
     } else {

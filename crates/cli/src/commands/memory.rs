@@ -66,6 +66,9 @@ pub struct MemoryArgs {
     /// (one stage; a pipeline's per-rank peaks are in `train`'s metrics under mpirun).
     #[arg(long)]
     pub measure: bool,
+    /// No progress bar for `--measure` (there is none when stderr is not a terminal either).
+    #[arg(long)]
+    pub no_progress: bool,
 }
 
 const MB: f64 = 1e6;
@@ -167,11 +170,15 @@ pub fn run(a: MemoryArgs) -> CliResult {
         let mut tr = Trainer::start(cfg, tc, measured_spec, Weights::Seed(1), Place::alone(1e11)).map_err(|e| e.to_string())?;
         let mut peak = 0;
         let mut act = 0;
+        let bar = crate::progress::Progress::new("memory --measure", 3, !a.no_progress);
+        bar.doing("training steps");
         for _ in 0..3 {
             let s = tr.train_step().map_err(|e| e.to_string())?;
             peak = peak.max(s.peak_bytes);
             act = s.activation_bytes;
+            bar.done_one();
         }
+        bar.finish();
         println!();
         println!("measured peak      {:>10.1} MB over 3 steps ({:+.1}% predicted vs measured)", peak as f64 / MB, 100.0 * (plan.peak_bytes as f64 / peak as f64 - 1.0));
         println!("measured saved     {:>10.1} MB of activations (predicted {:.1} MB)", act as f64 / MB, plan.activation_bytes as f64 / MB);

@@ -53,8 +53,10 @@ pub struct PlanArgs {
     /// Also list this many rejected layouts with their reasons.
     #[arg(long, default_value_t = 0)]
     pub show_rejected: usize,
-    /// Draw the best layouts' time breakdown as a PNG bar chart.
-    #[arg(long)]
+    /// Draw the best layouts' step-time breakdown as a bar chart: one stacked bar per
+    /// layout, its layout written under it, seconds on the axis, a legend of the parts
+    /// (SVG when FILE ends in `.svg`, otherwise PNG).
+    #[arg(long, value_name = "FILE")]
     pub image: Option<PathBuf>,
     /// Compare the prediction for this finished `ultramoe train` run directory with the
     /// step time its metrics recorded (median of the steps after the first 5).
@@ -351,32 +353,33 @@ fn validate(dir: &Path, hw: &Hardware) -> CliResult {
     Ok(())
 }
 
-/// A stacked bar per layout: its step time split into the breakdown's parts.
+/// A stacked bar per layout: its step time split into the breakdown's parts, the layout
+/// written under it.
 fn draw(path: &Path, best: &[&Prediction]) -> CliResult {
-    const COLORS: [[u8; 3]; 9] = [[66, 133, 244], [251, 188, 5], [234, 67, 53], [52, 168, 83], [171, 71, 188], [0, 172, 193], [158, 158, 158], [255, 112, 67], [92, 107, 192]];
-    let (bar_w, gap, height) = (40usize, 12usize, 300usize);
-    let width = (best.len().max(1) * (bar_w + gap) + gap).max(200);
-    let mut img = vec![255u8; width * height * 3];
-    let longest = best.iter().map(|p| p.step_s).fold(0.0, f64::max).max(1e-12);
-    for (i, p) in best.iter().enumerate() {
-        let x0 = gap + i * (bar_w + gap);
-        let mut y = height;
-        for (c, (_, secs)) in p.breakdown.parts().iter().enumerate() {
-            let h = ((secs / longest) * (height - 10) as f64).round() as usize;
-            let top = y.saturating_sub(h);
-            for yy in top..y {
-                for xx in x0..x0 + bar_w {
-                    img[(yy * width + xx) * 3..(yy * width + xx) * 3 + 3].copy_from_slice(&COLORS[c]);
-                }
-            }
-            y = top;
-        }
-    }
-    std::fs::write(path, crate::png::encode_rgb(width, height, &img)).map_err(|e| format!("{}: cannot write: {e}", path.display()))?;
-    eprintln!(
-        "wrote {} (bars: {}; colours in order: blue, yellow, red, green, purple, cyan, grey, orange, indigo)",
-        path.display(),
-        ["compute", "recompute", "tp", "ep", "pp", "dp", "bubble", "imbalance", "optimizer"].join(", ")
-    );
+    use ultramoe_report::chart::{Bars, Chart, Format};
+    let parts: Vec<String> = best.first().map_or(vec![], |p| p.breakdown.parts().iter().map(|(n, _)| n.to_string()).collect());
+    let labels = best
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let l = &p.layout;
+            vec![
+                format!("#{}", i + 1),
+                format!("TP{} PP{} VPP{}", l.tp, l.pp, l.vpp),
+                format!("EP{} DP{}", l.ep, l.dp),
+                format!("mb {}", l.micro_batch),
+                format!("recompute {}", l.recompute.name()),
+            ]
+        })
+        .collect();
+    let chart = Chart::Bars(Bars {
+        title: "Predicted step time of the best layouts, by where it goes".into(),
+        y_label: "seconds per step".into(),
+        labels,
+        parts,
+        values: best.iter().map(|p| p.breakdown.parts().iter().map(|(_, s)| *s).collect()).collect(),
+    });
+    chart.save(path, Format::of_path(path)).map_err(|e| e.to_string())?;
+    eprintln!("wrote {}", path.display());
     Ok(())
 }

@@ -442,15 +442,21 @@ pub fn train_loop(tr: &mut Trainer, run_dir: &Path, metrics: Option<&Path>, prog
         // A step whose update was skipped is not saved: the newest checkpoint stays one
         // from before a run of non-finite steps, and pruning never drops it for copies.
         if tr.cfg.save_every > 0 && s.step.is_multiple_of(tr.cfg.save_every) && s.step < total && !s.skipped {
+            if let Some(b) = &bar {
+                b.set_message(format!("saving the checkpoint of step {} …", s.step));
+            }
             tr.save_checkpoint(run_dir, 2).map_err(|e| e.to_string())?;
         }
         last = Some(s);
     }
     if let Some(b) = &bar {
-        b.finish();
+        b.set_message("saving the final checkpoint and model …");
     }
     tr.save_checkpoint(run_dir, 2).map_err(|e| e.to_string())?;
     tr.save_model(&run_dir.join("model")).map_err(|e| e.to_string())?;
+    if let Some(b) = &bar {
+        b.finish();
+    }
     if !tokens_per_s.is_empty() && lead {
         tokens_per_s.sort_by(|a, b| a.partial_cmp(b).unwrap());
         eprintln!(
