@@ -312,6 +312,26 @@ fn plan_validates_a_finished_run() {
 }
 
 #[test]
+fn mfu_never_reads_above_100_percent() {
+    // A peak far below what any step reaches: the first step proves it low, the peak is
+    // raised to the step's rate (said once), and no step's MFU exceeds 1.
+    let run = tmp("mfu");
+    let out = bin()
+        .args(["train", "--steps", "3", "--micro-batch", "4", "--seq-len", "32", "--no-progress", "--peak-gflops", "0.001", "--run-dir"])
+        .arg(&run)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert_eq!(err.matches("above the GEMM peak used for MFU").count(), 1, "{err}");
+    for line in std::fs::read_to_string(run.join("metrics.jsonl")).unwrap().lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let mfu = v["mfu"].as_f64().unwrap();
+        assert!(mfu > 0.0 && mfu <= 1.0, "{line}");
+    }
+}
+
+#[test]
 fn calibrate_writes_a_hardware_file_plan_reads() {
     let dir = tmp("calibrate");
     let hw = dir.join("hw.toml");

@@ -45,6 +45,15 @@ pub fn cross_entropy_forward(lse: &mut [f32], logits: &[f32], targets: &[i32], v
 /// a target, summed in row order. One exponential per logit: the forward's `e^(x−max)`
 /// is kept and normalised into the gradient.
 pub fn cross_entropy_fused_backward(logits: &mut [f32], targets: &[i32], v: usize, scale: f32) -> (f64, usize) {
+    let mut total = (0.0, 0);
+    cross_entropy_fused_backward_into(logits, targets, v, scale, &mut total);
+    total
+}
+
+/// [`cross_entropy_fused_backward`] over some rows, adding their `(Σ CE, count)` into
+/// `total` row by row in order: rows handled in chunks sum to the same bits as all rows
+/// at once.
+pub fn cross_entropy_fused_backward_into(logits: &mut [f32], targets: &[i32], v: usize, scale: f32, total: &mut (f64, usize)) {
     let per_row: Vec<(f64, usize)> = logits
         .par_chunks_mut(v)
         .zip(targets.par_iter())
@@ -61,7 +70,7 @@ pub fn cross_entropy_fused_backward(logits: &mut [f32], targets: &[i32], v: usiz
             ((max + sum.ln() - target_logit) as f64, 1)
         })
         .collect();
-    per_row.iter().fold((0.0f64, 0usize), |a, b| (a.0 + b.0, a.1 + b.1))
+    *total = per_row.iter().fold(*total, |a, b| (a.0 + b.0, a.1 + b.1));
 }
 
 #[cfg(test)]

@@ -14,7 +14,8 @@
 //! dense     gate/up N·2I, activation N·I
 //! MoE       scores N·E, weights and choices 2·N·K, plan 2·R, inputs R·H, gate/up R·2I,
 //!           activation R·I, outputs R·H, shared experts as dense
-//! head      final x, normed x: 2·N·H, rstd N, logits N·V
+//! head      final x, normed x: 2·N·H, rstd N; logits N·V only without head chunks
+//!           (training forms them `rows × V` at a time in the backward: `rows·(V + H)`)
 //! ```
 //!
 //! A layer's policy ([`crate::policy`]) takes parts out: `norm` the normed copies,
@@ -28,8 +29,9 @@
 //! The peak is the largest of these moments:
 //!
 //! ```text
-//! end of forward    Σ_j kept_j + head (logits included), + N·H as the head's backward
-//!                   forms the normed input's gradient beside the logits' gradient
+//! end of forward    Σ_j kept_j + head (logits included, or one chunk's), + N·H as the
+//!                   head's backward forms the normed input's gradient beside the
+//!                   logits' gradient
 //! forward of i      Σ_{j<i} kept_j + whole_i + swapped_{i−1}     (its write may still run)
 //! backward of i     Σ_{j<i} kept_j + swapped_{i−1} (prefetched below it)
 //!                   + max(FFN phase_i, attention phase_i) + 2·N·H (dx, residual grad)
@@ -289,7 +291,16 @@ impl Model {
         let static_bytes = 4 * 2 * p + if swap_moments { 0 } else { moment_bytes };
         let layers: Vec<LayerBytes> = (0..self.layers.len()).map(|i| self.layer_bytes(i, b, t, &opts.layer(self.layer_ids[i]))).collect();
         let head = self.stage.holds_head();
-        let (head_kept, logits) = if head { (4 * (2 * n * h + n), 4 * n * v) } else { (0, 0) };
+        // The head keeps its input, normed input and rstd; with chunks (training's
+        // default) its backward forms `rows × V` logits at a time (and their `rows × H`
+        // input gradient before it joins the whole), otherwise the forward keeps all
+        // `N × V` logits until the backward turns them into their gradient.
+        let (head_kept, logits, head_chunk) = match (head, opts.head_chunk_rows(n, v)) {
+            (false, _) => (0, 0, 0),
+            // (a last row on its own joins the chunk before it)
+            (true, Some(rows)) => (4 * (2 * n * h + n), 0, 4 * (rows + usize::from(n > rows && n % rows == 1)) * (v + h)),
+            (true, None) => (4 * (2 * n * h + n), 4 * n * v, 0),
+        };
         let xh = 4 * n * h;
         let last_chunk = self.stage.vpp - 1;
         let chunk_ranges: Vec<std::ops::Range<usize>> = (0..self.stage.vpp).map(|c| self.chunk_layers(c)).collect();
@@ -342,8 +353,8 @@ impl Model {
                     let all: usize = kept.iter().sum();
                     if chunk == last_chunk && head {
                         // the head's backward forms the normed input's gradient beside
-                        // the logits' gradient (in place of the logits)
-                        note(base + all + head_kept + logits + xh, base, &mut dynamic);
+                        // the logits' gradient (in place of the logits, or a chunk of it)
+                        note(base + all + head_kept + logits + head_chunk + xh, base, &mut dynamic);
                     } else {
                         // the output's gradient, received
                         note(base + all + xh, base, &mut dynamic);
@@ -376,7 +387,7 @@ impl Model {
             items.extend(l.kept);
         }
         if head {
-            items.push(("final norm and logits".to_string(), head_kept + logits));
+            items.push((if logits > 0 { "final norm and logits" } else { "final norm (logits formed in chunks)" }.to_string(), head_kept + logits));
         }
         if at_peak_others > 0 {
             items.push((format!("other micro-batches in flight (up to {most_in_flight} at once)"), at_peak_others));
@@ -711,7 +722,7 @@ impl Model {
             x = y;
         }
         let mut dy = if self.stage.holds_head() {
-            let mut head = self.head_forward(&w, x);
+            let mut head = self.head_forward_for_training(&w, x, &opts);
             let targets = crate::model::shifted_targets(&ids, t);
             self.head_backward(&w, &mut g, &mut head, &targets, 1.0).2
         } else {

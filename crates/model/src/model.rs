@@ -21,7 +21,7 @@ use std::sync::Arc;
 use ultramoe_dist::ProcessGroup;
 use ultramoe_kernels::embedding::{embedding_backward, embedding_forward};
 use ultramoe_kernels::gemm::{linear, linear_grad};
-use ultramoe_kernels::loss::{cross_entropy_forward, cross_entropy_fused_backward, IGNORE};
+use ultramoe_kernels::loss::{cross_entropy_forward, cross_entropy_fused_backward, cross_entropy_fused_backward_into, IGNORE};
 use ultramoe_kernels::norm::{rmsnorm_backward, rmsnorm_forward};
 use crate::config::yarn_get_mscale;
 use ultramoe_kernels::rope::{default_inv_freq, yarn_inv_freq, RopeLayout, RopeTable, Yarn};
@@ -167,11 +167,13 @@ impl ChunkForward {
 
 /// What the head's forward (final norm, `lm_head`) keeps.
 pub struct HeadForward {
-    /// logits `[B·T, V]`
+    /// logits `[B·T, V]` (empty when the backward forms them chunk by chunk)
     pub logits: Vec<f32>,
     x: Vec<f32>,
     rstd: Vec<f32>,
     xn: Vec<f32>,
+    /// rows per chunk of the backward's logits (0: the whole `logits` above)
+    chunk_rows: usize,
 }
 
 impl HeadForward {
@@ -549,7 +551,23 @@ impl Model {
         let mut rstd = vec![0.0; n];
         rmsnorm_forward(&mut xn, &mut rstd, &x, &w[norm], h, self.cfg.rms_norm_eps);
         let logits = linear(&xn, &w[head], n, h, v);
-        HeadForward { logits, x, rstd, xn }
+        HeadForward { logits, x, rstd, xn, chunk_rows: 0 }
+    }
+
+    /// The head's forward in a training step under `opts`: with a head chunk size (the
+    /// default) only the final norm runs now, and [`Model::head_backward`] forms the
+    /// logits, the loss and their gradient a chunk of rows at a time; otherwise as
+    /// [`Model::head_forward`].
+    pub fn head_forward_for_training(&self, w: &[f32], x: Vec<f32>, opts: &PassOptions) -> HeadForward {
+        let (h, v) = (self.cfg.hidden, self.cfg.vocab_size);
+        let n = x.len() / h;
+        let Some(chunk_rows) = opts.head_chunk_rows(n, v) else { return self.head_forward(w, x) };
+        let _p = ultramoe_kernels::profile::scope("lm_head.forward");
+        let (norm, _) = self.head_slots();
+        let mut xn = vec![0.0; n * h];
+        let mut rstd = vec![0.0; n];
+        rmsnorm_forward(&mut xn, &mut rstd, &x, &w[norm], h, self.cfg.rms_norm_eps);
+        HeadForward { logits: vec![], x, rstd, xn, chunk_rows }
     }
 
     fn head_slots(&self) -> (Slot, Slot) {
@@ -593,10 +611,37 @@ impl Model {
         let (h, v) = (self.cfg.hidden, self.cfg.vocab_size);
         let (norm, lm) = self.head_slots();
         let n = head.x.len() / h;
-        let mut dlogits = std::mem::take(&mut head.logits);
-        let (loss, count) = cross_entropy_fused_backward(&mut dlogits, targets, v, scale);
-        let dxn = linear_grad(&mut g[lm.clone()], &dlogits, &head.xn, &w[lm], n, h, v);
-        drop(dlogits);
+        let (loss, count, dxn) = if head.chunk_rows == 0 {
+            let mut dlogits = std::mem::take(&mut head.logits);
+            let (loss, count) = cross_entropy_fused_backward(&mut dlogits, targets, v, scale);
+            let dxn = linear_grad(&mut g[lm.clone()], &dlogits, &head.xn, &w[lm], n, h, v);
+            (loss, count, dxn)
+        } else {
+            // Rows r0..r1 at a time: logits = xn·Wᵀ, then in place dlogits, then
+            // dxn = dlogits·W and dW += dlogitsᵀ·xn. Each row's logits, loss and dxn are
+            // the whole path's bits (the sums run over the hidden and vocabulary sizes,
+            // which chunks do not split; the loss adds row by row in order); dW sums
+            // over rows chunk by chunk, so it differs from one product over all rows by
+            // rounding only.
+            // A one-row chunk would take the GEMM's matrix-vector path, which rounds
+            // differently: a last row on its own joins the chunk before it.
+            let mut dxn = vec![0.0; n * h];
+            let mut total = (0.0, 0);
+            let mut r0 = 0;
+            while r0 < n {
+                let r1 = match (r0 + head.chunk_rows).min(n) {
+                    r1 if n - r1 == 1 => n,
+                    r1 => r1,
+                };
+                let xn = &head.xn[r0 * h..r1 * h];
+                let mut dlogits = linear(xn, &w[lm.clone()], r1 - r0, h, v);
+                cross_entropy_fused_backward_into(&mut dlogits, &targets[r0..r1], v, scale, &mut total);
+                let d = linear_grad(&mut g[lm.clone()], &dlogits, xn, &w[lm.clone()], r1 - r0, h, v);
+                dxn[r0 * h..r1 * h].copy_from_slice(&d);
+                r0 = r1;
+            }
+            (total.0, total.1, dxn)
+        };
         let mut dx = vec![0.0; n * h];
         rmsnorm_backward(&mut dx, &mut g[norm.clone()], &dxn, &head.x, &w[norm], &head.rstd, h, false);
         (loss, count, dx)

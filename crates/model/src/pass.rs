@@ -16,6 +16,11 @@ use ultramoe_kernels::balance::BalanceLoss;
 /// Token chunks an expert-parallel MoE layer pipelines against its all-to-all.
 pub const DEFAULT_OVERLAP_CHUNKS: usize = 2;
 
+/// Bytes of logits a training step's head forms at once by default (4 MiB: 256 rows of
+/// a 4,096-token vocabulary). A GEMM of that many rows still runs near its peak; the
+/// whole `[B·T, V]` logits and their gradient never exist.
+pub const DEFAULT_HEAD_CHUNK_BYTES: usize = 4 << 20;
+
 /// Settings of a forward and backward pass.
 #[derive(Clone, Debug, PartialEq)]
 pub struct PassOptions {
@@ -35,6 +40,10 @@ pub struct PassOptions {
     pub balance_loss: Option<(BalanceLoss, f32)>,
     /// skewed-load workload: Zipf exponent of a fixed router bias (0 = off)
     pub routing_skew: f32,
+    /// training: the head forms logits, loss and their gradient this many bytes of
+    /// logits at a time, in its backward (0: the whole logits in the forward, kept until
+    /// the backward)
+    pub head_chunk_bytes: usize,
 }
 
 impl Default for PassOptions {
@@ -46,11 +55,19 @@ impl Default for PassOptions {
             overlap_chunks: DEFAULT_OVERLAP_CHUNKS,
             balance_loss: None,
             routing_skew: 0.0,
+            head_chunk_bytes: DEFAULT_HEAD_CHUNK_BYTES,
         }
     }
 }
 
 impl PassOptions {
+    /// Rows per head chunk for `n` rows of a `v`-token vocabulary (`None`: the whole
+    /// logits at once): `max(2, head_chunk_bytes / 4v)` (one row would take the GEMM's
+    /// matrix-vector path), at most `n`.
+    pub fn head_chunk_rows(&self, n: usize, v: usize) -> Option<usize> {
+        (self.head_chunk_bytes > 0).then(|| (self.head_chunk_bytes / (4 * v.max(1))).max(2).min(n.max(1)))
+    }
+
     /// The policy of decoder layer `layer` (global index).
     pub fn layer(&self, layer: usize) -> LayerPolicy {
         self.policy.get(layer).copied().unwrap_or_default()

@@ -169,7 +169,7 @@ impl Pipeline<'_> {
             let x = if v == 0 { self.model.embed_forward(self.w, self.ids(mb)) } else { self.recv(v - 1, self.tag(mb, v, false), mb, chunk)? };
             let (y, cf) = self.model.chunk_forward(self.w, x, chunk, b, t, self.pass, ex, done);
             let head = if v + 1 == self.stages() {
-                Some(self.model.head_forward(self.w, y))
+                Some(self.model.head_forward_for_training(self.w, y, self.pass))
             } else {
                 self.send(v + 1, &y, self.tag(mb, v + 1, false), mb, chunk)?;
                 None

@@ -68,6 +68,9 @@ pub struct RunSpec {
     pub swap_dir: Option<PathBuf>,
     /// optimizer moments in a swap file during each step's forward and backward
     pub swap_moments: bool,
+    /// bytes of logits the head forms at once, in its backward (0: the whole logits in
+    /// the forward, kept until the backward)
+    pub head_chunk_bytes: usize,
 }
 
 /// Which pipeline schedule runs (see [`ultramoe_schedule`]).
@@ -131,6 +134,7 @@ impl Default for RunSpec {
             memory_budget: None,
             swap_dir: None,
             swap_moments: false,
+            head_chunk_bytes: ultramoe_model::pass::DEFAULT_HEAD_CHUNK_BYTES,
         }
     }
 }
@@ -282,6 +286,7 @@ impl RunSpec {
             overlap_chunks: self.overlap_chunks,
             balance_loss,
             routing_skew: tc.routing_skew,
+            head_chunk_bytes: self.head_chunk_bytes,
         })
     }
 

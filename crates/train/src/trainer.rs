@@ -473,6 +473,8 @@ pub struct Trainer {
     pub step: u64,
     /// FLOP/s taken as 100% MFU
     pub peak_flops: f64,
+    /// a step once ran faster than `peak_flops` (which was raised to it)
+    peak_raised: bool,
     /// this rank's place in a distributed run (`None`: one rank)
     pub parallel: Option<Parallel>,
     /// the sharded optimizer, with ZeRO-1 (then `opt` is empty)
@@ -605,6 +607,7 @@ impl Trainer {
             predicted_peak,
             step: 0,
             peak_flops: place.peak_flops,
+            peak_raised: false,
             parallel: None,
             zero: None,
             balancer: None,
@@ -812,6 +815,21 @@ impl Trainer {
         let step_s = start.elapsed().as_secs_f64();
         let tokens = b * t * self.cfg.grad_accum;
         let flops = self.model.train_flops(b, t) * self.cfg.grad_accum as f64;
+        // A step faster than the peak proves the peak low (it was measured beside a busy
+        // neighbour, or ranks share cores): the peak is at least what a step reached,
+        // so MFU never reads above 100%.
+        if flops / step_s > self.peak_flops {
+            if self.is_lead() && !self.peak_raised {
+                eprintln!(
+                    "warning: step {} ran at {:.1} GFLOP/s, above the GEMM peak used for MFU ({:.1} GFLOP/s): the peak is raised to it (pass --peak-gflops to fix it)",
+                    self.step,
+                    flops / step_s / 1e9,
+                    self.peak_flops / 1e9
+                );
+            }
+            self.peak_raised = true;
+            self.peak_flops = flops / step_s;
+        }
         let rank_counts = match self.slots_per_rank() {
             Some(per) => slot_rank_loads(&slot_counts, per),
             None => rank_loads(&counts, self.cfg.stats_ep),

@@ -53,6 +53,10 @@ pub struct BenchTrainArgs {
     /// No progress bar (there is none when stderr is not a terminal either).
     #[arg(long)]
     pub no_progress: bool,
+    /// The head's logits whole (formed in the forward and kept to the backward) instead
+    /// of 4 MiB row chunks in the backward: the unfused baseline.
+    #[arg(long)]
+    pub whole_logits: bool,
 }
 
 /// Options of `ultramoe bench gemm`.
@@ -87,7 +91,8 @@ pub fn run(c: BenchCommand) -> CliResult {
 fn bench_train(a: BenchTrainArgs) -> CliResult {
     let cfg = ModelConfig::from_file(&a.config).map_err(|e| e.to_string())?;
     let memory_policy = super::train::policy_from_args(a.memory_policy.as_deref(), None, cfg.n_layers)?.unwrap_or_default();
-    let spec = RunSpec { memory_policy, swap_dir: a.swap_dir.clone(), ..RunSpec::default() };
+    let head_chunk_bytes = if a.whole_logits { 0 } else { ultramoe_model::pass::DEFAULT_HEAD_CHUNK_BYTES };
+    let spec = RunSpec { memory_policy, swap_dir: a.swap_dir.clone(), head_chunk_bytes, ..RunSpec::default() };
     let tc = TrainConfig { steps: (a.steps + a.warmup) as u64, micro_batch: a.batch, seq_len: a.seq, data: DataSpec::Random, warmup: 1, ..TrainConfig::default() };
     // The step's size is checked against the machine (by the trainer) before the peak
     // is measured.
@@ -116,10 +121,15 @@ fn bench_train(a: BenchTrainArgs) -> CliResult {
     let med = median(times.clone());
     let tokens = (a.batch * a.seq) as f64;
     println!("model          {} ({:.2}M params, {:.2}M active)", a.config.display(), tr.model.n_params() as f64 / 1e6, tr.model.active_params() as f64 / 1e6);
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| t.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split(':').nth(1)).map(|n| n.trim().to_string()))
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string());
+    println!("cpu            {cpu}; vector ISA {}", ultramoe_kernels::gemm::vector_isa());
     println!("step           batch {} × seq {} = {} tokens, f32, {} threads", a.batch, a.seq, tokens, rayon::current_num_threads());
     println!("step time      median {:.4} s (min {:.4}, max {:.4}, {} steps)", med, times.iter().cloned().fold(f64::MAX, f64::min), times.iter().cloned().fold(0.0, f64::max), a.steps);
     println!("throughput     {:.0} tokens/s", tokens / med);
-    println!("GEMM peak      {:.1} GFLOP/s (measured now, 1024³ f32)", peak / 1e9);
+    println!("GEMM peak      {:.1} GFLOP/s (measured now: the fastest of a second of 1024³ f32 products)", peak / 1e9);
     println!("model FLOPs    {:.2} GFLOP/step", tr.model.train_flops(a.batch, a.seq) / 1e9);
     println!("MFU            {:.1}% (median)", 100.0 * median(mfus));
     println!("memory policy  {}", ultramoe_model::policy::describe_policy(&tr.pass.policy));
