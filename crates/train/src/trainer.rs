@@ -473,8 +473,8 @@ pub struct Trainer {
     pub step: u64,
     /// FLOP/s taken as 100% MFU
     pub peak_flops: f64,
-    /// a step once ran faster than `peak_flops` (which was raised to it)
-    peak_raised: bool,
+    /// MFU's peak once a step ran faster than `peak_flops` (the fastest step's rate)
+    mfu_peak: Option<f64>,
     /// this rank's place in a distributed run (`None`: one rank)
     pub parallel: Option<Parallel>,
     /// the sharded optimizer, with ZeRO-1 (then `opt` is empty)
@@ -607,7 +607,7 @@ impl Trainer {
             predicted_peak,
             step: 0,
             peak_flops: place.peak_flops,
-            peak_raised: false,
+            mfu_peak: None,
             parallel: None,
             zero: None,
             balancer: None,
@@ -818,18 +818,21 @@ impl Trainer {
         // A step faster than the peak proves the peak low (it was measured beside a busy
         // neighbour, or ranks share cores): the peak is at least what a step reached,
         // so MFU never reads above 100%.
-        if flops / step_s > self.peak_flops {
-            if self.is_lead() && !self.peak_raised {
+        // (Only MFU's peak: the placement's costs keep the measured figure, which every
+        // rank shares, so that every rank decides alike.)
+        let mfu_peak = self.mfu_peak.unwrap_or(self.peak_flops);
+        if flops / step_s > mfu_peak {
+            if self.is_lead() && self.mfu_peak.is_none() {
                 eprintln!(
-                    "warning: step {} ran at {:.1} GFLOP/s, above the GEMM peak used for MFU ({:.1} GFLOP/s): the peak is raised to it (pass --peak-gflops to fix it)",
+                    "warning: step {} ran at {:.1} GFLOP/s, above the GEMM peak used for MFU ({:.1} GFLOP/s): MFU's peak is raised to it (pass --peak-gflops to fix it)",
                     self.step,
                     flops / step_s / 1e9,
-                    self.peak_flops / 1e9
+                    mfu_peak / 1e9
                 );
             }
-            self.peak_raised = true;
-            self.peak_flops = flops / step_s;
+            self.mfu_peak = Some(flops / step_s);
         }
+        let mfu_peak = self.mfu_peak.unwrap_or(self.peak_flops);
         let rank_counts = match self.slots_per_rank() {
             Some(per) => slot_rank_loads(&slot_counts, per),
             None => rank_loads(&counts, self.cfg.stats_ep),
@@ -856,7 +859,7 @@ impl Trainer {
             tokens,
             step_s,
             tokens_per_s: tokens as f64 / step_s,
-            mfu: flops / step_s / self.peak_flops,
+            mfu: flops / step_s / mfu_peak,
             comm_s,
             exposed_comm_s: exposed_s,
             a2a_s: x.seconds,
