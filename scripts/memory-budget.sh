@@ -6,21 +6,25 @@
 #
 #   scripts/memory-budget.sh                 # 150MB, math MoE, seq 128, random data
 #   BUDGET=300MB RUNS=3 scripts/memory-budget.sh
+#   MODEL=../shared/fixtures/bench/deepseek_v3_small/config.json BUDGET=400MB scripts/memory-budget.sh
 set -euo pipefail
 BUDGET=${BUDGET:-150MB}
 RUNS=${RUNS:-2}
+SEQ=${SEQ:-128}
 BIN=${BIN:-target/release/ultramoe}
+model=()
+if [ -n "${MODEL:-}" ]; then model=(--model-config "$MODEL"); fi
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 
-fits=$("$BIN" memory --memory-budget "$BUDGET" --micro-batch 1 | head -1)
+fits=$("$BIN" memory "${model[@]}" --seq-len "$SEQ" --memory-budget "$BUDGET" --micro-batch 1 | head -1)
 plain=$(sed -E 's/.*keeping everything ([0-9]+).*/\1/' <<<"$fits")
 echo "budget $BUDGET: largest micro-batch without a policy $plain"
-"$BIN" memory --memory-budget "$BUDGET" --micro-batch $((2 * plain)) | head -2
+"$BIN" memory "${model[@]}" --seq-len "$SEQ" --memory-budget "$BUDGET" --micro-batch $((2 * plain)) | head -2
 
 run() { # micro-batch, tag
     rm -rf "$out/$2"
-    "$BIN" train --data random --steps 25 --micro-batch "$1" --memory-budget "$BUDGET" \
+    "$BIN" train "${model[@]}" --seq-len "$SEQ" --data random --steps 25 --micro-batch "$1" --memory-budget "$BUDGET" \
         --run-dir "$out/$2" --no-progress >"$out/$2.log" 2>&1
     python3 - "$out/$2" "$1" <<'PY'
 import json, statistics, sys
