@@ -543,15 +543,11 @@ impl Model {
     /// The head's forward from the last layer's output `x: [N, H]` (this rank must hold
     /// the last stage): final norm and logits.
     pub fn head_forward(&self, w: &[f32], x: Vec<f32>) -> HeadForward {
+        let mut head = self.final_norm_forward(w, x);
         let _p = ultramoe_kernels::profile::scope("lm_head.forward");
         let (h, v) = (self.cfg.hidden, self.cfg.vocab_size);
-        let (norm, head) = self.head_slots();
-        let n = x.len() / h;
-        let mut xn = vec![0.0; n * h];
-        let mut rstd = vec![0.0; n];
-        rmsnorm_forward(&mut xn, &mut rstd, &x, &w[norm], h, self.cfg.rms_norm_eps);
-        let logits = linear(&xn, &w[head], n, h, v);
-        HeadForward { logits, x, rstd, xn, chunk_rows: 0 }
+        head.logits = linear(&head.xn, &w[self.head_slots().1], head.x.len() / h, h, v);
+        head
     }
 
     /// The head's forward in a training step under `opts`: with a head chunk size (the
@@ -559,15 +555,20 @@ impl Model {
     /// logits, the loss and their gradient a chunk of rows at a time; otherwise as
     /// [`Model::head_forward`].
     pub fn head_forward_for_training(&self, w: &[f32], x: Vec<f32>, opts: &PassOptions) -> HeadForward {
-        let (h, v) = (self.cfg.hidden, self.cfg.vocab_size);
+        let n = x.len() / self.cfg.hidden;
+        let Some(chunk_rows) = opts.head_chunk_rows(n, self.cfg.vocab_size) else { return self.head_forward(w, x) };
+        HeadForward { chunk_rows, ..self.final_norm_forward(w, x) }
+    }
+
+    /// The final RMSNorm of `x`, kept for the head's backward (no logits yet).
+    fn final_norm_forward(&self, w: &[f32], x: Vec<f32>) -> HeadForward {
+        let _p = ultramoe_kernels::profile::scope("final_norm.forward");
+        let h = self.cfg.hidden;
         let n = x.len() / h;
-        let Some(chunk_rows) = opts.head_chunk_rows(n, v) else { return self.head_forward(w, x) };
-        let _p = ultramoe_kernels::profile::scope("lm_head.forward");
-        let (norm, _) = self.head_slots();
         let mut xn = vec![0.0; n * h];
         let mut rstd = vec![0.0; n];
-        rmsnorm_forward(&mut xn, &mut rstd, &x, &w[norm], h, self.cfg.rms_norm_eps);
-        HeadForward { logits: vec![], x, rstd, xn, chunk_rows }
+        rmsnorm_forward(&mut xn, &mut rstd, &x, &w[self.head_slots().0], h, self.cfg.rms_norm_eps);
+        HeadForward { logits: vec![], x, rstd, xn, chunk_rows: 0 }
     }
 
     fn head_slots(&self) -> (Slot, Slot) {

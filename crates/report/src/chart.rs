@@ -421,7 +421,7 @@ where
             .margin_right(12)
             .x_label_area_size(if last { 44 } else { 22 })
             .y_label_area_size(70)
-            .build_cartesian_2d(axis(x0, x1).start..x1.max(x0 + 1.0), -0.5f64..rows as f64 - 0.5)?;
+            .build_cartesian_2d(x0..x1.max(x0 + 1.0), -0.5f64..rows as f64 - 0.5)?;
         let mut mesh = chart.configure_mesh();
         mesh.disable_mesh().y_desc(&h.y_label).label_style((FONT, 12)).axis_desc_style((FONT, 14)).x_label_formatter(&|v| tick(*v));
         // Row r spans r ± ½, so integer ticks name the rows.

@@ -816,23 +816,21 @@ impl Trainer {
         let tokens = b * t * self.cfg.grad_accum;
         let flops = self.model.train_flops(b, t) * self.cfg.grad_accum as f64;
         // A step faster than the peak proves the peak low (it was measured beside a busy
-        // neighbour, or ranks share cores): the peak is at least what a step reached,
-        // so MFU never reads above 100%.
-        // (Only MFU's peak: the placement's costs keep the measured figure, which every
-        // rank shares, so that every rank decides alike.)
-        let mfu_peak = self.mfu_peak.unwrap_or(self.peak_flops);
-        if flops / step_s > mfu_peak {
+        // neighbour, or ranks share cores): MFU's peak is at least what a step reached,
+        // so MFU never reads above 100%. (Only MFU's: the placement's costs keep the
+        // measured figure, which every rank shares, so that every rank decides alike.)
+        let rate = flops / step_s;
+        if rate > self.mfu_peak.unwrap_or(self.peak_flops) {
             if self.is_lead() && self.mfu_peak.is_none() {
                 eprintln!(
                     "warning: step {} ran at {:.1} GFLOP/s, above the GEMM peak used for MFU ({:.1} GFLOP/s): MFU's peak is raised to it (pass --peak-gflops to fix it)",
                     self.step,
-                    flops / step_s / 1e9,
-                    mfu_peak / 1e9
+                    rate / 1e9,
+                    self.peak_flops / 1e9
                 );
             }
-            self.mfu_peak = Some(flops / step_s);
+            self.mfu_peak = Some(rate);
         }
-        let mfu_peak = self.mfu_peak.unwrap_or(self.peak_flops);
         let rank_counts = match self.slots_per_rank() {
             Some(per) => slot_rank_loads(&slot_counts, per),
             None => rank_loads(&counts, self.cfg.stats_ep),
@@ -859,7 +857,7 @@ impl Trainer {
             tokens,
             step_s,
             tokens_per_s: tokens as f64 / step_s,
-            mfu: flops / step_s / mfu_peak,
+            mfu: rate / self.mfu_peak.unwrap_or(self.peak_flops),
             comm_s,
             exposed_comm_s: exposed_s,
             a2a_s: x.seconds,
