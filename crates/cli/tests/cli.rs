@@ -180,6 +180,19 @@ fn train_then_resume_then_solve_round_trip() {
     let svg_dir = tmp("report-svg");
     let report = bin().args(["report", "--format", "svg", "--out"]).arg(&svg_dir).arg(&run).output().unwrap();
     assert!(report.status.success(), "{}", String::from_utf8_lossy(&report.stderr));
+    // Every chart index.html shows holds its title, and every chart against the step
+    // names that axis.
+    let index = std::fs::read_to_string(svg_dir.join("index.html")).unwrap();
+    let charts: Vec<(&str, &str)> =
+        index.split("<h2>").skip(1).map(|c| (c.split("</h2>").next().unwrap(), c.split("<img src=\"").nth(1).unwrap().split('"').next().unwrap())).collect();
+    assert!(charts.len() >= 8, "{index}");
+    for (title, file) in &charts {
+        let title = title.replace("&amp;", "&");
+        assert_svg_text(&svg_dir.join(file), &[title.as_str()]);
+        if !file.starts_with("pipeline_timeline") {
+            assert_svg_text(&svg_dir.join(file), &["step"]);
+        }
+    }
     assert_svg_text(&svg_dir.join("loss.svg"), &["Loss", "step", "cross-entropy (nats / token)", "training loss"]);
     assert_svg_text(&svg_dir.join("throughput.svg"), &["step", "tokens / s (all ranks)", "tokens/s"]);
     assert_svg_text(&svg_dir.join("expert_load.svg"), &["MoE layer 0", "MoE layer 2", "expert", "step", "tokens / mean tokens per expert"]);
