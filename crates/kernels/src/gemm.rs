@@ -234,14 +234,9 @@ pub fn vector_isa() -> String {
         let mut parts = vec![];
         if has!("avx512f") {
             let mut x = "AVX-512".to_string();
-            let ext: Vec<&str> = [("avx512bf16", "BF16"), ("avx512fp16", "FP16"), ("avx512vnni", "VNNI")]
+            let ext: Vec<&str> = [(has!("avx512bf16"), "BF16"), (has!("avx512fp16"), "FP16"), (has!("avx512vnni"), "VNNI")]
                 .into_iter()
-                .filter(|(f, _)| match *f {
-                    "avx512bf16" => has!("avx512bf16"),
-                    "avx512fp16" => has!("avx512fp16"),
-                    _ => has!("avx512vnni"),
-                })
-                .map(|(_, n)| n)
+                .filter_map(|(on, name)| on.then_some(name))
                 .collect();
             if !ext.is_empty() {
                 x += &format!(" ({})", ext.join(", "));

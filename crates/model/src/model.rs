@@ -619,11 +619,12 @@ impl Model {
             (loss, count, dxn)
         } else {
             // Rows r0..r1 at a time: logits = xn·Wᵀ, then in place dlogits, then
-            // dxn = dlogits·W and dW += dlogitsᵀ·xn. Each row's logits, loss and dxn are
-            // the whole path's bits (the sums run over the hidden and vocabulary sizes,
-            // which chunks do not split; the loss adds row by row in order); dW sums
-            // over rows chunk by chunk, so it differs from one product over all rows by
-            // rounding only.
+            // dxn = dlogits·W and dW += dlogitsᵀ·xn. A row's logits, loss and dxn sum
+            // over the hidden and vocabulary sizes, which chunks do not split: they are
+            // the whole path's bits wherever the GEMM's result for a row does not
+            // depend on how many rows share the product (the loss adds row by row in
+            // order). dW sums over rows chunk by chunk, so it differs from one product
+            // over all rows by rounding.
             // A one-row chunk would take the GEMM's matrix-vector path, which rounds
             // differently: a last row on its own joins the chunk before it.
             let mut dxn = vec![0.0; n * h];
