@@ -24,6 +24,7 @@ pub mod balance;
 pub mod embedding;
 pub mod gemm;
 pub mod grouped_gemm;
+pub mod kv_attention;
 pub mod loss;
 pub mod memory;
 pub mod norm;

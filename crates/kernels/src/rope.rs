@@ -138,11 +138,35 @@ impl RopeTable {
         inverse: bool,
     ) {
         assert!(seq_len <= self.max_pos, "sequence length {seq_len} exceeds RoPE table ({})", self.max_pos);
+        self.rotate(x, row_len, &|r| r % seq_len, heads, head_stride, offset, inverse);
+    }
+
+    /// [`Self::apply`] forward with each row's position given: row `r` at `positions[r]`
+    /// (decoding, where new rows continue a cached prefix).
+    pub fn apply_at(&self, x: &mut [f32], row_len: usize, positions: &[usize], heads: usize, head_stride: usize, offset: usize) {
+        assert_eq!(x.len(), positions.len() * row_len, "one position per row");
+        if let Some(&p) = positions.iter().max() {
+            assert!(p < self.max_pos, "position {p} exceeds RoPE table ({})", self.max_pos);
+        }
+        self.rotate(x, row_len, &|r| positions[r], heads, head_stride, offset, false);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn rotate(
+        &self,
+        x: &mut [f32],
+        row_len: usize,
+        position: &(dyn Fn(usize) -> usize + Sync),
+        heads: usize,
+        head_stride: usize,
+        offset: usize,
+        inverse: bool,
+    ) {
         let half = self.dim / 2;
         let sign = if inverse { -1.0 } else { 1.0 };
         let tabulated = self.cos.len() / half.max(1);
         x.par_chunks_mut(row_len).enumerate().for_each(|(r, row)| {
-            let p = r % seq_len;
+            let p = position(r);
             let mut formed;
             let (cos, sin) = if p < tabulated {
                 (&self.cos[p * half..(p + 1) * half], &self.sin[p * half..(p + 1) * half])

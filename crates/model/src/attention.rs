@@ -4,7 +4,9 @@
 use crate::params::Slot;
 use crate::tensor_ops::{put_cols, take_cols};
 use ultramoe_kernels::attention::{attention_backward, attention_forward, AttnShape};
-use ultramoe_kernels::gemm::{linear, linear_grad};
+use crate::kv_cache::LayerKv;
+use ultramoe_kernels::gemm::{gemm_strided, linear, linear_grad, Op, Strided};
+use ultramoe_kernels::kv_attention::{kv_attention_forward, KvShape};
 use ultramoe_kernels::norm::{rmsnorm_backward, rmsnorm_forward};
 use rayon::prelude::*;
 use ultramoe_kernels::rope::RopeTable;
@@ -30,6 +32,37 @@ impl Ctx<'_> {
     pub fn n(&self) -> usize {
         self.b * self.t
     }
+}
+
+/// One sequence's new rows in a cached (decoding) pass: rows `start..start + n` of the
+/// pass's `[N, H]` input, at positions `past..past + n`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Span {
+    /// first row in the pass
+    pub start: usize,
+    /// new rows
+    pub n: usize,
+    /// positions cached before them
+    pub past: usize,
+}
+
+impl Span {
+    fn rows(&self) -> std::ops::Range<usize> {
+        self.start..self.start + self.n
+    }
+}
+
+/// Geometry of a cached pass: each sequence's span, every row's position, the RoPE table.
+#[derive(Clone, Copy)]
+pub struct CachedCtx<'a> {
+    /// the sequences' rows, in row order
+    pub spans: &'a [Span],
+    /// the position of every row
+    pub positions: &'a [usize],
+    /// RoPE cos/sin
+    pub rope: &'a RopeTable,
+    /// how the MoE layers run
+    pub moe: crate::moe::layer::MoeCtx<'a>,
 }
 
 /// Grouped-query attention with optional q/k norm.
@@ -182,6 +215,38 @@ impl GqaAttention {
         put_cols(&mut dqkv, width, qw, &dk, kw);
         put_cols(&mut dqkv, width, qw + kw, &dv, kw);
         linear_grad(&mut g[self.qkv.clone()], &dqkv, x, &w[self.qkv.clone()], n, h, width)
+    }
+
+    /// Decoding forward of new rows `x: [N, H]` (normed) against each sequence's cache,
+    /// which gains the rows' keys and values: → `y: [N, H]`.
+    pub fn forward_cached(&self, w: &[f32], x: &[f32], c: &CachedCtx, caches: &mut [&mut LayerKv]) -> Vec<f32> {
+        let _p = ultramoe_kernels::profile::scope("attention.forward_cached");
+        let (n, h, hd) = (c.positions.len(), self.hidden, self.hd);
+        let (qw, kw) = (self.nh * hd, self.nkv * hd);
+        let width = qw + 2 * kw;
+        let qkv = linear(x, &w[self.qkv.clone()], n, h, width);
+        let (mut q, mut k, v) = (take_cols(&qkv, width, 0, qw), take_cols(&qkv, width, qw, kw), take_cols(&qkv, width, qw + kw, kw));
+        drop(qkv);
+        if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
+            let mut rstd = vec![0.0; n * self.nh];
+            let raw = q.clone();
+            rmsnorm_forward(&mut q, &mut rstd, &raw, &w[qn.clone()], hd, self.eps);
+            let raw = k.clone();
+            rmsnorm_forward(&mut k, &mut rstd[..n * self.nkv], &raw, &w[kn.clone()], hd, self.eps);
+        }
+        c.rope.apply_at(&mut q, qw, c.positions, self.nh, hd, 0);
+        c.rope.apply_at(&mut k, kw, c.positions, self.nkv, hd, 0);
+        let mut o = vec![0.0; n * qw];
+        for (span, cache) in c.spans.iter().zip(caches.iter_mut()) {
+            let LayerKv::Gqa { k: ck, v: cv } = &mut **cache else { panic!("a GQA layer needs a GQA cache") };
+            assert_eq!(ck.len(), span.past * kw, "the cache holds the span's past");
+            ck.extend_from_slice(&k[span.start * kw..(span.start + span.n) * kw]);
+            cv.extend_from_slice(&v[span.start * kw..(span.start + span.n) * kw]);
+            let shape = KvShape { n: span.n, past: span.past, nh: self.nh, nkv: self.nkv, dqk: hd, dv: hd, k_stride: kw, v_stride: kw };
+            let rows = span.rows();
+            kv_attention_forward(&mut o[rows.start * qw..rows.end * qw], &q[rows.start * qw..rows.end * qw], ck, cv, shape, self.scale);
+        }
+        linear(&o, &w[self.o.clone()], n, qw, self.hidden)
     }
 }
 
@@ -412,6 +477,109 @@ impl MlaAttention {
             let _p = ultramoe_kernels::profile::scope("recompute.qkv");
             self.up_project(w, s, c);
         }
+    }
+
+    /// Decoding forward of new rows `x: [N, H]` (normed) against each sequence's latent
+    /// cache, which gains the rows' normed latents and rotated rotary keys: → `y: [N, H]`.
+    ///
+    /// The up-projections are absorbed (DeepSeek-V2 §2.1.2): with `W_kb_h` and `W_vb_h`
+    /// head `h`'s key and value rows of `kv_b`, `q_nope_h · (W_kb_h c) = (W_kb_hᵀ q_nope_h) · c`
+    /// and `Σ_j p_j W_vb_h c_j = W_vb_h Σ_j p_j c_j`, so every head attends over the
+    /// shared cache rows `[c | k_pe]` with the query `[W_kb_hᵀ q_nope_h | q_pe_h]` (one
+    /// key/value head of width `kv_lora + rope`, values the first `kv_lora`) and its
+    /// output is lifted by `W_vb_h` afterwards. Neither keys nor values per head are formed.
+    pub fn forward_cached(&self, w: &[f32], x: &[f32], c: &CachedCtx, caches: &mut [&mut LayerKv]) -> Vec<f32> {
+        let _p = ultramoe_kernels::profile::scope("attention.forward_cached");
+        let (n, h, nh, dqk) = (c.positions.len(), self.hidden, self.nh, self.dqk());
+        let (aw, qin, kvl, rd, nope, dv) = (self.a_width(), self.q_in(), self.kv_lora, self.rope_dim, self.nope, self.dv);
+        let a = linear(x, &w[self.a.clone()], n, h, aw);
+        let qa = take_cols(&a, aw, 0, qin);
+        let ckv = take_cols(&a, aw, qin, kvl);
+        let mut kpe = take_cols(&a, aw, qin + kvl, rd);
+        drop(a);
+        let mut q = match (&self.q_a_norm, &self.q_b) {
+            (Some(qn), Some(qb)) => {
+                let mut qa_n = vec![0.0; n * qin];
+                rmsnorm_forward(&mut qa_n, &mut vec![0.0; n], &qa, &w[qn.clone()], qin, self.eps);
+                linear(&qa_n, &w[qb.clone()], n, qin, nh * dqk)
+            }
+            _ => qa,
+        };
+        c.rope.apply_at(&mut q, nh * dqk, c.positions, nh, dqk, nope);
+        let mut ckv_n = vec![0.0; n * kvl];
+        rmsnorm_forward(&mut ckv_n, &mut vec![0.0; n], &ckv, &w[self.kv_a_norm.clone()], kvl, self.eps);
+        c.rope.apply_at(&mut kpe, rd, c.positions, 1, rd, 0);
+        let dl = kvl + rd;
+        let kv_b = &w[self.kv_b.clone()];
+        let parallel = n >= 32;
+        // Absorbed queries `[N, nh, kv_lora + rope]`.
+        let mut qlat = vec![0.0; n * nh * dl];
+        for hh in 0..nh {
+            // SAFETY: the output view is head hh's first kv_lora columns of every row of
+            // `qlat`; q's view is head hh's nope columns; W_kb_h is nope rows of kv_b.
+            unsafe {
+                gemm_strided(
+                    n,
+                    kvl,
+                    nope,
+                    qlat.as_mut_ptr().add(hh * dl),
+                    Strided::row_major(nh * dl, Op::N),
+                    q.as_ptr().add(hh * dqk),
+                    Strided::row_major(nh * dqk, Op::N),
+                    kv_b.as_ptr().add(hh * (nope + dv) * kvl),
+                    Strided::row_major(kvl, Op::N),
+                    false,
+                    1.0,
+                    parallel,
+                );
+            }
+            for r in 0..n {
+                let dst = r * nh * dl + hh * dl + kvl;
+                qlat[dst..dst + rd].copy_from_slice(&q[r * nh * dqk + hh * dqk + nope..r * nh * dqk + (hh + 1) * dqk]);
+            }
+        }
+        drop(q);
+        let mut olat = vec![0.0; n * nh * kvl];
+        for (span, cache) in c.spans.iter().zip(caches.iter_mut()) {
+            let LayerKv::Mla { latent } = &mut **cache else { panic!("an MLA layer needs a latent cache") };
+            assert_eq!(latent.len(), span.past * dl, "the cache holds the span's past");
+            for r in span.rows() {
+                latent.extend_from_slice(&ckv_n[r * kvl..(r + 1) * kvl]);
+                latent.extend_from_slice(&kpe[r * rd..(r + 1) * rd]);
+            }
+            let shape = KvShape { n: span.n, past: span.past, nh, nkv: 1, dqk: dl, dv: kvl, k_stride: dl, v_stride: dl };
+            let rows = span.rows();
+            kv_attention_forward(
+                &mut olat[rows.start * nh * kvl..rows.end * nh * kvl],
+                &qlat[rows.start * nh * dl..rows.end * nh * dl],
+                latent,
+                latent,
+                shape,
+                self.scale,
+            );
+        }
+        let mut o = vec![0.0; n * nh * dv];
+        for hh in 0..nh {
+            // SAFETY: head hh's dv output columns of every row; its kv_lora latent
+            // columns; W_vb_h is dv rows of kv_b after the head's nope rows (transposed).
+            unsafe {
+                gemm_strided(
+                    n,
+                    dv,
+                    kvl,
+                    o.as_mut_ptr().add(hh * dv),
+                    Strided::row_major(nh * dv, Op::N),
+                    olat.as_ptr().add(hh * kvl),
+                    Strided::row_major(nh * kvl, Op::N),
+                    kv_b.as_ptr().add((hh * (nope + dv) + nope) * kvl),
+                    Strided::row_major(kvl, Op::T),
+                    false,
+                    1.0,
+                    parallel,
+                );
+            }
+        }
+        linear(&o, &w[self.o.clone()], n, nh * dv, h)
     }
 
     /// Backward: accumulates weight gradients into `g`, returns `dx: [N, H]`.

@@ -6,8 +6,9 @@
 //! where `Nₐ`, `N_f` are extra RMSNorms whose gains start at `c/√L` (depth-scaled), so
 //! each layer's contribution to the residual stream starts small and bounded.
 
-use crate::attention::{Ctx, GqaAttention, GqaSaved, MlaAttention, MlaSaved};
+use crate::attention::{CachedCtx, Ctx, GqaAttention, GqaSaved, MlaAttention, MlaSaved};
 use crate::mlp::{Mlp, MlpSaved};
+use crate::kv_cache::LayerKv;
 use crate::moe::layer::{MoeLayer, MoeSaved};
 use crate::params::Slot;
 use crate::policy::LayerPolicy;
@@ -232,6 +233,31 @@ impl DecoderLayer {
         let mut y = f;
         add_into(&mut y, &h);
         (y, LayerSaved { x, rstd1, xn1, attn, attn_post, h, rstd2, xn2, ffn, ffn_post })
+    }
+
+    /// Decoding forward of new rows `x: [N, H]`, each sequence's rows attending to its
+    /// cache (which gains them); nothing is kept for a backward. The FFN runs on all
+    /// rows together, as in training.
+    pub fn forward_cached(&self, w: &[f32], x: Vec<f32>, c: &CachedCtx, caches: &mut [&mut LayerKv]) -> Vec<f32> {
+        let n = c.positions.len();
+        let (xn1, _) = self.norm(w, &self.attn_norm, &x, n);
+        let mut a = match &self.attn {
+            AttnBlock::Gqa(m) => m.forward_cached(w, &xn1, c, caches),
+            AttnBlock::Mla(m) => m.forward_cached(w, &xn1, c, caches),
+        };
+        drop(xn1);
+        self.post_norm(w, self.sandwich.as_ref().map(|[sa, _]| sa), &mut a, n);
+        let mut h = a;
+        add_into(&mut h, &x);
+        drop(x);
+        let (xn2, _) = self.norm(w, &self.ffn_norm, &h, n);
+        // The FFN is position-wise: one "sequence" of all N rows.
+        let ctx = Ctx { b: 1, t: n, rope: c.rope, keep_probs: false, moe: c.moe };
+        let (mut f, _) = self.ffn_forward(w, &xn2, &ctx);
+        self.post_norm(w, self.sandwich.as_ref().map(|[_, sf]| sf), &mut f, n);
+        let mut y = f;
+        add_into(&mut y, &h);
+        y
     }
 
     /// The FFN block's forward: its output and saved set.

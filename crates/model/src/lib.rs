@@ -8,8 +8,10 @@
 
 pub mod attention;
 pub mod checkpoint;
+pub mod decode;
 pub mod decoder;
 pub mod init;
+pub mod kv_cache;
 pub mod memory;
 pub mod mlp;
 pub mod model;
