@@ -33,6 +33,13 @@ enum Command {
     Eval(commands::eval::EvalArgs),
     /// Solve one problem; the final answer is printed alone on the last line.
     Solve(commands::solve::SolveArgs),
+    /// Generate text from a prompt with a KV cache, streamed as it is produced.
+    Generate(commands::generate::GenerateArgs),
+    /// Interactive chat with a model (its chat template; streamed replies).
+    Chat(commands::generate::ChatArgs),
+    /// Serve a model over an OpenAI-compatible HTTP API (completions, chat, streaming,
+    /// /v1/models, /health, /metrics) with continuous batching.
+    Serve(commands::serve::ServeArgs),
     /// Train the default math MoE with a live progress bar, save it, solve samples.
     Demo(commands::demo::DemoArgs),
     /// Benchmarks: training-step throughput (`train`), grouped vs dense GEMM (`gemm`), all-to-all (`comm`).
@@ -92,6 +99,9 @@ fn main() {
         Command::Eval(a) => commands::eval::run(a),
         Command::Solve(a) => commands::solve::run(a),
         Command::Demo(a) => commands::demo::run(a),
+        Command::Generate(a) => commands::generate::run_generate(a),
+        Command::Chat(a) => commands::generate::run_chat(a),
+        Command::Serve(a) => commands::serve::run(a),
         Command::Bench(a) => commands::bench::run(a),
         Command::Grad(a) => commands::grad::run(a),
         Command::Report(a) => commands::report::run(a),

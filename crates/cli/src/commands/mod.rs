@@ -5,10 +5,12 @@ pub mod bench_comm;
 pub mod calibrate;
 pub mod demo;
 pub mod eval;
+pub mod generate;
 pub mod grad;
 pub mod memory;
 pub mod plan;
 pub mod report;
+pub mod serve;
 pub mod solve;
 pub mod train;
 

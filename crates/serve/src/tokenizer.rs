@@ -1,0 +1,262 @@
+//! Text ↔ tokens for generation: a model directory's `tokenizer.json` (through the
+//! `tokenizers` crate, offline) with the chat template and special tokens of its
+//! `tokenizer_config.json`, or — for a model trained here on math — the math model's
+//! character tokenizer, behind one interface.
+
+use minijinja::Environment;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use ultramoe_train::data::batch::prompt_tokens;
+use ultramoe_train::data::math::to_model_digits;
+use ultramoe_train::data::tokenizer as math;
+
+/// A chat message.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Message {
+    /// `system`, `user` or `assistant`
+    pub role: String,
+    /// the text
+    pub content: String,
+}
+
+/// An error a user can cause: which file and what is wrong.
+#[derive(Debug)]
+pub struct TokenizerError {
+    /// the file concerned
+    pub file: PathBuf,
+    /// what is wrong
+    pub reason: String,
+}
+
+impl std::fmt::Display for TokenizerError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.file.display(), self.reason)
+    }
+}
+
+impl std::error::Error for TokenizerError {}
+
+/// A model's tokenizer.
+pub enum TextTokenizer {
+    /// the math model's characters (prompts are questions; answers are worked steps)
+    Math,
+    /// a Hugging Face tokenizer
+    Hf(Box<HfTokenizer>),
+}
+
+/// `tokenizer.json` with what `tokenizer_config.json` adds.
+pub struct HfTokenizer {
+    tok: tokenizers::Tokenizer,
+    /// Jinja chat template (none: plain `role: content` lines)
+    template: Option<String>,
+    bos_token: Option<String>,
+    eos_token: Option<String>,
+    eos_ids: Vec<u32>,
+}
+
+fn token_text(v: Option<&Value>) -> Option<String> {
+    match v? {
+        Value::String(s) => Some(s.clone()),
+        Value::Object(o) => o.get("content").and_then(|c| c.as_str()).map(str::to_string),
+        _ => None,
+    }
+}
+
+impl TextTokenizer {
+    /// The tokenizer of a model directory: `tokenizer.json` when present, else the math
+    /// tokenizer when the vocabulary can hold it.
+    pub fn load(dir: &Path, vocab_size: usize) -> Result<Self, TokenizerError> {
+        let file = dir.join("tokenizer.json");
+        if !file.exists() {
+            if vocab_size >= math::VOCAB_SIZE {
+                return Ok(TextTokenizer::Math);
+            }
+            return Err(TokenizerError {
+                file,
+                reason: format!("missing, and the vocabulary ({vocab_size}) is too small for the math tokenizer ({})", math::VOCAB_SIZE),
+            });
+        }
+        let tok = tokenizers::Tokenizer::from_file(&file).map_err(|e| TokenizerError { file: file.clone(), reason: e.to_string() })?;
+        let cfg_file = dir.join("tokenizer_config.json");
+        let cfg: Value = match std::fs::read_to_string(&cfg_file) {
+            Ok(s) => serde_json::from_str(&s).map_err(|e| TokenizerError { file: cfg_file.clone(), reason: e.to_string() })?,
+            Err(_) => Value::Null,
+        };
+        let template = match cfg.get("chat_template") {
+            Some(Value::String(s)) => Some(s.clone()),
+            // A list of named templates: the one called "default".
+            Some(Value::Array(list)) => list
+                .iter()
+                .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
+                .and_then(|t| t.get("template"))
+                .and_then(|t| t.as_str())
+                .map(str::to_string),
+            _ => None,
+        };
+        let bos_token = token_text(cfg.get("bos_token"));
+        let eos_token = token_text(cfg.get("eos_token"));
+        let mut eos_ids: Vec<u32> = eos_token.iter().filter_map(|t| tok.token_to_id(t)).collect();
+        // generation_config.json may name more end tokens (chat models end turns with one).
+        if let Ok(s) = std::fs::read_to_string(dir.join("generation_config.json")) {
+            if let Ok(g) = serde_json::from_str::<Value>(&s) {
+                match g.get("eos_token_id") {
+                    Some(Value::Number(n)) => eos_ids.extend(n.as_u64().map(|x| x as u32)),
+                    Some(Value::Array(a)) => eos_ids.extend(a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32)),
+                    _ => {}
+                }
+            }
+        }
+        eos_ids.sort_unstable();
+        eos_ids.dedup();
+        if let Some(&t) = eos_ids.iter().find(|&&t| t as usize >= vocab_size) {
+            return Err(TokenizerError { file, reason: format!("end token {t} is outside the model's vocabulary ({vocab_size})") });
+        }
+        let size = tok.get_vocab_size(true);
+        if size > vocab_size {
+            return Err(TokenizerError { file, reason: format!("{size} tokens, more than the model's vocabulary ({vocab_size})") });
+        }
+        Ok(TextTokenizer::Hf(Box::new(HfTokenizer { tok, template, bos_token, eos_token, eos_ids })))
+    }
+
+    /// Tokens that end a generation.
+    pub fn eos_ids(&self) -> Vec<u32> {
+        match self {
+            TextTokenizer::Math => vec![math::EOS],
+            TextTokenizer::Hf(h) => h.eos_ids.clone(),
+        }
+    }
+
+    /// The prompt of a completion request. The math model reads a question.
+    pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>, String> {
+        match self {
+            TextTokenizer::Math => Ok(prompt_tokens(text)),
+            TextTokenizer::Hf(h) => h.tok.encode(text, true).map(|e| e.get_ids().to_vec()).map_err(|e| e.to_string()),
+        }
+    }
+
+    /// The prompt of a chat: the template applied with a generation prompt (the math
+    /// model answers the last user message).
+    pub fn encode_chat(&self, messages: &[Message]) -> Result<Vec<u32>, String> {
+        match self {
+            TextTokenizer::Math => {
+                let q = messages.iter().rev().find(|m| m.role == "user").ok_or("no user message")?;
+                Ok(prompt_tokens(&q.content))
+            }
+            TextTokenizer::Hf(h) => {
+                let text = h.render_chat(messages)?;
+                // The template writes the special tokens itself.
+                h.tok.encode(text, false).map(|e| e.get_ids().to_vec()).map_err(|e| e.to_string())
+            }
+        }
+    }
+
+    /// Text of generated tokens (special tokens skipped; the math model's digits in the
+    /// order people read them).
+    pub fn decode(&self, ids: &[u32]) -> String {
+        match self {
+            TextTokenizer::Math => to_model_digits(&math::decode(ids)),
+            TextTokenizer::Hf(h) => h.tok.decode(ids, true).unwrap_or_default(),
+        }
+    }
+}
+
+impl TextTokenizer {
+    /// Bytes at the end of decoded text that later tokens may still change: the math
+    /// model writes numbers least significant digit first, so a trailing run of digits
+    /// reads in order only once it ends.
+    pub fn unsettled_tail(&self, text: &str) -> usize {
+        match self {
+            TextTokenizer::Math => text.bytes().rev().take_while(u8::is_ascii_digit).count(),
+            TextTokenizer::Hf(_) => 0,
+        }
+    }
+}
+
+impl HfTokenizer {
+    /// The chat template's text for `messages`, ending with the assistant's turn opened.
+    pub fn render_chat(&self, messages: &[Message]) -> Result<String, String> {
+        let Some(template) = &self.template else {
+            let mut s: String = messages.iter().map(|m| format!("{}: {}\n", m.role, m.content)).collect();
+            s.push_str("assistant:");
+            return Ok(s);
+        };
+        let mut env = Environment::new();
+        // Templates written for Python's Jinja call string methods (`.strip()`,
+        // `.startswith()`, …): the Python-compatibility shims provide them.
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function("raise_exception", |msg: String| -> Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
+        });
+        env.add_template("chat", template).map_err(|e| format!("chat template: {e}"))?;
+        let ctx = minijinja::context! {
+            messages => messages,
+            add_generation_prompt => true,
+            bos_token => self.bos_token.clone().unwrap_or_default(),
+            eos_token => self.eos_token.clone().unwrap_or_default(),
+        };
+        env.get_template("chat").and_then(|t| t.render(ctx)).map_err(|e| format!("chat template: {e}"))
+    }
+}
+
+/// Turns a growing list of generated tokens into text pieces as they become final: the
+/// text of all tokens so far is decoded and what extends the text already sent is sent,
+/// held back while it ends in an incomplete character (a byte-level token may carry
+/// half of one) or could still become a stop sequence.
+pub struct TextStream {
+    ids: Vec<u32>,
+    sent: usize,
+    stops: Vec<String>,
+}
+
+/// What a token added to the stream.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Piece {
+    /// text to send now
+    pub text: String,
+    /// a stop sequence appeared: the generation is over, its text not sent
+    pub stopped: bool,
+}
+
+impl TextStream {
+    /// A stream that ends at any of `stops` (empty strings ignored).
+    pub fn new(stops: Vec<String>) -> Self {
+        TextStream { ids: vec![], sent: 0, stops: stops.into_iter().filter(|s| !s.is_empty()).collect() }
+    }
+
+    /// Adds a token; returns the text that became final.
+    pub fn push(&mut self, tok: &TextTokenizer, id: u32) -> Piece {
+        self.ids.push(id);
+        let text = tok.decode(&self.ids);
+        if let Some(at) = self.stops.iter().filter_map(|s| text.find(s.as_str())).min() {
+            let piece = text.get(self.sent..at).unwrap_or("").to_string();
+            self.sent = at.max(self.sent);
+            return Piece { text: piece, stopped: true };
+        }
+        if text.ends_with('\u{FFFD}') || !text.is_char_boundary(self.sent.min(text.len())) || text.len() < self.sent {
+            return Piece { text: String::new(), stopped: false };
+        }
+        // Hold back a tail that is the start of some stop sequence.
+        let hold = self
+            .stops
+            .iter()
+            .flat_map(|s| (1..s.len()).filter(|&k| s.is_char_boundary(k) && text.ends_with(&s[..k])).max())
+            .max()
+            .unwrap_or(0)
+            .max(tok.unsettled_tail(&text));
+        let end = text.len() - hold;
+        if end <= self.sent || !text.is_char_boundary(end) {
+            return Piece { text: String::new(), stopped: false };
+        }
+        let piece = text[self.sent..end].to_string();
+        self.sent = end;
+        Piece { text: piece, stopped: false }
+    }
+
+    /// Whatever was held back, at the end of the generation.
+    pub fn finish(&mut self, tok: &TextTokenizer) -> String {
+        let text = tok.decode(&self.ids);
+        let piece = text.get(self.sent..).unwrap_or("").to_string();
+        self.sent = text.len();
+        piece
+    }
+}
