@@ -40,6 +40,11 @@ enum Command {
     /// Serve a model over an OpenAI-compatible HTTP API (completions, chat, streaming,
     /// /v1/models, /health, /metrics) with continuous batching.
     Serve(commands::serve::ServeArgs),
+    /// Write a model directory with freshly initialised weights (Hugging Face layout).
+    Init(commands::init::InitArgs),
+    /// Tokenizers: `train` a byte-level BPE on text files.
+    #[command(subcommand)]
+    Tokenizer(commands::tokenizer::TokenizerCommand),
     /// Train the default math MoE with a live progress bar, save it, solve samples.
     Demo(commands::demo::DemoArgs),
     /// Benchmarks: training-step throughput (`train`), grouped vs dense GEMM (`gemm`), all-to-all (`comm`).
@@ -102,6 +107,8 @@ fn main() {
         Command::Generate(a) => commands::generate::run_generate(a),
         Command::Chat(a) => commands::generate::run_chat(a),
         Command::Serve(a) => commands::serve::run(a),
+        Command::Init(a) => commands::init::run(a),
+        Command::Tokenizer(a) => commands::tokenizer::run(a),
         Command::Bench(a) => commands::bench::run(a),
         Command::Grad(a) => commands::grad::run(a),
         Command::Report(a) => commands::report::run(a),

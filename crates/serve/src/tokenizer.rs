@@ -260,3 +260,61 @@ impl TextStream {
         piece
     }
 }
+
+/// Special tokens of a tokenizer made by [`train_bpe`]: end of text, then ChatML's turn
+/// markers.
+pub const TRAINED_SPECIALS: [&str; 3] = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
+
+/// ChatML (as Qwen's models use it): each turn `<|im_start|>role\ncontent<|im_end|>\n`,
+/// then the assistant's turn opened.
+pub const CHATML_TEMPLATE: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'].strip() + '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+
+/// Trains a byte-level BPE tokenizer of `vocab_size` tokens on text files and writes
+/// `tokenizer.json` and `tokenizer_config.json` (ChatML template; `<|im_end|>` ends a
+/// turn, `<|endoftext|>` a document) into `out`. Byte-level: any text encodes, nothing is
+/// unknown.
+pub fn train_bpe(files: &[PathBuf], vocab_size: usize, out: &Path) -> Result<(), TokenizerError> {
+    use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
+    use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+    use tokenizers::{AddedToken, TokenizerBuilder};
+    let err = |file: &Path, reason: String| TokenizerError { file: file.to_path_buf(), reason };
+    let min = 256 + TRAINED_SPECIALS.len();
+    if vocab_size < min {
+        return Err(err(out, format!("a vocabulary of {vocab_size} cannot hold the 256 bytes and {} special tokens", TRAINED_SPECIALS.len())));
+    }
+    for f in files {
+        if !f.is_file() {
+            return Err(err(f, "not a readable file".into()));
+        }
+    }
+    let mut trainer = BpeTrainerBuilder::new()
+        .show_progress(false)
+        .vocab_size(vocab_size)
+        .min_frequency(2)
+        .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
+        .special_tokens(TRAINED_SPECIALS.iter().map(|s| AddedToken::from(s.to_string(), true)).collect())
+        .build();
+    let mut tok = TokenizerBuilder::new()
+        .with_model(BPE::default())
+        .with_normalizer(None::<tokenizers::normalizers::NormalizerWrapper>)
+        .with_pre_tokenizer(Some(ByteLevel::new(false, true, true)))
+        .with_post_processor(Some(ByteLevel::new(false, true, true)))
+        .with_decoder(Some(ByteLevel::new(false, true, true)))
+        .build()
+        .map_err(|e| err(out, e.to_string()))?;
+    let names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
+    tok.train_from_files(&mut trainer, names).map_err(|e| err(&files[0], format!("training: {e}")))?;
+    std::fs::create_dir_all(out).map_err(|e| err(out, e.to_string()))?;
+    let file = out.join("tokenizer.json");
+    tok.save(&file, false).map_err(|e| err(&file, e.to_string()))?;
+    let cfg = serde_json::json!({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": null,
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "chat_template": CHATML_TEMPLATE,
+        "model_max_length": 1 << 20,
+    });
+    let file = out.join("tokenizer_config.json");
+    std::fs::write(&file, serde_json::to_string_pretty(&cfg).expect("json")).map_err(|e| err(&file, e.to_string()))
+}

@@ -6,12 +6,14 @@ pub mod calibrate;
 pub mod demo;
 pub mod eval;
 pub mod generate;
+pub mod init;
 pub mod grad;
 pub mod memory;
 pub mod plan;
 pub mod report;
 pub mod serve;
 pub mod solve;
+pub mod tokenizer;
 pub mod train;
 
 use std::path::Path;
