@@ -4,7 +4,7 @@ mod commands;
 mod launch;
 mod presets;
 mod progress;
-mod serve;
+mod solver;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;

@@ -29,6 +29,7 @@ pub mod loss;
 pub mod memory;
 pub mod norm;
 pub mod permute;
+pub mod qlinear;
 pub mod profile;
 pub mod rope;
 pub mod router;

@@ -4,6 +4,7 @@
 use crate::params::Slot;
 use crate::tensor_ops::{put_cols, take_cols};
 use ultramoe_kernels::attention::{attention_backward, attention_forward, AttnShape};
+use crate::decode_weights::DecodeWeights;
 use crate::kv_cache::LayerKv;
 use ultramoe_kernels::gemm::{gemm_strided, linear, linear_grad, Op, Strided};
 use ultramoe_kernels::kv_attention::{kv_attention_forward, KvShape};
@@ -219,20 +220,20 @@ impl GqaAttention {
 
     /// Decoding forward of new rows `x: [N, H]` (normed) against each sequence's cache,
     /// which gains the rows' keys and values: → `y: [N, H]`.
-    pub fn forward_cached(&self, w: &[f32], x: &[f32], c: &CachedCtx, caches: &mut [&mut LayerKv]) -> Vec<f32> {
+    pub fn forward_cached(&self, dw: &DecodeWeights, x: &[f32], c: &CachedCtx, caches: &mut [&mut LayerKv]) -> Vec<f32> {
         let _p = ultramoe_kernels::profile::scope("attention.forward_cached");
         let (n, h, hd) = (c.positions.len(), self.hidden, self.hd);
         let (qw, kw) = (self.nh * hd, self.nkv * hd);
         let width = qw + 2 * kw;
-        let qkv = linear(x, &w[self.qkv.clone()], n, h, width);
+        let qkv = dw.linear(&self.qkv, x, n, h, width);
         let (mut q, mut k, v) = (take_cols(&qkv, width, 0, qw), take_cols(&qkv, width, qw, kw), take_cols(&qkv, width, qw + kw, kw));
         drop(qkv);
         if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
             let mut rstd = vec![0.0; n * self.nh];
             let raw = q.clone();
-            rmsnorm_forward(&mut q, &mut rstd, &raw, &w[qn.clone()], hd, self.eps);
+            rmsnorm_forward(&mut q, &mut rstd, &raw, &dw.w[qn.clone()], hd, self.eps);
             let raw = k.clone();
-            rmsnorm_forward(&mut k, &mut rstd[..n * self.nkv], &raw, &w[kn.clone()], hd, self.eps);
+            rmsnorm_forward(&mut k, &mut rstd[..n * self.nkv], &raw, &dw.w[kn.clone()], hd, self.eps);
         }
         c.rope.apply_at(&mut q, qw, c.positions, self.nh, hd, 0);
         c.rope.apply_at(&mut k, kw, c.positions, self.nkv, hd, 0);
@@ -246,7 +247,7 @@ impl GqaAttention {
             let rows = span.rows();
             kv_attention_forward(&mut o[rows.start * qw..rows.end * qw], &q[rows.start * qw..rows.end * qw], ck, cv, shape, self.scale);
         }
-        linear(&o, &w[self.o.clone()], n, qw, self.hidden)
+        dw.linear(&self.o, &o, n, qw, self.hidden)
     }
 }
 
@@ -488,11 +489,11 @@ impl MlaAttention {
     /// shared cache rows `[c | k_pe]` with the query `[W_kb_hᵀ q_nope_h | q_pe_h]` (one
     /// key/value head of width `kv_lora + rope`, values the first `kv_lora`) and its
     /// output is lifted by `W_vb_h` afterwards. Neither keys nor values per head are formed.
-    pub fn forward_cached(&self, w: &[f32], x: &[f32], c: &CachedCtx, caches: &mut [&mut LayerKv]) -> Vec<f32> {
+    pub fn forward_cached(&self, dw: &DecodeWeights, x: &[f32], c: &CachedCtx, caches: &mut [&mut LayerKv]) -> Vec<f32> {
         let _p = ultramoe_kernels::profile::scope("attention.forward_cached");
         let (n, h, nh, dqk) = (c.positions.len(), self.hidden, self.nh, self.dqk());
         let (aw, qin, kvl, rd, nope, dv) = (self.a_width(), self.q_in(), self.kv_lora, self.rope_dim, self.nope, self.dv);
-        let a = linear(x, &w[self.a.clone()], n, h, aw);
+        let a = dw.linear(&self.a, x, n, h, aw);
         let qa = take_cols(&a, aw, 0, qin);
         let ckv = take_cols(&a, aw, qin, kvl);
         let mut kpe = take_cols(&a, aw, qin + kvl, rd);
@@ -500,17 +501,17 @@ impl MlaAttention {
         let mut q = match (&self.q_a_norm, &self.q_b) {
             (Some(qn), Some(qb)) => {
                 let mut qa_n = vec![0.0; n * qin];
-                rmsnorm_forward(&mut qa_n, &mut vec![0.0; n], &qa, &w[qn.clone()], qin, self.eps);
-                linear(&qa_n, &w[qb.clone()], n, qin, nh * dqk)
+                rmsnorm_forward(&mut qa_n, &mut vec![0.0; n], &qa, &dw.w[qn.clone()], qin, self.eps);
+                dw.linear(qb, &qa_n, n, qin, nh * dqk)
             }
             _ => qa,
         };
         c.rope.apply_at(&mut q, nh * dqk, c.positions, nh, dqk, nope);
         let mut ckv_n = vec![0.0; n * kvl];
-        rmsnorm_forward(&mut ckv_n, &mut vec![0.0; n], &ckv, &w[self.kv_a_norm.clone()], kvl, self.eps);
+        rmsnorm_forward(&mut ckv_n, &mut vec![0.0; n], &ckv, &dw.w[self.kv_a_norm.clone()], kvl, self.eps);
         c.rope.apply_at(&mut kpe, rd, c.positions, 1, rd, 0);
         let dl = kvl + rd;
-        let kv_b = &w[self.kv_b.clone()];
+        let kv_b = &dw.w[self.kv_b.clone()];
         let parallel = n >= 32;
         // Absorbed queries `[N, nh, kv_lora + rope]`.
         let mut qlat = vec![0.0; n * nh * dl];
@@ -579,7 +580,7 @@ impl MlaAttention {
                 );
             }
         }
-        linear(&o, &w[self.o.clone()], n, nh * dv, h)
+        dw.linear(&self.o, &o, n, nh * dv, h)
     }
 
     /// Backward: accumulates weight gradients into `g`, returns `dx: [N, H]`.

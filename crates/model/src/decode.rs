@@ -11,7 +11,7 @@ use crate::attention::{CachedCtx, Span};
 use crate::kv_cache::SeqCache;
 use crate::moe::layer::MoeCtx;
 use crate::Model;
-use ultramoe_kernels::gemm::linear;
+use crate::decode_weights::DecodeWeights;
 use ultramoe_kernels::norm::rmsnorm_forward;
 
 /// Which logits a cached pass returns.
@@ -36,7 +36,7 @@ impl Model {
     /// cache. Returns per sequence `[rows, V]` logits (`rows` as `which` says). The whole
     /// model must be held here (under expert parallelism every rank of the group makes
     /// the same call with its own sequences, possibly none).
-    pub fn forward_cached(&self, w: &[f32], inputs: &mut [CachedInput], which: LogitRows) -> Vec<Vec<f32>> {
+    pub fn forward_cached(&self, dw: &DecodeWeights, inputs: &mut [CachedInput], which: LogitRows) -> Vec<Vec<f32>> {
         assert!(self.stage.holds_embedding() && self.stage.holds_head(), "a cached pass needs the whole model's stages");
         let mut spans = Vec::with_capacity(inputs.len());
         let mut positions = Vec::new();
@@ -50,10 +50,10 @@ impl Model {
         }
         let moe = MoeCtx { exchange: self.exchange.as_deref(), chunks: 1, balance_loss: None, skew: 0.0 };
         let c = CachedCtx { spans: &spans, positions: &positions, rope: &self.rope, moe };
-        let mut x = if ids.is_empty() { Vec::new() } else { self.embed_forward(w, &ids) };
+        let mut x = if ids.is_empty() { Vec::new() } else { self.embed_forward(&dw.w, &ids) };
         for (li, layer) in self.layers.iter().enumerate() {
             let mut caches: Vec<_> = inputs.iter_mut().map(|inp| &mut inp.cache.layers[li]).collect();
-            x = layer.forward_cached(w, x, &c, &mut caches);
+            x = layer.forward_cached(dw, x, &c, &mut caches);
         }
         for inp in inputs.iter_mut() {
             inp.cache.len += inp.tokens.len();
@@ -64,7 +64,7 @@ impl Model {
             LogitRows::Last => spans.iter().map(|s| s.start + s.n - 1).collect(),
         };
         let picked: Vec<f32> = rows.iter().flat_map(|&r| x[r * h..(r + 1) * h].iter().copied()).collect();
-        let logits = self.logits_of(w, &picked);
+        let logits = self.logits_of(dw, &picked);
         let v = self.cfg.vocab_size;
         let mut out = Vec::with_capacity(spans.len());
         let mut at = 0;
@@ -77,13 +77,13 @@ impl Model {
     }
 
     /// Final norm and LM head of the rows `x: [n, H]` → `[n, V]`, nothing kept.
-    pub fn logits_of(&self, w: &[f32], x: &[f32]) -> Vec<f32> {
+    pub fn logits_of(&self, dw: &DecodeWeights, x: &[f32]) -> Vec<f32> {
         let (h, v) = (self.cfg.hidden, self.cfg.vocab_size);
         let n = x.len() / h;
         let expect = "the last pipeline stage holds the final norm and the head";
         let (norm, head) = (self.final_norm.clone().expect(expect), self.lm_head.clone().expect(expect));
         let mut xn = vec![0.0; n * h];
-        rmsnorm_forward(&mut xn, &mut vec![0.0; n], x, &w[norm], h, self.cfg.rms_norm_eps);
-        linear(&xn, &w[head], n, h, v)
+        rmsnorm_forward(&mut xn, &mut vec![0.0; n], x, &dw.w[norm], h, self.cfg.rms_norm_eps);
+        dw.linear(&head, &xn, n, h, v)
     }
 }

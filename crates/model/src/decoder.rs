@@ -8,6 +8,7 @@
 
 use crate::attention::{CachedCtx, Ctx, GqaAttention, GqaSaved, MlaAttention, MlaSaved};
 use crate::mlp::{Mlp, MlpSaved};
+use crate::decode_weights::DecodeWeights;
 use crate::kv_cache::LayerKv;
 use crate::moe::layer::{MoeLayer, MoeSaved};
 use crate::params::Slot;
@@ -238,12 +239,12 @@ impl DecoderLayer {
     /// Decoding forward of new rows `x: [N, H]`, each sequence's rows attending to its
     /// cache (which gains them); nothing is kept for a backward. The FFN runs on all
     /// rows together, as in training.
-    pub fn forward_cached(&self, w: &[f32], x: Vec<f32>, c: &CachedCtx, caches: &mut [&mut LayerKv]) -> Vec<f32> {
-        let n = c.positions.len();
+    pub fn forward_cached(&self, dw: &DecodeWeights, x: Vec<f32>, c: &CachedCtx, caches: &mut [&mut LayerKv]) -> Vec<f32> {
+        let (n, w) = (c.positions.len(), &dw.w[..]);
         let (xn1, _) = self.norm(w, &self.attn_norm, &x, n);
         let mut a = match &self.attn {
-            AttnBlock::Gqa(m) => m.forward_cached(w, &xn1, c, caches),
-            AttnBlock::Mla(m) => m.forward_cached(w, &xn1, c, caches),
+            AttnBlock::Gqa(m) => m.forward_cached(dw, &xn1, c, caches),
+            AttnBlock::Mla(m) => m.forward_cached(dw, &xn1, c, caches),
         };
         drop(xn1);
         self.post_norm(w, self.sandwich.as_ref().map(|[sa, _]| sa), &mut a, n);
@@ -251,9 +252,10 @@ impl DecoderLayer {
         add_into(&mut h, &x);
         drop(x);
         let (xn2, _) = self.norm(w, &self.ffn_norm, &h, n);
-        // The FFN is position-wise: one "sequence" of all N rows.
-        let ctx = Ctx { b: 1, t: n, rope: c.rope, keep_probs: false, moe: c.moe };
-        let (mut f, _) = self.ffn_forward(w, &xn2, &ctx);
+        let mut f = match &self.ffn {
+            FfnBlock::Dense(m) => m.forward_infer(dw, &xn2, n),
+            FfnBlock::Moe(m) => m.forward_infer(dw, &xn2, n, &c.moe),
+        };
         self.post_norm(w, self.sandwich.as_ref().map(|[_, sf]| sf), &mut f, n);
         let mut y = f;
         add_into(&mut y, &h);

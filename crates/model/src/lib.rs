@@ -9,6 +9,7 @@
 pub mod attention;
 pub mod checkpoint;
 pub mod decode;
+pub mod decode_weights;
 pub mod decoder;
 pub mod init;
 pub mod kv_cache;

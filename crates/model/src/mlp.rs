@@ -40,6 +40,13 @@ impl MlpSaved {
 }
 
 impl Mlp {
+    /// Inference forward through decoding weights (nothing kept): `x: [N, H]` → `[N, H]`.
+    pub fn forward_infer(&self, dw: &crate::decode_weights::DecodeWeights, x: &[f32], n: usize) -> Vec<f32> {
+        let (h, i) = (self.hidden, self.inter);
+        let gu = dw.linear(&self.gate_up, x, n, h, 2 * i);
+        dw.linear(&self.down, &swiglu(&gu, i), n, i, h)
+    }
+
     /// `x: [N, H]` → `y: [N, H]`.
     pub fn forward(&self, w: &[f32], x: &[f32], n: usize) -> (Vec<f32>, MlpSaved) {
         let _p = ultramoe_kernels::profile::scope("mlp.forward");

@@ -16,6 +16,7 @@ use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError, TrySendE
 use std::sync::Arc;
 use std::time::Instant;
 use ultramoe_model::decode::{CachedInput, LogitRows};
+use ultramoe_model::decode_weights::DecodeWeights;
 use ultramoe_model::kv_cache::SeqCache;
 use ultramoe_model::Model;
 
@@ -161,7 +162,7 @@ struct Running {
 /// The batching loop over one model.
 pub struct Engine {
     model: Arc<Model>,
-    weights: Arc<Vec<f32>>,
+    weights: Arc<DecodeWeights>,
     cfg: EngineConfig,
     rx: Receiver<Request>,
     stats: Arc<EngineStats>,
@@ -173,7 +174,7 @@ pub struct Engine {
 
 impl Engine {
     /// An engine and the handle requests reach it by.
-    pub fn new(model: Arc<Model>, weights: Arc<Vec<f32>>, cfg: EngineConfig) -> (Engine, EngineHandle) {
+    pub fn new(model: Arc<Model>, weights: Arc<DecodeWeights>, cfg: EngineConfig) -> (Engine, EngineHandle) {
         let (tx, rx) = sync_channel(cfg.max_waiting.max(1));
         let stats = Arc::new(EngineStats::default());
         let e = Engine { model, weights, cfg, rx, stats: stats.clone(), running: vec![], held: VecDeque::new(), reserved: 0 };
@@ -372,7 +373,7 @@ impl Engine {
 
 /// Starts an engine on its own thread; it stops when every handle is dropped and its
 /// requests are done.
-pub fn spawn(model: Arc<Model>, weights: Arc<Vec<f32>>, cfg: EngineConfig) -> (EngineHandle, std::thread::JoinHandle<()>) {
+pub fn spawn(model: Arc<Model>, weights: Arc<DecodeWeights>, cfg: EngineConfig) -> (EngineHandle, std::thread::JoinHandle<()>) {
     let (engine, handle) = Engine::new(model, weights, cfg);
     let join = std::thread::Builder::new().name("ultramoe-engine".into()).spawn(move || engine.run()).expect("spawn the engine thread");
     (handle, join)

@@ -6,13 +6,15 @@
 use std::path::PathBuf;
 use std::sync::mpsc::{channel, Receiver};
 use std::sync::Arc;
+use ultramoe_kernels::qlinear::WeightFormat;
 use ultramoe_model::checkpoint::load_weights;
+use ultramoe_model::decode_weights::DecodeWeights;
 use ultramoe_model::kv_cache::SeqCache;
 use ultramoe_model::{Model, ModelConfig};
 use ultramoe_serve::engine::{spawn, Engine, EngineConfig, Event, FinishReason, Request, SubmitError};
 use ultramoe_serve::sampling::SamplingParams;
 
-fn fixture_model(case: &str) -> (Arc<Model>, Arc<Vec<f32>>) {
+fn fixture_model(case: &str) -> (Arc<Model>, Arc<DecodeWeights>) {
     let dir = match std::env::var("ULTRAMOE_FIXTURES") {
         Ok(p) => PathBuf::from(p),
         Err(_) => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/hf"),
@@ -23,7 +25,8 @@ fn fixture_model(case: &str) -> (Arc<Model>, Arc<Vec<f32>>) {
     v["max_position_embeddings"] = 128.into();
     let m = Model::new(ModelConfig::from_json_str(&v.to_string()).unwrap());
     let w = load_weights(&m, &dir).unwrap();
-    (Arc::new(m), Arc::new(w))
+    let dw = DecodeWeights::new(&m, w, WeightFormat::F32);
+    (Arc::new(m), Arc::new(dw))
 }
 
 fn request(prompt: Vec<u32>, max_tokens: usize, sampling: SamplingParams, stop: Vec<u32>) -> (Request, Receiver<Event>) {
@@ -47,7 +50,7 @@ fn prompts(vocab: usize) -> Vec<Vec<u32>> {
     (0..10).map(|i| (0..(2 + 7 * i) as u32).map(|j| (j * 5 + i as u32 * 11 + 1) % vocab as u32).collect()).collect()
 }
 
-fn run_all(m: &Arc<Model>, w: &Arc<Vec<f32>>, cfg: EngineConfig, sampling: &[SamplingParams], max_tokens: usize) -> Vec<Vec<u32>> {
+fn run_all(m: &Arc<Model>, w: &Arc<DecodeWeights>, cfg: EngineConfig, sampling: &[SamplingParams], max_tokens: usize) -> Vec<Vec<u32>> {
     let (handle, join) = spawn(m.clone(), w.clone(), cfg);
     let rxs: Vec<_> = prompts(m.cfg.vocab_size)
         .into_iter()

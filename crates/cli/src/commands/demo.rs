@@ -2,8 +2,8 @@
 
 use super::eval::{evaluate, parse_kinds};
 use super::train::{make_trainer, resolve, train_loop, TrainArgs};
-use super::{load_math_model, CliResult};
-use crate::serve::solve_batch;
+use super::{load_math_for_decoding, CliResult, WeightsArg};
+use crate::solver::solve_batch;
 use clap::Args;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -88,7 +88,7 @@ pub fn run(a: DemoArgs) -> CliResult {
     drop(run);
     let train_s = start.elapsed().as_secs_f64();
     let model_dir = a.run_dir.join("model");
-    let (model, w) = load_math_model(&model_dir)?;
+    let (model, w) = load_math_for_decoding(&model_dir, WeightsArg::F32)?;
     println!("\nsample problems:");
     let qs: Vec<String> = SAMPLES.iter().map(|s| s.to_string()).collect();
     for s in solve_batch(&model, &w, &qs) {
@@ -97,7 +97,7 @@ pub fn run(a: DemoArgs) -> CliResult {
     if a.eval_n > 0 {
         println!("\nexact-match accuracy on {} unseen problems per kind:", a.eval_n);
         let kinds = parse_kinds("addsub,addsub1,mul2x2,equation,mul,expr,word")?;
-        for s in evaluate(&model_dir, None, &kinds, a.eval_n, 987_654_321, false, !a.no_progress)? {
+        for s in evaluate(&model_dir, None, &kinds, a.eval_n, 987_654_321, false, !a.no_progress, WeightsArg::F32)? {
             println!("  {:<10} {:>6.1}%", s.name, 100.0 * s.accuracy);
         }
     }

@@ -1,7 +1,8 @@
 //! `ultramoe eval`: exact-match accuracy.
 
-use super::{load_math_model, CliResult};
-use crate::serve::{answers_match, solve_batch};
+use super::{load_math_for_decoding, CliResult, WeightsArg};
+use ultramoe_model::decode_weights::DecodeWeights;
+use crate::solver::{answers_match, solve_batch};
 use crate::progress::Progress;
 use clap::Args;
 use std::path::{Path, PathBuf};
@@ -37,6 +38,9 @@ pub struct EvalArgs {
     /// No progress bar (there is none when stderr is not a terminal either).
     #[arg(long)]
     pub no_progress: bool,
+    /// Weight format the model decodes with.
+    #[arg(long, value_enum, default_value_t)]
+    pub weights: WeightsArg,
 }
 
 /// One accuracy figure.
@@ -53,7 +57,7 @@ pub struct Score {
 }
 
 /// Scores `(question, expected)` pairs.
-pub fn score(model: &Model, w: &[f32], name: &str, items: &[(String, String)], show_errors: bool) -> Score {
+pub fn score(model: &Model, w: &DecodeWeights, name: &str, items: &[(String, String)], show_errors: bool) -> Score {
     let qs: Vec<String> = items.iter().map(|(q, _)| q.clone()).collect();
     let sols = solve_batch(model, w, &qs);
     let mut correct = 0;
@@ -75,15 +79,15 @@ pub fn generated(kind: Kind, n: usize, seed: u64) -> Vec<(String, String)> {
 
 /// Scores a model directory over kinds or a file (a progress bar per kind when
 /// `progress`).
-pub fn evaluate(dir: &Path, file: Option<&Path>, kinds: &[Kind], n: usize, seed: u64, show_errors: bool, progress: bool) -> CliResult<Vec<Score>> {
+pub fn evaluate(dir: &Path, file: Option<&Path>, kinds: &[Kind], n: usize, seed: u64, show_errors: bool, progress: bool, weights: WeightsArg) -> CliResult<Vec<Score>> {
     if let Some(f) = file {
         let items: Vec<(String, String)> = read_jsonl(f)?.into_iter().map(|q| (q.question, q.answer)).collect();
-        let (model, w) = load_math_model(dir)?;
+        let (model, w) = load_math_for_decoding(dir, weights)?;
         let bar = Progress::new("eval", 1, progress);
         bar.doing(format!("{} problems of {}", items.len(), f.display()));
         return Ok(vec![score(&model, &w, &f.display().to_string(), &items, show_errors)]);
     }
-    let (model, w) = load_math_model(dir)?;
+    let (model, w) = load_math_for_decoding(dir, weights)?;
     let bar = Progress::new("eval", kinds.len() as u64, progress);
     let scores = kinds
         .iter()
@@ -112,7 +116,7 @@ pub fn parse_kinds(s: &str) -> CliResult<Vec<Kind>> {
 pub fn run(a: EvalArgs) -> CliResult {
     let dir = a.model.clone().unwrap_or_else(crate::default_model_dir);
     let kinds = parse_kinds(&a.kinds)?;
-    let scores = evaluate(&dir, a.file.as_deref(), &kinds, a.n, a.seed, a.show_errors, !a.no_progress)?;
+    let scores = evaluate(&dir, a.file.as_deref(), &kinds, a.n, a.seed, a.show_errors, !a.no_progress, a.weights)?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&scores).unwrap());
     } else {

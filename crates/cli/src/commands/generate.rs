@@ -1,7 +1,7 @@
 //! `ultramoe generate` and `ultramoe chat`: text from a model directory, streamed as it
 //! is generated, through the same batching engine and tokenizer as `ultramoe serve`.
 
-use super::{load_model, CliResult};
+use super::{load_for_decoding, CliResult, WeightsArg};
 use clap::Args;
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
@@ -63,6 +63,9 @@ pub struct GenerateArgs {
     /// Model directory (config.json, safetensors, and tokenizer.json unless it is a math model).
     #[arg(long)]
     pub model: Option<PathBuf>,
+    /// Weight format to decode with (converted on load).
+    #[arg(long, value_enum, default_value_t)]
+    pub weights: WeightsArg,
     /// The prompt (a question for the math model).
     #[arg(long, allow_hyphen_values = true)]
     pub prompt: String,
@@ -79,6 +82,9 @@ pub struct ChatArgs {
     /// Model directory.
     #[arg(long)]
     pub model: Option<PathBuf>,
+    /// Weight format to decode with (converted on load).
+    #[arg(long, value_enum, default_value_t)]
+    pub weights: WeightsArg,
     /// A system message to start the conversation with.
     #[arg(long)]
     pub system: Option<String>,
@@ -93,9 +99,9 @@ struct Loaded {
     max_position: usize,
 }
 
-fn load(dir: Option<PathBuf>) -> CliResult<Loaded> {
+fn load(dir: Option<PathBuf>, weights: WeightsArg) -> CliResult<Loaded> {
     let dir = dir.unwrap_or_else(crate::default_model_dir);
-    let (model, w) = load_model(&dir)?;
+    let (model, w) = load_for_decoding(&dir, weights)?;
     let tok = TextTokenizer::load(&dir, model.cfg.vocab_size).map_err(|e| e.to_string())?;
     let max_position = model.cfg.max_position;
     let (engine, _join) = spawn(Arc::new(model), Arc::new(w), EngineConfig { max_batch: 1, ..EngineConfig::default() });
@@ -149,7 +155,7 @@ fn stream(l: &Loaded, prompt: Vec<u32>, s: &SamplingArgs) -> CliResult<String> {
 /// `ultramoe generate`.
 pub fn run_generate(a: GenerateArgs) -> CliResult {
     a.sampling.params()?;
-    let l = load(a.model)?;
+    let l = load(a.model, a.weights)?;
     let prompt = if a.chat {
         l.tok.encode_chat(&[Message { role: "user".into(), content: a.prompt.clone() }])?
     } else {
@@ -161,7 +167,7 @@ pub fn run_generate(a: GenerateArgs) -> CliResult {
 /// `ultramoe chat`.
 pub fn run_chat(a: ChatArgs) -> CliResult {
     a.sampling.params()?;
-    let l = load(a.model)?;
+    let l = load(a.model, a.weights)?;
     let mut history: Vec<Message> = a.system.iter().map(|s| Message { role: "system".into(), content: s.clone() }).collect();
     let stdin = std::io::stdin();
     eprintln!("chat: type a message and press Enter; an empty line or end of input quits");

@@ -17,7 +17,9 @@ pub mod tokenizer;
 pub mod train;
 
 use std::path::Path;
+use ultramoe_kernels::qlinear::WeightFormat;
 use ultramoe_model::checkpoint::load_weights;
+use ultramoe_model::decode_weights::DecodeWeights;
 use ultramoe_model::{Model, ModelConfig};
 
 /// Errors shown to the user: one line, already with context.
@@ -43,6 +45,43 @@ pub fn load_math_model(dir: &Path) -> CliResult<(Model, Vec<f32>)> {
         ));
     }
     Ok((model, w))
+}
+
+/// Weight formats for decoding (`--weights`).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum WeightsArg {
+    /// as trained
+    #[default]
+    F32,
+    /// bfloat16 (2 bytes a weight)
+    Bf16,
+    /// int8 with a scale per output channel (1 byte a weight)
+    Int8,
+}
+
+impl WeightsArg {
+    /// The kernels' format.
+    pub fn format(self) -> WeightFormat {
+        match self {
+            WeightsArg::F32 => WeightFormat::F32,
+            WeightsArg::Bf16 => WeightFormat::Bf16,
+            WeightsArg::Int8 => WeightFormat::Int8,
+        }
+    }
+}
+
+/// Loads a model directory for decoding, its matrices converted to `weights`.
+pub fn load_for_decoding(dir: &Path, weights: WeightsArg) -> CliResult<(Model, DecodeWeights)> {
+    let (model, w) = load_model(dir)?;
+    let dw = DecodeWeights::new(&model, w, weights.format());
+    Ok((model, dw))
+}
+
+/// [`load_math_model`] for decoding.
+pub fn load_math_for_decoding(dir: &Path, weights: WeightsArg) -> CliResult<(Model, DecodeWeights)> {
+    let (model, w) = load_math_model(dir)?;
+    let dw = DecodeWeights::new(&model, w, weights.format());
+    Ok((model, dw))
 }
 
 /// The median (upper middle for an even count) of a non-empty list of measurements.

@@ -1,6 +1,6 @@
 //! `ultramoe serve`: the OpenAI-compatible HTTP server over a model directory.
 
-use super::{load_model, CliResult};
+use super::{load_for_decoding, CliResult, WeightsArg};
 use clap::Args;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -15,6 +15,9 @@ pub struct ServeArgs {
     /// Model directory (config.json, safetensors, and tokenizer.json unless it is a math model).
     #[arg(long)]
     pub model: Option<PathBuf>,
+    /// Weight format to decode with (converted on load).
+    #[arg(long, value_enum, default_value_t)]
+    pub weights: WeightsArg,
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
@@ -56,7 +59,7 @@ pub fn run(a: ServeArgs) -> CliResult {
         return Err(format!("--request-timeout: {} is not a positive number of seconds", a.request_timeout));
     }
     let dir = a.model.clone().unwrap_or_else(crate::default_model_dir);
-    let (model, w) = load_model(&dir)?;
+    let (model, w) = load_for_decoding(&dir, a.weights)?;
     let tok = TextTokenizer::load(&dir, model.cfg.vocab_size).map_err(|e| e.to_string())?;
     let name = a.served_model_name.clone().unwrap_or_else(|| {
         std::fs::canonicalize(&dir).ok().and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned())).unwrap_or_else(|| "model".into())

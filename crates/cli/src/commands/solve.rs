@@ -1,7 +1,7 @@
 //! `ultramoe solve "PROBLEM"`.
 
-use super::{load_math_model, CliResult};
-use crate::serve::solve_batch;
+use super::{load_math_for_decoding, CliResult, WeightsArg};
+use crate::solver::solve_batch;
 use clap::Args;
 use std::path::PathBuf;
 
@@ -21,6 +21,9 @@ pub struct SolveArgs {
     /// Show the worked answer above the final answer.
     #[arg(long)]
     pub show_work: bool,
+    /// Weight format the model decodes with.
+    #[arg(long, value_enum, default_value_t)]
+    pub weights: WeightsArg,
 }
 
 /// `ultramoe solve`.
@@ -29,7 +32,7 @@ pub fn run(a: SolveArgs) -> CliResult {
         return Err("the problem is empty".into());
     }
     let dir = a.model.unwrap_or_else(crate::default_model_dir);
-    let (model, w) = load_math_model(&dir)?;
+    let (model, w) = load_math_for_decoding(&dir, a.weights)?;
     // The prompt and at least a short answer must fit the model's positions.
     let tokens = ultramoe_train::data::batch::prompt_tokens(&a.problem).len();
     let room = model.cfg.max_position.saturating_sub(8);

@@ -63,6 +63,23 @@ impl GroupedExperts {
         (self.down(w, &s.act, offsets), s)
     }
 
+    /// Inference forward through decoding weights: `xp: [R, H]` grouped by `offsets` →
+    /// `yp: [R, H]`, slot by slot (an empty slot's weights are not read).
+    pub fn forward_infer(&self, dw: &crate::decode_weights::DecodeWeights, xp: &[f32], offsets: &[usize]) -> Vec<f32> {
+        let (h, i) = (self.hidden, self.inter);
+        let mut yp = vec![0.0; xp.len()];
+        for j in 0..offsets.len() - 1 {
+            let (r0, r1) = (offsets[j], offsets[j + 1]);
+            if r0 == r1 {
+                continue;
+            }
+            let [gu, dn] = self.slot_ranges(j);
+            let act = swiglu(&dw.linear(&gu, &xp[r0 * h..r1 * h], r1 - r0, h, 2 * i), i);
+            yp[r0 * h..r1 * h].copy_from_slice(&dw.linear(&dn, &act, r1 - r0, i, h));
+        }
+        yp
+    }
+
     /// The down-projection `y = a · W_down[e]ᵀ` over every slot's rows.
     pub fn down(&self, w: &[f32], act: &[f32], offsets: &[usize]) -> Vec<f32> {
         grouped_linear(act, &w[self.down.clone()], offsets, self.inter, self.hidden)

@@ -217,6 +217,31 @@ impl MoeLayer {
         (y, MoeSaved { routing, aux, parts, n_experts: self.placement.n_experts(), local })
     }
 
+    /// Inference forward through decoding weights (nothing kept): `x: [N, H]` (normed) →
+    /// `y: [N, H]`. Under expert parallelism every rank of the group calls it together
+    /// (with its own rows, possibly none): the dispatcher exchanges the rows.
+    pub fn forward_infer(&self, dw: &crate::decode_weights::DecodeWeights, x: &[f32], n: usize, c: &MoeCtx) -> Vec<f32> {
+        let k = self.router.spec.top_k;
+        let d = self.dispatcher.over(c.exchange);
+        let (routing, _) = self.router.forward(&dw.w, x, n, None, 0.0);
+        let slots = match d.exchanges() {
+            true if !self.placement.is_identity() => Some(self.placement.route(&routing.experts)),
+            _ => None,
+        };
+        let targets = slots.as_deref().unwrap_or(&routing.experts);
+        let dispatching = d.start_dispatch(x, targets, &routing.weights, k);
+        let shared = self.shared.as_ref().map(|m| m.forward_infer(dw, x, n));
+        let (xp, handle) = d.finish_dispatch(dispatching);
+        let yp = self.experts.forward_infer(dw, &xp, &handle.offsets);
+        let returning = d.start_combine(yp, &handle);
+        let mut y = vec![0.0; x.len()];
+        d.finish_combine(returning, &handle, &mut y, &routing.weights);
+        if let Some(ys) = shared {
+            crate::tensor_ops::add_into(&mut y, &ys);
+        }
+        y
+    }
+
     /// Rebuilds what [`MoeSaved::release_act`] and [`MoeSaved::release_rows`] freed
     /// (`x`: the layer's input): the SwiGLU outputs, then the routed rows (the same
     /// permutation) and the expert outputs (the same down-projection).

@@ -1,0 +1,398 @@
+//! Weight-only quantised linear layers for decoding, where each token's step reads every
+//! active weight once and time is bytes over memory bandwidth: BF16 (2 bytes a weight)
+//! and INT8 with one symmetric scale per output channel (1 byte a weight + 4 bytes a row).
+//!
+//! - BF16: the upper 16 bits of the f32, rounded to nearest even; relative error of a
+//!   weight ≤ 2⁻⁸ (8 significant bits, half an ulp).
+//! - INT8: row `j` scaled by `s_j = max_c |W[j,c]| / 127`, `q = round(W / s_j)` in
+//!   [−127, 127]; `|W − s_j·q| ≤ s_j / 2` for every weight.
+//!
+//! `y = x · Wᵀ` dequantises on the fly: for a few rows of `x` (decode steps) each weight
+//! row is converted in registers and multiplied into every `x` row while it is in cache
+//! (a GEMV that reads the weights once); for many rows (prefill) blocks of weight rows
+//! are dequantised into an f32 scratch and multiplied by the GEMM. The loops are compiled
+//! for AVX-512, AVX2+FMA and the baseline and chosen at run time.
+
+use crate::gemm::{gemm_strided, Op, Strided};
+use crate::vmath::multiversion;
+use rayon::prelude::*;
+
+/// How a matrix's weights are stored for decoding.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WeightFormat {
+    /// as trained
+    F32,
+    /// bfloat16
+    Bf16,
+    /// int8, per-output-channel symmetric scale
+    Int8,
+}
+
+impl WeightFormat {
+    /// `f32`, `bf16` or `int8`.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "f32" => Some(WeightFormat::F32),
+            "bf16" => Some(WeightFormat::Bf16),
+            "int8" => Some(WeightFormat::Int8),
+            _ => None,
+        }
+    }
+
+    /// Its name.
+    pub fn name(&self) -> &'static str {
+        match self {
+            WeightFormat::F32 => "f32",
+            WeightFormat::Bf16 => "bf16",
+            WeightFormat::Int8 => "int8",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+enum QData {
+    Bf16(Vec<u16>),
+    Int8 { q: Vec<i8>, scale: Vec<f32> },
+}
+
+/// A `[rows, cols]` weight matrix (rows = outputs) in BF16 or INT8.
+#[derive(Clone, Debug)]
+pub struct QMatrix {
+    /// output channels
+    pub rows: usize,
+    /// input channels
+    pub cols: usize,
+    data: QData,
+}
+
+/// `x` rounded to the nearest bfloat16 (ties to even), as its 16 bits.
+pub fn to_bf16(x: f32) -> u16 {
+    let b = x.to_bits();
+    ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) as u16
+}
+
+/// The f32 of a bfloat16.
+#[inline(always)]
+pub fn from_bf16(b: u16) -> f32 {
+    f32::from_bits((b as u32) << 16)
+}
+
+/// `x` rows per register-blocked group in the GEMV.
+const GROUP: usize = 4;
+/// `x` rows up to which the GEMV runs (more: dequantise and GEMM).
+const GEMV_MAX_ROWS: usize = 8;
+/// Weight rows per parallel task.
+const ROWS_PER_TASK: usize = 32;
+const L: usize = 16;
+
+impl QMatrix {
+    /// Quantises `w: [rows, cols]` (`F32` is not a quantised format).
+    pub fn quantize(w: &[f32], rows: usize, cols: usize, format: WeightFormat) -> Self {
+        assert_eq!(w.len(), rows * cols, "a [rows, cols] matrix");
+        let data = match format {
+            WeightFormat::F32 => panic!("f32 weights are not quantised"),
+            WeightFormat::Bf16 => QData::Bf16(w.par_iter().map(|&x| to_bf16(x)).collect()),
+            WeightFormat::Int8 => {
+                let scale: Vec<f32> = w.par_chunks(cols.max(1)).map(|r| r.iter().fold(0.0f32, |m, x| m.max(x.abs())) / 127.0).collect();
+                let mut q = vec![0i8; rows * cols];
+                q.par_chunks_mut(cols.max(1)).zip(w.par_chunks(cols.max(1))).zip(&scale).for_each(|((q, r), &s)| {
+                    let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
+                    for (q, x) in q.iter_mut().zip(r) {
+                        *q = (x * inv).round().clamp(-127.0, 127.0) as i8;
+                    }
+                });
+                QData::Int8 { q, scale }
+            }
+        };
+        QMatrix { rows, cols, data }
+    }
+
+    /// Its format.
+    pub fn format(&self) -> WeightFormat {
+        match self.data {
+            QData::Bf16(_) => WeightFormat::Bf16,
+            QData::Int8 { .. } => WeightFormat::Int8,
+        }
+    }
+
+    /// Bytes held (what a pass over every row reads).
+    pub fn bytes(&self) -> usize {
+        match &self.data {
+            QData::Bf16(v) => 2 * v.len(),
+            QData::Int8 { q, scale } => q.len() + 4 * scale.len(),
+        }
+    }
+
+    /// Rows `r0..r1` as f32 into `out: [(r1 − r0), cols]`.
+    pub fn dequantize_rows(&self, r0: usize, r1: usize, out: &mut [f32]) {
+        let c = self.cols;
+        match &self.data {
+            QData::Bf16(v) => out.iter_mut().zip(&v[r0 * c..r1 * c]).for_each(|(o, &b)| *o = from_bf16(b)),
+            QData::Int8 { q, scale } => {
+                for (j, o) in (r0..r1).zip(out.chunks_mut(c)) {
+                    let s = scale[j];
+                    o.iter_mut().zip(&q[j * c..(j + 1) * c]).for_each(|(o, &x)| *o = x as f32 * s);
+                }
+            }
+        }
+    }
+
+    /// The whole matrix as f32.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let mut out = vec![0.0; self.rows * self.cols];
+        self.dequantize_rows(0, self.rows, &mut out);
+        out
+    }
+
+    /// `y = x · Wᵀ`: `x: [n, cols]` → `[n, rows]`.
+    pub fn linear(&self, x: &[f32], n: usize) -> Vec<f32> {
+        let (rows, cols) = (self.rows, self.cols);
+        assert_eq!(x.len(), n * cols, "x is [n, cols]");
+        let mut y = vec![0.0f32; n * rows];
+        if n == 0 || rows == 0 {
+            return y;
+        }
+        let tasks = rows.div_ceil(ROWS_PER_TASK);
+        if n <= GEMV_MAX_ROWS {
+            // Per task a [rows_in_task, n] block, then placed into y's columns.
+            let blocks: Vec<Vec<f32>> = (0..tasks)
+                .into_par_iter()
+                .map(|t| {
+                    let (r0, r1) = (t * ROWS_PER_TASK, ((t + 1) * ROWS_PER_TASK).min(rows));
+                    let mut out = vec![0.0f32; (r1 - r0) * n];
+                    for g0 in (0..n).step_by(GROUP) {
+                        let g = GROUP.min(n - g0);
+                        let xs = &x[g0 * cols..(g0 + g) * cols];
+                        let mut part = vec![0.0f32; (r1 - r0) * g];
+                        match &self.data {
+                            QData::Int8 { q, scale } => int8_rows(&q[r0 * cols..r1 * cols], &scale[r0..r1], xs, g, cols, &mut part),
+                            QData::Bf16(v) => bf16_rows(&v[r0 * cols..r1 * cols], xs, g, cols, &mut part),
+                        }
+                        for j in 0..r1 - r0 {
+                            out[j * n + g0..j * n + g0 + g].copy_from_slice(&part[j * g..(j + 1) * g]);
+                        }
+                    }
+                    out
+                })
+                .collect();
+            for (t, b) in blocks.iter().enumerate() {
+                let r0 = t * ROWS_PER_TASK;
+                for (j, row) in b.chunks(n).enumerate() {
+                    for (i, v) in row.iter().enumerate() {
+                        y[i * rows + r0 + j] = *v;
+                    }
+                }
+            }
+            return y;
+        }
+        // Many rows: dequantise a block of weight rows, multiply it into y's columns.
+        let yp = SendPtr(y.as_mut_ptr());
+        (0..tasks).into_par_iter().for_each_init(
+            || vec![0.0f32; ROWS_PER_TASK * cols],
+            |buf, t| {
+                let yp = yp;
+                let (r0, r1) = (t * ROWS_PER_TASK, ((t + 1) * ROWS_PER_TASK).min(rows));
+                self.dequantize_rows(r0, r1, &mut buf[..(r1 - r0) * cols]);
+                // SAFETY: columns r0..r1 of every y row belong to this task; buf holds
+                // (r1 − r0) rows of `cols`.
+                unsafe {
+                    gemm_strided(
+                        n,
+                        r1 - r0,
+                        cols,
+                        yp.0.add(r0),
+                        Strided::row_major(rows, Op::N),
+                        x.as_ptr(),
+                        Strided::row_major(cols, Op::N),
+                        buf.as_ptr(),
+                        Strided::row_major(cols, Op::T),
+                        false,
+                        1.0,
+                        false,
+                    );
+                }
+            },
+        );
+        y
+    }
+}
+
+/// `y = x · Wᵀ` for f32 `w: [rows, cols]`: the register-blocked GEMV for up to 8 rows
+/// of `x` (which reads each weight once), the GEMM otherwise.
+pub fn linear_f32(x: &[f32], w: &[f32], n: usize, cols: usize, rows: usize) -> Vec<f32> {
+    if n > GEMV_MAX_ROWS || n == 0 {
+        return crate::gemm::linear(x, w, n, cols, rows);
+    }
+    assert_eq!(w.len(), rows * cols, "w is [rows, cols]");
+    assert_eq!(x.len(), n * cols, "x is [n, cols]");
+    let tasks = rows.div_ceil(ROWS_PER_TASK);
+    let blocks: Vec<Vec<f32>> = (0..tasks)
+        .into_par_iter()
+        .map(|t| {
+            let (r0, r1) = (t * ROWS_PER_TASK, ((t + 1) * ROWS_PER_TASK).min(rows));
+            let mut out = vec![0.0f32; (r1 - r0) * n];
+            for g0 in (0..n).step_by(GROUP) {
+                let g = GROUP.min(n - g0);
+                let mut part = vec![0.0f32; (r1 - r0) * g];
+                f32_rows(&w[r0 * cols..r1 * cols], &x[g0 * cols..(g0 + g) * cols], g, cols, &mut part);
+                for j in 0..r1 - r0 {
+                    out[j * n + g0..j * n + g0 + g].copy_from_slice(&part[j * g..(j + 1) * g]);
+                }
+            }
+            out
+        })
+        .collect();
+    let mut y = vec![0.0f32; n * rows];
+    for (t, b) in blocks.iter().enumerate() {
+        for (j, row) in b.chunks(n).enumerate() {
+            for (i, v) in row.iter().enumerate() {
+                y[i * rows + t * ROWS_PER_TASK + j] = *v;
+            }
+        }
+    }
+    y
+}
+
+/// A raw pointer that may cross threads; every use writes a region no other task touches.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+/// `out[j, i] = Σ_c w(j, c) · x[i, c]` for `N` rows of `x`, the weight row given by
+/// `load(j, c, lanes)` (converted to f32 in registers), times `post(j)`.
+#[inline(always)]
+fn rows_kernel<const N: usize>(nrows: usize, cols: usize, x: &[f32], out: &mut [f32], load: impl Fn(usize, usize, &mut [f32; L]), post: impl Fn(usize) -> f32) {
+    let full = cols / L * L;
+    for j in 0..nrows {
+        let mut acc = [[0.0f32; L]; N];
+        let mut wv = [0.0f32; L];
+        let mut c = 0;
+        while c < full {
+            load(j, c, &mut wv);
+            for (i, a) in acc.iter_mut().enumerate() {
+                let xr: &[f32; L] = x[i * cols + c..i * cols + c + L].try_into().expect("L lanes");
+                for l in 0..L {
+                    a[l] = wv[l].mul_add(xr[l], a[l]);
+                }
+            }
+            c += L;
+        }
+        for (i, a) in acc.iter().enumerate() {
+            let mut s: f32 = a.iter().sum();
+            if full < cols {
+                let mut tail = [0.0f32; L];
+                load(j, full, &mut tail);
+                for (t, xv) in tail.iter().zip(&x[i * cols + full..(i + 1) * cols]) {
+                    s += t * xv;
+                }
+            }
+            out[j * N + i] = s * post(j);
+        }
+    }
+}
+
+multiversion! {
+    /// INT8 rows `q: [r, cols]` with scales `[r]` against `n ≤ 4` rows of `x` → `out: [r, n]`.
+    fn int8_rows(q: &[i8], scale: &[f32], x: &[f32], n: usize, cols: usize, out: &mut [f32]) {
+        let r = scale.len();
+        let load = |j: usize, c: usize, w: &mut [f32; L]| {
+            let src = &q[j * cols + c..(j * cols + c + L).min((j + 1) * cols)];
+            for (o, &v) in w.iter_mut().zip(src) {
+                *o = v as f32;
+            }
+        };
+        let post = |j: usize| scale[j];
+        match n {
+            1 => rows_kernel::<1>(r, cols, x, out, load, post),
+            2 => rows_kernel::<2>(r, cols, x, out, load, post),
+            3 => rows_kernel::<3>(r, cols, x, out, load, post),
+            _ => rows_kernel::<4>(r, cols, x, out, load, post),
+        }
+    }
+}
+
+multiversion! {
+    /// BF16 rows `v: [r, cols]` against `n ≤ 4` rows of `x` → `out: [r, n]`.
+    fn bf16_rows(v: &[u16], x: &[f32], n: usize, cols: usize, out: &mut [f32]) {
+        let r = v.len() / cols.max(1);
+        let load = |j: usize, c: usize, w: &mut [f32; L]| {
+            let src = &v[j * cols + c..(j * cols + c + L).min((j + 1) * cols)];
+            for (o, &b) in w.iter_mut().zip(src) {
+                *o = from_bf16(b);
+            }
+        };
+        let post = |_| 1.0;
+        match n {
+            1 => rows_kernel::<1>(r, cols, x, out, load, post),
+            2 => rows_kernel::<2>(r, cols, x, out, load, post),
+            3 => rows_kernel::<3>(r, cols, x, out, load, post),
+            _ => rows_kernel::<4>(r, cols, x, out, load, post),
+        }
+    }
+}
+
+multiversion! {
+    /// f32 rows `w: [r, cols]` against `n ≤ 4` rows of `x` → `out: [r, n]`.
+    fn f32_rows(w: &[f32], x: &[f32], n: usize, cols: usize, out: &mut [f32]) {
+        let r = w.len() / cols.max(1);
+        let load = |j: usize, c: usize, o: &mut [f32; L]| {
+            let src = &w[j * cols + c..(j * cols + c + L).min((j + 1) * cols)];
+            o[..src.len()].copy_from_slice(src);
+        };
+        let post = |_| 1.0;
+        match n {
+            1 => rows_kernel::<1>(r, cols, x, out, load, post),
+            2 => rows_kernel::<2>(r, cols, x, out, load, post),
+            3 => rows_kernel::<3>(r, cols, x, out, load, post),
+            _ => rows_kernel::<4>(r, cols, x, out, load, post),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gemm::linear;
+    use crate::testutil::*;
+
+    #[test]
+    fn quantisation_error_is_within_its_bound() {
+        let (rows, cols) = (37, 70);
+        let w: Vec<f32> = rand_vec(rows * cols, 1).iter().enumerate().map(|(i, x)| x * (1.0 + (i / cols) as f32)).collect();
+        let q8 = QMatrix::quantize(&w, rows, cols, WeightFormat::Int8).dequantize();
+        for (r, (a, b)) in w.chunks(cols).zip(q8.chunks(cols)).enumerate() {
+            let s = a.iter().fold(0.0f32, |m, x| m.max(x.abs())) / 127.0;
+            for (x, y) in a.iter().zip(b) {
+                assert!((x - y).abs() <= s / 2.0 * 1.0001, "row {r}: {x} vs {y} (scale {s})");
+            }
+        }
+        let b16 = QMatrix::quantize(&w, rows, cols, WeightFormat::Bf16).dequantize();
+        for (x, y) in w.iter().zip(&b16) {
+            assert!((x - y).abs() <= x.abs() * 2f32.powi(-8), "{x} vs {y}");
+        }
+        assert_eq!(to_bf16(1.0), 0x3F80);
+        assert_eq!(from_bf16(to_bf16(-2.5)), -2.5);
+    }
+
+    /// The fused kernels give the product with the dequantised matrix (up to summation
+    /// order) for every row count: the GEMV groups (1–8 rows) and the GEMM path.
+    #[test]
+    fn fused_products_equal_the_dequantised_product() {
+        for (rows, cols) in [(70, 45), (33, 128), (1, 16), (64, 7)] {
+            let w = rand_vec(rows * cols, 2);
+            for fmt in [WeightFormat::Int8, WeightFormat::Bf16] {
+                let q = QMatrix::quantize(&w, rows, cols, fmt);
+                let dq = q.dequantize();
+                for n in [1, 2, 3, 4, 5, 8, 9, 20] {
+                    let x = rand_vec(n * cols, 3 + n as u64);
+                    let want = linear(&x, &dq, n, cols, rows);
+                    let got = q.linear(&x, n);
+                    assert_close(&got, &want, 2e-5 * (cols as f32).sqrt(), &format!("{fmt:?} {rows}x{cols} n={n}"));
+                    let f = linear_f32(&x, &w, n, cols, rows);
+                    assert_close(&f, &linear(&x, &w, n, cols, rows), 2e-5 * (cols as f32).sqrt(), &format!("f32 {rows}x{cols} n={n}"));
+                }
+            }
+        }
+    }
+}

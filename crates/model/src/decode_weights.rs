@@ -1,0 +1,149 @@
+//! A model's weights as decoding reads them: the flat f32 buffer, and every projection
+//! and expert matrix also in BF16 or INT8 when asked (`--weights`), multiplied by the
+//! fused dequantising kernels of [`ultramoe_kernels::qlinear`].
+//!
+//! Quantised: attention projections (GQA's fused q/k/v and output; MLA's fused
+//! down-projection, query up-projection and output), dense and shared-expert MLPs, every
+//! routed expert, and the LM head. Kept in f32: embeddings (a row lookup), norms, router
+//! gates (small, and the expert choice is sensitive to them), and MLA's `kv_b`, which the
+//! absorbed attention reads per head.
+
+use crate::attention::MlaAttention;
+use crate::decoder::{AttnBlock, DecoderLayer, FfnBlock};
+use crate::mlp::Mlp;
+use crate::params::Slot;
+use crate::Model;
+use std::collections::HashMap;
+use ultramoe_kernels::qlinear::{linear_f32, QMatrix, WeightFormat};
+
+/// Weights for decoding.
+pub struct DecodeWeights {
+    /// every weight in f32, at the model's layout offsets
+    pub w: Vec<f32>,
+    /// the format of the quantised matrices (`F32`: none)
+    pub format: WeightFormat,
+    /// quantised matrices by their slot's start
+    q: HashMap<usize, (Slot, QMatrix)>,
+}
+
+/// `(slot, rows, cols)` of every matrix decoding multiplies by, in the model's order.
+fn matrices(model: &Model) -> Vec<(Slot, usize, usize)> {
+    let mut out: Vec<_> = model.layers.iter().flat_map(layer_matrices).collect();
+    if let Some(head) = &model.lm_head {
+        out.push((head.clone(), model.cfg.vocab_size, model.cfg.hidden));
+    }
+    out
+}
+
+/// The matrices of one decoder layer.
+fn layer_matrices(l: &DecoderLayer) -> Vec<(Slot, usize, usize)> {
+    let mut out = vec![];
+    let mlp = |m: &Mlp, out: &mut Vec<(Slot, usize, usize)>| {
+        out.push((m.gate_up.clone(), 2 * m.inter, m.hidden));
+        out.push((m.down.clone(), m.hidden, m.inter));
+    };
+    {
+        match &l.attn {
+            AttnBlock::Gqa(a) => {
+                out.push((a.qkv.clone(), (a.nh + 2 * a.nkv) * a.hd, a.hidden));
+                out.push((a.o.clone(), a.hidden, a.nh * a.hd));
+            }
+            AttnBlock::Mla(a) => {
+                let MlaAttention { hidden, nh, q_lora, kv_lora, nope, rope_dim, dv, .. } = *a;
+                let q_in = if q_lora > 0 { q_lora } else { nh * (nope + rope_dim) };
+                out.push((a.a.clone(), q_in + kv_lora + rope_dim, hidden));
+                if let Some(qb) = &a.q_b {
+                    out.push((qb.clone(), nh * (nope + rope_dim), q_lora));
+                }
+                out.push((a.o.clone(), hidden, nh * dv));
+            }
+        }
+        match &l.ffn {
+            FfnBlock::Dense(m) => mlp(m, &mut out),
+            FfnBlock::Moe(m) => {
+                if let Some(s) = &m.shared {
+                    mlp(s, &mut out);
+                }
+                let e = &m.experts;
+                let slots = e.gate_up.len() / (2 * e.inter * e.hidden).max(1);
+                for j in 0..slots {
+                    let [gu, dn] = e.slot_ranges(j);
+                    out.push((gu, 2 * e.inter, e.hidden));
+                    out.push((dn, e.hidden, e.inter));
+                }
+            }
+        }
+    }
+    out
+}
+
+impl DecodeWeights {
+    /// `w` laid out for `model`, its matrices converted to `format`.
+    pub fn new(model: &Model, w: Vec<f32>, format: WeightFormat) -> Self {
+        assert_eq!(w.len(), model.layout.total, "weights laid out for this model");
+        let q = match format {
+            WeightFormat::F32 => HashMap::new(),
+            _ => matrices(model)
+                .into_iter()
+                .map(|(slot, rows, cols)| {
+                    let m = QMatrix::quantize(&w[slot.clone()], rows, cols, format);
+                    (slot.start, (slot, m))
+                })
+                .collect(),
+        };
+        DecodeWeights { w, format, q }
+    }
+
+    /// `y = x · W[slot]ᵀ` for `x: [n, d_in]`, `W: [d_out, d_in]`, through the quantised
+    /// copy when there is one.
+    pub fn linear(&self, slot: &Slot, x: &[f32], n: usize, d_in: usize, d_out: usize) -> Vec<f32> {
+        match self.q.get(&slot.start) {
+            Some((s, m)) if s == slot => {
+                debug_assert_eq!((m.rows, m.cols), (d_out, d_in));
+                m.linear(x, n)
+            }
+            _ => linear_f32(x, &self.w[slot.clone()], n, d_in, d_out),
+        }
+    }
+
+    /// The f32 weights with every quantised matrix replaced by its dequantised values:
+    /// what the quantised model computes, for the f32 kernels.
+    pub fn dequantized(&self) -> Vec<f32> {
+        let mut w = self.w.clone();
+        for (slot, m) in self.q.values() {
+            w[slot.clone()].copy_from_slice(&m.dequantize());
+        }
+        w
+    }
+
+    /// Bytes a pass through `slot`'s matrix reads.
+    pub fn matrix_bytes(&self, slot: &Slot) -> usize {
+        match self.q.get(&slot.start) {
+            Some((s, m)) if s == slot => m.bytes(),
+            _ => 4 * slot.len(),
+        }
+    }
+
+    /// Bytes one decoded token reads at most from the weights of `model`: every matrix
+    /// but the routed experts in full, the routed experts as `top_k` of each MoE layer's
+    /// experts (the active share), plus the token's embedding row and the norms.
+    pub fn bytes_per_token(&self, model: &Model) -> usize {
+        let mut total = 4 * model.cfg.hidden;
+        for l in &model.layers {
+            let mut experts = vec![];
+            if let FfnBlock::Moe(m) = &l.ffn {
+                let e = &m.experts;
+                let slots = e.gate_up.len() / (2 * e.inter * e.hidden).max(1);
+                let bytes: usize = (0..slots).map(|j| e.slot_ranges(j).iter().map(|r| self.matrix_bytes(r)).sum::<usize>()).sum();
+                total += bytes * m.router.spec.top_k / slots.max(1);
+                experts = (0..slots).flat_map(|j| e.slot_ranges(j)).collect();
+            }
+            for (slot, _, _) in layer_matrices(l) {
+                if !experts.contains(&slot) {
+                    total += self.matrix_bytes(&slot);
+                }
+            }
+        }
+        total + model.lm_head.as_ref().map_or(0, |h| self.matrix_bytes(h))
+    }
+}
