@@ -14,7 +14,7 @@
 //! for AVX-512, AVX2+FMA and the baseline and chosen at run time.
 
 use crate::gemm::{gemm_strided, Op, Strided};
-use crate::vmath::multiversion;
+use crate::gemv::{gemv_rows, Rows};
 use rayon::prelude::*;
 
 /// How a matrix's weights are stored for decoding.
@@ -83,7 +83,6 @@ const GROUP: usize = 4;
 const GEMV_MAX_ROWS: usize = 8;
 /// Weight rows per parallel task.
 const ROWS_PER_TASK: usize = 32;
-const L: usize = 16;
 
 impl QMatrix {
     /// Quantises `w: [rows, cols]` (`F32` is not a quantised format).
@@ -144,113 +143,134 @@ impl QMatrix {
         out
     }
 
-    /// `y = x · Wᵀ`: `x: [n, cols]` → `[n, rows]`.
+    /// Rows `r0..r1` for the GEMV.
+    fn rows(&self, r0: usize, r1: usize) -> Rows<'_> {
+        let c = self.cols;
+        match &self.data {
+            QData::Int8 { q, scale } => Rows::Int8(&q[r0 * c..r1 * c], &scale[r0..r1]),
+            QData::Bf16(v) => Rows::Bf16(&v[r0 * c..r1 * c]),
+        }
+    }
+
+    /// `y = x · Wᵀ`: `x: [n, cols]` → `[n, rows]`, on every thread.
     pub fn linear(&self, x: &[f32], n: usize) -> Vec<f32> {
+        self.linear_on(x, n, true)
+    }
+
+    /// [`QMatrix::linear`] on this thread alone (`parallel = false`): for many small
+    /// products run side by side, such as the experts of one decode step.
+    pub fn linear_on(&self, x: &[f32], n: usize, parallel: bool) -> Vec<f32> {
         let (rows, cols) = (self.rows, self.cols);
         assert_eq!(x.len(), n * cols, "x is [n, cols]");
-        let mut y = vec![0.0f32; n * rows];
-        if n == 0 || rows == 0 {
-            return y;
-        }
-        let tasks = rows.div_ceil(ROWS_PER_TASK);
         if n <= GEMV_MAX_ROWS {
-            // Per task a [rows_in_task, n] block, then placed into y's columns.
-            let blocks: Vec<Vec<f32>> = (0..tasks)
-                .into_par_iter()
-                .map(|t| {
-                    let (r0, r1) = (t * ROWS_PER_TASK, ((t + 1) * ROWS_PER_TASK).min(rows));
-                    let mut out = vec![0.0f32; (r1 - r0) * n];
-                    for g0 in (0..n).step_by(GROUP) {
-                        let g = GROUP.min(n - g0);
-                        let xs = &x[g0 * cols..(g0 + g) * cols];
-                        let mut part = vec![0.0f32; (r1 - r0) * g];
-                        match &self.data {
-                            QData::Int8 { q, scale } => int8_rows(&q[r0 * cols..r1 * cols], &scale[r0..r1], xs, g, cols, &mut part),
-                            QData::Bf16(v) => bf16_rows(&v[r0 * cols..r1 * cols], xs, g, cols, &mut part),
-                        }
-                        for j in 0..r1 - r0 {
-                            out[j * n + g0..j * n + g0 + g].copy_from_slice(&part[j * g..(j + 1) * g]);
-                        }
-                    }
-                    out
-                })
-                .collect();
-            for (t, b) in blocks.iter().enumerate() {
-                let r0 = t * ROWS_PER_TASK;
-                for (j, row) in b.chunks(n).enumerate() {
-                    for (i, v) in row.iter().enumerate() {
-                        y[i * rows + r0 + j] = *v;
-                    }
-                }
-            }
-            return y;
+            return gemv(&|r0, r1| self.rows(r0, r1), x, n, rows, cols, parallel);
         }
         // Many rows: dequantise a block of weight rows, multiply it into y's columns.
+        let mut y = vec![0.0f32; n * rows];
+        let per = rows_per_task(rows, cols, parallel);
         let yp = SendPtr(y.as_mut_ptr());
-        (0..tasks).into_par_iter().for_each_init(
-            || vec![0.0f32; ROWS_PER_TASK * cols],
-            |buf, t| {
-                let yp = yp;
-                let (r0, r1) = (t * ROWS_PER_TASK, ((t + 1) * ROWS_PER_TASK).min(rows));
-                self.dequantize_rows(r0, r1, &mut buf[..(r1 - r0) * cols]);
-                // SAFETY: columns r0..r1 of every y row belong to this task; buf holds
-                // (r1 − r0) rows of `cols`.
-                unsafe {
-                    gemm_strided(
-                        n,
-                        r1 - r0,
-                        cols,
-                        yp.0.add(r0),
-                        Strided::row_major(rows, Op::N),
-                        x.as_ptr(),
-                        Strided::row_major(cols, Op::N),
-                        buf.as_ptr(),
-                        Strided::row_major(cols, Op::T),
-                        false,
-                        1.0,
-                        false,
-                    );
-                }
-            },
-        );
+        let task = |buf: &mut Vec<f32>, t: usize| {
+            let yp = yp;
+            let (r0, r1) = (t * per, ((t + 1) * per).min(rows));
+            buf.resize((r1 - r0) * cols, 0.0);
+            self.dequantize_rows(r0, r1, buf);
+            // SAFETY: columns r0..r1 of every y row belong to this task; buf holds
+            // (r1 − r0) rows of `cols`.
+            unsafe {
+                gemm_strided(
+                    n,
+                    r1 - r0,
+                    cols,
+                    yp.0.add(r0),
+                    Strided::row_major(rows, Op::N),
+                    x.as_ptr(),
+                    Strided::row_major(cols, Op::N),
+                    buf.as_ptr(),
+                    Strided::row_major(cols, Op::T),
+                    false,
+                    1.0,
+                    false,
+                );
+            }
+        };
+        let tasks = rows.div_ceil(per);
+        if parallel {
+            (0..tasks).into_par_iter().for_each_init(Vec::new, task);
+        } else {
+            let mut buf = Vec::new();
+            (0..tasks).for_each(|t| task(&mut buf, t));
+        }
         y
     }
 }
 
-/// `y = x · Wᵀ` for f32 `w: [rows, cols]`: the register-blocked GEMV for up to 8 rows
-/// of `x` (which reads each weight once), the GEMM otherwise.
-pub fn linear_f32(x: &[f32], w: &[f32], n: usize, cols: usize, rows: usize) -> Vec<f32> {
-    if n > GEMV_MAX_ROWS || n == 0 {
-        return crate::gemm::linear(x, w, n, cols, rows);
+/// Weight rows per task: a few tasks per thread, each at least 32 rows, so a task's
+/// start costs little against its reads (all rows when serial).
+fn rows_per_task(rows: usize, cols: usize, parallel: bool) -> usize {
+    if !parallel {
+        return rows.max(1);
     }
-    assert_eq!(w.len(), rows * cols, "w is [rows, cols]");
-    assert_eq!(x.len(), n * cols, "x is [n, cols]");
-    let tasks = rows.div_ceil(ROWS_PER_TASK);
-    let blocks: Vec<Vec<f32>> = (0..tasks)
-        .into_par_iter()
-        .map(|t| {
-            let (r0, r1) = (t * ROWS_PER_TASK, ((t + 1) * ROWS_PER_TASK).min(rows));
-            let mut out = vec![0.0f32; (r1 - r0) * n];
-            for g0 in (0..n).step_by(GROUP) {
-                let g = GROUP.min(n - g0);
-                let mut part = vec![0.0f32; (r1 - r0) * g];
-                f32_rows(&w[r0 * cols..r1 * cols], &x[g0 * cols..(g0 + g) * cols], g, cols, &mut part);
-                for j in 0..r1 - r0 {
-                    out[j * n + g0..j * n + g0 + g].copy_from_slice(&part[j * g..(j + 1) * g]);
-                }
-            }
-            out
-        })
-        .collect();
+    let tasks = 4 * rayon::current_num_threads();
+    let min = (MIN_TASK_WEIGHTS / cols.max(1)).max(ROWS_PER_TASK);
+    rows.div_ceil(tasks).max(min).next_multiple_of(4)
+}
+
+/// Weights a parallel GEMV task reads at least.
+const MIN_TASK_WEIGHTS: usize = 1 << 15;
+
+/// The GEMV over `rows` weight rows given block by block by `block(r0, r1)`, for `n ≤ 8`
+/// rows of `x` (in groups of up to 4): `[n, rows]`.
+fn gemv<'a>(block: &(dyn Fn(usize, usize) -> Rows<'a> + Sync), x: &[f32], n: usize, rows: usize, cols: usize, parallel: bool) -> Vec<f32> {
     let mut y = vec![0.0f32; n * rows];
+    if n == 0 || rows == 0 {
+        return y;
+    }
+    let per = rows_per_task(rows, cols, parallel);
+    // Per task a [rows_in_task, n] block, then placed into y's columns.
+    let task = |t: usize| {
+        let (r0, r1) = (t * per, ((t + 1) * per).min(rows));
+        let mut out = vec![0.0f32; (r1 - r0) * n];
+        let mut part = vec![0.0f32; (r1 - r0) * GROUP.min(n)];
+        for g0 in (0..n).step_by(GROUP) {
+            let g = GROUP.min(n - g0);
+            let part = &mut part[..(r1 - r0) * g];
+            gemv_rows(block(r0, r1), &x[g0 * cols..(g0 + g) * cols], g, cols, part);
+            if g == n {
+                return part.to_vec();
+            }
+            for j in 0..r1 - r0 {
+                out[j * n + g0..j * n + g0 + g].copy_from_slice(&part[j * g..(j + 1) * g]);
+            }
+        }
+        out
+    };
+    let tasks = rows.div_ceil(per);
+    let blocks: Vec<Vec<f32>> = if parallel { (0..tasks).into_par_iter().map(task).collect() } else { (0..tasks).map(task).collect() };
     for (t, b) in blocks.iter().enumerate() {
         for (j, row) in b.chunks(n).enumerate() {
             for (i, v) in row.iter().enumerate() {
-                y[i * rows + t * ROWS_PER_TASK + j] = *v;
+                y[i * rows + t * per + j] = *v;
             }
         }
     }
     y
+}
+
+/// `y = x · Wᵀ` for f32 `w: [rows, cols]`: the register-blocked GEMV for up to 8 rows
+/// of `x` (which reads each weight once), the GEMM otherwise; on this thread alone
+/// unless `parallel`.
+pub fn linear_f32(x: &[f32], w: &[f32], n: usize, cols: usize, rows: usize, parallel: bool) -> Vec<f32> {
+    if n > GEMV_MAX_ROWS || n == 0 {
+        if parallel {
+            return crate::gemm::linear(x, w, n, cols, rows);
+        }
+        let mut y = vec![0.0; n * rows];
+        crate::gemm::matmul_serial(&mut y, x, Op::N, w, Op::T, n, rows, cols, false, 1.0);
+        return y;
+    }
+    assert_eq!(w.len(), rows * cols, "w is [rows, cols]");
+    assert_eq!(x.len(), n * cols, "x is [n, cols]");
+    gemv(&|r0, r1| Rows::F32(&w[r0 * cols..r1 * cols]), x, n, rows, cols, parallel)
 }
 
 /// A raw pointer that may cross threads; every use writes a region no other task touches.
@@ -258,97 +278,6 @@ pub fn linear_f32(x: &[f32], w: &[f32], n: usize, cols: usize, rows: usize) -> V
 struct SendPtr(*mut f32);
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
-
-/// `out[j, i] = Σ_c w(j, c) · x[i, c]` for `N` rows of `x`, the weight row given by
-/// `load(j, c, lanes)` (converted to f32 in registers), times `post(j)`.
-#[inline(always)]
-fn rows_kernel<const N: usize>(nrows: usize, cols: usize, x: &[f32], out: &mut [f32], load: impl Fn(usize, usize, &mut [f32; L]), post: impl Fn(usize) -> f32) {
-    let full = cols / L * L;
-    for j in 0..nrows {
-        let mut acc = [[0.0f32; L]; N];
-        let mut wv = [0.0f32; L];
-        let mut c = 0;
-        while c < full {
-            load(j, c, &mut wv);
-            for (i, a) in acc.iter_mut().enumerate() {
-                let xr: &[f32; L] = x[i * cols + c..i * cols + c + L].try_into().expect("L lanes");
-                for l in 0..L {
-                    a[l] = wv[l].mul_add(xr[l], a[l]);
-                }
-            }
-            c += L;
-        }
-        for (i, a) in acc.iter().enumerate() {
-            let mut s: f32 = a.iter().sum();
-            if full < cols {
-                let mut tail = [0.0f32; L];
-                load(j, full, &mut tail);
-                for (t, xv) in tail.iter().zip(&x[i * cols + full..(i + 1) * cols]) {
-                    s += t * xv;
-                }
-            }
-            out[j * N + i] = s * post(j);
-        }
-    }
-}
-
-multiversion! {
-    /// INT8 rows `q: [r, cols]` with scales `[r]` against `n ≤ 4` rows of `x` → `out: [r, n]`.
-    fn int8_rows(q: &[i8], scale: &[f32], x: &[f32], n: usize, cols: usize, out: &mut [f32]) {
-        let r = scale.len();
-        let load = |j: usize, c: usize, w: &mut [f32; L]| {
-            let src = &q[j * cols + c..(j * cols + c + L).min((j + 1) * cols)];
-            for (o, &v) in w.iter_mut().zip(src) {
-                *o = v as f32;
-            }
-        };
-        let post = |j: usize| scale[j];
-        match n {
-            1 => rows_kernel::<1>(r, cols, x, out, load, post),
-            2 => rows_kernel::<2>(r, cols, x, out, load, post),
-            3 => rows_kernel::<3>(r, cols, x, out, load, post),
-            _ => rows_kernel::<4>(r, cols, x, out, load, post),
-        }
-    }
-}
-
-multiversion! {
-    /// BF16 rows `v: [r, cols]` against `n ≤ 4` rows of `x` → `out: [r, n]`.
-    fn bf16_rows(v: &[u16], x: &[f32], n: usize, cols: usize, out: &mut [f32]) {
-        let r = v.len() / cols.max(1);
-        let load = |j: usize, c: usize, w: &mut [f32; L]| {
-            let src = &v[j * cols + c..(j * cols + c + L).min((j + 1) * cols)];
-            for (o, &b) in w.iter_mut().zip(src) {
-                *o = from_bf16(b);
-            }
-        };
-        let post = |_| 1.0;
-        match n {
-            1 => rows_kernel::<1>(r, cols, x, out, load, post),
-            2 => rows_kernel::<2>(r, cols, x, out, load, post),
-            3 => rows_kernel::<3>(r, cols, x, out, load, post),
-            _ => rows_kernel::<4>(r, cols, x, out, load, post),
-        }
-    }
-}
-
-multiversion! {
-    /// f32 rows `w: [r, cols]` against `n ≤ 4` rows of `x` → `out: [r, n]`.
-    fn f32_rows(w: &[f32], x: &[f32], n: usize, cols: usize, out: &mut [f32]) {
-        let r = w.len() / cols.max(1);
-        let load = |j: usize, c: usize, o: &mut [f32; L]| {
-            let src = &w[j * cols + c..(j * cols + c + L).min((j + 1) * cols)];
-            o[..src.len()].copy_from_slice(src);
-        };
-        let post = |_| 1.0;
-        match n {
-            1 => rows_kernel::<1>(r, cols, x, out, load, post),
-            2 => rows_kernel::<2>(r, cols, x, out, load, post),
-            3 => rows_kernel::<3>(r, cols, x, out, load, post),
-            _ => rows_kernel::<4>(r, cols, x, out, load, post),
-        }
-    }
-}
 
 #[cfg(test)]
 mod tests {
@@ -389,7 +318,9 @@ mod tests {
                     let want = linear(&x, &dq, n, cols, rows);
                     let got = q.linear(&x, n);
                     assert_close(&got, &want, 2e-5 * (cols as f32).sqrt(), &format!("{fmt:?} {rows}x{cols} n={n}"));
-                    let f = linear_f32(&x, &w, n, cols, rows);
+                    let f = linear_f32(&x, &w, n, cols, rows, true);
+                    assert_close(&linear_f32(&x, &w, n, cols, rows, false), &f, 1e-6, "serial");
+                    assert_close(&q.linear_on(&x, n, false), &got, 1e-6, "serial");
                     assert_close(&f, &linear(&x, &w, n, cols, rows), 2e-5 * (cols as f32).sqrt(), &format!("f32 {rows}x{cols} n={n}"));
                 }
             }

@@ -225,7 +225,10 @@ impl GqaAttention {
         let (n, h, hd) = (c.positions.len(), self.hidden, self.hd);
         let (qw, kw) = (self.nh * hd, self.nkv * hd);
         let width = qw + 2 * kw;
-        let qkv = dw.linear(&self.qkv, x, n, h, width);
+        let qkv = {
+            let _p = ultramoe_kernels::profile::scope("decode.attn.proj");
+            dw.linear(&self.qkv, x, n, h, width)
+        };
         let (mut q, mut k, v) = (take_cols(&qkv, width, 0, qw), take_cols(&qkv, width, qw, kw), take_cols(&qkv, width, qw + kw, kw));
         drop(qkv);
         if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
@@ -238,6 +241,7 @@ impl GqaAttention {
         c.rope.apply_at(&mut q, qw, c.positions, self.nh, hd, 0);
         c.rope.apply_at(&mut k, kw, c.positions, self.nkv, hd, 0);
         let mut o = vec![0.0; n * qw];
+        let _core = ultramoe_kernels::profile::scope("decode.attn.core");
         for (span, cache) in c.spans.iter().zip(caches.iter_mut()) {
             let LayerKv::Gqa { k: ck, v: cv } = &mut **cache else { panic!("a GQA layer needs a GQA cache") };
             assert_eq!(ck.len(), span.past * kw, "the cache holds the span's past");
@@ -247,6 +251,8 @@ impl GqaAttention {
             let rows = span.rows();
             kv_attention_forward(&mut o[rows.start * qw..rows.end * qw], &q[rows.start * qw..rows.end * qw], ck, cv, shape, self.scale);
         }
+        drop(_core);
+        let _p = ultramoe_kernels::profile::scope("decode.attn.proj");
         dw.linear(&self.o, &o, n, qw, self.hidden)
     }
 }

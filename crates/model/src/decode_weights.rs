@@ -97,12 +97,17 @@ impl DecodeWeights {
     /// `y = x · W[slot]ᵀ` for `x: [n, d_in]`, `W: [d_out, d_in]`, through the quantised
     /// copy when there is one.
     pub fn linear(&self, slot: &Slot, x: &[f32], n: usize, d_in: usize, d_out: usize) -> Vec<f32> {
+        self.linear_on(slot, x, n, d_in, d_out, true)
+    }
+
+    /// [`DecodeWeights::linear`] on this thread alone unless `parallel`.
+    pub fn linear_on(&self, slot: &Slot, x: &[f32], n: usize, d_in: usize, d_out: usize, parallel: bool) -> Vec<f32> {
         match self.q.get(&slot.start) {
             Some((s, m)) if s == slot => {
                 debug_assert_eq!((m.rows, m.cols), (d_out, d_in));
-                m.linear(x, n)
+                m.linear_on(x, n, parallel)
             }
-            _ => linear_f32(x, &self.w[slot.clone()], n, d_in, d_out),
+            _ => linear_f32(x, &self.w[slot.clone()], n, d_in, d_out, parallel),
         }
     }
 

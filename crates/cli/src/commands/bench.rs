@@ -19,6 +19,9 @@ pub enum BenchCommand {
     Train(BenchTrainArgs),
     /// Grouped GEMM over experts against one dense GEMM of the same total size.
     Gemm(BenchGemmArgs),
+    /// Prefill and decode tokens/s of a model directory per weight format and batch size,
+    /// against the memory-bandwidth limit measured alongside.
+    Decode(super::bench_decode::BenchDecodeArgs),
     /// All-to-all-v latency and bandwidth against message size (vs plain MPI under mpirun).
     Comm(super::bench_comm::BenchCommArgs),
 }
@@ -85,6 +88,7 @@ pub fn run(c: BenchCommand) -> CliResult {
         BenchCommand::Train(a) => bench_train(a),
         BenchCommand::Gemm(a) => bench_gemm(a),
         BenchCommand::Comm(a) => super::bench_comm::run(a),
+        BenchCommand::Decode(a) => super::bench_decode::run(a),
     }
 }
 
@@ -121,11 +125,7 @@ fn bench_train(a: BenchTrainArgs) -> CliResult {
     let med = median(times.clone());
     let tokens = (a.batch * a.seq) as f64;
     println!("model          {} ({:.2}M params, {:.2}M active)", a.config.display(), tr.model.n_params() as f64 / 1e6, tr.model.active_params() as f64 / 1e6);
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|t| t.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split(':').nth(1)).map(|n| n.trim().to_string()))
-        .unwrap_or_else(|| std::env::consts::ARCH.to_string());
-    println!("cpu            {cpu}; vector ISA {}", ultramoe_kernels::gemm::vector_isa());
+    println!("cpu            {}; vector ISA {}", cpu_name(), ultramoe_kernels::gemm::vector_isa());
     println!("step           batch {} × seq {} = {} tokens, f32, {} threads", a.batch, a.seq, tokens, rayon::current_num_threads());
     println!("step time      median {:.4} s (min {:.4}, max {:.4}, {} steps)", med, times.iter().cloned().fold(f64::MAX, f64::min), times.iter().cloned().fold(0.0, f64::max), a.steps);
     println!("throughput     {:.0} tokens/s", tokens / med);
@@ -196,4 +196,12 @@ fn bench_gemm(a: BenchGemmArgs) -> CliResult {
     println!("forward   {:>10.1} GF/s {:>10.1} GF/s {:>10.2}", flops / g_fwd / 1e9, flops / d_fwd / 1e9, d_fwd / g_fwd);
     println!("backward  {:>10.1} GF/s {:>10.1} GF/s {:>10.2}", 2.0 * flops / g_bwd / 1e9, 2.0 * flops / d_bwd / 1e9, d_bwd / g_bwd);
     Ok(())
+}
+
+/// The CPU's model name from /proc/cpuinfo (the architecture elsewhere).
+pub fn cpu_name() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| t.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split(':').nth(1)).map(|n| n.trim().to_string()))
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string())
 }

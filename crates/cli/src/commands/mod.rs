@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod bench_comm;
+pub mod bench_decode;
 pub mod calibrate;
 pub mod demo;
 pub mod eval;

@@ -64,18 +64,24 @@ impl GroupedExperts {
     }
 
     /// Inference forward through decoding weights: `xp: [R, H]` grouped by `offsets` →
-    /// `yp: [R, H]`, slot by slot (an empty slot's weights are not read).
+    /// `yp: [R, H]` (an empty slot's weights are not read). With few rows per slot
+    /// (decoding) the slots run side by side, one thread each; with many, one after
+    /// another on every thread.
     pub fn forward_infer(&self, dw: &crate::decode_weights::DecodeWeights, xp: &[f32], offsets: &[usize]) -> Vec<f32> {
+        use rayon::prelude::*;
         let (h, i) = (self.hidden, self.inter);
-        let mut yp = vec![0.0; xp.len()];
-        for j in 0..offsets.len() - 1 {
+        let busy: Vec<usize> = (0..offsets.len() - 1).filter(|&j| offsets[j + 1] > offsets[j]).collect();
+        let few = busy.iter().all(|&j| offsets[j + 1] - offsets[j] <= 8);
+        let one = |j: usize, parallel: bool| {
             let (r0, r1) = (offsets[j], offsets[j + 1]);
-            if r0 == r1 {
-                continue;
-            }
             let [gu, dn] = self.slot_ranges(j);
-            let act = swiglu(&dw.linear(&gu, &xp[r0 * h..r1 * h], r1 - r0, h, 2 * i), i);
-            yp[r0 * h..r1 * h].copy_from_slice(&dw.linear(&dn, &act, r1 - r0, i, h));
+            let act = swiglu(&dw.linear_on(&gu, &xp[r0 * h..r1 * h], r1 - r0, h, 2 * i, parallel), i);
+            dw.linear_on(&dn, &act, r1 - r0, i, h, parallel)
+        };
+        let outs: Vec<Vec<f32>> = if few { busy.par_iter().map(|&j| one(j, false)).collect() } else { busy.iter().map(|&j| one(j, true)).collect() };
+        let mut yp = vec![0.0; xp.len()];
+        for (&j, y) in busy.iter().zip(outs) {
+            yp[offsets[j] * h..offsets[j + 1] * h].copy_from_slice(&y);
         }
         yp
     }

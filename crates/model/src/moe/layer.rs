@@ -223,16 +223,25 @@ impl MoeLayer {
     pub fn forward_infer(&self, dw: &crate::decode_weights::DecodeWeights, x: &[f32], n: usize, c: &MoeCtx) -> Vec<f32> {
         let k = self.router.spec.top_k;
         let d = self.dispatcher.over(c.exchange);
-        let (routing, _) = self.router.forward(&dw.w, x, n, None, 0.0);
+        let (routing, _) = {
+            let _p = ultramoe_kernels::profile::scope("decode.moe.router");
+            self.router.forward(&dw.w, x, n, None, 0.0)
+        };
         let slots = match d.exchanges() {
             true if !self.placement.is_identity() => Some(self.placement.route(&routing.experts)),
             _ => None,
         };
         let targets = slots.as_deref().unwrap_or(&routing.experts);
         let dispatching = d.start_dispatch(x, targets, &routing.weights, k);
-        let shared = self.shared.as_ref().map(|m| m.forward_infer(dw, x, n));
+        let shared = {
+            let _p = ultramoe_kernels::profile::scope("decode.moe.shared");
+            self.shared.as_ref().map(|m| m.forward_infer(dw, x, n))
+        };
         let (xp, handle) = d.finish_dispatch(dispatching);
-        let yp = self.experts.forward_infer(dw, &xp, &handle.offsets);
+        let yp = {
+            let _p = ultramoe_kernels::profile::scope("decode.moe.experts");
+            self.experts.forward_infer(dw, &xp, &handle.offsets)
+        };
         let returning = d.start_combine(yp, &handle);
         let mut y = vec![0.0; x.len()];
         d.finish_combine(returning, &handle, &mut y, &routing.weights);

@@ -1,0 +1,216 @@
+//! The decode GEMV: `out[j, i] = s_j · Σ_c W[j, c] · x[i, c]` for a block of weight rows
+//! stored as f32, BF16 or INT8 (scale `s_j`; 1 otherwise) against up to four rows of `x`.
+//!
+//! Each weight is read once, widened to f32 in registers (INT8: sign-extend then
+//! convert; BF16: zero-extend and shift into the upper half) and multiplied into every
+//! `x` row while it is in a register, with two accumulators per `x` row so consecutive
+//! fused multiply-adds do not wait on each other, and the weights 2 KiB ahead are
+//! prefetched. AVX-512 (16 lanes) and AVX2+FMA
+//! (8 lanes) versions are written with intrinsics and chosen at run time; a scalar loop
+//! serves any other CPU.
+
+/// A block of weight rows, `[rows, cols]`.
+#[derive(Clone, Copy)]
+pub enum Rows<'a> {
+    /// f32 weights
+    F32(&'a [f32]),
+    /// bfloat16 bits
+    Bf16(&'a [u16]),
+    /// int8 weights and one scale per row
+    Int8(&'a [i8], &'a [f32]),
+}
+
+impl Rows<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Rows::F32(w) => w.len(),
+            Rows::Bf16(w) => w.len(),
+            Rows::Int8(w, _) => w.len(),
+        }
+    }
+
+    #[inline(always)]
+    fn get(&self, i: usize) -> f32 {
+        match self {
+            Rows::F32(w) => w[i],
+            Rows::Bf16(w) => f32::from_bits((w[i] as u32) << 16),
+            Rows::Int8(w, _) => w[i] as f32,
+        }
+    }
+
+    #[inline(always)]
+    fn scale(&self, j: usize) -> f32 {
+        match self {
+            Rows::Int8(_, s) => s[j],
+            _ => 1.0,
+        }
+    }
+}
+
+/// `out: [rows, n]` for `x: [n, cols]`, `n ≤ 4`.
+pub fn gemv_rows(w: Rows, x: &[f32], n: usize, cols: usize, out: &mut [f32]) {
+    let rows = w.len() / cols.max(1);
+    assert!((1..=4).contains(&n), "1 to 4 rows of x");
+    assert_eq!(x.len(), n * cols, "x is [n, cols]");
+    assert_eq!(out.len(), rows * n, "out is [rows, n]");
+    if let Rows::Int8(_, s) = w {
+        assert_eq!(s.len(), rows, "one scale per row");
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F; the lengths were checked above.
+            unsafe { x86::avx512(w, x, n, cols, out) };
+            return;
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            // SAFETY: as above, for AVX2 and FMA.
+            unsafe { x86::avx2(w, x, n, cols, out) };
+            return;
+        }
+    }
+    scalar(w, x, n, cols, out);
+}
+
+fn scalar(w: Rows, x: &[f32], n: usize, cols: usize, out: &mut [f32]) {
+    let rows = w.len() / cols.max(1);
+    for j in 0..rows {
+        for i in 0..n {
+            let s: f32 = (0..cols).map(|c| w.get(j * cols + c) * x[i * cols + c]).sum();
+            out[j * n + i] = s * w.scale(j);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::Rows;
+    use std::arch::x86_64::*;
+
+    /// How far ahead of the weights being read the GEMV asks for them: the hardware
+    /// prefetcher alone left a thread at ~15 GB/s from DRAM, with this ~19 (2 KiB beat
+    /// 0.5, 1 and 4 KiB on the Xeon measured).
+    const PREFETCH_BYTES: usize = 2048;
+
+    macro_rules! kernel {
+        ($name:ident, $feat:literal, $lanes:expr, $vec:ty, $zero:ident, $fmadd:ident, $loadx:ident, $add:ident, $reduce:ident, $f32:ident, $bf16:ident, $int8:ident) => {
+            #[target_feature(enable = $feat)]
+            pub unsafe fn $name(w: Rows, x: &[f32], n: usize, cols: usize, out: &mut [f32]) {
+                match n {
+                    1 => body::<1>(w, x, cols, out),
+                    2 => body::<2>(w, x, cols, out),
+                    3 => body::<3>(w, x, cols, out),
+                    _ => body::<4>(w, x, cols, out),
+                }
+                #[target_feature(enable = $feat)]
+                unsafe fn body<const N: usize>(w: Rows, x: &[f32], cols: usize, out: &mut [f32]) {
+                    const LANES: usize = $lanes;
+                    let rows = w.len() / cols;
+                    let full = cols / (2 * LANES) * (2 * LANES);
+                    let xp = x.as_ptr();
+                    for j in 0..rows {
+                        let base = j * cols;
+                        let mut a0: [$vec; N] = [$zero(); N];
+                        let mut a1: [$vec; N] = [$zero(); N];
+                        let mut c = 0;
+                        while c < full {
+                            let here = match w {
+                                Rows::F32(v) => v.as_ptr().add(base + c) as *const i8,
+                                Rows::Bf16(v) => v.as_ptr().add(base + c) as *const i8,
+                                Rows::Int8(v, _) => v.as_ptr().add(base + c),
+                            };
+                            _mm_prefetch(here.wrapping_add(PREFETCH_BYTES), _MM_HINT_T0);
+                            let (w0, w1) = match w {
+                                Rows::F32(v) => ($f32(v.as_ptr().add(base + c)), $f32(v.as_ptr().add(base + c + LANES))),
+                                Rows::Bf16(v) => ($bf16(v.as_ptr().add(base + c)), $bf16(v.as_ptr().add(base + c + LANES))),
+                                Rows::Int8(v, _) => ($int8(v.as_ptr().add(base + c)), $int8(v.as_ptr().add(base + c + LANES))),
+                            };
+                            for i in 0..N {
+                                a0[i] = $fmadd(w0, $loadx(xp.add(i * cols + c)), a0[i]);
+                                a1[i] = $fmadd(w1, $loadx(xp.add(i * cols + c + LANES)), a1[i]);
+                            }
+                            c += 2 * LANES;
+                        }
+                        for i in 0..N {
+                            let mut s = $reduce($add(a0[i], a1[i]));
+                            for cc in full..cols {
+                                s += w.get(base + cc) * x[i * cols + cc];
+                            }
+                            out[j * N + i] = s * w.scale(j);
+                        }
+                    }
+                }
+            }
+        };
+    }
+
+    #[inline(always)]
+    unsafe fn f32x16(p: *const f32) -> __m512 {
+        _mm512_loadu_ps(p)
+    }
+    #[inline(always)]
+    unsafe fn bf16x16(p: *const u16) -> __m512 {
+        _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(p as *const __m256i)), 16))
+    }
+    #[inline(always)]
+    unsafe fn int8x16(p: *const i8) -> __m512 {
+        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p as *const __m128i)))
+    }
+    #[inline(always)]
+    unsafe fn f32x8(p: *const f32) -> __m256 {
+        _mm256_loadu_ps(p)
+    }
+    #[inline(always)]
+    unsafe fn bf16x8(p: *const u16) -> __m256 {
+        _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i)), 16))
+    }
+    #[inline(always)]
+    unsafe fn int8x8(p: *const i8) -> __m256 {
+        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p as *const __m128i)))
+    }
+    #[inline(always)]
+    unsafe fn sum8(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
+    }
+
+    kernel!(avx512, "avx512f", 16, __m512, _mm512_setzero_ps, _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_add_ps, _mm512_reduce_add_ps, f32x16, bf16x16, int8x16);
+    kernel!(avx2, "avx2,fma", 8, __m256, _mm256_setzero_ps, _mm256_fmadd_ps, _mm256_loadu_ps, _mm256_add_ps, sum8, f32x8, bf16x8, int8x8);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::*;
+
+    /// Every path (the one chosen here, and the scalar one) against a plain f64 sum,
+    /// with column counts that leave tails.
+    #[test]
+    fn matches_the_plain_sum_for_every_format_and_row_count() {
+        for cols in [16, 33, 64, 100] {
+            let rows = 5;
+            let wf = rand_vec(rows * cols, 1);
+            let wb: Vec<u16> = wf.iter().map(|&v| crate::qlinear::to_bf16(v)).collect();
+            let wq: Vec<i8> = wf.iter().map(|&v| (v * 127.0).round() as i8).collect();
+            let sc: Vec<f32> = (0..rows).map(|j| 0.01 * (j + 1) as f32).collect();
+            for n in 1..=4 {
+                let x = rand_vec(n * cols, 2 + n as u64);
+                for w in [Rows::F32(&wf), Rows::Bf16(&wb), Rows::Int8(&wq, &sc)] {
+                    let want: Vec<f32> = (0..rows * n)
+                        .map(|k| {
+                            let (j, i) = (k / n, k % n);
+                            ((0..cols).map(|c| w.get(j * cols + c) as f64 * x[i * cols + c] as f64).sum::<f64>() * w.scale(j) as f64) as f32
+                        })
+                        .collect();
+                    let mut got = vec![0.0; rows * n];
+                    gemv_rows(w, &x, n, cols, &mut got);
+                    assert_close(&got, &want, 1e-5, "gemv");
+                    let mut got = vec![0.0; rows * n];
+                    scalar(w, &x, n, cols, &mut got);
+                    assert_close(&got, &want, 1e-5, "scalar");
+                }
+            }
+        }
+    }
+}
