@@ -188,3 +188,20 @@ fn sigterm_lets_the_stream_in_flight_finish() {
     // New connections are refused once it has stopped.
     assert!(TcpStream::connect(("127.0.0.1", server.port)).is_err());
 }
+
+#[test]
+fn expert_parallel_serving_answers_as_one_rank() {
+    let dir = model_dir();
+    let body = br#"{"model": "tiny", "prompt": "the router sends each", "max_tokens": 24, "temperature": 0}"#;
+    let text = |extra: &[&str]| {
+        let server = start(&dir.0.join("model"), extra);
+        let (s, out) = http(server.port, "POST", "/v1/completions", body);
+        assert_eq!(s, 200, "{out}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v["choices"][0]["text"].as_str().unwrap().to_string()
+    };
+    let one = text(&[]);
+    for ep in ["2", "4"] {
+        assert_eq!(text(&["--ep", ep, "--ranks", ep]), one, "EP {ep}");
+    }
+}

@@ -80,7 +80,7 @@ pub fn from_bf16(b: u16) -> f32 {
 /// `x` rows per register-blocked group in the GEMV.
 const GROUP: usize = 4;
 /// `x` rows up to which the GEMV runs (more: dequantise and GEMM).
-const GEMV_MAX_ROWS: usize = 8;
+const GEMV_MAX_ROWS: usize = 32;
 /// Weight rows per parallel task.
 const ROWS_PER_TASK: usize = 32;
 
@@ -218,7 +218,7 @@ fn rows_per_task(rows: usize, cols: usize, parallel: bool) -> usize {
 /// Weights a parallel GEMV task reads at least.
 const MIN_TASK_WEIGHTS: usize = 1 << 15;
 
-/// The GEMV over `rows` weight rows given block by block by `block(r0, r1)`, for `n ≤ 8`
+/// The GEMV over `rows` weight rows given block by block by `block(r0, r1)`, for `n ≤ 32`
 /// rows of `x` (in groups of up to 4): `[n, rows]`.
 fn gemv<'a>(block: &(dyn Fn(usize, usize) -> Rows<'a> + Sync), x: &[f32], n: usize, rows: usize, cols: usize, parallel: bool) -> Vec<f32> {
     let mut y = vec![0.0f32; n * rows];
@@ -256,7 +256,7 @@ fn gemv<'a>(block: &(dyn Fn(usize, usize) -> Rows<'a> + Sync), x: &[f32], n: usi
     y
 }
 
-/// `y = x · Wᵀ` for f32 `w: [rows, cols]`: the register-blocked GEMV for up to 8 rows
+/// `y = x · Wᵀ` for f32 `w: [rows, cols]`: the register-blocked GEMV for up to 32 rows
 /// of `x` (which reads each weight once), the GEMM otherwise; on this thread alone
 /// unless `parallel`.
 pub fn linear_f32(x: &[f32], w: &[f32], n: usize, cols: usize, rows: usize, parallel: bool) -> Vec<f32> {
@@ -305,7 +305,7 @@ mod tests {
     }
 
     /// The fused kernels give the product with the dequantised matrix (up to summation
-    /// order) for every row count: the GEMV groups (1–8 rows) and the GEMM path.
+    /// order) for every row count: the GEMV groups (1–32 rows) and the GEMM path.
     #[test]
     fn fused_products_equal_the_dequantised_product() {
         for (rows, cols) in [(70, 45), (33, 128), (1, 16), (64, 7)] {
@@ -313,7 +313,7 @@ mod tests {
             for fmt in [WeightFormat::Int8, WeightFormat::Bf16] {
                 let q = QMatrix::quantize(&w, rows, cols, fmt);
                 let dq = q.dequantize();
-                for n in [1, 2, 3, 4, 5, 8, 9, 20] {
+                for n in [1, 2, 3, 4, 5, 8, 9, 20, 33, 40] {
                     let x = rand_vec(n * cols, 3 + n as u64);
                     let want = linear(&x, &dq, n, cols, rows);
                     let got = q.linear(&x, n);

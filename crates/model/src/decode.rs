@@ -39,8 +39,10 @@ impl Model {
     pub fn forward_cached(&self, dw: &DecodeWeights, inputs: &mut [CachedInput], which: LogitRows) -> Vec<Vec<f32>> {
         // Run on a worker of the thread pool: the pass's many short parallel sections
         // then start by work stealing instead of each waking the pool from outside and
-        // blocking the caller (≈ 20–40% of a decode step on 2 cores).
-        if rayon::current_thread_index().is_none() {
+        // blocking the caller (≈ 20–40% of a decode step on 2 cores). Not under expert
+        // parallelism: a pass waiting for another rank in an exchange must not hold a
+        // worker that rank (a thread of this process, maybe) needs to get there.
+        if rayon::current_thread_index().is_none() && self.exchange.is_none() {
             return rayon::scope(|_| self.forward_cached(dw, inputs, which));
         }
         assert!(self.stage.holds_embedding() && self.stage.holds_head(), "a cached pass needs the whole model's stages");

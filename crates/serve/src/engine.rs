@@ -18,6 +18,7 @@ use std::time::Instant;
 use ultramoe_model::decode::{CachedInput, LogitRows};
 use ultramoe_model::decode_weights::DecodeWeights;
 use ultramoe_model::kv_cache::SeqCache;
+use ultramoe_dist::{CommResult, ProcessGroup};
 use ultramoe_model::Model;
 
 /// How the engine batches and what it may hold.
@@ -170,6 +171,9 @@ pub struct Engine {
     /// admitted from the queue but waiting for cache room
     held: VecDeque<Request>,
     reserved: usize,
+    /// the expert-parallel group whose other ranks run every pass with this one
+    /// ([`follow`]); `None` on one rank
+    followers: Option<Arc<dyn ProcessGroup>>,
 }
 
 impl Engine {
@@ -177,8 +181,41 @@ impl Engine {
     pub fn new(model: Arc<Model>, weights: Arc<DecodeWeights>, cfg: EngineConfig) -> (Engine, EngineHandle) {
         let (tx, rx) = sync_channel(cfg.max_waiting.max(1));
         let stats = Arc::new(EngineStats::default());
-        let e = Engine { model, weights, cfg, rx, stats: stats.clone(), running: vec![], held: VecDeque::new(), reserved: 0 };
+        let e = Engine { model, weights, cfg, rx, stats: stats.clone(), running: vec![], held: VecDeque::new(), reserved: 0, followers: None };
         (e, EngineHandle { tx, stats })
+    }
+
+    /// An engine on rank 0 of an expert-parallel group: every pass it tells the other
+    /// ranks (each running [`follow`]) to run the pass with it, so the MoE layers'
+    /// exchanges send this rank's tokens to the experts the others hold.
+    pub fn leading(model: Arc<Model>, weights: Arc<DecodeWeights>, cfg: EngineConfig, group: Arc<dyn ProcessGroup>) -> (Engine, EngineHandle) {
+        assert_eq!(group.rank(), 0, "the leader is rank 0 of the group");
+        let (mut e, h) = Engine::new(model, weights, cfg);
+        e.followers = Some(group);
+        (e, h)
+    }
+
+    /// Tells the followers what comes next.
+    fn signal(&self, s: Signal) {
+        if let Some(g) = &self.followers {
+            let mut c = [s as u8 as f32];
+            g.broadcast_f32(&mut c, 0).unwrap_or_else(|e| panic!("expert-parallel serving: the followers are gone: {e}"));
+        }
+    }
+
+    /// Blocks until a request arrives (or every handle is gone). With followers, a
+    /// heartbeat every second keeps their wait within the collectives' time limit.
+    fn wait_for_request(&self) -> Result<Request, TryRecvError> {
+        if self.followers.is_none() {
+            return self.rx.recv().map_err(|_| TryRecvError::Disconnected);
+        }
+        loop {
+            match self.rx.recv_timeout(std::time::Duration::from_secs(1)) {
+                Ok(r) => return Ok(r),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => self.signal(Signal::Idle),
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return Err(TryRecvError::Disconnected),
+            }
+        }
     }
 
     /// Runs until every handle is dropped and every request is done.
@@ -191,6 +228,7 @@ impl Engine {
         while !self.running.is_empty() {
             self.pass();
         }
+        self.signal(Signal::Stop);
     }
 
     /// Bytes a request's cache may reach.
@@ -209,11 +247,7 @@ impl Engine {
             let r = match self.held.pop_front() {
                 Some(r) => r,
                 None => {
-                    let got = if wait && self.running.is_empty() {
-                        self.rx.recv().map_err(|_| TryRecvError::Disconnected)
-                    } else {
-                        self.rx.try_recv()
-                    };
+                    let got = if wait && self.running.is_empty() { self.wait_for_request() } else { self.rx.try_recv() };
                     match got {
                         Ok(r) => {
                             self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
@@ -312,6 +346,7 @@ impl Engine {
                 }
             })
             .collect();
+        self.signal(Signal::Pass);
         let logits = {
             let mut inputs: Vec<CachedInput> = Vec::with_capacity(feed.len());
             let mut it = self.running.iter_mut().enumerate();
@@ -371,10 +406,45 @@ impl Engine {
     }
 }
 
+/// What the leader of expert-parallel serving tells its followers before each step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+enum Signal {
+    /// serving is over
+    Stop = 0,
+    /// run one pass
+    Pass = 1,
+    /// nothing to do yet (a heartbeat)
+    Idle = 2,
+}
+
+/// Runs a follower rank of expert-parallel serving: its share of every MoE layer's
+/// experts serves the leader's tokens, one pass whenever the leader runs one, until the
+/// leader stops. The follower brings no sequences of its own.
+pub fn follow(model: &Model, weights: &DecodeWeights, group: &dyn ProcessGroup) -> CommResult<usize> {
+    let mut passes = 0;
+    loop {
+        let mut c = [0.0f32];
+        group.broadcast_f32(&mut c, 0)?;
+        match c[0] as u8 {
+            x if x == Signal::Stop as u8 => return Ok(passes),
+            x if x == Signal::Pass as u8 => {
+                model.forward_cached(weights, &mut [], LogitRows::Last);
+                passes += 1;
+            }
+            _ => {}
+        }
+    }
+}
+
 /// Starts an engine on its own thread; it stops when every handle is dropped and its
 /// requests are done.
 pub fn spawn(model: Arc<Model>, weights: Arc<DecodeWeights>, cfg: EngineConfig) -> (EngineHandle, std::thread::JoinHandle<()>) {
-    let (engine, handle) = Engine::new(model, weights, cfg);
+    spawn_engine(Engine::new(model, weights, cfg))
+}
+
+/// Starts a built engine on its own thread.
+pub fn spawn_engine((engine, handle): (Engine, EngineHandle)) -> (EngineHandle, std::thread::JoinHandle<()>) {
     let join = std::thread::Builder::new().name("ultramoe-engine".into()).spawn(move || engine.run()).expect("spawn the engine thread");
     (handle, join)
 }

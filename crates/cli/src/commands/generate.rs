@@ -101,7 +101,7 @@ struct Loaded {
 
 fn load(dir: Option<PathBuf>, weights: WeightsArg) -> CliResult<Loaded> {
     let dir = dir.unwrap_or_else(crate::default_model_dir);
-    let (model, w) = load_for_decoding(&dir, weights)?;
+    let (model, w) = load_for_decoding(&dir, weights, None)?;
     let tok = TextTokenizer::load(&dir, model.cfg.vocab_size).map_err(|e| e.to_string())?;
     let max_position = model.cfg.max_position;
     let (engine, _join) = spawn(Arc::new(model), Arc::new(w), EngineConfig { max_batch: 1, ..EngineConfig::default() });

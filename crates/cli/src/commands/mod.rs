@@ -71,9 +71,15 @@ impl WeightsArg {
     }
 }
 
-/// Loads a model directory for decoding, its matrices converted to `weights`.
-pub fn load_for_decoding(dir: &Path, weights: WeightsArg) -> CliResult<(Model, DecodeWeights)> {
-    let (model, w) = load_model(dir)?;
+/// Loads a model directory for decoding, its matrices converted to `weights`: the whole
+/// model, or under expert parallelism over `ep` this rank's share of the experts.
+pub fn load_for_decoding(dir: &Path, weights: WeightsArg, ep: Option<std::sync::Arc<dyn ultramoe_dist::ProcessGroup>>) -> CliResult<(Model, DecodeWeights)> {
+    let cfg = ModelConfig::from_file(&dir.join("config.json")).map_err(|e| e.to_string())?;
+    let model = match ep {
+        Some(g) => Model::share(cfg.clone(), ultramoe_model::Share { ep: Some(g), ..ultramoe_model::Share::whole(&cfg) }).map_err(|e| e.to_string())?,
+        None => Model::new(cfg),
+    };
+    let w = load_weights(&model, dir).map_err(|e| e.to_string())?;
     let dw = DecodeWeights::new(&model, w, weights.format());
     Ok((model, dw))
 }
