@@ -261,3 +261,43 @@ fn mpi_a_killed_rank_ends_the_job() {
     assert!(err.contains("rank") && (err.contains("signal 9") || err.contains("Killed")), "{err}");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// A greedy completion from `ultramoe serve` started by `cmd` (the binary or mpirun
+/// with it already named), with `extra` flags; the server is stopped with SIGTERM.
+fn served_completion(mut cmd: Command, extra: &[&str]) -> String {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let model = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/math-moe");
+    let body = br#"{"model": "m", "prompt": "58 * 73", "max_tokens": 40, "temperature": 0}"#;
+    let mut child = cmd.args(["serve", "--port", "0", "--served-model-name", "m", "--model"]).arg(&model).args(extra).stdout(Stdio::piped()).spawn().unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
+    let port: u16 = line.split("http://127.0.0.1:").nth(1).and_then(|s| s.split(' ').next()).and_then(|p| p.parse().ok()).unwrap_or_else(|| panic!("no address in `{line}`"));
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let head = format!("POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(body).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let started = Instant::now();
+    while child.try_wait().unwrap().is_none() && started.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let json = out.split("\r\n\r\n").nth(1).unwrap_or("");
+    let v: serde_json::Value = serde_json::from_str(json).unwrap_or_else(|_| panic!("{out}"));
+    v["choices"][0]["text"].as_str().unwrap().to_string()
+}
+
+/// `mpirun -np 2 ultramoe serve --ep 2`: rank 0 answers HTTP, each rank holds half of
+/// every MoE layer's experts; a greedy completion is the single process's.
+#[test]
+fn expert_parallel_serving_under_mpirun_answers_as_one_process() {
+    let one = served_completion(Command::new(env!("CARGO_BIN_EXE_ultramoe")), &[]);
+    assert!(one.contains('='), "a worked answer: {one}");
+    let mut two = mpirun(2);
+    two.arg(env!("CARGO_BIN_EXE_ultramoe"));
+    assert_eq!(served_completion(two, &["--ep", "2"]), one, "EP 2 under mpirun differs from one process");
+}

@@ -209,6 +209,22 @@ mod tests {
                     let mut got = vec![0.0; rows * n];
                     scalar(w, &x, n, cols, &mut got);
                     assert_close(&got, &want, 1e-5, "scalar");
+                    // Every vector path this CPU can run, not only the one chosen.
+                    #[cfg(target_arch = "x86_64")]
+                    {
+                        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                            let mut got = vec![0.0; rows * n];
+                            // SAFETY: the CPU has AVX2 and FMA; lengths as gemv_rows checks.
+                            unsafe { x86::avx2(w, &x, n, cols, &mut got) };
+                            assert_close(&got, &want, 1e-5, "avx2");
+                        }
+                        if std::arch::is_x86_feature_detected!("avx512f") {
+                            let mut got = vec![0.0; rows * n];
+                            // SAFETY: as above, for AVX-512F.
+                            unsafe { x86::avx512(w, &x, n, cols, &mut got) };
+                            assert_close(&got, &want, 1e-5, "avx512");
+                        }
+                    }
                 }
             }
         }

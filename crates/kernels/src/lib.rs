@@ -26,6 +26,7 @@ pub mod embedding;
 pub mod gemm;
 pub mod gemv;
 pub mod grouped_gemm;
+pub mod huge;
 pub mod kv_attention;
 pub mod loss;
 pub mod memory;

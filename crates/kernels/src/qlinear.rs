@@ -15,6 +15,7 @@
 
 use crate::gemm::{gemm_strided, Op, Strided};
 use crate::gemv::{gemv_rows, Rows};
+use crate::huge::filled;
 use rayon::prelude::*;
 
 /// How a matrix's weights are stored for decoding.
@@ -90,16 +91,11 @@ impl QMatrix {
         assert_eq!(w.len(), rows * cols, "a [rows, cols] matrix");
         let data = match format {
             WeightFormat::F32 => panic!("f32 weights are not quantised"),
-            WeightFormat::Bf16 => QData::Bf16(w.par_iter().map(|&x| to_bf16(x)).collect()),
+            WeightFormat::Bf16 => QData::Bf16(filled(w.len(), |i| to_bf16(w[i]))),
             WeightFormat::Int8 => {
                 let scale: Vec<f32> = w.par_chunks(cols.max(1)).map(|r| r.iter().fold(0.0f32, |m, x| m.max(x.abs())) / 127.0).collect();
-                let mut q = vec![0i8; rows * cols];
-                q.par_chunks_mut(cols.max(1)).zip(w.par_chunks(cols.max(1))).zip(&scale).for_each(|((q, r), &s)| {
-                    let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
-                    for (q, x) in q.iter_mut().zip(r) {
-                        *q = (x * inv).round().clamp(-127.0, 127.0) as i8;
-                    }
-                });
+                let inv: Vec<f32> = scale.iter().map(|&s| if s > 0.0 { 1.0 / s } else { 0.0 }).collect();
+                let q = filled(rows * cols, |i| (w[i] * inv[i / cols]).round().clamp(-127.0, 127.0) as i8);
                 QData::Int8 { q, scale }
             }
         };
