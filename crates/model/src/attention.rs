@@ -257,6 +257,39 @@ impl GqaAttention {
     }
 }
 
+/// For every head `h < nh`: `out_h = a_h · B_h` with `out_h: [n, m]` at column
+/// `h · out_step` of rows `out_rs` apart, `a_h: [n, k]` at column `h · a_step` of rows
+/// `a_rs` apart, and `B_h: [k, m]` (as `bs` says) starting `h · b_step` into `b`.
+#[allow(clippy::too_many_arguments)]
+fn per_head(nh: usize, n: usize, m: usize, k: usize, out: &mut [f32], out_step: usize, out_rs: usize, a: &[f32], a_step: usize, a_rs: usize, b: &[f32], b_step: usize, bs: Strided, parallel: bool) {
+    if n == 0 {
+        return;
+    }
+    assert!(out.len() >= (n - 1) * out_rs + (nh - 1) * out_step + m, "the output views lie inside `out`");
+    assert!(a.len() >= (n - 1) * a_rs + (nh - 1) * a_step + k, "the input views lie inside `a`");
+    let b_reach = (k as isize - 1) * bs.rs + (m as isize - 1) * bs.cs;
+    assert!(b.len() as isize > (nh - 1) as isize * b_step as isize + b_reach, "the weight views lie inside `b`");
+    for h in 0..nh {
+        // SAFETY: the asserts above bound every view; `out` does not alias `a` or `b`.
+        unsafe {
+            gemm_strided(
+                n,
+                m,
+                k,
+                out.as_mut_ptr().add(h * out_step),
+                Strided::row_major(out_rs, Op::N),
+                a.as_ptr().add(h * a_step),
+                Strided::row_major(a_rs, Op::N),
+                b.as_ptr().add(h * b_step),
+                bs,
+                false,
+                1.0,
+                parallel,
+            );
+        }
+    }
+}
+
 /// Multi-head latent attention (DeepSeek-V2/V3).
 ///
 /// `a = x·W_aᵀ` splits into the query input `q_a` (`q_lora_rank` wide, or the full query
@@ -521,25 +554,9 @@ impl MlaAttention {
         let parallel = n >= 32;
         // Absorbed queries `[N, nh, kv_lora + rope]`.
         let mut qlat = vec![0.0; n * nh * dl];
+        // q_lat_h = q_nope_h · W_kb_h (W_kb_h: head h's nope rows of kv_b).
+        per_head(nh, n, kvl, nope, &mut qlat, dl, nh * dl, &q, dqk, nh * dqk, kv_b, (nope + dv) * kvl, Strided::row_major(kvl, Op::N), parallel);
         for hh in 0..nh {
-            // SAFETY: the output view is head hh's first kv_lora columns of every row of
-            // `qlat`; q's view is head hh's nope columns; W_kb_h is nope rows of kv_b.
-            unsafe {
-                gemm_strided(
-                    n,
-                    kvl,
-                    nope,
-                    qlat.as_mut_ptr().add(hh * dl),
-                    Strided::row_major(nh * dl, Op::N),
-                    q.as_ptr().add(hh * dqk),
-                    Strided::row_major(nh * dqk, Op::N),
-                    kv_b.as_ptr().add(hh * (nope + dv) * kvl),
-                    Strided::row_major(kvl, Op::N),
-                    false,
-                    1.0,
-                    parallel,
-                );
-            }
             for r in 0..n {
                 let dst = r * nh * dl + hh * dl + kvl;
                 qlat[dst..dst + rd].copy_from_slice(&q[r * nh * dqk + hh * dqk + nope..r * nh * dqk + (hh + 1) * dqk]);
@@ -565,27 +582,9 @@ impl MlaAttention {
                 self.scale,
             );
         }
+        // o_h = o_lat_h · W_vb_hᵀ (W_vb_h: head h's dv rows of kv_b after its nope rows).
         let mut o = vec![0.0; n * nh * dv];
-        for hh in 0..nh {
-            // SAFETY: head hh's dv output columns of every row; its kv_lora latent
-            // columns; W_vb_h is dv rows of kv_b after the head's nope rows (transposed).
-            unsafe {
-                gemm_strided(
-                    n,
-                    dv,
-                    kvl,
-                    o.as_mut_ptr().add(hh * dv),
-                    Strided::row_major(nh * dv, Op::N),
-                    olat.as_ptr().add(hh * kvl),
-                    Strided::row_major(nh * kvl, Op::N),
-                    kv_b.as_ptr().add((hh * (nope + dv) + nope) * kvl),
-                    Strided::row_major(kvl, Op::T),
-                    false,
-                    1.0,
-                    parallel,
-                );
-            }
-        }
+        per_head(nh, n, dv, kvl, &mut o, dv, nh * dv, &olat, kvl, nh * kvl, &kv_b[nope * kvl..], (nope + dv) * kvl, Strided::row_major(kvl, Op::T), parallel);
         dw.linear(&self.o, &o, n, nh * dv, h)
     }
 
