@@ -47,7 +47,7 @@ enum Command {
     Tokenizer(commands::tokenizer::TokenizerCommand),
     /// Train the default math MoE with a live progress bar, save it, solve samples.
     Demo(commands::demo::DemoArgs),
-    /// Benchmarks: training-step throughput (`train`), grouped vs dense GEMM (`gemm`), all-to-all (`comm`).
+    /// Benchmarks: training-step throughput (`train`), decoding (`decode`), grouped vs dense GEMM (`gemm`), all-to-all (`comm`).
     #[command(subcommand)]
     Bench(commands::bench::BenchCommand),
     /// Forward + backward on given input ids; writes logits, loss and every gradient.
