@@ -6,6 +6,11 @@
 //! largest activation) or not kept at all: then the forward forms each head's `P` in a
 //! per-task scratch buffer and the backward recomputes it block by block, just before
 //! using it (flash-attention style; the same code on the same inputs, so the same bits).
+//!
+//! Packed rows ([`Mask::Documents`]): several documents share a row, and a query sees
+//! only the keys of its own document: query `i` at position `pos_i` within its document
+//! sees keys `i − pos_i ..= i`. The masked probabilities are exact zeros, so the
+//! backward (`dS = P ⊙ …`) needs no mask of its own.
 
 use crate::gemm::{gemm_strided, Op, Strided};
 use crate::vmath;
@@ -35,6 +40,26 @@ impl AttnShape {
     }
 }
 
+/// Which keys a query sees.
+#[derive(Clone, Copy, Debug)]
+pub enum Mask<'a> {
+    /// every earlier key of the row
+    Causal,
+    /// `[B·T]` positions within each token's document (0 where a document starts):
+    /// keys of the same document only
+    Documents(&'a [u32]),
+}
+
+impl Mask<'_> {
+    /// The first key row `i` of batch row `bi` sees (within the row).
+    fn first_key(&self, bi: usize, t: usize, i: usize) -> usize {
+        match self {
+            Mask::Causal => 0,
+            Mask::Documents(pos) => i - (pos[bi * t + i] as usize).min(i),
+        }
+    }
+}
+
 /// Query rows per causal block.
 const ROW_BLOCK: usize = 64;
 
@@ -48,7 +73,7 @@ unsafe impl Sync for SendPtr {}
 /// diagonal): `scale · Q_h K_gᵀ` by one GEMM, then a row softmax. The forward and the
 /// backward's recomputation both call this, so they produce the same bits.
 #[allow(clippy::too_many_arguments)]
-fn probs_block(p: &mut [f32], r0: usize, r1: usize, q: &[f32], k: &[f32], s: AttnShape, bi: usize, h: usize, scale: f32) {
+fn probs_block(p: &mut [f32], r0: usize, r1: usize, q: &[f32], k: &[f32], s: AttnShape, mask: Mask, bi: usize, h: usize, scale: f32) {
     let AttnShape { t, nh, nkv, dqk, .. } = s;
     let g = h / (nh / nkv);
     let row0 = bi * t;
@@ -72,9 +97,11 @@ fn probs_block(p: &mut [f32], r0: usize, r1: usize, q: &[f32], k: &[f32], s: Att
     }
     for i in r0..r1 {
         let row = &mut p[i * t..(i + 1) * t];
-        let max = vmath::max(&row[..=i]);
-        let sum = vmath::exp_shifted_sum(&mut row[..=i], max);
-        vmath::scale(&mut row[..=i], 1.0 / sum);
+        let lo = mask.first_key(bi, t, i);
+        let max = vmath::max(&row[lo..=i]);
+        let sum = vmath::exp_shifted_sum(&mut row[lo..=i], max);
+        vmath::scale(&mut row[lo..=i], 1.0 / sum);
+        row[..lo].fill(0.0);
         row[i + 1..].fill(0.0);
     }
 }
@@ -82,9 +109,13 @@ fn probs_block(p: &mut [f32], r0: usize, r1: usize, q: &[f32], k: &[f32], s: Att
 /// Forward. `q: [N, nh·dqk]`, `k: [N, nkv·dqk]`, `v: [N, nkv·dv]` → `out: [N, nh·dv]`;
 /// `probs: [B, nh, T, T]` (zero above the diagonal) when given, for the backward;
 /// without it each head's probabilities live only in a scratch buffer.
-pub fn attention_forward(out: &mut [f32], probs: Option<&mut [f32]>, q: &[f32], k: &[f32], v: &[f32], s: AttnShape, scale: f32) {
+#[allow(clippy::too_many_arguments)]
+pub fn attention_forward(out: &mut [f32], probs: Option<&mut [f32]>, q: &[f32], k: &[f32], v: &[f32], s: AttnShape, mask: Mask, scale: f32) {
     let AttnShape { b, t, nh, nkv, dv, .. } = s;
     assert_eq!(out.len(), b * t * nh * dv);
+    if let Mask::Documents(pos) = mask {
+        assert_eq!(pos.len(), b * t, "one document position per token");
+    }
     let group = nh / nkv;
     let out_ptr = SendPtr(out.as_mut_ptr());
     let head = |p: &mut [f32], bh: usize| {
@@ -97,7 +128,7 @@ pub fn attention_forward(out: &mut [f32], probs: Option<&mut [f32]>, q: &[f32], 
         // multiplies against that prefix alone (≈ (1 + B/T)/2 of the full product).
         for r0 in (0..t).step_by(ROW_BLOCK) {
             let r1 = (r0 + ROW_BLOCK).min(t);
-            probs_block(p, r0, r1, q, k, s, bi, h, scale);
+            probs_block(p, r0, r1, q, k, s, mask, bi, h, scale);
             // SAFETY: the output view covers rows r0..r1 of `bi`, columns of head `h`,
             // written by this task only; V stays inside row block `bi`, head `g`.
             unsafe {
@@ -142,6 +173,7 @@ pub fn attention_backward(
     v: &[f32],
     probs: Option<&[f32]>,
     s: AttnShape,
+    mask: Mask,
     scale: f32,
 ) {
     let AttnShape { b, t, nh, nkv, dqk, dv } = s;
@@ -164,7 +196,7 @@ pub fn attention_backward(
                     let p: &[f32] = match probs {
                         Some(probs) => &probs[(bi * nh + h) * t * t..(bi * nh + h + 1) * t * t],
                         None => {
-                            probs_block(pbuf, r0, r1, q, k, s, bi, h, scale);
+                            probs_block(pbuf, r0, r1, q, k, s, mask, bi, h, scale);
                             &pbuf[..]
                         }
                     };
@@ -299,7 +331,7 @@ mod tests {
         let run = |q: &[f32], k: &[f32], v: &[f32]| {
             let mut out = vec![0.0; n * s.nh * s.dv];
             let mut p = vec![0.0; s.probs_len()];
-            attention_forward(&mut out, Some(&mut p), q, k, v, s, scale);
+            attention_forward(&mut out, Some(&mut p), q, k, v, s, Mask::Causal, scale);
             (out, p)
         };
         let (out, p) = run(&q, &k, &v);
@@ -307,17 +339,59 @@ mod tests {
         // Without saved probabilities: the same output, and the backward (recomputing
         // them block by block) gives the same bits as the one reading them.
         let mut out2 = vec![0.0; out.len()];
-        attention_forward(&mut out2, None, &q, &k, &v, s, scale);
+        attention_forward(&mut out2, None, &q, &k, &v, s, Mask::Causal, scale);
         assert!(out.iter().zip(&out2).all(|(a, b)| a.to_bits() == b.to_bits()), "forward without saved probabilities");
         let (mut dq, mut dk, mut dv) = (vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]);
-        attention_backward(&mut dq, &mut dk, &mut dv, &g, &q, &k, &v, Some(&p), s, scale);
+        attention_backward(&mut dq, &mut dk, &mut dv, &g, &q, &k, &v, Some(&p), s, Mask::Causal, scale);
         let (mut dq2, mut dk2, mut dv2) = (vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]);
-        attention_backward(&mut dq2, &mut dk2, &mut dv2, &g, &q, &k, &v, None, s, scale);
+        attention_backward(&mut dq2, &mut dk2, &mut dv2, &g, &q, &k, &v, None, s, Mask::Causal, scale);
         for (a, b, what) in [(&dq, &dq2, "dq"), (&dk, &dk2, "dk"), (&dv, &dv2, "dv")] {
             assert!(a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()), "{what} with recomputed probabilities");
         }
         assert_close(&dq, &numeric_grad(&q, 1e-3, |x| dot64(&run(x, &k, &v).0, &g)), 2e-3, "dq");
         assert_close(&dk, &numeric_grad(&k, 1e-3, |x| dot64(&run(&q, x, &v).0, &g)), 2e-3, "dk");
         assert_close(&dv, &numeric_grad(&v, 1e-3, |x| dot64(&run(&q, &k, x).0, &g)), 2e-3, "dv");
+    }
+
+    #[test]
+    fn documents_in_a_row_attend_only_to_themselves() {
+        // A row of 70 holding documents of 25, 40 and 5 tokens (the second spans the
+        // 64-row block boundary), against each document run alone.
+        let lens = [25usize, 40, 5];
+        let s = AttnShape { b: 1, t: 70, nh: 4, nkv: 2, dqk: 3, dv: 2 };
+        let n = s.t;
+        let q = rand_vec(n * s.nh * s.dqk, 5);
+        let k = rand_vec(n * s.nkv * s.dqk, 6);
+        let v = rand_vec(n * s.nkv * s.dv, 7);
+        let g = rand_vec(n * s.nh * s.dv, 8);
+        let pos: Vec<u32> = lens.iter().flat_map(|&l| 0..l as u32).collect();
+        let scale = 0.7;
+        let mut out = vec![0.0; n * s.nh * s.dv];
+        let mut p = vec![0.0; s.probs_len()];
+        attention_forward(&mut out, Some(&mut p), &q, &k, &v, s, Mask::Documents(&pos), scale);
+        let (mut dq, mut dk, mut dv) = (vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]);
+        attention_backward(&mut dq, &mut dk, &mut dv, &g, &q, &k, &v, Some(&p), s, Mask::Documents(&pos), scale);
+        // Recomputing the probabilities applies the same mask: the same bits.
+        let (mut dq2, mut dk2, mut dv2) = (vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]);
+        attention_backward(&mut dq2, &mut dk2, &mut dv2, &g, &q, &k, &v, None, s, Mask::Documents(&pos), scale);
+        for (a, b, what) in [(&dq, &dq2, "dq"), (&dk, &dk2, "dk"), (&dv, &dv2, "dv")] {
+            assert!(a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()), "{what} with recomputed probabilities");
+        }
+        let mut r0 = 0;
+        for &l in &lens {
+            let sd = AttnShape { t: l, ..s };
+            let rows = |x: &[f32], w: usize| x[r0 * w..(r0 + l) * w].to_vec();
+            let (qd, kd, vd, gd) = (rows(&q, s.nh * s.dqk), rows(&k, s.nkv * s.dqk), rows(&v, s.nkv * s.dv), rows(&g, s.nh * s.dv));
+            let mut od = vec![0.0; l * s.nh * s.dv];
+            attention_forward(&mut od, None, &qd, &kd, &vd, sd, Mask::Causal, scale);
+            assert_close(&rows(&out, s.nh * s.dv), &od, 1e-6, "document output");
+            assert_close(&rows(&out, s.nh * s.dv), &naive(&qd, &kd, &vd, sd, scale), 1e-5, "document output (naive)");
+            let (mut a, mut b, mut c) = (vec![0.0; qd.len()], vec![0.0; kd.len()], vec![0.0; vd.len()]);
+            attention_backward(&mut a, &mut b, &mut c, &gd, &qd, &kd, &vd, None, sd, Mask::Causal, scale);
+            assert_close(&rows(&dq, s.nh * s.dqk), &a, 1e-6, "document dq");
+            assert_close(&rows(&dk, s.nkv * s.dqk), &b, 1e-6, "document dk");
+            assert_close(&rows(&dv, s.nkv * s.dv), &c, 1e-6, "document dv");
+            r0 += l;
+        }
     }
 }

@@ -133,7 +133,7 @@ mod tests {
         let k = rand_vec(t * nkv * dqk, 2);
         let v = rand_vec(t * nkv * dv, 3);
         let mut whole = vec![0.0; t * nh * dv];
-        attention_forward(&mut whole, None, &q, &k, &v, AttnShape { b: 1, t, nh, nkv, dqk, dv }, 0.4);
+        attention_forward(&mut whole, None, &q, &k, &v, AttnShape { b: 1, t, nh, nkv, dqk, dv }, crate::attention::Mask::Causal, 0.4);
         for steps in [vec![4, 1, 1, 3, 2], vec![1; 11], vec![11]] {
             let mut past = 0;
             for n in steps {

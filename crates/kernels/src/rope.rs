@@ -151,6 +151,17 @@ impl RopeTable {
         self.rotate(x, row_len, &|r| positions[r], heads, head_stride, offset, false);
     }
 
+    /// [`Self::apply`] with each row's position given as a `u32` (packed rows, where
+    /// positions restart at every document), forward or `inverse`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn apply_positions(&self, x: &mut [f32], row_len: usize, positions: &[u32], heads: usize, head_stride: usize, offset: usize, inverse: bool) {
+        assert_eq!(x.len(), positions.len() * row_len, "one position per row");
+        if let Some(&p) = positions.iter().max() {
+            assert!((p as usize) < self.max_pos, "position {p} exceeds RoPE table ({})", self.max_pos);
+        }
+        self.rotate(x, row_len, &|r| positions[r] as usize, heads, head_stride, offset, inverse);
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn rotate(
         &self,

@@ -3,7 +3,7 @@
 
 use crate::params::Slot;
 use crate::tensor_ops::{put_cols, take_cols};
-use ultramoe_kernels::attention::{attention_backward, attention_forward, AttnShape};
+use ultramoe_kernels::attention::{attention_backward, attention_forward, AttnShape, Mask};
 use crate::decode_weights::DecodeWeights;
 use crate::kv_cache::LayerKv;
 use ultramoe_kernels::gemm::{gemm_strided, linear, linear_grad, Op, Strided};
@@ -21,6 +21,9 @@ pub struct Ctx<'a> {
     pub t: usize,
     /// RoPE cos/sin
     pub rope: &'a RopeTable,
+    /// packed rows: every token's position within its document (`[B·T]`); attention
+    /// stays inside documents and RoPE restarts at each (`None`: one sequence a row)
+    pub positions: Option<&'a [u32]>,
     /// keep the attention probabilities for the backward (otherwise it recomputes them
     /// block by block: the `attention` memory policy)
     pub keep_probs: bool,
@@ -32,6 +35,21 @@ impl Ctx<'_> {
     /// Tokens `N = B·T`.
     pub fn n(&self) -> usize {
         self.b * self.t
+    }
+
+    /// Which keys each query sees.
+    fn mask(&self) -> Mask<'_> {
+        self.positions.map_or(Mask::Causal, Mask::Documents)
+    }
+
+    /// RoPE on `x: [N, row_len]` (see [`RopeTable::apply`]) at each token's position:
+    /// `r mod T`, or its position in its document.
+    #[allow(clippy::too_many_arguments)]
+    fn rotate(&self, x: &mut [f32], row_len: usize, heads: usize, head_stride: usize, offset: usize, inverse: bool) {
+        match self.positions {
+            Some(p) => self.rope.apply_positions(x, row_len, p, heads, head_stride, offset, inverse),
+            None => self.rope.apply(x, row_len, self.t, heads, head_stride, offset, inverse),
+        }
     }
 }
 
@@ -127,20 +145,20 @@ impl GqaSaved {
 
 /// The attention core's forward into fresh buffers: `(probs, out)`, the probabilities
 /// empty unless `keep`.
-fn core_forward(q: &[f32], k: &[f32], v: &[f32], sh: AttnShape, scale: f32, keep: bool) -> (Vec<f32>, Vec<f32>) {
+fn core_forward(q: &[f32], k: &[f32], v: &[f32], sh: AttnShape, mask: Mask, scale: f32, keep: bool) -> (Vec<f32>, Vec<f32>) {
     let _p = ultramoe_kernels::profile::scope("attention.core.forward");
     let mut probs = if keep { vec![0.0; sh.probs_len()] } else { Vec::new() };
     let mut o = vec![0.0; sh.b * sh.t * sh.nh * sh.dv];
-    attention_forward(&mut o, keep.then_some(&mut probs[..]), q, k, v, sh, scale);
+    attention_forward(&mut o, keep.then_some(&mut probs[..]), q, k, v, sh, mask, scale);
     (probs, o)
 }
 
 /// The attention core's backward, reading the saved probabilities or, when none were
 /// kept, recomputing them block by block.
 #[allow(clippy::too_many_arguments)]
-fn core_backward(dq: &mut [f32], dk: &mut [f32], dv: &mut [f32], d_o: &[f32], q: &[f32], k: &[f32], v: &[f32], probs: &[f32], sh: AttnShape, scale: f32) {
+fn core_backward(dq: &mut [f32], dk: &mut [f32], dv: &mut [f32], d_o: &[f32], q: &[f32], k: &[f32], v: &[f32], probs: &[f32], sh: AttnShape, mask: Mask, scale: f32) {
     let _p = ultramoe_kernels::profile::scope("attention.core.backward");
-    attention_backward(dq, dk, dv, d_o, q, k, v, (!probs.is_empty()).then_some(probs), sh, scale);
+    attention_backward(dq, dk, dv, d_o, q, k, v, (!probs.is_empty()).then_some(probs), sh, mask, scale);
 }
 
 impl GqaAttention {
@@ -171,8 +189,8 @@ impl GqaAttention {
             rmsnorm_forward(&mut s.q, &mut s.rstd_q, &s.q_raw, &w[qn.clone()], hd, self.eps);
             rmsnorm_forward(&mut s.k, &mut s.rstd_k, &s.k_raw, &w[kn.clone()], hd, self.eps);
         }
-        c.rope.apply(&mut s.q, qw, c.t, self.nh, hd, 0, false);
-        c.rope.apply(&mut s.k, kw, c.t, self.nkv, hd, 0, false);
+        c.rotate(&mut s.q, qw, self.nh, hd, 0, false);
+        c.rotate(&mut s.k, kw, self.nkv, hd, 0, false);
         s
     }
 
@@ -180,7 +198,7 @@ impl GqaAttention {
     pub fn forward(&self, w: &[f32], x: &[f32], c: &Ctx) -> (Vec<f32>, GqaSaved) {
         let _p = ultramoe_kernels::profile::scope("attention.forward");
         let mut s = self.project(w, x, c);
-        (s.probs, s.o) = core_forward(&s.q, &s.k, &s.v, self.shape(c), self.scale, c.keep_probs);
+        (s.probs, s.o) = core_forward(&s.q, &s.k, &s.v, self.shape(c), c.mask(), self.scale, c.keep_probs);
         (linear(&s.o, &w[self.o.clone()], c.n(), self.nh * self.hd, self.hidden), s)
     }
 
@@ -200,9 +218,9 @@ impl GqaAttention {
         let width = qw + 2 * kw;
         let d_o = linear_grad(&mut g[self.o.clone()], dy, &s.o, &w[self.o.clone()], n, qw, h);
         let (mut dq, mut dk, mut dv) = (vec![0.0; n * qw], vec![0.0; n * kw], vec![0.0; n * kw]);
-        core_backward(&mut dq, &mut dk, &mut dv, &d_o, &s.q, &s.k, &s.v, &s.probs, self.shape(c), self.scale);
-        c.rope.apply(&mut dq, qw, c.t, self.nh, hd, 0, true);
-        c.rope.apply(&mut dk, kw, c.t, self.nkv, hd, 0, true);
+        core_backward(&mut dq, &mut dk, &mut dv, &d_o, &s.q, &s.k, &s.v, &s.probs, self.shape(c), c.mask(), self.scale);
+        c.rotate(&mut dq, qw, self.nh, hd, 0, true);
+        c.rotate(&mut dk, kw, self.nkv, hd, 0, true);
         if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
             let mut dq_raw = vec![0.0; n * qw];
             let mut dk_raw = vec![0.0; n * kw];
@@ -462,7 +480,7 @@ impl MlaAttention {
         };
         if self.q_b.is_none() {
             s.q = std::mem::take(&mut s.qa);
-            c.rope.apply(&mut s.q, nh * dqk, c.t, nh, dqk, self.nope, false);
+            c.rotate(&mut s.q, nh * dqk, nh, dqk, self.nope, false);
         }
         s
     }
@@ -485,7 +503,7 @@ impl MlaAttention {
         let (n, nh, dqk) = (c.n(), self.nh, self.dqk());
         if let Some(qb) = &self.q_b {
             s.q = linear(&s.qa_n, &w[qb.clone()], n, self.q_lora, nh * dqk);
-            c.rope.apply(&mut s.q, nh * dqk, c.t, nh, dqk, self.nope, false);
+            c.rotate(&mut s.q, nh * dqk, nh, dqk, self.nope, false);
         }
         let kvw = nh * (self.nope + self.dv);
         let kv = linear(&s.ckv_n, &w[self.kv_b.clone()], n, self.kv_lora, kvw);
@@ -493,7 +511,7 @@ impl MlaAttention {
         s.v = vec![0.0; n * nh * self.dv];
         self.split_kv(&mut s.k, &mut s.v, &kv, &s.kpe);
         drop(kv);
-        c.rope.apply(&mut s.k, nh * dqk, c.t, nh, dqk, self.nope, false);
+        c.rotate(&mut s.k, nh * dqk, nh, dqk, self.nope, false);
     }
 
     /// `x: [N, H]` (normed) → `y: [N, H]`. The saved set keeps the rotary key; the
@@ -503,7 +521,7 @@ impl MlaAttention {
         let mut s = self.latents(w, x, c);
         self.norm_latents(w, &mut s, c.n());
         self.up_project(w, &mut s, c);
-        (s.probs, s.o) = core_forward(&s.q, &s.k, &s.v, self.shape(c), self.scale, c.keep_probs);
+        (s.probs, s.o) = core_forward(&s.q, &s.k, &s.v, self.shape(c), c.mask(), self.scale, c.keep_probs);
         (linear(&s.o, &w[self.o.clone()], c.n(), self.nh * self.dv, self.hidden), s)
     }
 
@@ -595,10 +613,10 @@ impl MlaAttention {
         let (aw, qin) = (self.a_width(), self.q_in());
         let d_o = linear_grad(&mut g[self.o.clone()], dy, &s.o, &w[self.o.clone()], n, nh * self.dv, h);
         let (mut dq, mut dk, mut dv) = (vec![0.0; n * nh * dqk], vec![0.0; n * nh * dqk], vec![0.0; n * nh * self.dv]);
-        core_backward(&mut dq, &mut dk, &mut dv, &d_o, &s.q, &s.k, &s.v, &s.probs, self.shape(c), self.scale);
+        core_backward(&mut dq, &mut dk, &mut dv, &d_o, &s.q, &s.k, &s.v, &s.probs, self.shape(c), c.mask(), self.scale);
         drop(d_o);
-        c.rope.apply(&mut dq, nh * dqk, c.t, nh, dqk, self.nope, true);
-        c.rope.apply(&mut dk, nh * dqk, c.t, nh, dqk, self.nope, true);
+        c.rotate(&mut dq, nh * dqk, nh, dqk, self.nope, true);
+        c.rotate(&mut dk, nh * dqk, nh, dqk, self.nope, true);
         let mut da = vec![0.0; n * aw];
         // Key/value path: gather per-head gradients back into the kv_b output layout, and
         // sum the rotary-key gradient over heads (one k_pe feeds them all).

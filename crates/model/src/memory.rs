@@ -717,7 +717,7 @@ impl Model {
         let mut x = if self.stage.holds_embedding() { self.embed_forward(&w, &ids) } else { vec![0.0; n * self.cfg.hidden] };
         let mut chunks = vec![];
         for c in 0..self.stage.vpp {
-            let (y, f) = self.chunk_forward(&w, x, c, b, t, &opts, self.exchange.as_deref(), &mut |_| {});
+            let (y, f) = self.chunk_forward(&w, x, c, b, t, None, &opts, self.exchange.as_deref(), &mut |_| {});
             chunks.push(f);
             x = y;
         }

@@ -137,6 +137,8 @@ pub struct ChunkForward {
     pub t: usize,
     /// which chunk of this rank
     pub chunk: usize,
+    /// packed rows: each token's position within its document (see [`Ctx::positions`])
+    pub positions: Option<Vec<u32>>,
     /// per-layer saved activations (or inputs, for recomputed layers)
     pub layers: Vec<LayerState>,
     swap: Option<SwapFile>,
@@ -444,9 +446,9 @@ impl Model {
     }
 
     /// The context a pass over `b × t` tokens runs layers in, on `exchange`.
-    fn ctx<'a>(&'a self, b: usize, t: usize, opts: &PassOptions, exchange: Option<&'a ExpertExchange>) -> Ctx<'a> {
+    fn ctx<'a>(&'a self, b: usize, t: usize, positions: Option<&'a [u32]>, opts: &PassOptions, exchange: Option<&'a ExpertExchange>) -> Ctx<'a> {
         let moe = MoeCtx { exchange, chunks: opts.overlap_chunks.max(1), balance_loss: opts.balance_loss, skew: opts.routing_skew };
-        Ctx { b, t, rope: &self.rope, keep_probs: true, moe }
+        Ctx { b, t, rope: &self.rope, positions, keep_probs: true, moe }
     }
 
     /// Forward over `ids: [B, T]` (row-major), keeping everything for the backward.
@@ -456,8 +458,15 @@ impl Model {
 
     /// [`Model::forward`] under `opts` (this rank must hold the whole model).
     pub fn forward_with(&self, w: &[f32], ids: &[u32], b: usize, t: usize, opts: &PassOptions) -> Forward {
+        self.forward_packed(w, ids, None, b, t, opts)
+    }
+
+    /// [`Model::forward_with`] over packed rows: `positions` gives every token's position
+    /// within its document (0 where one starts; `None`: one sequence a row). Attention
+    /// never crosses a document boundary and RoPE restarts at each.
+    pub fn forward_packed(&self, w: &[f32], ids: &[u32], positions: Option<&[u32]>, b: usize, t: usize, opts: &PassOptions) -> Forward {
         let x = self.embed_forward(w, ids);
-        let (x, chunk) = self.chunk_forward(w, x, 0, b, t, opts, self.exchange.as_deref(), &mut |_| {});
+        let (x, chunk) = self.chunk_forward(w, x, 0, b, t, positions, opts, self.exchange.as_deref(), &mut |_| {});
         let mut head = self.head_forward(w, x);
         // The caller reads the logits from the forward; the head keeps the rest.
         let logits = std::mem::take(&mut head.logits);
@@ -484,12 +493,16 @@ impl Model {
         chunk: usize,
         b: usize,
         t: usize,
+        positions: Option<&[u32]>,
         opts: &PassOptions,
         exchange: Option<&ExpertExchange>,
         layer_done: &mut dyn FnMut(usize),
     ) -> (Vec<f32>, ChunkForward) {
         assert_eq!(x.len(), b * t * self.cfg.hidden, "the chunk's input must be B·T rows of H");
-        let base = self.ctx(b, t, opts, exchange);
+        if let Some(p) = positions {
+            assert_eq!(p.len(), b * t, "one document position per token");
+        }
+        let base = self.ctx(b, t, positions, opts, exchange);
         let held = self.chunk_layers(chunk);
         let mut saved: Vec<LayerState> = Vec::with_capacity(held.len());
         let mut swap: Option<SwapFile> = None;
@@ -537,7 +550,7 @@ impl Model {
         if let Some(j) = writing {
             wait(&swap, &mut saved[j]);
         }
-        (x, ChunkForward { b, t, chunk, layers: saved, swap })
+        (x, ChunkForward { b, t, chunk, positions: positions.map(<[u32]>::to_vec), layers: saved, swap })
     }
 
     /// The head's forward from the last layer's output `x: [N, H]` (this rank must hold
@@ -665,7 +678,8 @@ impl Model {
         exchange: Option<&ExpertExchange>,
         layer_done: &mut dyn FnMut(&[f32], usize),
     ) -> Vec<f32> {
-        let c = self.ctx(fwd.b, fwd.t, opts, exchange);
+        let positions = fwd.positions.take();
+        let c = self.ctx(fwd.b, fwd.t, positions.as_deref(), opts, exchange);
         let swap = fwd.swap.take();
         let mut states = std::mem::take(&mut fwd.layers);
         // The read of the layer below, started while this layer's backward runs.

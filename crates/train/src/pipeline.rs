@@ -156,6 +156,12 @@ impl Pipeline<'_> {
         &self.micro[mb].ids[self.rows.start * t..self.rows.end * t]
     }
 
+    /// This rank's document positions of micro-batch `mb` (packed rows).
+    fn positions(&self, mb: usize) -> Option<&[u32]> {
+        let t = self.micro[mb].t;
+        self.micro[mb].positions.as_deref().map(|p| &p[self.rows.start * t..self.rows.end * t])
+    }
+
     fn targets(&self, mb: usize) -> &[i32] {
         let t = self.micro[mb].t;
         &self.micro[mb].targets[self.rows.start * t..self.rows.end * t]
@@ -167,7 +173,7 @@ impl Pipeline<'_> {
             let v = self.model.stage.virtual_stage(chunk);
             let (b, t) = (self.rows.len(), self.micro[mb].t);
             let x = if v == 0 { self.model.embed_forward(self.w, self.ids(mb)) } else { self.recv(v - 1, self.tag(mb, v, false), mb, chunk)? };
-            let (y, cf) = self.model.chunk_forward(self.w, x, chunk, b, t, self.pass, ex, done);
+            let (y, cf) = self.model.chunk_forward(self.w, x, chunk, b, t, self.positions(mb), self.pass, ex, done);
             let head = if v + 1 == self.stages() {
                 Some(self.model.head_forward_for_training(self.w, y, self.pass))
             } else {

@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Instant;
 use ultramoe_kernels::activation::{swiglu, swiglu_grad};
-use ultramoe_kernels::attention::{attention_backward, attention_forward, AttnShape};
+use ultramoe_kernels::attention::{attention_backward, attention_forward, AttnShape, Mask};
 use ultramoe_kernels::gemm::{linear, linear_grad, measure_peak_flops};
 use ultramoe_kernels::grouped_gemm::{grouped_linear, grouped_linear_grad};
 use ultramoe_plan::hardware::{Device, Efficiency, Hardware, Network};
@@ -100,9 +100,9 @@ fn attention_point(b: usize, t: usize, nh: usize, d: usize, peak: f64, budget: f
     // Buffers are allocated per call, as the attention layers do.
     let secs = time(budget, || {
         let (mut out, mut probs) = (vec![0.0; n * nh * d], vec![0.0; s.probs_len()]);
-        attention_forward(&mut out, Some(&mut probs), &q, &k, &v, s, scale);
+        attention_forward(&mut out, Some(&mut probs), &q, &k, &v, s, Mask::Causal, scale);
         let (mut dq, mut dk, mut dv) = (vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]);
-        attention_backward(&mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, Some(&probs), s, scale);
+        attention_backward(&mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, Some(&probs), s, Mask::Causal, scale);
         std::hint::black_box((out, dq, dk, dv));
     });
     let fwd = 2.0 * (nh * 2 * d) as f64 * (t as f64 + 1.0) / 2.0 * n as f64;

@@ -84,6 +84,10 @@ pub struct Batch {
     pub ids: Vec<u32>,
     /// `[B·T]` next-token targets (`IGNORE` where untrained)
     pub targets: Vec<i32>,
+    /// `[B·T]` each token's position within its document (0 where one starts), when
+    /// documents are packed with masks: attention stays inside each document and
+    /// positions restart (`None`: each row one sequence, examples attend across)
+    pub positions: Option<Vec<u32>>,
     /// rows
     pub b: usize,
     /// sequence length
@@ -164,7 +168,7 @@ impl Batcher {
         if let Source::Random { vocab } = self.source {
             let ids: Vec<u32> = (0..b * t).map(|_| (self.rng.next_u64() % vocab as u64) as u32).collect();
             let targets = ultramoe_model::shifted_targets(&ids, t);
-            return Batch { ids, targets, b, t };
+            return Batch { ids, targets, positions: None, b, t };
         }
         let mut ids = Vec::with_capacity(b * t);
         let mut targets = Vec::with_capacity(b * t);
@@ -192,7 +196,7 @@ impl Batcher {
             ids.resize(ids.len() + (t - used), PAD);
             targets.resize(targets.len() + (t - used), IGNORE);
         }
-        Batch { ids, targets, b, t }
+        Batch { ids, targets, positions: None, b, t }
     }
 }
 
