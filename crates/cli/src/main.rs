@@ -45,6 +45,9 @@ enum Command {
     /// Tokenizers: `train` a byte-level BPE on text files.
     #[command(subcommand)]
     Tokenizer(commands::tokenizer::TokenizerCommand),
+    /// Training data: `prepare` tokenizes text files into memory-mapped shards.
+    #[command(subcommand)]
+    Data(commands::data::DataCommand),
     /// Train the default math MoE with a live progress bar, save it, solve samples.
     Demo(commands::demo::DemoArgs),
     /// Benchmarks: training-step throughput (`train`), decoding (`decode`), grouped vs dense GEMM (`gemm`), all-to-all (`comm`).
@@ -109,6 +112,7 @@ fn main() {
         Command::Serve(a) => commands::serve::run(a),
         Command::Init(a) => commands::init::run(a),
         Command::Tokenizer(a) => commands::tokenizer::run(a),
+        Command::Data(a) => commands::data::run(a),
         Command::Bench(a) => commands::bench::run(a),
         Command::Grad(a) => commands::grad::run(a),
         Command::Report(a) => commands::report::run(a),

@@ -27,5 +27,10 @@ pub fn math_train_config() -> TrainConfig {
         routing_skew: 0.0,
         stats_ep: 1,
         max_nonfinite_steps: 3,
+        tokenizer: None,
+        doc_masks: true,
+        eval_fraction: 0.0,
+        eval_every: 0,
+        eval_batches: 4,
     }
 }

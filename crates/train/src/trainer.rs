@@ -9,7 +9,9 @@
 //! after the directory is fully written, so a kill mid-save leaves the previous
 //! checkpoint as the latest.
 
-use crate::data::batch::{Batcher, Source, StreamPos};
+use crate::data::batch::{Batch, Batcher, Source, StreamPos};
+use crate::data::corpus::Corpus;
+use crate::data::text::TextTokenizer;
 use crate::data::jsonl::read_jsonl;
 use crate::data::math::Mix;
 use crate::optimizer::{clip_to_norm, global_norm, AdamW, AdamWConfig};
@@ -46,6 +48,10 @@ pub enum DataSpec {
     /// uniformly random token ids over the model's vocabulary, every position trained
     /// (throughput benchmarks)
     Random,
+    /// text or JSONL documents (`{"text"}` lines, or `{"messages"}` chats trained on the
+    /// assistant's turns) through the run's tokenizer, or one directory of pre-tokenized
+    /// shards
+    Documents(Vec<PathBuf>),
 }
 
 /// Training hyper-parameters: what is trained (how a step runs is a
@@ -94,10 +100,32 @@ pub struct TrainConfig {
     /// which training stops with an error
     #[serde(default = "three")]
     pub max_nonfinite_steps: u64,
+    /// the tokenizer's directory (`tokenizer.json`, `tokenizer_config.json`) for text
+    /// data; copied into every checkpoint and the final model
+    #[serde(default)]
+    pub tokenizer: Option<PathBuf>,
+    /// packed rows keep attention inside each document and restart positions at each
+    /// (false: the rows are single sequences whose examples see each other — what runs
+    /// saved before document masks did)
+    #[serde(default)]
+    pub doc_masks: bool,
+    /// documents held out of training for the evaluation loss (fraction of the corpus)
+    #[serde(default)]
+    pub eval_fraction: f64,
+    /// evaluate the held-out loss every N steps (0: never)
+    #[serde(default)]
+    pub eval_every: u64,
+    /// micro-batches the held-out loss is measured on (always the same ones)
+    #[serde(default = "four")]
+    pub eval_batches: usize,
 }
 
 fn three() -> u64 {
     3
+}
+
+fn four() -> usize {
+    4
 }
 
 /// An auxiliary balancing loss for training.
@@ -170,6 +198,18 @@ impl TrainConfig {
         if self.max_nonfinite_steps == 0 {
             return Err(Error::field("max_nonfinite_steps", "must be at least 1"));
         }
+        if !(self.eval_fraction.is_finite() && (0.0..1.0).contains(&self.eval_fraction)) {
+            return Err(Error::field("eval_fraction", format!("must be in [0, 1), found {}", self.eval_fraction)));
+        }
+        if self.eval_batches == 0 {
+            return Err(Error::field("eval_batches", "must be at least 1"));
+        }
+        if self.eval_every > 0 && !matches!(self.data, DataSpec::Documents(_)) {
+            return Err(Error::field("eval_every", "the held-out loss is measured on text data (--data FILES); the math model has `eval`"));
+        }
+        if self.eval_every > 0 && self.eval_fraction == 0.0 {
+            return Err(Error::field("eval_every", "no documents are held out: give --eval-fraction too"));
+        }
         Ok(())
     }
 
@@ -187,7 +227,7 @@ impl TrainConfig {
         if self.stats_ep == 0 || (experts > 0 && !experts.is_multiple_of(self.stats_ep)) {
             return Err(Error::field("stats_ep", format!("{} ranks do not divide {experts} experts", self.stats_ep)));
         }
-        if self.data != DataSpec::Random && model.vocab_size < crate::data::tokenizer::VOCAB_SIZE {
+        if matches!(self.data, DataSpec::Math | DataSpec::Jsonl(_)) && model.vocab_size < crate::data::tokenizer::VOCAB_SIZE {
             let need = crate::data::tokenizer::VOCAB_SIZE;
             let msg = format!("{} is smaller than the math tokenizer's {need} tokens; use a config with vocab_size ≥ {need}", model.vocab_size);
             return Err(Error::field("vocab_size", msg));
@@ -223,6 +263,11 @@ impl Default for TrainConfig {
             routing_skew: 0.0,
             stats_ep: 1,
             max_nonfinite_steps: 3,
+            tokenizer: None,
+            doc_masks: true,
+            eval_fraction: 0.0,
+            eval_every: 0,
+            eval_batches: 4,
         }
     }
 }
@@ -317,6 +362,17 @@ pub struct StepStats {
     /// `rank_load_imbalance` the placement in force predicts from the load average
     /// (dynamic placement; 0 when off)
     pub predicted_rank_load_imbalance: f64,
+    /// mean cross-entropy on the held-out documents (steps that evaluate)
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eval_loss: Option<f32>,
+    /// `exp(eval_loss)`
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eval_perplexity: Option<f32>,
+    /// completed passes over the training data
+    pub epoch: u64,
+    /// tokens placed in rows from each data file so far (text data)
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tokens_seen: Vec<u64>,
 }
 
 /// Tokens per expert-parallel rank when `E` experts are split into `ranks` consecutive
@@ -385,6 +441,9 @@ struct TrainerState {
     step: u64,
     optimizer_step: u64,
     data_position: StreamPos,
+    /// tokens placed from each data file (text data)
+    #[serde(default)]
+    data_seen: Vec<u64>,
     config: TrainConfig,
     /// how the step ran (absent in checkpoints from before the run specification: the
     /// run settings then sit in `config`)
@@ -467,6 +526,8 @@ pub struct Trainer {
     pub pipeline: PipelineSchedule,
     /// data stream
     pub batcher: Batcher,
+    /// the held-out documents (text data with `eval_fraction` > 0)
+    eval_source: Option<Source>,
     /// this rank's predicted step peak (bytes), from its memory plan
     pub predicted_peak: usize,
     /// steps completed
@@ -493,6 +554,31 @@ pub struct Trainer {
     metrics_path: PathBuf,
 }
 
+/// The training stream's source and, for documents with some held out, the held-out
+/// stream's.
+fn sources_for(cfg: &TrainConfig, vocab: usize) -> Result<(Source, Option<Source>)> {
+    let DataSpec::Documents(paths) = &cfg.data else { return Ok((source_for(&cfg.data, vocab, cfg.seq_len)?, None)) };
+    let tok = match &cfg.tokenizer {
+        Some(dir) => {
+            let file = dir.join("tokenizer.json");
+            if !file.is_file() {
+                return Err(Error::field("tokenizer", "no tokenizer.json here").in_file(dir));
+            }
+            Some(TextTokenizer::load(dir, vocab).map_err(|e| Error::field("tokenizer", e.reason).in_file(&e.file))?)
+        }
+        None => None,
+    };
+    let corpus = Corpus::load(paths, tok.as_ref())?;
+    if corpus.vocab_size > vocab {
+        return Err(Error::field("vocab_size", format!("the data's tokenizer has {} tokens, more than the model's vocabulary ({vocab})", corpus.vocab_size))
+            .in_file(&paths[0]));
+    }
+    let (train, eval) = corpus.split(cfg.eval_fraction);
+    let corpus = std::sync::Arc::new(corpus);
+    let eval = (!eval.is_empty()).then(|| Source::Documents { corpus: corpus.clone(), docs: std::sync::Arc::new(eval), shuffle: false });
+    Ok((Source::Documents { corpus, docs: std::sync::Arc::new(train), shuffle: true }, eval))
+}
+
 fn source_for(data: &DataSpec, vocab: usize, seq_len: usize) -> Result<Source> {
     Ok(match data {
         DataSpec::Math => Source::Generated { mix: Mix::default() },
@@ -513,6 +599,7 @@ fn source_for(data: &DataSpec, vocab: usize, seq_len: usize) -> Result<Source> {
             Source::Dataset { items }
         }
         DataSpec::Random => Source::Random { vocab },
+        DataSpec::Documents(_) => unreachable!("documents are read by sources_for"),
     })
 }
 
@@ -588,8 +675,9 @@ impl Trainer {
             ultramoe_model::swap::check_dir(&pass.swap_dir).map_err(|e| Error::field("swap_dir", e))?;
         }
         let w = weights(&model)?;
-        let source = source_for(&cfg.data, model.cfg.vocab_size, cfg.seq_len)?;
-        let batcher = Batcher::new(source, cfg.seed + 1);
+        let (source, eval_source) = sources_for(&cfg, model.cfg.vocab_size)?;
+        let mut batcher = Batcher::new(source, cfg.seed + 1);
+        batcher.doc_masks = cfg.doc_masks;
         let sched = Schedule { peak: cfg.lr, min: cfg.min_lr, warmup: cfg.warmup, total: cfg.steps };
         let g = vec![0.0; model.layout.total];
         let opt = AdamW::new(&model.layout, cfg.adamw.clone());
@@ -604,6 +692,7 @@ impl Trainer {
             pass,
             pipeline,
             batcher,
+            eval_source,
             predicted_peak,
             step: 0,
             peak_flops: place.peak_flops,
@@ -813,6 +902,8 @@ impl Trainer {
         let busy = sums[5..5 + stages].to_vec();
         let makespan = sums[5 + stages..].iter().cloned().fold(0.0, f64::max);
         let step_s = start.elapsed().as_secs_f64();
+        let evaluates = self.cfg.eval_every > 0 && (self.step % self.cfg.eval_every == 0 || self.step == self.cfg.steps);
+        let eval_loss = if evaluates { self.eval_loss()? } else { None };
         let tokens = b * t * self.cfg.grad_accum;
         let flops = self.model.train_flops(b, t) * self.cfg.grad_accum as f64;
         // A step faster than the peak proves the peak low (it was measured beside a busy
@@ -873,6 +964,10 @@ impl Trainer {
             activation_bytes: out.activation_bytes,
             experts_moved,
             predicted_rank_load_imbalance: predicted,
+            eval_loss,
+            eval_perplexity: eval_loss.map(f32::exp),
+            epoch: self.batcher.epoch(),
+            tokens_seen: self.batcher.seen().to_vec(),
         };
         if let Some(f) = &mut self.metrics {
             writeln!(f, "{}", serde_json::to_string(&stats).unwrap_or_default())
@@ -895,6 +990,51 @@ impl Trainer {
             }
         }
         Ok(stats)
+    }
+
+    /// The mean cross-entropy over the first `eval_batches` micro-batches of the
+    /// held-out documents (always the same ones), or `None` when none are held out. A
+    /// collective: every rank calls it. It runs the step's own schedule (so every
+    /// layout evaluates the same tokens alike) into the gradient buffer, which it clears
+    /// after: no weight, moment or routing statistic changes.
+    pub fn eval_loss(&mut self) -> Result<Option<f32>> {
+        let Some(source) = self.eval_source.clone() else { return Ok(None) };
+        let mut batcher = Batcher::new(source, 0);
+        batcher.doc_masks = self.cfg.doc_masks;
+        let (b, t, m) = (self.cfg.micro_batch, self.cfg.seq_len, self.cfg.grad_accum);
+        let rows = self.parallel.as_ref().map_or(0..b, |p| p.rows(b));
+        let pp = self.parallel.as_ref().filter(|p| p.mesh.pp_size() > 1).map(|p| p.mesh.pp.clone());
+        let mut sums = [0.0f64; 2];
+        for _ in 0..self.cfg.eval_batches.div_ceil(m) {
+            let micro: Vec<Batch> = (0..m).map(|_| batcher.next_batch(b, t)).collect();
+            sums[1] += micro.iter().map(|mb| mb.targets.iter().filter(|&&x| x != ultramoe_kernels::loss::IGNORE).count()).sum::<usize>() as f64;
+            let pipe = Pipeline {
+                model: &self.model,
+                w: &self.w,
+                pass: &self.pass,
+                pp: pp.as_ref(),
+                forward_lane: self.forward_lane.as_ref(),
+                micro: &micro,
+                rows: rows.clone(),
+                scale: 1.0,
+                waits: Default::default(),
+                trace: Default::default(),
+            };
+            let out = catch_step(|| pipe.run(&self.pipeline, &mut self.g, &mut crate::pipeline::NoHooks))??;
+            sums[0] += out.ce;
+            if let Some(g) = &pp {
+                g.flush_sends().map_err(comm_error)?;
+            }
+        }
+        self.g.fill(0.0);
+        self.model.take_exchange_totals();
+        // Every rank counted the same targets; the CE is spread over the ranks.
+        let count = sums[1];
+        let mut ce = [sums[0]];
+        if let Some(p) = &mut self.parallel {
+            p.sum(&mut ce).map_err(comm_error)?;
+        }
+        Ok(Some((ce[0] / count.max(1.0)) as f32))
     }
 
     /// Per-expert and per-slot loads of every MoE layer of the model, from this rank's
@@ -1103,7 +1243,23 @@ impl Trainer {
         if self.writes_share() {
             save_model_share(&self.model, &self.w, dir)?;
         }
+        if self.is_lead() {
+            self.copy_tokenizer(dir)?;
+        }
         self.barrier()
+    }
+
+    /// Copies the run's tokenizer files (if it has a tokenizer) into `dir`, so a saved
+    /// model or checkpoint is a whole Hugging Face model directory.
+    fn copy_tokenizer(&self, dir: &Path) -> Result<()> {
+        let Some(from) = &self.cfg.tokenizer else { return Ok(()) };
+        for name in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"] {
+            let src = from.join(name);
+            if src.is_file() && src != dir.join(name) {
+                std::fs::copy(&src, dir.join(name)).map_err(|e| Error::msg(format!("cannot copy {}: {e}", src.display())).in_file(dir))?;
+            }
+        }
+        Ok(())
     }
 
     /// Writes a checkpoint under `run_dir/checkpoints/` and points `latest` at it; keeps
@@ -1152,11 +1308,13 @@ impl Trainer {
                 step: self.step,
                 optimizer_step: self.optimizer_steps(),
                 data_position: self.batcher.position(),
+                data_seen: self.batcher.seen().to_vec(),
                 config: self.cfg.clone(),
                 spec: Some(self.spec.clone()),
                 placement: None,
             };
             write_atomic(&dir.join("trainer_state.json"), serde_json::to_string_pretty(&state).unwrap().as_bytes())?;
+            self.copy_tokenizer(&dir)?;
             write_atomic(&root.join("latest"), name.as_bytes())?;
             // Prune older checkpoints (never the one just written).
             let mut all: Vec<String> = std::fs::read_dir(&root)
@@ -1275,6 +1433,7 @@ impl Trainer {
         }
         tr.step = state.step;
         tr.batcher.restore(state.data_position);
+        tr.batcher.restore_seen(&state.data_seen);
         if let (Some(b), Some(p)) = (&mut tr.balancer, placed) {
             b.load = tr.model.moe_ids().into_iter().filter_map(|i| p.load.get(i).cloned()).collect();
         }

@@ -35,6 +35,11 @@ pub fn run(a: DemoArgs) -> CliResult {
     let targs = TrainArgs {
         model_config: None,
         init_from: None,
+        tokenizer: None,
+        eval_fraction: None,
+        eval_every: None,
+        eval_batches: None,
+        no_doc_masks: false,
         run_dir: a.run_dir.clone(),
         resume: false,
         overwrite: true,

@@ -4,6 +4,7 @@ pub mod bench;
 pub mod bench_comm;
 pub mod bench_decode;
 pub mod calibrate;
+pub mod data;
 pub mod demo;
 pub mod eval;
 pub mod generate;

@@ -19,9 +19,16 @@ pub struct TrainArgs {
     /// Model `config.json` (Hugging Face format). Default: the embedded math MoE.
     #[arg(long)]
     pub model_config: Option<PathBuf>,
-    /// Start from the weights in this checkpoint directory instead of a fresh init.
+    /// Start from the model in this directory (Hugging Face layout: config.json and
+    /// weights, and its tokenizer when it has one) instead of a fresh init: fine-tuning.
+    /// Without --lr its recipe is a tenth of the pretraining learning rate (3e-4 down
+    /// to 3e-5, 20 warmup steps).
     #[arg(long)]
     pub init_from: Option<PathBuf>,
+    /// Tokenizer directory (`tokenizer.json`, `tokenizer_config.json`) for text data
+    /// (default: the --init-from model's); copied into checkpoints and the saved model.
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
     /// Run directory: checkpoints, metrics, final model.
     #[arg(long, default_value = "runs/train")]
     pub run_dir: PathBuf,
@@ -72,9 +79,26 @@ pub struct TrainArgs {
     /// Seed (weights: seed, data: seed + 1).
     #[arg(long, allow_hyphen_values = true)]
     pub seed: Option<u64>,
-    /// Data: `math` (generated problems), `random` (random tokens), or a JSONL file.
+    /// Data: `math` (generated problems), `random` (random tokens), a JSONL file of
+    /// `{"question", "answer"}` problems, or text data — comma-separated `.txt` files
+    /// (a document each), JSONL files of `{"text"}` documents or of `{"messages"}` chats
+    /// (trained on the assistant's turns only), or one directory written by
+    /// `ultramoe data prepare`.
     #[arg(long)]
     pub data: Option<String>,
+    /// Fraction of the text data's documents held out for the evaluation loss.
+    #[arg(long, allow_hyphen_values = true)]
+    pub eval_fraction: Option<f64>,
+    /// Measure the held-out loss (and perplexity) every N steps, into the metrics.
+    #[arg(long, allow_hyphen_values = true)]
+    pub eval_every: Option<u64>,
+    /// Micro-batches of held-out documents each evaluation reads (the same ones each time).
+    #[arg(long, allow_hyphen_values = true)]
+    pub eval_batches: Option<usize>,
+    /// Let packed examples attend to each other (as runs before document masks did):
+    /// by default attention stays inside each document and positions restart at each.
+    #[arg(long)]
+    pub no_doc_masks: bool,
     /// Save a checkpoint every N steps (0: only at the end).
     #[arg(long, allow_hyphen_values = true)]
     pub save_every: Option<u64>,
@@ -178,23 +202,45 @@ fn apply_overrides(mut c: TrainConfig, a: &TrainArgs) -> CliResult<TrainConfig> 
     set!(routing_skew);
     set!(stats_ep);
     set!(max_nonfinite_steps);
+    set!(eval_fraction);
+    set!(eval_every);
+    set!(eval_batches);
+    if a.no_doc_masks {
+        c.doc_masks = false;
+    }
+    if let Some(t) = &a.tokenizer {
+        c.tokenizer = Some(t.clone());
+    }
     if let Some(kind) = &a.aux_loss {
         c.aux_loss = Some(AuxLossConfig { kind: kind.clone(), coef: a.aux_loss_coef, ep_groups: a.aux_ep_groups });
     }
     if let Some(d) = &a.data {
-        c.data = match d.as_str() {
-            "math" => DataSpec::Math,
-            "random" => DataSpec::Random,
-            path => {
-                let p = PathBuf::from(path);
-                if !p.is_file() {
-                    return Err(format!("--data: `{path}` is neither `math`, `random` nor an existing JSONL file"));
-                }
-                DataSpec::Jsonl(p)
-            }
-        };
+        c.data = parse_data(d)?;
     }
     Ok(c)
+}
+
+/// `--data`: `math`, `random`, a problems JSONL file, or text data paths.
+fn parse_data(d: &str) -> CliResult<DataSpec> {
+    Ok(match d {
+        "math" => DataSpec::Math,
+        "random" => DataSpec::Random,
+        list => {
+            let paths: Vec<PathBuf> = list.split(',').map(|p| PathBuf::from(p.trim())).collect();
+            if let Some(p) = paths.iter().find(|p| !p.exists()) {
+                return Err(format!("--data: `{}` is neither `math`, `random` nor an existing file or directory", p.display()));
+            }
+            match &paths[..] {
+                [p] if p.is_file() && p.extension().is_some_and(|e| e == "jsonl") => {
+                    match ultramoe_train::data::corpus::jsonl_kind(p).map_err(|e| e.to_string())? {
+                        ultramoe_train::data::corpus::JsonlKind::Problems => DataSpec::Jsonl(p.clone()),
+                        _ => DataSpec::Documents(paths),
+                    }
+                }
+                _ => DataSpec::Documents(paths),
+            }
+        }
+    })
 }
 
 /// What a run is, resolved once from the flags (and a resumed run's checkpoint, or a
@@ -246,12 +292,21 @@ pub fn resolve(a: &TrainArgs, latest: Option<&Path>) -> CliResult<Resolved> {
         let spec = spec_from_args(saved_spec, a, layout, cfg.n_layers)?;
         return Ok(Resolved { model: None, tc, spec, resume: Some(dir.to_path_buf()) });
     }
-    let cfg = match &a.model_config {
-        Some(p) => ModelConfig::from_file(p),
-        None => ModelConfig::from_json_str(MATH_MOE_CONFIG),
+    let cfg = match (&a.model_config, &a.init_from) {
+        (Some(p), _) => ModelConfig::from_file(p),
+        (None, Some(dir)) => ModelConfig::from_file(&dir.join("config.json")),
+        (None, None) => ModelConfig::from_json_str(MATH_MOE_CONFIG),
     }
     .map_err(|e| e.to_string())?;
-    let mut tc = apply_overrides(math_train_config(), a)?;
+    let mut base = math_train_config();
+    if let Some(dir) = &a.init_from {
+        // Fine-tuning: the model's own tokenizer, and a tenth of the learning rate.
+        if dir.join("tokenizer.json").is_file() {
+            base.tokenizer = Some(dir.clone());
+        }
+        (base.lr, base.min_lr, base.warmup) = (3e-4, 3e-5, 20);
+    }
+    let mut tc = apply_overrides(base, a)?;
     let spec = match &plan {
         Some(p) => {
             if a.parallel.sets_layout() || a.parallel.vpp.is_some() || a.micro_batch.is_some() || a.grad_accum.is_some() || a.seq_len.is_some() {
@@ -418,11 +473,15 @@ pub fn train_loop(tr: &mut Trainer, run_dir: &Path, metrics: Option<&Path>, prog
     };
     let mut last = None;
     let mut tokens_per_s = Vec::new();
+    let mut eval = String::new();
     while tr.step < total {
         let s = tr.train_step().map_err(|e| e.to_string())?;
         tokens_per_s.push(s.tokens_per_s);
+        if let (Some(l), Some(p)) = (s.eval_loss, s.eval_perplexity) {
+            eval = format!(" | eval loss {l:.4} (perplexity {p:.1})");
+        }
         let msg = format!(
-            "loss {:.4} | {:.0} tok/s | MFU {:.1}% | expert imbalance {:.2}",
+            "loss {:.4}{eval} | {:.0} tok/s | MFU {:.1}% | expert imbalance {:.2}",
             s.loss,
             s.tokens_per_s,
             100.0 * s.mfu,
@@ -434,7 +493,7 @@ pub fn train_loop(tr: &mut Trainer, run_dir: &Path, metrics: Option<&Path>, prog
                 b.set_message(msg);
             }
             None => {
-                if lead && (s.step.is_multiple_of(10) || s.step == 1 || s.step == total) {
+                if lead && (s.step.is_multiple_of(10) || s.step == 1 || s.step == total || s.eval_loss.is_some()) {
                     eprintln!("step {}/{} {msg}", s.step, total);
                 }
             }

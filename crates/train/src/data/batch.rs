@@ -5,7 +5,9 @@
 //! answer tokens are trained on: a position's target is the next token when that token
 //! belongs to the answer (through `EOS`), else ignored.
 
+use super::corpus::Corpus;
 use super::jsonl::QaPair;
+use std::sync::Arc;
 use super::math::{generate_in, to_model_digits, Mix, Split};
 use super::tokenizer::{encode, normalize_question, BOS, EOS, PAD, SEP};
 use ultramoe_kernels::loss::IGNORE;
@@ -49,6 +51,28 @@ pub enum Source {
         /// vocabulary to draw from
         vocab: usize,
     },
+    /// token documents, packed back to back (a document longer than what is left of a
+    /// row continues in the next row), each position's target the document's next
+    /// token where that token is trained
+    Documents {
+        /// the documents
+        corpus: Arc<Corpus>,
+        /// which of them this stream visits (indices into the corpus)
+        docs: Arc<Vec<u32>>,
+        /// visit them in a seeded shuffled order, epoch after epoch (else in order: the
+        /// held-out stream)
+        shuffle: bool,
+    },
+}
+
+impl Source {
+    fn shuffled_len(&self) -> Option<usize> {
+        match self {
+            Source::Dataset { items } => Some(items.len()),
+            Source::Documents { docs, shuffle: true, .. } => Some(docs.len()),
+            _ => None,
+        }
+    }
 }
 
 /// A stream of packed batches. Its whole position is a [`StreamPos`], so a resumed run
@@ -61,8 +85,17 @@ pub struct Batcher {
     order: Vec<usize>,
     cursor: usize,
     shuffle_state: u64,
+    /// tokens of the current document already placed (documents)
+    offset: usize,
+    /// completed passes over the data
+    epoch: u64,
     /// an example drawn but not yet placed, and the position from before it was drawn
     pending: Option<((Vec<u32>, Vec<i32>), StreamPos)>,
+    /// give every token's position within its document, so attention stays inside
+    /// documents (else rows are single sequences and packed examples see each other)
+    pub doc_masks: bool,
+    /// tokens placed from each of the corpus's files (documents)
+    seen: Vec<u64>,
 }
 
 /// A stream position: generator state, dataset cursor, and the generator state the
@@ -75,6 +108,12 @@ pub struct StreamPos {
     pub cursor: usize,
     /// generator state at the last shuffle
     pub shuffle: u64,
+    /// tokens of the current document already placed (documents)
+    #[serde(default)]
+    pub offset: usize,
+    /// completed passes over the data
+    #[serde(default)]
+    pub epoch: u64,
 }
 
 /// A packed batch.
@@ -95,15 +134,44 @@ pub struct Batch {
 }
 
 impl Batcher {
-    /// A stream from a source and seed.
+    /// A stream from a source and seed (document masks on).
     pub fn new(source: Source, seed: u64) -> Self {
-        let mut b = Batcher { source, rng: Rng::new(seed), order: vec![], cursor: 0, shuffle_state: 0, pending: None };
+        let files = match &source {
+            Source::Documents { corpus, .. } => corpus.files.len(),
+            _ => 0,
+        };
+        let mut b = Batcher {
+            source,
+            rng: Rng::new(seed),
+            order: vec![],
+            cursor: 0,
+            shuffle_state: 0,
+            offset: 0,
+            epoch: 0,
+            pending: None,
+            doc_masks: true,
+            seen: vec![0; files],
+        };
         b.reshuffle();
         b
     }
 
     fn raw_position(&self) -> StreamPos {
-        StreamPos { rng: self.rng.state(), cursor: self.cursor, shuffle: self.shuffle_state }
+        StreamPos { rng: self.rng.state(), cursor: self.cursor, shuffle: self.shuffle_state, offset: self.offset, epoch: self.epoch }
+    }
+
+    /// Tokens placed so far from each of the corpus's files (documents; empty for
+    /// other sources).
+    pub fn seen(&self) -> &[u64] {
+        &self.seen
+    }
+
+    /// Restores what [`Batcher::seen`] said at a checkpoint (a list of another length,
+    /// from another corpus, is ignored).
+    pub fn restore_seen(&mut self, seen: &[u64]) {
+        if seen.len() == self.seen.len() {
+            self.seen.copy_from_slice(seen);
+        }
     }
 
     /// The position, for checkpoints: an example drawn but not yet placed counts as
@@ -122,13 +190,15 @@ impl Batcher {
         self.reshuffle();
         self.rng = Rng::from_state(pos.rng);
         self.cursor = pos.cursor;
+        self.offset = pos.offset;
+        self.epoch = pos.epoch;
         self.pending = None;
     }
 
     fn reshuffle(&mut self) {
         self.shuffle_state = self.rng.state();
-        if let Source::Dataset { items } = &self.source {
-            let mut order: Vec<usize> = (0..items.len()).collect();
+        if let Some(n) = self.source.shuffled_len() {
+            let mut order: Vec<usize> = (0..n).collect();
             for i in (1..order.len()).rev() {
                 let j = self.rng.range(0, i as i64) as usize;
                 order.swap(i, j);
@@ -150,9 +220,10 @@ impl Batcher {
                 let p = generate_in(&mut self.rng, kind, Split::Train);
                 (example_tokens(&p.question, &p.worked), before)
             }
-            Source::Random { .. } => unreachable!("random batches are drawn whole"),
+            Source::Random { .. } | Source::Documents { .. } => unreachable!("random and document batches are drawn whole"),
             Source::Dataset { .. } => {
                 if self.cursor >= self.order.len() {
+                    self.epoch += 1;
                     self.reshuffle();
                 }
                 let Source::Dataset { items } = &self.source else { unreachable!() };
@@ -170,8 +241,12 @@ impl Batcher {
             let targets = ultramoe_model::shifted_targets(&ids, t);
             return Batch { ids, targets, positions: None, b, t };
         }
+        if let Source::Documents { .. } = self.source {
+            return self.next_documents(b, t);
+        }
         let mut ids = Vec::with_capacity(b * t);
         let mut targets = Vec::with_capacity(b * t);
+        let mut positions = Vec::with_capacity(b * t);
         for _ in 0..b {
             let mut used = 0;
             loop {
@@ -184,6 +259,7 @@ impl Batcher {
                 let take = toks.len().min(t - used);
                 ids.extend_from_slice(&toks[..take]);
                 targets.extend_from_slice(&tg[..take]);
+                positions.extend(0..take as u32);
                 if take < toks.len() {
                     // cut example: its last kept position has no valid next token
                     *targets.last_mut().unwrap() = IGNORE;
@@ -195,8 +271,55 @@ impl Batcher {
             }
             ids.resize(ids.len() + (t - used), PAD);
             targets.resize(targets.len() + (t - used), IGNORE);
+            // (the padding is a document of its own)
+            positions.extend(0..(t - used) as u32);
         }
-        Batch { ids, targets, positions: None, b, t }
+        Batch { ids, targets, positions: self.doc_masks.then_some(positions), b, t }
+    }
+
+    /// The next `[b, t]` batch of packed documents: each row filled from the current
+    /// document onward, a document that does not fit continuing in the next row (its
+    /// rest a new document there, positions from 0). A position's target is the
+    /// document's next token, wherever that lands, when it is trained.
+    fn next_documents(&mut self, b: usize, t: usize) -> Batch {
+        let Source::Documents { corpus, docs, shuffle } = &self.source else { unreachable!("documents") };
+        let (corpus, docs, shuffle) = (corpus.clone(), docs.clone(), *shuffle);
+        let mut ids = Vec::with_capacity(b * t);
+        let mut targets = Vec::with_capacity(b * t);
+        let mut positions = Vec::with_capacity(b * t);
+        while ids.len() < b * t {
+            if self.cursor >= docs.len() {
+                self.epoch += 1;
+                if shuffle {
+                    self.reshuffle();
+                }
+                self.cursor = 0;
+            }
+            let d = docs[if shuffle { self.order[self.cursor] } else { self.cursor }] as usize;
+            let doc = corpus.doc(d);
+            let row_left = t - ids.len() % t;
+            let take = (doc.tokens.len() - self.offset).min(row_left);
+            let piece = self.offset..self.offset + take;
+            ids.extend_from_slice(&doc.tokens[piece.clone()]);
+            targets.extend(piece.map(|i| match doc.tokens.get(i + 1) {
+                Some(&next) if doc.mask.is_none_or(|m| m[i + 1] != 0) => next as i32,
+                _ => IGNORE,
+            }));
+            positions.extend(0..take as u32);
+            if let Some(s) = self.seen.get_mut(corpus.file_of(d)) {
+                *s += take as u64;
+            }
+            self.offset += take;
+            if self.offset >= doc.tokens.len() {
+                (self.cursor, self.offset) = (self.cursor + 1, 0);
+            }
+        }
+        Batch { ids, targets, positions: self.doc_masks.then_some(positions), b, t }
+    }
+
+    /// Completed passes over the data.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
     }
 }
 
