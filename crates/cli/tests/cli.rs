@@ -118,7 +118,7 @@ fn user_errors_are_one_clear_line() {
     let not_json = write("broken.json", "{ not json");
     expect_error(&["train", "--model-config", not_json.to_str().unwrap()], &["broken.json", "JSON"]);
     let jsonl = write("data.jsonl", "{\"question\": \"1+1\", \"answer\": \"2\"}\n{\"question\": 5}\n");
-    expect_error(&["eval", "--file", jsonl.to_str().unwrap()], &["data.jsonl:2", "question"]);
+    expect_error(&["eval", "--file", jsonl.to_str().unwrap()], &["data.jsonl: line 2", "question"]);
     // A checkpoint whose tensors do not match its config.
     let ck = d.join("ckpt");
     std::fs::create_dir_all(&ck).unwrap();

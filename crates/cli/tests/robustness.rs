@@ -301,14 +301,14 @@ fn checkpoint_cases(dir: &Path) -> Vec<Case> {
 fn data_cases(dir: &Path) -> Vec<Case> {
     let long = format!(r#"{{"question": "{}", "answer": "1"}}"#, "1+".repeat(100) + "1");
     let files: Vec<(&str, String, &str)> = vec![
-        ("not-json", "this is not json\n".into(), ":1:"),
+        ("not-json", "this is not json\n".into(), "line 1: not valid JSON"),
         ("no-question", r#"{"answer": "3"}"#.into(), "question"),
         ("no-answer", r#"{"question": "1+2"}"#.into(), "answer"),
         ("answer-object", r#"{"question": "1+2", "answer": {"v": 3}}"#.into(), "answer"),
         ("question-number", r#"{"question": 12, "answer": "3"}"#.into(), "question"),
-        ("empty", String::new(), "no problems"),
-        ("blank-lines", "\n\n   \n".into(), "no problems"),
-        ("second-line-bad", "{\"question\": \"1+2\", \"answer\": \"3\"}\n{\"question\": \"1+\"\n".into(), ":2:"),
+        ("empty", String::new(), "empty: no"),
+        ("blank-lines", "\n\n   \n".into(), "empty: no"),
+        ("second-line-bad", "{\"question\": \"1+2\", \"answer\": \"3\"}\n{\"question\": \"1+\"\n".into(), "line 2"),
         ("too-long", long.clone(), "longer than seq-len"),
         ("array", "[1, 2]".into(), "question"),
     ];

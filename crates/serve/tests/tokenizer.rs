@@ -73,11 +73,12 @@ fn chat_template_renders_and_ends_turns_with_its_token() {
     let ids = tok.encode_chat(&msgs).unwrap();
     let im_start = 1; // the specials come first, in their order
     assert_eq!(ids.iter().filter(|&&t| t == im_start).count(), 3, "special tokens are single tokens: {ids:?}");
-    assert_eq!(tok.eos_ids(), vec![2]);
-    assert_eq!(TRAINED_SPECIALS[2], "<|im_end|>");
-    // generation_config.json may add end tokens.
-    std::fs::write(d.path().join("generation_config.json"), r#"{"eos_token_id": [0, 2]}"#).unwrap();
-    assert_eq!(TextTokenizer::load(d.path(), 512).unwrap().eos_ids(), vec![0, 2]);
+    // The end of a turn, and (from the generation_config.json it writes) of a document.
+    assert_eq!(tok.eos_ids(), vec![0, 2]);
+    assert_eq!(TRAINED_SPECIALS[..], ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]);
+    // generation_config.json adds end tokens to the tokenizer_config.json's one.
+    std::fs::write(d.path().join("generation_config.json"), r#"{"eos_token_id": [1]}"#).unwrap();
+    assert_eq!(TextTokenizer::load(d.path(), 512).unwrap().eos_ids(), vec![1, 2]);
     // A tokenizer larger than the model's vocabulary is refused, naming the file.
     let e = TextTokenizer::load(d.path(), 300).err().expect("refused").to_string();
     assert!(e.contains("tokenizer.json") && e.contains("300"), "{e}");

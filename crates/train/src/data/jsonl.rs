@@ -23,7 +23,7 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<QaPair>, String> {
         if line.is_empty() {
             continue;
         }
-        let at = |what: String| format!("{}:{}: {what}", path.display(), i + 1);
+        let at = |what: String| format!("{}: line {}: {what}", path.display(), i + 1);
         let v: serde_json::Value = serde_json::from_str(line).map_err(|e| at(format!("not valid JSON: {e}")))?;
         let q = v.get("question").and_then(|x| x.as_str()).ok_or_else(|| at("`question`: missing or not a string".into()))?;
         let a = match v.get("answer") {
@@ -34,7 +34,7 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<QaPair>, String> {
         out.push(QaPair { question: q.to_string(), answer: a.trim().to_string(), line: i + 1 });
     }
     if out.is_empty() {
-        return Err(format!("{}: no problems found", path.display()));
+        return Err(format!("{}: empty: no problems found", path.display()));
     }
     Ok(out)
 }
