@@ -768,8 +768,7 @@ impl Trainer {
         let (b, t) = (self.cfg.micro_batch, self.cfg.seq_len);
         // Every rank draws the same global micro-batches and trains on its rows.
         let micro: Vec<_> = (0..self.cfg.grad_accum).map(|_| self.batcher.next_batch(b, t)).collect();
-        let total_targets: usize =
-            micro.iter().map(|m| m.targets.iter().filter(|&&x| x != ultramoe_kernels::loss::IGNORE).count()).sum();
+        let total_targets: usize = micro.iter().map(Batch::trained_tokens).sum();
         let scale = 1.0 / total_targets.max(1) as f32;
         let rows = self.parallel.as_ref().map_or(0..b, |p| p.rows(b));
         // `g` is zero here: it starts zeroed and every optimizer step clears it.
@@ -1007,7 +1006,7 @@ impl Trainer {
         let mut sums = [0.0f64; 2];
         for _ in 0..self.cfg.eval_batches.div_ceil(m) {
             let micro: Vec<Batch> = (0..m).map(|_| batcher.next_batch(b, t)).collect();
-            sums[1] += micro.iter().map(|mb| mb.targets.iter().filter(|&&x| x != ultramoe_kernels::loss::IGNORE).count()).sum::<usize>() as f64;
+            sums[1] += micro.iter().map(Batch::trained_tokens).sum::<usize>() as f64;
             let pipe = Pipeline {
                 model: &self.model,
                 w: &self.w,

@@ -102,6 +102,21 @@ fn documents_pack_without_crossing_and_positions_restart() {
         d += 1;
     }
     assert!(d > 20, "{d} documents read");
+    // A plain text file is one document (its end token last), beside JSONL documents.
+    let dir = temp("txt");
+    let txt = dir.join("book.txt");
+    std::fs::write(&txt, "Call me Ishmael.\n\nSome years ago — never mind how long precisely — I went to sea.\n").unwrap();
+    let both = Corpus::read(&[txt.clone(), fortunes()], &tok).unwrap();
+    assert_eq!((both.docs(), both.files.len(), both.files[0].docs), (822, 2, 1));
+    let mut want = tok.encode_prompt(&std::fs::read_to_string(&txt).unwrap()).unwrap();
+    want.push(0); // <|endoftext|>
+    assert_eq!(both.doc(0).tokens, &want[..]);
+    assert_eq!(both.doc(1).tokens, corpus.doc(0).tokens);
+    assert_eq!(both.file_of(0), 0);
+    assert_eq!(both.file_of(1), 1);
+    let chat_and_text = Corpus::read(&[txt, chats()], &tok).unwrap_err().to_string();
+    assert!(chat_and_text.contains("cannot be mixed"), "{chat_and_text}");
+    std::fs::remove_dir_all(&dir).unwrap();
     // Without document masks the rows carry no positions (one sequence a row).
     let mut cross = b.clone();
     cross.doc_masks = false;

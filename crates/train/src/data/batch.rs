@@ -133,6 +133,13 @@ pub struct Batch {
     pub t: usize,
 }
 
+impl Batch {
+    /// Positions with a target (not `IGNORE`).
+    pub fn trained_tokens(&self) -> usize {
+        self.targets.iter().filter(|&&x| x != IGNORE).count()
+    }
+}
+
 impl Batcher {
     /// A stream from a source and seed (document masks on).
     pub fn new(source: Source, seed: u64) -> Self {
