@@ -574,6 +574,10 @@ fn sources_for(cfg: &TrainConfig, vocab: usize) -> Result<(Source, Option<Source
             .in_file(&paths[0]));
     }
     let (train, eval) = corpus.split(cfg.eval_fraction);
+    // (a stream of empty documents would never fill a row)
+    if train.iter().all(|&d| corpus.doc(d as usize).tokens.is_empty()) {
+        return Err(Error::msg("the training documents hold no tokens").in_file(&paths[0]));
+    }
     let corpus = std::sync::Arc::new(corpus);
     let eval = (!eval.is_empty()).then(|| Source::Documents { corpus: corpus.clone(), docs: std::sync::Arc::new(eval), shuffle: false });
     Ok((Source::Documents { corpus, docs: std::sync::Arc::new(train), shuffle: true }, eval))
