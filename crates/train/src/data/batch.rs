@@ -1,9 +1,13 @@
-//! Examples as token sequences, and packing them into fixed `[B, T]` batches.
+//! Examples and documents as token sequences, and packing them into fixed `[B, T]`
+//! batches.
 //!
-//! An example is `BOS question SEP answer EOS`, the answer in model digit order. Several
-//! examples share a row (no example is split across rows; the tail is padding). Only
-//! answer tokens are trained on: a position's target is the next token when that token
-//! belongs to the answer (through `EOS`), else ignored.
+//! A math example is `BOS question SEP answer EOS`, the answer in model digit order.
+//! Several examples share a row (no example is split across rows; the tail is padding).
+//! Only answer tokens are trained on: a position's target is the next token when that
+//! token belongs to the answer (through `EOS`), else ignored. Text documents are packed
+//! back to back instead, a document continuing in the next row when it does not fit.
+//! Either way each token's position within its example or document goes with the batch
+//! (document masks), unless the run asked for rows that attend across examples.
 
 use super::corpus::Corpus;
 use super::jsonl::QaPair;
