@@ -1,6 +1,6 @@
 //! Solving math problems: greedy, KV-cached decoding of worked answers, many at a time.
 
-use ultramoe_model::decode::{CachedInput, LogitRows};
+use ultramoe_model::decode::{pick_inputs, LogitRows};
 use ultramoe_model::decode_weights::DecodeWeights;
 use ultramoe_model::kv_cache::SeqCache;
 use ultramoe_model::Model;
@@ -38,15 +38,7 @@ pub fn solve_batch(model: &Model, w: &DecodeWeights, questions: &[String]) -> Ve
         let mut live: Vec<usize> = (0..chunk.len()).filter(|&r| !next[r].is_empty() && next[r].len() < max_t).collect();
         while !live.is_empty() {
             let logits = {
-                let mut inputs: Vec<CachedInput> = Vec::with_capacity(live.len());
-                let mut rest: &mut [SeqCache] = &mut caches;
-                let mut taken = 0;
-                for &r in &live {
-                    let (one, tail) = std::mem::take(&mut rest)[r - taken..].split_at_mut(1);
-                    inputs.push(CachedInput { tokens: &next[r], cache: &mut one[0] });
-                    rest = tail;
-                    taken = r + 1;
-                }
+                let mut inputs = pick_inputs(&mut caches, live.iter().map(|&r| (r, &next[r][..])), |c| c);
                 model.forward_cached(w, &mut inputs, LogitRows::Last)
             };
             let mut still = vec![];

@@ -31,6 +31,20 @@ pub struct CachedInput<'a> {
     pub cache: &'a mut SeqCache,
 }
 
+/// The inputs of a cached pass over some of `items` (sequences, each holding a cache):
+/// for each `(index, tokens)` of `picks`, in ascending index order, the item's cache
+/// (through `cache_of`) with its new tokens.
+pub fn pick_inputs<'a, T>(items: &'a mut [T], picks: impl IntoIterator<Item = (usize, &'a [u32])>, cache_of: impl Fn(&'a mut T) -> &'a mut SeqCache) -> Vec<CachedInput<'a>> {
+    let mut rest = items.iter_mut().enumerate();
+    picks
+        .into_iter()
+        .map(|(i, tokens)| {
+            let item = rest.by_ref().find_map(|(j, x)| (j == i).then_some(x)).expect("picks ascend and are in range");
+            CachedInput { tokens, cache: cache_of(item) }
+        })
+        .collect()
+}
+
 impl Model {
     /// Runs each sequence's new tokens after its cached prefix and appends them to its
     /// cache. Returns per sequence `[rows, V]` logits (`rows` as `which` says). The whole

@@ -10,7 +10,7 @@ use serde_json::Value;
 use std::path::PathBuf;
 use ultramoe_model::checkpoint::load_weights;
 use ultramoe_kernels::qlinear::WeightFormat;
-use ultramoe_model::decode::{CachedInput, LogitRows};
+use ultramoe_model::decode::{pick_inputs, CachedInput, LogitRows};
 use ultramoe_model::decode_weights::DecodeWeights;
 use ultramoe_model::init::init_weights;
 use ultramoe_model::kv_cache::SeqCache;
@@ -155,16 +155,7 @@ fn a_batch_of_sequences_gives_each_what_it_gets_alone() {
                 .filter(|&i| pass >= 2 * i && out[i].len() < steps)
                 .map(|i| (i, if caches[i].len == 0 { prompts[i].clone() } else { vec![*out[i].last().unwrap()] }))
                 .collect();
-            let mut inputs: Vec<CachedInput> = Vec::new();
-            let mut rest: &mut [SeqCache] = &mut caches;
-            let mut taken = 0;
-            for (i, toks) in &feed {
-                let (_, tail) = rest.split_at_mut(i - taken);
-                let (one, tail) = tail.split_at_mut(1);
-                inputs.push(CachedInput { tokens: toks, cache: &mut one[0] });
-                rest = tail;
-                taken = i + 1;
-            }
+            let mut inputs = pick_inputs(&mut caches, feed.iter().map(|(i, t)| (*i, &t[..])), |c| c);
             let logits = m.forward_cached(&w, &mut inputs, LogitRows::Last);
             for ((i, _), l) in feed.iter().zip(logits) {
                 out[*i].push(argmax(&l));

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError, TrySendError};
 use std::sync::Arc;
 use std::time::Instant;
-use ultramoe_model::decode::{CachedInput, LogitRows};
+use ultramoe_model::decode::{pick_inputs, LogitRows};
 use ultramoe_model::decode_weights::DecodeWeights;
 use ultramoe_model::kv_cache::SeqCache;
 use ultramoe_dist::{CommResult, ProcessGroup};
@@ -348,17 +348,8 @@ impl Engine {
             .collect();
         self.signal(Signal::Pass);
         let logits = {
-            let mut inputs: Vec<CachedInput> = Vec::with_capacity(feed.len());
-            let mut it = self.running.iter_mut().enumerate();
-            for ((i, _), toks) in feed.iter().zip(&tokens) {
-                let s = loop {
-                    let (j, s) = it.next().expect("fed sequences are running");
-                    if j == *i {
-                        break s;
-                    }
-                };
-                inputs.push(CachedInput { tokens: toks, cache: &mut s.cache });
-            }
+            let picks = feed.iter().zip(&tokens).map(|((i, _), t)| (*i, &t[..]));
+            let mut inputs = pick_inputs(&mut self.running, picks, |s| &mut s.cache);
             self.model.forward_cached(&self.weights, &mut inputs, LogitRows::Last)
         };
         let mut done = vec![];
