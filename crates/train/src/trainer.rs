@@ -995,11 +995,12 @@ impl Trainer {
         Ok(stats)
     }
 
-    /// The mean cross-entropy over the first `eval_batches` micro-batches of the
-    /// held-out documents (always the same ones), or `None` when none are held out. A
-    /// collective: every rank calls it. It runs the step's own schedule (so every
-    /// layout evaluates the same tokens alike) into the gradient buffer, which it clears
-    /// after: no weight, moment or routing statistic changes.
+    /// The mean cross-entropy over the first `eval_batches` micro-batches (rounded up to
+    /// whole steps of `grad_accum`) of the held-out documents — always the same ones —
+    /// or `None` when none are held out. A collective: every rank calls it. Without a
+    /// pipeline each micro-batch runs forward only; a pipeline runs the step's own
+    /// schedule into the gradient buffer, which is cleared after. No weight, moment or
+    /// routing statistic changes.
     pub fn eval_loss(&mut self) -> Result<Option<f32>> {
         let Some(source) = self.eval_source.clone() else { return Ok(None) };
         let mut batcher = Batcher::new(source, 0);
@@ -1007,10 +1008,21 @@ impl Trainer {
         let (b, t, m) = (self.cfg.micro_batch, self.cfg.seq_len, self.cfg.grad_accum);
         let rows = self.parallel.as_ref().map_or(0..b, |p| p.rows(b));
         let pp = self.parallel.as_ref().filter(|p| p.mesh.pp_size() > 1).map(|p| p.mesh.pp.clone());
-        let mut sums = [0.0f64; 2];
+        let (mut ce, mut count) = (0.0f64, 0usize);
         for _ in 0..self.cfg.eval_batches.div_ceil(m) {
             let micro: Vec<Batch> = (0..m).map(|_| batcher.next_batch(b, t)).collect();
-            sums[1] += micro.iter().map(Batch::trained_tokens).sum::<usize>() as f64;
+            count += micro.iter().map(Batch::trained_tokens).sum::<usize>();
+            if pp.is_none() {
+                // This rank's rows of each micro-batch, forward only.
+                for mb in &micro {
+                    let span = rows.start * t..rows.end * t;
+                    let positions = mb.positions.as_ref().map(|p| &p[span.clone()]);
+                    let fwd = catch_step(|| self.model.forward_packed(&self.w, &mb.ids[span.clone()], positions, rows.len(), t, &self.pass))?;
+                    let (mean, n) = self.model.loss(&fwd, &mb.targets[span.clone()]);
+                    ce += mean as f64 * n as f64;
+                }
+                continue;
+            }
             let pipe = Pipeline {
                 model: &self.model,
                 w: &self.w,
@@ -1023,21 +1035,19 @@ impl Trainer {
                 waits: Default::default(),
                 trace: Default::default(),
             };
-            let out = catch_step(|| pipe.run(&self.pipeline, &mut self.g, &mut crate::pipeline::NoHooks))??;
-            sums[0] += out.ce;
+            ce += catch_step(|| pipe.run(&self.pipeline, &mut self.g, &mut crate::pipeline::NoHooks))??.ce;
             if let Some(g) = &pp {
                 g.flush_sends().map_err(comm_error)?;
             }
+            self.g.fill(0.0);
         }
-        self.g.fill(0.0);
         self.model.take_exchange_totals();
         // Every rank counted the same targets; the CE is spread over the ranks.
-        let count = sums[1];
-        let mut ce = [sums[0]];
+        let mut sum = [ce];
         if let Some(p) = &mut self.parallel {
-            p.sum(&mut ce).map_err(comm_error)?;
+            p.sum(&mut sum).map_err(comm_error)?;
         }
-        Ok(Some((ce[0] / count.max(1.0)) as f32))
+        Ok(Some((sum[0] / count.max(1) as f64) as f32))
     }
 
     /// Per-expert and per-slot loads of every MoE layer of the model, from this rank's

@@ -262,7 +262,7 @@ type Trace = Vec<(f32, Option<f32>, String, Vec<u64>)>;
 /// Trains `spec` (ranks as threads) from a fresh start or `resume` to step `stop`,
 /// saving a checkpoint into `save` at the end.
 fn run(spec: RunSpec, stop: u64, resume: Option<&Path>, save: Option<&Path>) -> Trace {
-    let (world, ep) = (spec.world(), spec.ep);
+    let (world, pp, ep) = (spec.world(), spec.pp, spec.ep);
     let (resume, save) = (resume.map(Path::to_path_buf), save.map(Path::to_path_buf));
     let body = move |mesh: Option<Mesh>| -> Trace {
         let place = match mesh {
@@ -271,7 +271,7 @@ fn run(spec: RunSpec, stop: u64, resume: Option<&Path>, save: Option<&Path>) -> 
         };
         let mut tr = match &resume {
             Some(dir) => Trainer::resume(dir, place, &mut |_, s| {
-                (s.ep, s.dp) = (spec.ep, spec.dp);
+                (s.pp, s.ep, s.dp) = (spec.pp, spec.ep, spec.dp);
                 Ok(())
             })
             .unwrap(),
@@ -292,7 +292,7 @@ fn run(spec: RunSpec, stop: u64, resume: Option<&Path>, save: Option<&Path>) -> 
     }
     let runs = local::run(world, Duration::from_secs(120), move |c| {
         let w: Arc<dyn ProcessGroup> = Arc::new(c);
-        Ok(body(Some(Mesh::pipelined(w, 1, ep)?)))
+        Ok(body(Some(Mesh::pipelined(w, pp, ep)?)))
     })
     .unwrap();
     runs[0].clone()
@@ -314,12 +314,22 @@ fn an_interrupted_text_run_resumes_at_the_exact_sample_under_any_layout() {
     // One rank: bitwise the same losses, positions and counts.
     let again = run(RunSpec::default(), 8, Some(&ckpt), None);
     assert_eq!(again[..], full[3..]);
-    // Other layouts: the same samples (positions and counts), losses within rounding.
-    for spec in [RunSpec { ep: 2, dp: 1, ..RunSpec::default() }, RunSpec { ep: 1, dp: 2, ..RunSpec::default() }] {
+    // Other layouts: the same samples (positions and counts), losses and held-out losses
+    // within rounding (a pipeline measures the held-out loss through its schedule, the
+    // others forward only).
+    for spec in [
+        RunSpec { ep: 2, dp: 1, ..RunSpec::default() },
+        RunSpec { ep: 1, dp: 2, ..RunSpec::default() },
+        RunSpec { pp: 2, ep: 1, dp: 1, ..RunSpec::default() },
+    ] {
         let other = run(spec.clone(), 8, Some(&ckpt), None);
         for (i, (a, b)) in other.iter().zip(&full[3..]).enumerate() {
             assert_eq!((&a.2, &a.3), (&b.2, &b.3), "{}: step {}: data position", spec.describe(), i + 4);
             assert!((a.0 - b.0).abs() <= 1e-5 * b.0, "{}: step {}: loss {} vs {}", spec.describe(), i + 4, a.0, b.0);
+            assert_eq!(a.1.is_some(), b.1.is_some());
+            if let (Some(x), Some(y)) = (a.1, b.1) {
+                assert!((x - y).abs() <= 1e-5 * y, "{}: step {}: held-out loss {x} vs {y}", spec.describe(), i + 4);
+            }
         }
     }
     std::fs::remove_dir_all(&dir).unwrap();

@@ -92,7 +92,8 @@ pub struct TrainArgs {
     /// Measure the held-out loss (and perplexity) every N steps, into the metrics.
     #[arg(long, allow_hyphen_values = true)]
     pub eval_every: Option<u64>,
-    /// Micro-batches of held-out documents each evaluation reads (the same ones each time).
+    /// Micro-batches of held-out documents each evaluation reads (the same ones each
+    /// time; rounded up to whole steps of --grad-accum).
     #[arg(long, allow_hyphen_values = true)]
     pub eval_batches: Option<usize>,
     /// Let packed examples attend to each other (as runs before document masks did):
