@@ -559,13 +559,7 @@ pub struct Trainer {
 fn sources_for(cfg: &TrainConfig, vocab: usize) -> Result<(Source, Option<Source>)> {
     let DataSpec::Documents(paths) = &cfg.data else { return Ok((source_for(&cfg.data, vocab, cfg.seq_len)?, None)) };
     let tok = match &cfg.tokenizer {
-        Some(dir) => {
-            let file = dir.join("tokenizer.json");
-            if !file.is_file() {
-                return Err(Error::field("tokenizer", "no tokenizer.json here").in_file(dir));
-            }
-            Some(TextTokenizer::load(dir, vocab).map_err(|e| Error::field("tokenizer", e.reason).in_file(&e.file))?)
-        }
+        Some(dir) => Some(TextTokenizer::load_hf(dir, vocab).map_err(|e| Error::field("tokenizer", e.reason).in_file(&e.file))?),
         None => None,
     };
     let corpus = Corpus::load(paths, tok.as_ref())?;

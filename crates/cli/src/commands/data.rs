@@ -39,11 +39,7 @@ pub fn run(c: DataCommand) -> CliResult {
             if a.shard_tokens == 0 {
                 return Err("--shard-tokens: must be at least 1".into());
             }
-            let file = a.tokenizer.join("tokenizer.json");
-            if !file.is_file() {
-                return Err(format!("{}: no tokenizer.json here (--tokenizer)", a.tokenizer.display()));
-            }
-            let tok = TextTokenizer::load(&a.tokenizer, usize::MAX).map_err(|e| e.to_string())?;
+            let tok = TextTokenizer::load_hf(&a.tokenizer, usize::MAX).map_err(|e| e.to_string())?;
             let corpus = Corpus::read(&a.files, &tok).map_err(|e| e.to_string())?;
             corpus.write_shards(&a.out, a.shard_tokens).map_err(|e| e.to_string())?;
             println!(

@@ -77,6 +77,16 @@ impl TextTokenizer {
                 reason: format!("missing, and the vocabulary ({vocab_size}) is too small for the math tokenizer ({})", math::VOCAB_SIZE),
             });
         }
+        Self::load_hf(dir, vocab_size)
+    }
+
+    /// The `tokenizer.json` tokenizer of a directory (no math fallback: text data needs
+    /// one), with what its `tokenizer_config.json` and `generation_config.json` add.
+    pub fn load_hf(dir: &Path, vocab_size: usize) -> Result<Self, TokenizerError> {
+        let file = dir.join("tokenizer.json");
+        if !file.is_file() {
+            return Err(TokenizerError { file, reason: "missing: a tokenizer directory holds tokenizer.json".into() });
+        }
         let tok = tokenizers::Tokenizer::from_file(&file).map_err(|e| TokenizerError { file: file.clone(), reason: e.to_string() })?;
         let cfg_file = dir.join("tokenizer_config.json");
         let cfg: Value = match std::fs::read_to_string(&cfg_file) {
