@@ -12,8 +12,8 @@ pub fn math_train_config() -> TrainConfig {
     TrainConfig {
         seed: 1234,
         steps: 6000,
-        micro_batch: 16,
-        seq_len: 128,
+        micro_batch: 8,
+        seq_len: 256,
         grad_accum: 1,
         lr: 3e-3,
         min_lr: 1e-4,

@@ -207,17 +207,42 @@ fn train_then_resume_then_solve_round_trip() {
 #[test]
 fn shipped_model_solves_from_a_fresh_clone() {
     let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/math-moe");
-    for (q, a) in [("347 + 589", "936"), ("58 * 73", "4234"), ("Solve for x: -4x + 9 = -31", "10"), ("What is 12 + 7?", "19")] {
+    for (q, a) in [
+        ("347 + 589", "936"),
+        ("58 * 73", "4234"),
+        ("What is 523 minus 178?", "345"),
+        ("Solve for x: -4x + 9 = -31", "10"),
+        ("What is 12 + 7?", "19"),
+        ("Solve x^2 - 5x + 6 = 0", "x = 2 or x = 3"),
+    ] {
         let out = bin().args(["solve", q, "--model"]).arg(&model).output().unwrap();
         assert!(out.status.success(), "{q}: {}", String::from_utf8_lossy(&out.stderr));
         let text = String::from_utf8_lossy(&out.stdout);
         assert_eq!(text.lines().last().unwrap_or(""), a, "{q}");
     }
-    // Negative operands reach the model rather than the argument parser (whatever it
-    // answers: the arithmetic itself is the math issue's).
+    // Negative operands reach the model rather than the argument parser.
     let out = bin().args(["solve", "-5 - -5", "--model"]).arg(&model).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(!String::from_utf8_lossy(&out.stdout).trim().is_empty());
+}
+
+#[test]
+fn questions_outside_the_training_get_one_line_refusals() {
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/math-moe");
+    for (q, why) in [
+        ("what is love", "not a kind of question"),
+        ("1/0", "division by zero"),
+        ("integrate sin(x)^2 dx", "polynomials"),
+        ("Solve x^2 + 1 = 0", "whole numbers"),
+        ("123456789 + 1", "numbers"),
+    ] {
+        let out = bin().args(["solve", q, "--model"]).arg(&model).output().unwrap();
+        assert!(!out.status.success(), "{q} was answered: {}", String::from_utf8_lossy(&out.stdout));
+        assert!(out.stdout.is_empty(), "{q}: no answer on stdout");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.trim().lines().count(), 1, "{q}: {err}");
+        assert!(err.contains("cannot answer") && err.contains(why), "{q}: {err}");
+    }
 }
 
 #[test]

@@ -19,6 +19,7 @@ use ultramoe_model::init::init_weights;
 use ultramoe_model::{Model, ModelConfig};
 use ultramoe_train::data::batch::{example_tokens, prompt_tokens};
 use ultramoe_train::data::jsonl::read_jsonl;
+use ultramoe_train::data::math::{check::verify, grade::answers_match, scope::classify};
 use ultramoe_train::data::tokenizer::{normalize_question, VOCAB_SIZE};
 
 const PRESET: &str = include_str!("../presets/math-moe.json");
@@ -178,14 +179,21 @@ fn jsonl_reader() {
 fn problem_normaliser() {
     let text = prop_oneof![
         2 => "(What is |Compute |Solve for x: |Calculate )?[0-9 +*×x÷−()=.-]{0,30}\\??",
+        2 => "(d/dx|Differentiate|Integrate|∫_?[0-9-]{0,2}\\^?[0-9]{0,2}|Solve|Find the roots of|Find f'\\(x\\) if f\\(x\\) =) ?[0-9 +*^xy²³()=,.sincoexpd-]{0,30}( from -?[0-9] to [0-9])?( dx)?",
         1 => ".{0,80}",
         1 => "\\PC{0,40}",
     ];
     fuzz("problem_normaliser", 5000, text, |q| {
         let n = normalize_question(&q);
-        prop_assert!(n.len() <= 4 * q.len() + 4);
+        prop_assert!(n.len() <= 4 * q.len() + 12);
         let toks = prompt_tokens(&q);
         prop_assert!(toks.iter().all(|&t| (t as usize) < VOCAB_SIZE));
+        // Reading the question's form, checking a candidate and grading never panic.
+        let _ = classify(&q);
+        let _ = verify(&q, "x = 1 or x = 2");
+        let _ = verify(&q, "3x^2 + C");
+        let _ = answers_match(&q, "x = 3, y = 1");
+        let _ = answers_match(&q, "2x sin(x) + C");
         Ok(())
     });
 }

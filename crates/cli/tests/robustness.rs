@@ -287,7 +287,7 @@ fn checkpoint_cases(dir: &Path) -> Vec<Case> {
     for (name, d, needle) in broken_checkpoints(dir) {
         let p = d.to_str().unwrap().to_string();
         out.push(case(&["solve", "--model", &p, "12 + 7"], &[&needle]));
-        out.push(case(&["eval", "--model", &p, "--n", "1", "--kinds", "addsub"], &[&needle]));
+        out.push(case(&["eval", "--model", &p, "--n", "1", "--kinds", "add"], &[&needle]));
         let run = dir.join(format!("run-init-{name}"));
         // --init-from reads weights for the embedded config: the config-only breakages
         // (its own config.json) do not apply there.
@@ -299,7 +299,7 @@ fn checkpoint_cases(dir: &Path) -> Vec<Case> {
 }
 
 fn data_cases(dir: &Path) -> Vec<Case> {
-    let long = format!(r#"{{"question": "{}", "answer": "1"}}"#, "1+".repeat(100) + "1");
+    let long = format!(r#"{{"question": "{}", "answer": "1"}}"#, "1+".repeat(150) + "1");
     let files: Vec<(&str, String, &str)> = vec![
         ("not-json", "this is not json\n".into(), "line 1: not valid JSON"),
         ("no-question", r#"{"answer": "3"}"#.into(), "question"),

@@ -72,7 +72,7 @@ fn pretrain_on_prepared_shards_then_fine_tune_on_chats_and_generate() {
         r#"{"model_type": "qwen3_moe", "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128,
         "moe_intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
         "head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2, "norm_topk_prob": true,
-        "max_position_embeddings": 128, "eos_token_id": 2}"#,
+        "max_position_embeddings": 256, "eos_token_id": 2}"#,
     )
     .unwrap();
     let pre = d.join("pre");

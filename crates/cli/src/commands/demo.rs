@@ -7,6 +7,7 @@ use crate::solver::solve_batch;
 use clap::Args;
 use std::path::PathBuf;
 use std::time::Instant;
+use ultramoe_train::data::math::Kind;
 use ultramoe_train::run_dir::{RunDir, Start};
 
 /// Options of `ultramoe demo`.
@@ -26,8 +27,6 @@ pub struct DemoArgs {
     pub no_progress: bool,
 }
 
-const SAMPLES: [&str; 6] =
-    ["347 + 589", "58 * 73", "Solve for x: -4x + 9 = -31", "What is 12 + 7?", "(14 - 9) * 6 + 3", "Ana had 340 cards and gave away 125. How many cards are left?"];
 
 /// `ultramoe demo`.
 pub fn run(a: DemoArgs) -> CliResult {
@@ -95,14 +94,14 @@ pub fn run(a: DemoArgs) -> CliResult {
     let model_dir = a.run_dir.join("model");
     let (model, w) = load_math_for_decoding(&model_dir, WeightsArg::F32)?;
     println!("\nsample problems:");
-    let qs: Vec<String> = SAMPLES.iter().map(|s| s.to_string()).collect();
+    let qs: Vec<String> = Kind::ALL.iter().map(|k| k.example().to_string()).collect();
     for s in solve_batch(&model, &w, &qs) {
-        println!("  {:<64} → {:<8} ({})", s.question, s.answer, s.worked);
+        println!("  {:<48} → {}", s.question, s.answer);
     }
     if a.eval_n > 0 {
         println!("\nexact-match accuracy on {} unseen problems per kind:", a.eval_n);
-        let kinds = parse_kinds("addsub,addsub1,mul2x2,equation,mul,expr,word")?;
-        for s in evaluate(&model_dir, None, &kinds, a.eval_n, 987_654_321, false, !a.no_progress, WeightsArg::F32)? {
+        let kinds = parse_kinds("all")?;
+        for s in evaluate(&model_dir, None, &kinds, a.eval_n, 987_654_321, false, !a.no_progress, WeightsArg::F32, 0)? {
             println!("  {:<10} {:>6.1}%", s.name, 100.0 * s.accuracy);
         }
     }

@@ -2,7 +2,7 @@
 
 use super::{load_math_for_decoding, CliResult, WeightsArg};
 use ultramoe_model::decode_weights::DecodeWeights;
-use crate::solver::{answers_match, solve_batch};
+use crate::solver::{answers_match, solve_batch, solve_checked};
 use crate::progress::Progress;
 use clap::Args;
 use std::path::{Path, PathBuf};
@@ -20,8 +20,9 @@ pub struct EvalArgs {
     /// JSONL file of `{"question", "answer"}` to score instead of generated problems.
     #[arg(long)]
     pub file: Option<PathBuf>,
-    /// Problem kinds to generate (comma-separated: addsub, addsub1, mul2x2, mul, equation, expr, word).
-    #[arg(long, default_value = "addsub,addsub1,mul2x2,equation,mul,expr,word")]
+    /// Problem kinds to generate, comma-separated, or `all`: add, sub, mul, div, expr,
+    /// equation, word, derivative, product, chain, integral, definite, quadratic, system.
+    #[arg(long, default_value = "all")]
     pub kinds: String,
     /// Problems per kind.
     #[arg(long, default_value_t = 200)]
@@ -41,6 +42,11 @@ pub struct EvalArgs {
     /// Weight format the model decodes with.
     #[arg(long, value_enum, default_value_t)]
     pub weights: WeightsArg,
+    /// Also score with checking: answers of kinds that have a check (equations,
+    /// quadratics, systems, division, indefinite integrals) that fail it are resampled
+    /// up to N times; both accuracies are printed.
+    #[arg(long, default_value_t = 0)]
+    pub check_retries: usize,
 }
 
 /// One accuracy figure.
@@ -54,12 +60,21 @@ pub struct Score {
     pub total: usize,
     /// correct / total
     pub accuracy: f64,
+    /// correct / total after checking and resampling (when asked for)
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub checked_accuracy: Option<f64>,
 }
 
-/// Scores `(question, expected)` pairs.
-pub fn score(model: &Model, w: &DecodeWeights, name: &str, items: &[(String, String)], show_errors: bool) -> Score {
+/// Scores `(question, expected)` pairs (and again after checking, with
+/// `check_retries > 0`).
+pub fn score(model: &Model, w: &DecodeWeights, name: &str, items: &[(String, String)], show_errors: bool, check_retries: usize) -> Score {
     let qs: Vec<String> = items.iter().map(|(q, _)| q.clone()).collect();
     let sols = solve_batch(model, w, &qs);
+    let checked_accuracy = (check_retries > 0).then(|| {
+        let checked = solve_checked(model, w, &qs, check_retries);
+        let right = checked.iter().zip(items).filter(|(c, (_, e))| answers_match(&c.solution.answer, e)).count();
+        right as f64 / items.len().max(1) as f64
+    });
     let mut correct = 0;
     for (s, (_, e)) in sols.iter().zip(items) {
         if answers_match(&s.answer, e) {
@@ -68,7 +83,7 @@ pub fn score(model: &Model, w: &DecodeWeights, name: &str, items: &[(String, Str
             eprintln!("  ✗ {} → {} (expected {e}; work: {})", s.question, s.answer, s.worked);
         }
     }
-    Score { name: name.to_string(), correct, total: items.len(), accuracy: correct as f64 / items.len().max(1) as f64 }
+    Score { name: name.to_string(), correct, total: items.len(), accuracy: correct as f64 / items.len().max(1) as f64, checked_accuracy }
 }
 
 /// Held-out problems of one kind: the test split, which training never draws from.
@@ -79,13 +94,14 @@ pub fn generated(kind: Kind, n: usize, seed: u64) -> Vec<(String, String)> {
 
 /// Scores a model directory over kinds or a file (a progress bar per kind when
 /// `progress`).
-pub fn evaluate(dir: &Path, file: Option<&Path>, kinds: &[Kind], n: usize, seed: u64, show_errors: bool, progress: bool, weights: WeightsArg) -> CliResult<Vec<Score>> {
+#[allow(clippy::too_many_arguments)]
+pub fn evaluate(dir: &Path, file: Option<&Path>, kinds: &[Kind], n: usize, seed: u64, show_errors: bool, progress: bool, weights: WeightsArg, check_retries: usize) -> CliResult<Vec<Score>> {
     if let Some(f) = file {
         let items: Vec<(String, String)> = read_jsonl(f)?.into_iter().map(|q| (q.question, q.answer)).collect();
         let (model, w) = load_math_for_decoding(dir, weights)?;
         let bar = Progress::new("eval", 1, progress);
         bar.doing(format!("{} problems of {}", items.len(), f.display()));
-        return Ok(vec![score(&model, &w, &f.display().to_string(), &items, show_errors)]);
+        return Ok(vec![score(&model, &w, &f.display().to_string(), &items, show_errors, check_retries)]);
     }
     let (model, w) = load_math_for_decoding(dir, weights)?;
     let bar = Progress::new("eval", kinds.len() as u64, progress);
@@ -93,7 +109,7 @@ pub fn evaluate(dir: &Path, file: Option<&Path>, kinds: &[Kind], n: usize, seed:
         .iter()
         .map(|k| {
             bar.doing(format!("{n} {} problems", k.name()));
-            let s = score(&model, &w, k.name(), &generated(*k, n, seed), show_errors);
+            let s = score(&model, &w, k.name(), &generated(*k, n, seed), show_errors, check_retries);
             bar.done_one();
             s
         })
@@ -101,8 +117,11 @@ pub fn evaluate(dir: &Path, file: Option<&Path>, kinds: &[Kind], n: usize, seed:
     Ok(scores)
 }
 
-/// Parses `--kinds`.
+/// Parses `--kinds` (`all` for every kind).
 pub fn parse_kinds(s: &str) -> CliResult<Vec<Kind>> {
+    if s.trim() == "all" {
+        return Ok(Kind::ALL.to_vec());
+    }
     s.split(',')
         .map(|k| {
             Kind::from_name(k.trim()).ok_or_else(|| {
@@ -116,12 +135,15 @@ pub fn parse_kinds(s: &str) -> CliResult<Vec<Kind>> {
 pub fn run(a: EvalArgs) -> CliResult {
     let dir = a.model.clone().unwrap_or_else(crate::default_model_dir);
     let kinds = parse_kinds(&a.kinds)?;
-    let scores = evaluate(&dir, a.file.as_deref(), &kinds, a.n, a.seed, a.show_errors, !a.no_progress, a.weights)?;
+    let scores = evaluate(&dir, a.file.as_deref(), &kinds, a.n, a.seed, a.show_errors, !a.no_progress, a.weights, a.check_retries)?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&scores).unwrap());
     } else {
         for s in &scores {
-            println!("{:<10} {:>6.1}%  ({}/{})", s.name, 100.0 * s.accuracy, s.correct, s.total);
+            match s.checked_accuracy {
+                Some(c) => println!("{:<10} {:>6.1}%  ({}/{})  checked {:>6.1}%", s.name, 100.0 * s.accuracy, s.correct, s.total, 100.0 * c),
+                None => println!("{:<10} {:>6.1}%  ({}/{})", s.name, 100.0 * s.accuracy, s.correct, s.total),
+            }
         }
     }
     Ok(())

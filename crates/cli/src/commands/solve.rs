@@ -1,15 +1,17 @@
 //! `ultramoe solve "PROBLEM"`.
 
 use super::{load_math_for_decoding, CliResult, WeightsArg};
-use crate::solver::solve_batch;
+use crate::solver::solve_checked;
 use clap::Args;
 use std::path::PathBuf;
 
 /// Options of `ultramoe solve`.
 #[derive(Args, Debug)]
 pub struct SolveArgs {
-    /// The problem, typed as a person would (`347 + 589`, `58 * 73`, `Solve for x: 3x - 7 = 11`,
-    /// `-5 - -5`).
+    /// The problem, typed as a person would (`347 + 589`, `What is 523 minus 178?`,
+    /// `(16 + 29) * (14 - 8)`, `Solve for x: 3x - 7 = 11`, `d/dx (3x^4 - 2x^2 + 7x - 5)`,
+    /// `Integrate 6x^2 + 4x dx`, `Solve x^2 - 5x + 6 = 0`, `Solve: 2x + y = 7, x - y = 2`).
+    /// A question of a kind the model was not trained on is refused.
     #[arg(allow_hyphen_values = true)]
     pub problem: String,
     /// Model directory (default: runs/demo/model if present, else the shipped model).
@@ -24,6 +26,11 @@ pub struct SolveArgs {
     /// Weight format the model decodes with.
     #[arg(long, value_enum, default_value_t)]
     pub weights: WeightsArg,
+    /// Where the kind has a check (equations, quadratics, systems: substituting the
+    /// answer; division: multiplying back; integrals: differentiating back), resample an
+    /// answer that fails it up to N times (0: the greedy answer as it is).
+    #[arg(long, default_value_t = 4)]
+    pub check_retries: usize,
 }
 
 /// `ultramoe solve`.
@@ -42,21 +49,31 @@ pub fn run(a: SolveArgs) -> CliResult {
             model.cfg.max_position
         ));
     }
-    let s = solve_batch(&model, &w, std::slice::from_ref(&a.problem)).remove(0);
+    // A question of a kind the model was never trained on gets a refusal, not a
+    // made-up answer.
+    if let Err(why) = ultramoe_train::data::math::scope::classify(&a.problem) {
+        return Err(format!("cannot answer `{}`: {why}", a.problem.trim()));
+    }
+    let checked = solve_checked(&model, &w, std::slice::from_ref(&a.problem), a.check_retries).remove(0);
+    let s = &checked.solution;
     if s.answer.trim().is_empty() {
         return Err(format!("the model gave no answer (its output: `{}`)", s.worked));
     }
     if a.json {
-        println!("{}", serde_json::to_string(&s).expect("solution serialises"));
+        println!("{}", serde_json::to_string(&checked).expect("solution serialises"));
         return Ok(());
     }
     if a.show_work {
-        for step in s.worked.split(';') {
+        let steps = s.worked.split_once('|').map_or(s.worked.as_str(), |(steps, _)| steps);
+        for step in steps.split(';') {
             println!("  {step}");
         }
     }
     if !s.complete {
         eprintln!("warning: the model did not finish its answer");
+    }
+    if checked.verified == Some(false) {
+        eprintln!("warning: the answer fails its check ({} answers drawn); it is probably wrong", checked.attempts);
     }
     println!("{}", s.answer);
     Ok(())

@@ -32,52 +32,7 @@ pub fn decode(ids: &[u32]) -> String {
         .collect()
 }
 
-/// Normalises a problem the way a person might type it into one canonical form:
-/// `×`, `·` and a lone `x`/`X` between two numbers become `*`, `−`/`–` become `-`, a
-/// leading "What is"/"Compute"/"Calculate" and a trailing `?`/`=` are dropped, and
-/// "Solve for x:" is dropped (an `x` beside `=` already says it is an equation). Pure
-/// expressions and equations lose their spaces; word problems keep single spaces and
-/// are lowercased.
-pub fn normalize_question(q: &str) -> String {
-    let mut s: String = q
-        .trim()
-        .chars()
-        .map(|c| match c {
-            '×' | '·' | '∙' => '*',
-            '−' | '–' | '—' => '-',
-            '÷' => '/',
-            c => c,
-        })
-        .collect();
-    let lower = s.to_lowercase();
-    for prefix in ["what is", "what's", "compute", "calculate", "evaluate", "solve for x:", "solve for x", "solve:", "solve"] {
-        if lower.starts_with(prefix) {
-            s = s[prefix.len()..].trim().to_string();
-            break;
-        }
-    }
-    let s = s.trim().trim_end_matches(['?', '.']).trim().to_string();
-    let s = s.strip_suffix('=').map(|x| x.trim().to_string()).unwrap_or(s);
-    let is_formula = s.chars().all(|c| c.is_ascii_digit() || " +-*/()=xX".contains(c));
-    if is_formula {
-        let chars: Vec<char> = s.chars().filter(|c| !c.is_whitespace()).collect();
-        let mut out = String::new();
-        for (i, &c) in chars.iter().enumerate() {
-            if c == 'x' || c == 'X' {
-                let prev = i.checked_sub(1).map(|j| chars[j]);
-                let next = chars.get(i + 1).copied();
-                let times = matches!(prev, Some(p) if p.is_ascii_digit() || p == ')')
-                    && matches!(next, Some(n) if n.is_ascii_digit() || n == '(');
-                out.push(if times { '*' } else { 'x' });
-            } else {
-                out.push(c);
-            }
-        }
-        out
-    } else {
-        s.split_whitespace().collect::<Vec<_>>().join(" ").to_lowercase()
-    }
-}
+pub use super::math::normalize::normalize_question;
 
 #[cfg(test)]
 mod tests {
@@ -86,13 +41,6 @@ mod tests {
     #[test]
     fn round_trip_and_normalisation() {
         assert_eq!(decode(&encode("58*73=4234")), "58*73=4234");
-        assert_eq!(normalize_question("347 + 589"), "347+589");
-        assert_eq!(normalize_question("What is 12 + 7?"), "12+7");
-        assert_eq!(normalize_question("58 × 73"), "58*73");
-        assert_eq!(normalize_question("58 x 73"), "58*73");
-        assert_eq!(normalize_question("58X73 ="), "58*73");
-        assert_eq!(normalize_question("Solve for x: -4x + 9 = -31"), "-4x+9=-31");
-        assert_eq!(normalize_question("Tom has 3 apples.  He buys 4 more. How many?"), "tom has 3 apples. he buys 4 more. how many");
         assert!(encode("a").iter().all(|&t| (t as usize) < VOCAB_SIZE));
     }
 }
