@@ -59,7 +59,12 @@ pub struct Checked {
 /// Greedy answers, then for each whose check fails up to `retries` sampled answers
 /// (temperature 0.7), keeping the first that passes (else the greedy one).
 pub fn solve_checked(model: &Model, w: &DecodeWeights, questions: &[String], retries: usize) -> Vec<Checked> {
-    let mut out: Vec<Checked> = solve_batch(model, w, questions)
+    check_and_resample(model, w, solve_batch(model, w, questions), retries)
+}
+
+/// [`solve_checked`] from greedy answers already decoded.
+pub fn check_and_resample(model: &Model, w: &DecodeWeights, greedy: Vec<Solution>, retries: usize) -> Vec<Checked> {
+    let mut out: Vec<Checked> = greedy
         .into_iter()
         .map(|s| {
             let verified = verify(&s.question, &s.answer);
@@ -71,7 +76,7 @@ pub fn solve_checked(model: &Model, w: &DecodeWeights, questions: &[String], ret
         if failing.is_empty() {
             break;
         }
-        let qs: Vec<String> = failing.iter().map(|&i| questions[i].clone()).collect();
+        let qs: Vec<String> = failing.iter().map(|&i| out[i].solution.question.clone()).collect();
         for (&i, s) in failing.iter().zip(sample_batch(model, w, &qs, 0.7, round as u64 + 1)) {
             out[i].attempts += 1;
             if verify(&s.question, &s.answer) == Some(true) {

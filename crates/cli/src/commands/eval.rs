@@ -2,7 +2,7 @@
 
 use super::{load_math_for_decoding, CliResult, WeightsArg};
 use ultramoe_model::decode_weights::DecodeWeights;
-use crate::solver::{answers_match, solve_batch, solve_checked};
+use crate::solver::{answers_match, check_and_resample, solve_batch};
 use crate::progress::Progress;
 use clap::Args;
 use std::path::{Path, PathBuf};
@@ -71,7 +71,7 @@ pub fn score(model: &Model, w: &DecodeWeights, name: &str, items: &[(String, Str
     let qs: Vec<String> = items.iter().map(|(q, _)| q.clone()).collect();
     let sols = solve_batch(model, w, &qs);
     let checked_accuracy = (check_retries > 0).then(|| {
-        let checked = solve_checked(model, w, &qs, check_retries);
+        let checked = check_and_resample(model, w, sols.clone(), check_retries);
         let right = checked.iter().zip(items).filter(|(c, (_, e))| answers_match(&c.solution.answer, e)).count();
         right as f64 / items.len().max(1) as f64
     });

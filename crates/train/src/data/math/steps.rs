@@ -69,12 +69,11 @@ impl Steps {
             }
             return r;
         }
-        let sign = 1;
-        let mut rest = b.abs();
+        let mut rest = b;
         let mut place = 1;
         let mut total: Option<i64> = None;
         while rest > 0 {
-            let d = rest % 10 * place * sign;
+            let d = rest % 10 * place;
             let p = a * d;
             self.0.push(format!("{a}*{d}={p}"));
             total = Some(match total {
