@@ -29,9 +29,9 @@ struct Cli {
 enum Command {
     /// Train a model (the embedded math MoE by default) and save checkpoints.
     Train(commands::train::TrainArgs),
-    /// Exact-match accuracy on generated problems or a JSONL file.
+    /// Accuracy per problem kind on held-out generated problems (or a JSONL file), answers compared as mathematics.
     Eval(commands::eval::EvalArgs),
-    /// Solve one problem; the final answer is printed alone on the last line.
+    /// Solve one math problem (arithmetic to systems and calculus); the final answer is printed alone on the last line, or a one-line refusal.
     Solve(commands::solve::SolveArgs),
     /// Generate text from a prompt with a KV cache, streamed as it is produced.
     Generate(commands::generate::GenerateArgs),
