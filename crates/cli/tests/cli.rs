@@ -547,6 +547,10 @@ fn train_runs_the_layout_a_plan_ranks_and_refuses_a_plan_for_something_else() {
     expect_error(&["train", "--model-config", m, "--plan", f, "--ranks", "4", "--steps", "1"], &["2 devices", "4 ranks"]);
     expect_error(&["train", "--model-config", m, "--plan", f, "--plan-rank", "999", "--steps", "1"], &["--plan-rank 999"]);
     expect_error(&["train", "--model-config", m, "--plan", f, "--pp", "1", "--steps", "1"], &["--plan gives the layout"]);
+    // A schedule the planner prices but the trainer does not run is refused by name.
+    let dual = dir.join("dualpipe.json");
+    plan("this-machine", "tp=1,pp=2,mb=2,schedule=dualpipe", &dual);
+    expect_error(&["train", "--model-config", m, "--plan", dual.to_str().unwrap(), "--steps", "1"], &["dualpipe", "does not run"]);
     let h800 = dir.join("h800.json");
     plan("h800", "tp=1", &h800);
     expect_error(&["train", "--model-config", m, "--plan", h800.to_str().unwrap(), "--steps", "1"], &["cluster", "this machine"]);

@@ -37,6 +37,17 @@ pub struct Device {
     pub memory_bytes: f64,
     /// memory bandwidth, bytes/s
     pub memory_bandwidth: f64,
+    /// memory training cannot use (runtime context, communication buffers,
+    /// fragmentation), bytes; absent: a tenth of `memory_bytes`
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_reserved: Option<f64>,
+}
+
+impl Device {
+    /// Bytes a layout may not use: `memory_reserved`, or a tenth of the capacity.
+    pub fn reserved_bytes(&self) -> f64 {
+        self.memory_reserved.unwrap_or(0.1 * self.memory_bytes)
+    }
 }
 
 /// The links a device sends on (unidirectional bytes/s per device, latency in s).
@@ -64,6 +75,11 @@ pub struct Efficiency {
     pub grouped_gemm: Vec<[f64; 2]>,
     /// attention core (scores, softmax, weighted values), fraction of peak
     pub attention: f64,
+    /// FP8 GEMMs' achieved fraction of the FP8 peak relative to what `gemm` and
+    /// `grouped_gemm` give BF16 GEMMs of the BF16 peak (fine-grained scaling and
+    /// higher-precision accumulation cost FP8 kernels part of their peak)
+    #[serde(default = "one")]
+    pub fp8_gemm: f64,
     /// fraction of memory bandwidth elementwise kernels reach
     pub memory: f64,
     /// fraction of memory bandwidth the optimizer step (gradient norm, clipping, AdamW)
@@ -82,6 +98,11 @@ pub struct Efficiency {
     /// fraction of tensor-parallel collective time hidden
     #[serde(default)]
     pub tp_overlap: f64,
+    /// share of the device's compute units the all-to-all kernels occupy while a
+    /// pipeline schedule runs micro-batches in overlapped pairs (DeepSeek-V3: 20 of an
+    /// H800's 132 SMs)
+    #[serde(default)]
+    pub comm_sm_share: f64,
     /// fixed host overhead per training step, seconds (launches, Python, logging)
     #[serde(default)]
     pub step_overhead: f64,

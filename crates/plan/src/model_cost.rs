@@ -10,31 +10,52 @@
 use serde::Serialize;
 use ultramoe_config::ModelConfig;
 
-/// Which saved activations are dropped after the forward pass and rebuilt in backward.
+/// Which saved activations are dropped after the forward pass and rebuilt in backward:
+/// named sets of the trainer's memory ops (`ultramoe_model::policy`), so a planned
+/// recipe is one the trainer runs. The published recipes: Megatron-Core's
+/// `--recompute-modules layernorm moe_act` is `norm-act`; DeepSeek-V3's (RMSNorm and the
+/// MLA up-projections recomputed, SwiGLU outputs rebuilt from their kept inputs;
+/// arXiv 2412.19437 §3.2.3) and Megatron-Core's `mla_up_proj` + `layernorm` + `moe_act`
+/// are `norm-act-qkv`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[serde(rename_all = "kebab-case")]
 pub enum Recompute {
     /// keep everything
     None,
-    /// drop norms' outputs, the SwiGLU activation and the attention core's
-    /// intermediates (cheap to rebuild); keep every GEMM input
+    /// rebuild the normed copies and the SwiGLU outputs (trainer: `norm+swiglu`)
+    NormAct,
+    /// `norm-act` and the attention's q, k, v from the (MLA: latent) projections
+    /// (trainer: `norm+swiglu+qkv`)
+    NormActQkv,
+    /// `norm-act`, and keep no attention-core intermediates (trainer:
+    /// `norm+swiglu+attention`)
     Selective,
     /// keep only each layer's input; rerun the whole layer forward in backward
     Full,
 }
 
-impl Recompute {
-    /// All policies, cheapest memory last.
-    pub const ALL: [Recompute; 3] = [Recompute::None, Recompute::Selective, Recompute::Full];
+/// The trainer's memory ops a [`Recompute`] turns on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RecomputeOps {
+    /// normed copies
+    pub norm: bool,
+    /// SwiGLU outputs
+    pub swiglu: bool,
+    /// the attention core's forward (its intermediates)
+    pub attention: bool,
+    /// q, k, v
+    pub qkv: bool,
+    /// the whole layer
+    pub full: bool,
+}
 
-    /// Parses `none`, `selective` or `full`.
+impl Recompute {
+    /// All policies, most memory first.
+    pub const ALL: [Recompute; 5] = [Recompute::None, Recompute::NormAct, Recompute::Selective, Recompute::NormActQkv, Recompute::Full];
+
+    /// Parses a [`Recompute::name`].
     pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "none" => Some(Recompute::None),
-            "selective" => Some(Recompute::Selective),
-            "full" => Some(Recompute::Full),
-            _ => None,
-        }
+        Self::ALL.into_iter().find(|r| r.name() == s)
     }
 
     /// The same policy in the trainer's vocabulary of memory ops
@@ -42,6 +63,8 @@ impl Recompute {
     pub fn policy(&self) -> &'static str {
         match self {
             Recompute::None => "none",
+            Recompute::NormAct => "norm+swiglu",
+            Recompute::NormActQkv => "norm+swiglu+qkv",
             Recompute::Selective => "norm+swiglu+attention",
             Recompute::Full => "full",
         }
@@ -51,10 +74,81 @@ impl Recompute {
     pub fn name(&self) -> &'static str {
         match self {
             Recompute::None => "none",
+            Recompute::NormAct => "norm-act",
+            Recompute::NormActQkv => "norm-act-qkv",
             Recompute::Selective => "selective",
             Recompute::Full => "full",
         }
     }
+
+    /// Every name, for messages.
+    pub fn names() -> String {
+        Self::ALL.map(|r| r.name()).join(", ")
+    }
+
+    /// The ops it turns on.
+    pub fn ops(&self) -> RecomputeOps {
+        let policy = self.policy();
+        let has = |op: &str| policy.split('+').any(|o| o == op);
+        RecomputeOps { norm: has("norm"), swiglu: has("swiglu"), attention: has("attention"), qkv: has("qkv"), full: has("full") }
+    }
+}
+
+/// Bytes per stored activation element: `gemm_input` for tensors a GEMM reads in
+/// backward (and SwiGLU inputs), `expert_output` for the routed experts' outputs the
+/// combine's routing-weight gradient reads, `other` for the rest.
+///
+/// FP8 training (DeepSeek-V3's recipe, arXiv 2412.19437 §3.3.2) caches the GEMM inputs
+/// as the FP8 copies the forward GEMMs consumed and the SwiGLU inputs in FP8; everything
+/// else stays BF16. Its dispatch carries each token's routing weights to the experts
+/// and returns their gradients (DeepEP's dispatch/combine interface), i.e. the weight
+/// multiplies inside the expert, whose recomputed SwiGLU output gives its gradient: no
+/// expert output is kept. BF16 recipes (Megatron-Core's unpermute with probabilities)
+/// keep them.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ActivationBytes {
+    /// GEMM and SwiGLU inputs
+    pub gemm_input: f64,
+    /// routed experts' outputs (0: not kept)
+    pub expert_output: f64,
+    /// everything else
+    pub other: f64,
+}
+
+impl ActivationBytes {
+    /// For a compute data type (`fp8`, `bf16`, `fp16`, `fp32`).
+    pub fn of(dtype: &str) -> Self {
+        match dtype {
+            "fp32" => ActivationBytes { gemm_input: 4.0, expert_output: 4.0, other: 4.0 },
+            "fp8" => ActivationBytes { gemm_input: 1.0, expert_output: 0.0, other: 2.0 },
+            _ => ActivationBytes { gemm_input: 2.0, expert_output: 2.0, other: 2.0 },
+        }
+    }
+}
+
+/// One tensor a layer keeps for its backward, per token.
+#[derive(Clone, Copy, Debug)]
+struct Saved {
+    elements: usize,
+    kind: Stored,
+    /// which op frees it (`Kept`: only `full` does)
+    freed_by: Freed,
+}
+
+/// Which width of [`ActivationBytes`] a tensor is stored at.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Stored {
+    GemmInput,
+    ExpertOutput,
+    Other,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Freed {
+    Kept,
+    Norm,
+    Swiglu,
+    Qkv,
 }
 
 /// The attention of one layer.
@@ -68,11 +162,16 @@ pub struct AttentionShape {
     pub d_qk: usize,
     /// value width per head
     pub d_v: usize,
-    /// activation elements per token kept for backward: GEMM inputs and outputs that
-    /// backward reads
-    pub saved_gemm_io: usize,
-    /// elements per token recomputable cheaply (norm outputs, RoPE, softmax statistics)
-    pub saved_cheap: usize,
+    /// indices in `gemms` of the projections that produce q, k, v from their inputs
+    /// (what the `qkv` op reruns)
+    pub qkv_gemms: Vec<usize>,
+    /// MLA: latent elements per token kept as the latent norms' inputs (`q_lora +
+    /// kv_lora + rope`); GQA 0
+    pub latents: usize,
+    /// MLA: their normed copies (`q_lora + kv_lora`); GQA 0
+    pub latents_normed: usize,
+    /// q, k, v elements per token (MLA `nh·(2·d_qk + d_v)`, GQA `(nh + 2·kv)·hd`)
+    pub qkv_elements: usize,
 }
 
 /// A model's per-token costs.
@@ -84,6 +183,10 @@ pub struct ModelCost {
     pub vocab: usize,
     /// decoder layers
     pub layers: usize,
+    /// multi-token-prediction modules trained with the model (DeepSeek-V3's
+    /// `num_nextn_predict_layers`): each one more MoE decoder layer and one more pass
+    /// of the shared output head, on the last pipeline stage
+    pub mtp_layers: usize,
     /// of which MoE
     pub moe_layers: usize,
     /// attention (same shape in every layer)
@@ -98,6 +201,10 @@ pub struct ModelCost {
     pub expert_inter: usize,
     /// shared experts' total width
     pub shared_inter: usize,
+    /// group-limited routing (DeepSeek-V3's node-limited routing): the experts form
+    /// `n_group` groups and a token's experts lie in at most `topk_group` of them
+    /// (`(1, 1)`: no limit)
+    pub route_groups: (usize, usize),
     /// embedding parameters (`V·H`)
     pub embed_params: f64,
     /// output head parameters (0 when tied)
@@ -117,13 +224,16 @@ impl ModelCost {
             Some(d) => {
                 let dqk = d.qk_nope + d.qk_rope;
                 let mut gemms = vec![];
+                let mut qkv_gemms = vec![];
                 if d.q_lora_rank > 0 {
                     gemms.push((h, d.q_lora_rank));
+                    qkv_gemms.push(gemms.len());
                     gemms.push((d.q_lora_rank, nh * dqk));
                 } else {
                     gemms.push((h, nh * dqk));
                 }
                 gemms.push((h, d.kv_lora_rank + d.qk_rope));
+                qkv_gemms.push(gemms.len());
                 gemms.push((d.kv_lora_rank, nh * (d.qk_nope + d.v_head)));
                 gemms.push((nh * d.v_head, h));
                 AttentionShape {
@@ -131,9 +241,10 @@ impl ModelCost {
                     heads: nh,
                     d_qk: dqk,
                     d_v: d.v_head,
-                    // inputs of each projection and q, k, v, the attention output
-                    saved_gemm_io: h + d.q_lora_rank + d.kv_lora_rank + nh * (2 * dqk + d.v_head) + nh * d.v_head,
-                    saved_cheap: h + d.q_lora_rank + d.kv_lora_rank + d.qk_rope + 2 * nh,
+                    qkv_gemms,
+                    latents: d.q_lora_rank + d.kv_lora_rank + d.qk_rope,
+                    latents_normed: d.q_lora_rank + d.kv_lora_rank,
+                    qkv_elements: nh * (2 * dqk + d.v_head),
                 }
             }
             None => {
@@ -144,8 +255,10 @@ impl ModelCost {
                     heads: nh,
                     d_qk: hd,
                     d_v: hd,
-                    saved_gemm_io: h + (nh + 2 * kv) * hd + nh * hd,
-                    saved_cheap: h + 2 * nh,
+                    qkv_gemms: vec![0],
+                    latents: 0,
+                    latents_normed: 0,
+                    qkv_elements: (nh + 2 * kv) * hd,
                 }
             }
         };
@@ -162,6 +275,7 @@ impl ModelCost {
             hidden: h,
             vocab: cfg.vocab_size,
             layers: cfg.n_layers,
+            mtp_layers: cfg.raw.get("num_nextn_predict_layers").and_then(|v| v.as_u64()).unwrap_or(0) as usize,
             moe_layers,
             attention,
             dense_inter: cfg.intermediate,
@@ -169,6 +283,7 @@ impl ModelCost {
             top_k: m.top_k,
             expert_inter: m.expert_inter,
             shared_inter,
+            route_groups: (m.n_group.max(1), m.topk_group.max(1)),
             embed_params: vh,
             head_params: if cfg.tie_word_embeddings { 0.0 } else { vh },
             dense_params,
@@ -230,24 +345,94 @@ impl ModelCost {
         3.0 * fwd
     }
 
-    /// Activation elements per token one layer keeps for backward under `policy`
-    /// (before tensor-parallel splitting), for a MoE layer (`moe`) or a dense one.
-    pub fn saved_elements(&self, moe: bool, policy: Recompute) -> f64 {
+    /// What one layer keeps per token for backward with nothing recomputed (before
+    /// tensor-parallel splitting), for a MoE layer (`moe`) or a dense one:
+    ///
+    /// | tensor | elements | freed by |
+    /// |---|---|---|
+    /// | layer input `x` (first norm's input) | `H` | `full` only |
+    /// | normed `x` | `H` | `norm` |
+    /// | MLA latents `c_q`, `c_kv` (+ rotary key) | `q_lora + kv_lora + rope` | `full` only |
+    /// | their normed copies | `q_lora + kv_lora` | `norm` |
+    /// | q, k, v | `nh·(2·d_qk + d_v)` (GQA `(nh + 2·kv)·hd`) | `qkv` |
+    /// | attention output | `nh·d_v` | `full` only |
+    /// | softmax statistics (fp32) | `2·nh` | `full` only |
+    /// | residual (second norm's input), normed copy | `H`, `H` | —, `norm` |
+    /// | router scores | `E` | — |
+    /// | routed rows, gate/up outputs, SwiGLU outputs, expert outputs | `K·H`, `K·2I`, `K·I`, `K·H` | —, —, `swiglu`, — |
+    /// | shared experts' gate/up and SwiGLU outputs | `2·I_s`, `I_s` | —, `swiglu` |
+    /// | dense FFN's gate/up and SwiGLU outputs | `2·I_d`, `I_d` | —, `swiglu` |
+    fn saved(&self, moe: bool) -> Vec<Saved> {
+        use {Freed::*, Stored::*};
         let h = self.hidden;
         let a = &self.attention;
-        let (ffn_io, ffn_cheap) = if moe {
-            // per routed copy: permuted input, gate/up output, expert output; the SwiGLU
-            // output is cheap; shared experts likewise; router scores
-            let k = self.top_k;
-            let io = self.experts + k * (h + 2 * self.expert_inter + h) + h + 2 * self.shared_inter;
-            (io, h + k * self.expert_inter + self.shared_inter)
+        let t = |elements, kind, freed_by| Saved { elements, kind, freed_by };
+        let mut v = vec![t(h, Other, Kept), t(h, GemmInput, Norm)];
+        v.push(t(a.latents, Other, Kept));
+        v.push(t(a.latents_normed, GemmInput, Norm));
+        v.push(t(a.qkv_elements, Other, Qkv));
+        v.push(t(a.heads * a.d_v, GemmInput, Kept));
+        v.push(t(2 * a.heads, Other, Kept));
+        v.push(t(h, Other, Kept));
+        v.push(t(h, GemmInput, Norm));
+        if moe {
+            let (k, i) = (self.top_k, self.expert_inter);
+            v.push(t(self.experts, Other, Kept));
+            v.push(t(k * h, GemmInput, Kept));
+            v.push(t(k * 2 * i + 2 * self.shared_inter, GemmInput, Kept));
+            v.push(t(k * i + self.shared_inter, GemmInput, Swiglu));
+            v.push(t(k * h, ExpertOutput, Kept));
         } else {
-            (h + 2 * self.dense_inter, h + self.dense_inter)
-        };
-        match policy {
-            Recompute::None => (a.saved_gemm_io + a.saved_cheap + ffn_io + ffn_cheap) as f64,
-            Recompute::Selective => (a.saved_gemm_io + ffn_io) as f64,
-            Recompute::Full => h as f64,
+            v.push(t(2 * self.dense_inter, GemmInput, Kept));
+            v.push(t(self.dense_inter, GemmInput, Swiglu));
         }
+        v
+    }
+
+    /// Activation elements per token one layer keeps for backward under `policy`
+    /// (before tensor-parallel splitting); see [`ModelCost::saved_bytes`].
+    pub fn saved_elements(&self, moe: bool, policy: Recompute) -> f64 {
+        self.saved_bytes(moe, policy, ActivationBytes { gemm_input: 1.0, expert_output: 1.0, other: 1.0 })
+    }
+
+    /// Activation bytes per token one layer keeps for backward under `policy` (before
+    /// tensor-parallel splitting): the table of `saved` less what the policy frees
+    /// (`full`: the layer input only).
+    pub fn saved_bytes(&self, moe: bool, policy: Recompute, bytes: ActivationBytes) -> f64 {
+        let ops = policy.ops();
+        if ops.full {
+            return self.hidden as f64 * bytes.other;
+        }
+        let width = |kind: Stored| match kind {
+            Stored::GemmInput => bytes.gemm_input,
+            Stored::ExpertOutput => bytes.expert_output,
+            Stored::Other => bytes.other,
+        };
+        self.saved(moe)
+            .iter()
+            .filter(|s| match s.freed_by {
+                Freed::Kept => true,
+                Freed::Norm => !ops.norm,
+                Freed::Swiglu => !ops.swiglu,
+                Freed::Qkv => !ops.qkv,
+            })
+            .map(|s| s.elements as f64 * width(s.kind))
+            .sum()
+    }
+
+    /// Forward FLOPs per token of the projections that rebuild q, k, v (MLA: the
+    /// up-projections from the latents; GQA: the fused q/k/v projection).
+    pub fn qkv_flops(&self) -> f64 {
+        self.attention.qkv_gemms.iter().map(|&g| 2.0 * (self.attention.gemms[g].0 * self.attention.gemms[g].1) as f64).sum()
+    }
+
+    /// Elements per token the `norm` op rereads and rewrites (every RMSNorm's input).
+    pub fn norm_elements(&self) -> f64 {
+        (2 * self.hidden + self.attention.latents_normed) as f64
+    }
+
+    /// Elements per token the `swiglu` op reads (gate and up) and writes.
+    pub fn swiglu_elements(&self, moe: bool) -> f64 {
+        3.0 * if moe { (self.top_k * self.expert_inter + self.shared_inter) as f64 } else { self.dense_inter as f64 }
     }
 }

@@ -4,6 +4,7 @@
 
 use crate::hardware::Hardware;
 use crate::model_cost::{ModelCost, Recompute};
+use crate::pipeline::PipeSchedule;
 use crate::simulate::{simulate, Job, Layout, Prediction};
 use std::collections::BTreeMap;
 
@@ -24,16 +25,22 @@ pub struct Fixed {
     pub micro_batch: Option<usize>,
     /// recomputation
     pub recompute: Option<Recompute>,
+    /// pipeline schedule
+    pub schedule: Option<PipeSchedule>,
 }
 
 impl Fixed {
-    /// Parses `tp=8,pp=16,ep=32,dp=12,vpp=2,mb=1,recompute=full`.
+    /// Parses `tp=8,pp=16,ep=32,dp=12,vpp=2,mb=1,recompute=full,schedule=dualpipe`.
     pub fn parse(text: &str) -> Result<Self, String> {
         let mut f = Fixed::default();
         for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             let (k, v) = part.split_once('=').ok_or_else(|| format!("`{part}`: expected key=value"))?;
             if k == "recompute" {
-                f.recompute = Some(Recompute::parse(v).ok_or_else(|| format!("recompute `{v}`: none, selective or full"))?);
+                f.recompute = Some(Recompute::parse(v).ok_or_else(|| format!("recompute `{v}`: one of {}", Recompute::names()))?);
+                continue;
+            }
+            if k == "schedule" {
+                f.schedule = Some(PipeSchedule::parse(v).ok_or_else(|| format!("schedule `{v}`: one of {}", PipeSchedule::names()))?);
                 continue;
             }
             let n: usize = v.parse().map_err(|_| format!("`{part}`: not a positive integer"))?;
@@ -47,7 +54,7 @@ impl Fixed {
                 "ep" => f.ep = Some(n),
                 "dp" => f.dp = Some(n),
                 "mb" | "micro_batch" => f.micro_batch = Some(n),
-                _ => return Err(format!("`{k}`: unknown (tp, pp, vpp, ep, dp, mb, recompute)")),
+                _ => return Err(format!("`{k}`: unknown (tp, pp, vpp, ep, dp, mb, recompute, schedule)")),
             }
         }
         Ok(f)
@@ -90,7 +97,9 @@ fn divisors(n: usize) -> Vec<usize> {
     (1..=n).filter(|d| n.is_multiple_of(*d)).collect()
 }
 
-/// Searches every layout of `job` (within `fixed`), with ZeRO-1 when `zero1`.
+/// Searches every layout of `job` (within `fixed`), with ZeRO-1 when `zero1`. Pipelines
+/// are searched under the schedules the trainer runs (1F1B and the overlapped 1F1B);
+/// DualPipe and DualPipeV only when `fixed` names them.
 pub fn search(m: &ModelCost, hw: &Hardware, job: &Job, fixed: &Fixed, zero1: bool) -> Outcome {
     let n = job.devices;
     let pick = |f: Option<usize>, all: Vec<usize>| -> Vec<usize> {
@@ -106,7 +115,7 @@ pub fn search(m: &ModelCost, hw: &Hardware, job: &Job, fixed: &Fixed, zero1: boo
     for &tp in &tps {
         for &pp in &pick(fixed.pp, divisors(n / tp.max(1)).into_iter().filter(|&p| p <= m.layers).collect()) {
             if !n.is_multiple_of(tp * pp) {
-                rejected.push((Layout { tp, pp, vpp: 1, ep: 1, dp: 0, micro_batch: 1, recompute: Recompute::None, zero1 }, format!("tp {tp} × pp {pp} does not divide {n} devices")));
+                rejected.push((Layout { tp, pp, vpp: 1, ep: 1, dp: 0, micro_batch: 1, recompute: Recompute::None, zero1, schedule: PipeSchedule::OneFOneB }, format!("tp {tp} × pp {pp} does not divide {n} devices")));
                 continue;
             }
             let dp = n / (tp * pp);
@@ -115,14 +124,21 @@ pub fn search(m: &ModelCost, hw: &Hardware, job: &Job, fixed: &Fixed, zero1: boo
             }
             let vpps = pick(fixed.vpp, if pp > 1 { vec![1, 2, 3, 4] } else { vec![1] });
             let eps = pick(fixed.ep, if m.moe_layers > 0 { divisors(m.experts).into_iter().filter(|&e| (dp * tp).is_multiple_of(e)).collect() } else { vec![1] });
+            let schedules = match fixed.schedule {
+                Some(s) => vec![s],
+                None if pp > 1 => PipeSchedule::ALL.into_iter().filter(|s| s.runs_in_trainer()).collect(),
+                None => vec![PipeSchedule::OneFOneB],
+            };
             for &vpp in &vpps {
                 for &ep in &eps {
                     for &mb in &mbs {
                         for &recompute in &policies {
-                            let l = Layout { tp, pp, vpp, ep, dp, micro_batch: mb, recompute, zero1 };
-                            match simulate(m, hw, job, &l) {
-                                Ok(p) => ranked.push(p),
-                                Err(why) => rejected.push((l, why)),
+                            for &schedule in &schedules {
+                                let l = Layout { tp, pp, vpp, ep, dp, micro_batch: mb, recompute, zero1, schedule };
+                                match simulate(m, hw, job, &l) {
+                                    Ok(p) => ranked.push(p),
+                                    Err(why) => rejected.push((l, why)),
+                                }
                             }
                         }
                     }

@@ -10,14 +10,19 @@
 //!
 //! Time of one micro-batch on a stage (forward + backward):
 //! `Σ_GEMMs 3·f / (peak·eff(f))` + attention core `(1 + 2.5)·f / (peak·eff_attn)` +
-//! elementwise traffic `3·bytes / (bw·eff_mem)` + recomputation + exposed TP and EP
-//! collectives. A step is `(m + (PP−1)/VPP)·t_mb` (1F1B with `m` micro-batches,
-//! interleaved over VPP virtual stages) plus exposed DP traffic, the optimizer step and
-//! a fixed host overhead. Collectives: ring all-reduce `2(n−1)/n·B / bw`, all-to-all
+//! elementwise traffic `3·bytes / (bw·eff_mem)`, plus a fixed cost per layer,
+//! recomputation, and the exposed TP and EP collectives. A step is `m·t_mb` plus the
+//! schedule's bubble ([`crate::pipeline`]: `(PP−1)/VPP·t_mb` for 1F1B with `m`
+//! micro-batches interleaved over VPP virtual stages), exposed DP traffic, the optimizer
+//! step and a fixed host overhead. Schedules that pair micro-batches (overlapped 1F1B,
+//! DualPipe) hide a steady-state pair's all-to-all under its compute, which then runs on
+//! the share of the device the communication kernels leave (`efficiency.comm_sm_share`). Collectives: ring all-reduce `2(n−1)/n·B / bw`, all-to-all
 //! `B·(n−1)/n / bw` (the slower of the intra- and inter-node parts), each plus a latency.
 
 use crate::hardware::{interpolate, Hardware};
-use crate::model_cost::{ModelCost, Recompute};
+use crate::model_cost::{ActivationBytes, ModelCost, Recompute};
+use crate::pipeline::PipeSchedule;
+pub use crate::pipeline::{micro_batches_in_flight, pipeline_bubble};
 use serde::Serialize;
 
 /// A parallel layout and its per-device batch.
@@ -39,6 +44,8 @@ pub struct Layout {
     pub recompute: Recompute,
     /// optimizer states sharded over data-parallel ranks
     pub zero1: bool,
+    /// pipeline schedule
+    pub schedule: PipeSchedule,
 }
 
 /// What is being trained, on how much.
@@ -136,11 +143,13 @@ fn elem_bytes(dtype: &str) -> f64 {
 }
 
 /// Bytes of training state per parameter: `(replicated part, shardable optimizer part)`.
-/// Mixed precision: bf16 weight + fp32 gradient, and fp32 master copy + two moments;
-/// fp32: weight + gradient, and two moments.
+/// Mixed precision: bf16 weight + fp32 gradient, and fp32 master copy + two fp32
+/// moments; FP8 (DeepSeek-V3's recipe, §3.3.3): the moments in BF16; fp32: weight +
+/// gradient, and two moments.
 fn state_bytes(dtype: &str) -> (f64, f64) {
     match dtype {
         "fp32" => (8.0, 8.0),
+        "fp8" => (6.0, 8.0),
         _ => (6.0, 12.0),
     }
 }
@@ -161,7 +170,8 @@ pub fn simulate(m: &ModelCost, hw: &Hardware, job: &Job, l: &Layout) -> Result<P
     if pp > m.layers {
         return Err(format!("pp {pp} exceeds {} layers", m.layers));
     }
-    let stage_layers = m.layers.div_ceil(pp);
+    // A multi-token-prediction module is one more decoder layer to place.
+    let stage_layers = (m.layers + m.mtp_layers).div_ceil(pp);
     if vpp > 1 && (pp == 1 || !stage_layers.is_multiple_of(vpp)) {
         return Err(format!("vpp {vpp} does not divide {stage_layers} layers per stage"));
     }
@@ -175,15 +185,19 @@ pub fn simulate(m: &ModelCost, hw: &Hardware, job: &Job, l: &Layout) -> Result<P
     if pp > 1 && micro < pp {
         return Err(format!("{micro} micro-batches cannot fill {pp} pipeline stages"));
     }
+    l.schedule.check(pp, vpp, micro)?;
     let peak = hw.peak(&job.dtype).map_err(|e| e.to_string())?;
     // Attention's core runs in BF16 under FP8 training; MFU is against the BF16 peak too.
     let dense_dtype = if job.dtype == "fp8" { "bf16" } else { job.dtype.as_str() };
     let core_peak = hw.peak(dense_dtype).map_err(|e| e.to_string())?;
     let eb = elem_bytes(dense_dtype);
+    let act_bytes = ActivationBytes::of(&job.dtype);
     let e = &hw.efficiency;
     let net = e.network.max(1e-3);
     let (h, s) = (m.hidden as f64, job.seq_len);
     let n = (mb * s) as f64; // tokens per micro-batch per DP rank
+    // FP8 GEMMs reach `fp8_gemm` of the fraction the curves give BF16 ones.
+    let peak = if job.dtype == "fp8" { peak * e.fp8_gemm } else { peak };
     let gemm = |f: f64| 3.0 * f / (peak * interpolate(&e.gemm, f));
     let mem_bw = hw.device.memory_bandwidth * e.memory;
 
@@ -203,15 +217,37 @@ pub fn simulate(m: &ModelCost, hw: &Hardware, job: &Job, l: &Layout) -> Result<P
     let fwd = |x: f64| x / 3.0;
     let moe_layer = attn_gemms + attn_core + routed + shared + elementwise(true);
     let dense_layer = attn_gemms + attn_core + dense_ffn + elementwise(false);
-    let recompute_of = |layer_t: f64, moe: bool| match l.recompute {
-        Recompute::None => 0.0,
-        Recompute::Selective => fwd(attn_core) + elementwise(moe) / 3.0,
-        Recompute::Full => fwd(layer_t),
+    // Rebuilding in backward: RMSNorm and SwiGLU are one read-and-write pass each over
+    // their inputs; q, k, v the forward of their projections; the attention core its
+    // forward; `full` the layer's forward.
+    let ops = l.recompute.ops();
+    let recompute_of = |layer_t: f64, moe: bool| {
+        if ops.full {
+            return fwd(layer_t);
+        }
+        let pass = |elements: f64| elements * n / tp as f64 * eb / mem_bw;
+        let mut t = 0.0;
+        if ops.norm {
+            t += pass(2.0 * m.norm_elements());
+        }
+        if ops.swiglu {
+            t += pass(m.swiglu_elements(moe));
+        }
+        if ops.qkv {
+            t += fwd(gemm(n * m.qkv_flops() / tp as f64));
+        }
+        if ops.attention {
+            t += fwd(attn_core);
+        }
+        t
     };
     // The busiest stage: the heavier kind of layer throughout, plus the head.
     let (layer_t, moe_stage) = if m.moe_layers > 0 { (moe_layer, true) } else { (dense_layer, false) };
-    let head = gemm(2.0 * n * h * m.vocab as f64 / tp as f64) + 4.0 * n * (m.vocab / tp) as f64 * 4.0 / mem_bw;
-    let stage_compute = stage_layers as f64 * (layer_t + e.layer_overhead) + head;
+    let head = (1 + m.mtp_layers) as f64 * (gemm(2.0 * n * h * m.vocab as f64 / tp as f64) + 4.0 * n * (m.vocab / tp) as f64 * 4.0 / mem_bw);
+    // Paired micro-batches compute on what the all-to-all kernels leave of the device.
+    let paired = l.schedule.pairs_micro_batches() && pp > 1 && moe_stage && ep > 1;
+    let slowdown = if paired { 1.0 / (1.0 - e.comm_sm_share).max(0.05) } else { 1.0 };
+    let stage_compute = (stage_layers as f64 * layer_t + head) * slowdown + stage_layers as f64 * e.layer_overhead;
     let stage_recompute = stage_layers as f64 * recompute_of(layer_t, moe_stage);
     let stage_imbalance = if moe_stage { stage_layers as f64 * routed * (job.imbalance - 1.0).max(0.0) } else { 0.0 };
 
@@ -221,8 +257,11 @@ pub fn simulate(m: &ModelCost, hw: &Hardware, job: &Job, l: &Layout) -> Result<P
     let tp_layer = 4.0 * all_reduce_s(n * h * eb, tp, bw_intra, hw.network.intra_node_latency);
     let tp_exposed = stage_layers as f64 * tp_layer * (1.0 - e.tp_overlap);
     // Expert parallel: dispatch and combine, forward and backward, per MoE layer.
+    // FP8 training dispatches in FP8 and combines in BF16, and likewise backward
+    // (DeepSeek-V3 §3.3.2): 1.5 bytes per element on average.
+    let a2a_b = if job.dtype == "fp8" { 1.5 } else { eb };
     let ep_layer = if moe_stage && ep > 1 {
-        let sent = routed_rows * h * eb * (ep - 1) as f64 / ep as f64;
+        let sent = routed_rows * h * a2a_b * (ep - 1) as f64 / ep as f64;
         let local = ep.min(dpn);
         let nodes = ep.div_ceil(dpn);
         let inter_frac = (ep - local) as f64 / (ep - 1) as f64;
@@ -231,8 +270,16 @@ pub fn simulate(m: &ModelCost, hw: &Hardware, job: &Job, l: &Layout) -> Result<P
             // then fans out inside that node
             let g = nodes as f64;
             let k = m.top_k as f64;
-            let remote_nodes = (g - 1.0) * (1.0 - (1.0 - 1.0 / g).powf(k));
-            (sent * (1.0 - inter_frac) + routed_rows * h * eb * (local - 1) as f64 / local as f64, n / tp as f64 * h * eb * remote_nodes)
+            // A token's k experts land on `g(1 − (1 − 1/g)^k)` distinct nodes when
+            // uniform; with one routing group per node (node-limited routing) on
+            // exactly `topk_group` of them.
+            let (groups, limit) = m.route_groups;
+            let remote_nodes = if groups == nodes && limit < groups {
+                limit as f64 * (g - 1.0) / g
+            } else {
+                (g - 1.0) * (1.0 - (1.0 - 1.0 / g).powf(k))
+            };
+            (sent * (1.0 - inter_frac) + routed_rows * h * a2a_b * (local - 1) as f64 / local as f64, n / tp as f64 * h * a2a_b * remote_nodes)
         } else {
             (sent * (1.0 - inter_frac), sent * inter_frac)
         };
@@ -241,7 +288,16 @@ pub fn simulate(m: &ModelCost, hw: &Hardware, job: &Job, l: &Layout) -> Result<P
     } else {
         0.0
     };
-    let ep_exposed = stage_layers as f64 * ep_layer * (1.0 - e.ep_overlap);
+    let plain_ep = stage_layers as f64 * ep_layer * (1.0 - e.ep_overlap);
+    // Paired: the steady state hides the all-to-all up to the pair's compute; the
+    // warm-up and cool-down micro-batches (PP of the m) run unpaired.
+    let ep_exposed = if paired {
+        let steady = (stage_layers as f64 * ep_layer - stage_compute).max(0.0);
+        let unpaired = (pp as f64 / micro as f64).min(1.0);
+        unpaired * plain_ep + (1.0 - unpaired) * steady
+    } else {
+        plain_ep
+    };
     // Pipeline: an activation forward and a gradient backward per micro-batch.
     let pp_mb = if pp > 1 {
         let bw = if dp * tp >= dpn { bw_inter } else { bw_intra };
@@ -250,12 +306,13 @@ pub fn simulate(m: &ModelCost, hw: &Hardware, job: &Job, l: &Layout) -> Result<P
         0.0
     };
     let t_mb = stage_compute + stage_recompute + stage_imbalance + tp_exposed + ep_exposed + pp_mb;
-    let bubble = pipeline_bubble(pp, vpp, t_mb);
+    let bubble = l.schedule.bubble(pp, vpp, t_mb);
 
     // Parameters on the busiest device and its data-parallel traffic.
     let stage_frac = stage_layers as f64 / m.layers as f64;
-    let replicated = m.dense_params * stage_frac / tp as f64 + (m.embed_params + m.head_params) / tp as f64 / if pp > 1 { 2.0 } else { 1.0 };
-    let experts = m.expert_params * stage_frac / ep as f64;
+    let copies = l.schedule.parameter_copies();
+    let replicated = copies * (m.dense_params * stage_frac / tp as f64 + (m.embed_params + m.head_params) / tp as f64 / if pp > 1 { 2.0 } else { 1.0 });
+    let experts = copies * m.expert_params * stage_frac / ep as f64;
     let edp = (dp * tp / ep.max(1)).max(1);
     let (keep, shard) = state_bytes(&job.dtype);
     let states = replicated * (keep + if l.zero1 { shard / dp as f64 } else { shard })
@@ -270,12 +327,21 @@ pub fn simulate(m: &ModelCost, hw: &Hardware, job: &Job, l: &Layout) -> Result<P
     let optimizer = opt_params * 28.0 / (hw.device.memory_bandwidth * e.optimizer) + e.step_overhead;
 
     // Memory: states, activations of the micro-batches in flight, logits, buffers.
-    let in_flight = micro_batches_in_flight(pp, vpp, micro);
-    let per_layer_act = m.saved_elements(moe_stage, l.recompute) * n * eb / tp as f64;
-    let activations = per_layer_act * stage_layers as f64 * in_flight + n * (m.vocab / tp) as f64 * 4.0;
-    let buffers = if ep > 1 { 2.0 * routed_rows * h * eb } else { 0.0 };
+    let in_flight = l.schedule.in_flight(pp, vpp, micro);
+    let per_layer_act = m.saved_bytes(moe_stage, l.recompute, act_bytes) * n / tp as f64;
+    // The logits (at the activation width: a fused cross-entropy upcasts chunk by
+    // chunk) live on the last stage, which holds one micro-batch in flight under 1F1B;
+    // DualPipe's first rank also runs the last stage.
+    let logits = n * (m.vocab / tp) as f64 * eb;
+    let layers_act = per_layer_act * stage_layers as f64;
+    let activations = match l.schedule {
+        _ if pp == 1 => layers_act + logits,
+        PipeSchedule::DualPipe | PipeSchedule::DualPipeV => layers_act * in_flight + logits,
+        _ => (layers_act * in_flight).max(layers_act * l.schedule.in_flight(1, vpp, micro) + logits),
+    };
+    let buffers = if ep > 1 { 2.0 * routed_rows * h * a2a_b } else { 0.0 };
     let memory = states + activations + buffers;
-    let usable = 0.9 * hw.device.memory_bytes;
+    let usable = hw.device.memory_bytes - hw.device.reserved_bytes();
     if memory > usable {
         return Err(format!(
             "needs {:.1} GB per device (states {:.1}, activations {:.1}) > {:.1} GB usable",
@@ -309,23 +375,4 @@ pub fn simulate(m: &ModelCost, hw: &Hardware, job: &Job, l: &Layout) -> Result<P
         activation_bytes: activations,
         breakdown,
     })
-}
-
-/// Seconds a step loses to the pipeline bubble: `(PP − 1)/VPP` micro-batch times
-/// (1F1B; interleaving over `VPP` chunks divides it). Checked against the schedules
-/// the trainer runs (`ultramoe-schedule`) in `tests/schedule_agreement.rs`.
-pub fn pipeline_bubble(pp: usize, vpp: usize, t_mb: f64) -> f64 {
-    (pp - 1) as f64 / vpp as f64 * t_mb
-}
-
-/// Micro-batches of a stage's layers whose activations the first stage holds at once:
-/// 1F1B `min(PP, m)`; interleaved `PP + (PP − 1)/VPP`, i.e. the factor
-/// `1 + (PP−1)/(PP·VPP)` of Korthikanti et al. (2022). Checked against the schedules
-/// in `tests/schedule_agreement.rs`.
-pub fn micro_batches_in_flight(pp: usize, vpp: usize, micro: usize) -> f64 {
-    match (pp, vpp) {
-        (1, _) => 1.0,
-        (_, 1) => (pp as f64).min(micro as f64),
-        _ => (pp as f64 * (1.0 + (pp - 1) as f64 / (pp * vpp) as f64)).min(micro as f64),
-    }
 }

@@ -16,6 +16,7 @@
 
 use crate::hardware::Hardware;
 use crate::model_cost::{ModelCost, Recompute};
+use crate::pipeline::PipeSchedule;
 use crate::simulate::{simulate, Job, Layout};
 use serde::{Deserialize, Serialize};
 use ultramoe_config::{Error, ModelConfig, Result};
@@ -52,6 +53,9 @@ pub struct RunRecord {
     /// ZeRO-1
     #[serde(default)]
     pub zero1: bool,
+    /// the pipeline schedule (GPipe runs are priced as 1F1B: the same bubble)
+    #[serde(default)]
+    pub schedule: PipeSchedule,
     /// what else the run measured (runs recorded before pipelines have none)
     #[serde(default)]
     pub measured: Option<Measured>,
@@ -103,7 +107,8 @@ pub fn predict_run(run: &RunRecord, hw: &Hardware) -> Result<f64> {
 /// machine description).
 pub fn predict(run: &RunRecord, hw: &Hardware) -> Result<RunPrediction> {
     let cfg = ModelConfig::from_value(run.model.clone()).map_err(|e| Error::msg(format!("run `{}`: {e}", run.name)))?;
-    let m = ModelCost::new(&cfg);
+    // ultramoe trains no multi-token-prediction module, whatever the config names.
+    let m = ModelCost { mtp_layers: 0, ..ModelCost::new(&cfg) };
     let r = run.ranks.max(1);
     if hw.devices_per_node > 1 {
         if r > hw.devices_per_node {
@@ -124,6 +129,7 @@ pub fn predict(run: &RunRecord, hw: &Hardware) -> Result<RunPrediction> {
             micro_batch: run.micro_batch / per_stage,
             recompute: run.recompute.unwrap_or(Recompute::None),
             zero1: run.zero1,
+            schedule: run.schedule,
         };
         let p = simulate(&m, hw, &job, &layout).map_err(|e| Error::msg(format!("run `{}`: {e}", run.name)))?;
         let b = &p.breakdown;
@@ -146,7 +152,7 @@ pub fn predict(run: &RunRecord, hw: &Hardware) -> Result<RunPrediction> {
         hierarchical_a2a: false,
         imbalance: 1.0,
     };
-    let layout = Layout { tp: 1, pp: 1, vpp: 1, ep: 1, dp: 1, micro_batch: rows, recompute: Recompute::None, zero1: false };
+    let layout = Layout { tp: 1, pp: 1, vpp: 1, ep: 1, dp: 1, micro_batch: rows, recompute: Recompute::None, zero1: false, schedule: PipeSchedule::OneFOneB };
     let one = simulate(&m, hw, &job, &layout).map_err(|e| Error::msg(format!("run `{}`: {e}", run.name)))?;
     let mut step = r as f64 * (one.step_s - hw.efficiency.step_overhead) + hw.efficiency.step_overhead;
     if run.ep > 1 {

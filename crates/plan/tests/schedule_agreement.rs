@@ -25,3 +25,26 @@ fn bubble_and_in_flight_match_the_schedules() {
         }
     }
 }
+
+/// The overlapped 1F1B the trainer runs: the planner's bubble and in-flight count equal
+/// what its schedule lists give (timed one pass at a time, as a pair's two passes share
+/// the rank's cores).
+#[test]
+fn overlapped_schedule_matches_its_lists() {
+    use ultramoe_plan::PipeSchedule;
+    let (f, b) = (1.0, 2.0);
+    for pp in 2..=8 {
+        for vpp in 1..=4 {
+            for m in [pp, 2 * pp, 4 * pp, 8 * pp] {
+                let s = build(Kind::Overlapped, Shape { pp, vpp, micro_batches: m }).unwrap();
+                let t = simulate(&s, f / vpp as f64, b / vpp as f64, 0.0).unwrap();
+                let bubble = t.makespan - m as f64 * (f + b);
+                let predicted = PipeSchedule::Overlap.bubble(pp, vpp, f + b);
+                assert!((bubble - predicted).abs() < 1e-9, "pp {pp} vpp {vpp} m {m}: simulated bubble {bubble}, planner {predicted}");
+                let held = s.in_flight(0) as f64 / vpp as f64;
+                let planned = PipeSchedule::Overlap.in_flight(pp, vpp, m);
+                assert!((held - planned).abs() < 1e-9, "pp {pp} vpp {vpp} m {m}: schedule holds {held}, planner {planned}");
+            }
+        }
+    }
+}

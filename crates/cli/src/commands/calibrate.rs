@@ -227,6 +227,7 @@ fn elementwise_fraction(hw: &Hardware, log: &dyn Fn(String)) -> CliResult<f64> {
             vpp: 1,
             recompute: None,
             zero1: false,
+            schedule: Default::default(),
             measured: None,
         };
         let at = |f: f64| {
@@ -351,7 +352,7 @@ fn measure(a: &CalibrateArgs, devices: usize) -> CliResult<String> {
         name,
         source: "ultramoe calibrate".into(),
         devices_per_node: devices,
-        device: Device { peak_flops: BTreeMap::from([("fp32".to_string(), peak)]), memory_bytes: total_memory().unwrap_or(16e9) / devices as f64, memory_bandwidth: mem },
+        device: Device { peak_flops: BTreeMap::from([("fp32".to_string(), peak)]), memory_bytes: total_memory().unwrap_or(16e9) / devices as f64, memory_bandwidth: mem, memory_reserved: None },
         network: Network {
             intra_node_bandwidth: copy,
             intra_node_latency: 5e-6,
@@ -363,6 +364,7 @@ fn measure(a: &CalibrateArgs, devices: usize) -> CliResult<String> {
             gemm,
             grouped_gemm: grouped,
             attention,
+            fp8_gemm: 1.0,
             // set below from the reference models
             memory: 1.0,
             optimizer: 28.0 / opt_s / mem,
@@ -370,6 +372,8 @@ fn measure(a: &CalibrateArgs, devices: usize) -> CliResult<String> {
             ep_overlap: 0.0,
             dp_overlap: 0.0,
             tp_overlap: 0.0,
+            // ranks are threads or processes of one CPU: no cores set aside for messages
+            comm_sm_share: 0.0,
             step_overhead: overhead,
             layer_overhead: per_layer,
         },

@@ -32,7 +32,7 @@ pub struct PlanArgs {
     /// the cluster has a bf16 peak, else fp32).
     #[arg(long)]
     pub dtype: Option<String>,
-    /// Pin search dimensions: e.g. `tp=8,pp=16,ep=32,vpp=2,mb=1,recompute=full`.
+    /// Pin search dimensions: e.g. `tp=8,pp=16,ep=32,vpp=2,mb=1,recompute=full,schedule=dualpipe` (recompute: none, norm-act, selective, norm-act-qkv, full; schedule: 1f1b, overlap — the two the trainer runs, searched by default — or dualpipe, dualpipev, priced only when named)
     #[arg(long)]
     pub fix: Option<String>,
     /// Layouts to print.
@@ -133,19 +133,22 @@ pub fn run(a: PlanArgs) -> CliResult {
     for (why, n) in out.reasons() {
         println!("  rejected {n:>6}: {why}");
     }
+    for (l, why) in out.rejected.iter().take(a.show_rejected) {
+        println!("rejected tp {} pp {} vpp {} ep {} dp {} mb {} {} {}: {why}", l.tp, l.pp, l.vpp, l.ep, l.dp, l.micro_batch, l.recompute.name(), l.schedule.name());
+    }
     if best.is_empty() {
         return Err("no layout fits; see the rejection reasons above (more devices, a smaller micro-batch or full recomputation may help)".into());
     }
     println!();
     println!(
-        "{:>3} {:>3} {:>3} {:>4} {:>5} {:>3} {:>10} {:>9} {:>11} {:>6} {:>8}  breakdown (s): compute/recompute/tp/ep/pp/dp/bubble/imbalance/optimizer",
-        "tp", "pp", "vpp", "ep", "dp", "mb", "recompute", "step s", "tokens/s", "MFU", "mem GB"
+        "{:>3} {:>3} {:>3} {:>4} {:>5} {:>3} {:>12} {:>9} {:>9} {:>11} {:>6} {:>8}  breakdown (s): compute/recompute/tp/ep/pp/dp/bubble/imbalance/optimizer",
+        "tp", "pp", "vpp", "ep", "dp", "mb", "recompute", "schedule", "step s", "tokens/s", "MFU", "mem GB"
     );
     for p in &best {
         let l = &p.layout;
         let b: Vec<String> = p.breakdown.parts().iter().map(|(_, s)| format!("{s:.2}")).collect();
         println!(
-            "{:>3} {:>3} {:>3} {:>4} {:>5} {:>3} {:>10} {:>9.3} {:>11.0} {:>5.1}% {:>8.1}  {}",
+            "{:>3} {:>3} {:>3} {:>4} {:>5} {:>3} {:>12} {:>9} {:>9.3} {:>11.0} {:>5.1}% {:>8.1}  {}",
             l.tp,
             l.pp,
             l.vpp,
@@ -153,15 +156,13 @@ pub fn run(a: PlanArgs) -> CliResult {
             l.dp,
             l.micro_batch,
             l.recompute.name(),
+            l.schedule.name(),
             p.step_s,
             p.tokens_per_s,
             100.0 * p.mfu,
             p.memory_bytes / 1e9,
             b.join("/")
         );
-    }
-    for (l, why) in out.rejected.iter().take(a.show_rejected) {
-        println!("rejected tp {} pp {} vpp {} ep {} dp {} mb {} {}: {why}", l.tp, l.pp, l.vpp, l.ep, l.dp, l.micro_batch, l.recompute.name());
     }
     Ok(())
 }
@@ -196,6 +197,8 @@ pub struct PlanChoice {
     pub recompute: String,
     /// ZeRO-1
     pub zero1: bool,
+    /// the pipeline schedule (one the trainer runs)
+    pub schedule: ultramoe_plan::PipeSchedule,
 }
 
 /// Reads layout `rank` (0: the best) of a `plan --json` file.
@@ -211,6 +214,16 @@ pub fn read_plan(path: &Path, rank: usize) -> CliResult<PlanChoice> {
     let (tp, pp, vpp, ep, dp, mb) = (field(l, "tp")?, field(l, "pp")?, field(l, "vpp")?, field(l, "ep")?, field(l, "dp")?, field(l, "micro_batch")?);
     if tp != 1 {
         return Err(format!("{where_}: layout {rank} uses tensor parallelism (tp {tp}), which the trainer does not run yet; plan with --fix tp=1"));
+    }
+    let schedule = match l.get("schedule").and_then(|s| s.as_str()) {
+        None => ultramoe_plan::PipeSchedule::OneFOneB,
+        Some(name) => ultramoe_plan::PipeSchedule::parse(name).ok_or_else(|| format!("{where_}: layout {rank}: unknown schedule `{name}`"))?,
+    };
+    if !schedule.runs_in_trainer() {
+        return Err(format!(
+            "{where_}: layout {rank} uses the {} schedule, which the planner prices but the trainer does not run; plan with --fix schedule=1f1b or schedule=overlap",
+            schedule.name()
+        ));
     }
     let (devices, seq_len, global) = (field(job, "devices")?, field(job, "seq_len")?, field(job, "global_batch")?);
     if dp == 0 || mb == 0 || ep == 0 || !dp.is_multiple_of(ep) || !global.is_multiple_of(dp * mb) {
@@ -230,6 +243,7 @@ pub fn read_plan(path: &Path, rank: usize) -> CliResult<PlanChoice> {
         seq_len,
         recompute: l.get("recompute").and_then(|r| r.as_str()).unwrap_or("none").to_string(),
         zero1: l.get("zero1").and_then(|z| z.as_bool()).unwrap_or(false),
+        schedule,
     })
 }
 
@@ -325,6 +339,10 @@ pub fn read_run(dir: &Path) -> CliResult<RunRecord> {
         vpp,
         recompute,
         zero1: spec.zero1,
+        schedule: match spec.schedule {
+            ultramoe_train::spec::PipelineSchedule::Overlapped => ultramoe_plan::PipeSchedule::Overlap,
+            _ => ultramoe_plan::PipeSchedule::OneFOneB,
+        },
         measured,
     })
 }

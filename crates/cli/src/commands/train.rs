@@ -315,7 +315,8 @@ pub fn resolve(a: &TrainArgs, latest: Option<&Path>) -> CliResult<Resolved> {
             }
             p.check(&cfg, world)?;
             (tc.micro_batch, tc.grad_accum, tc.seq_len) = (p.micro_batch, p.grad_accum, p.seq_len);
-            let base = RunSpec { memory_policy: p.memory_policy(cfg.n_layers)?, zero1: p.zero1, ..RunSpec::default() };
+            let schedule = if p.schedule == ultramoe_plan::PipeSchedule::Overlap { PipelineSchedule::Overlapped } else { PipelineSchedule::OneFOneB };
+            let base = RunSpec { memory_policy: p.memory_policy(cfg.n_layers)?, zero1: p.zero1, schedule, ..RunSpec::default() };
             let mut spec = spec_from_args(base, a, Layout { pp: p.pp, ep: p.ep, dp: p.dp }, cfg.n_layers)?;
             spec.vpp = p.vpp;
             spec
