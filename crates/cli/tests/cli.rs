@@ -319,7 +319,7 @@ fn plan_ranks_layouts_and_explains_rejections() {
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     // The layout under each bar, seconds on the axis, every part in the legend.
-    assert_svg_text(&svg, &["#1", "#3", "EP8 DP8", "seconds per step", "compute", "recompute", "ep comm", "bubble", "optimizer"]);
+    assert_svg_text(&svg, &["#1", "#3", "EP8 DP16", "seconds per step", "compute", "recompute", "ep comm", "bubble", "optimizer"]);
     assert!(std::fs::read_to_string(&svg).unwrap().contains("TP4 PP"));
     expect_error(&["plan", "--model", "no-such-model", "--devices", "8"], &["no-such-model", "preset"]);
     // Every preset with the command's own defaults (this machine's cluster has no bf16

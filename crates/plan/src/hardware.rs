@@ -110,6 +110,12 @@ pub struct Efficiency {
     /// (kernel launches and dispatch: what a layer costs with nothing to compute)
     #[serde(default)]
     pub layer_overhead: f64,
+    /// host time one decoder layer's forward and backward take to issue, per
+    /// micro-batch, seconds: a device fed by a slower host waits for it, so a layer
+    /// takes at least this (framework dispatch, kernel launches, dropless routing's
+    /// host synchronisation); 0: never host-bound
+    #[serde(default)]
+    pub host_layer: f64,
 }
 
 fn one() -> f64 {

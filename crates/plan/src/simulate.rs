@@ -247,7 +247,9 @@ pub fn simulate(m: &ModelCost, hw: &Hardware, job: &Job, l: &Layout) -> Result<P
     // Paired micro-batches compute on what the all-to-all kernels leave of the device.
     let paired = l.schedule.pairs_micro_batches() && pp > 1 && moe_stage && ep > 1;
     let slowdown = if paired { 1.0 / (1.0 - e.comm_sm_share).max(0.05) } else { 1.0 };
-    let stage_compute = (stage_layers as f64 * layer_t + head) * slowdown + stage_layers as f64 * e.layer_overhead;
+    // A layer takes the longer of its device time and the host time that issues it.
+    let layer_device = (layer_t * slowdown).max(e.host_layer);
+    let stage_compute = stage_layers as f64 * (layer_device + e.layer_overhead) + head * slowdown;
     let stage_recompute = stage_layers as f64 * recompute_of(layer_t, moe_stage);
     let stage_imbalance = if moe_stage { stage_layers as f64 * routed * (job.imbalance - 1.0).max(0.0) } else { 0.0 };
 

@@ -376,6 +376,8 @@ fn measure(a: &CalibrateArgs, devices: usize) -> CliResult<String> {
             comm_sm_share: 0.0,
             step_overhead: overhead,
             layer_overhead: per_layer,
+            // measured as `layer_overhead` (the CPU is both host and device)
+            host_layer: 0.0,
         },
     };
     phase("elementwise work on reference models");
