@@ -23,6 +23,7 @@ pub mod policy;
 pub mod stage;
 pub mod swap;
 pub mod tensor_ops;
+pub mod tensor_parallel;
 
 pub use ultramoe_config::{config, error};
 pub use ultramoe_config::{Arch, Error, ModelConfig, Result};

@@ -134,6 +134,20 @@ fn all_reduce_s(bytes: f64, n: usize, bw: f64, lat: f64) -> f64 {
     2.0 * (n - 1) as f64 / n as f64 * bytes / bw + 2.0 * (n - 1) as f64 * lat
 }
 
+/// Bytes one rank's tensor-parallel collectives move for one decoder layer and one
+/// micro-batch of `tokens`, forward and backward (ring algorithms): four all-reduces
+/// of the `tokens·H` activations (attention's output and the MLP's down-projection
+/// forward; their column-parallel inputs' gradients backward), `4 · 2(t−1)/t ·
+/// tokens·H·bytes`. Sequence parallelism swaps each all-reduce for an all-gather and a
+/// reduce-scatter of the same total. `ultramoe_model::tensor_parallel` counts what its
+/// collectives move and is tested equal to this.
+pub fn tp_bytes_per_layer(tokens: f64, hidden: usize, elem_bytes: f64, tp: usize) -> f64 {
+    if tp <= 1 {
+        return 0.0;
+    }
+    4.0 * 2.0 * (tp - 1) as f64 / tp as f64 * tokens * hidden as f64 * elem_bytes
+}
+
 /// Bytes per element of activations and weights for a data type.
 fn elem_bytes(dtype: &str) -> f64 {
     match dtype {
@@ -253,10 +267,13 @@ pub fn simulate(m: &ModelCost, hw: &Hardware, job: &Job, l: &Layout) -> Result<P
     let stage_recompute = stage_layers as f64 * recompute_of(layer_t, moe_stage);
     let stage_imbalance = if moe_stage { stage_layers as f64 * routed * (job.imbalance - 1.0).max(0.0) } else { 0.0 };
 
-    // Tensor parallel: 2 collectives forward, 2 backward per layer, of n·H elements.
+    // Tensor parallel: 2 collectives forward, 2 backward per layer, of n·H elements
+    // (all-reduces, or all-gather + reduce-scatter pairs under sequence parallelism:
+    // the same bytes, twice the messages).
     let bw_intra = hw.network.intra_node_bandwidth * net;
     let bw_inter = hw.network.inter_node_bandwidth * net;
-    let tp_layer = 4.0 * all_reduce_s(n * h * eb, tp, bw_intra, hw.network.intra_node_latency);
+    let tp_latency = if tp > 1 { 4.0 * 2.0 * (tp - 1) as f64 * hw.network.intra_node_latency } else { 0.0 };
+    let tp_layer = tp_bytes_per_layer(n, m.hidden, eb, tp) / bw_intra + tp_latency;
     let tp_exposed = stage_layers as f64 * tp_layer * (1.0 - e.tp_overlap);
     // Expert parallel: dispatch and combine, forward and backward, per MoE layer.
     // FP8 training dispatches in FP8 and combines in BF16, and likewise backward
