@@ -157,39 +157,21 @@ fn ignorable(name: &str, cfg: &crate::ModelConfig) -> bool {
 /// Loads weights for `model` from a checkpoint directory or file into a new flat buffer.
 /// Every tensor must be present with its exact shape; unknown tensors are errors.
 pub fn load_weights(model: &Model, path: &Path) -> Result<Vec<f32>> {
-    // The weights, and every tensor converted before it is placed: twice the model.
+    // The weights, and one file's bytes at a time (a single-file checkpoint: the whole
+    // model again); each tensor is converted straight into its place.
     crate::memory::check_available(2 * 4 * model.layout.total, || format!("loading a model of {}", model.size_fields())).map_err(|e| e.in_file(path))?;
     let mut w = vec![0.0f32; model.layout.total];
     let mut seen = vec![false; model.layout.specs.len()];
     let index: HashMap<&str, usize> = model.layout.specs.iter().enumerate().map(|(i, s)| (s.name.as_str(), i)).collect();
     // FP8 checkpoints (DeepSeek-V3) store `<name>_scale_inv` beside each quantised
-    // weight, possibly in another shard: gather every tensor first.
-    let mut tensors: BTreeMap<String, (Tensor, PathBuf, bool)> = BTreeMap::new();
-    for file in checkpoint_files(path)? {
-        let bytes = std::fs::read(&file).map_err(|e| Error::msg(format!("cannot read: {e}")).in_file(&file))?;
-        let st = SafeTensors::deserialize(&bytes)
-            .map_err(|e| Error::msg(format!("not a valid safetensors file: {e}")).in_file(&file))?;
-        for (name, view) in st.tensors() {
-            // Tensors another expert-parallel rank holds (and their FP8 scales) are skipped.
-            let remote = model.layout.is_remote(name.strip_suffix("_scale_inv").unwrap_or(&name));
-            if remote || ignorable(&name, &model.cfg) || model.layout.aliases.contains_key(&name) {
-                continue;
-            }
-            let fp8 = view.dtype() == Dtype::F8_E4M3;
-            let data = convert(&name, &view).map_err(|e| e.in_file(&file))?;
-            tensors.insert(name, (Tensor { shape: view.shape().to_vec(), data }, file.clone(), fp8));
-        }
-    }
+    // weight, possibly in another shard: those pairs are gathered first and placed at
+    // the end; every other tensor is placed as it is read.
+    let mut deferred: BTreeMap<String, (Tensor, PathBuf, bool)> = BTreeMap::new();
+    let mut placed: std::collections::HashSet<String> = std::collections::HashSet::new();
     let (br, bc) = fp8_block(&model.cfg.raw);
-    for (name, (t, file, fp8)) in &tensors {
-        if let Some(base) = name.strip_suffix("_scale_inv") {
-            if tensors.contains_key(base) {
-                continue;
-            }
-        }
-        let Some(&i) = index.get(name.as_str()) else {
-            return Err(Error::field(name, format!("unexpected tensor for a {} model with this config", model.cfg.arch.model_type()))
-                .in_file(file));
+    let mut place = |name: &str, t: &Tensor, file: &Path, scale: Option<(&str, &Tensor, &Path)>| -> Result<()> {
+        let Some(&i) = index.get(name) else {
+            return Err(Error::field(name, format!("unexpected tensor for a {} model with this config", model.cfg.arch.model_type())).in_file(file));
         };
         let spec = &model.layout.specs[i];
         if t.shape != spec.shape {
@@ -197,15 +179,13 @@ pub fn load_weights(model: &Model, path: &Path) -> Result<Vec<f32>> {
         }
         let dst = &mut w[spec.range()];
         dst.copy_from_slice(t.f32(name).map_err(|e| e.in_file(file))?);
-        if *fp8 {
-            let key = format!("{name}_scale_inv");
-            let (s, sfile, _) = tensors.get(&key).ok_or_else(|| Error::field(name, format!("FP8 weight without `{key}`")).in_file(file))?;
+        if let Some((key, s, sfile)) = scale {
             let (rows, cols) = (spec.shape[0], spec.shape.get(1).copied().unwrap_or(1));
             let (sr, sc) = (rows.div_ceil(br), cols.div_ceil(bc));
             if s.shape != [sr, sc] {
-                return Err(Error::field(&key, format!("shape {:?}, expected {:?} for {br}×{bc} blocks", s.shape, [sr, sc])).in_file(sfile));
+                return Err(Error::field(key, format!("shape {:?}, expected {:?} for {br}×{bc} blocks", s.shape, [sr, sc])).in_file(sfile));
             }
-            let sv = s.f32(&key)?;
+            let sv = s.f32(key)?;
             for r in 0..rows {
                 for c in 0..cols {
                     dst[r * cols + c] *= sv[(r / br) * sc + c / bc];
@@ -218,12 +198,51 @@ pub fn load_weights(model: &Model, path: &Path) -> Result<Vec<f32>> {
             return Err(Error::field(name, format!("{bad} of {} values are not finite (NaN or Inf)", dst.len())).in_file(file));
         }
         seen[i] = true;
+        Ok(())
+    };
+    for file in checkpoint_files(path)? {
+        let bytes = std::fs::read(&file).map_err(|e| Error::msg(format!("cannot read: {e}")).in_file(&file))?;
+        let st = SafeTensors::deserialize(&bytes)
+            .map_err(|e| Error::msg(format!("not a valid safetensors file: {e}")).in_file(&file))?;
+        for (name, view) in st.tensors() {
+            // Tensors another expert-parallel rank holds (and their FP8 scales) are skipped.
+            let remote = model.layout.is_remote(name.strip_suffix("_scale_inv").unwrap_or(&name));
+            if remote || ignorable(&name, &model.cfg) || model.layout.aliases.contains_key(&name) {
+                continue;
+            }
+            let fp8 = view.dtype() == Dtype::F8_E4M3;
+            let data = convert(&name, &view).map_err(|e| e.in_file(&file))?;
+            let t = Tensor { shape: view.shape().to_vec(), data };
+            if fp8 || name.ends_with("_scale_inv") {
+                deferred.insert(name, (t, file.clone(), fp8));
+            } else {
+                place(&name, &t, &file, None)?;
+                placed.insert(name);
+            }
+        }
     }
+    for (name, (t, file, fp8)) in &deferred {
+        if let Some(base) = name.strip_suffix("_scale_inv") {
+            if deferred.contains_key(base) || placed.contains(base) {
+                continue;
+            }
+        }
+        let scale = if *fp8 {
+            let key = format!("{name}_scale_inv");
+            let (s, sfile, _) = deferred.get(&key).ok_or_else(|| Error::field(name, format!("FP8 weight without `{key}`")).in_file(file))?;
+            Some((key, s, sfile))
+        } else {
+            None
+        };
+        place(name, t, file, scale.as_ref().map(|(k, s, f)| (k.as_str(), *s, f.as_path())))?;
+    }
+    drop(deferred);
     let missing: Vec<&str> = model.layout.specs.iter().zip(&seen).filter(|(_, s)| !**s).map(|(p, _)| p.name.as_str()).collect();
     if !missing.is_empty() {
         let more = if missing.len() > 3 { format!(" and {} more", missing.len() - 3) } else { String::new() };
         return Err(Error::msg(format!("checkpoint is missing tensor(s) {}{more}", missing[..missing.len().min(3)].join(", "))).in_file(path));
     }
+    crate::memory::return_freed_heap();
     Ok(w)
 }
 

@@ -1,6 +1,9 @@
 //! A model's weights as decoding reads them: the flat f32 buffer, and every projection
 //! and expert matrix also in BF16 or INT8 when asked (`--weights`), multiplied by the
-//! fused dequantising kernels of [`ultramoe_kernels::qlinear`].
+//! fused dequantising kernels of [`ultramoe_kernels::qlinear`]. A quantised matrix's f32
+//! values are given back to the operating system once converted
+//! ([`ultramoe_kernels::huge::release_pages`]): INT8 weights hold about a byte a
+//! weight, not five.
 //!
 //! Quantised: attention projections (GQA's fused q/k/v and output; MLA's fused
 //! down-projection, query up-projection and output), dense and shared-expert MLPs, every
@@ -24,6 +27,8 @@ pub struct DecodeWeights {
     pub format: WeightFormat,
     /// quantised matrices by their slot's start
     q: HashMap<usize, (Slot, QMatrix)>,
+    /// bytes of `w` given back to the operating system (the quantised matrices' pages)
+    released: usize,
 }
 
 /// `(slot, rows, cols)` of every matrix decoding multiplies by, in the model's order.
@@ -79,9 +84,9 @@ fn layer_matrices(l: &DecoderLayer) -> Vec<(Slot, usize, usize)> {
 
 impl DecodeWeights {
     /// `w` laid out for `model`, its matrices converted to `format`.
-    pub fn new(model: &Model, w: Vec<f32>, format: WeightFormat) -> Self {
+    pub fn new(model: &Model, mut w: Vec<f32>, format: WeightFormat) -> Self {
         assert_eq!(w.len(), model.layout.total, "weights laid out for this model");
-        let q = match format {
+        let q: HashMap<usize, (Slot, QMatrix)> = match format {
             WeightFormat::F32 => HashMap::new(),
             _ => matrices(model)
                 .into_iter()
@@ -91,7 +96,15 @@ impl DecodeWeights {
                 })
                 .collect(),
         };
-        DecodeWeights { w, format, q }
+        // Decoding reads a quantised matrix only through its copy (`linear_on`,
+        // `dequantized`, `matrix_bytes`), so its f32 pages go back.
+        let released = q.values().map(|(slot, _)| ultramoe_kernels::huge::release_pages(&mut w[slot.clone()])).sum();
+        DecodeWeights { w, format, q, released }
+    }
+
+    /// Bytes the weights occupy: `w` less its released pages, plus the quantised copies.
+    pub fn resident_bytes(&self) -> usize {
+        4 * self.w.len() - self.released + self.q.values().map(|(_, m)| m.bytes()).sum::<usize>()
     }
 
     /// `y = x · W[slot]ᵀ` for `x: [n, d_in]`, `W: [d_out, d_in]`, through the quantised
