@@ -42,6 +42,9 @@ enum Command {
     Serve(commands::serve::ServeArgs),
     /// Write a model directory with freshly initialised weights (Hugging Face layout).
     Init(commands::init::InitArgs),
+    /// Save a model with its matrices in BF16 or INT8 (`--weights`), which decoding then
+    /// loads as they are.
+    Quantize(commands::quantize::QuantizeArgs),
     /// Tokenizers: `train` a byte-level BPE on text files.
     #[command(subcommand)]
     Tokenizer(commands::tokenizer::TokenizerCommand),
@@ -111,6 +114,7 @@ fn main() {
         Command::Chat(a) => commands::generate::run_chat(a),
         Command::Serve(a) => commands::serve::run(a),
         Command::Init(a) => commands::init::run(a),
+        Command::Quantize(a) => commands::quantize::run(a),
         Command::Tokenizer(a) => commands::tokenizer::run(a),
         Command::Data(a) => commands::data::run(a),
         Command::Bench(a) => commands::bench::run(a),

@@ -558,3 +558,33 @@ fn train_runs_the_layout_a_plan_ranks_and_refuses_a_plan_for_something_else() {
     std::fs::write(&junk, "{}").unwrap();
     expect_error(&["train", "--model-config", m, "--plan", junk.to_str().unwrap(), "--steps", "1"], &["junk.json", "best"]);
 }
+
+#[test]
+fn quantize_saves_a_model_that_decodes_as_saved() {
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/math-moe");
+    let dir = tmp("quantize");
+    let out = dir.join("int8");
+    let q = bin().args(["quantize", "--model"]).arg(&model).args(["--weights", "int8", "--out"]).arg(&out).output().unwrap();
+    assert!(q.status.success(), "{}", String::from_utf8_lossy(&q.stderr));
+    let size = |p: PathBuf| std::fs::metadata(p).unwrap().len() as f64;
+    assert!(size(out.join("model.safetensors")) < 0.35 * size(model.join("model.safetensors")));
+    // Without --weights the saved model decodes as INT8: the tokens the original gives
+    // converted to INT8 on load.
+    let run = |dir: &Path, extra: &[&str]| {
+        let o = bin().args(["generate", "--model"]).arg(dir).args(["--prompt", "523 - 178", "--max-tokens", "80"]).args(extra).output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).to_string()
+    };
+    let saved = run(&out, &[]);
+    assert_eq!(saved, run(&model, &["--weights", "int8"]));
+    assert!(saved.contains("345"), "{saved}");
+    // The saved format is read from config.json when --weights is not given.
+    let cfg_path = out.join("config.json");
+    let text = std::fs::read_to_string(&cfg_path).unwrap();
+    assert!(text.contains("\"ultramoe_weights\": \"int8\""), "{text}");
+    std::fs::write(&cfg_path, text.replace("\"ultramoe_weights\": \"int8\"", "\"ultramoe_weights\": \"int4\"")).unwrap();
+    expect_error(&["generate", "--model", out.to_str().unwrap(), "--prompt", "1 + 1"], &["config.json", "ultramoe_weights", "int4"]);
+    let m = model.to_str().unwrap();
+    expect_error(&["quantize", "--model", m, "--weights", "f32", "--out", out.to_str().unwrap()], &["--weights", "f32"]);
+    expect_error(&["quantize", "--model", m, "--weights", "int8", "--out", m], &["--out", "same directory"]);
+}

@@ -102,6 +102,22 @@ impl QMatrix {
         QMatrix { rows, cols, data }
     }
 
+    /// INT8 values (row-major) and per-row scales (`w ≈ q·scale[row]`), if INT8.
+    pub fn int8_parts(&self) -> Option<(&[i8], &[f32])> {
+        match &self.data {
+            QData::Int8 { q, scale } => Some((q, scale)),
+            QData::Bf16(_) => None,
+        }
+    }
+
+    /// BF16 bits (row-major), if BF16.
+    pub fn bf16_bits(&self) -> Option<&[u16]> {
+        match &self.data {
+            QData::Bf16(v) => Some(v),
+            QData::Int8 { .. } => None,
+        }
+    }
+
     /// Its format.
     pub fn format(&self) -> WeightFormat {
         match self.data {

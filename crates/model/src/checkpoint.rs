@@ -80,6 +80,8 @@ fn convert(name: &str, v: &TensorView) -> Result<TensorData> {
         Dtype::BF16 => TensorData::F32(b.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect()),
         Dtype::F16 => TensorData::F32(b.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect()),
         Dtype::F8_E4M3 => TensorData::F32(b.iter().map(|&x| f8_e4m3_to_f32(x)).collect()),
+        // ultramoe's INT8 checkpoints (`quantize`): the integers, scaled by `<name>_scale`
+        Dtype::I8 => TensorData::F32(b.iter().map(|&x| x as i8 as f32).collect()),
         Dtype::I64 => TensorData::I64(b.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect()),
         Dtype::I32 => TensorData::I64(b.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap()) as i64).collect()),
         other => {
@@ -164,12 +166,13 @@ pub fn load_weights(model: &Model, path: &Path) -> Result<Vec<f32>> {
     let mut seen = vec![false; model.layout.specs.len()];
     let index: HashMap<&str, usize> = model.layout.specs.iter().enumerate().map(|(i, s)| (s.name.as_str(), i)).collect();
     // FP8 checkpoints (DeepSeek-V3) store `<name>_scale_inv` beside each quantised
-    // weight, possibly in another shard: those pairs are gathered first and placed at
-    // the end; every other tensor is placed as it is read.
+    // weight (a scale per 128×128 block), INT8 ones (`ultramoe quantize`) `<name>_scale`
+    // (one per row), possibly in another shard: those pairs are gathered first and
+    // placed at the end; every other tensor is placed as it is read.
     let mut deferred: BTreeMap<String, (Tensor, PathBuf, bool)> = BTreeMap::new();
     let mut placed: std::collections::HashSet<String> = std::collections::HashSet::new();
     let (br, bc) = fp8_block(&model.cfg.raw);
-    let mut place = |name: &str, t: &Tensor, file: &Path, scale: Option<(&str, &Tensor, &Path)>| -> Result<()> {
+    let mut place = |name: &str, t: &Tensor, file: &Path, scale: Option<(&str, &Tensor, &Path, bool)>| -> Result<()> {
         let Some(&i) = index.get(name) else {
             return Err(Error::field(name, format!("unexpected tensor for a {} model with this config", model.cfg.arch.model_type())).in_file(file));
         };
@@ -179,16 +182,21 @@ pub fn load_weights(model: &Model, path: &Path) -> Result<Vec<f32>> {
         }
         let dst = &mut w[spec.range()];
         dst.copy_from_slice(t.f32(name).map_err(|e| e.in_file(file))?);
-        if let Some((key, s, sfile)) = scale {
+        if let Some((key, s, sfile, per_row)) = scale {
             let (rows, cols) = (spec.shape[0], spec.shape.get(1).copied().unwrap_or(1));
-            let (sr, sc) = (rows.div_ceil(br), cols.div_ceil(bc));
+            let (sr, sc) = if per_row { (rows, 1) } else { (rows.div_ceil(br), cols.div_ceil(bc)) };
             if s.shape != [sr, sc] {
-                return Err(Error::field(key, format!("shape {:?}, expected {:?} for {br}×{bc} blocks", s.shape, [sr, sc])).in_file(sfile));
+                let blocks = if per_row { "one per row".to_string() } else { format!("{br}×{bc} blocks") };
+                return Err(Error::field(key, format!("shape {:?}, expected {:?} for {blocks}", s.shape, [sr, sc])).in_file(sfile));
             }
             let sv = s.f32(key)?;
-            for r in 0..rows {
-                for c in 0..cols {
-                    dst[r * cols + c] *= sv[(r / br) * sc + c / bc];
+            if per_row {
+                dst.chunks_mut(cols).zip(sv).for_each(|(row, &k)| row.iter_mut().for_each(|x| *x *= k));
+            } else {
+                for r in 0..rows {
+                    for c in 0..cols {
+                        dst[r * cols + c] *= sv[(r / br) * sc + c / bc];
+                    }
                 }
             }
         }
@@ -211,30 +219,33 @@ pub fn load_weights(model: &Model, path: &Path) -> Result<Vec<f32>> {
                 continue;
             }
             let fp8 = view.dtype() == Dtype::F8_E4M3;
+            let int8 = view.dtype() == Dtype::I8;
             let data = convert(&name, &view).map_err(|e| e.in_file(&file))?;
-            let t = Tensor { shape: view.shape().to_vec(), data };
-            if fp8 || name.ends_with("_scale_inv") {
-                deferred.insert(name, (t, file.clone(), fp8));
+            // INT8 scales are per row: [rows] as written, [rows, 1] as the check reads them.
+            let shape = if name.ends_with("_scale") && view.shape().len() == 1 { vec![view.shape()[0], 1] } else { view.shape().to_vec() };
+            let t = Tensor { shape, data };
+            if fp8 || int8 || name.ends_with("_scale_inv") || name.ends_with("_scale") {
+                deferred.insert(name, (t, file.clone(), fp8 || int8));
             } else {
                 place(&name, &t, &file, None)?;
                 placed.insert(name);
             }
         }
     }
-    for (name, (t, file, fp8)) in &deferred {
-        if let Some(base) = name.strip_suffix("_scale_inv") {
+    for (name, (t, file, quantised)) in &deferred {
+        if let Some(base) = name.strip_suffix("_scale_inv").or_else(|| name.strip_suffix("_scale")) {
             if deferred.contains_key(base) || placed.contains(base) {
                 continue;
             }
         }
-        let scale = if *fp8 {
-            let key = format!("{name}_scale_inv");
-            let (s, sfile, _) = deferred.get(&key).ok_or_else(|| Error::field(name, format!("FP8 weight without `{key}`")).in_file(file))?;
-            Some((key, s, sfile))
+        let scale = if *quantised {
+            let (key, per_row) = if deferred.contains_key(&format!("{name}_scale")) { (format!("{name}_scale"), true) } else { (format!("{name}_scale_inv"), false) };
+            let (s, sfile, _) = deferred.get(&key).ok_or_else(|| Error::field(name, format!("quantised weight without `{key}`")).in_file(file))?;
+            Some((key, s, sfile, per_row))
         } else {
             None
         };
-        place(name, t, file, scale.as_ref().map(|(k, s, f)| (k.as_str(), *s, f.as_path())))?;
+        place(name, t, file, scale.as_ref().map(|(k, s, f, r)| (k.as_str(), *s, f.as_path(), *r)))?;
     }
     drop(deferred);
     let missing: Vec<&str> = model.layout.specs.iter().zip(&seen).filter(|(_, s)| !**s).map(|(p, _)| p.name.as_str()).collect();

@@ -17,6 +17,7 @@ use crate::mlp::Mlp;
 use crate::params::Slot;
 use crate::Model;
 use std::collections::HashMap;
+use std::path::Path;
 use ultramoe_kernels::qlinear::{linear_f32, QMatrix, WeightFormat};
 
 /// Weights for decoding.
@@ -163,5 +164,56 @@ impl DecodeWeights {
             }
         }
         total + model.lm_head.as_ref().map_or(0, |h| self.matrix_bytes(h))
+    }
+
+    /// Saves the model to `dir` in the Hugging Face layout with its matrices in this
+    /// format: BF16 tensors as BF16; INT8 ones as `I8` with `<name>_scale` (`F32`, one per
+    /// row: `w ≈ q·scale`), which [`crate::checkpoint::load_weights`] reads back (other
+    /// tools do not know that pair); everything else in f32. `config.json` gains
+    /// `"ultramoe_weights": "<format>"`. Loading the saved model and converting it to the
+    /// same format gives these matrices bit for bit.
+    pub fn save(&self, model: &Model, dir: &Path) -> crate::Result<()> {
+        use crate::checkpoint::write_atomic;
+        use crate::Error;
+        use safetensors::tensor::{Dtype, TensorView};
+        std::fs::create_dir_all(dir).map_err(|e| Error::msg(format!("cannot create directory: {e}")).in_file(dir))?;
+        let mut cfg = model.cfg.raw.clone();
+        if let Some(o) = cfg.as_object_mut() {
+            o.insert("ultramoe_weights".into(), self.format.name().into());
+        }
+        write_atomic(&dir.join("config.json"), serde_json::to_string_pretty(&cfg).expect("config serialises").as_bytes())?;
+        let slots: Vec<&(Slot, QMatrix)> = self.q.values().collect();
+        // (name, dtype, shape, bytes)
+        let mut out: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = vec![];
+        for spec in &model.layout.specs {
+            let r = spec.range();
+            let inside = slots.iter().find(|(slot, _)| slot.start <= r.start && r.end <= slot.end);
+            let Some((slot, m)) = inside else {
+                if slots.iter().any(|(slot, _)| slot.start < r.end && r.start < slot.end) {
+                    return Err(Error::field(&spec.name, "spans several quantised matrices; cannot be saved quantised"));
+                }
+                out.push((spec.name.clone(), Dtype::F32, spec.shape.clone(), self.w[r].iter().flat_map(|x| x.to_le_bytes()).collect()));
+                continue;
+            };
+            let cols = m.cols;
+            let (row0, rows) = ((r.start - slot.start) / cols, r.len() / cols);
+            let (a, b) = (row0 * cols, (row0 + rows) * cols);
+            if let Some((q, scale)) = m.int8_parts() {
+                out.push((spec.name.clone(), Dtype::I8, spec.shape.clone(), q[a..b].iter().map(|&x| x as u8).collect()));
+                let sc: Vec<u8> = scale[row0..row0 + rows].iter().flat_map(|x| x.to_le_bytes()).collect();
+                out.push((format!("{}_scale", spec.name), Dtype::F32, vec![rows], sc));
+            } else if let Some(bits) = m.bf16_bits() {
+                out.push((spec.name.clone(), Dtype::BF16, spec.shape.clone(), bits[a..b].iter().flat_map(|x| x.to_le_bytes()).collect()));
+            }
+        }
+        out.sort_by(|x, y| x.0.cmp(&y.0));
+        let views = out
+            .iter()
+            .map(|(n, d, shape, b)| Ok((n.clone(), TensorView::new(*d, shape.clone(), b).map_err(|e| Error::field(n, e.to_string()))?)))
+            .collect::<crate::Result<Vec<_>>>()?;
+        let meta = Some(HashMap::from([("format".to_string(), "pt".to_string())]));
+        let path = dir.join("model.safetensors");
+        let data = safetensors::serialize(views, meta).map_err(|e| Error::msg(e.to_string()).in_file(&path))?;
+        write_atomic(&path, &data)
     }
 }

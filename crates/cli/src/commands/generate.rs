@@ -63,9 +63,10 @@ pub struct GenerateArgs {
     /// Model directory (config.json, safetensors, and tokenizer.json unless it is a math model).
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// Weight format to decode with (converted on load).
-    #[arg(long, value_enum, default_value_t)]
-    pub weights: WeightsArg,
+    /// Weight format to decode with (converted on load; default: the format the model
+    /// was saved in by `ultramoe quantize`, else f32).
+    #[arg(long, value_enum)]
+    pub weights: Option<WeightsArg>,
     /// The prompt (a question for the math model).
     #[arg(long, allow_hyphen_values = true)]
     pub prompt: String,
@@ -82,9 +83,10 @@ pub struct ChatArgs {
     /// Model directory.
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// Weight format to decode with (converted on load).
-    #[arg(long, value_enum, default_value_t)]
-    pub weights: WeightsArg,
+    /// Weight format to decode with (converted on load; default: the format the model
+    /// was saved in by `ultramoe quantize`, else f32).
+    #[arg(long, value_enum)]
+    pub weights: Option<WeightsArg>,
     /// A system message to start the conversation with.
     #[arg(long)]
     pub system: Option<String>,
@@ -99,7 +101,7 @@ struct Loaded {
     max_position: usize,
 }
 
-fn load(dir: Option<PathBuf>, weights: WeightsArg) -> CliResult<Loaded> {
+fn load(dir: Option<PathBuf>, weights: Option<WeightsArg>) -> CliResult<Loaded> {
     let dir = dir.unwrap_or_else(crate::default_model_dir);
     let (model, w) = load_for_decoding(&dir, weights, None)?;
     let tok = TextTokenizer::load(&dir, model.cfg.vocab_size).map_err(|e| e.to_string())?;

@@ -12,6 +12,7 @@ pub mod init;
 pub mod grad;
 pub mod memory;
 pub mod plan;
+pub mod quantize;
 pub mod report;
 pub mod serve;
 pub mod solve;
@@ -72,10 +73,15 @@ impl WeightsArg {
     }
 }
 
-/// Loads a model directory for decoding, its matrices converted to `weights`: the whole
-/// model, or under expert parallelism over `ep` this rank's share of the experts.
-pub fn load_for_decoding(dir: &Path, weights: WeightsArg, ep: Option<std::sync::Arc<dyn ultramoe_dist::ProcessGroup>>) -> CliResult<(Model, DecodeWeights)> {
+/// Loads a model directory for decoding, its matrices converted to `weights` (default:
+/// the format `ultramoe quantize` saved it in, else f32): the whole model, or under
+/// expert parallelism over `ep` this rank's share of the experts.
+pub fn load_for_decoding(dir: &Path, weights: Option<WeightsArg>, ep: Option<std::sync::Arc<dyn ultramoe_dist::ProcessGroup>>) -> CliResult<(Model, DecodeWeights)> {
     let cfg = ModelConfig::from_file(&dir.join("config.json")).map_err(|e| e.to_string())?;
+    let weights = match weights {
+        Some(w) => w,
+        None => saved_format(&cfg).map_err(|e| e.in_file(&dir.join("config.json")).to_string())?,
+    };
     let model = match ep {
         Some(g) => Model::share(cfg.clone(), ultramoe_model::Share { ep: Some(g), ..ultramoe_model::Share::whole(&cfg) }).map_err(|e| e.to_string())?,
         None => Model::new(cfg),
@@ -83,6 +89,20 @@ pub fn load_for_decoding(dir: &Path, weights: WeightsArg, ep: Option<std::sync::
     let w = load_weights(&model, dir).map_err(|e| e.to_string())?;
     let dw = DecodeWeights::new(&model, w, weights.format());
     Ok((model, dw))
+}
+
+/// The format a model directory's matrices were saved in (`"ultramoe_weights"` in its
+/// config, written by `ultramoe quantize`; f32 without it).
+pub fn saved_format(cfg: &ModelConfig) -> ultramoe_model::Result<WeightsArg> {
+    match cfg.raw.get("ultramoe_weights") {
+        None => Ok(WeightsArg::F32),
+        Some(v) => match v.as_str() {
+            Some("f32") => Ok(WeightsArg::F32),
+            Some("bf16") => Ok(WeightsArg::Bf16),
+            Some("int8") => Ok(WeightsArg::Int8),
+            _ => Err(ultramoe_model::Error::field("ultramoe_weights", format!("{v}: expected \"f32\", \"bf16\" or \"int8\""))),
+        },
+    }
 }
 
 /// [`load_math_model`] for decoding.

@@ -17,9 +17,10 @@ pub struct ServeArgs {
     /// Model directory (config.json, safetensors, and tokenizer.json unless it is a math model).
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// Weight format to decode with (converted on load).
-    #[arg(long, value_enum, default_value_t)]
-    pub weights: WeightsArg,
+    /// Weight format to decode with (converted on load; default: the format the model
+    /// was saved in by `ultramoe quantize`, else f32).
+    #[arg(long, value_enum)]
+    pub weights: Option<WeightsArg>,
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
