@@ -212,7 +212,10 @@ pub fn load_weights(model: &Model, path: &Path) -> Result<Vec<f32>> {
         let bytes = std::fs::read(&file).map_err(|e| Error::msg(format!("cannot read: {e}")).in_file(&file))?;
         let st = SafeTensors::deserialize(&bytes)
             .map_err(|e| Error::msg(format!("not a valid safetensors file: {e}")).in_file(&file))?;
-        for (name, view) in st.tensors() {
+        // In name order, so the first error a file has is the same every time.
+        let mut listed = st.tensors();
+        listed.sort_by(|a, b| a.0.cmp(&b.0));
+        for (name, view) in listed {
             // Tensors another expert-parallel rank holds (and their FP8 scales) are skipped.
             let remote = model.layout.is_remote(name.strip_suffix("_scale_inv").unwrap_or(&name));
             if remote || ignorable(&name, &model.cfg) || model.layout.aliases.contains_key(&name) {

@@ -7,16 +7,25 @@ use ultramoe_kernels::qlinear::WeightFormat;
 use ultramoe_model::decode_weights::DecodeWeights;
 use ultramoe_model::{Model, ModelConfig};
 
-#[test]
-fn quantised_weights_release_their_f32_pages() {
-    let cfg = ModelConfig::from_json_str(
-        r#"{"model_type": "qwen3_moe", "vocab_size": 512, "hidden_size": 256, "intermediate_size": 512,
-            "moe_intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-            "head_dim": 64, "num_experts": 8, "num_experts_per_tok": 2, "max_position_embeddings": 64}"#,
-    )
+/// A Qwen3-MoE-shaped model of `hidden` (experts and FFN twice as wide) with
+/// deterministic weights in [−0.5, 0.5).
+fn model(hidden: usize, experts: usize) -> (Model, Vec<f32>) {
+    let cfg = ModelConfig::from_json_str(&format!(
+        r#"{{"model_type": "qwen3_moe", "vocab_size": 512, "hidden_size": {hidden}, "intermediate_size": {inter},
+            "moe_intermediate_size": {inter}, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "head_dim": {hd}, "num_experts": {experts}, "num_experts_per_tok": 2, "max_position_embeddings": 64}}"#,
+        inter = 2 * hidden,
+        hd = hidden / 4
+    ))
     .unwrap();
     let m = Model::new(cfg);
     let w: Vec<f32> = (0..m.layout.total).map(|i| ((i * 2654435761usize) % 1000) as f32 / 1000.0 - 0.5).collect();
+    (m, w)
+}
+
+#[test]
+fn quantised_weights_release_their_f32_pages() {
+    let (m, w) = model(256, 8);
     let f32w = DecodeWeights::new(&m, w.clone(), WeightFormat::F32);
     assert_eq!(f32w.resident_bytes(), 4 * w.len());
     let before = DecodeWeights::new(&m, w.clone(), WeightFormat::Int8).dequantized();
@@ -34,14 +43,7 @@ fn quantised_weights_release_their_f32_pages() {
 /// about a half or a quarter the size.
 #[test]
 fn quantised_checkpoints_load_back_bit_for_bit() {
-    let cfg = ModelConfig::from_json_str(
-        r#"{"model_type": "qwen3_moe", "vocab_size": 512, "hidden_size": 128, "intermediate_size": 256,
-            "moe_intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-            "head_dim": 32, "num_experts": 4, "num_experts_per_tok": 2, "max_position_embeddings": 64}"#,
-    )
-    .unwrap();
-    let m = Model::new(cfg);
-    let w: Vec<f32> = (0..m.layout.total).map(|i| ((i * 2654435761usize) % 1000) as f32 / 1000.0 - 0.5).collect();
+    let (m, w) = model(128, 4);
     let root = std::env::temp_dir().join(format!("ultramoe-quantised-{}", std::process::id()));
     ultramoe_model::checkpoint::save_weights(&m, &w, &root.join("f32"), None).unwrap();
     let f32_size = std::fs::metadata(root.join("f32/model.safetensors")).unwrap().len() as f64;

@@ -1,49 +1,31 @@
 //! The planner prices the pipeline the trainer runs: its bubble and in-flight formulas
 //! equal what the schedules of `ultramoe-schedule` give when simulated.
 
-use ultramoe_plan::simulate::{micro_batches_in_flight, pipeline_bubble};
+use ultramoe_plan::PipeSchedule;
 use ultramoe_schedule::{build, simulate, Kind, Shape};
 
+/// 1F1B (interleaved at VPP > 1) and the overlapped 1F1B, PP 1–8 (the overlapped one
+/// from 2), VPP 1–4, several micro-batch counts; the overlapped schedule timed one pass
+/// at a time, as a pair's two passes share the rank's cores.
 #[test]
 fn bubble_and_in_flight_match_the_schedules() {
     // A micro-batch's pass through all of a rank's layers: forward 1, backward 2 (split
     // evenly over its chunks).
     let (f, b) = (1.0, 2.0);
-    for pp in 1..=8 {
-        for vpp in 1..=4 {
-            for m in [pp, 2 * pp, 4 * pp, 8 * pp] {
-                let s = build(Kind::OneFOneB, Shape { pp, vpp, micro_batches: m }).unwrap();
-                let t = simulate(&s, f / vpp as f64, b / vpp as f64, 0.0).unwrap();
-                let bubble = t.makespan - m as f64 * (f + b);
-                let predicted = pipeline_bubble(pp, vpp, f + b);
-                assert!((bubble - predicted).abs() < 1e-9, "pp {pp} vpp {vpp} m {m}: simulated bubble {bubble}, planner {predicted}");
-                // Rank 0 holds the most; in units of a whole stage's micro-batch.
-                let held = s.in_flight(0) as f64 / vpp as f64;
-                let planned = micro_batches_in_flight(pp, vpp, m);
-                assert!((held - planned).abs() < 1e-9, "pp {pp} vpp {vpp} m {m}: schedule holds {held}, planner {planned}");
-            }
-        }
-    }
-}
-
-/// The overlapped 1F1B the trainer runs: the planner's bubble and in-flight count equal
-/// what its schedule lists give (timed one pass at a time, as a pair's two passes share
-/// the rank's cores).
-#[test]
-fn overlapped_schedule_matches_its_lists() {
-    use ultramoe_plan::PipeSchedule;
-    let (f, b) = (1.0, 2.0);
-    for pp in 2..=8 {
-        for vpp in 1..=4 {
-            for m in [pp, 2 * pp, 4 * pp, 8 * pp] {
-                let s = build(Kind::Overlapped, Shape { pp, vpp, micro_batches: m }).unwrap();
-                let t = simulate(&s, f / vpp as f64, b / vpp as f64, 0.0).unwrap();
-                let bubble = t.makespan - m as f64 * (f + b);
-                let predicted = PipeSchedule::Overlap.bubble(pp, vpp, f + b);
-                assert!((bubble - predicted).abs() < 1e-9, "pp {pp} vpp {vpp} m {m}: simulated bubble {bubble}, planner {predicted}");
-                let held = s.in_flight(0) as f64 / vpp as f64;
-                let planned = PipeSchedule::Overlap.in_flight(pp, vpp, m);
-                assert!((held - planned).abs() < 1e-9, "pp {pp} vpp {vpp} m {m}: schedule holds {held}, planner {planned}");
+    for (kind, planned_as, first_pp) in [(Kind::OneFOneB, PipeSchedule::OneFOneB, 1), (Kind::Overlapped, PipeSchedule::Overlap, 2)] {
+        for pp in first_pp..=8 {
+            for vpp in 1..=4 {
+                for m in [pp, 2 * pp, 4 * pp, 8 * pp] {
+                    let s = build(kind, Shape { pp, vpp, micro_batches: m }).unwrap();
+                    let t = simulate(&s, f / vpp as f64, b / vpp as f64, 0.0).unwrap();
+                    let bubble = t.makespan - m as f64 * (f + b);
+                    let predicted = planned_as.bubble(pp, vpp, f + b);
+                    assert!((bubble - predicted).abs() < 1e-9, "{kind:?} pp {pp} vpp {vpp} m {m}: simulated bubble {bubble}, planner {predicted}");
+                    // Rank 0 holds the most; in units of a whole stage's micro-batch.
+                    let held = s.in_flight(0) as f64 / vpp as f64;
+                    let planned = planned_as.in_flight(pp, vpp, m);
+                    assert!((held - planned).abs() < 1e-9, "{kind:?} pp {pp} vpp {vpp} m {m}: schedule holds {held}, planner {planned}");
+                }
             }
         }
     }
