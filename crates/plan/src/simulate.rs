@@ -22,7 +22,6 @@
 use crate::hardware::{interpolate, Hardware};
 use crate::model_cost::{ActivationBytes, ModelCost, Recompute};
 use crate::pipeline::PipeSchedule;
-pub use crate::pipeline::{micro_batches_in_flight, pipeline_bubble};
 use serde::Serialize;
 
 /// A parallel layout and its per-device batch.
