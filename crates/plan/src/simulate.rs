@@ -16,8 +16,9 @@
 //! micro-batches interleaved over VPP virtual stages), exposed DP traffic, the optimizer
 //! step and a fixed host overhead. Schedules that pair micro-batches (overlapped 1F1B,
 //! DualPipe) hide a steady-state pair's all-to-all under its compute, which then runs on
-//! the share of the device the communication kernels leave (`efficiency.comm_sm_share`). Collectives: ring all-reduce `2(n−1)/n·B / bw`, all-to-all
-//! `B·(n−1)/n / bw` (the slower of the intra- and inter-node parts), each plus a latency.
+//! the share of the device the communication kernels leave (`efficiency.comm_sm_share`).
+//! Collectives: ring all-reduce `2(n−1)/n·B / bw`, all-to-all `B·(n−1)/n / bw` (the
+//! slower of the intra- and inter-node parts), each plus a latency.
 
 use crate::hardware::{interpolate, Hardware};
 use crate::model_cost::{ActivationBytes, ModelCost, Recompute};
