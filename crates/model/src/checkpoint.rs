@@ -216,8 +216,9 @@ pub fn load_weights(model: &Model, path: &Path) -> Result<Vec<f32>> {
         let mut listed = st.tensors();
         listed.sort_by(|a, b| a.0.cmp(&b.0));
         for (name, view) in listed {
-            // Tensors another expert-parallel rank holds (and their FP8 scales) are skipped.
-            let remote = model.layout.is_remote(name.strip_suffix("_scale_inv").unwrap_or(&name));
+            // Tensors another expert-parallel rank holds (and their FP8 or INT8 scales) are
+            // skipped.
+            let remote = model.layout.is_remote(name.strip_suffix("_scale_inv").or_else(|| name.strip_suffix("_scale")).unwrap_or(&name));
             if remote || ignorable(&name, &model.cfg) || model.layout.aliases.contains_key(&name) {
                 continue;
             }

@@ -63,3 +63,27 @@ fn quantised_checkpoints_load_back_bit_for_bit() {
     }
     std::fs::remove_dir_all(&root).ok();
 }
+
+/// An INT8-saved model loads on each expert-parallel rank: the other ranks' experts and
+/// their scales are skipped, and this rank's experts get the dequantised values.
+#[test]
+fn quantised_checkpoints_load_as_expert_parallel_shares() {
+    let (m, w) = model(128, 4);
+    let dir = std::env::temp_dir().join(format!("ultramoe-quantised-ep-{}", std::process::id()));
+    let q = DecodeWeights::new(&m, w, WeightFormat::Int8);
+    q.save(&m, &dir).unwrap();
+    let whole = q.dequantized();
+    let dir2 = dir.clone();
+    let ok = ultramoe_dist::local::run(2, std::time::Duration::from_secs(30), move |comm| {
+        let cfg = ModelConfig::from_file(&dir2.join("config.json")).unwrap();
+        let share = ultramoe_model::Share { ep: Some(std::sync::Arc::new(comm)), ..ultramoe_model::Share::whole(&cfg) };
+        let part = Model::share(cfg, share).unwrap();
+        let got = ultramoe_model::checkpoint::load_weights(&part, &dir2).unwrap();
+        // Every tensor this rank holds has the value the whole model has under its name.
+        let full = Model::new(ModelConfig::from_file(&dir2.join("config.json")).unwrap());
+        Ok(part.layout.specs.iter().all(|s| got[s.range()] == whole[full.layout.get(&s.name).unwrap().range()]))
+    })
+    .unwrap();
+    assert_eq!(ok, vec![true, true]);
+    std::fs::remove_dir_all(&dir).ok();
+}
