@@ -578,12 +578,17 @@ fn quantize_saves_a_model_that_decodes_as_saved() {
     let saved = run(&out, &[]);
     assert_eq!(saved, run(&model, &["--weights", "int8"]));
     assert!(saved.contains("345"), "{saved}");
+    // `solve` reads the saved model in its format too.
+    let solved = bin().args(["solve", "--model"]).arg(&out).arg("What is 523 minus 178?").output().unwrap();
+    assert!(solved.status.success(), "{}", String::from_utf8_lossy(&solved.stderr));
+    assert_eq!(String::from_utf8_lossy(&solved.stdout).trim(), "345");
     // The saved format is read from config.json when --weights is not given.
     let cfg_path = out.join("config.json");
     let text = std::fs::read_to_string(&cfg_path).unwrap();
     assert!(text.contains("\"ultramoe_weights\": \"int8\""), "{text}");
     std::fs::write(&cfg_path, text.replace("\"ultramoe_weights\": \"int8\"", "\"ultramoe_weights\": \"int4\"")).unwrap();
     expect_error(&["generate", "--model", out.to_str().unwrap(), "--prompt", "1 + 1"], &["config.json", "ultramoe_weights", "int4"]);
+    expect_error(&["solve", "--model", out.to_str().unwrap(), "1 + 1"], &["config.json", "ultramoe_weights", "int4"]);
     let m = model.to_str().unwrap();
     expect_error(&["quantize", "--model", m, "--weights", "f32", "--out", out.to_str().unwrap()], &["--weights", "f32"]);
     expect_error(&["quantize", "--model", m, "--weights", "int8", "--out", m], &["--out", "same directory"]);

@@ -92,7 +92,7 @@ pub fn run(a: DemoArgs) -> CliResult {
     drop(run);
     let train_s = start.elapsed().as_secs_f64();
     let model_dir = a.run_dir.join("model");
-    let (model, w) = load_math_for_decoding(&model_dir, WeightsArg::F32)?;
+    let (model, w) = load_math_for_decoding(&model_dir, Some(WeightsArg::F32))?;
     println!("\nsample problems:");
     let qs: Vec<String> = Kind::ALL.iter().map(|k| k.example().to_string()).collect();
     for s in solve_batch(&model, &w, &qs) {
@@ -101,7 +101,7 @@ pub fn run(a: DemoArgs) -> CliResult {
     if a.eval_n > 0 {
         println!("\nexact-match accuracy on {} unseen problems per kind:", a.eval_n);
         let kinds = parse_kinds("all")?;
-        for s in evaluate(&model_dir, None, &kinds, a.eval_n, 987_654_321, false, !a.no_progress, WeightsArg::F32, 0)? {
+        for s in evaluate(&model_dir, None, &kinds, a.eval_n, 987_654_321, false, !a.no_progress, Some(WeightsArg::F32), 0)? {
             println!("  {:<10} {:>6.1}%", s.name, 100.0 * s.accuracy);
         }
     }

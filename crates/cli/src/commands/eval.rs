@@ -39,9 +39,10 @@ pub struct EvalArgs {
     /// No progress bar (there is none when stderr is not a terminal either).
     #[arg(long)]
     pub no_progress: bool,
-    /// Weight format the model decodes with.
-    #[arg(long, value_enum, default_value_t)]
-    pub weights: WeightsArg,
+    /// Weight format the model decodes with (default: the format the model was saved in
+    /// by `ultramoe quantize`, else f32).
+    #[arg(long, value_enum)]
+    pub weights: Option<WeightsArg>,
     /// Also score with checking: answers of kinds that have a check (equations,
     /// quadratics, systems, division, indefinite integrals) that fail it are resampled
     /// up to N times; both accuracies are printed.
@@ -95,7 +96,7 @@ pub fn generated(kind: Kind, n: usize, seed: u64) -> Vec<(String, String)> {
 /// Scores a model directory over kinds or a file (a progress bar per kind when
 /// `progress`).
 #[allow(clippy::too_many_arguments)]
-pub fn evaluate(dir: &Path, file: Option<&Path>, kinds: &[Kind], n: usize, seed: u64, show_errors: bool, progress: bool, weights: WeightsArg, check_retries: usize) -> CliResult<Vec<Score>> {
+pub fn evaluate(dir: &Path, file: Option<&Path>, kinds: &[Kind], n: usize, seed: u64, show_errors: bool, progress: bool, weights: Option<WeightsArg>, check_retries: usize) -> CliResult<Vec<Score>> {
     if let Some(f) = file {
         let items: Vec<(String, String)> = read_jsonl(f)?.into_iter().map(|q| (q.question, q.answer)).collect();
         let (model, w) = load_math_for_decoding(dir, weights)?;

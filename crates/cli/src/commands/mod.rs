@@ -78,10 +78,7 @@ impl WeightsArg {
 /// expert parallelism over `ep` this rank's share of the experts.
 pub fn load_for_decoding(dir: &Path, weights: Option<WeightsArg>, ep: Option<std::sync::Arc<dyn ultramoe_dist::ProcessGroup>>) -> CliResult<(Model, DecodeWeights)> {
     let cfg = ModelConfig::from_file(&dir.join("config.json")).map_err(|e| e.to_string())?;
-    let weights = match weights {
-        Some(w) => w,
-        None => saved_format(&cfg).map_err(|e| e.in_file(&dir.join("config.json")).to_string())?,
-    };
+    let weights = resolve_format(weights, &cfg, dir)?;
     let model = match ep {
         Some(g) => Model::share(cfg.clone(), ultramoe_model::Share { ep: Some(g), ..ultramoe_model::Share::whole(&cfg) }).map_err(|e| e.to_string())?,
         None => Model::new(cfg),
@@ -105,9 +102,18 @@ pub fn saved_format(cfg: &ModelConfig) -> ultramoe_model::Result<WeightsArg> {
     }
 }
 
-/// [`load_math_model`] for decoding.
-pub fn load_math_for_decoding(dir: &Path, weights: WeightsArg) -> CliResult<(Model, DecodeWeights)> {
+/// `weights` when given, else the format the model directory was saved in.
+fn resolve_format(weights: Option<WeightsArg>, cfg: &ModelConfig, dir: &Path) -> CliResult<WeightsArg> {
+    match weights {
+        Some(w) => Ok(w),
+        None => saved_format(cfg).map_err(|e| e.in_file(&dir.join("config.json")).to_string()),
+    }
+}
+
+/// [`load_math_model`] for decoding, its matrices converted as [`load_for_decoding`]'s.
+pub fn load_math_for_decoding(dir: &Path, weights: Option<WeightsArg>) -> CliResult<(Model, DecodeWeights)> {
     let (model, w) = load_math_model(dir)?;
+    let weights = resolve_format(weights, &model.cfg, dir)?;
     let dw = DecodeWeights::new(&model, w, weights.format());
     Ok((model, dw))
 }

@@ -23,9 +23,10 @@ pub struct SolveArgs {
     /// Show the worked answer above the final answer.
     #[arg(long)]
     pub show_work: bool,
-    /// Weight format the model decodes with.
-    #[arg(long, value_enum, default_value_t)]
-    pub weights: WeightsArg,
+    /// Weight format the model decodes with (default: the format the model was saved in
+    /// by `ultramoe quantize`, else f32).
+    #[arg(long, value_enum)]
+    pub weights: Option<WeightsArg>,
     /// Where the kind has a check (equations, quadratics, systems: substituting the
     /// answer; division: multiplying back; integrals: differentiating back), resample an
     /// answer that fails it up to N times (0: the greedy answer as it is).
