@@ -29,6 +29,9 @@ pub struct Ctx<'a> {
     pub keep_probs: bool,
     /// how the MoE layers run
     pub moe: crate::moe::layer::MoeCtx<'a>,
+    /// the tensor-parallel group the attention and dense FFN are split over: their
+    /// partial outputs and input gradients are summed over it
+    pub tp: Option<&'a crate::tensor_parallel::TensorParallel>,
 }
 
 impl Ctx<'_> {

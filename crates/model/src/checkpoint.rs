@@ -177,13 +177,23 @@ pub fn load_weights(model: &Model, path: &Path) -> Result<Vec<f32>> {
             return Err(Error::field(name, format!("unexpected tensor for a {} model with this config", model.cfg.arch.model_type())).in_file(file));
         };
         let spec = &model.layout.specs[i];
-        if t.shape != spec.shape {
-            return Err(Error::field(name, format!("shape {:?} does not match the config's {:?}", t.shape, spec.shape)).in_file(file));
+        let whole = spec.split.map_or_else(|| spec.shape.clone(), |s| s.whole_shape(&spec.shape));
+        if t.shape != whole {
+            return Err(Error::field(name, format!("shape {:?} does not match the config's {:?}", t.shape, whole)).in_file(file));
         }
-        let dst = &mut w[spec.range()];
-        dst.copy_from_slice(t.f32(name).map_err(|e| e.in_file(file))?);
+        // A tensor-parallel slice is dequantised whole, then cut (the scales' blocks
+        // follow the whole tensor).
+        let mut sliced = Vec::new();
+        let dst: &mut [f32] = if spec.split.is_some() {
+            sliced = t.f32(name).map_err(|e| e.in_file(file))?.to_vec();
+            &mut sliced
+        } else {
+            let dst = &mut w[spec.range()];
+            dst.copy_from_slice(t.f32(name).map_err(|e| e.in_file(file))?);
+            dst
+        };
         if let Some((key, s, sfile, per_row)) = scale {
-            let (rows, cols) = (spec.shape[0], spec.shape.get(1).copied().unwrap_or(1));
+            let (rows, cols) = (whole[0], whole.get(1).copied().unwrap_or(1));
             let (sr, sc) = if per_row { (rows, 1) } else { (rows.div_ceil(br), cols.div_ceil(bc)) };
             if s.shape != [sr, sc] {
                 let blocks = if per_row { "one per row".to_string() } else { format!("{br}×{bc} blocks") };
@@ -204,6 +214,9 @@ pub fn load_weights(model: &Model, path: &Path) -> Result<Vec<f32>> {
         let bad = count_nonfinite(dst);
         if bad > 0 {
             return Err(Error::field(name, format!("{bad} of {} values are not finite (NaN or Inf)", dst.len())).in_file(file));
+        }
+        if let Some(split) = spec.split {
+            w[spec.range()].copy_from_slice(&split.take(&sliced, &whole));
         }
         seen[i] = true;
         Ok(())
@@ -297,16 +310,62 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
     placed
 }
 
+/// Every tensor-parallel slice of `w` (a buffer in the model's layout: weights, or an
+/// optimizer moment), gathered whole (name → (whole shape, values)); empty without
+/// tensor parallelism. Collective over the tensor-parallel
+/// group: every rank of it calls this, with the same layout.
+pub fn gather_splits(model: &Model, w: &[f32]) -> Result<HashMap<String, (Vec<usize>, Vec<f32>)>> {
+    let mut out = HashMap::new();
+    let Some(tp) = &model.tp else { return Ok(out) };
+    for s in &model.layout.specs {
+        let Some(split) = s.split else { continue };
+        let parts = tp.group().all_gather_f32(&w[s.range()]).map_err(|e| Error::msg(format!("gathering {} over the tensor-parallel group: {e}", s.name)))?;
+        let whole_shape = split.whole_shape(&s.shape);
+        let mut whole = vec![0.0; parts.len()];
+        for (rank, part) in parts.chunks(s.len()).enumerate() {
+            split.put_as(rank, &mut whole, part, &whole_shape);
+        }
+        out.insert(s.name.clone(), (whole_shape, whole));
+    }
+    Ok(out)
+}
+
+/// `(name, shape, values)` of the tensors `keep` selects, tensor-parallel slices
+/// replaced by their whole tensors from `whole`.
+pub fn held_tensors<'a>(model: &Model, w: &'a [f32], whole: &'a HashMap<String, (Vec<usize>, Vec<f32>)>, keep: impl Fn(&crate::params::ParamSpec) -> bool) -> Vec<(String, Vec<usize>, &'a [f32])> {
+    let mut tensors: Vec<(String, Vec<usize>, &[f32])> = model
+        .layout
+        .specs
+        .iter()
+        .filter(|s| keep(s))
+        .map(|s| match whole.get(&s.name) {
+            Some((shape, data)) => (s.name.clone(), shape.clone(), &data[..]),
+            None => (s.name.clone(), s.shape.clone(), &w[s.range()]),
+        })
+        .collect();
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    tensors
+}
+
+/// True on the rank of its tensor-parallel group that writes files (rank 0).
+pub fn writes_tensor_parallel_share(model: &Model) -> bool {
+    model.tp.as_ref().is_none_or(|t| t.rank() == 0)
+}
+
 /// Saves `config.json` and the weights to `dir` in the Hugging Face layout. With
 /// `max_shard_bytes`, tensors are split over `model-0000i-of-0000n.safetensors` files
-/// plus `model.safetensors.index.json`; otherwise one `model.safetensors`.
+/// plus `model.safetensors.index.json`; otherwise one `model.safetensors`. Under tensor
+/// parallelism every rank of the group calls it: the slices are gathered and the
+/// group's rank 0 writes whole tensors.
 pub fn save_weights(model: &Model, w: &[f32], dir: &Path, max_shard_bytes: Option<usize>) -> Result<()> {
+    let whole = gather_splits(model, w)?;
+    if !writes_tensor_parallel_share(model) {
+        return Ok(());
+    }
     std::fs::create_dir_all(dir).map_err(|e| Error::msg(format!("cannot create directory: {e}")).in_file(dir))?;
     let cfg_text = serde_json::to_string_pretty(&model.cfg.raw).expect("config serialises");
     write_atomic(&dir.join("config.json"), cfg_text.as_bytes())?;
-    let mut tensors: Vec<(String, Vec<usize>, &[f32])> =
-        model.layout.specs.iter().map(|s| (s.name.clone(), s.shape.clone(), &w[s.range()])).collect();
-    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    let tensors = held_tensors(model, w, &whole, |_| true);
     let meta = Some(HashMap::from([("format".to_string(), "pt".to_string())]));
     let Some(limit) = max_shard_bytes else {
         return write_safetensors(&dir.join("model.safetensors"), &tensors, meta);
@@ -377,10 +436,12 @@ pub fn save_model_share(model: &Model, w: &[f32], dir: &Path) -> Result<()> {
     if p == 1 && stages == 1 {
         return save_weights(model, w, dir, None);
     }
+    let whole = gather_splits(model, w)?;
+    if !writes_tensor_parallel_share(model) {
+        return Ok(());
+    }
     std::fs::create_dir_all(dir).map_err(|e| Error::msg(format!("cannot create directory: {e}")).in_file(dir))?;
-    let mut tensors: Vec<(String, Vec<usize>, &[f32])> =
-        model.layout.specs.iter().filter(|t| saved_by(&model.layout, t, k)).map(|t| (t.name.clone(), t.shape.clone(), &w[t.range()])).collect();
-    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    let tensors = held_tensors(model, w, &whole, |t| saved_by(&model.layout, t, k));
     let meta = Some(HashMap::from([("format".to_string(), "pt".to_string())]));
     let shards = stages * p;
     write_safetensors(&dir.join(shard_file(share_index(model), shards)), &tensors, meta)?;

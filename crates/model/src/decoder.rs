@@ -225,11 +225,18 @@ impl DecoderLayer {
                 (y, AttnSaved::Mla(s))
             }
         };
+        // Row-parallel output projection: each tensor-parallel rank holds its heads' part.
+        if let Some(tp) = c.tp {
+            tp.sum_in_pass(&mut a);
+        }
         let attn_post = self.post_norm(w, self.sandwich.as_ref().map(|[sa, _]| sa), &mut a, n);
         let mut h = a;
         add_into(&mut h, &x);
         let (xn2, rstd2) = self.norm(w, &self.ffn_norm, &h, n);
         let (mut f, ffn) = self.ffn_forward(w, &xn2, c);
+        if let (Some(tp), FfnBlock::Dense(_)) = (c.tp, &self.ffn) {
+            tp.sum_in_pass(&mut f);
+        }
         let ffn_post = self.post_norm(w, self.sandwich.as_ref().map(|[_, sf]| sf), &mut f, n);
         let mut y = f;
         add_into(&mut y, &h);
@@ -342,6 +349,10 @@ impl DecoderLayer {
             (FfnBlock::Moe(m), FfnSaved::Moe(ms)) => m.backward(w, g, &s.xn2, ms, &df, n, &c.moe),
             _ => unreachable!("saved FFN activations do not match the layer"),
         };
+        let mut dxn2 = dxn2;
+        if let (Some(tp), FfnBlock::Dense(_)) = (c.tp, &self.ffn) {
+            tp.sum_in_pass(&mut dxn2);
+        }
         drop(df);
         // The FFN's saved set is done with.
         s.ffn = FfnSaved::Dense(MlpSaved::default());
@@ -357,6 +368,10 @@ impl DecoderLayer {
             (AttnBlock::Mla(m), AttnSaved::Mla(ms)) => m.backward(w, g, &s.xn1, ms, &da, c),
             _ => unreachable!("saved attention activations do not match the layer"),
         };
+        let mut dxn1 = dxn1;
+        if let Some(tp) = c.tp {
+            tp.sum_in_pass(&mut dxn1);
+        }
         let mut dx = dh;
         rmsnorm_backward(&mut dx, &mut g[self.attn_norm.clone()], &dxn1, &s.x, &w[self.attn_norm.clone()], &s.rstd1, hd, true);
         dx

@@ -48,7 +48,8 @@ impl Rng {
 
 /// Allocates and initialises a weight buffer for `layout`. Tensors draw from one stream
 /// in the whole model's registration order; tensors held by other expert-parallel ranks
-/// consume their draws too, so every rank's share equals the single-rank model's.
+/// consume their draws too, so every rank's share equals the single-rank model's (a
+/// tensor-parallel rank's slices too).
 pub fn init_weights(layout: &ParamLayout, seed: u64) -> Vec<f32> {
     let mut w = vec![0.0f32; layout.total];
     let mut rng = Rng::new(seed);
@@ -56,6 +57,11 @@ pub fn init_weights(layout: &ParamLayout, seed: u64) -> Vec<f32> {
         let n: usize = t.shape.iter().product();
         match (t.init, t.local.then(|| layout.get(&t.name)).flatten()) {
             (Init::Constant(c), Some(spec)) => w[spec.range()].fill(c),
+            // A tensor-parallel slice draws the whole tensor and keeps its part.
+            (Init::Normal(std), Some(spec)) if spec.split.is_some() => {
+                let whole: Vec<f32> = (0..n).map(|_| (rng.normal() * std as f64) as f32).collect();
+                w[spec.range()].copy_from_slice(&spec.split.expect("split").take(&whole, &t.shape));
+            }
             (Init::Normal(std), Some(spec)) => w[spec.range()].iter_mut().for_each(|x| *x = (rng.normal() * std as f64) as f32),
             (Init::Normal(_), None) => (0..n).for_each(|_| {
                 rng.normal();

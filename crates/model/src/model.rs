@@ -16,6 +16,7 @@ use crate::moe::layer::MoeLayer;
 use crate::moe::placement::Placement;
 use crate::moe::router::Router;
 use crate::params::{fuse, Init, ParamLayout, Slot};
+use crate::tensor_parallel::TensorParallel;
 use crate::swap::{Prefetch, SwapFile, SwapTicket};
 use std::sync::Arc;
 use ultramoe_dist::ProcessGroup;
@@ -58,6 +59,9 @@ pub struct Model {
     pub ep: Option<Arc<dyn ProcessGroup>>,
     /// where the expert-parallel exchanges run (with more than one expert-parallel rank)
     pub exchange: Option<Arc<ExpertExchange>>,
+    /// the tensor-parallel group this rank's attention, dense FFN and shared experts are
+    /// split over (`None`: not split)
+    pub tp: Option<Arc<TensorParallel>>,
 }
 
 /// What a rank's share of a model is: its pipeline stage, its expert-parallel group and
@@ -74,6 +78,8 @@ pub struct Share {
     pub ep_nodes: Vec<usize>,
     /// hierarchical all-to-all over those nodes
     pub hierarchical: bool,
+    /// the tensor-parallel group (`None`: nothing split)
+    pub tp: Option<Arc<TensorParallel>>,
 }
 
 /// How experts are placed on the expert-parallel ranks.
@@ -91,7 +97,7 @@ pub enum ExpertSlots {
 impl Share {
     /// The whole model on one rank.
     pub fn whole(cfg: &ModelConfig) -> Share {
-        Share { stage: Stage::whole(cfg.n_layers), ep: None, experts: ExpertSlots::Contiguous { redundant: 0 }, ep_nodes: vec![], hierarchical: false }
+        Share { stage: Stage::whole(cfg.n_layers), ep: None, experts: ExpertSlots::Contiguous { redundant: 0 }, ep_nodes: vec![], hierarchical: false, tp: None }
     }
 }
 
@@ -294,7 +300,33 @@ impl Model {
             _ if share.hierarchical => return Err(crate::Error::msg("a hierarchical all-to-all needs expert parallelism")),
             _ => None,
         };
-        Ok(Self::build(cfg, share.stage, share.ep, exchange, placements))
+        let tp = share.tp.filter(|t| t.size() > 1);
+        if let Some(t) = &tp {
+            check_tensor_parallel(&cfg, t.size())?;
+        }
+        Ok(Self::build(cfg, share.stage, share.ep, exchange, placements, tp))
+    }
+
+    /// Sums over the tensor-parallel group the gradients of the tensors every rank of it
+    /// holds whole but uses only for its heads ([`crate::params::ParamSpec::tp_partial`]):
+    /// once per step, after the last micro-batch's backward. Without tensor parallelism,
+    /// nothing.
+    pub fn sum_tensor_parallel_grads(&self, g: &mut [f32]) -> ultramoe_dist::CommResult<()> {
+        let Some(tp) = &self.tp else { return Ok(()) };
+        for r in self.layout.runs_where(|s| s.tp_partial) {
+            tp.group().all_reduce_f32(&mut g[r])?;
+        }
+        Ok(())
+    }
+
+    /// The tensor-parallel split blocks of held layer `i` (attention; a dense MLP or
+    /// shared experts): each all-reduces its output forward and its input's gradient
+    /// backward.
+    pub fn tp_split_blocks(&self, i: usize) -> usize {
+        match &self.layers[i].ffn {
+            FfnBlock::Dense(_) => 2,
+            FfnBlock::Moe(m) => 1 + m.shared.is_some() as usize,
+        }
     }
 
     /// This rank's expert-parallel index and the group size (`(0, 1)` without EP).
@@ -302,9 +334,16 @@ impl Model {
         self.ep.as_ref().map_or((0, 1), |g| (g.rank(), g.size()))
     }
 
-    fn build(cfg: ModelConfig, stage: Stage, ep: Option<Arc<dyn ProcessGroup>>, exchange: Option<Arc<ExpertExchange>>, placements: Vec<Placement>) -> Self {
+    fn build(cfg: ModelConfig, stage: Stage, ep: Option<Arc<dyn ProcessGroup>>, exchange: Option<Arc<ExpertExchange>>, placements: Vec<Placement>, tp: Option<Arc<TensorParallel>>) -> Self {
         let mut placements = placements.into_iter();
         let mut lay = ParamLayout::default();
+        // Tensor parallelism (Megatron): attention split by heads, dense FFN and shared
+        // experts by intermediate columns; norms, router, routed experts, embedding and
+        // head replicated. MLA's low-rank down-projections and their norms stay whole on
+        // every rank (they are small: splitting them would add a collective per layer
+        // for a few percent of the layer's FLOPs); their gradients are partial.
+        let t = tp.as_ref().map_or(1, |t| t.size());
+        lay.set_tensor_parallel(tp.as_ref().map_or(0, |t| t.rank()), t);
         let (h, v, l) = (cfg.hidden, cfg.vocab_size, cfg.n_layers);
         let std = if cfg.tiny_init {
             // TinyInit (Pangu Ultra): σ = √(1 / (2·H·L)), scaled by width and depth.
@@ -331,22 +370,23 @@ impl Model {
                     let nh = cfg.n_heads;
                     let dqk = d.qk_nope + d.qk_rope;
                     let q_a = if d.q_lora_rank > 0 {
-                        lay.add(format!("{p}self_attn.q_a_proj.weight"), &[d.q_lora_rank, h], normal)
+                        lay.add_tp_partial(format!("{p}self_attn.q_a_proj.weight"), &[d.q_lora_rank, h], normal)
                     } else {
-                        lay.add(format!("{p}self_attn.q_proj.weight"), &[nh * dqk, h], normal)
+                        lay.add_split(format!("{p}self_attn.q_proj.weight"), &[nh * dqk, h], 0, normal)
                     };
-                    let kv_a = lay.add(format!("{p}self_attn.kv_a_proj_with_mqa.weight"), &[d.kv_lora_rank + d.qk_rope, h], normal);
+                    let kv_a = lay.add_tp_partial(format!("{p}self_attn.kv_a_proj_with_mqa.weight"), &[d.kv_lora_rank + d.qk_rope, h], normal);
                     let (q_a_norm, q_b) = if d.q_lora_rank > 0 {
                         (
-                            Some(lay.add(format!("{p}self_attn.q_a_layernorm.weight"), &[d.q_lora_rank], ones)),
-                            Some(lay.add(format!("{p}self_attn.q_b_proj.weight"), &[nh * dqk, d.q_lora_rank], normal)),
+                            Some(lay.add_tp_partial(format!("{p}self_attn.q_a_layernorm.weight"), &[d.q_lora_rank], ones)),
+                            Some(lay.add_split(format!("{p}self_attn.q_b_proj.weight"), &[nh * dqk, d.q_lora_rank], 0, normal)),
                         )
                     } else {
                         (None, None)
                     };
-                    let kv_a_norm = lay.add(format!("{p}self_attn.kv_a_layernorm.weight"), &[d.kv_lora_rank], ones);
-                    let kv_b = lay.add(format!("{p}self_attn.kv_b_proj.weight"), &[nh * (d.qk_nope + d.v_head), d.kv_lora_rank], normal);
-                    let o = lay.add(format!("{p}self_attn.o_proj.weight"), &[h, nh * d.v_head], normal);
+                    let kv_a_norm = lay.add_tp_partial(format!("{p}self_attn.kv_a_layernorm.weight"), &[d.kv_lora_rank], ones);
+                    let kv_b = lay.add_split(format!("{p}self_attn.kv_b_proj.weight"), &[nh * (d.qk_nope + d.v_head), d.kv_lora_rank], 0, normal);
+                    let o = lay.add_split(format!("{p}self_attn.o_proj.weight"), &[h, nh * d.v_head], 1, normal);
+                    let nh = nh / t;
                     AttnBlock::Mla(MlaAttention {
                         a: fuse(&[q_a, kv_a]),
                         q_a_norm,
@@ -367,18 +407,21 @@ impl Model {
                 }
                 None => {
                     let (nh, nkv, hd) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
-                    let q = lay.add(format!("{p}self_attn.q_proj.weight"), &[nh * hd, h], normal);
-                    let k = lay.add(format!("{p}self_attn.k_proj.weight"), &[nkv * hd, h], normal);
-                    let vv = lay.add(format!("{p}self_attn.v_proj.weight"), &[nkv * hd, h], normal);
-                    let o = lay.add(format!("{p}self_attn.o_proj.weight"), &[h, nh * hd], normal);
+                    // Each rank takes nh/t query heads and the nkv/t key/value heads
+                    // they share (t divides both, so no group is cut).
+                    let q = lay.add_split(format!("{p}self_attn.q_proj.weight"), &[nh * hd, h], 0, normal);
+                    let k = lay.add_split(format!("{p}self_attn.k_proj.weight"), &[nkv * hd, h], 0, normal);
+                    let vv = lay.add_split(format!("{p}self_attn.v_proj.weight"), &[nkv * hd, h], 0, normal);
+                    let o = lay.add_split(format!("{p}self_attn.o_proj.weight"), &[h, nh * hd], 1, normal);
                     let (q_norm, k_norm) = if cfg.arch == Arch::Qwen3Moe {
                         (
-                            Some(lay.add(format!("{p}self_attn.q_norm.weight"), &[hd], ones)),
-                            Some(lay.add(format!("{p}self_attn.k_norm.weight"), &[hd], ones)),
+                            Some(lay.add_tp_partial(format!("{p}self_attn.q_norm.weight"), &[hd], ones)),
+                            Some(lay.add_tp_partial(format!("{p}self_attn.k_norm.weight"), &[hd], ones)),
                         )
                     } else {
                         (None, None)
                     };
+                    let (nh, nkv) = (nh / t, nkv / t);
                     AttnBlock::Gqa(GqaAttention {
                         qkv: fuse(&[q, k, vv]),
                         o,
@@ -397,7 +440,7 @@ impl Model {
             let ffn = if cfg.moe_layers[i] {
                 FfnBlock::Moe(build_moe(&mut lay, &cfg, &p, normal, rank, placements.next().expect("one placement per MoE layer")))
             } else {
-                FfnBlock::Dense(build_mlp(&mut lay, &format!("{p}mlp."), ["gate_proj", "up_proj", "down_proj"], h, cfg.intermediate, normal))
+                FfnBlock::Dense(build_mlp(&mut lay, &format!("{p}mlp."), ["gate_proj", "up_proj", "down_proj"], h, cfg.intermediate, normal, t))
             };
             let sandwich = cfg.sandwich_norm.then(|| {
                 // Depth-scaled sandwich norm: post-norm gains start at 1/√L.
@@ -433,6 +476,7 @@ impl Model {
             rope,
             ep,
             exchange,
+            tp,
             stage,
         }
     }
@@ -447,8 +491,9 @@ impl Model {
 
     /// The context a pass over `b × t` tokens runs layers in, on `exchange`.
     fn ctx<'a>(&'a self, b: usize, t: usize, positions: Option<&'a [u32]>, opts: &PassOptions, exchange: Option<&'a ExpertExchange>) -> Ctx<'a> {
-        let moe = MoeCtx { exchange, chunks: opts.overlap_chunks.max(1), balance_loss: opts.balance_loss, skew: opts.routing_skew };
-        Ctx { b, t, rope: &self.rope, positions, keep_probs: true, moe }
+        let tp = self.tp.as_deref();
+        let moe = MoeCtx { exchange, chunks: opts.overlap_chunks.max(1), balance_loss: opts.balance_loss, skew: opts.routing_skew, tp };
+        Ctx { b, t, rope: &self.rope, positions, keep_probs: true, moe, tp }
     }
 
     /// Forward over `ids: [B, T]` (row-major), keeping everything for the backward.
@@ -810,11 +855,33 @@ impl Model {
     }
 }
 
-fn build_mlp(lay: &mut ParamLayout, prefix: &str, names: [&str; 3], h: usize, inter: usize, init: Init) -> Mlp {
-    let g = lay.add(format!("{prefix}{}.weight", names[0]), &[inter, h], init);
-    let u = lay.add(format!("{prefix}{}.weight", names[1]), &[inter, h], init);
-    let d = lay.add(format!("{prefix}{}.weight", names[2]), &[h, inter], init);
-    Mlp { gate_up: fuse(&[g, u]), down: d, hidden: h, inter }
+/// A SwiGLU MLP of width `inter`, split over `t` tensor-parallel ranks (gate and up by
+/// rows — column-parallel — down by columns — row-parallel).
+#[allow(clippy::too_many_arguments)]
+fn build_mlp(lay: &mut ParamLayout, prefix: &str, names: [&str; 3], h: usize, inter: usize, init: Init, t: usize) -> Mlp {
+    let g = lay.add_split(format!("{prefix}{}.weight", names[0]), &[inter, h], 0, init);
+    let u = lay.add_split(format!("{prefix}{}.weight", names[1]), &[inter, h], 0, init);
+    let d = lay.add_split(format!("{prefix}{}.weight", names[2]), &[h, inter], 1, init);
+    Mlp { gate_up: fuse(&[g, u]), down: d, hidden: h, inter: inter / t }
+}
+
+/// Refuses a tensor-parallel size that does not divide what it splits, naming the
+/// config field.
+pub fn check_tensor_parallel(cfg: &ModelConfig, t: usize) -> crate::Result<()> {
+    let mut dims = vec![("num_attention_heads", cfg.n_heads)];
+    if cfg.mla.is_none() {
+        dims.push(("num_key_value_heads", cfg.n_kv_heads));
+    }
+    if cfg.moe_layers.iter().any(|m| !m) {
+        dims.push(("intermediate_size", cfg.intermediate));
+    }
+    if n_moe(cfg) > 0 && cfg.moe.n_shared > 0 {
+        dims.push(("n_shared_experts × moe_intermediate_size", cfg.moe.n_shared * cfg.moe.expert_inter));
+    }
+    match dims.into_iter().find(|(_, n)| !n.is_multiple_of(t)) {
+        Some((field, n)) => Err(crate::Error::field(field, format!("tensor parallelism {t} does not divide {n}"))),
+        None => Ok(()),
+    }
 }
 
 fn build_moe(lay: &mut ParamLayout, cfg: &ModelConfig, p: &str, init: Init, rank: usize, placement: Placement) -> MoeLayer {
@@ -850,7 +917,8 @@ fn build_moe(lay: &mut ParamLayout, cfg: &ModelConfig, p: &str, init: Init, rank
     for e in 0..m.n_experts {
         lay.add_logical(names.tensor(e, 2), &[h, m.expert_inter], init, held(e), placement.owner(e));
     }
-    let shared = (m.n_shared > 0).then(|| build_mlp(lay, &format!("{p}{block}.shared_experts."), proj, h, m.n_shared * m.expert_inter, init));
+    let t = lay.tensor_parallel_size();
+    let shared = (m.n_shared > 0).then(|| build_mlp(lay, &format!("{p}{block}.shared_experts."), proj, h, m.n_shared * m.expert_inter, init, t));
     let spec = RouterSpec {
         score: if cfg.arch == Arch::DeepseekV3 { ScoreFn::Sigmoid } else { ScoreFn::Softmax },
         n_experts: m.n_experts,

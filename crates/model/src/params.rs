@@ -39,6 +39,72 @@ pub struct ParamSpec {
     /// parallelism held by some ranks of each expert-parallel group, its gradient summed
     /// over the data-parallel group (and over its copies, when replicated)
     pub expert: bool,
+    /// this rank's slice of a tensor split over the tensor-parallel group (`shape` is
+    /// the slice's; the checkpoint holds the whole tensor)
+    pub split: Option<TpSplit>,
+    /// replicated over the tensor-parallel group but used inside a split block (MLA's
+    /// down-projections and their norms, Qwen3's per-head q/k norms): each rank's
+    /// gradient is its heads' part, summed over the group once per step
+    /// ([`crate::Model::sum_tensor_parallel_grads`])
+    pub tp_partial: bool,
+}
+
+/// Where a tensor-parallel rank's slice of a tensor lies: part `rank` of `parts` equal
+/// parts along dimension `dim` (0: rows — column-parallel; 1: columns — row-parallel).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TpSplit {
+    /// the split dimension
+    pub dim: usize,
+    /// this rank's part
+    pub rank: usize,
+    /// parts (the tensor-parallel size)
+    pub parts: usize,
+}
+
+impl TpSplit {
+    /// The whole tensor's shape from the slice's.
+    pub fn whole_shape(&self, local: &[usize]) -> Vec<usize> {
+        let mut s = local.to_vec();
+        s[self.dim] *= self.parts;
+        s
+    }
+
+    /// The slice's shape from the whole tensor's (`None` when `parts` does not divide it).
+    pub fn local_shape(&self, whole: &[usize]) -> Option<Vec<usize>> {
+        let mut s = whole.to_vec();
+        if !s[self.dim].is_multiple_of(self.parts) {
+            return None;
+        }
+        s[self.dim] /= self.parts;
+        Some(s)
+    }
+
+    /// `(outer, whole run, slice run)`: the tensor is `outer` rows of contiguous runs,
+    /// of which this slice takes `slice run` elements at `rank · slice run`.
+    fn runs(&self, whole: &[usize]) -> (usize, usize, usize) {
+        let outer: usize = whole[..self.dim].iter().product();
+        let run: usize = whole[self.dim..].iter().product();
+        (outer, run, run / self.parts)
+    }
+
+    /// This rank's slice of the whole tensor `src` (shape `whole`).
+    pub fn take(&self, src: &[f32], whole: &[usize]) -> Vec<f32> {
+        let (outer, run, part) = self.runs(whole);
+        (0..outer).flat_map(|o| src[o * run + self.rank * part..o * run + (self.rank + 1) * part].iter().copied()).collect()
+    }
+
+    /// Writes rank `rank`'s slice `part_data` into its place in the whole tensor `dst`.
+    pub fn put_as(&self, rank: usize, dst: &mut [f32], part_data: &[f32], whole: &[usize]) {
+        TpSplit { rank, ..*self }.put(dst, part_data, whole)
+    }
+
+    /// Writes this rank's slice `part_data` into its place in the whole tensor `dst`.
+    pub fn put(&self, dst: &mut [f32], part_data: &[f32], whole: &[usize]) {
+        let (outer, run, part) = self.runs(whole);
+        for o in 0..outer {
+            dst[o * run + self.rank * part..o * run + (self.rank + 1) * part].copy_from_slice(&part_data[o * part..(o + 1) * part]);
+        }
+    }
 }
 
 impl ParamSpec {
@@ -75,6 +141,8 @@ pub struct LogicalTensor {
     pub owner: usize,
     /// the pipeline rank whose stage holds it
     pub stage: usize,
+    /// this rank's slice, when split over the tensor-parallel group (`shape` is whole)
+    pub split: Option<TpSplit>,
 }
 
 /// The table of all tensors.
@@ -99,6 +167,8 @@ pub struct ParamLayout {
     /// ([`ParamLayout::set_stage`])
     stage: usize,
     elsewhere: bool,
+    /// (this rank, ranks) of the tensor-parallel group ([`ParamLayout::add_split`])
+    tp: (usize, usize),
 }
 
 impl ParamLayout {
@@ -111,16 +181,52 @@ impl ParamLayout {
         self.elsewhere = !here;
     }
 
+    /// Tensors registered with [`ParamLayout::add_split`] from now on are split over a
+    /// tensor-parallel group of `ranks`, this rank holding part `rank`.
+    pub fn set_tensor_parallel(&mut self, rank: usize, ranks: usize) {
+        self.tp = (rank, ranks.max(1));
+    }
+
+    /// Ranks of the tensor-parallel group tensors are split over.
+    pub fn tensor_parallel_size(&self) -> usize {
+        self.tp.1.max(1)
+    }
+
     /// Appends a tensor; returns its range.
     pub fn add(&mut self, name: String, shape: &[usize], init: Init) -> Slot {
+        self.add_sliced(name, shape, init, None)
+    }
+
+    /// Appends a tensor split along `dim` over the tensor-parallel group
+    /// ([`ParamLayout::set_tensor_parallel`]): this rank holds its part (a plain tensor
+    /// without tensor parallelism). The caller has checked that the group divides it.
+    pub fn add_split(&mut self, name: String, shape: &[usize], dim: usize, init: Init) -> Slot {
+        let (rank, parts) = self.tp;
+        let split = (parts > 1).then_some(TpSplit { dim, rank, parts });
+        self.add_sliced(name, shape, init, split)
+    }
+
+    /// Appends a tensor replicated over the tensor-parallel group whose gradient is
+    /// partial on each rank (see [`ParamSpec::tp_partial`]).
+    pub fn add_tp_partial(&mut self, name: String, shape: &[usize], init: Init) -> Slot {
+        let r = self.add(name, shape, init);
+        if !self.elsewhere && self.tp.1 > 1 {
+            let last = self.specs.len() - 1;
+            self.specs[last].tp_partial = true;
+        }
+        r
+    }
+
+    fn add_sliced(&mut self, name: String, shape: &[usize], init: Init, split: Option<TpSplit>) -> Slot {
         if self.elsewhere {
             self.add_logical(name, shape, init, false, 0);
             return self.total..self.total;
         }
         let decay = shape.len() >= 2;
-        let spec = ParamSpec { name: name.clone(), shape: shape.to_vec(), offset: self.total, init, decay, frozen: false, expert: false };
+        let local = split.map_or_else(|| shape.to_vec(), |s| s.local_shape(shape).expect("the tensor-parallel size divides the split dimension"));
+        let spec = ParamSpec { name: name.clone(), shape: local, offset: self.total, init, decay, frozen: false, expert: false, split, tp_partial: false };
         let r = spec.range();
-        self.logical.push(LogicalTensor { name: name.clone(), shape: shape.to_vec(), init, local: true, owner: 0, stage: self.stage });
+        self.logical.push(LogicalTensor { name: name.clone(), shape: shape.to_vec(), init, local: true, owner: 0, stage: self.stage, split });
         self.total += spec.len();
         self.index.insert(name, self.specs.len());
         self.specs.push(spec);
@@ -146,7 +252,7 @@ impl ParamLayout {
         if self.elsewhere {
             return self.total..self.total;
         }
-        let spec = ParamSpec { name: name.clone(), shape: shape.to_vec(), offset: self.total, init, decay: true, frozen: false, expert: true };
+        let spec = ParamSpec { name: name.clone(), shape: shape.to_vec(), offset: self.total, init, decay: true, frozen: false, expert: true, split: None, tp_partial: false };
         let r = spec.range();
         self.total += spec.len();
         self.index.insert(name, self.specs.len());
@@ -162,7 +268,7 @@ impl ParamLayout {
             self.remote.insert(name.clone());
         }
         self.owners.insert(name.clone(), self.logical.len());
-        self.logical.push(LogicalTensor { name, shape: shape.to_vec(), init, local, owner, stage: self.stage });
+        self.logical.push(LogicalTensor { name, shape: shape.to_vec(), init, local, owner, stage: self.stage, split: None });
     }
 
     /// Renames slot tensors (`(old, new)` pairs, applied together, so names may swap).

@@ -36,6 +36,12 @@ pub struct TensorParallel {
     bytes: AtomicU64,
 }
 
+impl std::fmt::Debug for TensorParallel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "TensorParallel {{ rank: {}, size: {}, sequence_parallel: {} }}", self.rank(), self.size(), self.sequence_parallel)
+    }
+}
+
 impl TensorParallel {
     /// The group `group`, with sequence parallelism when `sequence_parallel`.
     pub fn new(group: Arc<dyn ProcessGroup>, sequence_parallel: bool) -> Self {
@@ -70,6 +76,19 @@ impl TensorParallel {
     /// Bytes this rank's collectives have moved (ring algorithms; see the module docs).
     pub fn traffic_bytes(&self) -> u64 {
         self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// The group.
+    pub fn group(&self) -> &Arc<dyn ProcessGroup> {
+        &self.group
+    }
+
+    /// Sums `buf` over the group inside a pass (counted like every collective here): a
+    /// failure unwinds with the [`ultramoe_dist::CommError`] as payload, as the
+    /// dispatcher's exchanges do, and the trainer turns it back into an error.
+    pub fn sum_in_pass(&self, buf: &mut [f32]) {
+        let _p = ultramoe_kernels::profile::scope("tp.all_reduce");
+        self.all_reduce(buf).unwrap_or_else(|e| std::panic::panic_any(e))
     }
 
     fn count(&self, ring_bytes: f64) {

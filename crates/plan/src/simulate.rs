@@ -135,17 +135,18 @@ fn all_reduce_s(bytes: f64, n: usize, bw: f64, lat: f64) -> f64 {
 }
 
 /// Bytes one rank's tensor-parallel collectives move for one decoder layer and one
-/// micro-batch of `tokens`, forward and backward (ring algorithms): four all-reduces
-/// of the `tokens·H` activations (attention's output and the MLP's down-projection
-/// forward; their column-parallel inputs' gradients backward), `4 · 2(t−1)/t ·
-/// tokens·H·bytes`. Sequence parallelism swaps each all-reduce for an all-gather and a
-/// reduce-scatter of the same total. `ultramoe_model::tensor_parallel` counts what its
-/// collectives move and is tested equal to this.
-pub fn tp_bytes_per_layer(tokens: f64, hidden: usize, elem_bytes: f64, tp: usize) -> f64 {
+/// micro-batch of `tokens`, forward and backward (ring algorithms), for a layer of
+/// `blocks` split blocks (attention; the dense MLP or the shared experts): each block
+/// all-reduces its `tokens·H` output forward and its input's gradient backward,
+/// `blocks · 2 · 2(t−1)/t · tokens·H·bytes`. Sequence parallelism swaps each all-reduce
+/// for an all-gather and a reduce-scatter of the same total. The planner prices two
+/// blocks per layer (Megatron's layer); `ultramoe_model::tensor_parallel` counts what its
+/// collectives move and is tested equal to this, layer by layer.
+pub fn tp_bytes_per_layer(tokens: f64, hidden: usize, elem_bytes: f64, tp: usize, blocks: usize) -> f64 {
     if tp <= 1 {
         return 0.0;
     }
-    4.0 * 2.0 * (tp - 1) as f64 / tp as f64 * tokens * hidden as f64 * elem_bytes
+    blocks as f64 * 2.0 * 2.0 * (tp - 1) as f64 / tp as f64 * tokens * hidden as f64 * elem_bytes
 }
 
 /// Bytes per element of activations and weights for a data type.
@@ -273,7 +274,7 @@ pub fn simulate(m: &ModelCost, hw: &Hardware, job: &Job, l: &Layout) -> Result<P
     let bw_intra = hw.network.intra_node_bandwidth * net;
     let bw_inter = hw.network.inter_node_bandwidth * net;
     let tp_latency = if tp > 1 { 4.0 * 2.0 * (tp - 1) as f64 * hw.network.intra_node_latency } else { 0.0 };
-    let tp_layer = tp_bytes_per_layer(n, m.hidden, eb, tp) / bw_intra + tp_latency;
+    let tp_layer = tp_bytes_per_layer(n, m.hidden, eb, tp, 2) / bw_intra + tp_latency;
     let tp_exposed = stage_layers as f64 * tp_layer * (1.0 - e.tp_overlap);
     // Expert parallel: dispatch and combine, forward and backward, per MoE layer.
     // FP8 training dispatches in FP8 and combines in BF16, and likewise backward

@@ -38,12 +38,16 @@ pub struct MoeCtx<'a> {
     pub balance_loss: Option<(BalanceLoss, f32)>,
     /// skewed-load workload's Zipf exponent (0 = off)
     pub skew: f32,
+    /// the tensor-parallel group the shared experts are split over (their partial
+    /// outputs and input gradients summed over it); the router and routed experts run
+    /// whole on every rank of it
+    pub tp: Option<&'a crate::tensor_parallel::TensorParallel>,
 }
 
 impl MoeCtx<'_> {
     /// One rank, no balancing loss, no skew.
     pub fn local() -> MoeCtx<'static> {
-        MoeCtx { exchange: None, chunks: 1, balance_loss: None, skew: 0.0 }
+        MoeCtx { exchange: None, chunks: 1, balance_loss: None, skew: 0.0, tp: None }
     }
 }
 
@@ -208,7 +212,10 @@ impl MoeLayer {
         for ((part, ticket), sh) in parts.iter_mut().zip(returning).zip(shared_out) {
             let out = &mut y[rows(&part.tokens)];
             part.ys = Arc::new(d.finish_combine(ticket, &part.handle, out, &routing.weights[choices(&part.tokens)]));
-            if let Some((ys, saved)) = sh {
+            if let Some((mut ys, saved)) = sh {
+                if let Some(tp) = c.tp {
+                    tp.sum_in_pass(&mut ys);
+                }
                 crate::tensor_ops::add_into(out, &ys);
                 part.shared = Some(saved);
             }
@@ -287,12 +294,16 @@ impl MoeLayer {
             }
         }
         let mut dx = vec![0.0; x.len()];
-        let shared_backward = |p: &Part, g: &mut [f32], dx: &mut [f32]| {
+        // Split shared experts give each tensor-parallel rank a partial input gradient:
+        // it is kept apart, summed over the group and then added.
+        let mut shared_dx = if c.tp.is_some() && self.shared.is_some() { vec![0.0; x.len()] } else { Vec::new() };
+        let shared_backward = |p: &Part, g: &mut [f32], dx: &mut [f32], shared_dx: &mut [f32]| {
             if let (Some(m), Some(ms)) = (&self.shared, &p.shared) {
-                m.backward(w, g, &x[rows(&p.tokens)], ms, &dy[rows(&p.tokens)], &mut dx[rows(&p.tokens)], p.tokens.len(), true);
+                let into = if shared_dx.is_empty() { dx } else { shared_dx };
+                m.backward(w, g, &x[rows(&p.tokens)], ms, &dy[rows(&p.tokens)], &mut into[rows(&p.tokens)], p.tokens.len(), true);
             }
         };
-        shared_backward(&s.parts[0], g, &mut dx);
+        shared_backward(&s.parts[0], g, &mut dx, &mut shared_dx);
         let mut returning = Vec::with_capacity(s.parts.len());
         for (p, t) in s.parts.iter().zip(to_experts) {
             let dyp = d.finish_combine_backward(t, &p.handle, &mut dweights[choices(&p.tokens)]);
@@ -303,7 +314,11 @@ impl MoeLayer {
             returning.push(d.start_dispatch_backward(dxp, &p.handle));
         }
         for p in &s.parts[1..] {
-            shared_backward(p, g, &mut dx);
+            shared_backward(p, g, &mut dx, &mut shared_dx);
+        }
+        if let Some(tp) = c.tp.filter(|_| !shared_dx.is_empty()) {
+            tp.sum_in_pass(&mut shared_dx);
+            crate::tensor_ops::add_into(&mut dx, &shared_dx);
         }
         {
             let _p = ultramoe_kernels::profile::scope("moe.dispatch.backward");
