@@ -16,6 +16,11 @@ pub struct ParallelArgs {
     /// plan's device count). Under `mpirun` the ranks are MPI's processes instead.
     #[arg(long)]
     pub ranks: Option<usize>,
+    /// Tensor-parallel size: each layer's attention heads, dense FFN and shared experts
+    /// split over TP consecutive ranks that train the same rows (MoE routers and routed
+    /// experts run whole on each; heads, key/value heads and FFN widths must divide).
+    #[arg(long)]
+    pub tp: Option<usize>,
     /// Pipeline stages: each rank holds a contiguous range of the decoder layers (the
     /// first stage also the embedding, the last the head and loss).
     #[arg(long)]
@@ -78,9 +83,11 @@ pub enum MpiWait {
     Sleep,
 }
 
-/// A job's layout: pipeline stages, expert-parallel and data-parallel sizes.
+/// A job's layout: tensor-parallel, pipeline, expert-parallel and data-parallel sizes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Layout {
+    /// tensor-parallel size
+    pub tp: usize,
     /// pipeline stages
     pub pp: usize,
     /// expert-parallel size
@@ -92,7 +99,7 @@ pub struct Layout {
 impl ParallelArgs {
     /// Checks the flags' own values (every command that launches calls it first).
     pub fn check(&self) -> CliResult {
-        for (flag, v) in [("--ranks", self.ranks), ("--overlap-chunks", self.overlap_chunks), ("--ranks-per-node", self.ranks_per_node), ("--pp", self.pp), ("--vpp", self.vpp), ("--ep", self.ep), ("--dp", self.dp)] {
+        for (flag, v) in [("--ranks", self.ranks), ("--overlap-chunks", self.overlap_chunks), ("--ranks-per-node", self.ranks_per_node), ("--tp", self.tp), ("--pp", self.pp), ("--vpp", self.vpp), ("--ep", self.ep), ("--dp", self.dp)] {
             if v == Some(0) {
                 return Err(format!("{flag}: must be at least 1, found 0"));
             }
@@ -113,20 +120,21 @@ impl ParallelArgs {
         self.world() > 1
     }
 
-    /// True when a layout flag (--pp, --ep, --dp) was given.
+    /// True when a layout flag (--tp, --pp, --ep, --dp) was given.
     pub fn sets_layout(&self) -> bool {
-        self.pp.is_some() || self.ep.is_some() || self.dp.is_some()
+        self.tp.is_some() || self.pp.is_some() || self.ep.is_some() || self.dp.is_some()
     }
 
     /// The layout for a world of `n` ranks: the flags', with the expert-parallel size
     /// taking the stage's ranks the others leave.
     pub fn layout_for(&self, n: usize) -> CliResult<Layout> {
         self.check()?;
-        let pp = self.pp.unwrap_or(1);
-        if !n.is_multiple_of(pp) {
-            return Err(format!("--pp {pp} does not divide {n} ranks"));
+        let (tp, pp) = (self.tp.unwrap_or(1), self.pp.unwrap_or(1));
+        if !n.is_multiple_of(tp * pp) {
+            let what = if tp > 1 { format!("--tp {tp} × --pp {pp}") } else { format!("--pp {pp}") };
+            return Err(format!("{what} does not divide {n} ranks"));
         }
-        let stage = n / pp;
+        let stage = n / (tp * pp);
         let ep = match (self.ep, self.dp) {
             (Some(ep), _) => ep,
             (None, Some(dp)) if stage.is_multiple_of(dp) => stage / dp,
@@ -138,9 +146,9 @@ impl ParallelArgs {
         }
         let dp = stage / ep;
         if self.dp.is_some_and(|d| d != dp) {
-            return Err(format!("--pp {pp} × --ep {ep} × --dp {} must equal the {n} ranks", self.dp.unwrap_or(1)));
+            return Err(format!("--tp {tp} × --pp {pp} × --ep {ep} × --dp {} must equal the {n} ranks", self.dp.unwrap_or(1)));
         }
-        Ok(Layout { pp, ep, dp })
+        Ok(Layout { tp, pp, ep, dp })
     }
 }
 
@@ -180,7 +188,7 @@ pub fn launch<T: Send + 'static>(p: &ParallelArgs, layout: Layout, f: impl Fn(Op
     let results = local::run(n, timeout, move |c| {
         let rank = ultramoe_dist::Communicator::rank(&c);
         let world: Arc<dyn ProcessGroup> = Arc::new(c);
-        let mesh = Mesh::pipelined(world, layout.pp, layout.ep)?;
+        let mesh = Mesh::layout(world, layout.tp, layout.pp, layout.ep)?;
         let mesh = match rpn {
             Some(r) => mesh.with_nodes(r),
             None => mesh,
@@ -201,7 +209,7 @@ fn launch_mpi<T>(p: &ParallelArgs, layout: Layout, n: usize, timeout: Duration, 
         MpiWait::Sleep => true,
         MpiWait::Auto => local_ranks().unwrap_or(n) > cores,
     });
-    let result = Mesh::pipelined(world, layout.pp, layout.ep)
+    let result = Mesh::layout(world, layout.tp, layout.pp, layout.ep)
         .map_err(|e| e.to_string())
         .map(|m| m.with_nodes(p.ranks_per_node.unwrap_or_else(|| local_ranks().unwrap_or(n))))
         .and_then(|mesh| f(Some(mesh), false));

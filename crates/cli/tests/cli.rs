@@ -551,6 +551,24 @@ fn train_runs_the_layout_a_plan_ranks_and_refuses_a_plan_for_something_else() {
     let dual = dir.join("dualpipe.json");
     plan("this-machine", "tp=1,pp=2,mb=2,schedule=dualpipe", &dual);
     expect_error(&["train", "--model-config", m, "--plan", dual.to_str().unwrap(), "--steps", "1"], &["dualpipe", "does not run"]);
+    // A tensor-parallel plan runs as planned (its two devices split each layer). The
+    // preset counts this machine as one device per node, so tensor parallelism (kept
+    // inside a node) is planned on a copy that puts two ranks on it.
+    let two_per_node = dir.join("two-per-node.toml");
+    let preset = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../plan/hardware/this-machine.toml")).unwrap();
+    std::fs::write(&two_per_node, preset.replace("devices_per_node = 1", "devices_per_node = 2").replace("name = \"this machine", "name = \"this machine, two ranks")).unwrap();
+    let tp = dir.join("tp.json");
+    plan(two_per_node.to_str().unwrap(), "tp=2,pp=1,mb=2", &tp);
+    let run = dir.join("run-tp");
+    let out = bin()
+        .args(["train", "--model-config", m, "--plan", tp.to_str().unwrap(), "--steps", "2", "--no-progress", "--peak-gflops", "100", "--run-dir"])
+        .arg(&run)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && err.contains("2 ranks: TP 2 × EP 1 × DP 1"), "{err}");
+    let first: serde_json::Value = serde_json::from_str(std::fs::read_to_string(run.join("metrics.jsonl")).unwrap().lines().next().unwrap()).unwrap();
+    assert_eq!(first["tp"].as_u64(), Some(2));
     let h800 = dir.join("h800.json");
     plan("h800", "tp=1", &h800);
     expect_error(&["train", "--model-config", m, "--plan", h800.to_str().unwrap(), "--steps", "1"], &["cluster", "this machine"]);

@@ -104,6 +104,33 @@ fn mpi_pipeline_matches_one_rank() {
     }
 }
 
+/// Tensor parallelism under MPI: TP 2 alone and TP 2 × PP 2 × EP 2 on eight processes
+/// give the single-rank run, and the saved model is whole tensors.
+#[test]
+fn mpi_tensor_parallel_matches_one_rank() {
+    let exe = env!("CARGO_BIN_EXE_ultramoe");
+    let one = scratch("tp-one");
+    let st = Command::new(exe).args(train_args(&one, 30)).output().unwrap();
+    assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+    let two = scratch("tp-two");
+    let st = mpirun(2).arg(exe).args(train_args(&two, 30)).args(["--tp", "2", "--threads", "1"]).output().unwrap();
+    assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+    assert!(two.join("run/model/model.safetensors").is_file(), "one file of whole tensors");
+    assert_same_run(&one, &two);
+    let eight = scratch("tp-eight");
+    let st = mpirun(8)
+        .arg(exe)
+        .args(train_args(&eight, 30))
+        .args(["--tp", "2", "--pp", "2", "--ep", "2", "--pp-layers", "1,2", "--threads", "1", "--mpi-wait", "sleep"])
+        .output()
+        .unwrap();
+    assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+    assert_same_run(&one, &eight);
+    for d in [one, two, eight] {
+        let _ = std::fs::remove_dir_all(d);
+    }
+}
+
 /// Each pipeline stage's measured heap peak (one process per rank) is within 5% of
 /// what `ultramoe memory --pp` predicts for it, micro-batches in flight included.
 #[test]

@@ -121,9 +121,14 @@ pub struct Mesh {
     /// the ranks holding the same experts of the same stage (expert gradients are
     /// summed over it)
     pub dp: Arc<dyn ProcessGroup>,
-    /// the ranks holding the same pipeline stage (`DP × EP`; replicated gradients are
-    /// summed over it); the world without pipeline parallelism
+    /// the ranks holding the same pipeline stage and the same tensor-parallel slice
+    /// (`DP × EP`; replicated gradients are summed over it); the world without pipeline
+    /// or tensor parallelism
     pub stage: Arc<dyn ProcessGroup>,
+    /// the ranks splitting one copy of a stage's attention and dense layers between them
+    /// (consecutive world ranks: the innermost dimension); every one of them trains the
+    /// same rows
+    pub tp: Arc<dyn ProcessGroup>,
     /// the stages of this rank's pipeline (same data- and expert-parallel index), in
     /// stage order: activations and their gradients travel along it
     pub pp: Arc<dyn ProcessGroup>,
@@ -142,17 +147,34 @@ impl Mesh {
     /// Splits `world` into pipelines of `pp` stages, each stage's ranks into
     /// expert-parallel groups of `ep`. `pp · ep` must divide the world size.
     pub fn pipelined(world: Arc<dyn ProcessGroup>, pp: usize, ep: usize) -> CommResult<Mesh> {
+        Mesh::layout(world, 1, pp, ep)
+    }
+
+    /// Splits `world` into `DP × PP × EP × TP`, tensor-parallel ranks innermost (on one
+    /// node, where its per-layer collectives belong), then expert-parallel, pipeline and
+    /// data-parallel: world rank `((d·PP + s)·EP + e)·TP + τ`. The tensor-parallel ranks
+    /// of one `(d, s, e)` hold the same experts (the MoE layers run whole on each); the
+    /// expert-parallel group of `τ` exchanges tokens among the ranks of its slice.
+    /// `tp · pp · ep` must divide the world size.
+    pub fn layout(world: Arc<dyn ProcessGroup>, tp: usize, pp: usize, ep: usize) -> CommResult<Mesh> {
         let (r, n) = (world.rank(), world.size());
-        if ep == 0 || pp == 0 || n % (ep * pp) != 0 {
-            let what = if pp > 1 { format!("--pp {pp} × --ep {ep}") } else { format!("--ep {ep}") };
-            return Err(crate::CommError { rank: None, reason: format!("{what} does not divide {n} ranks") });
+        if ep == 0 || pp == 0 || tp == 0 || n % (tp * ep * pp) != 0 {
+            let mut what = vec![];
+            for (flag, v) in [("--tp", tp), ("--pp", pp)] {
+                if v != 1 {
+                    what.push(format!("{flag} {v}"));
+                }
+            }
+            what.push(format!("--ep {ep}"));
+            return Err(crate::CommError { rank: None, reason: format!("{} does not divide {n} ranks", what.join(" × ")) });
         }
-        let (e, s, d) = (r % ep, (r / ep) % pp, r / (ep * pp));
-        let ep_group = world.split_group(r / ep, e)?;
-        let dp_group = world.split_group(s * ep + e, d)?;
-        let stage = world.split_group(s, d * ep + e)?;
-        let pp_group = world.split_group(d * ep + e, s)?;
-        Ok(Mesh { world, ep: ep_group, dp: dp_group, stage, pp: pp_group, ranks_per_node: n })
+        let (tau, e, s, d) = (r % tp, (r / tp) % ep, (r / (tp * ep)) % pp, r / (tp * ep * pp));
+        let tp_group = world.split_group(r / tp, tau)?;
+        let ep_group = world.split_group((d * pp + s) * tp + tau, e)?;
+        let dp_group = world.split_group((s * ep + e) * tp + tau, d)?;
+        let stage = world.split_group(s * tp + tau, d * ep + e)?;
+        let pp_group = world.split_group((d * ep + e) * tp + tau, s)?;
+        Ok(Mesh { world, ep: ep_group, dp: dp_group, stage, tp: tp_group, pp: pp_group, ranks_per_node: n })
     }
 
     /// The same mesh with nodes of `ranks_per_node` consecutive ranks.
@@ -163,8 +185,10 @@ impl Mesh {
 
     /// The node of each rank of this rank's expert-parallel group.
     pub fn ep_nodes(&self) -> Vec<usize> {
-        let first = self.world.rank() - self.ep.rank();
-        (0..self.ep.size()).map(|k| (first + k) / self.ranks_per_node).collect()
+        // Expert-parallel ranks are `TP` world ranks apart.
+        let stride = self.tp.size();
+        let first = self.world.rank() - self.ep.rank() * stride;
+        (0..self.ep.size()).map(|k| (first + k * stride) / self.ranks_per_node).collect()
     }
 
     /// Checks that every rank holds the same `value` (a configuration, as text): ranks
@@ -191,6 +215,21 @@ impl Mesh {
     /// Pipeline stages.
     pub fn pp_size(&self) -> usize {
         self.pp.size()
+    }
+    /// Tensor-parallel size.
+    pub fn tp_size(&self) -> usize {
+        self.tp.size()
+    }
+    /// True on the first rank of each pipeline stage (of its first tensor-parallel
+    /// slice): the rank that reports the stage's figures.
+    pub fn stage_lead(&self) -> bool {
+        self.stage.rank() == 0 && self.tp.rank() == 0
+    }
+    /// True on one rank of each tensor-parallel group (its rank 0): the rank whose
+    /// copies of the group's shared results (losses, loads, timings) are counted in sums
+    /// over the world.
+    pub fn counts_once(&self) -> bool {
+        self.tp.rank() == 0
     }
 }
 

@@ -33,6 +33,9 @@ pub struct Parallel {
     pub mesh: Mesh,
     replicated: Vec<Range<usize>>,
     experts: Vec<Range<usize>>,
+    /// tensor-parallel slices (part of `replicated`): their squares are summed over the
+    /// tensor-parallel group in the gradient norm
+    split: Vec<Range<usize>>,
     /// per decoder layer, its (replicated, expert) runs: reduced as soon as the backward
     /// pass finishes the layer
     per_layer: Vec<LayerRuns>,
@@ -63,6 +66,7 @@ impl Parallel {
         Parallel {
             replicated: layout.runs(false),
             experts: layout.runs(true),
+            split: layout.runs_where(|s| s.split.is_some()),
             per_layer,
             stream: overlap.then(|| CommStream::new("ultramoe-grad-stream")),
             pending: vec![],
@@ -176,9 +180,16 @@ impl Parallel {
     /// `‖g‖₂` of the whole model after [`Parallel::reduce_grads`]: per stage, the
     /// replicated part (equal on every rank of the stage) once plus every
     /// expert-parallel rank's experts, leaving out `duplicates` (non-primary copies of
-    /// replicated experts, counted at their primary); then summed over the stages.
+    /// replicated experts, counted at their primary), plus the other tensor-parallel
+    /// ranks' slices; then summed over the stages.
     pub fn grad_norm(&mut self, g: &[f32], duplicates: &[Range<usize>]) -> CommResult<f32> {
-        let replicated: f64 = self.replicated.iter().map(|r| sum_squares(&g[r.clone()])).sum();
+        let mut replicated: f64 = self.replicated.iter().map(|r| sum_squares(&g[r.clone()])).sum();
+        if self.mesh.tp_size() > 1 {
+            let mut split = [self.split.iter().map(|r| sum_squares(&g[r.clone()])).sum::<f64>()];
+            let local = split[0];
+            self.mesh.tp.all_reduce_f64(&mut split)?;
+            replicated += split[0] - local;
+        }
         let copies: f64 = duplicates.iter().map(|r| sum_squares(&g[r.clone()])).sum();
         let mut experts = [self.experts.iter().map(|r| sum_squares(&g[r.clone()])).sum::<f64>() - copies];
         let start = Instant::now();

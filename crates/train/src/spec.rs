@@ -22,6 +22,7 @@ use std::path::PathBuf;
 use ultramoe_dist::Mesh;
 use ultramoe_model::moe::placement::Placement;
 use ultramoe_model::policy::{describe_policy, LayerPolicy};
+use ultramoe_model::tensor_parallel::TensorParallel;
 use ultramoe_model::{Error, ExpertSlots, ModelConfig, PassOptions, Result, Share, Stage};
 use ultramoe_schedule::{build, Kind, Schedule, Shape};
 
@@ -29,7 +30,9 @@ use ultramoe_schedule::{build, Kind, Schedule, Shape};
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct RunSpec {
-    /// tensor-parallel size (only 1 runs today)
+    /// tensor-parallel size: attention heads, dense FFN and shared experts split over
+    /// `tp` ranks that train the same rows (the MoE router and routed experts run whole
+    /// on each)
     pub tp: usize,
     /// pipeline stages
     pub pp: usize,
@@ -145,8 +148,8 @@ impl RunSpec {
         self.tp * self.pp * self.ep * self.dp
     }
 
-    /// Ranks that hold one pipeline stage (`DP × EP`): each trains `1/(DP·EP)` of every
-    /// micro-batch's rows.
+    /// Ranks that hold one pipeline stage's slice (`DP × EP`): each trains `1/(DP·EP)` of
+    /// every micro-batch's rows (with its tensor-parallel peers).
     pub fn stage_ranks(&self) -> usize {
         self.dp * self.ep
     }
@@ -155,6 +158,9 @@ impl RunSpec {
     /// schedule when they matter.
     pub fn describe(&self) -> String {
         let mut s = if self.pp > 1 { format!("PP {} × EP {} × DP {}", self.pp, self.ep, self.dp) } else { format!("EP {} × DP {}", self.ep, self.dp) };
+        if self.tp > 1 {
+            s = format!("TP {} × {s}", self.tp);
+        }
         if self.vpp > 1 {
             s += &format!(" (VPP {})", self.vpp);
         }
@@ -172,14 +178,15 @@ impl RunSpec {
                 return Err(Error::field(field, "must be at least 1, found 0"));
             }
         }
-        if self.tp > 1 {
-            return Err(Error::field("tp", format!("tensor parallelism is not built yet (tp {}); use tp 1", self.tp)));
-        }
         if self.world() != world {
-            return Err(Error::field(
-                "ranks",
-                format!("{world} ranks, but the layout needs pp {} × ep {} × dp {} = {}", self.pp, self.ep, self.dp, self.world()),
-            ));
+            let tp = if self.tp > 1 { format!("tp {} × ", self.tp) } else { String::new() };
+            return Err(Error::field("ranks", format!("{world} ranks, but the layout needs {tp}pp {} × ep {} × dp {} = {}", self.pp, self.ep, self.dp, self.world())));
+        }
+        if self.tp > 1 {
+            if self.hierarchical_a2a {
+                return Err(Error::field("hierarchical_a2a", "a hierarchical all-to-all with tensor parallelism is not built yet; use tp 1"));
+            }
+            ultramoe_model::model::check_tensor_parallel(cfg, self.tp)?;
         }
         if self.pp > cfg.n_layers {
             return Err(Error::field("pp", format!("{} stages for {} layers", self.pp, cfg.n_layers)));
@@ -267,6 +274,7 @@ impl RunSpec {
             experts,
             ep_nodes: mesh.map(|m| m.ep_nodes()).unwrap_or_default(),
             hierarchical: self.hierarchical_a2a,
+            tp: mesh.filter(|m| m.tp_size() > 1).map(|m| std::sync::Arc::new(TensorParallel::new(m.tp.clone(), false))),
         })
     }
 
@@ -326,7 +334,9 @@ mod tests {
             (RunSpec { pp: 8, ..RunSpec::default() }, 4, 8, "pp"),
             (RunSpec { pp: 4, ..RunSpec::default() }, 4, 4, "grad_accum"),
             (RunSpec { ep: 3, ..RunSpec::default() }, 4, 3, "micro_batch"),
-            (RunSpec { tp: 2, ..RunSpec::default() }, 4, 2, "tp"),
+            (RunSpec { tp: 2, ..RunSpec::default() }, 4, 4, "ranks"),
+            (RunSpec { tp: 4, ..RunSpec::default() }, 4, 4, "num_attention_heads"),
+            (RunSpec { tp: 2, hierarchical_a2a: true, ..RunSpec::default() }, 4, 2, "hierarchical_a2a"),
             (RunSpec { placement_every: 5, ..RunSpec::default() }, 4, 1, "placement_every"),
         ];
         for (spec, layers, world, field) in cases {

@@ -279,6 +279,8 @@ pub struct StepStats {
     pub step: u64,
     /// ranks in the run
     pub ranks: usize,
+    /// tensor-parallel size
+    pub tp: usize,
     /// expert-parallel size
     pub ep: usize,
     /// pipeline stages
@@ -638,9 +640,10 @@ impl Trainer {
         cfg.validate_for(&model_cfg)?;
         spec.validate(&model_cfg, &cfg, place.world())?;
         if let Some(m) = &place.mesh {
-            if m.pp_size() != spec.pp || m.ep_size() != spec.ep || m.dp_size() != spec.dp {
+            if m.tp_size() != spec.tp || m.pp_size() != spec.pp || m.ep_size() != spec.ep || m.dp_size() != spec.dp {
                 return Err(Error::msg(format!(
-                    "the mesh is PP {} × EP {} × DP {} but the run specification asks for {}",
+                    "the mesh is TP {} × PP {} × EP {} × DP {} but the run specification asks for {}",
+                    m.tp_size(),
                     m.pp_size(),
                     m.ep_size(),
                     m.dp_size(),
@@ -665,7 +668,7 @@ impl Trainer {
         // when a budget needs them.
         let runtime = if spec.memory_budget.is_some() { crate::budget::workspace_bytes(&model) } else { 0 };
         if let Some(budget) = spec.memory_budget {
-            let report = place.mesh.as_ref().is_none_or(|m| m.stage.rank() == 0);
+            let report = place.mesh.as_ref().is_none_or(|m| m.stage_lead());
             pass = crate::budget::fit(&model, &spec, &pass, rows, cfg.seq_len, &actions, runtime, budget as usize, place.peak_flops, report)?;
         }
         let predicted_peak = model.memory_plan_scheduled(rows, cfg.seq_len, 2, runtime, &pass, &actions).peak_bytes;
@@ -820,7 +823,7 @@ impl Trainer {
         sums[2] = x.intra_node_bytes as f64;
         sums[3] = x.inter_node_bytes as f64;
         sums[4] = x.inter_node_bytes_hierarchical as f64;
-        let stage_lead = self.parallel.as_ref().is_none_or(|p| p.mesh.stage.rank() == 0);
+        let stage_lead = self.parallel.as_ref().is_none_or(|p| p.mesh.stage_lead());
         if stage_lead {
             let s = self.model.stage.rank;
             sums[5 + s] = out.span_s - out.idle_s;
@@ -828,6 +831,12 @@ impl Trainer {
         }
         // Loads of every MoE layer of the model (a stage fills its own).
         let (mut counts, mut slot_counts) = self.global_counts(out.counts, out.slot_counts);
+        // A tensor-parallel group's ranks computed the same losses, loads and exchanges:
+        // one of them counts them.
+        if self.parallel.as_ref().is_some_and(|p| !p.mesh.counts_once()) {
+            sums.fill(0.0);
+            counts.iter_mut().chain(slot_counts.iter_mut()).flatten().for_each(|c| *c = 0);
+        }
         let opt_scope = ultramoe_kernels::profile::scope("optimizer");
         let mut comm_s = x.seconds;
         let mut exposed_s = x.exposed_seconds;
@@ -838,6 +847,9 @@ impl Trainer {
             if self.zero.is_none() {
                 p.reduce_grads(&mut self.g).map_err(comm_error)?;
             }
+            // Tensors every tensor-parallel rank holds whole but used for its heads only
+            // (linear, so after the stage's sum alike).
+            self.model.sum_tensor_parallel_grads(&mut self.g).map_err(comm_error)?;
             // Replicated experts: every copy gets the whole expert's gradient (linear, so
             // before or after the data-parallel sum alike).
             self.model.sum_replica_grads(&mut self.g).map_err(comm_error)?;
@@ -926,6 +938,7 @@ impl Trainer {
         let stats = StepStats {
             step: self.step,
             ranks: self.parallel.as_ref().map_or(1, |p| p.world()),
+            tp: self.spec.tp,
             ep: self.spec.ep,
             pp: self.spec.pp,
             vpp: self.spec.vpp,
@@ -1036,8 +1049,10 @@ impl Trainer {
             self.g.fill(0.0);
         }
         self.model.take_exchange_totals();
-        // Every rank counted the same targets; the CE is spread over the ranks.
-        let mut sum = [ce];
+        // Every rank counted the same targets; the CE is spread over the ranks (one rank
+        // of each tensor-parallel group counts its group's).
+        let once = self.parallel.as_ref().is_none_or(|p| p.mesh.counts_once());
+        let mut sum = [if once { ce } else { 0.0 }];
         if let Some(p) = &mut self.parallel {
             p.sum(&mut sum).map_err(comm_error)?;
         }
@@ -1074,7 +1089,7 @@ impl Trainer {
         // A pass records itself and at most one wait and one send.
         let per = 3 * self.pipeline.ranks.iter().map(|r| r.len()).max().unwrap_or(0);
         let mut words = vec![0.0f64; stages * per * EVENT_WORDS];
-        if self.parallel.as_ref().is_none_or(|p| p.mesh.stage.rank() == 0) {
+        if self.parallel.as_ref().is_none_or(|p| p.mesh.stage_lead()) {
             let s = self.model.stage.rank;
             for (i, e) in events.iter().take(per).enumerate() {
                 let at = (s * per + i) * EVENT_WORDS;
@@ -1102,7 +1117,7 @@ impl Trainer {
         let Some(p) = self.parallel.as_ref().filter(|p| p.mesh.pp_size() > 1) else { return Ok(values.map(|v| vec![v])) };
         let stages = p.mesh.pp_size();
         let mut all = vec![0u64; N * stages];
-        if p.mesh.stage.rank() == 0 {
+        if p.mesh.stage_lead() {
             for (i, v) in values.iter().enumerate() {
                 all[i * stages + self.model.stage.rank] = *v as u64;
             }
@@ -1174,7 +1189,7 @@ impl Trainer {
         let (max, mean) = b.predicted_load_sums(&self.model.placements());
         let mut sums = [moved as f64, max, mean];
         if let Some(p) = &self.parallel {
-            if p.mesh.stage.rank() != 0 {
+            if !p.mesh.stage_lead() {
                 sums = [0.0; 3];
             }
             p.mesh.world.all_reduce_f64(&mut sums).map_err(comm_error)?;
@@ -1287,16 +1302,23 @@ impl Trainer {
         let (m, v) = gathered.as_ref().map_or((&self.opt.m[..], &self.opt.v[..]), |(m, v)| (&m[..], &v[..]));
         self.check_finite(&[("weights", &self.w), ("exp_avg", m), ("exp_avg_sq", v)])?;
         if self.writes_share() {
+            use ultramoe_model::checkpoint::{gather_splits, held_tensors, saved_by, writes_tensor_parallel_share};
+            // Under tensor parallelism (collectives over its group) the slices are
+            // gathered and the group's first rank writes whole tensors.
             save_model_share(&self.model, &self.w, &dir)?;
             let k = self.ep().0;
+            let (whole_m, whole_v) = (gather_splits(&self.model, m)?, gather_splits(&self.model, v)?);
+            let writes = writes_tensor_parallel_share(&self.model);
+            let keep = |s: &ultramoe_model::params::ParamSpec| saved_by(&self.model.layout, s, k);
             let mut tensors = Vec::with_capacity(2 * self.model.layout.specs.len());
-            for s in self.model.layout.specs.iter().filter(|s| ultramoe_model::checkpoint::saved_by(&self.model.layout, s, k)) {
-                tensors.push((format!("exp_avg.{}", s.name), s.shape.clone(), &m[s.range()]));
-                tensors.push((format!("exp_avg_sq.{}", s.name), s.shape.clone(), &v[s.range()]));
+            for (prefix, buf, whole) in [("exp_avg", m, &whole_m), ("exp_avg_sq", v, &whole_v)] {
+                tensors.extend(held_tensors(&self.model, buf, whole, keep).into_iter().map(|(name, shape, data)| (format!("{prefix}.{name}"), shape, data)));
             }
             let shards = self.ep().1 * self.model.stage.ranks;
-            write_safetensors(&dir.join(pipeline_files("optimizer", &self.model, shards)), &tensors, None)?;
-            if let (Some(b), 0) = (&self.balancer, k) {
+            if writes {
+                write_safetensors(&dir.join(pipeline_files("optimizer", &self.model, shards)), &tensors, None)?;
+            }
+            if let (Some(b), 0, true) = (&self.balancer, k, writes) {
                 let state = PlacementState {
                     ranks: self.ep().1,
                     moe_layers: Some(self.model.moe_ids()),
@@ -1417,15 +1439,20 @@ impl Trainer {
             for (prefix, buf) in [("exp_avg.", &mut m), ("exp_avg_sq.", &mut v)] {
                 let key = format!("{prefix}{}", s.name);
                 let (t, file) = moments.get(&key).ok_or_else(|| Error::field(&key, "missing optimizer state").in_file(dir))?;
-                if t.shape != s.shape {
-                    return Err(Error::field(&key, format!("shape {:?} does not match {:?}", t.shape, s.shape)).in_file(file));
+                // Saved whole: a tensor-parallel rank takes its slice.
+                let whole = s.split.map_or_else(|| s.shape.clone(), |p| p.whole_shape(&s.shape));
+                if t.shape != whole {
+                    return Err(Error::field(&key, format!("shape {:?} does not match {:?}", t.shape, whole)).in_file(file));
                 }
                 let values = t.f32(&key).map_err(|e| e.in_file(file))?;
                 let bad = ultramoe_model::checkpoint::count_nonfinite(values);
                 if bad > 0 {
                     return Err(Error::field(&key, format!("{bad} of {} values are not finite (NaN or Inf)", values.len())).in_file(file));
                 }
-                buf[s.range()].copy_from_slice(values);
+                match s.split {
+                    Some(p) => buf[s.range()].copy_from_slice(&p.take(values, &whole)),
+                    None => buf[s.range()].copy_from_slice(values),
+                }
             }
         }
         match &mut tr.zero {

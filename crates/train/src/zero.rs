@@ -9,7 +9,9 @@
 //! 1. reduce-scatters the packed gradients (stage for replicated, DP group for experts):
 //!    each rank receives the summed gradient of its chunks only;
 //! 2. takes the global norm from the chunks (`Σ chunk²` summed over the world: every
-//!    element of the model sits in exactly one rank's chunk) and clips;
+//!    element of the model sits in exactly one rank's chunk — under tensor parallelism,
+//!    in one chunk per tensor-parallel rank, counted by the first except the slices)
+//!    and clips;
 //! 3. runs AdamW on its chunks (moments exist only for them: `2·(R/W + X/D)` floats
 //!    instead of `2·(R + X)`);
 //! 4. all-gathers the updated chunks back into every rank's weights.
@@ -132,6 +134,8 @@ impl Packing {
 pub struct Zero1 {
     replicated: Packing,
     experts: Packing,
+    /// tensor-parallel slices (inside `replicated`)
+    split: Vec<Range<usize>>,
     /// AdamW over `[replicated chunk ; expert chunk]`
     pub opt: AdamW,
     /// seconds in reduce-scatter/all-gather since the last [`Zero1::take_comm_s`]
@@ -163,7 +167,7 @@ impl Zero1 {
         let mut chunk = ParamLayout::default();
         replicated.chunk_layout(layout, false, &mut chunk);
         experts.chunk_layout(layout, true, &mut chunk);
-        Zero1 { opt: AdamW::new(&chunk, cfg), replicated, experts, comm_s: 0.0 }
+        Zero1 { opt: AdamW::new(&chunk, cfg), replicated, experts, split: layout.runs_where(|s| s.split.is_some()), comm_s: 0.0 }
     }
 
     /// Moment floats this rank holds, and what it would hold unsharded.
@@ -182,7 +186,14 @@ impl Zero1 {
         grad.extend(reduce_scatter(mesh.dp.as_ref(), &self.experts.pack(g, dn))?);
         g.fill(0.0);
         let copies: f64 = self.experts.in_chunk(duplicates).into_iter().map(|r| sum_squares(&grad[rc + r.start..rc + r.end])).sum();
-        let mut sq = [sum_squares(&grad) - copies];
+        // Under tensor parallelism each slice lies in one chunk of its own rank's
+        // stage; what every tensor-parallel rank holds alike is counted by one of them.
+        let sq = if mesh.counts_once() {
+            sum_squares(&grad) - copies
+        } else {
+            self.replicated.in_chunk(&self.split).into_iter().map(|r| sum_squares(&grad[r])).sum()
+        };
+        let mut sq = [sq];
         mesh.world.all_reduce_f64(&mut sq)?;
         self.comm_s += start.elapsed().as_secs_f64();
         let norm = sq[0].sqrt() as f32;

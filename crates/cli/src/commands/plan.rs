@@ -178,6 +178,8 @@ pub struct PlanChoice {
     pub cluster: String,
     /// devices (ranks)
     pub devices: usize,
+    /// tensor-parallel size
+    pub tp: usize,
     /// pipeline stages
     pub pp: usize,
     /// model chunks per pipeline rank
@@ -212,9 +214,6 @@ pub fn read_plan(path: &Path, rank: usize) -> CliResult<PlanChoice> {
     let l = chosen.get("layout").ok_or_else(|| format!("{where_}: `best[{rank}].layout` missing"))?;
     let job = v.get("job").ok_or_else(|| format!("{where_}: `job` missing"))?;
     let (tp, pp, vpp, ep, dp, mb) = (field(l, "tp")?, field(l, "pp")?, field(l, "vpp")?, field(l, "ep")?, field(l, "dp")?, field(l, "micro_batch")?);
-    if tp != 1 {
-        return Err(format!("{where_}: layout {rank} uses tensor parallelism (tp {tp}), which the trainer does not run yet; plan with --fix tp=1"));
-    }
     let schedule = match l.get("schedule").and_then(|s| s.as_str()) {
         None => ultramoe_plan::PipeSchedule::OneFOneB,
         Some(name) => ultramoe_plan::PipeSchedule::parse(name).ok_or_else(|| format!("{where_}: layout {rank}: unknown schedule `{name}`"))?,
@@ -234,6 +233,7 @@ pub fn read_plan(path: &Path, rank: usize) -> CliResult<PlanChoice> {
         model_config: v.get("model_config").cloned().ok_or_else(|| format!("{where_}: `model_config` missing: re-run `ultramoe plan … --json` with this version"))?,
         cluster: v.get("cluster").and_then(|c| c.as_str()).unwrap_or_default().to_string(),
         devices,
+        tp,
         pp,
         vpp,
         ep,

@@ -85,7 +85,7 @@ pub fn run(a: ServeArgs) -> CliResult {
         return Err(format!("--ep {} must equal the number of ranks ({world}): every rank holds a share of the experts", a.ep.map_or("(missing)".into(), |e| e.to_string())));
     }
     let a = Arc::new(a);
-    launch(&p, Layout { pp: 1, ep: world, dp: 1 }, move |mesh, _| serve_rank(&a, mesh.map(|m| m.ep)))
+    launch(&p, Layout { tp: 1, pp: 1, ep: world, dp: 1 }, move |mesh, _| serve_rank(&a, mesh.map(|m| m.ep)))
 }
 
 /// One rank of serving: the HTTP server and the engine on rank 0 (the only rank without

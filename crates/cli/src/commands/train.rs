@@ -286,7 +286,7 @@ pub fn resolve(a: &TrainArgs, latest: Option<&Path>) -> CliResult<Resolved> {
         }
         let cfg = ModelConfig::from_file(&dir.join("config.json")).map_err(|e| e.to_string())?;
         let layout = if !a.parallel.sets_layout() && saved_spec.world() == world {
-            Layout { pp: saved_spec.pp, ep: saved_spec.ep, dp: saved_spec.dp }
+            Layout { tp: saved_spec.tp, pp: saved_spec.pp, ep: saved_spec.ep, dp: saved_spec.dp }
         } else {
             a.parallel.layout_for(world)?
         };
@@ -317,7 +317,7 @@ pub fn resolve(a: &TrainArgs, latest: Option<&Path>) -> CliResult<Resolved> {
             (tc.micro_batch, tc.grad_accum, tc.seq_len) = (p.micro_batch, p.grad_accum, p.seq_len);
             let schedule = if p.schedule == ultramoe_plan::PipeSchedule::Overlap { PipelineSchedule::Overlapped } else { PipelineSchedule::OneFOneB };
             let base = RunSpec { memory_policy: p.memory_policy(cfg.n_layers)?, zero1: p.zero1, schedule, ..RunSpec::default() };
-            let mut spec = spec_from_args(base, a, Layout { pp: p.pp, ep: p.ep, dp: p.dp }, cfg.n_layers)?;
+            let mut spec = spec_from_args(base, a, Layout { tp: p.tp, pp: p.pp, ep: p.ep, dp: p.dp }, cfg.n_layers)?;
             spec.vpp = p.vpp;
             spec
         }
@@ -345,6 +345,7 @@ pub fn spec_from_args(base: RunSpec, a: &TrainArgs, layout: Layout, n_layers: us
         None => base.schedule,
     };
     let mut spec = RunSpec {
+        tp: layout.tp,
         pp: layout.pp,
         ep: layout.ep,
         dp: layout.dp,
@@ -566,7 +567,7 @@ pub fn run(mut a: TrainArgs) -> CliResult {
     // The process that writes run-wide files holds the run's lock (under mpirun: rank 0).
     let run_dir = RunDir::open(&a.run_dir, start, crate::launch::mpi_world_rank().is_none_or(|r| r == 0)).map_err(|e| e.to_string())?;
     let resolved = resolve(&a, run_dir.latest.as_deref())?;
-    let layout = Layout { pp: resolved.spec.pp, ep: resolved.spec.ep, dp: resolved.spec.dp };
+    let layout = Layout { tp: resolved.spec.tp, pp: resolved.spec.pp, ep: resolved.spec.ep, dp: resolved.spec.dp };
     let p = a.parallel.clone();
     let result = launch(&p, layout, move |mesh, threads| train_rank(&a, &resolved, mesh, threads));
     drop(run_dir);
