@@ -277,7 +277,7 @@ impl Model {
     /// of a pass.
     pub fn memory_plan_scheduled(&self, b: usize, t: usize, moments: usize, runtime: usize, opts: &PassOptions, actions: &[Action]) -> MemoryPlan {
         let n = b * t;
-        let (h, v) = (self.cfg.hidden, self.cfg.vocab_size);
+        let h = self.cfg.hidden;
         let p = self.layout.total;
         let mut items = vec![("weights".to_string(), 4 * p), ("gradients".to_string(), 4 * p)];
         let moment_bytes = 4 * moments * p;
@@ -295,11 +295,14 @@ impl Model {
         // default) its backward forms `rows × V` logits at a time (and their `rows × H`
         // input gradient before it joins the whole), otherwise the forward keeps all
         // `N × V` logits until the backward turns them into their gradient.
-        let (head_kept, logits, head_chunk) = match (head, opts.head_chunk_rows(n, v)) {
+        // (Under tensor parallelism each rank forms its vocabulary slice, in the
+        // backward.)
+        let v = self.vocab_slice().1;
+        let (head_kept, logits, head_chunk) = match (head, self.head_chunk_rows(opts, n)) {
             (false, _) => (0, 0, 0),
+            (true, 0) => (4 * (2 * n * h + n), 4 * n * v, 0),
             // (a last row on its own joins the chunk before it)
-            (true, Some(rows)) => (4 * (2 * n * h + n), 0, 4 * (rows + usize::from(n > rows && n % rows == 1)) * (v + h)),
-            (true, None) => (4 * (2 * n * h + n), 4 * n * v, 0),
+            (true, rows) => (4 * (2 * n * h + n), 0, 4 * (rows + usize::from(n > rows && n % rows == 1)) * (v + h)),
         };
         let xh = 4 * n * h;
         let last_chunk = self.stage.vpp - 1;

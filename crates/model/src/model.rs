@@ -17,6 +17,7 @@ use crate::moe::placement::Placement;
 use crate::moe::router::Router;
 use crate::params::{fuse, Init, ParamLayout, Slot};
 use crate::tensor_parallel::TensorParallel;
+use crate::tensor_ops::take_cols;
 use crate::swap::{Prefetch, SwapFile, SwapTicket};
 use std::sync::Arc;
 use ultramoe_dist::ProcessGroup;
@@ -355,7 +356,8 @@ impl Model {
         let ones = Init::Constant(1.0);
         let rank = ep.as_ref().map_or(0, |g| g.rank());
         lay.set_stage(stage.embedding_holder(), stage.holds_embedding());
-        let embed = lay.add("model.embed_tokens.weight".into(), &[v, h], normal);
+        // Vocabulary-parallel embedding and head: rows `rank·V/t..` on each rank.
+        let embed = lay.add_split("model.embed_tokens.weight".into(), &[v, h], 0, normal);
         let embed_here = stage.holds_embedding().then_some(embed.clone());
         let mut layers = Vec::with_capacity(l);
         let mut layer_ids = vec![];
@@ -461,7 +463,7 @@ impl Model {
             lay.aliases.insert("lm_head.weight".into(), "model.embed_tokens.weight".into());
             embed.clone()
         } else {
-            lay.add("lm_head.weight".into(), &[v, h], normal)
+            lay.add_split("lm_head.weight".into(), &[v, h], 0, normal)
         };
         let head = stage.holds_head();
         let rope = build_rope(&cfg);
@@ -523,8 +525,40 @@ impl Model {
         let h = self.cfg.hidden;
         let slot = self.embed.clone().expect("the first pipeline stage holds the embedding");
         let mut x = vec![0.0; ids.len() * h];
-        embedding_forward(&mut x, &w[slot], ids, h);
+        match &self.tp {
+            None => embedding_forward(&mut x, &w[slot], ids, h),
+            Some(tp) => {
+                // Each rank fills the rows of the ids in its vocabulary slice; the sum
+                // over the group has every row once.
+                let (v0, vl) = self.vocab_slice();
+                let table = &w[slot];
+                for (row, &id) in x.chunks_mut(h).zip(ids) {
+                    if let Some(r) = (id as usize).checked_sub(v0).filter(|&r| r < vl) {
+                        row.copy_from_slice(&table[r * h..(r + 1) * h]);
+                    }
+                }
+                tp.sum_in_pass(&mut x);
+            }
+        }
         x
+    }
+
+    /// This rank's `(first id, count)` of the vocabulary (all of it without tensor
+    /// parallelism): the embedding's and the head's rows it holds.
+    pub fn vocab_slice(&self) -> (usize, usize) {
+        let v = self.cfg.vocab_size;
+        self.tp.as_ref().map_or((0, v), |t| (t.rank() * v / t.size(), v / t.size()))
+    }
+
+    /// Rows of logits the head forms at once in a training step's backward (0: the whole
+    /// logits, formed in the forward). Under tensor parallelism always in the backward
+    /// (chunked or not), where each rank forms its vocabulary slice only.
+    pub fn head_chunk_rows(&self, opts: &PassOptions, n: usize) -> usize {
+        let rows = opts.head_chunk_rows(n, self.vocab_slice().1);
+        match &self.tp {
+            Some(_) => rows.unwrap_or(n.max(1)),
+            None => rows.unwrap_or(0),
+        }
     }
 
     /// Forward of this rank's model chunk `chunk` from its input `x: [B·T, H]`, calling
@@ -604,7 +638,20 @@ impl Model {
         let mut head = self.final_norm_forward(w, x);
         let _p = ultramoe_kernels::profile::scope("lm_head.forward");
         let (h, v) = (self.cfg.hidden, self.cfg.vocab_size);
-        head.logits = linear(&head.xn, &w[self.head_slots().1], head.x.len() / h, h, v);
+        let (n, vl) = (head.x.len() / h, self.vocab_slice().1);
+        head.logits = linear(&head.xn, &w[self.head_slots().1], n, h, vl);
+        if let Some(tp) = &self.tp {
+            // A caller that reads logits gets them whole: the slices gathered
+            // (training's head never does this; see `head_forward_for_training`).
+            let parts = tp.gather_in_pass(&head.logits);
+            let mut whole = vec![0.0; n * v];
+            for (r, part) in parts.chunks(n * vl).enumerate() {
+                for (dst, src) in whole.chunks_mut(v).zip(part.chunks(vl)) {
+                    dst[r * vl..(r + 1) * vl].copy_from_slice(src);
+                }
+            }
+            head.logits = whole;
+        }
         head
     }
 
@@ -614,8 +661,10 @@ impl Model {
     /// [`Model::head_forward`].
     pub fn head_forward_for_training(&self, w: &[f32], x: Vec<f32>, opts: &PassOptions) -> HeadForward {
         let n = x.len() / self.cfg.hidden;
-        let Some(chunk_rows) = opts.head_chunk_rows(n, self.cfg.vocab_size) else { return self.head_forward(w, x) };
-        HeadForward { chunk_rows, ..self.final_norm_forward(w, x) }
+        match self.head_chunk_rows(opts, n) {
+            0 => self.head_forward(w, x),
+            chunk_rows => HeadForward { chunk_rows, ..self.final_norm_forward(w, x) },
+        }
     }
 
     /// The final RMSNorm of `x`, kept for the head's backward (no logits yet).
@@ -670,7 +719,9 @@ impl Model {
         let (h, v) = (self.cfg.hidden, self.cfg.vocab_size);
         let (norm, lm) = self.head_slots();
         let n = head.x.len() / h;
-        let (loss, count, dxn) = if head.chunk_rows == 0 {
+        let (loss, count, dxn) = if let Some(tp) = &self.tp {
+            self.head_backward_vocab_parallel(tp, w, g, head, targets, scale)
+        } else if head.chunk_rows == 0 {
             let mut dlogits = std::mem::take(&mut head.logits);
             let (loss, count) = cross_entropy_fused_backward(&mut dlogits, targets, v, scale);
             let dxn = linear_grad(&mut g[lm.clone()], &dlogits, &head.xn, &w[lm], n, h, v);
@@ -705,6 +756,39 @@ impl Model {
         let mut dx = vec![0.0; n * h];
         rmsnorm_backward(&mut dx, &mut g[norm.clone()], &dxn, &head.x, &w[norm], &head.rstd, h, false);
         (loss, count, dx)
+    }
+
+    /// [`Model::head_backward`]'s logits, loss and `dxn` over this rank's vocabulary
+    /// slice, `chunk_rows` rows at a time (all rows when the forward formed whole logits,
+    /// whose slice is taken): the vocabulary-parallel cross-entropy
+    /// ([`TensorParallel::vocab_parallel_cross_entropy`]), then `dxn` — partial over the
+    /// slices — summed over the group. No rank forms more than its slice.
+    fn head_backward_vocab_parallel(&self, tp: &TensorParallel, w: &[f32], g: &mut [f32], head: &mut HeadForward, targets: &[i32], scale: f32) -> (f64, usize, Vec<f32>) {
+        let (h, v) = (self.cfg.hidden, self.cfg.vocab_size);
+        let (v0, vl) = self.vocab_slice();
+        let lm = self.head_slots().1;
+        let n = head.x.len() / h;
+        let whole = std::mem::take(&mut head.logits);
+        let rows = if head.chunk_rows == 0 { n.max(1) } else { head.chunk_rows };
+        let mut dxn = vec![0.0; n * h];
+        let (mut loss, mut count) = (0.0, 0);
+        let mut r0 = 0;
+        while r0 < n {
+            // (a last row on its own joins the chunk before it, as without TP)
+            let r1 = match (r0 + rows).min(n) {
+                r1 if n - r1 == 1 => n,
+                r1 => r1,
+            };
+            let xn = &head.xn[r0 * h..r1 * h];
+            let mut dlogits = if whole.is_empty() { linear(xn, &w[lm.clone()], r1 - r0, h, vl) } else { take_cols(&whole[r0 * v..r1 * v], v, v0, vl) };
+            let (l, c) = tp.vocab_parallel_cross_entropy(&mut dlogits, &targets[r0..r1], v0, vl, scale).unwrap_or_else(|e| std::panic::panic_any(e));
+            (loss, count) = (loss + l, count + c);
+            let d = linear_grad(&mut g[lm.clone()], &dlogits, xn, &w[lm.clone()], r1 - r0, h, vl);
+            dxn[r0 * h..r1 * h].copy_from_slice(&d);
+            r0 = r1;
+        }
+        tp.sum_in_pass(&mut dxn);
+        (loss, count, dxn)
     }
 
     /// Backward of model chunk `fwd.chunk` from the gradient of its output `dy`;
@@ -765,7 +849,18 @@ impl Model {
     /// must hold the first stage).
     pub fn embed_backward(&self, g: &mut [f32], dx: &[f32], ids: &[u32]) {
         let slot = self.embed.clone().expect("the first pipeline stage holds the embedding");
-        embedding_backward(&mut g[slot], dx, ids, self.cfg.hidden);
+        let h = self.cfg.hidden;
+        if self.tp.is_none() {
+            return embedding_backward(&mut g[slot], dx, ids, h);
+        }
+        // The rows of this rank's vocabulary slice.
+        let (v0, vl) = self.vocab_slice();
+        let table = &mut g[slot];
+        for (row, &id) in dx.chunks(h).zip(ids) {
+            if let Some(r) = (id as usize).checked_sub(v0).filter(|&r| r < vl) {
+                table[r * h..(r + 1) * h].iter_mut().zip(row).for_each(|(d, x)| *d += x);
+            }
+        }
     }
 
     /// All-to-all traffic since the last call (zero without expert parallelism).
@@ -878,6 +973,9 @@ pub fn check_tensor_parallel(cfg: &ModelConfig, t: usize) -> crate::Result<()> {
     if n_moe(cfg) > 0 && cfg.moe.n_shared > 0 {
         dims.push(("n_shared_experts × moe_intermediate_size", cfg.moe.n_shared * cfg.moe.expert_inter));
     }
+    // The embedding and head split the vocabulary evenly (pad it, as Megatron's
+    // `--make-vocab-size-divisible-by` does, for other sizes).
+    dims.push(("vocab_size", cfg.vocab_size));
     match dims.into_iter().find(|(_, n)| !n.is_multiple_of(t)) {
         Some((field, n)) => Err(crate::Error::field(field, format!("tensor parallelism {t} does not divide {n}"))),
         None => Ok(()),

@@ -91,6 +91,13 @@ impl TensorParallel {
         self.all_reduce(buf).unwrap_or_else(|e| std::panic::panic_any(e))
     }
 
+    /// Every rank's `part` in rank order, inside a pass (counted; a failure unwinds as
+    /// [`TensorParallel::sum_in_pass`]'s does).
+    pub fn gather_in_pass(&self, part: &[f32]) -> Vec<f32> {
+        let _p = ultramoe_kernels::profile::scope("tp.all_gather");
+        self.all_gather(part).unwrap_or_else(|e| std::panic::panic_any(e))
+    }
+
     fn count(&self, ring_bytes: f64) {
         self.bytes.fetch_add(ring_bytes.round() as u64, Ordering::Relaxed);
     }

@@ -185,15 +185,16 @@ fn a_split_that_does_not_divide_names_the_field() {
 // ---- The whole model split over a tensor-parallel group ----------------------------
 //
 // The transformers fixtures (DeepSeek-V3 with MLA and shared experts, Qwen3-MoE with
-// q/k norms, Mixtral) at TP 2 and 4 against the same model on one rank: logits, loss and
-// every gradient (the slices gathered whole) agree to 1e-5 of their largest value, with
-// and without memory policies that rerun the split blocks; the bytes the layers'
-// collectives move equal the planner's formula layer by layer; the slices save as whole
-// tensors that load at any other TP size.
+// q/k norms, Mixtral; vocabularies padded to a multiple of 4) at TP 2 and 4 against the
+// same model on one rank: logits, loss and every gradient (the slices gathered whole)
+// agree to 1e-5 of their largest value, with and without memory policies that rerun the
+// split blocks; the bytes the collectives move equal the planner's formulas (layer by
+// layer, plus the vocabulary-parallel embedding, head and cross-entropy); the slices
+// save as whole tensors that load at any other TP size.
 
 use std::path::PathBuf;
 use ultramoe_dist::ProcessGroup;
-use ultramoe_model::checkpoint::{load_weights, read_safetensors, save_model_share};
+use ultramoe_model::checkpoint::{load_weights, read_safetensors, save_model_share, save_weights};
 use ultramoe_model::policy::LayerPolicy;
 use ultramoe_model::{shifted_targets, Model, ModelConfig, PassOptions, Share};
 
@@ -202,6 +203,31 @@ fn fixture(case: &str) -> PathBuf {
         Ok(p) => PathBuf::from(p).join(case),
         Err(_) => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/hf").join(case),
     }
+}
+
+/// The fixture `case` with its vocabulary padded to a multiple of 4 (tensor
+/// parallelism splits the vocabulary evenly, and the fixtures' sizes are prime): the
+/// fixture's weights plus a few embedding and head rows no input uses, drawn small.
+/// Written to a fresh directory, which the caller removes.
+fn padded(case: &str) -> PathBuf {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let src = fixture(case);
+    let cfg = ModelConfig::from_file(&src.join("config.json")).unwrap();
+    let mut raw = cfg.raw.clone();
+    raw["vocab_size"] = (4 * cfg.vocab_size.div_ceil(4)).into();
+    let (one, big) = (Model::new(cfg), Model::new(ModelConfig::from_json_str(&raw.to_string()).unwrap()));
+    let w = load_weights(&one, &src).unwrap();
+    let extra = values(big.layout.total, 11);
+    let mut wp = vec![0.0; big.layout.total];
+    for s in &big.layout.specs {
+        let from = &w[one.layout.get(&s.name).unwrap().range()];
+        let to = &mut wp[s.range()];
+        to[..from.len()].copy_from_slice(from);
+        to[from.len()..].iter_mut().zip(&extra[s.offset + from.len()..]).for_each(|(d, x)| *d = 0.05 * x);
+    }
+    let out = std::env::temp_dir().join(format!("ultramoe-tp-{case}-{}-{}", std::process::id(), NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)));
+    save_weights(&big, &wp, &out, None).unwrap();
+    out
 }
 
 fn fixture_batch(dir: &std::path::Path) -> (Vec<u32>, usize, usize) {
@@ -235,7 +261,11 @@ fn pass(model: &Model, w: &[f32], ids: &[u32], b: usize, t: usize, opts: &PassOp
         .map(|s| (s.name.clone(), s.split.map_or_else(|| s.shape.clone(), |p| p.whole_shape(&s.shape)), s.split, g[s.range()].to_vec()))
         .collect();
     let (tp_bytes, tp) = model.tp.as_ref().map_or((0, 1), |x| (x.traffic_bytes(), x.size()));
-    let planned = (0..model.layers.len()).map(|i| ultramoe_plan::simulate::tp_bytes_per_layer((b * t) as f64, model.cfg.hidden, 4.0, tp, model.tp_split_blocks(i))).sum();
+    let n = (b * t) as f64;
+    let layers: f64 = (0..model.layers.len()).map(|i| ultramoe_plan::simulate::tp_bytes_per_layer(n, model.cfg.hidden, 4.0, tp, model.tp_split_blocks(i))).sum();
+    // `forward_with` also hands the caller whole logits: every rank's slice gathered.
+    let logits_gathered = (tp - 1) as f64 * n * (model.cfg.vocab_size / tp) as f64 * 4.0;
+    let planned = layers + ultramoe_plan::simulate::tp_bytes_vocab(n, model.cfg.hidden, 4.0, tp) + if tp > 1 { logits_gathered } else { 0.0 };
     Pass { logits, loss, grads, tp_bytes, planned }
 }
 
@@ -252,9 +282,9 @@ fn assert_close(a: &[f32], b: &[f32], rel: f32, what: &str) {
 
 /// The fixture `case` at TP `t` under `policy` against one rank.
 fn check_tp(case: &'static str, t: usize, policy: Vec<LayerPolicy>) {
-    let dir = fixture(case);
+    let dir = padded(case);
     let cfg = ModelConfig::from_file(&dir.join("config.json")).unwrap();
-    let (ids, b, tt) = fixture_batch(&dir);
+    let (ids, b, tt) = fixture_batch(&fixture(case));
     let opts = PassOptions { policy, ..PassOptions::default() };
     let single = Model::new(cfg.clone());
     let reference = pass(&single, &load_weights(&single, &dir).unwrap(), &ids, b, tt, &PassOptions::default());
@@ -295,6 +325,7 @@ fn check_tp(case: &'static str, t: usize, policy: Vec<LayerPolicy>) {
         }
     }
     assert_eq!(ranks[0].grads.len(), reference.grads.len(), "{label}: the same tensors");
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 fn policies(layers: usize) -> Vec<LayerPolicy> {
@@ -330,7 +361,7 @@ fn mixtral_tensor_parallel_matches_one_rank() {
 
 #[test]
 fn tensor_parallel_sizes_that_do_not_divide_name_the_field() {
-    for (case, t, field) in [("qwen3_moe_tiny", 4, "num_key_value_heads"), ("mixtral_tiny", 3, "num_attention_heads"), ("deepseek_v3_tiny", 3, "num_attention_heads")] {
+    for (case, t, field) in [("qwen3_moe_tiny", 4, "num_key_value_heads"), ("mixtral_tiny", 3, "num_attention_heads"), ("deepseek_v3_tiny", 2, "vocab_size")] {
         let dir = fixture(case);
         let errors = local::run(t, Duration::from_secs(30), move |c| {
             Ok(tp_model(ModelConfig::from_file(&dir.join("config.json")).unwrap(), Arc::new(c)).err().map(|e| e.to_string()))
@@ -343,7 +374,7 @@ fn tensor_parallel_sizes_that_do_not_divide_name_the_field() {
 
 #[test]
 fn a_tensor_parallel_share_saves_whole_tensors_that_load_at_any_size() {
-    let dir = fixture("deepseek_v3_tiny");
+    let dir = padded("deepseek_v3_tiny");
     let out = std::env::temp_dir().join(format!("ultramoe-tp-save-{}", std::process::id()));
     let (dir2, out2) = (dir.clone(), out.clone());
     local::run(2, Duration::from_secs(60), move |c| {
@@ -355,7 +386,7 @@ fn a_tensor_parallel_share_saves_whole_tensors_that_load_at_any_size() {
     .unwrap();
     let cfg = ModelConfig::from_file(&dir.join("config.json")).unwrap();
     let single = Model::new(cfg.clone());
-    // TP 2 → TP 1: bit for bit the weights the fixture has.
+    // TP 2 → TP 1: bit for bit the weights it was given.
     assert_eq!(load_weights(&single, &out).unwrap(), load_weights(&single, &dir).unwrap());
     // TP 2 → TP 4: each rank's slices are those of the original tensors.
     let (dir4, out4) = (dir.clone(), out.clone());
@@ -366,4 +397,5 @@ fn a_tensor_parallel_share_saves_whole_tensors_that_load_at_any_size() {
     .unwrap();
     assert_eq!(same, vec![true; 4]);
     std::fs::remove_dir_all(&out).unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -149,6 +149,20 @@ pub fn tp_bytes_per_layer(tokens: f64, hidden: usize, elem_bytes: f64, tp: usize
     blocks as f64 * 2.0 * 2.0 * (tp - 1) as f64 / tp as f64 * tokens * hidden as f64 * elem_bytes
 }
 
+/// Bytes one rank's tensor-parallel collectives move for the vocabulary-parallel
+/// embedding and head per micro-batch of `tokens`: the embedding's output and the head
+/// input's gradient all-reduced (`2 · 2(t−1)/t · tokens·H·bytes`), and the
+/// cross-entropy's row statistics in f32 — the maxima all-gathered (`(t−1) · tokens ·
+/// 4`), the sums of exponentials and the target logits all-reduced (`2 · 2(t−1)/t ·
+/// tokens · 4`). `ultramoe_model::tensor_parallel` is tested equal to it.
+pub fn tp_bytes_vocab(tokens: f64, hidden: usize, elem_bytes: f64, tp: usize) -> f64 {
+    if tp <= 1 {
+        return 0.0;
+    }
+    let all_reduce = 2.0 * (tp - 1) as f64 / tp as f64;
+    2.0 * all_reduce * tokens * hidden as f64 * elem_bytes + (tp - 1) as f64 * tokens * 4.0 + 2.0 * all_reduce * tokens * 4.0
+}
+
 /// Bytes per element of activations and weights for a data type.
 fn elem_bytes(dtype: &str) -> f64 {
     match dtype {
@@ -275,7 +289,9 @@ pub fn simulate(m: &ModelCost, hw: &Hardware, job: &Job, l: &Layout) -> Result<P
     let bw_inter = hw.network.inter_node_bandwidth * net;
     let tp_latency = if tp > 1 { 4.0 * 2.0 * (tp - 1) as f64 * hw.network.intra_node_latency } else { 0.0 };
     let tp_layer = tp_bytes_per_layer(n, m.hidden, eb, tp, 2) / bw_intra + tp_latency;
-    let tp_exposed = stage_layers as f64 * tp_layer * (1.0 - e.tp_overlap);
+    // (the embedding's share on the first stage and the head's on the last: half each)
+    let tp_vocab = if tp > 1 { tp_bytes_vocab(n, m.hidden, eb, tp) / 2.0 / bw_intra + 2.0 * (tp - 1) as f64 * hw.network.intra_node_latency } else { 0.0 };
+    let tp_exposed = (stage_layers as f64 * tp_layer + tp_vocab) * (1.0 - e.tp_overlap);
     // Expert parallel: dispatch and combine, forward and backward, per MoE layer.
     // FP8 training dispatches in FP8 and combines in BF16, and likewise backward
     // (DeepSeek-V3 §3.3.2): 1.5 bytes per element on average.
