@@ -21,6 +21,11 @@ pub struct ParallelArgs {
     /// experts run whole on each; heads, key/value heads and FFN widths must divide).
     #[arg(long)]
     pub tp: Option<usize>,
+    /// Sequence parallelism (with --tp): norms, residuals and MoE blocks on each
+    /// tensor-parallel rank's share of the rows; all-gather and reduce-scatter instead of
+    /// all-reduces (the same bytes, 1/TP of those activations per rank).
+    #[arg(long)]
+    pub sequence_parallel: bool,
     /// Pipeline stages: each rank holds a contiguous range of the decoder layers (the
     /// first stage also the embedding, the last the head and loss).
     #[arg(long)]

@@ -566,7 +566,7 @@ fn train_runs_the_layout_a_plan_ranks_and_refuses_a_plan_for_something_else() {
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success() && err.contains("2 ranks: TP 2 × EP 1 × DP 1"), "{err}");
+    assert!(out.status.success() && err.contains("2 ranks: TP 2 (SP) × EP 1 × DP 1"), "{err}");
     let first: serde_json::Value = serde_json::from_str(std::fs::read_to_string(run.join("metrics.jsonl")).unwrap().lines().next().unwrap()).unwrap();
     assert_eq!(first["tp"].as_u64(), Some(2));
     let h800 = dir.join("h800.json");

@@ -105,7 +105,8 @@ fn mpi_pipeline_matches_one_rank() {
 }
 
 /// Tensor parallelism under MPI: TP 2 alone and TP 2 × PP 2 × EP 2 on eight processes
-/// give the single-rank run, and the saved model is whole tensors.
+/// (with and without sequence parallelism) give the single-rank run, and the saved
+/// model is whole tensors.
 #[test]
 fn mpi_tensor_parallel_matches_one_rank() {
     let exe = env!("CARGO_BIN_EXE_ultramoe");
@@ -126,7 +127,16 @@ fn mpi_tensor_parallel_matches_one_rank() {
         .unwrap();
     assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
     assert_same_run(&one, &eight);
-    for d in [one, two, eight] {
+    let eight_sp = scratch("tp-eight-sp");
+    let st = mpirun(8)
+        .arg(exe)
+        .args(train_args(&eight_sp, 30))
+        .args(["--tp", "2", "--sequence-parallel", "--pp", "2", "--ep", "2", "--pp-layers", "1,2", "--threads", "1", "--mpi-wait", "sleep"])
+        .output()
+        .unwrap();
+    assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+    assert_same_run(&one, &eight_sp);
+    for d in [one, two, eight, eight_sp] {
         let _ = std::fs::remove_dir_all(d);
     }
 }

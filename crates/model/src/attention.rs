@@ -40,6 +40,15 @@ impl Ctx<'_> {
         self.b * self.t
     }
 
+    /// Rows of the residual stream this rank holds: `N`, or its `N/TP` slice under
+    /// sequence parallelism (attention and the dense FFN gather the whole).
+    pub fn rows(&self) -> usize {
+        match self.tp {
+            Some(t) if t.sequence_parallel() => self.n() / t.size(),
+            _ => self.n(),
+        }
+    }
+
     /// Which keys each query sees.
     fn mask(&self) -> Mask<'_> {
         self.positions.map_or(Mask::Causal, Mask::Documents)

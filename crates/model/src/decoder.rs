@@ -211,11 +211,17 @@ impl DecoderLayer {
         })
     }
 
-    /// `x: [N, H]` → `y: [N, H]`.
+    /// `x: [N, H]` → `y: [N, H]` (under sequence parallelism this rank's `N/TP` rows of
+    /// each).
     pub fn forward(&self, w: &[f32], x: Vec<f32>, c: &Ctx) -> (Vec<f32>, LayerSaved) {
-        let n = c.n();
+        let n = c.rows();
         let (xn1, rstd1) = self.norm(w, &self.attn_norm, &x, n);
-        let (mut a, attn) = match &self.attn {
+        // The split attention reads every row (gathered under sequence parallelism).
+        let xn1 = match c.tp {
+            Some(tp) => tp.rows_whole(xn1),
+            None => xn1,
+        };
+        let (a, attn) = match &self.attn {
             AttnBlock::Gqa(m) => {
                 let (y, s) = m.forward(w, &xn1, c);
                 (y, AttnSaved::Gqa(s))
@@ -226,17 +232,20 @@ impl DecoderLayer {
             }
         };
         // Row-parallel output projection: each tensor-parallel rank holds its heads' part.
-        if let Some(tp) = c.tp {
-            tp.sum_in_pass(&mut a);
-        }
+        let mut a = match c.tp {
+            Some(tp) => tp.sum_partial(a),
+            None => a,
+        };
         let attn_post = self.post_norm(w, self.sandwich.as_ref().map(|[sa, _]| sa), &mut a, n);
         let mut h = a;
         add_into(&mut h, &x);
         let (xn2, rstd2) = self.norm(w, &self.ffn_norm, &h, n);
-        let (mut f, ffn) = self.ffn_forward(w, &xn2, c);
-        if let (Some(tp), FfnBlock::Dense(_)) = (c.tp, &self.ffn) {
-            tp.sum_in_pass(&mut f);
-        }
+        let xn2 = self.ffn_input(xn2, c);
+        let (f, ffn) = self.ffn_forward(w, &xn2, c);
+        let mut f = match (c.tp, &self.ffn) {
+            (Some(tp), FfnBlock::Dense(_)) => tp.sum_partial(f),
+            _ => f,
+        };
         let ffn_post = self.post_norm(w, self.sandwich.as_ref().map(|[_, sf]| sf), &mut f, n);
         let mut y = f;
         add_into(&mut y, &h);
@@ -269,9 +278,18 @@ impl DecoderLayer {
         y
     }
 
+    /// The FFN block's input from this rank's normed rows: a split dense FFN reads every
+    /// row (gathered under sequence parallelism); a MoE block runs on the rows held.
+    fn ffn_input(&self, xn2: Vec<f32>, c: &Ctx) -> Vec<f32> {
+        match (c.tp, &self.ffn) {
+            (Some(tp), FfnBlock::Dense(_)) => tp.rows_whole(xn2),
+            _ => xn2,
+        }
+    }
+
     /// The FFN block's forward: its output and saved set.
     fn ffn_forward(&self, w: &[f32], xn2: &[f32], c: &Ctx) -> (Vec<f32>, FfnSaved) {
-        let n = c.n();
+        let n = xn2.len() / self.hidden;
         match &self.ffn {
             FfnBlock::Dense(m) => {
                 let (y, s) = m.forward(w, xn2, n);
@@ -288,10 +306,10 @@ impl DecoderLayer {
     /// block's set or the SwiGLU outputs and routed rows), with the forward's own kernels
     /// on the same inputs (so the same bits).
     fn restore_ffn(&self, w: &[f32], s: &mut LayerSaved, c: &Ctx) {
-        let n = c.n();
         if s.xn2.is_empty() {
             let _p = ultramoe_kernels::profile::scope("recompute.norm");
-            (s.xn2, s.rstd2) = self.norm(w, &self.ffn_norm, &s.h, n);
+            let (xn2, rstd2) = self.norm(w, &self.ffn_norm, &s.h, c.rows());
+            (s.xn2, s.rstd2) = (self.ffn_input(xn2, c), rstd2);
         }
         if let FfnSaved::Rerun(_) = s.ffn {
             let _p = ultramoe_kernels::profile::scope("recompute.ffn");
@@ -309,7 +327,12 @@ impl DecoderLayer {
     fn restore_attention(&self, w: &[f32], s: &mut LayerSaved, c: &Ctx) {
         if s.xn1.is_empty() {
             let _p = ultramoe_kernels::profile::scope("recompute.norm");
-            (s.xn1, s.rstd1) = self.norm(w, &self.attn_norm, &s.x, c.n());
+            let (xn1, rstd1) = self.norm(w, &self.attn_norm, &s.x, c.rows());
+            s.xn1 = match c.tp {
+                Some(tp) => tp.rows_whole(xn1),
+                None => xn1,
+            };
+            s.rstd1 = rstd1;
         }
         match (&self.attn, &mut s.attn) {
             (AttnBlock::Gqa(m), AttnSaved::Gqa(ms)) => m.restore(w, &s.xn1, ms, c),
@@ -336,24 +359,28 @@ impl DecoderLayer {
     /// just before its backward, the attention's after the FFN's set is dropped), so the
     /// layer never holds both blocks' rebuilt parts at once.
     pub fn backward(&self, w: &[f32], g: &mut [f32], mut s: LayerSaved, dy: Vec<f32>, c: &Ctx) -> Vec<f32> {
-        let (n, hd) = (c.n(), self.hidden);
+        let hd = self.hidden;
         self.restore_ffn(w, &mut s, c);
         // y = h + post(f): the residual passes dy to h unchanged.
         let df = self.post_norm_backward(w, g, self.sandwich.as_ref().map(|[_, sf]| sf), s.ffn_post.as_ref(), &dy);
+        // (the block's input rows: every row for a split dense FFN)
+        let n = s.xn2.len() / hd;
         let dxn2 = match (&self.ffn, &s.ffn) {
             (FfnBlock::Dense(m), FfnSaved::Dense(ms)) => {
+                let df = match c.tp {
+                    Some(tp) => Cow::Owned(tp.rows_whole(df.into_owned())),
+                    None => df,
+                };
                 let mut dx = vec![0.0; n * hd];
                 m.backward(w, g, &s.xn2, ms, &df, &mut dx, n, false);
-                dx
+                match c.tp {
+                    Some(tp) => tp.sum_partial(dx),
+                    None => dx,
+                }
             }
             (FfnBlock::Moe(m), FfnSaved::Moe(ms)) => m.backward(w, g, &s.xn2, ms, &df, n, &c.moe),
             _ => unreachable!("saved FFN activations do not match the layer"),
         };
-        let mut dxn2 = dxn2;
-        if let (Some(tp), FfnBlock::Dense(_)) = (c.tp, &self.ffn) {
-            tp.sum_in_pass(&mut dxn2);
-        }
-        drop(df);
         // The FFN's saved set is done with.
         s.ffn = FfnSaved::Dense(MlpSaved::default());
         s.xn2 = Vec::new();
@@ -363,15 +390,20 @@ impl DecoderLayer {
         drop(dxn2);
         self.restore_attention(w, &mut s, c);
         let da = self.post_norm_backward(w, g, self.sandwich.as_ref().map(|[sa, _]| sa), s.attn_post.as_ref(), &dh);
+        let da = match c.tp {
+            Some(tp) => Cow::Owned(tp.rows_whole(da.into_owned())),
+            None => da,
+        };
         let dxn1 = match (&self.attn, &s.attn) {
             (AttnBlock::Gqa(m), AttnSaved::Gqa(ms)) => m.backward(w, g, &s.xn1, ms, &da, c),
             (AttnBlock::Mla(m), AttnSaved::Mla(ms)) => m.backward(w, g, &s.xn1, ms, &da, c),
             _ => unreachable!("saved attention activations do not match the layer"),
         };
-        let mut dxn1 = dxn1;
-        if let Some(tp) = c.tp {
-            tp.sum_in_pass(&mut dxn1);
-        }
+        drop(da);
+        let dxn1 = match c.tp {
+            Some(tp) => tp.sum_partial(dxn1),
+            None => dxn1,
+        };
         let mut dx = dh;
         rmsnorm_backward(&mut dx, &mut g[self.attn_norm.clone()], &dxn1, &s.x, &w[self.attn_norm.clone()], &s.rstd1, hd, true);
         dx

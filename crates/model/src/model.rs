@@ -326,7 +326,8 @@ impl Model {
     pub fn tp_split_blocks(&self, i: usize) -> usize {
         match &self.layers[i].ffn {
             FfnBlock::Dense(_) => 2,
-            FfnBlock::Moe(m) => 1 + m.shared.is_some() as usize,
+            // (under sequence parallelism the MoE block runs on the slice, whole)
+            FfnBlock::Moe(m) => 1 + (m.shared.is_some() && !self.tp.as_ref().is_some_and(|t| t.sequence_parallel())) as usize,
         }
     }
 
@@ -345,6 +346,13 @@ impl Model {
         // for a few percent of the layer's FLOPs); their gradients are partial.
         let t = tp.as_ref().map_or(1, |t| t.size());
         lay.set_tensor_parallel(tp.as_ref().map_or(0, |t| t.rank()), t);
+        // Sequence parallelism: norms and whole MoE blocks (router, routed and shared
+        // experts) run on each rank's slice of the rows, so their weights stay whole on
+        // every rank with partial gradients; the MoE blocks then need no collective of
+        // the tensor-parallel group at all.
+        let sp = tp.as_ref().is_some_and(|t| t.sequence_parallel());
+        let hidden = cfg.hidden;
+        let norm = |lay: &mut ParamLayout, name: String, init: Init| if sp { lay.add_tp_partial(name, &[hidden], init) } else { lay.add(name, &[hidden], init) };
         let (h, v, l) = (cfg.hidden, cfg.vocab_size, cfg.n_layers);
         let std = if cfg.tiny_init {
             // TinyInit (Pangu Ultra): σ = √(1 / (2·H·L)), scaled by width and depth.
@@ -366,7 +374,7 @@ impl Model {
             // only the stage's own get buffer space and are kept.
             lay.set_stage(stage.holder(i), stage.holds(i));
             let p = format!("model.layers.{i}.");
-            let attn_norm = lay.add(format!("{p}input_layernorm.weight"), &[h], ones);
+            let attn_norm = norm(&mut lay, format!("{p}input_layernorm.weight"), ones);
             let attn = match &cfg.mla {
                 Some(d) => {
                     let nh = cfg.n_heads;
@@ -438,9 +446,19 @@ impl Model {
                     })
                 }
             };
-            let ffn_norm = lay.add(format!("{p}post_attention_layernorm.weight"), &[h], ones);
+            let ffn_norm = norm(&mut lay, format!("{p}post_attention_layernorm.weight"), ones);
             let ffn = if cfg.moe_layers[i] {
-                FfnBlock::Moe(build_moe(&mut lay, &cfg, &p, normal, rank, placements.next().expect("one placement per MoE layer")))
+                let placement = placements.next().expect("one placement per MoE layer");
+                if sp {
+                    let first = lay.specs.len();
+                    lay.set_tensor_parallel(0, 1);
+                    let moe = build_moe(&mut lay, &cfg, &p, normal, rank, placement);
+                    lay.set_tensor_parallel(tp.as_ref().map_or(0, |t| t.rank()), t);
+                    lay.mark_tp_partial(first);
+                    FfnBlock::Moe(moe)
+                } else {
+                    FfnBlock::Moe(build_moe(&mut lay, &cfg, &p, normal, rank, placement))
+                }
             } else {
                 FfnBlock::Dense(build_mlp(&mut lay, &format!("{p}mlp."), ["gate_proj", "up_proj", "down_proj"], h, cfg.intermediate, normal, t))
             };
@@ -448,8 +466,8 @@ impl Model {
                 // Depth-scaled sandwich norm: post-norm gains start at 1/√L.
                 let gain = Init::Constant((1.0 / (l as f64).sqrt()) as f32);
                 [
-                    lay.add(format!("{p}post_self_attn_layernorm.weight"), &[h], gain),
-                    lay.add(format!("{p}post_mlp_layernorm.weight"), &[h], gain),
+                    norm(&mut lay, format!("{p}post_self_attn_layernorm.weight"), gain),
+                    norm(&mut lay, format!("{p}post_mlp_layernorm.weight"), gain),
                 ]
             });
             if stage.holds(i) {
@@ -458,7 +476,7 @@ impl Model {
             }
         }
         lay.set_stage(stage.head_holder(), stage.holds_head());
-        let final_norm = lay.add("model.norm.weight".into(), &[h], ones);
+        let final_norm = norm(&mut lay, "model.norm.weight".into(), ones);
         let lm_head = if cfg.tie_word_embeddings {
             lay.aliases.insert("lm_head.weight".into(), "model.embed_tokens.weight".into());
             embed.clone()
@@ -494,7 +512,8 @@ impl Model {
     /// The context a pass over `b × t` tokens runs layers in, on `exchange`.
     fn ctx<'a>(&'a self, b: usize, t: usize, positions: Option<&'a [u32]>, opts: &PassOptions, exchange: Option<&'a ExpertExchange>) -> Ctx<'a> {
         let tp = self.tp.as_deref();
-        let moe = MoeCtx { exchange, chunks: opts.overlap_chunks.max(1), balance_loss: opts.balance_loss, skew: opts.routing_skew, tp };
+        let moe_tp = tp.filter(|t| !t.sequence_parallel());
+        let moe = MoeCtx { exchange, chunks: opts.overlap_chunks.max(1), balance_loss: opts.balance_loss, skew: opts.routing_skew, tp: moe_tp };
         Ctx { b, t, rope: &self.rope, positions, keep_probs: true, moe, tp }
     }
 
@@ -537,7 +556,8 @@ impl Model {
                         row.copy_from_slice(&table[r * h..(r + 1) * h]);
                     }
                 }
-                tp.sum_in_pass(&mut x);
+                // (this rank's rows of the sum under sequence parallelism)
+                x = tp.sum_partial(x);
             }
         }
         x
@@ -577,11 +597,11 @@ impl Model {
         exchange: Option<&ExpertExchange>,
         layer_done: &mut dyn FnMut(usize),
     ) -> (Vec<f32>, ChunkForward) {
-        assert_eq!(x.len(), b * t * self.cfg.hidden, "the chunk's input must be B·T rows of H");
         if let Some(p) = positions {
             assert_eq!(p.len(), b * t, "one document position per token");
         }
         let base = self.ctx(b, t, positions, opts, exchange);
+        assert_eq!(x.len(), base.rows() * self.cfg.hidden, "the chunk's input must be B·T rows of H (this rank's slice of them under sequence parallelism)");
         let held = self.chunk_layers(chunk);
         let mut saved: Vec<LayerState> = Vec::with_capacity(held.len());
         let mut swap: Option<SwapFile> = None;
@@ -638,7 +658,7 @@ impl Model {
         let mut head = self.final_norm_forward(w, x);
         let _p = ultramoe_kernels::profile::scope("lm_head.forward");
         let (h, v) = (self.cfg.hidden, self.cfg.vocab_size);
-        let (n, vl) = (head.x.len() / h, self.vocab_slice().1);
+        let (n, vl) = (head.xn.len() / h, self.vocab_slice().1);
         head.logits = linear(&head.xn, &w[self.head_slots().1], n, h, vl);
         if let Some(tp) = &self.tp {
             // A caller that reads logits gets them whole: the slices gathered
@@ -675,6 +695,12 @@ impl Model {
         let mut xn = vec![0.0; n * h];
         let mut rstd = vec![0.0; n];
         rmsnorm_forward(&mut xn, &mut rstd, &x, &w[self.head_slots().0], h, self.cfg.rms_norm_eps);
+        // The vocabulary-parallel head reads every row (gathered under sequence
+        // parallelism; `x` and `rstd` stay this rank's rows).
+        let xn = match &self.tp {
+            Some(tp) => tp.rows_whole(xn),
+            None => xn,
+        };
         HeadForward { logits: vec![], x, rstd, xn, chunk_rows: 0 }
     }
 
@@ -767,7 +793,7 @@ impl Model {
         let (h, v) = (self.cfg.hidden, self.cfg.vocab_size);
         let (v0, vl) = self.vocab_slice();
         let lm = self.head_slots().1;
-        let n = head.x.len() / h;
+        let n = head.xn.len() / h;
         let whole = std::mem::take(&mut head.logits);
         let rows = if head.chunk_rows == 0 { n.max(1) } else { head.chunk_rows };
         let mut dxn = vec![0.0; n * h];
@@ -787,8 +813,7 @@ impl Model {
             dxn[r0 * h..r1 * h].copy_from_slice(&d);
             r0 = r1;
         }
-        tp.sum_in_pass(&mut dxn);
-        (loss, count, dxn)
+        (loss, count, tp.sum_partial(dxn))
     }
 
     /// Backward of model chunk `fwd.chunk` from the gradient of its output `dy`;
@@ -855,6 +880,10 @@ impl Model {
         }
         // The rows of this rank's vocabulary slice.
         let (v0, vl) = self.vocab_slice();
+        let dx = match &self.tp {
+            Some(tp) => tp.rows_whole(dx.to_vec()),
+            None => dx.to_vec(),
+        };
         let table = &mut g[slot];
         for (row, &id) in dx.chunks(h).zip(ids) {
             if let Some(r) = (id as usize).checked_sub(v0).filter(|&r| r < vl) {

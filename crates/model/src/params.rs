@@ -217,6 +217,14 @@ impl ParamLayout {
         r
     }
 
+    /// Marks every tensor held from spec `first` on as replicated with partial
+    /// gradients under tensor parallelism (see [`ParamSpec::tp_partial`]).
+    pub fn mark_tp_partial(&mut self, first: usize) {
+        if self.tp.1 > 1 {
+            self.specs[first..].iter_mut().for_each(|s| s.tp_partial = true);
+        }
+    }
+
     fn add_sliced(&mut self, name: String, shape: &[usize], init: Init, split: Option<TpSplit>) -> Slot {
         if self.elsewhere {
             self.add_logical(name, shape, init, false, 0);

@@ -98,6 +98,36 @@ impl TensorParallel {
         self.all_gather(part).unwrap_or_else(|e| std::panic::panic_any(e))
     }
 
+    /// This rank's rows of the sum over the group of `whole` (`[n, d]` → `[n/t, d]`),
+    /// inside a pass: sequence parallelism's reduce-scatter (counted; a failure unwinds
+    /// as [`TensorParallel::sum_in_pass`]'s does).
+    pub fn scatter_sum_in_pass(&self, whole: &[f32]) -> Vec<f32> {
+        let _p = ultramoe_kernels::profile::scope("tp.reduce_scatter");
+        self.reduce_scatter(whole).unwrap_or_else(|e| std::panic::panic_any(e))
+    }
+
+    /// Under sequence parallelism, every rank's rows in order (an all-gather); otherwise
+    /// `rows` itself.
+    pub fn rows_whole(&self, rows: Vec<f32>) -> Vec<f32> {
+        if self.sequence_parallel {
+            self.gather_in_pass(&rows)
+        } else {
+            rows
+        }
+    }
+
+    /// The sum over the group of a split block's partial result `[n, d]`: this rank's
+    /// rows of it under sequence parallelism (a reduce-scatter), all of it otherwise
+    /// (an all-reduce).
+    pub fn sum_partial(&self, mut partial: Vec<f32>) -> Vec<f32> {
+        if self.sequence_parallel {
+            self.scatter_sum_in_pass(&partial)
+        } else {
+            self.sum_in_pass(&mut partial);
+            partial
+        }
+    }
+
     fn count(&self, ring_bytes: f64) {
         self.bytes.fetch_add(ring_bytes.round() as u64, Ordering::Relaxed);
     }

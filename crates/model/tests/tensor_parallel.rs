@@ -270,7 +270,12 @@ fn pass(model: &Model, w: &[f32], ids: &[u32], b: usize, t: usize, opts: &PassOp
 }
 
 fn tp_model(cfg: ModelConfig, group: Arc<dyn ProcessGroup>) -> ultramoe_model::Result<Model> {
-    let share = Share { tp: Some(Arc::new(TensorParallel::new(group, false))), ..Share::whole(&cfg) };
+    sp_model(cfg, group, false)
+}
+
+/// The share of a tensor-parallel group, with sequence parallelism when `sp`.
+fn sp_model(cfg: ModelConfig, group: Arc<dyn ProcessGroup>, sp: bool) -> ultramoe_model::Result<Model> {
+    let share = Share { tp: Some(Arc::new(TensorParallel::new(group, sp))), ..Share::whole(&cfg) };
     Model::share(cfg, share)
 }
 
@@ -282,6 +287,12 @@ fn assert_close(a: &[f32], b: &[f32], rel: f32, what: &str) {
 
 /// The fixture `case` at TP `t` under `policy` against one rank.
 fn check_tp(case: &'static str, t: usize, policy: Vec<LayerPolicy>) {
+    check_tp_sp(case, t, policy.clone(), false);
+    check_tp_sp(case, t, policy, true);
+}
+
+/// [`check_tp`] with sequence parallelism when `sp`.
+fn check_tp_sp(case: &'static str, t: usize, policy: Vec<LayerPolicy>, sp: bool) {
     let dir = padded(case);
     let cfg = ModelConfig::from_file(&dir.join("config.json")).unwrap();
     let (ids, b, tt) = fixture_batch(&fixture(case));
@@ -290,12 +301,12 @@ fn check_tp(case: &'static str, t: usize, policy: Vec<LayerPolicy>) {
     let reference = pass(&single, &load_weights(&single, &dir).unwrap(), &ids, b, tt, &PassOptions::default());
     let (ids2, opts2, dir2) = (ids.clone(), opts.clone(), dir.clone());
     let ranks = local::run(t, Duration::from_secs(60), move |c| {
-        let model = tp_model(ModelConfig::from_file(&dir2.join("config.json")).unwrap(), Arc::new(c)).unwrap();
+        let model = sp_model(ModelConfig::from_file(&dir2.join("config.json")).unwrap(), Arc::new(c), sp).unwrap();
         let w = load_weights(&model, &dir2).unwrap();
         Ok(pass(&model, &w, &ids2, b, tt, &opts2))
     })
     .unwrap();
-    let label = format!("{case} TP {t}");
+    let label = format!("{case} TP {t}{}", if sp { " SP" } else { "" });
     for (r, p) in ranks.iter().enumerate() {
         assert_close(&p.logits, &reference.logits, 1e-5, &format!("{label} rank {r} logits"));
         assert!(((p.loss - reference.loss) / reference.loss).abs() <= 1e-5, "{label}: loss {} vs {}", p.loss, reference.loss);

@@ -34,6 +34,10 @@ pub struct RunSpec {
     /// `tp` ranks that train the same rows (the MoE router and routed experts run whole
     /// on each)
     pub tp: usize,
+    /// sequence parallelism (with `tp` ≥ 2): norms, residuals and MoE blocks on each
+    /// tensor-parallel rank's `1/tp` of the rows, all-gather and reduce-scatter around
+    /// the split blocks instead of all-reduces
+    pub sequence_parallel: bool,
     /// pipeline stages
     pub pp: usize,
     /// model chunks per pipeline rank (interleaved 1F1B)
@@ -120,6 +124,7 @@ impl Default for RunSpec {
     fn default() -> Self {
         RunSpec {
             tp: 1,
+            sequence_parallel: false,
             pp: 1,
             vpp: 1,
             ep: 1,
@@ -159,7 +164,7 @@ impl RunSpec {
     pub fn describe(&self) -> String {
         let mut s = if self.pp > 1 { format!("PP {} × EP {} × DP {}", self.pp, self.ep, self.dp) } else { format!("EP {} × DP {}", self.ep, self.dp) };
         if self.tp > 1 {
-            s = format!("TP {} × {s}", self.tp);
+            s = format!("TP {}{} × {s}", self.tp, if self.sequence_parallel { " (SP)" } else { "" });
         }
         if self.vpp > 1 {
             s += &format!(" (VPP {})", self.vpp);
@@ -187,6 +192,18 @@ impl RunSpec {
                 return Err(Error::field("hierarchical_a2a", "a hierarchical all-to-all with tensor parallelism is not built yet; use tp 1"));
             }
             ultramoe_model::model::check_tensor_parallel(cfg, self.tp)?;
+        }
+        if self.sequence_parallel {
+            if self.tp < 2 {
+                return Err(Error::field("sequence_parallel", "sequence parallelism splits rows over tensor-parallel ranks: it needs tp 2 or more"));
+            }
+            let rows = tc.micro_batch / self.stage_ranks().max(1) * tc.seq_len;
+            if !rows.is_multiple_of(self.tp) {
+                return Err(Error::field("sequence_parallel", format!("a rank's {rows} tokens per micro-batch do not split over {} tensor-parallel ranks", self.tp)));
+            }
+            if tc.aux_loss.is_some() {
+                return Err(Error::field("aux_loss", "an auxiliary balancing loss with sequence parallelism is not built yet (each rank would see a slice of the tokens); use the bias update or drop --sequence-parallel"));
+            }
         }
         if self.pp > cfg.n_layers {
             return Err(Error::field("pp", format!("{} stages for {} layers", self.pp, cfg.n_layers)));
@@ -274,7 +291,7 @@ impl RunSpec {
             experts,
             ep_nodes: mesh.map(|m| m.ep_nodes()).unwrap_or_default(),
             hierarchical: self.hierarchical_a2a,
-            tp: mesh.filter(|m| m.tp_size() > 1).map(|m| std::sync::Arc::new(TensorParallel::new(m.tp.clone(), false))),
+            tp: mesh.filter(|m| m.tp_size() > 1).map(|m| std::sync::Arc::new(TensorParallel::new(m.tp.clone(), self.sequence_parallel))),
         })
     }
 
@@ -337,6 +354,7 @@ mod tests {
             (RunSpec { tp: 2, ..RunSpec::default() }, 4, 4, "ranks"),
             (RunSpec { tp: 4, ..RunSpec::default() }, 4, 4, "num_attention_heads"),
             (RunSpec { tp: 2, hierarchical_a2a: true, ..RunSpec::default() }, 4, 2, "hierarchical_a2a"),
+            (RunSpec { sequence_parallel: true, ..RunSpec::default() }, 4, 1, "sequence_parallel"),
             (RunSpec { placement_every: 5, ..RunSpec::default() }, 4, 1, "placement_every"),
         ];
         for (spec, layers, world, field) in cases {

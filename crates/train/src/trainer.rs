@@ -831,11 +831,16 @@ impl Trainer {
         }
         // Loads of every MoE layer of the model (a stage fills its own).
         let (mut counts, mut slot_counts) = self.global_counts(out.counts, out.slot_counts);
-        // A tensor-parallel group's ranks computed the same losses, loads and exchanges:
-        // one of them counts them.
+        // A tensor-parallel group's ranks computed the same losses and pass times: one
+        // of them counts them; and the same expert loads, unless sequence parallelism
+        // gave each its own rows. (Each rank's all-to-all bytes moved: all count.)
         if self.parallel.as_ref().is_some_and(|p| !p.mesh.counts_once()) {
-            sums.fill(0.0);
-            counts.iter_mut().chain(slot_counts.iter_mut()).flatten().for_each(|c| *c = 0);
+            sums[0] = 0.0;
+            sums[1] = 0.0;
+            sums[5..].fill(0.0);
+            if !self.spec.sequence_parallel {
+                counts.iter_mut().chain(slot_counts.iter_mut()).flatten().for_each(|c| *c = 0);
+            }
         }
         let opt_scope = ultramoe_kernels::profile::scope("optimizer");
         let mut comm_s = x.seconds;

@@ -316,7 +316,9 @@ pub fn resolve(a: &TrainArgs, latest: Option<&Path>) -> CliResult<Resolved> {
             p.check(&cfg, world)?;
             (tc.micro_batch, tc.grad_accum, tc.seq_len) = (p.micro_batch, p.grad_accum, p.seq_len);
             let schedule = if p.schedule == ultramoe_plan::PipeSchedule::Overlap { PipelineSchedule::Overlapped } else { PipelineSchedule::OneFOneB };
-            let base = RunSpec { memory_policy: p.memory_policy(cfg.n_layers)?, zero1: p.zero1, schedule, ..RunSpec::default() };
+            // The planner prices tensor parallelism with sequence parallelism (every
+            // activation split over TP).
+            let base = RunSpec { memory_policy: p.memory_policy(cfg.n_layers)?, zero1: p.zero1, schedule, sequence_parallel: p.tp > 1, ..RunSpec::default() };
             let mut spec = spec_from_args(base, a, Layout { tp: p.tp, pp: p.pp, ep: p.ep, dp: p.dp }, cfg.n_layers)?;
             spec.vpp = p.vpp;
             spec
@@ -333,6 +335,9 @@ pub fn resolve(a: &TrainArgs, latest: Option<&Path>) -> CliResult<Resolved> {
 /// or VPP of the base carries over only while the pipeline keeps its shape.
 pub fn spec_from_args(base: RunSpec, a: &TrainArgs, layout: Layout, n_layers: usize) -> CliResult<RunSpec> {
     let p = &a.parallel;
+    if p.sequence_parallel && layout.tp < 2 {
+        return Err("--sequence-parallel splits rows over tensor-parallel ranks: give --tp 2 or more".into());
+    }
     let same_pipeline = layout.pp == base.pp;
     let vpp = p.vpp.unwrap_or(if same_pipeline { base.vpp } else { 1 });
     let pp_layers = match &p.pp_layers {
@@ -346,6 +351,8 @@ pub fn spec_from_args(base: RunSpec, a: &TrainArgs, layout: Layout, n_layers: us
     };
     let mut spec = RunSpec {
         tp: layout.tp,
+        // (sound to keep or drop at any tensor-parallel size: the numbers are the same)
+        sequence_parallel: (p.sequence_parallel || base.sequence_parallel) && layout.tp > 1,
         pp: layout.pp,
         ep: layout.ep,
         dp: layout.dp,
