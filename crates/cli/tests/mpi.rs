@@ -104,6 +104,12 @@ fn mpi_pipeline_matches_one_rank() {
     }
 }
 
+/// Runs `c` to success (its stderr in the failure).
+fn succeed(c: &mut Command) {
+    let st = c.output().unwrap();
+    assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+}
+
 /// Tensor parallelism under MPI: TP 2 alone and TP 2 × PP 2 × EP 2 on eight processes
 /// (with and without sequence parallelism) give the single-rank run, and the saved
 /// model is whole tensors.
@@ -111,32 +117,20 @@ fn mpi_pipeline_matches_one_rank() {
 fn mpi_tensor_parallel_matches_one_rank() {
     let exe = env!("CARGO_BIN_EXE_ultramoe");
     let one = scratch("tp-one");
-    let st = Command::new(exe).args(train_args(&one, 30)).output().unwrap();
-    assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+    succeed(Command::new(exe).args(train_args(&one, 30)));
     let two = scratch("tp-two");
-    let st = mpirun(2).arg(exe).args(train_args(&two, 30)).args(["--tp", "2", "--threads", "1"]).output().unwrap();
-    assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+    succeed(mpirun(2).arg(exe).args(train_args(&two, 30)).args(["--tp", "2", "--threads", "1"]));
     assert!(two.join("run/model/model.safetensors").is_file(), "one file of whole tensors");
     assert_same_run(&one, &two);
-    let eight = scratch("tp-eight");
-    let st = mpirun(8)
-        .arg(exe)
-        .args(train_args(&eight, 30))
-        .args(["--tp", "2", "--pp", "2", "--ep", "2", "--pp-layers", "1,2", "--threads", "1", "--mpi-wait", "sleep"])
-        .output()
-        .unwrap();
-    assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
-    assert_same_run(&one, &eight);
-    let eight_sp = scratch("tp-eight-sp");
-    let st = mpirun(8)
-        .arg(exe)
-        .args(train_args(&eight_sp, 30))
-        .args(["--tp", "2", "--sequence-parallel", "--pp", "2", "--ep", "2", "--pp-layers", "1,2", "--threads", "1", "--mpi-wait", "sleep"])
-        .output()
-        .unwrap();
-    assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
-    assert_same_run(&one, &eight_sp);
-    for d in [one, two, eight, eight_sp] {
+    let mut dirs = vec![one.clone(), two];
+    for sp in [&[][..], &["--sequence-parallel"][..]] {
+        let eight = scratch(&format!("tp-eight{}", sp.len()));
+        let layout = ["--tp", "2", "--pp", "2", "--ep", "2", "--pp-layers", "1,2", "--threads", "1", "--mpi-wait", "sleep"];
+        succeed(mpirun(8).arg(exe).args(train_args(&eight, 30)).args(layout).args(sp));
+        assert_same_run(&one, &eight);
+        dirs.push(eight);
+    }
+    for d in dirs {
         let _ = std::fs::remove_dir_all(d);
     }
 }

@@ -18,10 +18,18 @@
 //!
 //! Traffic per rank (ring algorithms): an all-reduce of `B` bytes moves
 //! `2(t−1)/t·B`, an all-gather or a reduce-scatter whose whole result is `B` bytes moves
-//! `(t−1)/t·B`. A transformer layer (attention: column QKV + row output; MLP: column
-//! gate/up + row down) moves four times the all-reduce of its `n·H` activations per
-//! micro-batch, forward and backward, with or without sequence parallelism —
-//! `ultramoe_plan::simulate::tp_bytes_per_layer`, tested equal.
+//! `(t−1)/t·B`. Each split block of a decoder layer (attention: column QKV + row
+//! output; a dense MLP or shared experts: column gate/up + row down) moves twice the
+//! all-reduce of its `n·H` activations per micro-batch, forward and backward, with or
+//! without sequence parallelism — `ultramoe_plan::simulate::tp_bytes_per_layer`; the
+//! vocabulary-parallel embedding and head, `tp_bytes_vocab`; both tested equal to what
+//! the model's passes count here.
+//!
+//! The decoder layers call [`TensorParallel::rows_whole`] and
+//! [`TensorParallel::sum_partial`] around their split blocks (the `*_in_pass` forms:
+//! inside a pass a failed collective unwinds, like the expert exchange's, and the
+//! trainer turns it back into an error); the linears here are the same algebra as
+//! standalone functions, tested against one rank.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;

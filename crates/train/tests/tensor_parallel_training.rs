@@ -6,6 +6,8 @@
 //! gathered whole) within 1e-5 (relative L2, per tensor); a TP 2 checkpoint resumes at
 //! TP 1 and TP 4 on the single run's curve.
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -174,18 +176,7 @@ fn assert_close(label: &str, got: &Run, want: &Run) {
     for (i, (a, b)) in got.norms.iter().zip(&want.norms).enumerate() {
         assert!(((a - b) / b).abs() <= 1e-4, "{label}: step {} gradient norm {a} vs {b}", i + 1);
     }
-    assert_eq!(got.weights.len(), want.weights.len(), "{label}: tensors");
-    let mut worst = (0.0f64, String::new());
-    for (name, w1) in &want.weights {
-        let w2 = &got.weights[name];
-        let diff: f64 = w2.iter().zip(w1).map(|(a, b)| ((a - b) as f64).powi(2)).sum::<f64>().sqrt();
-        let norm: f64 = w1.iter().map(|&b| (b as f64).powi(2)).sum::<f64>().sqrt().max(1e-12);
-        if diff / norm > worst.0 {
-            worst = (diff / norm, name.clone());
-        }
-    }
-    eprintln!("{label}: worst relative weight difference {:.2e} ({})", worst.0, worst.1);
-    assert!(worst.0 <= 1e-5, "{label}: {} differs by {:.2e} (relative L2)", worst.1, worst.0);
+    common::assert_weights_close(label, &got.weights, &want.weights);
 }
 
 fn layout(tp: usize, pp: usize, ep: usize) -> RunSpec {
