@@ -16,9 +16,10 @@ pub struct ParallelArgs {
     /// plan's device count). Under `mpirun` the ranks are MPI's processes instead.
     #[arg(long)]
     pub ranks: Option<usize>,
-    /// Tensor-parallel size: each layer's attention heads, dense FFN and shared experts
-    /// split over TP consecutive ranks that train the same rows (MoE routers and routed
-    /// experts run whole on each; heads, key/value heads and FFN widths must divide).
+    /// Tensor-parallel size: attention heads, dense FFN, shared experts, embedding and
+    /// head (by vocabulary) split over TP consecutive ranks that train the same rows
+    /// (MoE routers and routed experts run whole on each; heads, key/value heads, FFN
+    /// widths and the vocabulary must divide).
     #[arg(long)]
     pub tp: Option<usize>,
     /// Sequence parallelism (with --tp): norms, residuals and MoE blocks on each
