@@ -15,10 +15,15 @@ const CONFIG: &str = r#"{"model_type": "deepseek_v3", "vocab_size": 128, "hidden
     "n_routed_experts": 8, "num_experts_per_tok": 2, "n_shared_experts": 1, "max_position_embeddings": 64}"#;
 
 fn scratch(name: &str) -> PathBuf {
+    scratch_for(name, CONFIG)
+}
+
+/// A fresh directory holding `config` as its `config.json`.
+fn scratch_for(name: &str, config: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("ultramoe-mpi-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
-    std::fs::write(d.join("config.json"), CONFIG).unwrap();
+    std::fs::write(d.join("config.json"), config).unwrap();
     d
 }
 
@@ -53,7 +58,7 @@ fn assert_same_run(one: &Path, two: &Path) {
     for (i, (x, y)) in a.iter().zip(&b).enumerate() {
         assert!(((x - y) / x).abs() <= 1e-5, "step {}: {x} vs {y}", i + 1);
     }
-    let model = Model::new(ModelConfig::from_json_str(CONFIG).unwrap());
+    let model = Model::new(ModelConfig::from_file(&one.join("config.json")).unwrap());
     let w1 = load_weights(&model, &one.join("run/model")).unwrap();
     let w2 = load_weights(&model, &two.join("run/model")).unwrap();
     for s in &model.layout.specs {
@@ -110,28 +115,36 @@ fn succeed(c: &mut Command) {
     assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
 }
 
-/// Tensor parallelism under MPI: TP 2 alone and TP 2 × PP 2 × EP 2 on eight processes
-/// (with and without sequence parallelism) give the single-rank run, and the saved
-/// model is whole tensors.
+/// Tensor parallelism under MPI, on DeepSeek-V3- (MLA, shared experts), Qwen3-MoE- (q/k
+/// norms) and Mixtral-shaped models: TP 2 alone and TP 2 × PP 2 × EP 2 on eight
+/// processes (with and without sequence parallelism) give the single-rank run, and the
+/// saved model is whole tensors.
 #[test]
 fn mpi_tensor_parallel_matches_one_rank() {
     let exe = env!("CARGO_BIN_EXE_ultramoe");
-    let one = scratch("tp-one");
-    succeed(Command::new(exe).args(train_args(&one, 30)));
-    let two = scratch("tp-two");
-    succeed(mpirun(2).arg(exe).args(train_args(&two, 30)).args(["--tp", "2", "--threads", "1"]));
-    assert!(two.join("run/model/model.safetensors").is_file(), "one file of whole tensors");
-    assert_same_run(&one, &two);
-    let mut dirs = vec![one.clone(), two];
-    for sp in [&[][..], &["--sequence-parallel"][..]] {
-        let eight = scratch(&format!("tp-eight{}", sp.len()));
-        let layout = ["--tp", "2", "--pp", "2", "--ep", "2", "--pp-layers", "1,2", "--threads", "1", "--mpi-wait", "sleep"];
-        succeed(mpirun(8).arg(exe).args(train_args(&eight, 30)).args(layout).args(sp));
-        assert_same_run(&one, &eight);
-        dirs.push(eight);
-    }
-    for d in dirs {
-        let _ = std::fs::remove_dir_all(d);
+    let qwen3 = r#"{"model_type": "qwen3_moe", "vocab_size": 128, "hidden_size": 32, "intermediate_size": 48, "moe_intermediate_size": 16,
+        "num_hidden_layers": 3, "num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 8, "num_experts": 8,
+        "num_experts_per_tok": 2, "norm_topk_prob": true, "max_position_embeddings": 64}"#;
+    let mixtral = r#"{"model_type": "mixtral", "vocab_size": 128, "hidden_size": 32, "intermediate_size": 16, "num_hidden_layers": 3,
+        "num_attention_heads": 2, "num_key_value_heads": 2, "num_local_experts": 8, "num_experts_per_tok": 2, "max_position_embeddings": 64}"#;
+    for (kind, config) in [("deepseek", CONFIG), ("qwen3", qwen3), ("mixtral", mixtral)] {
+        let one = scratch_for(&format!("tp-{kind}-one"), config);
+        succeed(Command::new(exe).args(train_args(&one, 30)));
+        let two = scratch_for(&format!("tp-{kind}-two"), config);
+        succeed(mpirun(2).arg(exe).args(train_args(&two, 30)).args(["--tp", "2", "--threads", "1"]));
+        assert!(two.join("run/model/model.safetensors").is_file(), "one file of whole tensors");
+        assert_same_run(&one, &two);
+        let mut dirs = vec![one.clone(), two];
+        for sp in [&[][..], &["--sequence-parallel"][..]] {
+            let eight = scratch_for(&format!("tp-{kind}-eight{}", sp.len()), config);
+            let layout = ["--tp", "2", "--pp", "2", "--ep", "2", "--pp-layers", "1,2", "--threads", "1", "--mpi-wait", "sleep"];
+            succeed(mpirun(8).arg(exe).args(train_args(&eight, 30)).args(layout).args(sp));
+            assert_same_run(&one, &eight);
+            dirs.push(eight);
+        }
+        for d in dirs {
+            let _ = std::fs::remove_dir_all(d);
+        }
     }
 }
 
