@@ -368,8 +368,8 @@ impl DecoderLayer {
         let dxn2 = match (&self.ffn, &s.ffn) {
             (FfnBlock::Dense(m), FfnSaved::Dense(ms)) => {
                 let df = match c.tp {
-                    Some(tp) => Cow::Owned(tp.rows_whole(df.into_owned())),
-                    None => df,
+                    Some(tp) => tp.rows_whole_ref(&df),
+                    None => Cow::Borrowed(&df[..]),
                 };
                 let mut dx = vec![0.0; n * hd];
                 m.backward(w, g, &s.xn2, ms, &df, &mut dx, n, false);
@@ -390,15 +390,17 @@ impl DecoderLayer {
         drop(dxn2);
         self.restore_attention(w, &mut s, c);
         let da = self.post_norm_backward(w, g, self.sandwich.as_ref().map(|[sa, _]| sa), s.attn_post.as_ref(), &dh);
-        let da = match c.tp {
-            Some(tp) => Cow::Owned(tp.rows_whole(da.into_owned())),
-            None => da,
+        // (every row for the split attention: gathered under sequence parallelism)
+        let da_rows = match c.tp {
+            Some(tp) => tp.rows_whole_ref(&da),
+            None => Cow::Borrowed(&da[..]),
         };
         let dxn1 = match (&self.attn, &s.attn) {
-            (AttnBlock::Gqa(m), AttnSaved::Gqa(ms)) => m.backward(w, g, &s.xn1, ms, &da, c),
-            (AttnBlock::Mla(m), AttnSaved::Mla(ms)) => m.backward(w, g, &s.xn1, ms, &da, c),
+            (AttnBlock::Gqa(m), AttnSaved::Gqa(ms)) => m.backward(w, g, &s.xn1, ms, &da_rows, c),
+            (AttnBlock::Mla(m), AttnSaved::Mla(ms)) => m.backward(w, g, &s.xn1, ms, &da_rows, c),
             _ => unreachable!("saved attention activations do not match the layer"),
         };
+        drop(da_rows);
         drop(da);
         let dxn1 = match c.tp {
             Some(tp) => tp.sum_partial(dxn1),

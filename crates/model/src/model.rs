@@ -881,8 +881,8 @@ impl Model {
         // The rows of this rank's vocabulary slice.
         let (v0, vl) = self.vocab_slice();
         let dx = match &self.tp {
-            Some(tp) => tp.rows_whole(dx.to_vec()),
-            None => dx.to_vec(),
+            Some(tp) => tp.rows_whole_ref(dx),
+            None => std::borrow::Cow::Borrowed(dx),
         };
         let table = &mut g[slot];
         for (row, &id) in dx.chunks(h).zip(ids) {

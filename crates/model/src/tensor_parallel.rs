@@ -124,6 +124,16 @@ impl TensorParallel {
         }
     }
 
+    /// [`TensorParallel::rows_whole`] of borrowed rows: gathered under sequence
+    /// parallelism, otherwise borrowed as they are (no copy).
+    pub fn rows_whole_ref<'a>(&self, rows: &'a [f32]) -> std::borrow::Cow<'a, [f32]> {
+        if self.sequence_parallel {
+            std::borrow::Cow::Owned(self.gather_in_pass(rows))
+        } else {
+            std::borrow::Cow::Borrowed(rows)
+        }
+    }
+
     /// The sum over the group of a split block's partial result `[n, d]`: this rank's
     /// rows of it under sequence parallelism (a reduce-scatter), all of it otherwise
     /// (an all-reduce).
