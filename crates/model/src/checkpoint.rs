@@ -177,7 +177,7 @@ pub fn load_weights(model: &Model, path: &Path) -> Result<Vec<f32>> {
             return Err(Error::field(name, format!("unexpected tensor for a {} model with this config", model.cfg.arch.model_type())).in_file(file));
         };
         let spec = &model.layout.specs[i];
-        let whole = spec.split.map_or_else(|| spec.shape.clone(), |s| s.whole_shape(&spec.shape));
+        let whole = spec.whole_shape();
         if t.shape != whole {
             return Err(Error::field(name, format!("shape {:?} does not match the config's {:?}", t.shape, whole)).in_file(file));
         }

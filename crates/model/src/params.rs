@@ -116,6 +116,11 @@ impl ParamSpec {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+    /// The checkpoint tensor's shape: `shape`, or the whole of a tensor-parallel slice.
+    pub fn whole_shape(&self) -> Vec<usize> {
+        self.split.map_or_else(|| self.shape.clone(), |p| p.whole_shape(&self.shape))
+    }
+
     /// Range in the flat buffer.
     pub fn range(&self) -> Range<usize> {
         self.offset..self.offset + self.len()

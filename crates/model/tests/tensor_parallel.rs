@@ -258,7 +258,7 @@ fn pass(model: &Model, w: &[f32], ids: &[u32], b: usize, t: usize, opts: &PassOp
         .layout
         .specs
         .iter()
-        .map(|s| (s.name.clone(), s.split.map_or_else(|| s.shape.clone(), |p| p.whole_shape(&s.shape)), s.split, g[s.range()].to_vec()))
+        .map(|s| (s.name.clone(), s.whole_shape(), s.split, g[s.range()].to_vec()))
         .collect();
     let (tp_bytes, tp) = model.tp.as_ref().map_or((0, 1), |x| (x.traffic_bytes(), x.size()));
     let n = (b * t) as f64;

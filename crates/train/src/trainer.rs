@@ -1445,7 +1445,7 @@ impl Trainer {
                 let key = format!("{prefix}{}", s.name);
                 let (t, file) = moments.get(&key).ok_or_else(|| Error::field(&key, "missing optimizer state").in_file(dir))?;
                 // Saved whole: a tensor-parallel rank takes its slice.
-                let whole = s.split.map_or_else(|| s.shape.clone(), |p| p.whole_shape(&s.shape));
+                let whole = s.whole_shape();
                 if t.shape != whole {
                     return Err(Error::field(&key, format!("shape {:?} does not match {:?}", t.shape, whole)).in_file(file));
                 }
