@@ -12,7 +12,9 @@
 //! - **several devices** (`ultramoe --threads T calibrate --devices-per-node D`): each
 //!   rank is a device, and the run is exactly a layout the planner searches — the
 //!   prediction is [`simulate`] of that layout (pipeline bubble, exposed communication
-//!   and per-device memory included).
+//!   and per-device memory included). Tensor-parallel runs are priced with sequence
+//!   parallelism, as the trainer runs a plan's TP; a TP run without it is refused (the
+//!   trainer's TP ranks then all route every token, which no planner layout does).
 
 use crate::hardware::Hardware;
 use crate::model_cost::{ModelCost, Recompute};
@@ -43,6 +45,12 @@ pub struct RunRecord {
     /// pipeline stages
     #[serde(default = "one")]
     pub pp: usize,
+    /// tensor-parallel size
+    #[serde(default = "one")]
+    pub tp: usize,
+    /// sequence parallelism (with `tp` ≥ 2)
+    #[serde(default)]
+    pub sequence_parallel: bool,
     /// model chunks per pipeline rank
     #[serde(default = "one")]
     pub vpp: usize,
@@ -114,14 +122,22 @@ pub fn predict(run: &RunRecord, hw: &Hardware) -> Result<RunPrediction> {
         if r > hw.devices_per_node {
             return Err(Error::msg(format!("run `{}`: {r} ranks on a machine of {} devices", run.name, hw.devices_per_node)));
         }
-        let per_stage = r / run.pp.max(1);
-        if per_stage == 0 || !run.micro_batch.is_multiple_of(per_stage) {
-            return Err(Error::msg(format!("run `{}`: {} rows do not split over {per_stage} ranks per stage", run.name, run.micro_batch)));
+        let tp = run.tp.max(1);
+        // The planner prices tensor parallelism as the trainer runs a plan: with sequence
+        // parallelism, each TP rank routing its `1/TP` of the tokens. Without it the
+        // trainer's TP ranks all route every token (the MoE block is not split), which
+        // the planner has no layout for.
+        if tp > 1 && !run.sequence_parallel {
+            return Err(Error::msg(format!("run `{}`: tensor parallelism without --sequence-parallel is not priced (the planner's TP splits the MoE block's tokens)", run.name)));
+        }
+        let per_stage = r / run.pp.max(1) / tp;
+        if per_stage == 0 || r != per_stage * run.pp.max(1) * tp || !run.micro_batch.is_multiple_of(per_stage) {
+            return Err(Error::msg(format!("run `{}`: {} rows do not split over {per_stage} data-parallel ranks per stage", run.name, run.micro_batch)));
         }
         let imbalance = run.measured.as_ref().map_or(1.0, |m| m.rank_load_imbalance.max(1.0));
         let job = Job { devices: r, seq_len: run.seq_len, global_batch: run.micro_batch * run.grad_accum, dtype: "fp32".into(), hierarchical_a2a: false, imbalance };
         let layout = Layout {
-            tp: 1,
+            tp,
             pp: run.pp.max(1),
             vpp: run.vpp.max(1),
             ep: run.ep.max(1),
@@ -139,6 +155,9 @@ pub fn predict(run: &RunRecord, hw: &Hardware) -> Result<RunPrediction> {
             exposed_comm_s: Some(b.ep_comm + b.pp_comm + b.dp_comm + b.tp_comm),
             memory_bytes: Some(p.memory_bytes),
         });
+    }
+    if run.tp > 1 || run.pp > 1 {
+        return Err(Error::msg(format!("run `{}`: pipeline and tensor-parallel runs need a description of several devices (ultramoe --threads 1 calibrate --devices-per-node R)", run.name)));
     }
     if !run.micro_batch.is_multiple_of(r) {
         return Err(Error::msg(format!("run `{}`: {} rows do not split over {r} ranks", run.name, run.micro_batch)));

@@ -225,6 +225,8 @@ fn elementwise_fraction(hw: &Hardware, log: &dyn Fn(String)) -> CliResult<f64> {
             step_s: measured,
             pp: 1,
             vpp: 1,
+            tp: 1,
+            sequence_parallel: false,
             recompute: None,
             zero1: false,
             schedule: Default::default(),

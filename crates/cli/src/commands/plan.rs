@@ -293,7 +293,7 @@ pub fn read_run(dir: &Path) -> CliResult<RunRecord> {
     let steps: Vec<f64> = steady.iter().map(|r| field(r, "step_s")).collect::<CliResult<_>>()?;
     let first = &rows[0];
     let count = |k: &str| first.get(k).and_then(|x| x.as_u64()).unwrap_or(1) as usize;
-    let (ranks, ep, pp, vpp) = (count("ranks"), count("ep"), count("pp"), count("vpp"));
+    let (ranks, ep, pp, vpp, tp) = (count("ranks"), count("ep"), count("pp"), count("vpp"), count("tp"));
     let ckpt = ultramoe_train::trainer::Trainer::latest_checkpoint(dir).ok_or_else(|| format!("{}: no checkpoint (config and training settings)", dir.display()))?;
     let cfg_path = ckpt.join("config.json");
     let model: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).map_err(|e| format!("{}: {e}", cfg_path.display()))?)
@@ -337,6 +337,8 @@ pub fn read_run(dir: &Path) -> CliResult<RunRecord> {
         step_s: super::median(steps),
         pp,
         vpp,
+        tp,
+        sequence_parallel: spec.sequence_parallel,
         recompute,
         zero1: spec.zero1,
         schedule: match spec.schedule {
@@ -350,7 +352,10 @@ pub fn read_run(dir: &Path) -> CliResult<RunRecord> {
 fn validate(dir: &Path, hw: &Hardware) -> CliResult {
     let run = read_run(dir)?;
     let p = predict(&run, hw).map_err(|e| e.to_string())?;
-    let layout = if run.pp > 1 { format!("PP {}{} × ", run.pp, if run.vpp > 1 { format!(" (VPP {})", run.vpp) } else { String::new() }) } else { String::new() };
+    let mut layout = if run.pp > 1 { format!("PP {}{} × ", run.pp, if run.vpp > 1 { format!(" (VPP {})", run.vpp) } else { String::new() }) } else { String::new() };
+    if run.tp > 1 {
+        layout = format!("TP {}{} × {layout}", run.tp, if run.sequence_parallel { " (SP)" } else { "" });
+    }
     println!("run        {}", run.name);
     println!("layout     {} rank(s), {layout}EP {}, micro-batch {} × seq {} × accumulation {}", run.ranks, run.ep, run.micro_batch, run.seq_len, run.grad_accum);
     println!("hardware   {}", hw.name);
