@@ -12,8 +12,9 @@
 //! `Σ_GEMMs 3·f / (peak·eff(f))` + attention core `(1 + 2.5)·f / (peak·eff_attn)` +
 //! elementwise traffic `3·bytes / (bw·eff_mem)`, plus a fixed cost per layer,
 //! recomputation, and the exposed TP and EP collectives. A step is `m·t_mb` plus the
-//! schedule's bubble ([`crate::pipeline`]: `(PP−1)/VPP·t_mb` for 1F1B with `m`
-//! micro-batches interleaved over VPP virtual stages), exposed DP traffic, the optimizer
+//! schedule's bubble ([`crate::pipeline`]: `(PP−1)/VPP·t` for 1F1B with `m`
+//! micro-batches interleaved over VPP virtual stages, `t` a stage's micro-batch without
+//! the head, which only the last stage carries), exposed DP traffic, the optimizer
 //! step and a fixed host overhead. Schedules that pair micro-batches (overlapped 1F1B,
 //! DualPipe) hide a steady-state pair's all-to-all under its compute, which then runs on
 //! the share of the device the communication kernels leave (`efficiency.comm_sm_share`).
@@ -342,7 +343,10 @@ pub fn simulate(m: &ModelCost, hw: &Hardware, job: &Job, l: &Layout) -> Result<P
         0.0
     };
     let t_mb = stage_compute + stage_recompute + stage_imbalance + tp_exposed + ep_exposed + pp_mb;
-    let bubble = l.schedule.bubble(pp, vpp, t_mb);
+    // The busiest stage runs every micro-batch; the fill and drain around it are the
+    // other stages' passes, which do not carry the head (it lives on the last stage):
+    // 1F1B's `(PP − 1)/VPP · t` is priced with `t = t_mb − t_head`.
+    let bubble = l.schedule.bubble(pp, vpp, t_mb - head * slowdown);
 
     // Parameters on the busiest device and its data-parallel traffic.
     let stage_frac = stage_layers as f64 / m.layers as f64;
