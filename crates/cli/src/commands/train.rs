@@ -623,6 +623,16 @@ fn train_rank(a: &TrainArgs, run: &Resolved, mesh: Option<Mesh>, threads: bool) 
         tr.cfg.grad_accum
     );
     train_loop(&mut tr, &a.run_dir, a.metrics.as_deref(), !a.no_progress, continues)?;
+    // Per process: in-process ranks share one table, MPI ranks print their own.
+    let phases = ultramoe_kernels::profile::take();
+    if !phases.is_empty() {
+        let who = crate::launch::mpi_world_rank().map_or(String::new(), |r| format!("rank {r}: "));
+        let steps = tr.cfg.steps.max(1) as f64;
+        eprintln!("{who}phases (ULTRAMOE_PROFILE, inclusive, per step, every step and rank of this process):");
+        for (name, secs, calls) in phases {
+            eprintln!("{who}  {name:<26} {:>8.2} ms  ({:.0} calls/step)", 1e3 * secs / steps, calls as f64 / steps);
+        }
+    }
     Ok(())
 }
 
