@@ -28,3 +28,42 @@ fn predictions_for_own_runs_are_within_ten_percent() {
     shapes.dedup();
     assert_eq!(shapes.len(), runs.len());
 }
+
+/// The planner against runs on this machine described as two devices (one core each,
+/// `mpirun -np 2 ultramoe --threads 1`), where each run is exactly a layout the planner
+/// searches: data, expert, tensor (with sequence parallelism) and pipeline parallelism
+/// (1F1B and interleaved), five model shapes, with and without accumulation. Recorded
+/// by `ULTRAMOE_RUN_RECORD=1 ultramoe plan --validate RUN_DIR --cluster two-devices.toml`
+/// after 25 steps each (README, "Planner").
+#[test]
+fn per_device_predictions_with_pipeline_and_tensor_parallel_runs_are_within_ten_percent() {
+    let hw = Hardware::load(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/two-devices.toml")).unwrap();
+    assert_eq!(hw.devices_per_node, 2);
+    let runs: Vec<RunRecord> = include_str!("data/own-runs-devices.jsonl").lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert!(runs.len() >= 12, "at least twelve runs");
+    assert!(runs.iter().filter(|r| r.pp > 1).count() >= 3 && runs.iter().any(|r| r.vpp > 1), "pipeline runs, interleaved among them");
+    assert!(runs.iter().filter(|r| r.tp > 1).count() >= 3, "tensor-parallel runs");
+    assert!(runs.iter().any(|r| r.tp == 1 && r.pp == 1 && r.ep == 1) && runs.iter().any(|r| r.ep > 1), "data- and expert-parallel runs");
+    let (mae, pairs) = mean_abs_error(&runs, &hw).unwrap();
+    for (r, (p, m)) in runs.iter().zip(&pairs) {
+        eprintln!("{:<62} measured {:.4} s  predicted {:.4} s  {:+.1}%", r.name, m, p, 100.0 * (p / m - 1.0));
+    }
+    eprintln!("mean absolute error {:.1}%", 100.0 * mae);
+    assert!(mae <= 0.10, "mean absolute error {:.1}%", 100.0 * mae);
+    let mut shapes: Vec<String> = runs.iter().map(|r| format!("{} {} {} {} {} {} {} {} {}", r.model["model_type"], r.model["num_hidden_layers"], r.micro_batch, r.grad_accum, r.tp, r.pp, r.vpp, r.ep, r.model["hidden_size"])).collect();
+    shapes.sort();
+    shapes.dedup();
+    assert_eq!(shapes.len(), runs.len());
+}
+
+/// Tensor parallelism without sequence parallelism is not a layout the planner prices
+/// (its TP splits the MoE block's tokens; the trainer's TP ranks then all route every
+/// token): refused in one line rather than mispriced.
+#[test]
+fn tensor_parallel_runs_without_sequence_parallelism_are_refused() {
+    let hw = Hardware::load(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/two-devices.toml")).unwrap();
+    let mut run: RunRecord = serde_json::from_str(include_str!("data/own-runs-devices.jsonl").lines().find(|l| l.contains("\"tp\": 2")).unwrap()).unwrap();
+    run.sequence_parallel = false;
+    let e = ultramoe_plan::validate::predict_run(&run, &hw).unwrap_err().to_string();
+    assert!(e.contains("sequence-parallel"), "{e}");
+}
