@@ -224,40 +224,37 @@ impl TensorParallel {
     /// vocabulary: three collectives of `n` floats (the maxima gathered, the sums and the
     /// target logits all-reduced).
     pub fn vocab_parallel_cross_entropy(&self, logits: &mut [f32], targets: &[i32], vocab_start: usize, v_local: usize, scale: f32) -> CommResult<(f64, usize)> {
+        use rayon::prelude::*;
+        use ultramoe_kernels::vmath;
         let n = targets.len();
-        let local_max: Vec<f32> = logits.chunks(v_local).map(|r| r.iter().copied().fold(f32::NEG_INFINITY, f32::max)).collect();
+        let owned = |t: i32| t != IGNORE && (vocab_start..vocab_start + v_local).contains(&(t as usize));
+        let local_max: Vec<f32> = logits.par_chunks(v_local).map(vmath::max).collect();
         let maxima = self.all_gather(&local_max)?;
         let row_max: Vec<f32> = (0..n).map(|i| (0..self.size()).map(|r| maxima[r * n + i]).fold(f32::NEG_INFINITY, f32::max)).collect();
-        let mut sums: Vec<f32> = logits.chunks(v_local).zip(&row_max).map(|(r, &m)| r.iter().map(|&x| (x - m).exp()).sum()).collect();
-        let mut target_logit: Vec<f32> = (0..n)
-            .map(|i| {
-                let t = targets[i];
-                let owned = t != IGNORE && (vocab_start..vocab_start + v_local).contains(&(t as usize));
-                if owned {
-                    logits[i * v_local + t as usize - vocab_start]
-                } else {
-                    0.0
-                }
-            })
-            .collect();
+        // The target's logit is read before the row turns into `e^(x − max)`; one
+        // exponential per logit, kept and normalised into the gradient below.
+        let mut target_logit: Vec<f32> = targets.iter().enumerate().map(|(i, &t)| if owned(t) { logits[i * v_local + t as usize - vocab_start] } else { 0.0 }).collect();
+        let mut sums: Vec<f32> = logits.par_chunks_mut(v_local).zip(&row_max).map(|(r, &m)| vmath::exp_shifted_sum(r, m)).collect();
         self.all_reduce(&mut sums)?;
         self.all_reduce(&mut target_logit)?;
-        let (mut total, mut count) = (0.0f64, 0usize);
-        for i in 0..n {
-            let row = &mut logits[i * v_local..(i + 1) * v_local];
-            let t = targets[i];
+        // `dlogits = scale · (e^(x − max)/Σ − onehot)`; rows without a target are zero.
+        logits.par_chunks_mut(v_local).zip(targets.par_iter()).zip(sums.par_iter()).for_each(|((row, &t), &sum)| {
             if t == IGNORE {
-                row.iter_mut().for_each(|x| *x = 0.0);
-                continue;
+                row.fill(0.0);
+                return;
             }
+            let inv = 1.0 / sum;
+            let hit = owned(t).then(|| t as usize - vocab_start);
+            let p_hit = hit.map(|j| row[j] * inv);
+            row.iter_mut().for_each(|x| *x = scale * (*x * inv));
+            if let (Some(j), Some(p)) = (hit, p_hit) {
+                row[j] = scale * (p - 1.0);
+            }
+        });
+        let (mut total, mut count) = (0.0f64, 0usize);
+        for i in (0..n).filter(|&i| targets[i] != IGNORE) {
             total += (sums[i].ln() + row_max[i] - target_logit[i]) as f64;
             count += 1;
-            let inv = 1.0 / sums[i];
-            for (j, x) in row.iter_mut().enumerate() {
-                let p = (*x - row_max[i]).exp() * inv;
-                let hit = vocab_start + j == t as usize;
-                *x = scale * (p - if hit { 1.0 } else { 0.0 });
-            }
         }
         Ok((total, count))
     }
