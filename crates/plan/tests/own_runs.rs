@@ -11,22 +11,38 @@
 use ultramoe_plan::validate::{mean_abs_error, RunRecord};
 use ultramoe_plan::Hardware;
 
-#[test]
-fn predictions_for_own_runs_are_within_ten_percent() {
-    let hw = Hardware::load(concat!(env!("CARGO_MANIFEST_DIR"), "/hardware/this-machine.toml")).unwrap();
-    let runs: Vec<RunRecord> = include_str!("data/own-runs.jsonl").lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    assert!(runs.len() >= 6, "at least six configurations");
-    let (mae, pairs) = mean_abs_error(&runs, &hw).unwrap();
+fn records(jsonl: &str) -> Vec<RunRecord> {
+    jsonl.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+/// Prints each run's prediction and holds the mean absolute error to 10%; the runs must
+/// really differ (model, batch shape and layout).
+fn hold_to_ten_percent(runs: &[RunRecord], hw: &Hardware) {
+    let (mae, pairs) = mean_abs_error(runs, hw).unwrap();
     for (r, (p, m)) in runs.iter().zip(&pairs) {
-        eprintln!("{:<45} measured {:.4} s  predicted {:.4} s  {:+.1}%", r.name, m, p, 100.0 * (p / m - 1.0));
+        eprintln!("{:<64} measured {:.4} s  predicted {:.4} s  {:+.1}%", r.name, m, p, 100.0 * (p / m - 1.0));
     }
     eprintln!("mean absolute error {:.1}%", 100.0 * mae);
     assert!(mae <= 0.10, "mean absolute error {:.1}%", 100.0 * mae);
-    // The runs really differ: model, batch shape and layout.
-    let mut shapes: Vec<String> = runs.iter().map(|r| format!("{} {} {} {} {} {} {}", r.model["model_type"], r.model["hidden_size"], r.model["num_hidden_layers"], r.micro_batch, r.seq_len, r.grad_accum, r.ep)).collect();
+    let mut shapes: Vec<String> = runs
+        .iter()
+        .map(|r| {
+            let m = &r.model;
+            let layout = format!("{} {} {} {} {}", r.tp, r.pp, r.vpp, r.ep, r.ranks);
+            format!("{} {} {} {} {} {} {layout}", m["model_type"], m["hidden_size"], m["num_hidden_layers"], r.micro_batch, r.seq_len, r.grad_accum)
+        })
+        .collect();
     shapes.sort();
     shapes.dedup();
-    assert_eq!(shapes.len(), runs.len());
+    assert_eq!(shapes.len(), runs.len(), "two runs of the same shape and layout");
+}
+
+#[test]
+fn predictions_for_own_runs_are_within_ten_percent() {
+    let hw = Hardware::load(concat!(env!("CARGO_MANIFEST_DIR"), "/hardware/this-machine.toml")).unwrap();
+    let runs = records(include_str!("data/own-runs.jsonl"));
+    assert!(runs.len() >= 6, "at least six configurations");
+    hold_to_ten_percent(&runs, &hw);
 }
 
 /// The planner against runs on this machine described as two devices (one core each,
@@ -39,21 +55,12 @@ fn predictions_for_own_runs_are_within_ten_percent() {
 fn per_device_predictions_with_pipeline_and_tensor_parallel_runs_are_within_ten_percent() {
     let hw = Hardware::load(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/two-devices.toml")).unwrap();
     assert_eq!(hw.devices_per_node, 2);
-    let runs: Vec<RunRecord> = include_str!("data/own-runs-devices.jsonl").lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let runs = records(include_str!("data/own-runs-devices.jsonl"));
     assert!(runs.len() >= 12, "at least twelve runs");
     assert!(runs.iter().filter(|r| r.pp > 1).count() >= 3 && runs.iter().any(|r| r.vpp > 1), "pipeline runs, interleaved among them");
     assert!(runs.iter().filter(|r| r.tp > 1).count() >= 3, "tensor-parallel runs");
     assert!(runs.iter().any(|r| r.tp == 1 && r.pp == 1 && r.ep == 1) && runs.iter().any(|r| r.ep > 1), "data- and expert-parallel runs");
-    let (mae, pairs) = mean_abs_error(&runs, &hw).unwrap();
-    for (r, (p, m)) in runs.iter().zip(&pairs) {
-        eprintln!("{:<62} measured {:.4} s  predicted {:.4} s  {:+.1}%", r.name, m, p, 100.0 * (p / m - 1.0));
-    }
-    eprintln!("mean absolute error {:.1}%", 100.0 * mae);
-    assert!(mae <= 0.10, "mean absolute error {:.1}%", 100.0 * mae);
-    let mut shapes: Vec<String> = runs.iter().map(|r| format!("{} {} {} {} {} {} {} {} {}", r.model["model_type"], r.model["num_hidden_layers"], r.micro_batch, r.grad_accum, r.tp, r.pp, r.vpp, r.ep, r.model["hidden_size"])).collect();
-    shapes.sort();
-    shapes.dedup();
-    assert_eq!(shapes.len(), runs.len());
+    hold_to_ten_percent(&runs, &hw);
 }
 
 /// Tensor parallelism without sequence parallelism is not a layout the planner prices
