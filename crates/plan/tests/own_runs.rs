@@ -61,6 +61,15 @@ fn per_device_predictions_with_pipeline_and_tensor_parallel_runs_are_within_ten_
     assert!(runs.iter().filter(|r| r.tp > 1).count() >= 3, "tensor-parallel runs");
     assert!(runs.iter().any(|r| r.tp == 1 && r.pp == 1 && r.ep == 1) && runs.iter().any(|r| r.ep > 1), "data- and expert-parallel runs");
     hold_to_ten_percent(&runs, &hw);
+    // Memory per device (the largest rank's heap peak) against the planner's.
+    let mut worst: f64 = 0.0;
+    for r in &runs {
+        let p = ultramoe_plan::validate::predict(r, &hw).unwrap().memory_bytes.unwrap();
+        let m = r.measured.as_ref().unwrap().peak_bytes;
+        eprintln!("{:<64} peak {:.1} MB  predicted {:.1} MB  {:+.1}%", r.name, m / 1e6, p / 1e6, 100.0 * (p / m - 1.0));
+        worst = worst.max((p / m - 1.0).abs());
+    }
+    eprintln!("worst memory error {:.1}%", 100.0 * worst);
 }
 
 /// Tensor parallelism without sequence parallelism is not a layout the planner prices
