@@ -19,6 +19,12 @@
 //!   devices, not individual experts.
 //! - [`BalanceLoss::ZLoss`]: `L = β · (1/N) Σ_t (log Σ_e e^{l_{t,e}})²` (ST-MoE), keeping
 //!   logits small.
+//!
+//! A batch can be shared out over `R` ranks ([`SharedBatch`]: sequence parallelism gives
+//! each tensor-parallel rank `N/R` of the tokens, whole sequences for the sequence-wise
+//! loss): each rank then computes its share of `L` — the shares sum to the batch's `L` —
+//! and its tokens' gradient, with `N`, the loads `f` (summed over the ranks) and the
+//! sequence count those of the whole batch.
 
 use crate::router::ScoreFn;
 
@@ -90,7 +96,38 @@ fn router_probs_backward(dl: &mut [f32], dp: &[f32], logits: &[f32], p: &[f32], 
 /// Computes `coef · L` and its gradient `dlogits: [N, E]` (written) for the chosen
 /// experts `experts: [N, K]`.
 pub fn balance_loss(logits: &[f32], experts: &[u32], e: usize, k: usize, score: ScoreFn, kind: BalanceLoss, coef: f32, dlogits: &mut [f32]) -> f32 {
-    let n = logits.len() / e;
+    balance_loss_shared(logits, experts, e, k, score, kind, coef, dlogits, None)
+}
+
+/// How a batch's tokens are shared out over ranks: this rank holds `1/ranks` of them,
+/// and `sum` adds a vector over the ranks in place (every rank calls it alike).
+pub struct SharedBatch<'a> {
+    /// ranks sharing the batch, each with the same number of tokens
+    pub ranks: usize,
+    /// element-wise sum over the ranks
+    pub sum: &'a mut dyn FnMut(&mut [f32]),
+}
+
+/// [`balance_loss`] over this rank's share of a batch (`None`: the whole batch): returns
+/// this rank's share of `coef · L` (the shares sum to the batch's) and writes its
+/// tokens' gradient. The loads are summed over the ranks; for
+/// [`BalanceLoss::Sequence`] each rank must hold whole sequences.
+#[allow(clippy::too_many_arguments)]
+pub fn balance_loss_shared(
+    logits: &[f32],
+    experts: &[u32],
+    e: usize,
+    k: usize,
+    score: ScoreFn,
+    kind: BalanceLoss,
+    coef: f32,
+    dlogits: &mut [f32],
+    mut shared: Option<SharedBatch>,
+) -> f32 {
+    let n_local = logits.len() / e;
+    let ranks = shared.as_ref().map_or(1, |s| s.ranks.max(1));
+    // the batch's token count
+    let n = n_local * ranks;
     if kind == BalanceLoss::ZLoss {
         let mut loss = 0.0f64;
         for (row, dl) in logits.chunks(e).zip(dlogits.chunks_mut(e)) {
@@ -108,24 +145,34 @@ pub fn balance_loss(logits: &[f32], experts: &[u32], e: usize, k: usize, score: 
     let p = router_probs(logits, e, score);
     // Token ranges over which loads and mean probabilities are taken.
     let segments: Vec<(usize, usize)> = match kind {
-        BalanceLoss::Sequence { seq_len } => (0..n).step_by(seq_len.max(1)).map(|a| (a, (a + seq_len).min(n))).collect(),
-        _ => vec![(0, n)],
+        BalanceLoss::Sequence { seq_len } => (0..n_local).step_by(seq_len.max(1)).map(|a| (a, (a + seq_len).min(n_local))).collect(),
+        _ => vec![(0, n_local)],
+    };
+    // The batch's segments: every rank holds as many whole sequences, or a share of the
+    // one global segment.
+    let (n_segments, whole) = match kind {
+        BalanceLoss::Sequence { .. } => ((segments.len() * ranks) as f32, false),
+        _ => (1.0, true),
     };
     let groups = match kind {
         BalanceLoss::EpGroup { groups } => groups.max(1),
         _ => e,
     };
     let per = e / groups;
-    let mut dp = vec![0.0f32; n * e];
+    let mut dp = vec![0.0f32; n_local * e];
     let mut loss = 0.0f64;
     for &(a, b) in &segments {
-        let len = (b - a) as f32;
-        // F_g: group load relative to even, from the chosen experts
-        let mut count = vec![0usize; groups];
+        // the segment's length in the batch (the global segment spans every rank)
+        let len = if whole { n as f32 } else { (b - a) as f32 };
+        // F_g: group load relative to even, from the chosen experts (counts exact in f32)
+        let mut count = vec![0.0f32; groups];
         for &x in &experts[a * k..b * k] {
-            count[x as usize / per] += 1;
+            count[x as usize / per] += 1.0;
         }
-        let f: Vec<f32> = count.iter().map(|&c| groups as f32 * c as f32 / (k as f32 * len)).collect();
+        if let (true, Some(s)) = (whole, shared.as_mut()) {
+            (s.sum)(&mut count);
+        }
+        let f: Vec<f32> = count.iter().map(|&c| groups as f32 * c / (k as f32 * len)).collect();
         // P_g: mean probability mass of the group
         let mut pg = vec![0.0f32; groups];
         for t in a..b {
@@ -133,12 +180,14 @@ pub fn balance_loss(logits: &[f32], experts: &[u32], e: usize, k: usize, score: 
                 pg[j / per] += p[t * e + j] / len;
             }
         }
+        // (with the global segment shared, `pg` holds this rank's tokens' part of P_g:
+        // the ranks' `Σ f·pg` add up to the segment's)
         let seg_loss: f32 = f.iter().zip(&pg).map(|(a, b)| a * b).sum();
-        loss += seg_loss as f64 / segments.len() as f64;
+        loss += seg_loss as f64 / n_segments as f64;
         // dL/dp_{t,j} = coef · F_{g(j)} / (len · n_segments)
         for t in a..b {
             for j in 0..e {
-                dp[t * e + j] = coef * f[j / per] / (len * segments.len() as f32);
+                dp[t * e + j] = coef * f[j / per] / (len * n_segments);
             }
         }
     }
@@ -169,6 +218,43 @@ mod tests {
                     balance_loss(l, &experts, e, k, score, kind, 0.7, &mut scratch) as f64
                 });
                 assert_close(&dl, &num, 3e-3, &format!("{score:?} {kind:?}"));
+            }
+        }
+    }
+
+    /// A batch shared by two ranks (halves of its rows, whole sequences each): the two
+    /// shares add up to the whole batch's loss and each half's gradient is the whole
+    /// batch's rows.
+    #[test]
+    fn shares_of_a_batch_add_up_to_the_whole_batch() {
+        let (n, e, k) = (16, 6, 2);
+        for score in [ScoreFn::Softmax, ScoreFn::Sigmoid] {
+            let logits: Vec<f32> = rand_vec(n * e, 5).iter().map(|x| 2.0 * x).collect();
+            let spec = RouterSpec { score, n_experts: e, top_k: k, n_group: 1, topk_group: 1, renormalize: true, scaling: 1.0 };
+            let experts = route_forward(&logits, None, &spec).experts;
+            for kind in [BalanceLoss::Switch, BalanceLoss::Sequence { seq_len: 4 }, BalanceLoss::EpGroup { groups: 3 }, BalanceLoss::ZLoss] {
+                let mut whole_dl = vec![0.0; n * e];
+                let whole = balance_loss(&logits, &experts, e, k, score, kind, 0.7, &mut whole_dl);
+                let half = |r: usize| (&logits[r * n / 2 * e..(r + 1) * n / 2 * e], &experts[r * n / 2 * k..(r + 1) * n / 2 * k]);
+                // First each rank's own vector (what it contributes to the sum), then the
+                // shares with the other rank's added.
+                let mut own: Vec<Vec<f32>> = vec![];
+                for r in 0..2 {
+                    let (l, x) = half(r);
+                    let mut keep = |v: &mut [f32]| own.push(v.to_vec());
+                    balance_loss_shared(l, x, e, k, score, kind, 0.7, &mut vec![0.0; n / 2 * e], Some(SharedBatch { ranks: 2, sum: &mut keep }));
+                }
+                let (mut total, mut dl) = (0.0, vec![]);
+                for r in 0..2 {
+                    let (l, x) = half(r);
+                    let other = own.get(1 - r).cloned();
+                    let mut add = |v: &mut [f32]| v.iter_mut().zip(other.as_ref().unwrap()).for_each(|(a, b)| *a += b);
+                    let mut d = vec![0.0; n / 2 * e];
+                    total += balance_loss_shared(l, x, e, k, score, kind, 0.7, &mut d, Some(SharedBatch { ranks: 2, sum: &mut add }));
+                    dl.extend(d);
+                }
+                assert!((total - whole).abs() <= 1e-6 * whole.abs(), "{score:?} {kind:?}: shares {total} vs {whole}");
+                assert_close(&dl, &whole_dl, 1e-6, &format!("{score:?} {kind:?}"));
             }
         }
     }

@@ -513,7 +513,8 @@ impl Model {
     fn ctx<'a>(&'a self, b: usize, t: usize, positions: Option<&'a [u32]>, opts: &PassOptions, exchange: Option<&'a ExpertExchange>) -> Ctx<'a> {
         let tp = self.tp.as_deref();
         let moe_tp = tp.filter(|t| !t.sequence_parallel());
-        let moe = MoeCtx { exchange, chunks: opts.overlap_chunks.max(1), balance_loss: opts.balance_loss, skew: opts.routing_skew, tp: moe_tp };
+        let batch = tp.filter(|t| t.sequence_parallel());
+        let moe = MoeCtx { exchange, chunks: opts.overlap_chunks.max(1), balance_loss: opts.balance_loss, skew: opts.routing_skew, tp: moe_tp, batch };
         Ctx { b, t, rope: &self.rope, positions, keep_probs: true, moe, tp }
     }
 

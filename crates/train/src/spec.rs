@@ -201,8 +201,14 @@ impl RunSpec {
             if !rows.is_multiple_of(self.tp) {
                 return Err(Error::field("sequence_parallel", format!("a rank's {rows} tokens per micro-batch do not split over {} tensor-parallel ranks", self.tp)));
             }
-            if tc.aux_loss.is_some() {
-                return Err(Error::field("aux_loss", "an auxiliary balancing loss with sequence parallelism is not built yet (each rank would see a slice of the tokens); use the bias update or drop --sequence-parallel"));
+            // The sequence-wise loss is taken per sequence: each rank's slice of the
+            // rows must hold whole sequences.
+            let sequences = tc.micro_batch / self.stage_ranks().max(1);
+            if tc.aux_loss.as_ref().is_some_and(|a| a.kind == "sequence") && !sequences.is_multiple_of(self.tp) {
+                return Err(Error::field(
+                    "aux_loss",
+                    format!("the sequence-wise loss with sequence parallelism needs whole sequences on each rank: a rank's {sequences} sequences per micro-batch do not split over {} tensor-parallel ranks", self.tp),
+                ));
             }
         }
         if self.pp > cfg.n_layers {

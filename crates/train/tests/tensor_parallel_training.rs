@@ -15,7 +15,7 @@ use std::time::Duration;
 use ultramoe_dist::{local, Mesh, ProcessGroup};
 use ultramoe_model::ModelConfig;
 use ultramoe_train::spec::RunSpec;
-use ultramoe_train::trainer::{DataSpec, Place, TrainConfig, Trainer, Weights};
+use ultramoe_train::trainer::{AuxLossConfig, DataSpec, Place, TrainConfig, Trainer, Weights};
 
 const STEPS: u64 = 30;
 
@@ -102,6 +102,11 @@ fn weights_of(tr: &Trainer) -> HashMap<String, (bool, Vec<f32>)> {
 /// Runs `spec` (ranks as threads) up to step `stop` of a `steps`-step schedule, from a
 /// checkpoint when `resume` (taking `spec`'s layout), writing one at the end when `save`.
 fn run(kind: &'static str, spec: RunSpec, steps: u64, stop: u64, resume: Option<PathBuf>, save: Option<PathBuf>) -> Run {
+    run_with(kind, spec, steps, stop, resume, save, None)
+}
+
+/// [`run`] with an auxiliary balancing loss.
+fn run_with(kind: &'static str, spec: RunSpec, steps: u64, stop: u64, resume: Option<PathBuf>, save: Option<PathBuf>, aux_loss: Option<AuxLossConfig>) -> Run {
     let world = spec.world();
     let (tp, pp, ep) = (spec.tp, spec.pp, spec.ep);
     let body = move |mesh: Option<Mesh>| -> (Vec<f32>, Vec<f32>, HashMap<String, (bool, Vec<f32>)>) {
@@ -116,7 +121,10 @@ fn run(kind: &'static str, spec: RunSpec, steps: u64, stop: u64, resume: Option<
                 Ok(())
             })
             .unwrap(),
-            None => Trainer::start(model(kind), TrainConfig { seed: data_seed(kind), ..train_config(steps) }, spec.clone(), Weights::Seed(7), place).unwrap(),
+            None => {
+                let tc = TrainConfig { seed: data_seed(kind), aux_loss: aux_loss.clone(), ..train_config(steps) };
+                Trainer::start(model(kind), tc, spec.clone(), Weights::Seed(7), place).unwrap()
+            }
         };
         let (mut losses, mut norms) = (vec![], vec![]);
         while tr.step < stop {
@@ -212,6 +220,33 @@ fn qwen3_moe_tensor_parallel_training_matches_one_rank() {
 #[test]
 fn mixtral_tensor_parallel_training_matches_one_rank() {
     check("mixtral");
+}
+
+/// The auxiliary balancing losses under sequence parallelism: each tensor-parallel rank
+/// routes half of a micro-batch's rows, weighs them by the whole micro-batch's loads
+/// (summed over the group) and reports the whole loss, so every kind trains as on one
+/// rank, and TP 2 SP × PP 2 × EP 2 as PP 2 × EP 2.
+#[test]
+fn balancing_losses_under_sequence_parallelism_match_one_rank() {
+    // DeepSeek-V3's sigmoid router with every kind; Qwen3-MoE's softmax router with the
+    // switch loss (with the sequence-wise loss one token of its small model flips
+    // experts on a near-tie at step 30, as `data_seed` describes for another seed).
+    for (kind, losses) in [("deepseek_v3", &["switch", "sequence", "ep-group", "z"][..]), ("qwen3_moe", &["switch"][..])] {
+        for &loss in losses {
+            let aux = AuxLossConfig { kind: loss.into(), coef: 0.05, ep_groups: 2 };
+            let reference = run_with(kind, RunSpec::default(), STEPS, STEPS, None, None, Some(aux.clone()));
+            let sp = |s: RunSpec| RunSpec { sequence_parallel: true, ..s };
+            let got = run_with(kind, sp(layout(2, 1, 1)), STEPS, STEPS, None, None, Some(aux.clone()));
+            assert_close(&format!("{kind}, {loss} loss: TP 2 SP"), &got, &reference);
+            if loss == "switch" {
+                // Expert parallelism is data parallelism too: each rank's loss is over its
+                // own rows, so the reference is PP 2 × EP 2 without tensor parallelism.
+                let reference = run_with(kind, layout(1, 2, 2), STEPS, STEPS, None, None, Some(aux.clone()));
+                let got = run_with(kind, sp(layout(2, 2, 2)), STEPS, STEPS, None, None, Some(aux));
+                assert_close(&format!("{kind}, {loss} loss: TP 2 SP × PP 2 × EP 2 against PP 2 × EP 2"), &got, &reference);
+            }
+        }
+    }
 }
 
 fn scratch(name: &str) -> PathBuf {

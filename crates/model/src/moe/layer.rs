@@ -42,12 +42,16 @@ pub struct MoeCtx<'a> {
     /// outputs and input gradients summed over it); the router and routed experts run
     /// whole on every rank of it
     pub tp: Option<&'a crate::tensor_parallel::TensorParallel>,
+    /// the tensor-parallel group whose ranks share the batch's tokens (sequence
+    /// parallelism): the balancing loss weighs this rank's tokens by the whole batch's
+    /// loads
+    pub batch: Option<&'a crate::tensor_parallel::TensorParallel>,
 }
 
 impl MoeCtx<'_> {
     /// One rank, no balancing loss, no skew.
     pub fn local() -> MoeCtx<'static> {
-        MoeCtx { exchange: None, chunks: 1, balance_loss: None, skew: 0.0, tp: None }
+        MoeCtx { exchange: None, chunks: 1, balance_loss: None, skew: 0.0, tp: None, batch: None }
     }
 }
 
@@ -172,7 +176,7 @@ impl MoeLayer {
         let d = self.dispatcher.over(c.exchange);
         let (routing, aux) = {
             let _p = ultramoe_kernels::profile::scope("moe.router.forward");
-            self.router.forward(w, x, n, c.balance_loss, c.skew)
+            self.router.forward(w, x, n, c.balance_loss, c.skew, c.batch)
         };
         // Choices of logical experts → slots (a replicated expert's tokens shared out).
         let slots = match d.exchanges() {
@@ -232,7 +236,7 @@ impl MoeLayer {
         let d = self.dispatcher.over(c.exchange);
         let (routing, _) = {
             let _p = ultramoe_kernels::profile::scope("decode.moe.router");
-            self.router.forward(&dw.w, x, n, None, 0.0)
+            self.router.forward(&dw.w, x, n, None, 0.0, None)
         };
         let slots = match d.exchanges() {
             true if !self.placement.is_identity() => Some(self.placement.route(&routing.experts)),

@@ -2,8 +2,9 @@
 //! [`ultramoe_kernels::router`] for the formulas of each family).
 
 use crate::params::Slot;
+use crate::tensor_parallel::TensorParallel;
 use ultramoe_kernels::gemm::{linear, linear_backward};
-use ultramoe_kernels::balance::{balance_loss, BalanceLoss};
+use ultramoe_kernels::balance::{balance_loss, balance_loss_shared, BalanceLoss, SharedBatch};
 use ultramoe_kernels::router::{route_backward, route_forward, Routing, RouterSpec};
 
 /// A router over `E` experts.
@@ -33,7 +34,11 @@ impl Router {
     /// auxiliary balancing loss when `aux` gives one. `skew` (testing and benchmarks;
     /// 0 = off) adds a fixed Zipf bias `−s · ln(e + 1)` to expert `e`'s logit, so
     /// low-numbered experts are hot by design.
-    pub fn forward(&self, w: &[f32], x: &[f32], n: usize, aux: Option<(BalanceLoss, f32)>, skew: f32) -> (Routing, Option<AuxLoss>) {
+    ///
+    /// `batch`: the tensor-parallel group whose ranks share the batch's tokens (sequence
+    /// parallelism): the balancing loss then weighs this rank's tokens by the loads of the
+    /// whole batch, and its value is the whole batch's on every rank.
+    pub fn forward(&self, w: &[f32], x: &[f32], n: usize, aux: Option<(BalanceLoss, f32)>, skew: f32, batch: Option<&TensorParallel>) -> (Routing, Option<AuxLoss>) {
         let e = self.spec.n_experts;
         let mut logits = linear(x, &w[self.weight.clone()], n, self.hidden, e);
         if skew != 0.0 {
@@ -43,8 +48,15 @@ impl Router {
         let r = route_forward(&logits, self.bias.as_ref().map(|b| &w[b.clone()]), &self.spec);
         let aux = aux.map(|(kind, coef)| {
             let mut dlogits = vec![0.0; n * e];
-            let loss = balance_loss(&logits, &r.experts, e, self.spec.top_k, self.spec.score, kind, coef, &mut dlogits);
-            AuxLoss { loss, dlogits }
+            let Some(tp) = batch else {
+                let loss = balance_loss(&logits, &r.experts, e, self.spec.top_k, self.spec.score, kind, coef, &mut dlogits);
+                return AuxLoss { loss, dlogits };
+            };
+            let mut sum = |v: &mut [f32]| tp.sum_in_pass(v);
+            let shared = SharedBatch { ranks: tp.size(), sum: &mut sum };
+            let mut loss = [balance_loss_shared(&logits, &r.experts, e, self.spec.top_k, self.spec.score, kind, coef, &mut dlogits, Some(shared))];
+            tp.sum_in_pass(&mut loss);
+            AuxLoss { loss: loss[0], dlogits }
         });
         (r, aux)
     }
