@@ -373,6 +373,28 @@ mod tests {
         assert!(e.to_string().contains("multiple of pp"), "{e}");
     }
 
+    /// The sequence-wise balancing loss under sequence parallelism needs whole sequences
+    /// on each tensor-parallel rank; the batch-wide losses do not.
+    #[test]
+    fn the_sequence_wise_loss_needs_whole_sequences_per_rank_under_sequence_parallelism() {
+        let cfg = ModelConfig::from_json_str(
+            r#"{"model_type": "mixtral", "vocab_size": 64, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
+                "num_attention_heads": 2, "num_key_value_heads": 2, "num_local_experts": 4, "num_experts_per_tok": 2, "max_position_embeddings": 32}"#,
+        )
+        .unwrap();
+        let spec = RunSpec { tp: 2, sequence_parallel: true, ..RunSpec::default() };
+        let tc = |micro_batch: usize, kind: &str| TrainConfig {
+            micro_batch,
+            seq_len: 16,
+            aux_loss: Some(crate::trainer::AuxLossConfig { kind: kind.into(), coef: 0.01, ep_groups: 1 }),
+            ..TrainConfig::default()
+        };
+        spec.validate(&cfg, &tc(4, "sequence"), 2).unwrap();
+        spec.validate(&cfg, &tc(3, "switch"), 2).unwrap();
+        let e = spec.validate(&cfg, &tc(3, "sequence"), 2).unwrap_err().to_string();
+        assert!(e.contains("aux_loss") && e.contains("whole sequences") && !e.contains('\n'), "{e}");
+    }
+
     #[test]
     fn a_spec_survives_json_and_fills_defaults() {
         let s = RunSpec { pp: 4, vpp: 2, pp_layers: Some(vec![3, 5, 5, 3]), schedule: PipelineSchedule::Overlapped, ..RunSpec::default() };
