@@ -201,14 +201,22 @@ mod tests {
     use crate::router::{route_forward, RouterSpec};
     use crate::testutil::*;
 
+    const KINDS: [BalanceLoss; 4] = [BalanceLoss::Switch, BalanceLoss::Sequence { seq_len: 4 }, BalanceLoss::EpGroup { groups: 3 }, BalanceLoss::ZLoss];
+
+    /// Random logits for `n` tokens over `e` experts and the router's top-`k` choices.
+    fn routed(n: usize, e: usize, k: usize, score: ScoreFn, seed: u64) -> (Vec<f32>, Vec<u32>) {
+        let logits: Vec<f32> = rand_vec(n * e, seed).iter().map(|x| 2.0 * x).collect();
+        let spec = RouterSpec { score, n_experts: e, top_k: k, n_group: 1, topk_group: 1, renormalize: true, scaling: 1.0 };
+        let experts = route_forward(&logits, None, &spec).experts;
+        (logits, experts)
+    }
+
     #[test]
     fn every_balance_loss_matches_finite_differences() {
         let (n, e, k) = (12, 6, 2);
         for score in [ScoreFn::Softmax, ScoreFn::Sigmoid] {
-            let logits: Vec<f32> = rand_vec(n * e, 3).iter().map(|x| 2.0 * x).collect();
-            let spec = RouterSpec { score, n_experts: e, top_k: k, n_group: 1, topk_group: 1, renormalize: true, scaling: 1.0 };
-            let experts = route_forward(&logits, None, &spec).experts;
-            for kind in [BalanceLoss::Switch, BalanceLoss::Sequence { seq_len: 4 }, BalanceLoss::EpGroup { groups: 3 }, BalanceLoss::ZLoss] {
+            let (logits, experts) = routed(n, e, k, score, 3);
+            for kind in KINDS {
                 let mut dl = vec![0.0; n * e];
                 let loss = balance_loss(&logits, &experts, e, k, score, kind, 0.7, &mut dl);
                 assert!(loss > 0.0);
@@ -229,10 +237,8 @@ mod tests {
     fn shares_of_a_batch_add_up_to_the_whole_batch() {
         let (n, e, k) = (16, 6, 2);
         for score in [ScoreFn::Softmax, ScoreFn::Sigmoid] {
-            let logits: Vec<f32> = rand_vec(n * e, 5).iter().map(|x| 2.0 * x).collect();
-            let spec = RouterSpec { score, n_experts: e, top_k: k, n_group: 1, topk_group: 1, renormalize: true, scaling: 1.0 };
-            let experts = route_forward(&logits, None, &spec).experts;
-            for kind in [BalanceLoss::Switch, BalanceLoss::Sequence { seq_len: 4 }, BalanceLoss::EpGroup { groups: 3 }, BalanceLoss::ZLoss] {
+            let (logits, experts) = routed(n, e, k, score, 5);
+            for kind in KINDS {
                 let mut whole_dl = vec![0.0; n * e];
                 let whole = balance_loss(&logits, &experts, e, k, score, kind, 0.7, &mut whole_dl);
                 let half = |r: usize| (&logits[r * n / 2 * e..(r + 1) * n / 2 * e], &experts[r * n / 2 * k..(r + 1) * n / 2 * k]);
