@@ -25,6 +25,7 @@ pub mod bandwidth;
 pub mod embedding;
 pub mod gemm;
 pub mod gemv;
+pub mod gemv_int8;
 pub mod grouped_gemm;
 pub mod huge;
 pub mod kv_attention;

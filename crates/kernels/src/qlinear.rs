@@ -14,7 +14,8 @@
 //! for AVX-512, AVX2+FMA and the baseline and chosen at run time.
 
 use crate::gemm::{gemm_strided, Op, Strided};
-use crate::gemv::{gemv_rows, Rows};
+use crate::gemv::{gemv_rows_rounded, Rows};
+use crate::gemv_int8::QuantizedActivations;
 use crate::huge::filled;
 use rayon::prelude::*;
 
@@ -84,6 +85,9 @@ const GROUP: usize = 4;
 const GEMV_MAX_ROWS: usize = 32;
 /// Weight rows per parallel task.
 const ROWS_PER_TASK: usize = 32;
+/// Bytes of weights the GEMV passes over once per group of `x` rows before moving on:
+/// well inside the smallest L2 of the x86 cores it runs on (512 KiB).
+const GEMV_SLICE_BYTES: usize = 128 << 10;
 
 impl QMatrix {
     /// Quantises `w: [rows, cols]` (`F32` is not a quantised format).
@@ -238,20 +242,37 @@ fn gemv<'a>(block: &(dyn Fn(usize, usize) -> Rows<'a> + Sync), x: &[f32], n: usi
         return y;
     }
     let per = rows_per_task(rows, cols, parallel);
+    // INT8 weights multiply activations rounded once here, group by group.
+    let int8 = matches!(block(0, 0), Rows::Int8(..));
+    let rounded: Vec<Option<QuantizedActivations>> =
+        (0..n).step_by(GROUP).map(|g0| int8.then(|| QuantizedActivations::new(&x[g0 * cols..(g0 + GROUP).min(n) * cols], GROUP.min(n - g0), cols))).collect();
+    // More than one group of x rows: every group passes over the same weight rows, so
+    // they go in slices that stay in L2 between the passes (whole tasks did not: the
+    // LM head's tasks are megabytes, and each group read them from memory again).
+    let slice = match n <= GROUP {
+        true => rows,
+        false => (GEMV_SLICE_BYTES / (cols.max(1) * block(0, 0).bytes_per_weight())).max(4),
+    };
     // Per task a [rows_in_task, n] block, then placed into y's columns.
     let task = |t: usize| {
         let (r0, r1) = (t * per, ((t + 1) * per).min(rows));
+        if n <= GROUP {
+            let mut out = vec![0.0f32; (r1 - r0) * n];
+            gemv_rows_rounded(block(r0, r1), x, rounded[0].as_ref(), n, cols, &mut out);
+            return out;
+        }
         let mut out = vec![0.0f32; (r1 - r0) * n];
-        let mut part = vec![0.0f32; (r1 - r0) * GROUP.min(n)];
-        for g0 in (0..n).step_by(GROUP) {
-            let g = GROUP.min(n - g0);
-            let part = &mut part[..(r1 - r0) * g];
-            gemv_rows(block(r0, r1), &x[g0 * cols..(g0 + g) * cols], g, cols, part);
-            if g == n {
-                return part.to_vec();
-            }
-            for j in 0..r1 - r0 {
-                out[j * n + g0..j * n + g0 + g].copy_from_slice(&part[j * g..(j + 1) * g]);
+        let mut part = vec![0.0f32; slice.min(r1 - r0) * GROUP];
+        for s0 in (r0..r1).step_by(slice) {
+            let s1 = (s0 + slice).min(r1);
+            for g0 in (0..n).step_by(GROUP) {
+                let g = GROUP.min(n - g0);
+                let part = &mut part[..(s1 - s0) * g];
+                gemv_rows_rounded(block(s0, s1), &x[g0 * cols..(g0 + g) * cols], rounded[g0 / GROUP].as_ref(), g, cols, part);
+                for j in 0..s1 - s0 {
+                    let at = (s0 - r0 + j) * n + g0;
+                    out[at..at + g].copy_from_slice(&part[j * g..(j + 1) * g]);
+                }
             }
         }
         out
@@ -317,10 +338,14 @@ mod tests {
     }
 
     /// The fused kernels give the product with the dequantised matrix (up to summation
-    /// order) for every row count: the GEMV groups (1–32 rows) and the GEMM path.
+    /// order, and for INT8 in the GEMV the activations' 16-bit rounding, which
+    /// `gemv_int8`'s test bounds) for every row count: the GEMV groups (1–32 rows) and
+    /// the GEMM path.
     #[test]
     fn fused_products_equal_the_dequantised_product() {
-        for (rows, cols) in [(70, 45), (33, 128), (1, 16), (64, 7)] {
+        // (1000 × 512: more weights than one L2 slice, so more than four x rows pass
+        // over each slice in turn, serially and within parallel tasks)
+        for (rows, cols) in [(70, 45), (33, 128), (1, 16), (64, 7), (1000, 512)] {
             let w = rand_vec(rows * cols, 2);
             for fmt in [WeightFormat::Int8, WeightFormat::Bf16] {
                 let q = QMatrix::quantize(&w, rows, cols, fmt);

@@ -8,8 +8,8 @@
 
 use serde_json::Value;
 use std::path::PathBuf;
-use ultramoe_model::checkpoint::load_weights;
 use ultramoe_kernels::qlinear::WeightFormat;
+use ultramoe_model::checkpoint::load_weights;
 use ultramoe_model::decode::{pick_inputs, CachedInput, LogitRows};
 use ultramoe_model::decode_weights::DecodeWeights;
 use ultramoe_model::init::init_weights;
@@ -178,7 +178,8 @@ fn teacher_forced(m: &Model, w: &DecodeWeights, prompt: &[u32], tokens: &[u32]) 
 
 /// Decoding through BF16 / INT8 weights (the fused dequantising kernels: every
 /// projection, expert and the LM head) computes what the f32 kernels compute on the
-/// dequantised weights, on a 64-token continuation of each architecture.
+/// dequantised weights (INT8: up to its rounding of the activations), on a 64-token
+/// continuation of each architecture.
 #[test]
 fn quantised_decoding_computes_the_dequantised_model() {
     for case in ["deepseek_v3_tiny", "qwen3_moe_tiny", "mixtral_tiny"] {
@@ -191,7 +192,13 @@ fn quantised_decoding_computes_the_dequantised_model() {
             let got = teacher_forced(&m, &q, &p, &tokens);
             let want = teacher_forced(&m, &DecodeWeights::new(&m, q.dequantized(), WeightFormat::F32), &p, &tokens);
             let err = got.iter().flatten().zip(want.iter().flatten()).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
-            assert!(err <= 1e-4, "{case} {fmt:?}: {err}");
+            // INT8's GEMV multiplies activations rounded to 16 bits per block (each
+            // product moves by ≤ 2⁻¹⁶ of its block's largest activation): measured
+            // 1.1–1.8e-4 of the largest |logit| over the 64 tokens, held to 5e-4 — three
+            // hundred times less than what rounding the weights themselves moves.
+            let top = want.iter().flatten().fold(0.0f32, |m, v| m.max(v.abs()));
+            let bound = if fmt == WeightFormat::Int8 { 5e-4 * top } else { 1e-4 };
+            assert!(err <= bound, "{case} {fmt:?}: {err} (largest |logit| {top})");
             assert!(q.dequantized() != w, "{case} {fmt:?}: nothing was quantised");
         }
     }
