@@ -108,6 +108,9 @@ fn scalar(w: Rows, x: &[f32], n: usize, cols: usize, out: &mut [f32]) {
 }
 
 #[cfg(target_arch = "x86_64")]
+pub(crate) use x86::sum8;
+
+#[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::Rows;
     use std::arch::x86_64::*;
@@ -215,8 +218,9 @@ mod x86 {
     unsafe fn int8x8(p: *const i8) -> __m256 {
         _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p as *const __m128i)))
     }
+    /// The sum of a vector's eight lanes.
     #[inline(always)]
-    unsafe fn sum8(v: __m256) -> f32 {
+    pub unsafe fn sum8(v: __m256) -> f32 {
         let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))

@@ -97,6 +97,7 @@ pub fn gemv_int8(w: &[i8], w_scale: &[f32], x: &QuantizedActivations, n: usize, 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::{QuantizedActivations, BLOCK};
+    use crate::gemv::sum8;
     use std::arch::x86_64::*;
 
     /// As in the f32 GEMV: weights 2 KiB ahead of the ones being read are asked for.
@@ -194,12 +195,6 @@ mod x86 {
     #[inline(always)]
     unsafe fn dot256(acc: __m256i, a: __m256i, b: __m256i) -> __m256i {
         _mm256_add_epi32(acc, _mm256_madd_epi16(a, b))
-    }
-    #[inline(always)]
-    unsafe fn sum8(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
     }
 
     #[rustfmt::skip]
