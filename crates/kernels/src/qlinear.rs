@@ -9,7 +9,8 @@
 //!
 //! `y = x · Wᵀ` dequantises on the fly: for a few rows of `x` (decode steps) each weight
 //! row is converted in registers and multiplied into every `x` row while it is in cache
-//! (a GEMV that reads the weights once); for many rows (prefill) blocks of weight rows
+//! (a GEMV that reads the weights once; INT8 there multiplies in integers against the
+//! activations rounded to 16 bits, see [`crate::gemv_int8`]); for many rows (prefill) blocks of weight rows
 //! are dequantised into an f32 scratch and multiplied by the GEMM. The loops are compiled
 //! for AVX-512, AVX2+FMA and the baseline and chosen at run time.
 
