@@ -10,8 +10,8 @@
 //! `y = x · Wᵀ` dequantises on the fly: for a few rows of `x` (decode steps) each weight
 //! row is converted in registers and multiplied into every `x` row while it is in cache
 //! (a GEMV that reads the weights once; INT8 there multiplies in integers against the
-//! activations rounded to 16 bits, see [`crate::gemv_int8`]); for many rows (prefill) blocks of weight rows
-//! are dequantised into an f32 scratch and multiplied by the GEMM. The loops are compiled
+//! activations rounded to 16 bits, see [`crate::gemv_int8`]); for many rows (prefill)
+//! blocks of weight rows are dequantised into an f32 scratch and multiplied by the GEMM. The loops are compiled
 //! for AVX-512, AVX2+FMA and the baseline and chosen at run time.
 
 use crate::gemm::{gemm_strided, Op, Strided};
@@ -250,10 +250,7 @@ fn gemv<'a>(block: &(dyn Fn(usize, usize) -> Rows<'a> + Sync), x: &[f32], n: usi
     // More than one group of x rows: every group passes over the same weight rows, so
     // they go in slices that stay in L2 between the passes (whole tasks did not: the
     // LM head's tasks are megabytes, and each group read them from memory again).
-    let slice = match n <= GROUP {
-        true => rows,
-        false => (GEMV_SLICE_BYTES / (cols.max(1) * block(0, 0).bytes_per_weight())).max(4),
-    };
+    let slice = (GEMV_SLICE_BYTES / (cols.max(1) * block(0, 0).bytes_per_weight())).max(4);
     // Per task a [rows_in_task, n] block, then placed into y's columns.
     let task = |t: usize| {
         let (r0, r1) = (t * per, ((t + 1) * per).min(rows));
