@@ -10,12 +10,12 @@
 # Needs root, iproute2, cgroup v1's cpu controller, OpenMPI and an MPI build:
 #   cargo build --release --features mpi
 #
-#   scripts/pipeline-overlap.sh       # M=8 MB=16 STEPS=10 RATE=1gbit CPU=0.5 PERIOD_US=5000 CHUNKS=2 BIN=…
+#   scripts/pipeline-overlap.sh       # M=8 MB=16 STEPS=10 RATE=1gbit CPU=0.5 PERIOD_US=5000 CHUNKS=2 BIN=… MODEL=config.json
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=${BIN:-target/release/ultramoe}
 steps=${STEPS:-10}
-model=models/pipeline-bench/config.json
+model=${MODEL:-models/pipeline-bench/config.json}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 printf '%-9s %9s %9s %11s %9s %15s\n' schedule "step s" "a2a s" "exposed s" hidden "stage busy s"

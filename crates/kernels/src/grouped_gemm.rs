@@ -84,11 +84,18 @@ pub fn grouped_linear(x: &[f32], w: &[f32], offsets: &[usize], d_in: usize, d_ou
 /// `dw[e] += dy_eᵀ · x_e`.
 pub fn grouped_linear_grad(dw: &mut [f32], dy: &[f32], x: &[f32], w: &[f32], offsets: &[usize], d_in: usize, d_out: usize) -> Vec<f32> {
     grouped_weight_grad(dw, dy, x, offsets, d_in, d_out);
+    grouped_input_grad(dy, w, offsets, d_in, d_out)
+}
+
+/// The input half of [`grouped_linear_grad`]: `dx_e = dy_e · w[e]` into a new `[R, in]`
+/// buffer. Split from the weight half so an exchange of `dx` can travel while the
+/// weight gradients are computed.
+pub fn grouped_input_grad(dy: &[f32], w: &[f32], offsets: &[usize], d_in: usize, d_out: usize) -> Vec<f32> {
     grouped_new(dy, d_out, w, d_out, d_in, Op::N, offsets)
 }
 
-/// Weight gradient of every expert: `dw[e] += dy_eᵀ · x_e`.
-fn grouped_weight_grad(dw: &mut [f32], dy: &[f32], x: &[f32], offsets: &[usize], d_in: usize, d_out: usize) {
+/// The weight half of [`grouped_linear_grad`]: `dw[e] += dy_eᵀ · x_e` for every expert.
+pub fn grouped_weight_grad(dw: &mut [f32], dy: &[f32], x: &[f32], offsets: &[usize], d_in: usize, d_out: usize) {
     let one = |e: usize, dwe: &mut [f32], serial: bool| {
         let n = offsets[e + 1] - offsets[e];
         let dye = &dy[offsets[e] * d_out..offsets[e + 1] * d_out];

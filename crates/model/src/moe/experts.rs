@@ -4,7 +4,7 @@
 
 use crate::params::Slot;
 use ultramoe_kernels::activation::{swiglu, swiglu_grad};
-use ultramoe_kernels::grouped_gemm::{grouped_linear, grouped_linear_grad};
+use ultramoe_kernels::grouped_gemm::{grouped_input_grad, grouped_linear, grouped_weight_grad};
 
 /// Checkpoint names of a layer's expert tensors: `{prefix}{e}.{proj}.weight`.
 #[derive(Clone, Debug)]
@@ -100,12 +100,24 @@ impl GroupedExperts {
         }
     }
 
-    /// Backward: weight gradients into `g`; returns `dxp: [R, H]`.
-    pub fn backward(&self, w: &[f32], g: &mut [f32], xp: &[f32], s: &ExpertsSaved, dyp: &[f32], offsets: &[usize]) -> Vec<f32> {
+    /// The input half of the backward (zero-bubble's "B"): `dact = dyp · W_down[e]`,
+    /// `dgu = swiglu'(gu) ⊙ dact`, `dxp = dgu · W_gu[e]`. Returns `dxp: [R, H]` and `dgu:
+    /// [R, 2I]`, which [`Self::backward_weights`] needs. Under expert parallelism `dxp`
+    /// travels back to the tokens' ranks while the weight half runs.
+    pub fn backward_input(&self, w: &[f32], s: &ExpertsSaved, dyp: &[f32], offsets: &[usize]) -> (Vec<f32>, Vec<f32>) {
         let (h, i) = (self.hidden, self.inter);
-        let dact = grouped_linear_grad(&mut g[self.down.clone()], dyp, &s.act, &w[self.down.clone()], offsets, i, h);
+        let dact = grouped_input_grad(dyp, &w[self.down.clone()], offsets, i, h);
         let dgu = swiglu_grad(&dact, &s.gu, i);
         drop(dact);
-        grouped_linear_grad(&mut g[self.gate_up.clone()], &dgu, xp, &w[self.gate_up.clone()], offsets, h, 2 * i)
+        (grouped_input_grad(&dgu, &w[self.gate_up.clone()], offsets, h, 2 * i), dgu)
+    }
+
+    /// The weight half (zero-bubble's "W"): `g_down[e] += dyp_eᵀ · act_e`, `g_gu[e] +=
+    /// dgu_eᵀ · xp_e` — the same sums in the same order as the whole backward, so the
+    /// split changes no bit.
+    pub fn backward_weights(&self, g: &mut [f32], xp: &[f32], s: &ExpertsSaved, dyp: &[f32], dgu: &[f32], offsets: &[usize]) {
+        let (h, i) = (self.hidden, self.inter);
+        grouped_weight_grad(&mut g[self.down.clone()], dyp, &s.act, offsets, i, h);
+        grouped_weight_grad(&mut g[self.gate_up.clone()], dgu, xp, offsets, h, 2 * i);
     }
 }

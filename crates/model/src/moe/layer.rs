@@ -311,11 +311,12 @@ impl MoeLayer {
         let mut returning = Vec::with_capacity(s.parts.len());
         for (p, t) in s.parts.iter().zip(to_experts) {
             let dyp = d.finish_combine_backward(t, &p.handle, &mut dweights[choices(&p.tokens)]);
-            let dxp = {
-                let _p = ultramoe_kernels::profile::scope("moe.experts.backward");
-                self.experts.backward(w, g, &p.xp, &p.experts, &dyp, &p.handle.offsets)
-            };
+            // The input gradients first, so they travel back while the weight gradients
+            // (half the experts' backward) are computed.
+            let _p = ultramoe_kernels::profile::scope("moe.experts.backward");
+            let (dxp, dgu) = self.experts.backward_input(w, &p.experts, &dyp, &p.handle.offsets);
             returning.push(d.start_dispatch_backward(dxp, &p.handle));
+            self.experts.backward_weights(g, &p.xp, &p.experts, &dyp, &dgu, &p.handle.offsets);
         }
         for p in &s.parts[1..] {
             shared_backward(p, g, &mut dx, &mut shared_dx);
