@@ -50,6 +50,15 @@ impl WeightFormat {
             WeightFormat::Int8 => "int8",
         }
     }
+
+    /// Bytes a weight takes (INT8's per-row scale aside).
+    pub fn bytes_per_weight(&self) -> usize {
+        match self {
+            WeightFormat::F32 => 4,
+            WeightFormat::Bf16 => 2,
+            WeightFormat::Int8 => 1,
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -105,6 +114,19 @@ impl QMatrix {
             }
         };
         QMatrix { rows, cols, data }
+    }
+
+    /// An INT8 matrix from its values `q: [rows, cols]` and per-row scales (`w ≈
+    /// q·scale[row]`), as a checkpoint stores them.
+    pub fn from_int8(q: Vec<i8>, scale: Vec<f32>, rows: usize, cols: usize) -> Self {
+        assert!(q.len() == rows * cols && scale.len() == rows, "a [rows, cols] matrix with a scale per row");
+        QMatrix { rows, cols, data: QData::Int8 { q, scale } }
+    }
+
+    /// A BF16 matrix from its bits `[rows, cols]`.
+    pub fn from_bf16(bits: Vec<u16>, rows: usize, cols: usize) -> Self {
+        assert_eq!(bits.len(), rows * cols, "a [rows, cols] matrix");
+        QMatrix { rows, cols, data: QData::Bf16(bits) }
     }
 
     /// INT8 values (row-major) and per-row scales (`w ≈ q·scale[row]`), if INT8.

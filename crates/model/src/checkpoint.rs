@@ -159,10 +159,66 @@ fn ignorable(name: &str, cfg: &crate::ModelConfig) -> bool {
 /// Loads weights for `model` from a checkpoint directory or file into a new flat buffer.
 /// Every tensor must be present with its exact shape; unknown tensors are errors.
 pub fn load_weights(model: &Model, path: &Path) -> Result<Vec<f32>> {
-    // The weights, and one file's bytes at a time (a single-file checkpoint: the whole
-    // model again); each tensor is converted straight into its place.
-    crate::memory::check_available(2 * 4 * model.layout.total, || format!("loading a model of {}", model.size_fields())).map_err(|e| e.in_file(path))?;
+    Ok(load_weights_keeping(model, path, None)?.0)
+}
+
+/// A matrix kept in the form its checkpoint stores it (see [`load_weights_keeping`]).
+#[derive(Clone, Debug, PartialEq)]
+pub enum StoredMatrix {
+    /// INT8 values and one scale per row: `w ≈ q·scale[row]`
+    Int8 {
+        /// the values, row-major
+        q: Vec<i8>,
+        /// one per row
+        scale: Vec<f32>,
+    },
+    /// BF16 bits (row-major)
+    Bf16(Vec<u16>),
+}
+
+/// Which tensors to keep as stored: those `wanted` names that the checkpoint holds in
+/// `format` (BF16, or INT8 with its per-row `<name>_scale`).
+pub struct Keep<'a> {
+    /// the decoding format
+    pub format: ultramoe_kernels::qlinear::WeightFormat,
+    /// the tensors decoding would quantise to it
+    pub wanted: &'a dyn Fn(&str) -> bool,
+}
+
+impl Keep<'_> {
+    fn takes(&self, name: &str, dtype: Dtype) -> bool {
+        use ultramoe_kernels::qlinear::WeightFormat;
+        let stored = match dtype {
+            Dtype::I8 => WeightFormat::Int8,
+            Dtype::BF16 => WeightFormat::Bf16,
+            _ => return false,
+        };
+        stored == self.format && (self.wanted)(name)
+    }
+}
+
+/// [`load_weights`], except that the tensors `keep` takes are returned as stored
+/// (by name) and their part of the flat buffer is never written: a zeroed allocation
+/// the operating system gives pages to only when touched, so an INT8 or BF16
+/// checkpoint loads for decoding at its own size, never as f32 first. Each kept tensor
+/// is checked as a placed one is (shape, finite values, an INT8 scale per row).
+pub fn load_weights_keeping(model: &Model, path: &Path, keep: Option<Keep>) -> Result<(Vec<f32>, HashMap<String, StoredMatrix>)> {
+    // The weights (kept tensors at their stored size), and one file's bytes at a time
+    // (a single-file checkpoint: the whole model again); each tensor is converted
+    // straight into its place.
+    let files = checkpoint_files(path)?;
+    let largest_file = files.iter().filter_map(|f| std::fs::metadata(f).ok()).map(|m| m.len() as usize).max().unwrap_or(0);
+    let kept: usize = match &keep {
+        Some(k) => model.layout.specs.iter().filter(|s| (k.wanted)(&s.name)).map(|s| s.range().len()).sum(),
+        None => 0,
+    };
+    let kept_bytes = keep.as_ref().map_or(0, |k| k.format.bytes_per_weight() * kept);
+    let needed = 4 * (model.layout.total - kept) + kept_bytes + largest_file;
+    crate::memory::check_available(needed, || format!("loading a model of {}", model.size_fields())).map_err(|e| e.in_file(path))?;
     let mut w = vec![0.0f32; model.layout.total];
+    let mut stored: HashMap<String, StoredMatrix> = HashMap::new();
+    // INT8 tensors kept, waiting for their scales (possibly in another shard)
+    let mut int8_kept: Vec<(String, Vec<i8>, PathBuf)> = vec![];
     let mut seen = vec![false; model.layout.specs.len()];
     let index: HashMap<&str, usize> = model.layout.specs.iter().enumerate().map(|(i, s)| (s.name.as_str(), i)).collect();
     // FP8 checkpoints (DeepSeek-V3) store `<name>_scale_inv` beside each quantised
@@ -221,7 +277,7 @@ pub fn load_weights(model: &Model, path: &Path) -> Result<Vec<f32>> {
         seen[i] = true;
         Ok(())
     };
-    for file in checkpoint_files(path)? {
+    for file in files {
         let bytes = std::fs::read(&file).map_err(|e| Error::msg(format!("cannot read: {e}")).in_file(&file))?;
         let st = SafeTensors::deserialize(&bytes)
             .map_err(|e| Error::msg(format!("not a valid safetensors file: {e}")).in_file(&file))?;
@@ -237,6 +293,24 @@ pub fn load_weights(model: &Model, path: &Path) -> Result<Vec<f32>> {
             }
             let fp8 = view.dtype() == Dtype::F8_E4M3;
             let int8 = view.dtype() == Dtype::I8;
+            let spec = index.get(name.as_str()).map(|&i| &model.layout.specs[i]);
+            let keepable = spec.is_some_and(|s| s.split.is_none() && view.shape() == s.whole_shape());
+            if keepable && keep.as_ref().is_some_and(|k| k.takes(&name, view.dtype())) {
+                let b = view.data();
+                if int8 {
+                    int8_kept.push((name.clone(), b.iter().map(|&x| x as i8).collect(), file.clone()));
+                } else {
+                    let bits: Vec<u16> = b.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect();
+                    // exponent all ones: BF16's infinities and NaNs
+                    let bad = bits.iter().filter(|&&x| x & 0x7f80 == 0x7f80).count();
+                    if bad > 0 {
+                        return Err(Error::field(&name, format!("{bad} of {} values are not finite (NaN or Inf)", bits.len())).in_file(&file));
+                    }
+                    stored.insert(name.clone(), StoredMatrix::Bf16(bits));
+                }
+                placed.insert(name);
+                continue;
+            }
             let data = convert(&name, &view).map_err(|e| e.in_file(&file))?;
             // INT8 scales are per row: [rows] as written, [rows, 1] as the check reads them.
             let shape = if name.ends_with("_scale") && view.shape().len() == 1 { vec![view.shape()[0], 1] } else { view.shape().to_vec() };
@@ -264,6 +338,23 @@ pub fn load_weights(model: &Model, path: &Path) -> Result<Vec<f32>> {
         };
         place(name, t, file, scale.as_ref().map(|(k, s, f, r)| (k.as_str(), *s, f.as_path(), *r)))?;
     }
+    for (name, q, file) in int8_kept {
+        let key = format!("{name}_scale");
+        let (s, sfile, _) = deferred.get(&key).ok_or_else(|| Error::field(&name, format!("quantised weight without `{key}`")).in_file(&file))?;
+        let rows = model.layout.specs[index[name.as_str()]].whole_shape()[0];
+        if s.shape != [rows, 1] {
+            return Err(Error::field(&key, format!("shape {:?}, expected [{rows}] (one per row)", s.shape)).in_file(sfile));
+        }
+        let scale = s.f32(&key)?.to_vec();
+        let bad = count_nonfinite(&scale);
+        if bad > 0 {
+            return Err(Error::field(&key, format!("{bad} of {} values are not finite (NaN or Inf)", scale.len())).in_file(sfile));
+        }
+        stored.insert(name, StoredMatrix::Int8 { q, scale });
+    }
+    for name in stored.keys() {
+        seen[index[name.as_str()]] = true;
+    }
     drop(deferred);
     let missing: Vec<&str> = model.layout.specs.iter().zip(&seen).filter(|(_, s)| !**s).map(|(p, _)| p.name.as_str()).collect();
     if !missing.is_empty() {
@@ -271,7 +362,7 @@ pub fn load_weights(model: &Model, path: &Path) -> Result<Vec<f32>> {
         return Err(Error::msg(format!("checkpoint is missing tensor(s) {}{more}", missing[..missing.len().min(3)].join(", "))).in_file(path));
     }
     crate::memory::return_freed_heap();
-    Ok(w)
+    Ok((w, stored))
 }
 
 /// How many of `v` are NaN or infinite.

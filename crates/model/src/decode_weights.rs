@@ -103,6 +103,75 @@ impl DecodeWeights {
         DecodeWeights { w, format, q, released }
     }
 
+    /// The model saved at `path`, its matrices in `format`. A matrix whose tensors the
+    /// checkpoint stores in that format (`ultramoe quantize`'s INT8 or BF16, or a BF16
+    /// Hugging Face checkpoint read as BF16) is taken as stored — bit for bit, and never
+    /// as f32 on the way: the load's peak is about the stored matrices, the f32 rest and
+    /// one shard. Any other matrix is read as f32 and converted as [`Self::new`] does.
+    pub fn load(model: &Model, path: &Path, format: WeightFormat) -> crate::Result<Self> {
+        use crate::checkpoint::{load_weights, load_weights_keeping, Keep, StoredMatrix};
+        if format == WeightFormat::F32 {
+            return Ok(Self::new(model, load_weights(model, path)?, format));
+        }
+        let mats = matrices(model);
+        // The tensors inside each matrix, in buffer order (a fused matrix's parts are
+        // consecutive rows of it).
+        let parts: Vec<Vec<&crate::params::ParamSpec>> = mats
+            .iter()
+            .map(|(slot, _, _)| {
+                let mut v: Vec<_> = model.layout.specs.iter().filter(|s| slot.start <= s.range().start && s.range().end <= slot.end).collect();
+                v.sort_by_key(|s| s.range().start);
+                v
+            })
+            .collect();
+        let inside: std::collections::HashSet<&str> = parts.iter().flatten().map(|s| s.name.as_str()).collect();
+        let wanted = |name: &str| inside.contains(name);
+        let (mut w, mut stored) = load_weights_keeping(model, path, Some(Keep { format, wanted: &wanted }))?;
+        let mut q = HashMap::new();
+        for ((slot, rows, cols), specs) in mats.into_iter().zip(parts) {
+            let covered = specs.iter().map(|s| s.range().len()).sum::<usize>() == slot.len();
+            let all_stored = covered && specs.iter().all(|s| stored.contains_key(&s.name));
+            let m = if all_stored {
+                let taken: Vec<StoredMatrix> = specs.iter().map(|s| stored.remove(&s.name).expect("checked above")).collect();
+                match format {
+                    WeightFormat::Int8 => {
+                        let (mut qs, mut scales) = (Vec::with_capacity(slot.len()), Vec::with_capacity(rows));
+                        for t in taken {
+                            let StoredMatrix::Int8 { q, scale } = t else { unreachable!("kept only in the asked format") };
+                            qs.extend_from_slice(&q);
+                            scales.extend_from_slice(&scale);
+                        }
+                        QMatrix::from_int8(qs, scales, rows, cols)
+                    }
+                    _ => {
+                        let mut bits = Vec::with_capacity(slot.len());
+                        for t in taken {
+                            let StoredMatrix::Bf16(b) = t else { unreachable!("kept only in the asked format") };
+                            bits.extend_from_slice(&b);
+                        }
+                        QMatrix::from_bf16(bits, rows, cols)
+                    }
+                }
+            } else {
+                // Part of it came as f32 (or not at all in this format): its stored
+                // parts dequantised into place, then the whole converted.
+                for s in &specs {
+                    if let Some(t) = stored.remove(&s.name) {
+                        let m = match t {
+                            StoredMatrix::Int8 { q, scale } => QMatrix::from_int8(q, scale, s.range().len() / cols, cols),
+                            StoredMatrix::Bf16(b) => QMatrix::from_bf16(b, s.range().len() / cols, cols),
+                        };
+                        w[s.range()].copy_from_slice(&m.dequantize());
+                    }
+                }
+                QMatrix::quantize(&w[slot.clone()], rows, cols, format)
+            };
+            q.insert(slot.start, (slot, m));
+        }
+        let released = q.values().map(|(slot, _)| ultramoe_kernels::huge::release_pages(&mut w[slot.clone()])).sum();
+        Ok(DecodeWeights { w, format, q, released })
+    }
+
     /// Bytes the weights occupy: `w` less its released pages, plus the quantised copies.
     pub fn resident_bytes(&self) -> usize {
         4 * self.w.len() - self.released + self.q.values().map(|(_, m)| m.bytes()).sum::<usize>()

@@ -79,11 +79,93 @@ fn quantised_checkpoints_load_as_expert_parallel_shares() {
         let share = ultramoe_model::Share { ep: Some(std::sync::Arc::new(comm)), ..ultramoe_model::Share::whole(&cfg) };
         let part = Model::share(cfg, share).unwrap();
         let got = ultramoe_model::checkpoint::load_weights(&part, &dir2).unwrap();
+        // Loaded for decoding, the matrices taken as stored.
+        let decoding = DecodeWeights::load(&part, &dir2, WeightFormat::Int8).unwrap().dequantized();
         // Every tensor this rank holds has the value the whole model has under its name.
         let full = Model::new(ModelConfig::from_file(&dir2.join("config.json")).unwrap());
-        Ok(part.layout.specs.iter().all(|s| got[s.range()] == whole[full.layout.get(&s.name).unwrap().range()]))
+        Ok(part.layout.specs.iter().all(|s| {
+            let want = &whole[full.layout.get(&s.name).unwrap().range()];
+            got[s.range()] == *want && decoding[s.range()] == *want
+        }))
     })
     .unwrap();
     assert_eq!(ok, vec![true, true]);
     std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Loaded for decoding in the format it was saved in, a quantised model takes its
+/// matrices as stored (never as f32 on the way): the same matrices, bit for bit, as the
+/// model that saved them. Loaded in another format, or from f32, every matrix is read as
+/// f32 and converted: the same as converting the f32 load.
+#[test]
+fn decoding_weights_load_quantised_matrices_as_stored() {
+    let (m, w) = model(128, 4);
+    let root = std::env::temp_dir().join(format!("ultramoe-load-stored-{}", std::process::id()));
+    ultramoe_model::checkpoint::save_weights(&m, &w, &root.join("f32"), None).unwrap();
+    for fmt in [WeightFormat::Bf16, WeightFormat::Int8] {
+        let dir = root.join(fmt.name());
+        let q = DecodeWeights::new(&m, w.clone(), fmt);
+        q.save(&m, &dir).unwrap();
+        // Every matrix tensor comes back as stored, its f32 range never written.
+        let keep = ultramoe_model::checkpoint::Keep { format: fmt, wanted: &|_: &str| true };
+        let (raw, stored) = ultramoe_model::checkpoint::load_weights_keeping(&m, &dir, Some(keep)).unwrap();
+        let matrices: Vec<_> = m.layout.specs.iter().filter(|s| s.name.ends_with("proj.weight") || s.name == "lm_head.weight").collect();
+        assert!(matrices.len() > 10 && stored.len() == matrices.len(), "{fmt:?}: {} stored of {}", stored.len(), matrices.len());
+        assert!(matrices.iter().all(|s| stored.contains_key(&s.name) && raw[s.range()].iter().all(|&x| x == 0.0)), "{fmt:?}");
+        let loaded = DecodeWeights::load(&m, &dir, fmt).unwrap();
+        assert_eq!(loaded.dequantized(), q.dequantized(), "{fmt:?}");
+        // (the released f32 pages may differ by a partial page at each matrix's ends: the
+        // two buffers need not share an alignment)
+        let slack = 2 * 4096 * matrices.len();
+        assert!(loaded.resident_bytes().abs_diff(q.resident_bytes()) <= slack, "{fmt:?}: {} vs {}", loaded.resident_bytes(), q.resident_bytes());
+        let x: Vec<f32> = (0..3 * 128).map(|i| (i as f32 * 0.37).sin()).collect();
+        let head = m.lm_head.as_ref().unwrap();
+        assert_eq!(loaded.linear(head, &x, 3, 128, 512), q.linear(head, &x, 3, 128, 512), "{fmt:?}");
+        // Other formats and the f32 checkpoint: read as f32, then converted.
+        for (from, to) in [(dir.clone(), WeightFormat::F32), (dir.clone(), other(fmt)), (root.join("f32"), fmt)] {
+            let via_f32 = DecodeWeights::new(&m, ultramoe_model::checkpoint::load_weights(&m, &from).unwrap(), to);
+            let direct = DecodeWeights::load(&m, &from, to).unwrap();
+            assert_eq!(direct.dequantized(), via_f32.dequantized(), "{from:?} as {to:?}");
+        }
+    }
+    std::fs::remove_dir_all(&root).ok();
+}
+
+fn other(f: WeightFormat) -> WeightFormat {
+    if f == WeightFormat::Int8 {
+        WeightFormat::Bf16
+    } else {
+        WeightFormat::Int8
+    }
+}
+
+/// A stored matrix is checked as a converted one is: an INT8 weight needs its scales, one
+/// per row and finite, and a BF16 weight finite values — each error names the tensor.
+#[test]
+fn stored_matrices_are_checked() {
+    use safetensors::tensor::{Dtype, TensorView};
+    let (m, w) = model(128, 4);
+    let root = std::env::temp_dir().join(format!("ultramoe-stored-bad-{}", std::process::id()));
+    let name = "model.layers.0.mlp.experts.1.down_proj.weight";
+    for (fmt, case) in [(WeightFormat::Int8, "no scale"), (WeightFormat::Int8, "nan scale"), (WeightFormat::Bf16, "inf")] {
+        let dir = root.join(case.replace(' ', "-"));
+        DecodeWeights::new(&m, w.clone(), fmt).save(&m, &dir).unwrap();
+        let file = dir.join("model.safetensors");
+        let bytes = std::fs::read(&file).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let mut tensors: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> =
+            st.tensors().into_iter().map(|(n, v)| (n, v.dtype(), v.shape().to_vec(), v.data().to_vec())).collect();
+        let scale = format!("{name}_scale");
+        match case {
+            "no scale" => tensors.retain(|t| t.0 != scale),
+            "nan scale" => tensors.iter_mut().filter(|t| t.0 == scale).for_each(|t| t.3[..4].copy_from_slice(&f32::NAN.to_le_bytes())),
+            _ => tensors.iter_mut().filter(|t| t.0 == name).for_each(|t| t.3[..2].copy_from_slice(&0x7f80u16.to_le_bytes())),
+        }
+        let views: Vec<(String, TensorView)> = tensors.iter().map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap())).collect();
+        std::fs::write(&file, safetensors::serialize(views, None).unwrap()).unwrap();
+        let err = DecodeWeights::load(&m, &dir, fmt).err().unwrap_or_else(|| panic!("{case}: loaded")).to_string();
+        assert!(err.contains(name), "{case}: {err}");
+        assert!(err.contains(if case == "no scale" { "without" } else { "not finite" }), "{case}: {err}");
+    }
+    std::fs::remove_dir_all(&root).ok();
 }

@@ -83,8 +83,7 @@ pub fn load_for_decoding(dir: &Path, weights: Option<WeightsArg>, ep: Option<std
         Some(g) => Model::share(cfg.clone(), ultramoe_model::Share { ep: Some(g), ..ultramoe_model::Share::whole(&cfg) }).map_err(|e| e.to_string())?,
         None => Model::new(cfg),
     };
-    let w = load_weights(&model, dir).map_err(|e| e.to_string())?;
-    let dw = DecodeWeights::new(&model, w, weights.format());
+    let dw = DecodeWeights::load(&model, dir, weights.format()).map_err(|e| e.to_string())?;
     Ok((model, dw))
 }
 
