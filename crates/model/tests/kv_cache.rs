@@ -208,9 +208,9 @@ fn quantised_decoding_computes_the_dequantised_model() {
 /// greedy 24-token worked answers, and move every position's logits but one per answer
 /// by at most 1% (BF16) and 8% (INT8) of the largest |logit|. One position may move more
 /// (at most 25%): where two experts' router scores nearly tie, the quantised weights can
-/// flip the choice (measured on the shipped model: all but one position per answer ≤ 0.49%
-/// BF16, ≤ 5.8% INT8, medians 0.1–0.2% and 0.3–1.3%; the one position up to 18.4% BF16,
-/// 16.8% INT8).
+/// flip the choice (measured on the shipped model: all but one position per answer ≤ 0.41%
+/// BF16, ≤ 2.9% INT8, medians 0.09–0.20% and 0.39–0.87%; the one position up to 4.9% BF16,
+/// 22.9% INT8).
 #[test]
 fn quantised_weights_move_the_trained_math_models_logits_little() {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/math-moe");
