@@ -85,18 +85,21 @@ fn layer_matrices(l: &DecoderLayer) -> Vec<(Slot, usize, usize)> {
 
 impl DecodeWeights {
     /// `w` laid out for `model`, its matrices converted to `format`.
-    pub fn new(model: &Model, mut w: Vec<f32>, format: WeightFormat) -> Self {
+    pub fn new(model: &Model, w: Vec<f32>, format: WeightFormat) -> Self {
+        Self::assemble(model, w, format, |_, _, _, _| None)
+    }
+
+    /// `w` laid out for `model`, each matrix in `format`: the one `stored` gives (it may
+    /// also write the matrix's f32 values into `w`), else `w`'s values converted.
+    fn assemble(model: &Model, mut w: Vec<f32>, format: WeightFormat, mut stored: impl FnMut(&mut [f32], &Slot, usize, usize) -> Option<QMatrix>) -> Self {
         assert_eq!(w.len(), model.layout.total, "weights laid out for this model");
-        let q: HashMap<usize, (Slot, QMatrix)> = match format {
-            WeightFormat::F32 => HashMap::new(),
-            _ => matrices(model)
-                .into_iter()
-                .map(|(slot, rows, cols)| {
-                    let m = QMatrix::quantize(&w[slot.clone()], rows, cols, format);
-                    (slot.start, (slot, m))
-                })
-                .collect(),
-        };
+        let mut q: HashMap<usize, (Slot, QMatrix)> = HashMap::new();
+        if format != WeightFormat::F32 {
+            for (slot, rows, cols) in matrices(model) {
+                let m = stored(&mut w, &slot, rows, cols).unwrap_or_else(|| QMatrix::quantize(&w[slot.clone()], rows, cols, format));
+                q.insert(slot.start, (slot, m));
+            }
+        }
         // Decoding reads a quantised matrix only through its copy (`linear_on`,
         // `dequantized`, `matrix_bytes`), so its f32 pages go back.
         let released = q.values().map(|(slot, _)| ultramoe_kernels::huge::release_pages(&mut w[slot.clone()])).sum();
@@ -113,63 +116,56 @@ impl DecodeWeights {
         if format == WeightFormat::F32 {
             return Ok(Self::new(model, load_weights(model, path)?, format));
         }
-        let mats = matrices(model);
-        // The tensors inside each matrix, in buffer order (a fused matrix's parts are
-        // consecutive rows of it).
-        let parts: Vec<Vec<&crate::params::ParamSpec>> = mats
-            .iter()
+        // The tensors inside each matrix, by the matrix's start, in buffer order (a fused
+        // matrix's parts are consecutive rows of it).
+        let mut by_start: Vec<&crate::params::ParamSpec> = model.layout.specs.iter().collect();
+        by_start.sort_by_key(|s| s.range().start);
+        let parts: HashMap<usize, Vec<&crate::params::ParamSpec>> = matrices(model)
+            .into_iter()
             .map(|(slot, _, _)| {
-                let mut v: Vec<_> = model.layout.specs.iter().filter(|s| slot.start <= s.range().start && s.range().end <= slot.end).collect();
-                v.sort_by_key(|s| s.range().start);
-                v
+                let first = by_start.partition_point(|s| s.range().start < slot.start);
+                (slot.start, by_start[first..].iter().take_while(|s| s.range().end <= slot.end).copied().collect())
             })
             .collect();
-        let inside: std::collections::HashSet<&str> = parts.iter().flatten().map(|s| s.name.as_str()).collect();
-        let wanted = |name: &str| inside.contains(name);
-        let (mut w, mut stored) = load_weights_keeping(model, path, Some(Keep { format, wanted: &wanted }))?;
-        let mut q = HashMap::new();
-        for ((slot, rows, cols), specs) in mats.into_iter().zip(parts) {
+        let inside: std::collections::HashSet<&str> = parts.values().flatten().map(|s| s.name.as_str()).collect();
+        let (w, mut stored) = load_weights_keeping(model, path, Some(Keep { format, wanted: &|name: &str| inside.contains(name) }))?;
+        Ok(Self::assemble(model, w, format, |w, slot, rows, cols| {
+            let specs = &parts[&slot.start];
             let covered = specs.iter().map(|s| s.range().len()).sum::<usize>() == slot.len();
-            let all_stored = covered && specs.iter().all(|s| stored.contains_key(&s.name));
-            let m = if all_stored {
-                let taken: Vec<StoredMatrix> = specs.iter().map(|s| stored.remove(&s.name).expect("checked above")).collect();
-                match format {
-                    WeightFormat::Int8 => {
-                        let (mut qs, mut scales) = (Vec::with_capacity(slot.len()), Vec::with_capacity(rows));
-                        for t in taken {
-                            let StoredMatrix::Int8 { q, scale } = t else { unreachable!("kept only in the asked format") };
-                            qs.extend_from_slice(&q);
-                            scales.extend_from_slice(&scale);
-                        }
-                        QMatrix::from_int8(qs, scales, rows, cols)
-                    }
-                    _ => {
-                        let mut bits = Vec::with_capacity(slot.len());
-                        for t in taken {
-                            let StoredMatrix::Bf16(b) = t else { unreachable!("kept only in the asked format") };
-                            bits.extend_from_slice(&b);
-                        }
-                        QMatrix::from_bf16(bits, rows, cols)
-                    }
+            if !(covered && specs.iter().all(|s| stored.contains_key(&s.name))) {
+                // Part of it came as f32 (or not at all in this format): its stored parts
+                // dequantised into place, and the whole converted.
+                for s in specs {
+                    let part = match stored.remove(&s.name) {
+                        Some(StoredMatrix::Int8 { q, scale }) => QMatrix::from_int8(q, scale, s.range().len() / cols, cols),
+                        Some(StoredMatrix::Bf16(b)) => QMatrix::from_bf16(b, s.range().len() / cols, cols),
+                        None => continue,
+                    };
+                    w[s.range()].copy_from_slice(&part.dequantize());
                 }
-            } else {
-                // Part of it came as f32 (or not at all in this format): its stored
-                // parts dequantised into place, then the whole converted.
-                for s in &specs {
-                    if let Some(t) = stored.remove(&s.name) {
-                        let m = match t {
-                            StoredMatrix::Int8 { q, scale } => QMatrix::from_int8(q, scale, s.range().len() / cols, cols),
-                            StoredMatrix::Bf16(b) => QMatrix::from_bf16(b, s.range().len() / cols, cols),
-                        };
-                        w[s.range()].copy_from_slice(&m.dequantize());
+                return None;
+            }
+            let taken = specs.iter().map(|s| stored.remove(&s.name).expect("checked above"));
+            Some(match format {
+                WeightFormat::Int8 => {
+                    let (mut qs, mut scales) = (Vec::with_capacity(slot.len()), Vec::with_capacity(rows));
+                    for t in taken {
+                        let StoredMatrix::Int8 { q, scale } = t else { unreachable!("kept only in the asked format") };
+                        qs.extend_from_slice(&q);
+                        scales.extend_from_slice(&scale);
                     }
+                    QMatrix::from_int8(qs, scales, rows, cols)
                 }
-                QMatrix::quantize(&w[slot.clone()], rows, cols, format)
-            };
-            q.insert(slot.start, (slot, m));
-        }
-        let released = q.values().map(|(slot, _)| ultramoe_kernels::huge::release_pages(&mut w[slot.clone()])).sum();
-        Ok(DecodeWeights { w, format, q, released })
+                _ => {
+                    let mut bits = Vec::with_capacity(slot.len());
+                    for t in taken {
+                        let StoredMatrix::Bf16(b) = t else { unreachable!("kept only in the asked format") };
+                        bits.extend_from_slice(&b);
+                    }
+                    QMatrix::from_bf16(bits, rows, cols)
+                }
+            })
+        }))
     }
 
     /// Bytes the weights occupy: `w` less its released pages, plus the quantised copies.
