@@ -8,6 +8,7 @@
 use crate::error::{Error, Result};
 use crate::model::Model;
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use ultramoe_kernels::qlinear::QMatrix;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
@@ -162,20 +163,6 @@ pub fn load_weights(model: &Model, path: &Path) -> Result<Vec<f32>> {
     Ok(load_weights_keeping(model, path, None)?.0)
 }
 
-/// A matrix kept in the form its checkpoint stores it (see [`load_weights_keeping`]).
-#[derive(Clone, Debug, PartialEq)]
-pub enum StoredMatrix {
-    /// INT8 values and one scale per row: `w ≈ q·scale[row]`
-    Int8 {
-        /// the values, row-major
-        q: Vec<i8>,
-        /// one per row
-        scale: Vec<f32>,
-    },
-    /// BF16 bits (row-major)
-    Bf16(Vec<u16>),
-}
-
 /// Which tensors to keep as stored: those `wanted` names that the checkpoint holds in
 /// `format` (BF16, or INT8 with its per-row `<name>_scale`).
 pub struct Keep<'a> {
@@ -197,12 +184,12 @@ impl Keep<'_> {
     }
 }
 
-/// [`load_weights`], except that the tensors `keep` takes are returned as stored
-/// (by name) and their part of the flat buffer is never written: a zeroed allocation
+/// [`load_weights`], except that the tensors `keep` takes are returned as stored (by
+/// name, each a `[rows, cols]` quantised matrix of the decoding kernels) and their part of the flat buffer is never written: a zeroed allocation
 /// the operating system gives pages to only when touched, so an INT8 or BF16
 /// checkpoint loads for decoding at its own size, never as f32 first. Each kept tensor
 /// is checked as a placed one is (shape, finite values, an INT8 scale per row).
-pub fn load_weights_keeping(model: &Model, path: &Path, keep: Option<Keep>) -> Result<(Vec<f32>, HashMap<String, StoredMatrix>)> {
+pub fn load_weights_keeping(model: &Model, path: &Path, keep: Option<Keep>) -> Result<(Vec<f32>, HashMap<String, QMatrix>)> {
     // The weights (kept tensors at their stored size), and one file's bytes at a time
     // (a single-file checkpoint: the whole model again); each tensor is converted
     // straight into its place.
@@ -216,7 +203,7 @@ pub fn load_weights_keeping(model: &Model, path: &Path, keep: Option<Keep>) -> R
     let needed = 4 * (model.layout.total - kept) + kept_bytes + largest_file;
     crate::memory::check_available(needed, || format!("loading a model of {}", model.size_fields())).map_err(|e| e.in_file(path))?;
     let mut w = vec![0.0f32; model.layout.total];
-    let mut stored: HashMap<String, StoredMatrix> = HashMap::new();
+    let mut stored: HashMap<String, QMatrix> = HashMap::new();
     // INT8 tensors kept, waiting for their scales (possibly in another shard)
     let mut int8_kept: Vec<(String, Vec<i8>, PathBuf)> = vec![];
     let mut seen = vec![false; model.layout.specs.len()];
@@ -297,6 +284,7 @@ pub fn load_weights_keeping(model: &Model, path: &Path, keep: Option<Keep>) -> R
             let keepable = spec.is_some_and(|s| s.split.is_none() && view.shape() == s.whole_shape());
             if keepable && keep.as_ref().is_some_and(|k| k.takes(&name, view.dtype())) {
                 let b = view.data();
+                let rows = view.shape().first().copied().unwrap_or(1);
                 if int8 {
                     int8_kept.push((name.clone(), b.iter().map(|&x| x as i8).collect(), file.clone()));
                 } else {
@@ -306,7 +294,7 @@ pub fn load_weights_keeping(model: &Model, path: &Path, keep: Option<Keep>) -> R
                     if bad > 0 {
                         return Err(Error::field(&name, format!("{bad} of {} values are not finite (NaN or Inf)", bits.len())).in_file(&file));
                     }
-                    stored.insert(name.clone(), StoredMatrix::Bf16(bits));
+                    stored.insert(name.clone(), QMatrix::from_bf16(bits, rows, b.len() / 2 / rows.max(1)));
                 }
                 placed.insert(name);
                 continue;
@@ -350,7 +338,8 @@ pub fn load_weights_keeping(model: &Model, path: &Path, keep: Option<Keep>) -> R
         if bad > 0 {
             return Err(Error::field(&key, format!("{bad} of {} values are not finite (NaN or Inf)", scale.len())).in_file(sfile));
         }
-        stored.insert(name, StoredMatrix::Int8 { q, scale });
+        let cols = q.len() / rows.max(1);
+        stored.insert(name, QMatrix::from_int8(q, scale, rows, cols));
     }
     for name in stored.keys() {
         seen[index[name.as_str()]] = true;

@@ -112,7 +112,7 @@ impl DecodeWeights {
     /// as f32 on the way: the load's peak is about the stored matrices, the f32 rest and
     /// one shard. Any other matrix is read as f32 and converted as [`Self::new`] does.
     pub fn load(model: &Model, path: &Path, format: WeightFormat) -> crate::Result<Self> {
-        use crate::checkpoint::{load_weights, load_weights_keeping, Keep, StoredMatrix};
+        use crate::checkpoint::{load_weights, load_weights_keeping, Keep};
         if format == WeightFormat::F32 {
             return Ok(Self::new(model, load_weights(model, path)?, format));
         }
@@ -136,34 +136,23 @@ impl DecodeWeights {
                 // Part of it came as f32 (or not at all in this format): its stored parts
                 // dequantised into place, and the whole converted.
                 for s in specs {
-                    let part = match stored.remove(&s.name) {
-                        Some(StoredMatrix::Int8 { q, scale }) => QMatrix::from_int8(q, scale, s.range().len() / cols, cols),
-                        Some(StoredMatrix::Bf16(b)) => QMatrix::from_bf16(b, s.range().len() / cols, cols),
-                        None => continue,
-                    };
-                    w[s.range()].copy_from_slice(&part.dequantize());
+                    if let Some(part) = stored.remove(&s.name) {
+                        w[s.range()].copy_from_slice(&part.dequantize());
+                    }
                 }
                 return None;
             }
-            let taken = specs.iter().map(|s| stored.remove(&s.name).expect("checked above"));
+            let taken: Vec<QMatrix> = specs.iter().map(|s| stored.remove(&s.name).expect("checked above")).collect();
             Some(match format {
                 WeightFormat::Int8 => {
                     let (mut qs, mut scales) = (Vec::with_capacity(slot.len()), Vec::with_capacity(rows));
-                    for t in taken {
-                        let StoredMatrix::Int8 { q, scale } = t else { unreachable!("kept only in the asked format") };
-                        qs.extend_from_slice(&q);
-                        scales.extend_from_slice(&scale);
+                    for (q, scale) in taken.iter().filter_map(|t| t.int8_parts()) {
+                        qs.extend_from_slice(q);
+                        scales.extend_from_slice(scale);
                     }
                     QMatrix::from_int8(qs, scales, rows, cols)
                 }
-                _ => {
-                    let mut bits = Vec::with_capacity(slot.len());
-                    for t in taken {
-                        let StoredMatrix::Bf16(b) = t else { unreachable!("kept only in the asked format") };
-                        bits.extend_from_slice(&b);
-                    }
-                    QMatrix::from_bf16(bits, rows, cols)
-                }
+                _ => QMatrix::from_bf16(taken.iter().filter_map(|t| t.bf16_bits()).flatten().copied().collect(), rows, cols),
             })
         }))
     }
