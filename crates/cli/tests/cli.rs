@@ -117,6 +117,9 @@ fn user_errors_are_one_clear_line() {
     expect_error(&["train", "--model-config", bad_heads.to_str().unwrap()], &["heads.json", "num_key_value_heads"]);
     let not_json = write("broken.json", "{ not json");
     expect_error(&["train", "--model-config", not_json.to_str().unwrap()], &["broken.json", "JSON"]);
+    expect_error(&["train", "--data", "math:add,calculus", "--steps", "1"], &["--data", "`calculus`", "derivative"]);
+    expect_error(&["demo", "--kinds", "add,love", "--steps", "1"], &["--kinds", "`love`"]);
+    expect_error(&["demo", "--minutes", "0"], &["--minutes"]);
     let jsonl = write("data.jsonl", "{\"question\": \"1+1\", \"answer\": \"2\"}\n{\"question\": 5}\n");
     expect_error(&["eval", "--file", jsonl.to_str().unwrap()], &["data.jsonl: line 2", "question"]);
     // A checkpoint whose tensors do not match its config.
@@ -243,6 +246,23 @@ fn questions_outside_the_training_get_one_line_refusals() {
         assert_eq!(err.trim().lines().count(), 1, "{q}: {err}");
         assert!(err.contains("cannot answer") && err.contains(why), "{q}: {err}");
     }
+}
+
+/// A model trained on some kinds (`--data math:…`, as `demo` trains) says so in its
+/// directory, and `solve` refuses the other kinds in one line instead of guessing.
+#[test]
+fn a_model_trained_on_some_kinds_refuses_the_others() {
+    let run = tmp("some-kinds");
+    let out = bin().args(["train", "--data", "math:add,sub", "--steps", "2", "--no-progress", "--peak-gflops", "100", "--run-dir"]).arg(&run).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let model = run.join("model");
+    let saved: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(model.join("math_kinds.json")).unwrap()).unwrap();
+    assert_eq!(saved["kinds"], serde_json::json!(["add", "sub"]));
+    let out = bin().args(["solve", "d/dx (3x^2 + 2x)", "--model"]).arg(&model).output().unwrap();
+    assert!(!out.status.success() && out.stdout.is_empty(), "answered: {}", String::from_utf8_lossy(&out.stdout));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("trained on add, sub only, not derivative"), "{err}");
 }
 
 #[test]

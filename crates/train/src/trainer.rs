@@ -43,6 +43,9 @@ use ultramoe_model::{Error, Model, ModelConfig, Result};
 pub enum DataSpec {
     /// generated math problems (default mix)
     Math,
+    /// generated math problems of these kinds only (names as `Kind::name`), each at its
+    /// weight in the default mix
+    MathKinds(Vec<String>),
     /// a JSONL file of `{"question", "answer"}`
     Jsonl(PathBuf),
     /// uniformly random token ids over the model's vocabulary, every position trained
@@ -227,7 +230,7 @@ impl TrainConfig {
         if self.stats_ep == 0 || (experts > 0 && !experts.is_multiple_of(self.stats_ep)) {
             return Err(Error::field("stats_ep", format!("{} ranks do not divide {experts} experts", self.stats_ep)));
         }
-        if matches!(self.data, DataSpec::Math | DataSpec::Jsonl(_)) && model.vocab_size < crate::data::tokenizer::VOCAB_SIZE {
+        if matches!(self.data, DataSpec::Math | DataSpec::MathKinds(_) | DataSpec::Jsonl(_)) && model.vocab_size < crate::data::tokenizer::VOCAB_SIZE {
             let need = crate::data::tokenizer::VOCAB_SIZE;
             let msg = format!("{} is smaller than the math tokenizer's {need} tokens; use a config with vocab_size ≥ {need}", model.vocab_size);
             return Err(Error::field("vocab_size", msg));
@@ -582,6 +585,7 @@ fn sources_for(cfg: &TrainConfig, vocab: usize) -> Result<(Source, Option<Source
 fn source_for(data: &DataSpec, vocab: usize, seq_len: usize) -> Result<Source> {
     Ok(match data {
         DataSpec::Math => Source::Generated { mix: Mix::default() },
+        DataSpec::MathKinds(names) => Source::Generated { mix: Mix::only(names).map_err(Error::msg)? },
         DataSpec::Jsonl(p) => {
             let items = read_jsonl(p).map_err(Error::msg)?;
             // An example longer than a row would be cut and lose (part of) its answer,
@@ -1272,6 +1276,9 @@ impl Trainer {
         }
         if self.is_lead() {
             self.copy_tokenizer(dir)?;
+            if let DataSpec::MathKinds(names) = &self.cfg.data {
+                crate::data::math::write_trained_kinds(dir, names).map_err(|e| Error::msg(format!("cannot write the trained kinds: {e}")).in_file(dir))?;
+            }
         }
         self.barrier()
     }

@@ -52,8 +52,18 @@ pub fn run(a: SolveArgs) -> CliResult {
     }
     // A question of a kind the model was never trained on gets a refusal, not a
     // made-up answer.
-    if let Err(why) = ultramoe_train::data::math::scope::classify(&a.problem) {
-        return Err(format!("cannot answer `{}`: {why}", a.problem.trim()));
+    let kind = ultramoe_train::data::math::scope::classify(&a.problem).map_err(|why| format!("cannot answer `{}`: {why}", a.problem.trim()))?;
+    // …and so does one of a kind this model was not (a `demo` model trains some kinds).
+    if let Some(kinds) = ultramoe_train::data::math::trained_kinds(&dir)? {
+        if !kinds.contains(&kind) {
+            return Err(format!(
+                "cannot answer `{}`: the model in {} was trained on {} only, not {} (the shipped model, models/math-moe, was)",
+                a.problem.trim(),
+                dir.display(),
+                kinds.iter().map(|k| k.name()).collect::<Vec<_>>().join(", "),
+                kind.name()
+            ));
+        }
     }
     let checked = solve_checked(&model, &w, std::slice::from_ref(&a.problem), a.check_retries).remove(0);
     let s = &checked.solution;

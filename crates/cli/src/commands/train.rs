@@ -79,7 +79,8 @@ pub struct TrainArgs {
     /// Seed (weights: seed, data: seed + 1).
     #[arg(long, allow_hyphen_values = true)]
     pub seed: Option<u64>,
-    /// Data: `math` (generated problems), `random` (random tokens), a JSONL file of
+    /// Data: `math` (generated problems), `math:add,sub,expr` (generated problems of
+    /// those kinds only), `random` (random tokens), a JSONL file of
     /// `{"question", "answer"}` problems, or text data — comma-separated `.txt` files
     /// (a document each), JSONL files of `{"text"}` documents or of `{"messages"}` chats
     /// (trained on the assistant's turns only), or one directory written by
@@ -221,11 +222,16 @@ fn apply_overrides(mut c: TrainConfig, a: &TrainArgs) -> CliResult<TrainConfig> 
     Ok(c)
 }
 
-/// `--data`: `math`, `random`, a problems JSONL file, or text data paths.
+/// `--data`: `math`, `math:KIND,KIND…`, `random`, a problems JSONL file, or text data paths.
 fn parse_data(d: &str) -> CliResult<DataSpec> {
     Ok(match d {
         "math" => DataSpec::Math,
         "random" => DataSpec::Random,
+        kinds if kinds.starts_with("math:") => {
+            let names: Vec<String> = kinds["math:".len()..].split(',').map(|k| k.trim().to_string()).collect();
+            ultramoe_train::data::math::Mix::only(&names).map_err(|e| format!("--{e}"))?;
+            DataSpec::MathKinds(names)
+        }
         list => {
             let paths: Vec<PathBuf> = list.split(',').map(|p| PathBuf::from(p.trim())).collect();
             if let Some(p) = paths.iter().find(|p| !p.exists()) {

@@ -239,6 +239,31 @@ pub fn generate(rng: &mut Rng, kind: Kind) -> Problem {
     }
 }
 
+/// The file in a saved model's directory naming the kinds of problems it was trained on,
+/// written when training drew only some (`--data math:…`); without it, every kind.
+pub const TRAINED_KINDS_FILE: &str = "math_kinds.json";
+
+/// Writes `dir/`[`TRAINED_KINDS_FILE`]: `{"kinds": ["add", …]}`.
+pub fn write_trained_kinds(dir: &std::path::Path, names: &[String]) -> std::io::Result<()> {
+    let kinds: Vec<&str> = names.iter().filter_map(|n| Kind::from_name(n.trim())).map(|k| k.name()).collect();
+    std::fs::write(dir.join(TRAINED_KINDS_FILE), serde_json::json!({ "kinds": kinds }).to_string())
+}
+
+/// The kinds the model in `dir` was trained on: `None` when it names none (trained on
+/// every kind); an error names the file and what is wrong in it.
+pub fn trained_kinds(dir: &std::path::Path) -> Result<Option<Vec<Kind>>, String> {
+    let path = dir.join(TRAINED_KINDS_FILE);
+    let Ok(text) = std::fs::read_to_string(&path) else { return Ok(None) };
+    let bad = |why: &str| format!("{}: {why}", path.display());
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(&format!("not JSON ({e})")))?;
+    let names = v.get("kinds").and_then(|k| k.as_array()).ok_or_else(|| bad("field `kinds`: expected a list of kind names"))?;
+    names
+        .iter()
+        .map(|n| n.as_str().and_then(Kind::from_name).ok_or_else(|| bad(&format!("field `kinds`: `{n}` is not a kind"))))
+        .collect::<Result<Vec<_>, _>>()
+        .map(Some)
+}
+
 /// A weighted mix of kinds to sample from.
 #[derive(Clone, Debug)]
 pub struct Mix(pub Vec<(Kind, f64)>);
@@ -268,6 +293,23 @@ impl Default for Mix {
 }
 
 impl Mix {
+    /// The default mix restricted to the named kinds (their weights kept, so their
+    /// proportions among themselves are the default's).
+    pub fn only(names: &[String]) -> Result<Mix, String> {
+        let known = || Kind::ALL.iter().map(|k| k.name()).collect::<Vec<_>>().join(", ");
+        let mut wanted = Vec::new();
+        for n in names {
+            let k = Kind::from_name(n.trim()).ok_or_else(|| format!("data: unknown math kind `{n}` (known: {})", known()))?;
+            if !wanted.contains(&k) {
+                wanted.push(k);
+            }
+        }
+        if wanted.is_empty() {
+            return Err(format!("data: no math kinds named (known: {})", known()));
+        }
+        Ok(Mix(Mix::default().0.into_iter().filter(|(k, _)| wanted.contains(k)).collect()))
+    }
+
     /// Samples a kind.
     pub fn sample(&self, rng: &mut Rng) -> Kind {
         let total: f64 = self.0.iter().map(|(_, w)| w).sum();

@@ -163,3 +163,22 @@ fn examples_are_written_as_the_issue_writes_them() {
     }
     assert_eq!(seen.len(), 3, "{seen:?}");
 }
+
+#[test]
+fn a_mix_of_some_kinds_draws_only_those_at_the_default_proportions() {
+    let names: Vec<String> = ["sub", "expr", "sub"].iter().map(|s| s.to_string()).collect();
+    let mix = Mix::only(&names).unwrap();
+    let mut rng = Rng::new(3);
+    let n = 20_000;
+    let subs = (0..n).filter(|_| match mix.sample(&mut rng) {
+        Kind::Sub => true,
+        Kind::Expr => false,
+        k => panic!("drew {k:?}, not one of the named kinds"),
+    });
+    // Default weights sub 0.10, expr 0.16: sub's share 0.10 / 0.26 ≈ 0.385 (σ ≈ 0.0034).
+    let share = subs.count() as f64 / n as f64;
+    assert!((share - 0.10 / 0.26).abs() < 0.015, "sub share {share}");
+    let err = Mix::only(&["add".to_string(), "love".to_string()]).unwrap_err();
+    assert!(err.contains("`love`") && err.contains("expr"), "{err}");
+    assert!(Mix::only(&[]).is_err());
+}
