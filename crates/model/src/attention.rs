@@ -7,7 +7,7 @@ use ultramoe_kernels::attention::{attention_backward, attention_forward, AttnSha
 use crate::decode_weights::DecodeWeights;
 use crate::kv_cache::LayerKv;
 use ultramoe_kernels::gemm::{gemm_strided, linear, linear_grad, Op, Strided};
-use ultramoe_kernels::kv_attention::{kv_attention_forward, KvShape};
+use ultramoe_kernels::kv_attention::{kv_attention_forward_many, KvSeq, KvShape};
 use ultramoe_kernels::norm::{rmsnorm_backward, rmsnorm_forward};
 use rayon::prelude::*;
 use ultramoe_kernels::rope::RopeTable;
@@ -81,6 +81,21 @@ impl Span {
     fn rows(&self) -> std::ops::Range<usize> {
         self.start..self.start + self.n
     }
+}
+
+/// `out: [N, width]` split into each span's rows (the spans cover the rows in order).
+fn span_rows<'a>(out: &'a mut [f32], spans: &[Span], width: usize) -> Vec<&'a mut [f32]> {
+    let mut rest = out;
+    let mut parts = Vec::with_capacity(spans.len());
+    let mut row = 0;
+    for span in spans {
+        assert_eq!(span.start, row, "the spans cover the rows in order");
+        row += span.n;
+        let (mine, tail) = std::mem::take(&mut rest).split_at_mut(span.n * width);
+        parts.push(mine);
+        rest = tail;
+    }
+    parts
 }
 
 /// Geometry of a cached pass: each sequence's span, every row's position, the RoPE table.
@@ -277,10 +292,15 @@ impl GqaAttention {
             assert_eq!(ck.len(), span.past * kw, "the cache holds the span's past");
             ck.extend_from_slice(&k[span.start * kw..(span.start + span.n) * kw]);
             cv.extend_from_slice(&v[span.start * kw..(span.start + span.n) * kw]);
-            let shape = KvShape { n: span.n, past: span.past, nh: self.nh, nkv: self.nkv, dqk: hd, dv: hd, k_stride: kw, v_stride: kw };
-            let rows = span.rows();
-            kv_attention_forward(&mut o[rows.start * qw..rows.end * qw], &q[rows.start * qw..rows.end * qw], ck, cv, shape, self.scale);
         }
+        let mut seqs = Vec::with_capacity(c.spans.len());
+        for ((span, cache), out) in c.spans.iter().zip(caches.iter()).zip(span_rows(&mut o, c.spans, qw)) {
+            let LayerKv::Gqa { k: ck, v: cv } = &**cache else { unreachable!("checked above") };
+            let shape = KvShape { n: span.n, past: span.past, nh: self.nh, nkv: self.nkv, dqk: hd, dv: hd, k_stride: kw, v_stride: kw };
+            seqs.push(KvSeq { out, q: &q[span.start * qw..(span.start + span.n) * qw], k: ck, v: cv, shape });
+        }
+        kv_attention_forward_many(&mut seqs, self.scale);
+        drop(seqs);
         drop(_core);
         let _p = ultramoe_kernels::profile::scope("decode.attn.proj");
         dw.linear(&self.o, &o, n, qw, self.hidden)
@@ -601,17 +621,16 @@ impl MlaAttention {
                 latent.extend_from_slice(&ckv_n[r * kvl..(r + 1) * kvl]);
                 latent.extend_from_slice(&kpe[r * rd..(r + 1) * rd]);
             }
+        }
+        let mut seqs = Vec::with_capacity(c.spans.len());
+        for ((span, cache), out) in c.spans.iter().zip(caches.iter()).zip(span_rows(&mut olat, c.spans, nh * kvl)) {
+            let LayerKv::Mla { latent } = &**cache else { unreachable!("checked above") };
             let shape = KvShape { n: span.n, past: span.past, nh, nkv: 1, dqk: dl, dv: kvl, k_stride: dl, v_stride: dl };
             let rows = span.rows();
-            kv_attention_forward(
-                &mut olat[rows.start * nh * kvl..rows.end * nh * kvl],
-                &qlat[rows.start * nh * dl..rows.end * nh * dl],
-                latent,
-                latent,
-                shape,
-                self.scale,
-            );
+            seqs.push(KvSeq { out, q: &qlat[rows.start * nh * dl..rows.end * nh * dl], k: latent, v: latent, shape });
         }
+        kv_attention_forward_many(&mut seqs, self.scale);
+        drop(seqs);
         // o_h = o_lat_h · W_vb_hᵀ (W_vb_h: head h's dv rows of kv_b after its nope rows).
         let mut o = vec![0.0; n * nh * dv];
         per_head(nh, n, dv, kvl, &mut o, dv, nh * dv, &olat, kvl, nh * kvl, &kv_b[nope * kvl..], (nope + dv) * kvl, Strided::row_major(kvl, Op::T), parallel);

@@ -205,12 +205,13 @@ fn quantised_decoding_computes_the_dequantised_model() {
 }
 
 /// The math model (models/math-moe, trained here): BF16 and INT8 weights decode the same
-/// greedy 24-token worked answers, and move every position's logits but one per answer
-/// by at most 1% (BF16) and 8% (INT8) of the largest |logit|. One position may move more
+/// greedy 24-token worked answers, and move every position's logits but two per answer
+/// by at most 1% (BF16) and 8% (INT8) of the largest |logit|. Two positions may move more
 /// (at most 25%): where two experts' router scores nearly tie, the quantised weights can
 /// flip the choice (measured on the shipped model: all but one position per answer ≤ 0.41%
 /// BF16, ≤ 2.9% INT8, medians 0.09–0.20% and 0.39–0.87%; the one position up to 4.9% BF16,
-/// 22.9% INT8).
+/// 22.9% INT8 — and since the decoding attention sums its dot products in another order,
+/// a second near-tie in one INT8 answer, `904-467`, at 12.8%).
 #[test]
 fn quantised_weights_move_the_trained_math_models_logits_little() {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/math-moe");
@@ -236,7 +237,7 @@ fn quantised_weights_move_the_trained_math_models_logits_little() {
             let mut per: Vec<f32> = got.iter().zip(&want).map(|(g, w)| g.iter().zip(w).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max) / top).collect();
             per.sort_by(|a, b| b.total_cmp(a));
             eprintln!("{fmt:?} {text}: largest errors {:?}, median {}", &per[..3], per[per.len() / 2]);
-            assert!(per[0] <= any && per[1] <= typical, "{fmt:?} {text}: largest errors {:?}", &per[..2]);
+            assert!(per[0] <= any && per[2] <= typical, "{fmt:?} {text}: largest errors {:?}", &per[..3]);
             // (up to the end token: what follows it is never read)
             let answer = |t: &[u32]| t[..t.iter().position(|&x| x == 2).map_or(t.len(), |e| e + 1)].to_vec();
             assert_eq!(answer(&cached(&m, &q, &p, 24, p.len()).0), answer(&tokens), "{fmt:?} {text}: the greedy answer");
