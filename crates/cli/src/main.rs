@@ -137,5 +137,10 @@ pub fn default_model_dir() -> PathBuf {
     if demo.join("config.json").is_file() {
         return demo;
     }
+    shipped_model_dir()
+}
+
+/// The checkpoint shipped in the repository (`models/math-moe`), trained on every kind.
+pub fn shipped_model_dir() -> PathBuf {
     PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../models/math-moe"))
 }

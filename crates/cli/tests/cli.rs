@@ -263,6 +263,15 @@ fn a_model_trained_on_some_kinds_refuses_the_others() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     assert!(err.contains("trained on add, sub only, not derivative"), "{err}");
+    // Without --model, where runs/demo/model is such a model, the shipped model answers.
+    let cwd = tmp("some-kinds-cwd");
+    std::fs::create_dir_all(cwd.join("runs/demo")).unwrap();
+    std::fs::rename(&model, cwd.join("runs/demo/model")).unwrap();
+    let out = bin().current_dir(&cwd).args(["solve", "d/dx (3x^2 + 2x)"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("trained on add, sub only; the shipped model answers this derivative question"), "{err}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "6x + 2");
 }
 
 #[test]

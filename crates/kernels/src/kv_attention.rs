@@ -365,7 +365,14 @@ mod tests {
         // The same through the decoding path (two new rows after three cached).
         let (mut a, mut b) = (vec![0.0; 2 * nh * d], vec![0.0; 2 * nh * d]);
         kv_attention_forward(&mut a, &q[3 * nh * d..], &k, &v, KvShape { n: 2, past: 3, nh, nkv: 1, dqk: d, dv: d, k_stride: d, v_stride: d }, 0.5);
-        kv_attention_forward(&mut b, &q[3 * nh * d..], &kv, &kv[d..], KvShape { n: 2, past: 3, nh, nkv: 1, dqk: d, dv: d, k_stride: 2 * d, v_stride: 2 * d }, 0.5);
+        kv_attention_forward(
+            &mut b,
+            &q[3 * nh * d..],
+            &kv,
+            &kv[d..],
+            KvShape { n: 2, past: 3, nh, nkv: 1, dqk: d, dv: d, k_stride: 2 * d, v_stride: 2 * d },
+            0.5,
+        );
         assert_close(&a, &b, 0.0, "strided, decoding");
     }
 

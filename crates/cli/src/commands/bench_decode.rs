@@ -50,7 +50,8 @@ pub struct BenchDecodeArgs {
 fn run_once(model: &Model, w: &DecodeWeights, batch: usize, prompt: usize, tokens: usize, seed: u32, shared: bool) -> (f64, f64) {
     let v = model.cfg.vocab_size as u32;
     let prefilled = if shared { 1 } else { batch };
-    let prompts: Vec<Vec<u32>> = (0..prefilled).map(|b| (0..prompt as u32).map(|i| (i * 2654435761u32.wrapping_add(seed) + b as u32 * 97 + 1) % v).collect()).collect();
+    let prompts: Vec<Vec<u32>> =
+        (0..prefilled).map(|b| (0..prompt as u32).map(|i| (i * 2654435761u32.wrapping_add(seed) + b as u32 * 97 + 1) % v).collect()).collect();
     let mut caches: Vec<SeqCache> = (0..prefilled).map(|_| SeqCache::new(model)).collect();
     let t = Instant::now();
     let mut last: Vec<u32> = {

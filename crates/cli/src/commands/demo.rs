@@ -25,9 +25,10 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 15.0)]
     pub minutes: f64,
     /// Kinds of problems to train (comma-separated, or `all`). The default is the
-    /// arithmetic, expressions and linear equations: what a 15-minute run on two cores
-    /// learns to their accuracy floors; `all` adds word problems, calculus, quadratics
-    /// and systems, which the shipped model learned in 36,000 steps.
+    /// arithmetic, expressions and linear equations, which 15 minutes on two Zen 5 cores
+    /// train to their accuracy floors (a slower machine buys fewer steps); `all` adds word
+    /// problems, calculus, quadratics and systems, which the shipped model learned in
+    /// 36,000 steps.
     #[arg(long, default_value = DEMO_KINDS)]
     pub kinds: String,
     /// Problems per kind in the closing evaluation (0 to skip).
@@ -146,7 +147,9 @@ pub fn run(a: DemoArgs) -> CliResult {
         model_dir.display()
     );
     if kinds.len() < Kind::ALL.len() {
-        println!("(the shipped model, `solve` without --model, also answers derivatives, integrals, quadratics and systems)");
+        println!(
+            "(`solve` without --model answers the kinds this model was not trained on — derivatives, integrals, quadratics, systems — with the shipped model)"
+        );
     }
     Ok(())
 }

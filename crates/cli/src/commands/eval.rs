@@ -21,9 +21,10 @@ pub struct EvalArgs {
     #[arg(long)]
     pub file: Option<PathBuf>,
     /// Problem kinds to generate, comma-separated, or `all`: add, sub, mul, div, expr,
-    /// equation, word, derivative, product, chain, integral, definite, quadratic, system.
-    #[arg(long, default_value = "all")]
-    pub kinds: String,
+    /// equation, word, derivative, product, chain, integral, definite, quadratic, system
+    /// (default: the kinds the model was trained on — all but for a `demo` model).
+    #[arg(long)]
+    pub kinds: Option<String>,
     /// Problems per kind.
     #[arg(long, default_value_t = 200)]
     pub n: usize,
@@ -135,7 +136,10 @@ pub fn parse_kinds(s: &str) -> CliResult<Vec<Kind>> {
 /// `ultramoe eval`.
 pub fn run(a: EvalArgs) -> CliResult {
     let dir = a.model.clone().unwrap_or_else(crate::default_model_dir);
-    let kinds = parse_kinds(&a.kinds)?;
+    let kinds = match &a.kinds {
+        Some(k) => parse_kinds(k)?,
+        None => ultramoe_train::data::math::trained_kinds(&dir)?.unwrap_or_else(|| Kind::ALL.to_vec()),
+    };
     let scores = evaluate(&dir, a.file.as_deref(), &kinds, a.n, a.seed, a.show_errors, !a.no_progress, a.weights, a.check_retries)?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&scores).unwrap());

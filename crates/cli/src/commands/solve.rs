@@ -14,7 +14,8 @@ pub struct SolveArgs {
     /// A question of a kind the model was not trained on is refused.
     #[arg(allow_hyphen_values = true)]
     pub problem: String,
-    /// Model directory (default: runs/demo/model if present, else the shipped model).
+    /// Model directory (default: runs/demo/model if present — for the kinds it was trained
+    /// on — else the shipped model).
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// Print one JSON object instead of text.
@@ -39,7 +40,27 @@ pub fn run(a: SolveArgs) -> CliResult {
     if a.problem.trim().is_empty() {
         return Err("the problem is empty".into());
     }
-    let dir = a.model.unwrap_or_else(crate::default_model_dir);
+    // A question of a kind no model was trained on gets a refusal, not a made-up answer…
+    let kind = ultramoe_train::data::math::scope::classify(&a.problem).map_err(|why| format!("cannot answer `{}`: {why}", a.problem.trim()))?;
+    let dir = a.model.clone().unwrap_or_else(crate::default_model_dir);
+    // …and so does one of a kind this model was not trained on (`demo` trains some kinds).
+    // Without `--model`, the shipped model answers what the demo's did not learn.
+    let dir = match ultramoe_train::data::math::trained_kinds(&dir)? {
+        Some(kinds) if !kinds.contains(&kind) => {
+            let trained = kinds.iter().map(|k| k.name()).collect::<Vec<_>>().join(", ");
+            if a.model.is_some() {
+                return Err(format!(
+                    "cannot answer `{}`: the model in {} was trained on {trained} only, not {} (the shipped model, models/math-moe, was)",
+                    a.problem.trim(),
+                    dir.display(),
+                    kind.name()
+                ));
+            }
+            eprintln!("({} was trained on {trained} only; the shipped model answers this {} question)", dir.display(), kind.name());
+            crate::shipped_model_dir()
+        }
+        _ => dir,
+    };
     let (model, w) = load_math_for_decoding(&dir, a.weights)?;
     // The prompt and at least a short answer must fit the model's positions.
     let tokens = ultramoe_train::data::batch::prompt_tokens(&a.problem).len();
@@ -49,21 +70,6 @@ pub fn run(a: SolveArgs) -> CliResult {
             "the problem is {tokens} tokens long; this model reads at most {room} to leave room for an answer (max_position_embeddings {})",
             model.cfg.max_position
         ));
-    }
-    // A question of a kind the model was never trained on gets a refusal, not a
-    // made-up answer.
-    let kind = ultramoe_train::data::math::scope::classify(&a.problem).map_err(|why| format!("cannot answer `{}`: {why}", a.problem.trim()))?;
-    // …and so does one of a kind this model was not (a `demo` model trains some kinds).
-    if let Some(kinds) = ultramoe_train::data::math::trained_kinds(&dir)? {
-        if !kinds.contains(&kind) {
-            return Err(format!(
-                "cannot answer `{}`: the model in {} was trained on {} only, not {} (the shipped model, models/math-moe, was)",
-                a.problem.trim(),
-                dir.display(),
-                kinds.iter().map(|k| k.name()).collect::<Vec<_>>().join(", "),
-                kind.name()
-            ));
-        }
     }
     let checked = solve_checked(&model, &w, std::slice::from_ref(&a.problem), a.check_retries).remove(0);
     let s = &checked.solution;
