@@ -376,6 +376,51 @@ mod tests {
         assert_close(&a, &b, 0.0, "strided, decoding");
     }
 
+    /// Every vector path of the decoding scores and value sums this CPU can run, not only
+    /// the one chosen, against the portable loops, at widths that leave tails.
+    #[test]
+    fn decoding_kernels_match_the_plain_loops_on_every_path() {
+        for d in [8, 17, 64, 100] {
+            let (keys, stride) = (9, d + 3);
+            let q = rand_vec(d, 1);
+            let k = rand_vec(keys * stride, 2);
+            let mut want = vec![0.0; keys];
+            scores_plain(&mut want, &q, &k, stride, 0.7);
+            let mut got = vec![0.0; keys];
+            scores(&mut got, &q, &k, stride, 0.7);
+            assert_close(&got, &want, 1e-5, "scores");
+            let p = rand_vec(keys, 3);
+            let mut plain = vec![0.0; d.min(64)];
+            for (j, &pj) in p.iter().enumerate() {
+                for (o, x) in plain.iter_mut().zip(&k[j * stride..]) {
+                    *o += pj * x;
+                }
+            }
+            let mut sum = vec![f32::NAN; d.min(64)];
+            weighted_sum(&mut sum, &p, &k, stride);
+            assert_close(&sum, &plain, 1e-5, "weighted sum");
+            #[cfg(target_arch = "x86_64")]
+            {
+                if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                    let mut got = vec![0.0; keys];
+                    // SAFETY: the CPU has AVX2 and FMA; the keys cover every score.
+                    unsafe { x86::scores_avx2(&mut got, &q, &k, stride, 0.7) };
+                    assert_close(&got, &want, 1e-5, "scores, AVX2");
+                }
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    let mut got = vec![0.0; keys];
+                    // SAFETY: as above, for AVX-512F.
+                    unsafe { x86::scores_avx512(&mut got, &q, &k, stride, 0.7) };
+                    assert_close(&got, &want, 1e-5, "scores, AVX-512");
+                    let mut sum = vec![0.0; d.min(64)];
+                    // SAFETY: as above; the values cover every weight, o.len() ≤ 64.
+                    unsafe { x86::weighted_sum_avx512(&mut sum, &p, &k, stride) };
+                    assert_close(&sum, &plain, 1e-5, "weighted sum, AVX-512");
+                }
+            }
+        }
+    }
+
     /// Sequences of different lengths and row counts (decoding rows and a prefill chunk)
     /// in one call get exactly what each gets alone.
     #[test]
