@@ -62,8 +62,9 @@ const DIRECT_ROWS: usize = 4;
 
 /// `p[j] = scale · q·k_j` for every `j < p.len()`, key `j` at `k[j·stride..][..q.len()]`.
 /// Written with intrinsics: the compiler turned the portable dot product of a 64-wide
-/// head into two-lane pieces (a decoding step's attention then took ~4 ms of a 16-sequence
-/// step on a Zen 5, against ~1 with these).
+/// head into two-lane pieces (one decoding layer's attention over 16 sequences of 161
+/// keys took 238 µs on a Zen 5 that way, 160 with these, 120 with the value sums below
+/// in registers too: the `kv_decode` example).
 fn scores(p: &mut [f32], q: &[f32], k: &[f32], stride: usize, scale: f32) {
     if p.is_empty() {
         return;
