@@ -40,13 +40,15 @@ pub fn run(a: SolveArgs) -> CliResult {
     if a.problem.trim().is_empty() {
         return Err("the problem is empty".into());
     }
+    let dir = a.model.clone().unwrap_or_else(crate::default_model_dir);
+    let (mut model, mut w) = load_math_for_decoding(&dir, a.weights)?;
+    fits(&model, &a.problem)?;
     // A question of a kind no model was trained on gets a refusal, not a made-up answer…
     let kind = ultramoe_train::data::math::scope::classify(&a.problem).map_err(|why| format!("cannot answer `{}`: {why}", a.problem.trim()))?;
-    let dir = a.model.clone().unwrap_or_else(crate::default_model_dir);
     // …and so does one of a kind this model was not trained on (`demo` trains some kinds).
     // Without `--model`, the shipped model answers what the demo's did not learn.
-    let dir = match ultramoe_train::data::math::trained_kinds(&dir)? {
-        Some(kinds) if !kinds.contains(&kind) => {
+    if let Some(kinds) = ultramoe_train::data::math::trained_kinds(&dir)? {
+        if !kinds.contains(&kind) {
             let trained = kinds.iter().map(|k| k.name()).collect::<Vec<_>>().join(", ");
             if a.model.is_some() {
                 return Err(format!(
@@ -57,19 +59,9 @@ pub fn run(a: SolveArgs) -> CliResult {
                 ));
             }
             eprintln!("({} was trained on {trained} only; the shipped model answers this {} question)", dir.display(), kind.name());
-            crate::shipped_model_dir()
+            (model, w) = load_math_for_decoding(&crate::shipped_model_dir(), a.weights)?;
+            fits(&model, &a.problem)?;
         }
-        _ => dir,
-    };
-    let (model, w) = load_math_for_decoding(&dir, a.weights)?;
-    // The prompt and at least a short answer must fit the model's positions.
-    let tokens = ultramoe_train::data::batch::prompt_tokens(&a.problem).len();
-    let room = model.cfg.max_position.saturating_sub(8);
-    if tokens > room {
-        return Err(format!(
-            "the problem is {tokens} tokens long; this model reads at most {room} to leave room for an answer (max_position_embeddings {})",
-            model.cfg.max_position
-        ));
     }
     let checked = solve_checked(&model, &w, std::slice::from_ref(&a.problem), a.check_retries).remove(0);
     let s = &checked.solution;
@@ -93,5 +85,18 @@ pub fn run(a: SolveArgs) -> CliResult {
         eprintln!("warning: the answer fails its check ({} answers drawn); it is probably wrong", checked.attempts);
     }
     println!("{}", s.answer);
+    Ok(())
+}
+
+/// The prompt and at least a short answer must fit the model's positions.
+fn fits(model: &ultramoe_model::Model, problem: &str) -> CliResult {
+    let tokens = ultramoe_train::data::batch::prompt_tokens(problem).len();
+    let room = model.cfg.max_position.saturating_sub(8);
+    if tokens > room {
+        return Err(format!(
+            "the problem is {tokens} tokens long; this model reads at most {room} to leave room for an answer (max_position_embeddings {})",
+            model.cfg.max_position
+        ));
+    }
     Ok(())
 }
