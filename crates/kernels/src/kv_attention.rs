@@ -199,25 +199,18 @@ mod x86 {
     }
 }
 
-vmath::multiversion! {
-    /// One query row `q` of one head against the first `visible` keys (key `j` at
-    /// `k[j·k_stride..]`, value at `v[j·v_stride..]`): `o = Σ_j p_j v_j / Σ_j p_j` with
-    /// `p_j = e^(s_j − max s)`, `s_j = scale · q·k_j`; `p` is scratch. One function
-    /// compiled per vector ISA, so its dot products and multiply-adds are inlined.
-    #[allow(clippy::too_many_arguments)]
-    fn attend_row(o: &mut [f32], q: &[f32], k: &[f32], v: &[f32], k_stride: usize, v_stride: usize, visible: usize, scale: f32, p: &mut Vec<f32>) {
-        p.clear();
-        p.resize(visible, 0.0);
-        scores(p, q, k, k_stride, scale);
-        let max = vmath::max_lanes(p);
-        for x in p.iter_mut() {
-            *x = vmath::exp(*x - max);
-        }
-        let sum = vmath::sum_lanes(p);
-        weighted_sum(o, p, v, v_stride);
-        let inv = 1.0 / sum;
-        o.iter_mut().for_each(|x| *x *= inv);
-    }
+/// One query row `q` of one head against the first `visible` keys (key `j` at
+/// `k[j·k_stride..]`, value at `v[j·v_stride..]`): `o = Σ_j p_j v_j / Σ_j p_j` with
+/// `p_j = e^(s_j − max s)`, `s_j = scale · q·k_j`; `p` is scratch.
+#[allow(clippy::too_many_arguments)]
+fn attend_row(o: &mut [f32], q: &[f32], k: &[f32], v: &[f32], k_stride: usize, v_stride: usize, visible: usize, scale: f32, p: &mut Vec<f32>) {
+    p.clear();
+    p.resize(visible, 0.0);
+    scores(p, q, k, k_stride, scale);
+    let max = vmath::max(p);
+    let sum = vmath::exp_shifted_sum(p, max);
+    weighted_sum(o, p, v, v_stride);
+    vmath::scale(o, 1.0 / sum);
 }
 
 /// One sequence's operands of [`kv_attention_forward_many`], as [`kv_attention_forward`]

@@ -64,9 +64,8 @@ pub fn sigmoid(x: f32) -> f32 {
 /// compiler, so a reduction vectorises only when written as independent partial results.
 const LANES: usize = 16;
 
-/// `Σ x`, inlined into a caller compiled for the vector ISA.
 #[inline(always)]
-pub(crate) fn sum_lanes(x: &[f32]) -> f32 {
+fn sum_lanes(x: &[f32]) -> f32 {
     let mut acc = [0.0f32; LANES];
     let chunks = x.chunks_exact(LANES);
     let rest = chunks.remainder();
@@ -88,25 +87,19 @@ multiversion! {
     }
 }
 
-/// `max(x)` (−∞ for an empty slice), inlined into a caller compiled for the vector ISA.
-#[inline(always)]
-pub(crate) fn max_lanes(x: &[f32]) -> f32 {
-    let mut acc = [f32::NEG_INFINITY; LANES];
-    let chunks = x.chunks_exact(LANES);
-    let rest = chunks.remainder();
-    for c in chunks {
-        for i in 0..LANES {
-            acc[i] = if c[i] > acc[i] { c[i] } else { acc[i] };
-        }
-    }
-    let m = acc.iter().fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
-    rest.iter().fold(m, |a, &b| if b > a { b } else { a })
-}
-
 multiversion! {
     /// `max(x)` (−∞ for an empty slice).
     pub fn max(x: &[f32]) -> f32 {
-        max_lanes(x)
+        let mut acc = [f32::NEG_INFINITY; LANES];
+        let chunks = x.chunks_exact(LANES);
+        let rest = chunks.remainder();
+        for c in chunks {
+            for i in 0..LANES {
+                acc[i] = if c[i] > acc[i] { c[i] } else { acc[i] };
+            }
+        }
+        let m = acc.iter().fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
+        rest.iter().fold(m, |a, &b| if b > a { b } else { a })
     }
 }
 
@@ -128,29 +121,23 @@ multiversion! {
     }
 }
 
-/// `Σ a·b`, inlined into a caller compiled for the vector ISA.
-#[inline(always)]
-pub(crate) fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
-    let n = a.len().min(b.len());
-    let (a, b) = (&a[..n], &b[..n]);
-    let mut acc = [0.0f32; LANES];
-    let full = n / LANES * LANES;
-    for (ca, cb) in a[..full].chunks_exact(LANES).zip(b[..full].chunks_exact(LANES)) {
-        for i in 0..LANES {
-            acc[i] += ca[i] * cb[i];
-        }
-    }
-    let mut s: f32 = acc.iter().sum();
-    for i in full..n {
-        s += a[i] * b[i];
-    }
-    s
-}
-
 multiversion! {
     /// `Σ a·b`.
     pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-        dot_lanes(a, b)
+        let n = a.len().min(b.len());
+        let (a, b) = (&a[..n], &b[..n]);
+        let mut acc = [0.0f32; LANES];
+        let full = n / LANES * LANES;
+        for (ca, cb) in a[..full].chunks_exact(LANES).zip(b[..full].chunks_exact(LANES)) {
+            for i in 0..LANES {
+                acc[i] += ca[i] * cb[i];
+            }
+        }
+        let mut s: f32 = acc.iter().sum();
+        for i in full..n {
+            s += a[i] * b[i];
+        }
+        s
     }
 }
 
