@@ -5,6 +5,7 @@
 //! expert's rows are contiguous and a grouped GEMM reads them in one pass.
 
 use rayon::prelude::*;
+use std::ops::Range;
 
 /// Where every (token, choice) slot goes. Built once per layer per step.
 #[derive(Clone, Debug, Default)]
@@ -64,19 +65,39 @@ pub fn permute_forward(xp: &mut [f32], x: &[f32], plan: &DispatchPlan, h: usize)
     });
 }
 
-/// Permute backward: `dx[t] (+)= Σ_j dxp[row(t, j)]`.
+/// Permute backward: `dx[t] (+)= Σ_j dxp[row(t, j)]`, each token's rows summed in
+/// ascending row order (see [`permute_backward_rows`]).
 pub fn permute_backward(dx: &mut [f32], dxp: &[f32], plan: &DispatchPlan, h: usize, accumulate: bool) {
-    dx.par_chunks_mut(h).enumerate().for_each(|(t, row)| {
-        if !accumulate {
-            row.fill(0.0);
-        }
-        for j in 0..plan.top_k {
-            let r = plan.row_of_slot[t * plan.top_k + j] as usize;
-            for (d, s) in row.iter_mut().zip(&dxp[r * h..(r + 1) * h]) {
-                *d += s;
+    if !accumulate {
+        dx.fill(0.0);
+    }
+    permute_backward_rows(dx, dxp, plan, h, 0..plan.rows());
+}
+
+/// Permute backward over the routed rows `rows` only (`dxp` holds just those):
+/// `dx[t] += dxp[r − rows.start]` for each of token `t`'s rows `r` inside `rows`.
+///
+/// A token's rows are added in ascending row order — expert order, not its choices'
+/// order — so adding the row ranges `0..a`, `a..b`, … one after another gives the same
+/// bits as adding `0..R` at once: the one-rank MoE backward works through its routed
+/// rows a piece at a time.
+pub fn permute_backward_rows(dx: &mut [f32], dxp: &[f32], plan: &DispatchPlan, h: usize, rows: Range<usize>) {
+    assert_eq!(dxp.len(), rows.len() * h, "dxp holds exactly the rows");
+    let k = plan.top_k;
+    dx.par_chunks_mut(h).enumerate().for_each_init(
+        || Vec::with_capacity(k),
+        |mine, (t, row)| {
+            mine.clear();
+            mine.extend(plan.row_of_slot[t * k..(t + 1) * k].iter().map(|&r| r as usize).filter(|r| rows.contains(r)));
+            mine.sort_unstable();
+            for &r in mine.iter() {
+                let r = r - rows.start;
+                for (d, s) in row.iter_mut().zip(&dxp[r * h..(r + 1) * h]) {
+                    *d += s;
+                }
             }
-        }
-    });
+        },
+    );
 }
 
 /// Unpermute (combine) forward: `out[t] (+)= Σ_j w[t, j] · yp[row(t, j)]`.
@@ -98,7 +119,14 @@ pub fn unpermute_forward(out: &mut [f32], yp: &[f32], weights: &[f32], plan: &Di
 
 /// Unpermute backward: `dyp[r] = w[slot(r)] · dout[token(r)]` (written) and
 /// `dw[slot(r)] = ⟨dout[token(r)], yp[r]⟩` (written).
-pub fn unpermute_backward(
+pub fn unpermute_backward(dyp: &mut [f32], dweights: &mut [f32], dout: &[f32], yp: &[f32], weights: &[f32], plan: &DispatchPlan, h: usize) {
+    unpermute_backward_rows(dyp, dweights, dout, yp, weights, plan, h, 0..plan.rows());
+}
+
+/// [`unpermute_backward`] over the routed rows `rows` only: `dyp` and `yp` hold just
+/// those rows, and only their slots of `dw` are written.
+#[allow(clippy::too_many_arguments)]
+pub fn unpermute_backward_rows(
     dyp: &mut [f32],
     dweights: &mut [f32],
     dout: &[f32],
@@ -106,11 +134,14 @@ pub fn unpermute_backward(
     weights: &[f32],
     plan: &DispatchPlan,
     h: usize,
+    rows: Range<usize>,
 ) {
+    assert!(dyp.len() == rows.len() * h && yp.len() == dyp.len(), "dyp and yp hold exactly the rows");
+    let slots = &plan.slot_of_row[rows];
     let dw_by_row: Vec<f32> = dyp
         .par_chunks_mut(h)
         .zip(yp.par_chunks(h))
-        .zip(plan.slot_of_row.par_iter())
+        .zip(slots.par_iter())
         .map(|((drow, yrow), &slot)| {
             let t = slot as usize / plan.top_k;
             let w = weights[slot as usize];
@@ -123,8 +154,8 @@ pub fn unpermute_backward(
             dot
         })
         .collect();
-    for (r, &slot) in plan.slot_of_row.iter().enumerate() {
-        dweights[slot as usize] = dw_by_row[r];
+    for (&slot, dw) in slots.iter().zip(dw_by_row) {
+        dweights[slot as usize] = dw;
     }
 }
 
@@ -172,6 +203,54 @@ mod tests {
             dot64(&xp, &gp)
         });
         assert_close(&dx, &num, 1e-3, "dx");
+    }
+
+    #[test]
+    fn row_ranges_one_after_another_give_the_whole_buffer_bits() {
+        let (n, k, h, e) = (37, 3, 5, 6);
+        let mut rng = 7u64;
+        let experts: Vec<u32> = (0..n)
+            .flat_map(|_| {
+                let mut picks: Vec<u32> = Vec::new();
+                while picks.len() < k {
+                    rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    let c = ((rng >> 33) % e as u64) as u32;
+                    if !picks.contains(&c) {
+                        picks.push(c);
+                    }
+                }
+                picks
+            })
+            .collect();
+        let plan = DispatchPlan::new(&experts, k, e);
+        let r = plan.rows();
+        let (dout, yp, w, dxp) = (rand_vec(n * h, 1), rand_vec(r * h, 2), rand_vec(n * k, 3), rand_vec(r * h, 4));
+        let base = rand_vec(n * h, 5);
+        let (mut dyp, mut dw, mut dx) = (vec![0.0; r * h], vec![0.0; n * k], base.clone());
+        unpermute_backward(&mut dyp, &mut dw, &dout, &yp, &w, &plan, h);
+        permute_backward(&mut dx, &dxp, &plan, h, true);
+        for cuts in [vec![0, r], vec![0, 1, 40, 41, r], vec![0, 17, 60, 99, r]] {
+            let (mut dyp_p, mut dw_p, mut dx_p) = (vec![0.0; r * h], vec![0.0; n * k], base.clone());
+            for c in cuts.windows(2) {
+                let rows = c[0]..c[1];
+                let span = rows.start * h..rows.end * h;
+                unpermute_backward_rows(&mut dyp_p[span.clone()], &mut dw_p, &dout, &yp[span.clone()], &w, &plan, h, rows.clone());
+                permute_backward_rows(&mut dx_p, &dxp[span], &plan, h, rows);
+            }
+            assert_eq!(dyp_p, dyp, "output gradients, cuts {cuts:?}");
+            assert_eq!(dw_p, dw, "weight gradients, cuts {cuts:?}");
+            assert_eq!(dx_p, dx, "input gradients, cuts {cuts:?}");
+        }
+        // ascending rows: token 0's sum is its rows' in row order
+        let mut mine: Vec<usize> = plan.row_of_slot[..k].iter().map(|&r| r as usize).collect();
+        mine.sort();
+        let mut want = base[..h].to_vec();
+        for r in mine {
+            for (d, s) in want.iter_mut().zip(&dxp[r * h..(r + 1) * h]) {
+                *d += s;
+            }
+        }
+        assert_eq!(&dx[..h], &want[..]);
     }
 }
 

@@ -70,7 +70,7 @@ impl Model {
             positions.extend(inp.cache.len..inp.cache.len + inp.tokens.len());
             ids.extend_from_slice(inp.tokens);
         }
-        let moe = MoeCtx { exchange: self.exchange.as_deref(), chunks: 1, balance_loss: None, skew: 0.0, tp: None, batch: None };
+        let moe = MoeCtx { exchange: self.exchange.as_deref(), chunks: 1, balance_loss: None, skew: 0.0, tp: None, batch: None, backward_pieces: 1 };
         let c = CachedCtx { spans: &spans, positions: &positions, rope: &self.rope, moe };
         let mut x = if ids.is_empty() { Vec::new() } else { self.embed_forward(&dw.w, &ids) };
         for (li, layer) in self.layers.iter().enumerate() {

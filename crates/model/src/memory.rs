@@ -33,6 +33,7 @@
 //!                   head's backward forms the normed input's gradient beside the
 //!                   logits' gradient
 //! forward of i      Σ_{j<i} kept_j + whole_i + swapped_{i−1}     (its write may still run)
+//!                   + the FFN's output as it forms, N·H (MoE with shared experts: 2·N·H)
 //! backward of i     Σ_{j<i} kept_j + swapped_{i−1} (prefetched below it)
 //!                   + max(FFN phase_i, attention phase_i) + 2·N·H (dx, residual grad)
 //!                   + head without logits
@@ -43,13 +44,16 @@
 //!                   rebuilt; the probabilities only when kept) + its temporaries
 //! ```
 //!
-//! with temporaries MoE: `R·(2H + 3I)`, dense: `3·N·I`; attention: the q/k/v gradients and
-//! their fused copy (the score gradients are formed block by block, never whole). A layer
-//! recomputed whole holds its whole set in the FFN phase. A swap file adds its staging
-//! buffer. Kernel workspaces and thread pools hold a few megabytes more for the whole
-//! run; they are measured, not predicted ([`runtime_bytes`]). Not predicted: the `gemm`
-//! crate's own temporaries inside large weight-gradient products (with a 4k vocabulary
-//! the lm_head's take ~6 MB at 2k tokens).
+//! with temporaries MoE: `R'·(2H + 3I)` (on one rank the top MoE layer of a model
+//! chunk works through its routed rows in pieces of at most `R' = ⌈R/4⌉`; otherwise
+//! `R' = R`), dense: `3·N·I`;
+//! attention: the q/k/v gradients and their fused copy (the score gradients are formed
+//! block by block, never whole). A layer recomputed whole holds its whole set in the FFN
+//! phase. A swap file adds its staging buffer. Kernel workspaces and thread pools hold a
+//! few megabytes more for the whole run; they are measured, not predicted
+//! ([`runtime_bytes`]). Not predicted: the `gemm` crate's own temporaries inside large
+//! products (it packs an operand into a buffer of its own: with a 4k vocabulary 2.1 MB
+//! for the head's weight gradient over a 128-row chunk, 8.4 MB over 2k rows).
 
 use crate::decoder::{AttnBlock, DecoderLayer, FfnBlock};
 use crate::model::Model;
@@ -185,7 +189,7 @@ fn attention_block(l: &DecoderLayer, b: usize, t: usize, qkv: bool) -> (Block, u
 }
 
 /// The feed-forward block's floats, its backward temporaries (floats) and its name.
-fn ffn_block(l: &DecoderLayer, n: usize, self_local: bool) -> (Block, usize, &'static str) {
+fn ffn_block(l: &DecoderLayer, n: usize, self_local: bool, pieces: usize) -> (Block, usize, &'static str) {
     let h = l.hidden;
     match &l.ffn {
         FfnBlock::Dense(m) => {
@@ -207,7 +211,9 @@ fn ffn_block(l: &DecoderLayer, n: usize, self_local: bool) -> (Block, usize, &'s
                 unswappable: routing,
                 ..Default::default()
             };
-            (block, r * (2 * h + 3 * ie), "MoE")
+            // One rank may work through the routed rows in pieces (`Model::moe_backward_pieces`).
+            let tmp_rows = if local { crate::moe::experts::backward_piece_rows(r, pieces) } else { r };
+            (block, tmp_rows * (2 * h + 3 * ie), "MoE")
         }
     }
 }
@@ -219,12 +225,16 @@ impl Model {
         let n = b * t;
         let norms = norm_block(l, n);
         let (attn, attn_tmp) = attention_block(l, b, t, p.qkv && !p.full);
-        let (ffn, ffn_tmp, kind) = ffn_block(l, n, self.ep.is_none());
+        let (ffn, ffn_tmp, kind) = ffn_block(l, n, self.ep.is_none(), self.moe_backward_pieces(i));
         // The attention probabilities are never made whole under `attention`, nor in the
         // first forward of a layer recomputed whole.
         let probs = if p.attention { attn.attention } else { 0 };
         let total = norms.whole + attn.whole + ffn.whole;
-        let whole = 4 * (total - if p.full { attn.attention } else { probs });
+        // As its forward ends the layer also holds the FFN's output while it forms
+        // (`N·H`), and a MoE layer's shared experts' output before it is added (`N·H`).
+        let shared_out = matches!(&l.ffn, FfnBlock::Moe(m) if m.shared.is_some());
+        let out = n * l.hidden * (1 + usize::from(shared_out));
+        let whole = 4 * (total + out - if p.full { attn.attention } else { probs });
         // Backward: the FFN's part is rebuilt first (xn₂, SwiGLU outputs); then the FFN's
         // set and xn₂ go and the attention's part is rebuilt (xn₁, latents, q/k/v).
         let xn = n * l.hidden;
@@ -446,7 +456,7 @@ impl Model {
             }
             let norms = norm_block(l, n);
             let (attn, _) = attention_block(l, b, t, p.qkv);
-            let (ffn, _, _) = ffn_block(l, n, self.ep.is_none());
+            let (ffn, _, _) = ffn_block(l, n, self.ep.is_none(), 1);
             // Elementwise rebuilds stream their input and output once: RMSNorm reads the
             // input and writes the copy (a fresh buffer: its first touch costs about one
             // more half pass); SwiGLU reads 2 floats and writes 1 per output, with an exp

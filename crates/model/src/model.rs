@@ -509,12 +509,28 @@ impl Model {
         lo..lo + r.len()
     }
 
+    /// Pieces layer `i`'s one-rank MoE backward works through its routed rows in: four
+    /// for the top MoE layer of its model chunk, whose backward runs while every
+    /// layer's activations are still held (the step's peak); one (the whole buffers,
+    /// a little faster) below it, where the layers above have already freed more than
+    /// the pieces would save.
+    pub fn moe_backward_pieces(&self, i: usize) -> usize {
+        let is_moe = |j: &usize| matches!(self.layers[*j].ffn, FfnBlock::Moe(_));
+        let top = (0..self.stage.vpp).map(|c| self.chunk_layers(c)).find(|r| r.contains(&i)).and_then(|r| r.rev().find(is_moe));
+        if top == Some(i) {
+            crate::moe::experts::BACKWARD_PIECES
+        } else {
+            1
+        }
+    }
+
     /// The context a pass over `b × t` tokens runs layers in, on `exchange`.
     fn ctx<'a>(&'a self, b: usize, t: usize, positions: Option<&'a [u32]>, opts: &PassOptions, exchange: Option<&'a ExpertExchange>) -> Ctx<'a> {
         let tp = self.tp.as_deref();
         let moe_tp = tp.filter(|t| !t.sequence_parallel());
         let batch = tp.filter(|t| t.sequence_parallel());
-        let moe = MoeCtx { exchange, chunks: opts.overlap_chunks.max(1), balance_loss: opts.balance_loss, skew: opts.routing_skew, tp: moe_tp, batch };
+        let moe =
+            MoeCtx { exchange, chunks: opts.overlap_chunks.max(1), balance_loss: opts.balance_loss, skew: opts.routing_skew, tp: moe_tp, batch, backward_pieces: 1 };
         Ctx { b, t, rope: &self.rope, positions, keep_probs: true, moe, tp }
     }
 
@@ -861,6 +877,7 @@ impl Model {
             if let (Some(f), Some(LayerState::Swapped(_, t))) = (&swap, states.last_mut()) {
                 prefetched = Some(f.prefetch(t));
             }
+            let c = Ctx { moe: MoeCtx { backward_pieces: self.moe_backward_pieces(i), ..c.moe }, ..c };
             dx = layer.backward(w, g, s, dx, &c);
             layer_done(g, i);
         }

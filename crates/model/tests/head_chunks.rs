@@ -106,9 +106,9 @@ fn the_memory_plan_keeps_no_logits_with_chunks() {
     let whole = m.memory_plan(b, t, 2, 0, &PassOptions { head_chunk_bytes: 0, ..PassOptions::default() });
     assert_eq!(whole.activation_bytes - chunked.activation_bytes, 4 * b * t * v);
     assert!(chunked.peak_bytes < whole.peak_bytes);
-    // 4 MiB of logits per chunk: 256 rows of a 4,096-token vocabulary; never one row.
-    assert_eq!(PassOptions::default().head_chunk_rows(b * t, v), Some(256));
-    assert_eq!(PassOptions::default().head_chunk_rows(2 * b * t, v), Some(256));
+    // 2 MiB of logits per chunk: 128 rows of a 4,096-token vocabulary; never one row.
+    assert_eq!(PassOptions::default().head_chunk_rows(b * t, v), Some(128));
+    assert_eq!(PassOptions::default().head_chunk_rows(2 * b * t, v), Some(128));
     assert_eq!(PassOptions::default().head_chunk_rows(100, v), Some(100));
     assert_eq!(PassOptions::default().head_chunk_rows(1000, 1 << 22), Some(2));
     assert_eq!(PassOptions { head_chunk_bytes: 0, ..PassOptions::default() }.head_chunk_rows(100, v), None);

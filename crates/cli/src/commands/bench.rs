@@ -57,7 +57,7 @@ pub struct BenchTrainArgs {
     #[arg(long)]
     pub no_progress: bool,
     /// The head's logits whole (formed in the forward and kept to the backward) instead
-    /// of 4 MiB row chunks in the backward: the unfused baseline.
+    /// of 2 MiB row chunks in the backward: the unfused baseline.
     #[arg(long)]
     pub whole_logits: bool,
 }

@@ -3,6 +3,7 @@
 //! (`[E, H, I]`), each one call over every expert's contiguous rows.
 
 use crate::params::Slot;
+use std::ops::Range;
 use ultramoe_kernels::activation::{swiglu, swiglu_grad};
 use ultramoe_kernels::grouped_gemm::{grouped_input_grad, grouped_linear, grouped_weight_grad};
 
@@ -21,6 +22,49 @@ impl ExpertNames {
     pub fn tensor(&self, e: usize, which: usize) -> String {
         format!("{}{e}.{}.weight", self.prefix, self.proj[which])
     }
+}
+
+/// Pieces the one-rank backward of a chunk's top MoE layer works through its routed
+/// rows in ([`crate::model::Model::moe_backward_pieces`]), so the experts' backward
+/// temporaries — output and input gradients `2H`, SwiGLU gradients `3I` floats a row —
+/// are held for about a quarter of the rows at once instead of all `R = N·K`. With
+/// four, a piece still holds hundreds of rows per expert on the shapes trained here.
+pub const BACKWARD_PIECES: usize = 4;
+
+/// The most rows one of `pieces` backward pieces holds, of `r` routed rows: `⌈r / pieces⌉`.
+pub fn backward_piece_rows(r: usize, pieces: usize) -> usize {
+    r.div_ceil(pieces.max(1)).max(1)
+}
+
+/// Contiguous routed rows and the consecutive slots they belong to.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RowPiece {
+    /// rows of the whole `[R, ·]` buffers
+    pub rows: Range<usize>,
+    /// the slots whose rows these are (possibly only some of the first and last slot's)
+    pub slots: Range<usize>,
+    /// `slots.len() + 1` offsets of each slot's rows within the piece, from 0
+    pub offsets: Vec<usize>,
+}
+
+/// Cuts the rows grouped by `offsets` (`[S + 1]`) into pieces of at most `cap` rows,
+/// at slot boundaries wherever a slot's rows fit, inside a slot only when its rows
+/// alone exceed `cap` (then its weight gradient sums over two products).
+pub fn row_pieces(offsets: &[usize], cap: usize) -> Vec<RowPiece> {
+    let (total, slots) = (*offsets.last().unwrap_or(&0), offsets.len().saturating_sub(1));
+    let cap = cap.max(1);
+    let mut pieces = Vec::new();
+    let mut r0 = 0;
+    while r0 < total {
+        let limit = r0 + cap;
+        let r1 = offsets.iter().copied().filter(|&o| o > r0 && o <= limit).max().unwrap_or(limit.min(total));
+        let first = (0..slots).find(|&s| offsets[s + 1] > r0).expect("rows remain, so a slot holds them");
+        let last = (0..slots).rfind(|&s| offsets[s] < r1).expect("the piece has rows");
+        let offsets = (first..=last + 1).map(|s| offsets[s].clamp(r0, r1) - r0).collect();
+        pieces.push(RowPiece { rows: r0..r1, slots: first..last + 1, offsets });
+        r0 = r1;
+    }
+    pieces
 }
 
 /// The routed experts this rank holds in one layer: one per slot (see
@@ -50,9 +94,14 @@ pub struct ExpertsSaved {
 
 impl GroupedExperts {
     /// Flat-buffer ranges of slot `j`'s gate/up and down weights.
-    pub fn slot_ranges(&self, j: usize) -> [std::ops::Range<usize>; 2] {
+    pub fn slot_ranges(&self, j: usize) -> [Range<usize>; 2] {
+        self.slots_span(&(j..j + 1))
+    }
+
+    /// Flat-buffer ranges of the gate/up and down weights of the consecutive `slots`.
+    fn slots_span(&self, slots: &Range<usize>) -> [Range<usize>; 2] {
         let (gu, dn) = (2 * self.inter * self.hidden, self.hidden * self.inter);
-        [self.gate_up.start + j * gu..self.gate_up.start + (j + 1) * gu, self.down.start + j * dn..self.down.start + (j + 1) * dn]
+        [self.gate_up.start + slots.start * gu..self.gate_up.start + slots.end * gu, self.down.start + slots.start * dn..self.down.start + slots.end * dn]
     }
 
     /// `xp: [R, H]` grouped by `offsets` → `yp: [R, H]`.
@@ -100,24 +149,63 @@ impl GroupedExperts {
         }
     }
 
-    /// The input half of the backward (zero-bubble's "B"): `dact = dyp · W_down[e]`,
-    /// `dgu = swiglu'(gu) ⊙ dact`, `dxp = dgu · W_gu[e]`. Returns `dxp: [R, H]` and `dgu:
-    /// [R, 2I]`, which [`Self::backward_weights`] needs. Under expert parallelism `dxp`
-    /// travels back to the tokens' ranks while the weight half runs.
-    pub fn backward_input(&self, w: &[f32], s: &ExpertsSaved, dyp: &[f32], offsets: &[usize]) -> (Vec<f32>, Vec<f32>) {
+    /// The input half of the backward (zero-bubble's "B") for the consecutive `slots`,
+    /// whose rows `dyp` and `gu` hold, grouped by `offsets` (`slots.len() + 1` of them,
+    /// from 0): `dact = dyp · W_down[e]`, `dgu = swiglu'(gu) ⊙ dact`, `dxp = dgu ·
+    /// W_gu[e]`. Returns `dxp: [rows, H]` and `dgu: [rows, 2I]`, which
+    /// [`Self::backward_weights`] needs. Under expert parallelism `dxp` travels back to
+    /// the tokens' ranks while the weight half runs.
+    pub fn backward_input(&self, w: &[f32], gu: &[f32], dyp: &[f32], slots: Range<usize>, offsets: &[usize]) -> (Vec<f32>, Vec<f32>) {
         let (h, i) = (self.hidden, self.inter);
-        let dact = grouped_input_grad(dyp, &w[self.down.clone()], offsets, i, h);
-        let dgu = swiglu_grad(&dact, &s.gu, i);
+        let [w_gu, w_down] = self.slots_span(&slots);
+        let dact = grouped_input_grad(dyp, &w[w_down], offsets, i, h);
+        let dgu = swiglu_grad(&dact, gu, i);
         drop(dact);
-        (grouped_input_grad(&dgu, &w[self.gate_up.clone()], offsets, h, 2 * i), dgu)
+        (grouped_input_grad(&dgu, &w[w_gu], offsets, h, 2 * i), dgu)
     }
 
-    /// The weight half (zero-bubble's "W"): `g_down[e] += dyp_eᵀ · act_e`, `g_gu[e] +=
-    /// dgu_eᵀ · xp_e` — the same sums in the same order as the whole backward, so the
-    /// split changes no bit.
-    pub fn backward_weights(&self, g: &mut [f32], xp: &[f32], s: &ExpertsSaved, dyp: &[f32], dgu: &[f32], offsets: &[usize]) {
+    /// The weight half (zero-bubble's "W") for the same `slots` and rows: `g_down[e] +=
+    /// dyp_eᵀ · act_e`, `g_gu[e] += dgu_eᵀ · xp_e` — the same sums in the same order as
+    /// the whole backward, so the split changes no bit.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward_weights(&self, g: &mut [f32], xp: &[f32], act: &[f32], dyp: &[f32], dgu: &[f32], slots: Range<usize>, offsets: &[usize]) {
         let (h, i) = (self.hidden, self.inter);
-        grouped_weight_grad(&mut g[self.down.clone()], dyp, &s.act, offsets, i, h);
-        grouped_weight_grad(&mut g[self.gate_up.clone()], dgu, xp, offsets, h, 2 * i);
+        let [g_gu, g_down] = self.slots_span(&slots);
+        grouped_weight_grad(&mut g[g_down], dyp, act, offsets, i, h);
+        grouped_weight_grad(&mut g[g_gu], dgu, xp, offsets, h, 2 * i);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn row_pieces_cover_every_row_once_and_cut_inside_a_slot_only_when_it_must() {
+        // slot rows: 3, 0, 5, 2, 9, 1
+        let offsets = [0, 3, 3, 8, 10, 19, 20];
+        let pieces = row_pieces(&offsets, 5);
+        let rows: Vec<_> = pieces.iter().map(|p| p.rows.clone()).collect();
+        assert_eq!(rows, vec![0..3, 3..8, 8..10, 10..15, 15..20]);
+        assert_eq!(pieces[4].offsets, vec![0, 4, 5]);
+        for p in &pieces {
+            assert!(p.rows.len() <= 5);
+            assert_eq!(p.offsets.len(), p.slots.len() + 1);
+            assert_eq!((p.offsets[0], *p.offsets.last().unwrap()), (0, p.rows.len()));
+            // each slot's rows inside the piece are its rows of the whole buffer
+            for (j, s) in p.slots.clone().enumerate() {
+                let whole = offsets[s].max(p.rows.start)..offsets[s + 1].min(p.rows.end);
+                assert_eq!(p.offsets[j] + p.rows.start..p.offsets[j + 1] + p.rows.start, whole);
+                assert!(!whole.is_empty() || (s > p.slots.start && s + 1 < p.slots.end), "empty slots only inside a piece");
+            }
+        }
+        assert_eq!(pieces[3].slots, 4..5);
+        assert_eq!(pieces[1].slots, 2..3);
+        // one piece when everything fits; none without rows
+        assert_eq!(row_pieces(&offsets, 20).len(), 1);
+        assert!(row_pieces(&[0, 0, 0], 4).is_empty());
+        assert_eq!(backward_piece_rows(8192, 4), 2048);
+        assert_eq!(backward_piece_rows(9, 4), 3);
+        assert_eq!(backward_piece_rows(9, 1), 9);
     }
 }

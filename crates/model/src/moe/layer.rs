@@ -18,13 +18,14 @@
 //! rank (`chunks = 1`, nothing to exchange) the layer runs straight through.
 
 use super::dispatcher::{Combining, DispatchHandle, ExpertExchange, TokenDispatcher};
-use super::experts::{ExpertsSaved, GroupedExperts};
+use super::experts::{backward_piece_rows, row_pieces, ExpertsSaved, GroupedExperts};
 use super::placement::Placement;
 use super::router::{AuxLoss, Router};
 use crate::mlp::{Mlp, MlpSaved};
 use std::ops::Range;
 use std::sync::Arc;
 use ultramoe_kernels::balance::BalanceLoss;
+use ultramoe_kernels::permute::{permute_backward_rows, unpermute_backward_rows};
 use ultramoe_kernels::router::Routing;
 
 /// How a MoE layer runs in one pass (see [`crate::pass::PassOptions`]).
@@ -46,12 +47,15 @@ pub struct MoeCtx<'a> {
     /// parallelism): the balancing loss weighs this rank's tokens by the whole batch's
     /// loads
     pub batch: Option<&'a crate::tensor_parallel::TensorParallel>,
+    /// pieces the one-rank backward works through the routed rows in (1: all at once;
+    /// see [`super::experts::BACKWARD_PIECES`])
+    pub backward_pieces: usize,
 }
 
 impl MoeCtx<'_> {
     /// One rank, no balancing loss, no skew.
     pub fn local() -> MoeCtx<'static> {
-        MoeCtx { exchange: None, chunks: 1, balance_loss: None, skew: 0.0, tp: None, batch: None }
+        MoeCtx { exchange: None, chunks: 1, balance_loss: None, skew: 0.0, tp: None, batch: None, backward_pieces: 1 }
     }
 }
 
@@ -284,6 +288,9 @@ impl MoeLayer {
     /// Backward: weight gradients into `g`; returns `dx: [N, H]`.
     #[allow(clippy::too_many_arguments)]
     pub fn backward(&self, w: &[f32], g: &mut [f32], x: &[f32], s: &MoeSaved, dy: &[f32], n: usize, c: &MoeCtx) -> Vec<f32> {
+        if s.local {
+            return self.backward_local(w, g, x, s, dy, n, c);
+        }
         let (k, h) = (self.router.spec.top_k, self.dispatcher.hidden);
         let d = self.dispatcher.over(c.exchange);
         let rows = |r: &Range<usize>| r.start * h..r.end * h;
@@ -314,9 +321,10 @@ impl MoeLayer {
             // The input gradients first, so they travel back while the weight gradients
             // (half the experts' backward) are computed.
             let _p = ultramoe_kernels::profile::scope("moe.experts.backward");
-            let (dxp, dgu) = self.experts.backward_input(w, &p.experts, &dyp, &p.handle.offsets);
+            let slots = 0..p.handle.offsets.len() - 1;
+            let (dxp, dgu) = self.experts.backward_input(w, &p.experts.gu, &dyp, slots.clone(), &p.handle.offsets);
             returning.push(d.start_dispatch_backward(dxp, &p.handle));
-            self.experts.backward_weights(g, &p.xp, &p.experts, &dyp, &dgu, &p.handle.offsets);
+            self.experts.backward_weights(g, &p.xp, &p.experts.act, &dyp, &dgu, slots, &p.handle.offsets);
         }
         for p in &s.parts[1..] {
             shared_backward(p, g, &mut dx, &mut shared_dx);
@@ -330,6 +338,51 @@ impl MoeLayer {
             for (p, t) in s.parts.iter().zip(returning) {
                 d.finish_dispatch_backward(t, &p.handle, &mut dx[rows(&p.tokens)]);
             }
+        }
+        let _p = ultramoe_kernels::profile::scope("moe.router.backward");
+        self.router.backward(w, g, x, &s.routing, s.aux.as_ref(), &dweights, &mut dx, n);
+        dx
+    }
+
+    /// The backward on one rank (one chunk, nothing to exchange): the shared experts,
+    /// then the routed rows a piece at a time ([`row_pieces`], at most `⌈R/P⌉` rows
+    /// each for `P = c.backward_pieces`) — combine backward, the experts' input half,
+    /// the piece's rows added into `dx`, the weight half — so the experts' temporaries
+    /// are held for a piece, not for all `R` rows. Each row's gradient is the one the
+    /// whole buffers give; `dx` adds each token's rows in ascending order either way.
+    #[allow(clippy::too_many_arguments)]
+    fn backward_local(&self, w: &[f32], g: &mut [f32], x: &[f32], s: &MoeSaved, dy: &[f32], n: usize, c: &MoeCtx) -> Vec<f32> {
+        let (k, h, i) = (self.router.spec.top_k, self.dispatcher.hidden, self.experts.inter);
+        let p = &s.parts[0];
+        let plan = &p.handle.plan;
+        let mut dx = vec![0.0; x.len()];
+        if let (Some(m), Some(ms)) = (&self.shared, &p.shared) {
+            // Split shared experts give each tensor-parallel rank a partial input
+            // gradient: summed over the group before it joins `dx`.
+            match c.tp {
+                Some(tp) => {
+                    let mut shared_dx = vec![0.0; x.len()];
+                    m.backward(w, g, x, ms, dy, &mut shared_dx, n, true);
+                    tp.sum_in_pass(&mut shared_dx);
+                    crate::tensor_ops::add_into(&mut dx, &shared_dx);
+                }
+                None => m.backward(w, g, x, ms, dy, &mut dx, n, true),
+            }
+        }
+        let mut dweights = vec![0.0; n * k];
+        for piece in row_pieces(&p.handle.offsets, backward_piece_rows(plan.rows(), c.backward_pieces)) {
+            let (rows_h, rows_i) = (piece.rows.start * h..piece.rows.end * h, piece.rows.start * i..piece.rows.end * i);
+            let mut dyp = vec![0.0; rows_h.len()];
+            {
+                let _p = ultramoe_kernels::profile::scope("moe.combine.backward");
+                unpermute_backward_rows(&mut dyp, &mut dweights, dy, &p.ys[rows_h.clone()], &s.routing.weights, plan, h, piece.rows.clone());
+            }
+            let _p = ultramoe_kernels::profile::scope("moe.experts.backward");
+            let gu = &p.experts.gu[2 * rows_i.start..2 * rows_i.end];
+            let (dxp, dgu) = self.experts.backward_input(w, gu, &dyp, piece.slots.clone(), &piece.offsets);
+            permute_backward_rows(&mut dx, &dxp, plan, h, piece.rows.clone());
+            drop(dxp);
+            self.experts.backward_weights(g, &p.xp[rows_h], &p.experts.act[rows_i], &dyp, &dgu, piece.slots, &piece.offsets);
         }
         let _p = ultramoe_kernels::profile::scope("moe.router.backward");
         self.router.backward(w, g, x, &s.routing, s.aux.as_ref(), &dweights, &mut dx, n);
