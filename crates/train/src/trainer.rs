@@ -43,8 +43,8 @@ use ultramoe_model::{Error, Model, ModelConfig, Result};
 pub enum DataSpec {
     /// generated math problems (default mix)
     Math,
-    /// generated math problems of these kinds only (names as `Kind::name`), each at its
-    /// weight in the default mix
+    /// generated math problems of these kinds only (`Kind::name`, or `name=weight`),
+    /// each at its weight in the default mix unless one is given
     MathKinds(Vec<String>),
     /// a JSONL file of `{"question", "answer"}`
     Jsonl(PathBuf),

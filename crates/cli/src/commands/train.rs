@@ -80,7 +80,8 @@ pub struct TrainArgs {
     #[arg(long, allow_hyphen_values = true)]
     pub seed: Option<u64>,
     /// Data: `math` (generated problems), `math:add,sub,expr` (generated problems of
-    /// those kinds only), `random` (random tokens), a JSONL file of
+    /// those kinds only, at their default weights; `math:add=2,sub=1` sets relative
+    /// weights), `random` (random tokens), a JSONL file of
     /// `{"question", "answer"}` problems, or text data — comma-separated `.txt` files
     /// (a document each), JSONL files of `{"text"}` documents or of `{"messages"}` chats
     /// (trained on the assistant's turns only), or one directory written by
@@ -222,7 +223,7 @@ fn apply_overrides(mut c: TrainConfig, a: &TrainArgs) -> CliResult<TrainConfig> 
     Ok(c)
 }
 
-/// `--data`: `math`, `math:KIND,KIND…`, `random`, a problems JSONL file, or text data paths.
+/// `--data`: `math`, `math:KIND[=WEIGHT],…`, `random`, a problems JSONL file, or text data paths.
 fn parse_data(d: &str) -> CliResult<DataSpec> {
     Ok(match d {
         "math" => DataSpec::Math,

@@ -245,7 +245,7 @@ pub const TRAINED_KINDS_FILE: &str = "math_kinds.json";
 
 /// Writes `dir/`[`TRAINED_KINDS_FILE`]: `{"kinds": ["add", …]}`.
 pub fn write_trained_kinds(dir: &std::path::Path, names: &[String]) -> std::io::Result<()> {
-    let kinds: Vec<&str> = names.iter().filter_map(|n| Kind::from_name(n.trim())).map(|k| k.name()).collect();
+    let kinds: Vec<&str> = names.iter().filter_map(|n| Kind::from_name(n.split('=').next().unwrap_or("").trim())).map(|k| k.name()).collect();
     std::fs::write(dir.join(TRAINED_KINDS_FILE), serde_json::json!({ "kinds": kinds }).to_string())
 }
 
@@ -294,20 +294,32 @@ impl Default for Mix {
 
 impl Mix {
     /// The default mix restricted to the named kinds (their weights kept, so their
-    /// proportions among themselves are the default's).
-    pub fn only(names: &[String]) -> Result<Mix, String> {
+    /// proportions among themselves are the default's), or at the weights given as
+    /// `kind=weight` (relative: `add=2,sub=1` draws additions twice as often).
+    pub fn only(entries: &[String]) -> Result<Mix, String> {
         let known = || Kind::ALL.iter().map(|k| k.name()).collect::<Vec<_>>().join(", ");
-        let mut wanted = Vec::new();
-        for n in names {
-            let k = Kind::from_name(n.trim()).ok_or_else(|| format!("data: unknown math kind `{n}` (known: {})", known()))?;
-            if !wanted.contains(&k) {
-                wanted.push(k);
+        let defaults = Mix::default().0;
+        let mut mix: Vec<(Kind, f64)> = Vec::new();
+        for e in entries {
+            let (name, weight) = match e.split_once('=') {
+                Some((n, w)) => (n.trim(), Some(w.trim())),
+                None => (e.trim(), None),
+            };
+            let k = Kind::from_name(name).ok_or_else(|| format!("data: unknown math kind `{name}` (known: {})", known()))?;
+            let w = match weight {
+                Some(w) => w.parse::<f64>().ok().filter(|w| w.is_finite() && *w > 0.0).ok_or_else(|| format!("data: the weight `{w}` of `{name}` is not a positive number"))?,
+                None => defaults.iter().find(|(d, _)| *d == k).map(|(_, w)| *w).expect("every kind has a default weight"),
+            };
+            if !mix.iter().any(|(m, _)| *m == k) {
+                mix.push((k, w));
             }
         }
-        if wanted.is_empty() {
+        if mix.is_empty() {
             return Err(format!("data: no math kinds named (known: {})", known()));
         }
-        Ok(Mix(Mix::default().0.into_iter().filter(|(k, _)| wanted.contains(k)).collect()))
+        // Kinds in the default mix's order, so the same kinds draw the same stream however they were listed.
+        mix.sort_by_key(|(k, _)| defaults.iter().position(|(d, _)| d == k));
+        Ok(Mix(mix))
     }
 
     /// Samples a kind.

@@ -181,4 +181,14 @@ fn a_mix_of_some_kinds_draws_only_those_at_the_default_proportions() {
     let err = Mix::only(&["add".to_string(), "love".to_string()]).unwrap_err();
     assert!(err.contains("`love`") && err.contains("expr"), "{err}");
     assert!(Mix::only(&[]).is_err());
+    // Weights given: sub three times as often as expr; the kinds in the default order
+    // however they are listed.
+    let weighted = Mix::only(&["expr=1".to_string(), "sub = 3".to_string()]).unwrap();
+    assert_eq!(weighted.0, vec![(Kind::Sub, 3.0), (Kind::Expr, 1.0)]);
+    let subs = (0..n).filter(|_| weighted.sample(&mut rng) == Kind::Sub).count();
+    assert!((subs as f64 / n as f64 - 0.75).abs() < 0.015, "sub share {subs}");
+    for bad in ["sub=0", "sub=-1", "sub=lots", "sub=inf"] {
+        let err = Mix::only(&[bad.to_string()]).unwrap_err();
+        assert!(err.contains("weight") && err.contains("sub"), "{bad}: {err}");
+    }
 }
