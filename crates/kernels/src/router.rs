@@ -90,7 +90,8 @@ pub fn route_forward(logits: &[f32], bias: Option<&[f32]>, spec: &RouterSpec) ->
         .zip(r.experts.par_chunks_mut(k))
         .zip(r.weights.par_chunks_mut(k))
         .zip(logits.par_chunks(e))
-        .for_each(|(((sc, ex), w), l)| {
+        // (one choice buffer per task, not an allocation per token)
+        .for_each_init(Vec::new, |choice: &mut Vec<f32>, (((sc, ex), w), l)| {
             match spec.score {
                 ScoreFn::Softmax => {
                     let max = l.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
@@ -106,10 +107,11 @@ pub fn route_forward(logits: &[f32], bias: Option<&[f32]>, spec: &RouterSpec) ->
                     for (s, x) in sc.iter_mut().zip(l) {
                         *s = sigmoid(*x);
                     }
-                    let mut choice: Vec<f32> = match bias {
-                        Some(b) => sc.iter().zip(b).map(|(s, b)| s + b).collect(),
-                        None => sc.to_vec(),
-                    };
+                    choice.clear();
+                    match bias {
+                        Some(b) => choice.extend(sc.iter().zip(b).map(|(s, b)| s + b)),
+                        None => choice.extend_from_slice(sc),
+                    }
                     if spec.n_group > 1 && spec.topk_group < spec.n_group {
                         let per = e / spec.n_group;
                         let group_score: Vec<f32> = choice
@@ -129,7 +131,7 @@ pub fn route_forward(logits: &[f32], bias: Option<&[f32]>, spec: &RouterSpec) ->
                             }
                         }
                     }
-                    top_k_indices(&choice, k, ex);
+                    top_k_indices(choice, k, ex);
                 }
             }
             for (wj, &x) in w.iter_mut().zip(ex.iter()) {
@@ -158,14 +160,15 @@ pub fn route_backward(dlogits: &mut [f32], dweights: &[f32], r: &Routing, spec: 
         .zip(dweights.par_chunks(k))
         .zip(r.scores.par_chunks(e))
         .zip(r.experts.par_chunks(k))
-        .for_each(|(((dl, dw), sc), ex)| {
+        // (buffers per task, not allocations per token)
+        .for_each_init(|| (Vec::with_capacity(k), vec![0.0f32; k]), |(picked, dsel): &mut (Vec<f32>, Vec<f32>), (((dl, dw), sc), ex)| {
             let c = spec.scaling;
-            let picked: Vec<f32> = ex.iter().map(|&x| sc[x as usize]).collect();
-            let mut dsel = vec![0.0f32; k];
+            picked.clear();
+            picked.extend(ex.iter().map(|&x| sc[x as usize]));
             if spec.renormalize {
                 let eps = if spec.score == ScoreFn::Sigmoid { 1e-20 } else { 0.0 };
                 let d: f32 = picked.iter().sum::<f32>() + eps;
-                let dot: f32 = dw.iter().zip(&picked).map(|(a, b)| a * b).sum::<f32>() / d;
+                let dot: f32 = dw.iter().zip(picked.iter()).map(|(a, b)| a * b).sum::<f32>() / d;
                 for j in 0..k {
                     dsel[j] = c / d * (dw[j] - dot);
                 }
@@ -177,7 +180,7 @@ pub fn route_backward(dlogits: &mut [f32], dweights: &[f32], r: &Routing, spec: 
             dl.fill(0.0);
             match spec.score {
                 ScoreFn::Softmax => {
-                    let dot: f32 = dsel.iter().zip(&picked).map(|(a, b)| a * b).sum();
+                    let dot: f32 = dsel.iter().zip(picked.iter()).map(|(a, b)| a * b).sum();
                     for (i, x) in dl.iter_mut().enumerate() {
                         *x = -sc[i] * dot;
                     }
