@@ -248,6 +248,19 @@ fn questions_outside_the_training_get_one_line_refusals() {
     }
 }
 
+/// A time budget too short for the default kinds' accuracy floors is said before the
+/// training starts, with the budget that would buy the steps they needed.
+#[test]
+fn a_short_demo_says_its_accuracy_floors_need_more_minutes() {
+    let run = tmp("short-demo");
+    let out = bin().args(["demo", "--minutes", "0.75", "--eval-n", "0", "--no-progress", "--run-dir"]).arg(&run).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("steps fit the 0.75-minute budget"), "{err}");
+    assert!(err.contains("accuracy floors by 14000 steps") && err.contains("--minutes "), "{err}");
+    assert!(run.join("model/config.json").exists());
+}
+
 /// A model trained on some kinds (`--data math:…`, as `demo` trains) says so in its
 /// directory, and `solve` refuses the other kinds in one line instead of guessing.
 #[test]
