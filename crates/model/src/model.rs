@@ -511,9 +511,9 @@ impl Model {
 
     /// Pieces layer `i`'s one-rank MoE backward works through its routed rows in: four
     /// for the top MoE layer of its model chunk, whose backward runs while every
-    /// layer's activations are still held (the step's peak); one (the whole buffers,
-    /// a little faster) below it, where the layers above have already freed more than
-    /// the pieces would save.
+    /// layer's activations are still held (without a memory policy, the step's peak);
+    /// one (the whole buffers, a little faster) below it, where the layers above have
+    /// usually freed more than the pieces would save. The memory plan counts either.
     pub fn moe_backward_pieces(&self, i: usize) -> usize {
         let is_moe = |j: &usize| matches!(self.layers[*j].ffn, FfnBlock::Moe(_));
         let top = (0..self.stage.vpp).map(|c| self.chunk_layers(c)).find(|r| r.contains(&i)).and_then(|r| r.rev().find(is_moe));
