@@ -119,7 +119,7 @@ pub fn run(a: DemoArgs) -> CliResult {
         // pack longer problems, and a neighbour may slow the machine down).
         let steps = ((0.9 * rate * train_s) as u64).clamp(1, MAX_STEPS);
         eprintln!("{rate:.1} steps/s: {steps} steps fit the {}-minute budget", a.minutes);
-        if steps < FLOOR_STEPS && a.kinds == DEMO_KINDS {
+        if steps < FLOOR_STEPS && same_kinds(&kinds, &parse_kinds(DEMO_KINDS)?) {
             // minutes = (steps / (0.9 · rate) + the saving and evaluation + the rate probe) / 60
             let need = (FLOOR_STEPS as f64 / (0.9 * rate) + AFTER_TRAINING_S + start.elapsed().as_secs_f64()) / 60.0;
             eprintln!(
@@ -166,6 +166,11 @@ pub fn run(a: DemoArgs) -> CliResult {
         );
     }
     Ok(())
+}
+
+/// Whether two lists name the same kinds, in whatever order.
+fn same_kinds(a: &[Kind], b: &[Kind]) -> bool {
+    a.iter().all(|k| b.contains(k)) && b.iter().all(|k| a.contains(k))
 }
 
 /// This machine's optimizer steps per second on the demo's recipe: a throwaway trainer's

@@ -245,7 +245,7 @@ pub const TRAINED_KINDS_FILE: &str = "math_kinds.json";
 
 /// Writes `dir/`[`TRAINED_KINDS_FILE`]: `{"kinds": ["add", …]}`.
 pub fn write_trained_kinds(dir: &std::path::Path, names: &[String]) -> std::io::Result<()> {
-    let kinds: Vec<&str> = names.iter().filter_map(|n| Kind::from_name(n.split('=').next().unwrap_or("").trim())).map(|k| k.name()).collect();
+    let kinds: Vec<&str> = names.iter().filter_map(|n| Kind::from_name(mix_entry(n).0)).map(|k| k.name()).collect();
     std::fs::write(dir.join(TRAINED_KINDS_FILE), serde_json::json!({ "kinds": kinds }).to_string())
 }
 
@@ -262,6 +262,15 @@ pub fn trained_kinds(dir: &std::path::Path) -> Result<Option<Vec<Kind>>, String>
         .map(|n| n.as_str().and_then(Kind::from_name).ok_or_else(|| bad(&format!("field `kinds`: `{n}` is not a kind"))))
         .collect::<Result<Vec<_>, _>>()
         .map(Some)
+}
+
+/// One `kind` or `kind=weight` entry of `--data math:…`: the kind's name and its
+/// weight's text, trimmed.
+fn mix_entry(e: &str) -> (&str, Option<&str>) {
+    match e.split_once('=') {
+        Some((n, w)) => (n.trim(), Some(w.trim())),
+        None => (e.trim(), None),
+    }
 }
 
 /// A weighted mix of kinds to sample from.
@@ -301,10 +310,7 @@ impl Mix {
         let defaults = Mix::default().0;
         let mut mix: Vec<(Kind, f64)> = Vec::new();
         for e in entries {
-            let (name, weight) = match e.split_once('=') {
-                Some((n, w)) => (n.trim(), Some(w.trim())),
-                None => (e.trim(), None),
-            };
+            let (name, weight) = mix_entry(e);
             let k = Kind::from_name(name).ok_or_else(|| format!("data: unknown math kind `{name}` (known: {})", known()))?;
             let w = match weight {
                 Some(w) => w.parse::<f64>().ok().filter(|w| w.is_finite() && *w > 0.0).ok_or_else(|| format!("data: the weight `{w}` of `{name}` is not a positive number"))?,
