@@ -79,6 +79,9 @@ fn top_k_indices(vals: &[f32], k: usize, out: &mut [u32]) {
     }
 }
 
+/// Tokens a parallel routing task takes at least.
+const ROUTE_ROWS_PER_TASK: usize = 32;
+
 /// Routes `logits: [N, E]`. `bias: [E]` (sigmoid routers only) shifts the choice, never
 /// the weights.
 pub fn route_forward(logits: &[f32], bias: Option<&[f32]>, spec: &RouterSpec) -> Routing {
@@ -90,6 +93,8 @@ pub fn route_forward(logits: &[f32], bias: Option<&[f32]>, spec: &RouterSpec) ->
         .zip(r.experts.par_chunks_mut(k))
         .zip(r.weights.par_chunks_mut(k))
         .zip(logits.par_chunks(e))
+        // (a decode step's few rows on this thread: starting tasks cost more than them)
+        .with_min_len(ROUTE_ROWS_PER_TASK)
         // (one choice buffer per task, not an allocation per token)
         .for_each_init(Vec::new, |choice: &mut Vec<f32>, (((sc, ex), w), l)| {
             match spec.score {

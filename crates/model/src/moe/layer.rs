@@ -238,9 +238,9 @@ impl MoeLayer {
     pub fn forward_infer(&self, dw: &crate::decode_weights::DecodeWeights, x: &[f32], n: usize, c: &MoeCtx) -> Vec<f32> {
         let k = self.router.spec.top_k;
         let d = self.dispatcher.over(c.exchange);
-        let (routing, _) = {
+        let routing = {
             let _p = ultramoe_kernels::profile::scope("decode.moe.router");
-            self.router.forward(&dw.w, x, n, None, 0.0, None)
+            self.router.forward_infer(&dw.w, x, n)
         };
         let slots = match d.exchanges() {
             true if !self.placement.is_identity() => Some(self.placement.route(&routing.experts)),
