@@ -4,7 +4,7 @@
 //! model, for 1 to 4 rows of activations; INT8 both in integers (rounded activations)
 //! and widened to f32.
 use std::time::Instant;
-use ultramoe_kernels::gemv::{gemv_rows_rounded, Rows};
+use ultramoe_kernels::gemv::{gemv_rows_rounded, Fetch, Rows};
 use ultramoe_kernels::gemv_int8::QuantizedActivations;
 
 fn rate(rows: usize, cols: usize, fmt: &str, copies: usize, reps: usize, xrows: usize) -> f64 {
@@ -32,7 +32,7 @@ fn rate(rows: usize, cols: usize, fmt: &str, copies: usize, reps: usize, xrows: 
                 "bf16" => Rows::Bf16(&b[k * n..(k + 1) * n]),
                 _ => Rows::Int8(&q[k * n..(k + 1) * n], &s),
             };
-            gemv_rows_rounded(w, &x, int.then_some(&rounded), xrows, cols, &mut out);
+            gemv_rows_rounded(w, &x, int.then_some(&rounded), xrows, cols, &mut out, if copies == 1 { Fetch::Cached } else { Fetch::Memory });
         }
         best = best.min(t.elapsed().as_secs_f64() / reps as f64);
     }

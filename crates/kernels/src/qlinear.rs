@@ -15,7 +15,7 @@
 //! for AVX-512, AVX2+FMA and the baseline and chosen at run time.
 
 use crate::gemm::{gemm_strided, Op, Strided};
-use crate::gemv::{gemv_rows_rounded, Rows};
+use crate::gemv::{gemv_rows_rounded, Fetch, Rows, MAX_X_ROWS as GROUP};
 use crate::gemv_int8::QuantizedActivations;
 use crate::huge::filled;
 use rayon::prelude::*;
@@ -89,8 +89,6 @@ pub fn from_bf16(b: u16) -> f32 {
     f32::from_bits((b as u32) << 16)
 }
 
-/// `x` rows per register-blocked group in the GEMV.
-const GROUP: usize = 4;
 /// `x` rows up to which the GEMV runs (more: dequantise and GEMM).
 const GEMV_MAX_ROWS: usize = 32;
 /// Weight rows per parallel task.
@@ -191,6 +189,27 @@ impl QMatrix {
         }
     }
 
+    /// `x` rounded as this matrix's GEMV takes it (INT8: once for many blocks of
+    /// [`QMatrix::linear_rows`]; other formats: nothing).
+    pub fn round(&self, x: &[f32], n: usize) -> RoundedRows {
+        RoundedRows::new(x, n, self.cols, matches!(self.data, QData::Int8 { .. }) && n <= GEMV_MAX_ROWS)
+    }
+
+    /// The weight rows `range` alone, on this thread: `x: [n, cols]` (rounded by
+    /// [`QMatrix::round`]) → `[n, range.len()]` (one block of a product that the
+    /// caller spreads over threads together with other matrices' blocks).
+    pub fn linear_rows(&self, x: &[f32], rounded: &RoundedRows, n: usize, range: std::ops::Range<usize>) -> Vec<f32> {
+        let (r0, len, cols) = (range.start, range.len(), self.cols);
+        assert!(range.end <= self.rows, "rows within the matrix");
+        assert_eq!(x.len(), n * cols, "x is [n, cols]");
+        if n <= GEMV_MAX_ROWS {
+            return gemv_rounded(&|a, b| self.rows(r0 + a, r0 + b), x, rounded, n, len, cols, false);
+        }
+        let mut w = vec![0.0f32; len * cols];
+        self.dequantize_rows(range.start, range.end, &mut w);
+        linear_f32(x, &w, n, cols, len, false)
+    }
+
     /// `y = x · Wᵀ`: `x: [n, cols]` → `[n, rows]`, on every thread.
     pub fn linear(&self, x: &[f32], n: usize) -> Vec<f32> {
         self.linear_on(x, n, true)
@@ -260,15 +279,42 @@ const MIN_TASK_WEIGHTS: usize = 1 << 15;
 /// The GEMV over `rows` weight rows given block by block by `block(r0, r1)`, for `n ≤ 32`
 /// rows of `x` (in groups of up to 4): `[n, rows]`.
 fn gemv<'a>(block: &(dyn Fn(usize, usize) -> Rows<'a> + Sync), x: &[f32], n: usize, rows: usize, cols: usize, parallel: bool) -> Vec<f32> {
+    let rounded = RoundedRows::new(x, n, cols, matches!(block(0, 0), Rows::Int8(..)));
+    gemv_rounded(block, x, &rounded, n, rows, cols, parallel)
+}
+
+/// The rows of `x` rounded for the INT8 GEMV, group of x rows by group (nothing for
+/// other formats): made once for a product that is computed in blocks of weight rows.
+pub struct RoundedRows(Vec<Option<QuantizedActivations>>);
+
+impl RoundedRows {
+    /// `x: [n, cols]`, rounded if `int8`.
+    pub fn new(x: &[f32], n: usize, cols: usize, int8: bool) -> Self {
+        RoundedRows(
+            (0..n)
+                .step_by(GROUP)
+                .map(|g0| int8.then(|| QuantizedActivations::new(&x[g0 * cols..(g0 + GROUP).min(n) * cols], GROUP.min(n - g0), cols)))
+                .collect(),
+        )
+    }
+}
+
+/// [`gemv`] given `x`'s rounding.
+fn gemv_rounded<'a>(
+    block: &(dyn Fn(usize, usize) -> Rows<'a> + Sync),
+    x: &[f32],
+    rounded: &RoundedRows,
+    n: usize,
+    rows: usize,
+    cols: usize,
+    parallel: bool,
+) -> Vec<f32> {
     let mut y = vec![0.0f32; n * rows];
     if n == 0 || rows == 0 {
         return y;
     }
     let per = rows_per_task(rows, cols, parallel);
-    // INT8 weights multiply activations rounded once here, group by group.
-    let int8 = matches!(block(0, 0), Rows::Int8(..));
-    let rounded: Vec<Option<QuantizedActivations>> =
-        (0..n).step_by(GROUP).map(|g0| int8.then(|| QuantizedActivations::new(&x[g0 * cols..(g0 + GROUP).min(n) * cols], GROUP.min(n - g0), cols))).collect();
+    let rounded = &rounded.0;
     // More than one group of x rows: every group passes over the same weight rows, so
     // they go in slices that stay in L2 between the passes (whole tasks did not: the
     // LM head's tasks are megabytes, and each group read them from memory again).
@@ -278,7 +324,7 @@ fn gemv<'a>(block: &(dyn Fn(usize, usize) -> Rows<'a> + Sync), x: &[f32], n: usi
         let (r0, r1) = (t * per, ((t + 1) * per).min(rows));
         if n <= GROUP {
             let mut out = vec![0.0f32; (r1 - r0) * n];
-            gemv_rows_rounded(block(r0, r1), x, rounded[0].as_ref(), n, cols, &mut out);
+            gemv_rows_rounded(block(r0, r1), x, rounded[0].as_ref(), n, cols, &mut out, Fetch::Memory);
             return out;
         }
         let mut out = vec![0.0f32; (r1 - r0) * n];
@@ -288,7 +334,9 @@ fn gemv<'a>(block: &(dyn Fn(usize, usize) -> Rows<'a> + Sync), x: &[f32], n: usi
             for g0 in (0..n).step_by(GROUP) {
                 let g = GROUP.min(n - g0);
                 let part = &mut part[..(s1 - s0) * g];
-                gemv_rows_rounded(block(s0, s1), &x[g0 * cols..(g0 + g) * cols], rounded[g0 / GROUP].as_ref(), g, cols, part);
+                // (the first group reads the slice from memory, the others from L2)
+                let fetch = if g0 == 0 { Fetch::Memory } else { Fetch::Cached };
+                gemv_rows_rounded(block(s0, s1), &x[g0 * cols..(g0 + g) * cols], rounded[g0 / GROUP].as_ref(), g, cols, part, fetch);
                 for j in 0..s1 - s0 {
                     let at = (s0 - r0 + j) * n + g0;
                     out[at..at + g].copy_from_slice(&part[j * g..(j + 1) * g]);
@@ -378,6 +426,11 @@ mod tests {
                     let f = linear_f32(&x, &w, n, cols, rows, true);
                     assert_close(&linear_f32(&x, &w, n, cols, rows, false), &f, 1e-6, "serial");
                     assert_close(&q.linear_on(&x, n, false), &got, 1e-6, "serial");
+                    // a block of weight rows alone gives those columns of the product
+                    let (r0, r1) = (rows / 3, rows - rows / 4);
+                    let part = q.linear_rows(&x, &q.round(&x, n), n, r0..r1);
+                    let cols_of: Vec<f32> = got.chunks(rows).flat_map(|y| y[r0..r1].to_vec()).collect();
+                    assert_close(&part, &cols_of, 1e-6, &format!("{fmt:?} rows {r0}..{r1} n={n}"));
                     assert_close(&f, &linear(&x, &w, n, cols, rows), 2e-5 * (cols as f32).sqrt(), &format!("f32 {rows}x{cols} n={n}"));
                 }
             }

@@ -17,8 +17,9 @@ use crate::mlp::Mlp;
 use crate::params::Slot;
 use crate::Model;
 use std::collections::HashMap;
+use std::ops::Range;
 use std::path::Path;
-use ultramoe_kernels::qlinear::{linear_f32, QMatrix, WeightFormat};
+use ultramoe_kernels::qlinear::{linear_f32, QMatrix, RoundedRows, WeightFormat};
 
 /// Weights for decoding.
 pub struct DecodeWeights {
@@ -176,6 +177,32 @@ impl DecodeWeights {
                 m.linear_on(x, n, parallel)
             }
             _ => linear_f32(x, &self.w[slot.clone()], n, d_in, d_out, parallel),
+        }
+    }
+
+    /// `x` rounded as `slot`'s matrix takes it (see [`QMatrix::round`]), for
+    /// [`DecodeWeights::linear_rows`].
+    pub fn round(&self, slot: &Slot, x: &[f32], n: usize, d_in: usize) -> RoundedRows {
+        match self.q.get(&slot.start) {
+            Some((s, m)) if s == slot => m.round(x, n),
+            _ => RoundedRows::new(x, n, d_in, false),
+        }
+    }
+
+    /// The output rows `rows` of [`DecodeWeights::linear`], on this thread alone: `[n,
+    /// rows.len()]`; `rounded` from [`DecodeWeights::round`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn linear_rows(&self, slot: &Slot, x: &[f32], rounded: &RoundedRows, n: usize, d_in: usize, d_out: usize, rows: Range<usize>) -> Vec<f32> {
+        match self.q.get(&slot.start) {
+            Some((s, m)) if s == slot => {
+                debug_assert_eq!((m.rows, m.cols), (d_out, d_in));
+                m.linear_rows(x, rounded, n, rows)
+            }
+            _ => {
+                debug_assert!(rows.end <= d_out);
+                let w = &self.w[slot.start + rows.start * d_in..slot.start + rows.end * d_in];
+                linear_f32(x, w, n, d_in, rows.len(), false)
+            }
         }
     }
 

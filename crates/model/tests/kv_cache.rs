@@ -166,6 +166,40 @@ fn a_batch_of_sequences_gives_each_what_it_gets_alone() {
     }
 }
 
+/// Twelve sequences of one prompt decoded together (the workload where every busy
+/// expert gets many rows of a decode step, so the experts run as blocks of all busy
+/// experts in two parallel passes, and the dense products take 12 rows in tiles) give
+/// each sequence the logits it gets alone, for f32, BF16 and INT8 weights.
+#[test]
+fn sequences_sharing_a_prompt_decode_as_one_alone() {
+    const SEQS: usize = 12;
+    for case in ["deepseek_v3_tiny", "qwen3_moe_tiny", "mixtral_tiny"] {
+        let (m, w) = fixture_model(case, |_| {});
+        let p = prompt(&m, 9, 4);
+        for fmt in [WeightFormat::F32, WeightFormat::Bf16, WeightFormat::Int8] {
+            let dw = DecodeWeights::new(&m, w.clone(), fmt);
+            let (tokens, _) = cached(&m, &dw, &p, 16, p.len());
+            let alone = teacher_forced(&m, &dw, &p, &tokens);
+            let mut caches: Vec<SeqCache> = (0..SEQS).map(|_| SeqCache::new(&m)).collect();
+            let mut feed: Vec<u32> = p.clone();
+            for (step, want) in alone.iter().enumerate() {
+                let mut inputs = pick_inputs(&mut caches, (0..SEQS).map(|i| (i, &feed[..])), |c| c);
+                let logits = m.forward_cached(&dw, &mut inputs, LogitRows::Last);
+                // (INT8: the prompt's 108 rows take the GEMM on dequantised weights, its
+                // 9 rows alone the integer GEMV with rounded activations — the bound of
+                // `quantised_decoding_computes_the_dequantised_model`)
+                let top = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                let bound = if fmt == WeightFormat::Int8 { 5e-4 * top } else { 1e-4 };
+                for (i, got) in logits.iter().enumerate() {
+                    let err = got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+                    assert!(err <= bound, "{case} {fmt:?}, step {step}, sequence {i}: logits differ by {err} (largest |logit| {top})");
+                }
+                feed = tokens.get(step).map(|&t| vec![t]).unwrap_or_default();
+            }
+        }
+    }
+}
+
 /// Logits of `tokens` fed one pass per token after `prompt`, with `w`.
 fn teacher_forced(m: &Model, w: &DecodeWeights, prompt: &[u32], tokens: &[u32]) -> Vec<Vec<f32>> {
     let mut cache = SeqCache::new(m);

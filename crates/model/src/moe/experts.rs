@@ -6,6 +6,22 @@ use crate::params::Slot;
 use std::ops::Range;
 use ultramoe_kernels::activation::{swiglu, swiglu_grad};
 use ultramoe_kernels::grouped_gemm::{grouped_input_grad, grouped_linear, grouped_weight_grad};
+use ultramoe_kernels::qlinear::RoundedRows;
+
+/// Rows of a decode step up to which the experts' products run as GEMVs (the kernels'
+/// limit; more rows dequantise and take the GEMM, expert by expert).
+const DECODE_GEMV_ROWS: usize = 32;
+
+/// Weights a block of an expert's matrix holds in the decode step's shared passes: 256
+/// KiB of f32 weights, a few blocks per expert.
+const EXPERT_BLOCK_WEIGHTS: usize = 1 << 16;
+
+/// Writes `part: [rows, cols.len()]` into the columns `cols` of `out: [rows, width]`.
+fn place_columns(out: &mut [f32], width: usize, cols: &Range<usize>, part: &[f32]) {
+    for (row, p) in out.chunks_mut(width).zip(part.chunks(cols.len())) {
+        row[cols.clone()].copy_from_slice(p);
+    }
+}
 
 /// Checkpoint names of a layer's expert tensors: `{prefix}{e}.{proj}.weight`.
 #[derive(Clone, Debug)]
@@ -127,10 +143,45 @@ impl GroupedExperts {
             let act = swiglu(&dw.linear_on(&gu, &xp[r0 * h..r1 * h], r1 - r0, h, 2 * i, parallel), i);
             dw.linear_on(&dn, &act, r1 - r0, i, h, parallel)
         };
-        let outs: Vec<Vec<f32>> = if few { busy.par_iter().map(|&j| one(j, false)).collect() } else { busy.iter().map(|&j| one(j, true)).collect() };
         let mut yp = vec![0.0; xp.len()];
-        for (&j, y) in busy.iter().zip(outs) {
-            yp[offsets[j] * h..offsets[j + 1] * h].copy_from_slice(&y);
+        let most = busy.iter().map(|&j| offsets[j + 1] - offsets[j]).max().unwrap_or(0);
+        if few || most > DECODE_GEMV_ROWS {
+            let outs: Vec<Vec<f32>> = if few { busy.par_iter().map(|&j| one(j, false)).collect() } else { busy.iter().map(|&j| one(j, true)).collect() };
+            for (&j, y) in busy.iter().zip(outs) {
+                yp[offsets[j] * h..offsets[j + 1] * h].copy_from_slice(&y);
+            }
+            return yp;
+        }
+        // Some expert has many of a decode step's rows (sequences that share a prompt
+        // agree on their experts): every busy expert's gate/up rows in blocks in one
+        // parallel pass, then its down rows likewise — two passes a layer, where a
+        // parallel pass per expert and projection started twice as many as the busy
+        // experts (~20 a layer).
+        let rows_of = |j: usize| offsets[j]..offsets[j + 1];
+        let blocks = |j: usize, d_out: usize, d_in: usize| {
+            let per = (EXPERT_BLOCK_WEIGHTS / d_in).clamp(1, d_out);
+            (0..d_out.div_ceil(per)).map(move |b| (j, b * per..((b + 1) * per).min(d_out)))
+        };
+        let blocks_of = |tasks: &[(usize, Range<usize>)], f: &(dyn Fn(usize, Range<usize>) -> Vec<f32> + Sync)| -> Vec<Vec<f32>> {
+            tasks.par_iter().map(|(j, cols)| f(*j, cols.clone())).collect()
+        };
+        // (gate/up per busy expert, `[rows, 2I]`, then `act = silu(gate) ⊙ up`)
+        // (INT8: each expert's rows rounded once, not once a block)
+        let x_of = |j: usize| &xp[rows_of(j).start * h..rows_of(j).end * h];
+        let rounded: Vec<RoundedRows> = (0..offsets.len() - 1).map(|j| dw.round(&self.slot_ranges(j)[0], x_of(j), rows_of(j).len(), h)).collect();
+        let tasks: Vec<_> = busy.iter().flat_map(|&j| blocks(j, 2 * i, h)).collect();
+        let parts = blocks_of(&tasks, &|j, cols| dw.linear_rows(&self.slot_ranges(j)[0], x_of(j), &rounded[j], rows_of(j).len(), h, 2 * i, cols));
+        let mut gu: Vec<Vec<f32>> = (0..offsets.len() - 1).map(|j| vec![0.0; rows_of(j).len() * 2 * i]).collect();
+        for ((j, cols), part) in tasks.iter().zip(parts) {
+            place_columns(&mut gu[*j], 2 * i, cols, &part);
+        }
+        let act: Vec<Vec<f32>> = gu.iter().map(|g| swiglu(g, i)).collect();
+        let rounded: Vec<RoundedRows> = (0..offsets.len() - 1).map(|j| dw.round(&self.slot_ranges(j)[1], &act[j], rows_of(j).len(), i)).collect();
+        let tasks: Vec<_> = busy.iter().flat_map(|&j| blocks(j, h, i)).collect();
+        let parts = blocks_of(&tasks, &|j, cols| dw.linear_rows(&self.slot_ranges(j)[1], &act[j], &rounded[j], rows_of(j).len(), i, h, cols));
+        for ((j, cols), part) in tasks.iter().zip(parts) {
+            let r = rows_of(*j);
+            place_columns(&mut yp[r.start * h..r.end * h], h, cols, &part);
         }
         yp
     }
