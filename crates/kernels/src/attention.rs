@@ -58,6 +58,16 @@ impl Mask<'_> {
             Mask::Documents(pos) => i - (pos[bi * t + i] as usize).min(i),
         }
     }
+
+    /// The first key any query row of `r0..r1` sees: the block's products start there,
+    /// since every key left of it is masked for all of the block's rows (with packed
+    /// documents most of a row's causal prefix is other documents').
+    fn block_first_key(&self, bi: usize, t: usize, r0: usize, r1: usize) -> usize {
+        match self {
+            Mask::Causal => 0,
+            Mask::Documents(_) => (r0..r1).map(|i| self.first_key(bi, t, i)).min().unwrap_or(r0),
+        }
+    }
 }
 
 /// Query rows per causal block.
@@ -69,26 +79,28 @@ struct SendPtr(*mut f32);
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
-/// `P[r0..r1, 0..r1]` of one head into rows `r0..r1` of `p: [T, T]` (zero right of the
-/// diagonal): `scale · Q_h K_gᵀ` by one GEMM, then a row softmax. The forward and the
-/// backward's recomputation both call this, so they produce the same bits.
+/// `P[r0..r1, 0..r1]` of one head into rows `r0..r1` of `p: [T, T]` (zero outside each
+/// row's keys): `scale · Q_h K_g[first..r1]ᵀ` by one GEMM, `first` the block's first visible key
+/// ([`Mask::block_first_key`]), then a row softmax. The forward and the backward's
+/// recomputation both call this, so they produce the same bits.
 #[allow(clippy::too_many_arguments)]
 fn probs_block(p: &mut [f32], r0: usize, r1: usize, q: &[f32], k: &[f32], s: AttnShape, mask: Mask, bi: usize, h: usize, scale: f32) {
     let AttnShape { t, nh, nkv, dqk, .. } = s;
     let g = h / (nh / nkv);
     let row0 = bi * t;
-    // SAFETY: Q/K views stay inside row block `bi` and head `h`/`g`; rows r0..r1 of `p`
-    // (t wide) are inside it.
+    let first = mask.block_first_key(bi, t, r0, r1);
+    // SAFETY: Q/K views stay inside row block `bi` and head `h`/`g`; rows r0..r1,
+    // columns first..r1 of `p` (t wide) are inside it.
     unsafe {
         gemm_strided(
             r1 - r0,
-            r1,
+            r1 - first,
             dqk,
-            p.as_mut_ptr().add(r0 * t),
+            p.as_mut_ptr().add(r0 * t + first),
             Strided { rs: t as isize, cs: 1 },
             q.as_ptr().add((row0 + r0) * nh * dqk + h * dqk),
             Strided::row_major(nh * dqk, Op::N),
-            k.as_ptr().add(row0 * nkv * dqk + g * dqk),
+            k.as_ptr().add((row0 + first) * nkv * dqk + g * dqk),
             Strided::row_major(nkv * dqk, Op::T),
             false,
             scale,
@@ -124,10 +136,12 @@ pub fn attention_forward(out: &mut [f32], probs: Option<&mut [f32]>, q: &[f32], 
         let row0 = bi * t;
         // Capture the whole wrapper (Send), not its raw-pointer field.
         let out_ptr = out_ptr;
-        // Causal blocking: query rows r0..r1 only see keys 0..r1, so each row block
-        // multiplies against that prefix alone (≈ (1 + B/T)/2 of the full product).
+        // Causal blocking: query rows r0..r1 only see keys lo..r1, so each row block
+        // multiplies against that range alone (causal: ≈ (1 + B/T)/2 of the full
+        // product; packed documents of length L: ≈ (B + L)/T).
         for r0 in (0..t).step_by(ROW_BLOCK) {
             let r1 = (r0 + ROW_BLOCK).min(t);
+            let lo = mask.block_first_key(bi, t, r0, r1);
             probs_block(p, r0, r1, q, k, s, mask, bi, h, scale);
             // SAFETY: the output view covers rows r0..r1 of `bi`, columns of head `h`,
             // written by this task only; V stays inside row block `bi`, head `g`.
@@ -135,12 +149,12 @@ pub fn attention_forward(out: &mut [f32], probs: Option<&mut [f32]>, q: &[f32], 
                 gemm_strided(
                     r1 - r0,
                     dv,
-                    r1,
+                    r1 - lo,
                     out_ptr.0.add((row0 + r0) * nh * dv + h * dv),
                     Strided::row_major(nh * dv, Op::N),
-                    p.as_ptr().add(r0 * t),
+                    p.as_ptr().add(r0 * t + lo),
                     Strided::row_major(t, Op::N),
-                    v.as_ptr().add(row0 * nkv * dv + g * dv),
+                    v.as_ptr().add((row0 + lo) * nkv * dv + g * dv),
                     Strided::row_major(nkv * dv, Op::N),
                     false,
                     1.0,
@@ -193,6 +207,8 @@ pub fn attention_backward(
             for h in g * group..(g + 1) * group {
                 for r0 in (0..t).step_by(ROW_BLOCK) {
                     let r1 = (r0 + ROW_BLOCK).min(t);
+                    // keys lo..r1: left of lo every probability of the block is zero
+                    let lo = mask.block_first_key(bi, t, r0, r1);
                     let p: &[f32] = match probs {
                         Some(probs) => &probs[(bi * nh + h) * t * t..(bi * nh + h + 1) * t * t],
                         None => {
@@ -204,14 +220,14 @@ pub fn attention_backward(
                     unsafe {
                         let do_ptr = dout.as_ptr().add((row0 + r0) * nh * dv + h * dv);
                         let do_s = Strided::row_major(nh * dv, Op::N);
-                        // dV_g[0..r1] += P[r0..r1, 0..r1]ᵀ dO_h[r0..r1]
+                        // dV_g[lo..r1] += P[r0..r1, lo..r1]ᵀ dO_h[r0..r1]
                         gemm_strided(
-                            r1,
+                            r1 - lo,
                             dv,
                             r1 - r0,
-                            dv_p.0.add(row0 * nkv * dv + g * dv),
+                            dv_p.0.add((row0 + lo) * nkv * dv + g * dv),
                             Strided::row_major(nkv * dv, Op::N),
-                            p.as_ptr().add(r0 * t),
+                            p.as_ptr().add(r0 * t + lo),
                             Strided::row_major(t, Op::T),
                             do_ptr,
                             do_s,
@@ -219,16 +235,16 @@ pub fn attention_backward(
                             1.0,
                             false,
                         );
-                        // dP[r0..r1, 0..r1] = dO_h[r0..r1] V_g[0..r1]ᵀ
+                        // dP[r0..r1, lo..r1] = dO_h[r0..r1] V_g[lo..r1]ᵀ
                         gemm_strided(
                             r1 - r0,
-                            r1,
+                            r1 - lo,
                             dv,
-                            dp.as_mut_ptr().add(r0 * t),
+                            dp.as_mut_ptr().add(r0 * t + lo),
                             Strided { rs: t as isize, cs: 1 },
                             do_ptr,
                             do_s,
-                            v.as_ptr().add(row0 * nkv * dv + g * dv),
+                            v.as_ptr().add((row0 + lo) * nkv * dv + g * dv),
                             Strided::row_major(nkv * dv, Op::T),
                             false,
                             1.0,
@@ -236,38 +252,39 @@ pub fn attention_backward(
                         );
                     }
                     for i in r0..r1 {
-                        let pr = &p[i * t..i * t + i + 1];
-                        let dr = &mut dp[i * t..i * t + r1];
-                        let dot = vmath::dot(pr, &dr[..=i]);
-                        for j in 0..=i {
+                        let pr = &p[i * t + lo..i * t + i + 1];
+                        let dr = &mut dp[i * t + lo..i * t + r1];
+                        let n = i + 1 - lo;
+                        let dot = vmath::dot(pr, &dr[..n]);
+                        for j in 0..n {
                             dr[j] = pr[j] * (dr[j] - dot);
                         }
-                        dr[i + 1..].fill(0.0);
+                        dr[n..].fill(0.0);
                     }
                     unsafe {
-                        // dQ_h[r0..r1] = scale · dS[r0..r1, 0..r1] K_g[0..r1]
+                        // dQ_h[r0..r1] = scale · dS[r0..r1, lo..r1] K_g[lo..r1]
                         gemm_strided(
                             r1 - r0,
                             dqk,
-                            r1,
+                            r1 - lo,
                             dq_p.0.add((row0 + r0) * nh * dqk + h * dqk),
                             Strided::row_major(nh * dqk, Op::N),
-                            dp.as_ptr().add(r0 * t),
+                            dp.as_ptr().add(r0 * t + lo),
                             Strided::row_major(t, Op::N),
-                            k.as_ptr().add(row0 * nkv * dqk + g * dqk),
+                            k.as_ptr().add((row0 + lo) * nkv * dqk + g * dqk),
                             Strided::row_major(nkv * dqk, Op::N),
                             false,
                             scale,
                             false,
                         );
-                        // dK_g[0..r1] += scale · dS[r0..r1, 0..r1]ᵀ Q_h[r0..r1]
+                        // dK_g[lo..r1] += scale · dS[r0..r1, lo..r1]ᵀ Q_h[r0..r1]
                         gemm_strided(
-                            r1,
+                            r1 - lo,
                             dqk,
                             r1 - r0,
-                            dk_p.0.add(row0 * nkv * dqk + g * dqk),
+                            dk_p.0.add((row0 + lo) * nkv * dqk + g * dqk),
                             Strided::row_major(nkv * dqk, Op::N),
-                            dp.as_ptr().add(r0 * t),
+                            dp.as_ptr().add(r0 * t + lo),
                             Strided::row_major(t, Op::T),
                             q.as_ptr().add((row0 + r0) * nh * dqk + h * dqk),
                             Strided::row_major(nh * dqk, Op::N),
@@ -296,21 +313,14 @@ mod tests {
                 for i in 0..t {
                     let sc: Vec<f64> = (0..=i)
                         .map(|j| {
-                            (0..dqk)
-                                .map(|d| {
-                                    q[(bi * t + i) * nh * dqk + h * dqk + d] as f64
-                                        * k[(bi * t + j) * nkv * dqk + g * dqk + d] as f64
-                                })
-                                .sum::<f64>()
+                            (0..dqk).map(|d| q[(bi * t + i) * nh * dqk + h * dqk + d] as f64 * k[(bi * t + j) * nkv * dqk + g * dqk + d] as f64).sum::<f64>()
                                 * scale as f64
                         })
                         .collect();
                     let m = sc.iter().cloned().fold(f64::MIN, f64::max);
                     let z: f64 = sc.iter().map(|x| (x - m).exp()).sum();
                     for d in 0..dv {
-                        let o: f64 = (0..=i)
-                            .map(|j| (sc[j] - m).exp() / z * v[(bi * t + j) * nkv * dv + g * dv + d] as f64)
-                            .sum();
+                        let o: f64 = (0..=i).map(|j| (sc[j] - m).exp() / z * v[(bi * t + j) * nkv * dv + g * dv + d] as f64).sum();
                         out[(bi * t + i) * nh * dv + h * dv + d] = o as f32;
                     }
                 }
@@ -355,10 +365,17 @@ mod tests {
 
     #[test]
     fn documents_in_a_row_attend_only_to_themselves() {
-        // A row of 70 holding documents of 25, 40 and 5 tokens (the second spans the
-        // 64-row block boundary), against each document run alone.
-        let lens = [25usize, 40, 5];
-        let s = AttnShape { b: 1, t: 70, nh: 4, nkv: 2, dqk: 3, dv: 2 };
+        // Rows holding several documents, against each document run alone: 25, 40, 5 in
+        // 70 (the second spans the 64-row block boundary); 30, 100, 70 in 200 (a whole
+        // block inside one document, blocks starting mid-document); one document filling
+        // the row (exactly the causal mask).
+        for lens in [vec![25usize, 40, 5], vec![30, 100, 70], vec![130]] {
+            documents_attend_only_to_themselves(&lens);
+        }
+    }
+
+    fn documents_attend_only_to_themselves(lens: &[usize]) {
+        let s = AttnShape { b: 1, t: lens.iter().sum(), nh: 4, nkv: 2, dqk: 3, dv: 2 };
         let n = s.t;
         let q = rand_vec(n * s.nh * s.dqk, 5);
         let k = rand_vec(n * s.nkv * s.dqk, 6);
@@ -369,6 +386,15 @@ mod tests {
         let mut out = vec![0.0; n * s.nh * s.dv];
         let mut p = vec![0.0; s.probs_len()];
         attention_forward(&mut out, Some(&mut p), &q, &k, &v, s, Mask::Documents(&pos), scale);
+        // The saved probabilities are exact zeros outside each query's own document's
+        // keys (the backward reads them as they are).
+        for (h, ph) in p.chunks(n * n).enumerate() {
+            for i in 0..n {
+                let first = i - pos[i] as usize;
+                let outside = ph[i * n..i * n + first].iter().chain(&ph[i * n + i + 1..(i + 1) * n]);
+                assert!(outside.into_iter().all(|&x| x == 0.0), "head {h} row {i}: a key outside its document");
+            }
+        }
         let (mut dq, mut dk, mut dv) = (vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]);
         attention_backward(&mut dq, &mut dk, &mut dv, &g, &q, &k, &v, Some(&p), s, Mask::Documents(&pos), scale);
         // Recomputing the probabilities applies the same mask: the same bits.
@@ -378,7 +404,7 @@ mod tests {
             assert!(a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()), "{what} with recomputed probabilities");
         }
         let mut r0 = 0;
-        for &l in &lens {
+        for &l in lens {
             let sd = AttnShape { t: l, ..s };
             let rows = |x: &[f32], w: usize| x[r0 * w..(r0 + l) * w].to_vec();
             let (qd, kd, vd, gd) = (rows(&q, s.nh * s.dqk), rows(&k, s.nkv * s.dqk), rows(&v, s.nkv * s.dv), rows(&g, s.nh * s.dv));
