@@ -16,7 +16,7 @@ fn main() {
     let (mut dq, mut dk, mut dv) = (vec![0.0f32; q.len()], vec![0.0f32; k.len()], vec![0.0f32; v.len()]);
     for (name, mask) in [("causal", Mask::Causal), ("documents", Mask::Documents(&pos))] {
         let reps = 50;
-        let mut time = |f: &mut dyn FnMut()| {
+        let time = |f: &mut dyn FnMut()| {
             f();
             let st = Instant::now();
             for _ in 0..reps {

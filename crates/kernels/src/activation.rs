@@ -67,6 +67,22 @@ mod tests {
     use crate::testutil::*;
 
     #[test]
+    fn every_vector_path_gives_the_same_bits() {
+        for n in [1, 15, 16, 17, 100, 1000] {
+            let (g, u, da): (Vec<f32>, _, _) = (rand_vec(n, 1).iter().map(|v| v * 6.0).collect(), rand_vec(n, 2), rand_vec(n, 3));
+            let runs = crate::isa::on_every_path(|| {
+                let mut a = vec![MaybeUninit::uninit(); n];
+                swiglu_row_uninit(&mut a, &g, &u);
+                let (mut dg, mut du) = (vec![MaybeUninit::uninit(); n], vec![MaybeUninit::uninit(); n]);
+                swiglu_row_backward_uninit(&mut dg, &mut du, &da, &g, &u);
+                // SAFETY: each row function writes all n elements.
+                [a, dg, du].iter().flat_map(|x| x.iter().map(|v| unsafe { v.assume_init() })).collect()
+            });
+            same_bits(&runs, &format!("SwiGLU rows, n = {n}"));
+        }
+    }
+
+    #[test]
     fn swiglu_backward_matches_finite_differences() {
         let (n, i) = (4, 5);
         let gu: Vec<f32> = rand_vec(n * 2 * i, 1).iter().map(|v| v * 3.0).collect();

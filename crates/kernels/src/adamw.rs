@@ -38,3 +38,29 @@ multiversion! {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::rand_vec;
+
+    #[test]
+    fn every_vector_path_gives_the_same_bits() {
+        let c = AdamWStep { beta1: 0.9, beta2: 0.95, eps: 1e-8, step_size: 3e-4, inv_bc2_sqrt: 1.3, decay: 1.0 - 3e-5 };
+        for n in [1, 15, 16, 17, 100, 1000] {
+            let runs = crate::isa::on_every_path(|| {
+                let (mut w, mut g, mut m) = (rand_vec(n, 1), rand_vec(n, 2), rand_vec(n, 3));
+                let mut v: Vec<f32> = rand_vec(n, 4).iter().map(|x| x * x).collect();
+                adamw_update(&mut w, &mut g, &mut m, &mut v, c);
+                assert!(g.iter().all(|&x| x == 0.0), "the gradient is consumed");
+                [w, m, v].concat()
+            });
+            crate::testutil::same_bits(&runs, &format!("AdamW, n = {n}"));
+            // and the update itself, at one element
+            let (w, g, m, v) = (rand_vec(n, 1)[0], rand_vec(n, 2)[0], rand_vec(n, 3)[0], rand_vec(n, 4)[0].powi(2));
+            let (m1, v1) = (0.9 * m + 0.1 * g, 0.95 * v + 0.05 * g * g);
+            let want = w * c.decay - c.step_size * m1 / (v1.sqrt() * c.inv_bc2_sqrt + c.eps);
+            assert!((runs[0].1[0] - want).abs() <= 1e-6 * want.abs().max(1.0), "AdamW, n = {n}");
+        }
+    }
+}

@@ -28,6 +28,7 @@ pub mod gemv;
 pub mod gemv_int8;
 pub mod grouped_gemm;
 pub mod huge;
+pub mod isa;
 pub mod kv_attention;
 pub mod loss;
 pub mod memory;

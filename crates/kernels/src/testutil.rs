@@ -46,3 +46,14 @@ pub fn numeric_grad(x: &[f32], eps: f32, mut f: impl FnMut(&[f32]) -> f64) -> Ve
 pub fn dot64(a: &[f32], b: &[f32]) -> f64 {
     a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum()
 }
+
+/// Asserts every path's result has the first (portable) path's bits.
+pub fn same_bits(results: &[(crate::isa::Isa, Vec<f32>)], what: &str) {
+    let (first, want) = &results[0];
+    for (isa, got) in &results[1..] {
+        assert_eq!(got.len(), want.len(), "{what}");
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            assert_eq!(g.to_bits(), w.to_bits(), "{what}: element {i} on {isa:?} is {g}, on {first:?} {w}");
+        }
+    }
+}

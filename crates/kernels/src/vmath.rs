@@ -7,7 +7,9 @@
 //! 2·10⁻⁷, close to f32 rounding, with no table lookups so it vectorises.
 
 /// Defines `pub fn NAME(args) -> ret` whose body is compiled for AVX-512, AVX2 and the
-/// baseline, dispatching at run time.
+/// baseline, dispatching at run time (within [`crate::isa`]'s cap, which only this
+/// crate's tests lower). The three give the same bits: Rust never fuses a multiply and an
+/// add on its own, and the reductions keep their lanes explicit (tested).
 macro_rules! multiversion {
     ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
         $(#[$meta])*
@@ -20,11 +22,16 @@ macro_rules! multiversion {
                 unsafe fn v4($($arg: $ty),*) $(-> $ret)? { imp($($arg),*) }
                 #[target_feature(enable = "avx2,fma")]
                 unsafe fn v3($($arg: $ty),*) $(-> $ret)? { imp($($arg),*) }
-                if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512dq") {
+                let cap = $crate::isa::cap();
+                if cap >= $crate::isa::Isa::Avx512
+                    && std::arch::is_x86_feature_detected!("avx512f")
+                    && std::arch::is_x86_feature_detected!("avx512vl")
+                    && std::arch::is_x86_feature_detected!("avx512dq")
+                {
                     // SAFETY: the CPU supports the features v4 was compiled for.
                     return unsafe { v4($($arg),*) };
                 }
-                if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                if cap >= $crate::isa::Isa::Avx2 && std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
                     // SAFETY: as above, for v3.
                     return unsafe { v3($($arg),*) };
                 }
@@ -162,5 +169,33 @@ mod tests {
         assert!((s - (1.0 + (-1f32).exp() + (-2f32).exp())).abs() < 1e-6);
         let a: Vec<f32> = (0..37).map(|i| i as f32 * 0.5).collect();
         assert!((dot(&a, &a) - a.iter().map(|x| x * x).sum::<f32>()).abs() < 1e-2);
+    }
+
+    #[test]
+    fn every_vector_path_gives_the_same_bits() {
+        use crate::isa::on_every_path;
+        use crate::testutil::{rand_vec, same_bits};
+        // lengths around and between whole vectors, so tails run too
+        for n in [1, 7, 15, 16, 17, 31, 33, 100, 1000] {
+            let x: Vec<f32> = rand_vec(n, 11).iter().map(|v| 20.0 * v).collect();
+            let y = rand_vec(n, 12);
+            let m = x.iter().cloned().fold(f32::MIN, f32::max);
+            let runs = on_every_path(|| {
+                let mut e = x.clone();
+                let sum = exp_shifted_sum(&mut e, m);
+                let mut scaled = x.clone();
+                scale(&mut scaled, 0.37);
+                let mut added = x.clone();
+                add_assign(&mut added, &y);
+                let mut all = vec![sum, max(&x), dot(&x, &y)];
+                all.extend(e.iter().chain(&scaled).chain(&added));
+                all
+            });
+            same_bits(&runs, &format!("elementwise math, n = {n}"));
+            let r = &runs[0].1;
+            let want_dot: f64 = x.iter().zip(&y).map(|(a, b)| *a as f64 * *b as f64).sum();
+            assert!((r[2] as f64 - want_dot).abs() <= 1e-5 * (1.0 + want_dot.abs()) * n as f64, "dot, n = {n}");
+            assert_eq!(r[1], m, "max, n = {n}");
+        }
     }
 }
