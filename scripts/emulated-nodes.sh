@@ -52,6 +52,9 @@ cleanup() {
     rmdir "$groups" 2>/dev/null || true
     umount "$cgroups" 2>/dev/null || true
     for ((n = 0; n < nodes; n++)); do
+        # an MPI daemon left behind in a node (it daemonises, so no signal to this
+        # script's session reaches it) goes with its node
+        ip netns pids "${tag}n$n" 2>/dev/null | xargs -r kill 2>/dev/null || true
         ip netns del "${tag}n$n" 2>/dev/null || true
         ip link del "${tag}v$n" 2>/dev/null || true
     done

@@ -21,31 +21,45 @@ trap 'rm -rf "$work"' EXIT
 printf '%-9s %9s %9s %11s %9s %15s\n' schedule "step s" "a2a s" "exposed s" hidden "stage busy s"
 for sched in 1f1b overlap; do
     run="$work/$sched"
-    setsid scripts/emulated-nodes.sh --nodes 2 --ranks-per-node 2 --round-robin --rate "${RATE:-1gbit}" \
-        --cpu "${CPU:-0.5}" --period-us "${PERIOD_US:-5000}" -- "$bin" --threads 1 train --mpi-wait sleep \
-        --model-config "$model" --pp 2 --ep 2 --grad-accum "${M:-8}" --micro-batch "${MB:-16}" --seq-len 128 \
-        --data random --steps "$steps" --run-dir "$run" --no-progress --peak-gflops 100 \
-        --schedule "$sched" --overlap-chunks "${CHUNKS:-2}" > "$work/log" 2>&1 &
-    job=$!
-    # Now and then OpenMPI's mpirun does not exit after every rank has (a daemon of the
-    # second emulated node left waiting): once the run has saved its model and no rank
-    # is left, give it 20 s, then end it (its session) and go on.
-    finished=
-    while kill -0 "$job" 2>/dev/null; do
-        if [[ -f $run/model/config.json ]] && ! pgrep -f -- "^$bin .*--run-dir $run " > /dev/null; then
-            finished=${finished:-$SECONDS}
-            if ((SECONDS - finished > 20)); then
-                echo "($sched: the run finished but mpirun did not exit; ended it)" >&2
+    # Now and then OpenMPI's mpirun hangs: before any rank starts (a node's daemon never
+    # came up), or after every rank has finished (a daemon left waiting). A launch that
+    # has not created the run directory in 60 s is ended and tried again (three times at
+    # most); a run that has saved its model, with no rank left, is ended after 20 s.
+    for attempt in 1 2 3; do
+        rm -rf "$run"
+        setsid scripts/emulated-nodes.sh --nodes 2 --ranks-per-node 2 --round-robin --rate "${RATE:-1gbit}" \
+            --cpu "${CPU:-0.5}" --period-us "${PERIOD_US:-5000}" -- "$bin" --threads 1 train --mpi-wait sleep \
+            --model-config "$model" --pp 2 --ep 2 --grad-accum "${M:-8}" --micro-batch "${MB:-16}" --seq-len 128 \
+            --data random --steps "$steps" --run-dir "$run" --no-progress --peak-gflops 100 \
+            --schedule "$sched" --overlap-chunks "${CHUNKS:-2}" > "$work/log" 2>&1 &
+        job=$!
+        started=$SECONDS finished= stuck=
+        while kill -0 "$job" 2>/dev/null; do
+            if [[ ! -d $run ]] && ((SECONDS - started > 60)); then
+                stuck=1
+            elif [[ -f $run/model/config.json ]] && ! pgrep -f -- "^$bin .*--run-dir $run " > /dev/null; then
+                finished=${finished:-$SECONDS}
+                ((SECONDS - finished > 20)) && stuck=1
+            fi
+            if [[ -n $stuck ]]; then
                 kill -- -"$job" 2>/dev/null || true
+                wait "$job" 2>/dev/null || true
                 break
             fi
+            sleep 1
+        done
+        if [[ -n $finished ]]; then
+            [[ -z $stuck ]] || echo "($sched: the run finished but mpirun did not exit; ended it)" >&2
+            break
         fi
-        sleep 1
+        if [[ -n $stuck ]]; then
+            echo "($sched: mpirun started no rank in 60 s; attempt $attempt of 3 ended)" >&2
+            continue
+        fi
+        wait "$job" || { cat "$work/log" >&2; exit 1; }
+        break
     done
-    if ! wait "$job" && [[ -z $finished ]]; then
-        cat "$work/log" >&2
-        exit 1
-    fi
+    [[ -f $run/model/config.json ]] || { echo "$sched: no run finished" >&2; exit 1; }
     python3 - "$run/metrics.jsonl" "$sched" <<'PY'
 import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1])][2:]
