@@ -226,7 +226,7 @@ pub fn measure_peak_flops(n: usize, seconds: f64) -> f64 {
 }
 
 /// The CPU's vector instruction sets the kernels can use, as people name them (the
-/// paths are chosen at run time).
+/// paths are chosen at run time; AVX-512 only in a build with the `avx512` feature).
 pub fn vector_isa() -> String {
     #[cfg(target_arch = "x86_64")]
     {
@@ -240,6 +240,9 @@ pub fn vector_isa() -> String {
                 .collect();
             if !ext.is_empty() {
                 x += &format!(" ({})", ext.join(", "));
+            }
+            if !crate::isa::avx512_built() {
+                x += " unused: built without the avx512 feature";
             }
             parts.push(x);
         }

@@ -108,7 +108,7 @@ pub fn gemv_rows_rounded(w: Rows, x: &[f32], rounded: Option<&QuantizedActivatio
     }
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx512f") {
+        if crate::isa::avx512_built() && std::arch::is_x86_feature_detected!("avx512f") {
             // SAFETY: the CPU has AVX-512F; the lengths were checked above.
             unsafe { x86::avx512(w, x, n, cols, out, fetch) };
             return;

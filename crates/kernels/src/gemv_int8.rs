@@ -75,12 +75,13 @@ pub fn gemv_int8(w: &[i8], w_scale: &[f32], x: &QuantizedActivations, n: usize, 
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::is_x86_feature_detected as has;
-        if has!("avx512f") && has!("avx512bw") && has!("avx512vnni") {
+        let avx512 = crate::isa::avx512_built() && has!("avx512f") && has!("avx512bw");
+        if avx512 && has!("avx512vnni") {
             // SAFETY: the CPU has the features the kernel is compiled for; lengths checked.
             unsafe { x86::avx512_vnni(w, w_scale, x, n, cols, out) };
             return true;
         }
-        if has!("avx512f") && has!("avx512bw") {
+        if avx512 {
             // SAFETY: as above.
             unsafe { x86::avx512(w, w_scale, x, n, cols, out) };
             return true;

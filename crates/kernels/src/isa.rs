@@ -15,12 +15,13 @@ pub enum Isa {
 }
 
 impl Isa {
-    /// The widest path this CPU runs.
+    /// The widest path this CPU runs in this build (AVX-512 only with the `avx512`
+    /// feature).
     pub fn detected() -> Isa {
         #[cfg(target_arch = "x86_64")]
         {
             use std::arch::is_x86_feature_detected as has;
-            if has!("avx512f") && has!("avx512vl") && has!("avx512dq") && has!("avx2") && has!("fma") {
+            if avx512_built() && has!("avx512f") && has!("avx512vl") && has!("avx512dq") && has!("avx2") && has!("fma") {
                 return Isa::Avx512;
             }
             if has!("avx2") && has!("fma") {
@@ -35,6 +36,12 @@ impl Isa {
         let best = Isa::detected();
         [Isa::Portable, Isa::Avx2, Isa::Avx512].into_iter().filter(|&i| i <= best).collect()
     }
+}
+
+/// Whether this build has the AVX-512 paths (the `avx512` feature, on by default).
+#[inline(always)]
+pub const fn avx512_built() -> bool {
+    cfg!(feature = "avx512")
 }
 
 #[cfg(test)]
@@ -82,6 +89,7 @@ mod tests {
     #[test]
     fn the_cap_limits_the_path_on_this_thread_only() {
         assert_eq!(cap(), Isa::Avx512);
+        assert!(avx512_built() || Isa::detected() < Isa::Avx512, "a build without AVX-512 never chooses it");
         with_cap(Isa::Portable, || {
             assert_eq!(cap(), Isa::Portable);
             assert_eq!(std::thread::spawn(cap).join().unwrap(), Isa::Avx512);

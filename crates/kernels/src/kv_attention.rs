@@ -72,7 +72,7 @@ fn scores(p: &mut [f32], q: &[f32], k: &[f32], stride: usize, scale: f32) {
     assert!(k.len() >= (p.len() - 1) * stride + q.len(), "keys cover every score");
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx512f") {
+        if crate::isa::avx512_built() && std::arch::is_x86_feature_detected!("avx512f") {
             // SAFETY: the CPU has AVX-512F; the keys' extent was checked above.
             unsafe { x86::scores_avx512(p, q, k, stride, scale) };
             return;
@@ -96,7 +96,7 @@ fn weighted_sum(o: &mut [f32], p: &[f32], v: &[f32], stride: usize) {
     assert!(v.len() >= (p.len() - 1) * stride + o.len(), "values cover every weight");
     #[cfg(target_arch = "x86_64")]
     {
-        if o.len() <= 64 && std::arch::is_x86_feature_detected!("avx512f") {
+        if o.len() <= 64 && crate::isa::avx512_built() && std::arch::is_x86_feature_detected!("avx512f") {
             // SAFETY: the CPU has AVX-512F; the values' extent was checked above.
             unsafe { x86::weighted_sum_avx512(o, p, v, stride) };
             return;

@@ -23,7 +23,8 @@ macro_rules! multiversion {
                 #[target_feature(enable = "avx2,fma")]
                 unsafe fn v3($($arg: $ty),*) $(-> $ret)? { imp($($arg),*) }
                 let cap = $crate::isa::cap();
-                if cap >= $crate::isa::Isa::Avx512
+                if $crate::isa::avx512_built()
+                    && cap >= $crate::isa::Isa::Avx512
                     && std::arch::is_x86_feature_detected!("avx512f")
                     && std::arch::is_x86_feature_detected!("avx512vl")
                     && std::arch::is_x86_feature_detected!("avx512dq")
