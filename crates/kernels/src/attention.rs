@@ -81,10 +81,10 @@ unsafe impl Sync for SendPtr {}
 
 /// `P[r0..r1, 0..r1]` of one head into rows `r0..r1` of `p: [T, T]` (zero outside each
 /// row's keys): `scale · Q_h K_g[first..r1]ᵀ` by one GEMM, `first` the block's first visible key
-/// ([`Mask::block_first_key`]), then a row softmax. The forward and the backward's
-/// recomputation both call this, so they produce the same bits.
+/// ([`Mask::block_first_key`]), then a row softmax; returns `first`. The forward and the
+/// backward's recomputation both call this, so they produce the same bits.
 #[allow(clippy::too_many_arguments)]
-fn probs_block(p: &mut [f32], r0: usize, r1: usize, q: &[f32], k: &[f32], s: AttnShape, mask: Mask, bi: usize, h: usize, scale: f32) {
+fn probs_block(p: &mut [f32], r0: usize, r1: usize, q: &[f32], k: &[f32], s: AttnShape, mask: Mask, bi: usize, h: usize, scale: f32) -> usize {
     let AttnShape { t, nh, nkv, dqk, .. } = s;
     let g = h / (nh / nkv);
     let row0 = bi * t;
@@ -116,6 +116,7 @@ fn probs_block(p: &mut [f32], r0: usize, r1: usize, q: &[f32], k: &[f32], s: Att
         row[..lo].fill(0.0);
         row[i + 1..].fill(0.0);
     }
+    first
 }
 
 /// Forward. `q: [N, nh·dqk]`, `k: [N, nkv·dqk]`, `v: [N, nkv·dv]` → `out: [N, nh·dv]`;
@@ -141,8 +142,7 @@ pub fn attention_forward(out: &mut [f32], probs: Option<&mut [f32]>, q: &[f32], 
         // product; packed documents of length L: ≈ (B + L)/T).
         for r0 in (0..t).step_by(ROW_BLOCK) {
             let r1 = (r0 + ROW_BLOCK).min(t);
-            let lo = mask.block_first_key(bi, t, r0, r1);
-            probs_block(p, r0, r1, q, k, s, mask, bi, h, scale);
+            let lo = probs_block(p, r0, r1, q, k, s, mask, bi, h, scale);
             // SAFETY: the output view covers rows r0..r1 of `bi`, columns of head `h`,
             // written by this task only; V stays inside row block `bi`, head `g`.
             unsafe {
@@ -208,12 +208,11 @@ pub fn attention_backward(
                 for r0 in (0..t).step_by(ROW_BLOCK) {
                     let r1 = (r0 + ROW_BLOCK).min(t);
                     // keys lo..r1: left of lo every probability of the block is zero
-                    let lo = mask.block_first_key(bi, t, r0, r1);
-                    let p: &[f32] = match probs {
-                        Some(probs) => &probs[(bi * nh + h) * t * t..(bi * nh + h + 1) * t * t],
+                    let (p, lo): (&[f32], usize) = match probs {
+                        Some(probs) => (&probs[(bi * nh + h) * t * t..(bi * nh + h + 1) * t * t], mask.block_first_key(bi, t, r0, r1)),
                         None => {
-                            probs_block(pbuf, r0, r1, q, k, s, mask, bi, h, scale);
-                            &pbuf[..]
+                            let lo = probs_block(pbuf, r0, r1, q, k, s, mask, bi, h, scale);
+                            (&pbuf[..], lo)
                         }
                     };
                     // SAFETY: dq rows of (bi, h) and dk/dv rows of (bi, g) belong to this task.
