@@ -49,9 +49,16 @@ thread_local! {
     static CAP: std::cell::Cell<Isa> = const { std::cell::Cell::new(Isa::Avx512) };
 }
 
+/// The widest path dispatch takes on this thread: the CPU's in this build, within the
+/// tests' cap.
+#[inline(always)]
+pub(crate) fn usable() -> Isa {
+    Isa::detected().min(cap())
+}
+
 /// The widest path dispatch may take on this thread: any, outside this crate's tests.
 #[inline(always)]
-pub(crate) fn cap() -> Isa {
+fn cap() -> Isa {
     #[cfg(test)]
     {
         CAP.with(|c| c.get())

@@ -22,17 +22,12 @@ macro_rules! multiversion {
                 unsafe fn v4($($arg: $ty),*) $(-> $ret)? { imp($($arg),*) }
                 #[target_feature(enable = "avx2,fma")]
                 unsafe fn v3($($arg: $ty),*) $(-> $ret)? { imp($($arg),*) }
-                let cap = $crate::isa::cap();
-                if $crate::isa::avx512_built()
-                    && cap >= $crate::isa::Isa::Avx512
-                    && std::arch::is_x86_feature_detected!("avx512f")
-                    && std::arch::is_x86_feature_detected!("avx512vl")
-                    && std::arch::is_x86_feature_detected!("avx512dq")
-                {
+                let usable = $crate::isa::usable();
+                if usable >= $crate::isa::Isa::Avx512 {
                     // SAFETY: the CPU supports the features v4 was compiled for.
                     return unsafe { v4($($arg),*) };
                 }
-                if cap >= $crate::isa::Isa::Avx2 && std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                if usable >= $crate::isa::Isa::Avx2 {
                     // SAFETY: as above, for v3.
                     return unsafe { v3($($arg),*) };
                 }
