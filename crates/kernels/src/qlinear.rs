@@ -90,7 +90,7 @@ pub fn from_bf16(b: u16) -> f32 {
 }
 
 /// `x` rows up to which the GEMV runs (more: dequantise and GEMM).
-const GEMV_MAX_ROWS: usize = 32;
+pub const GEMV_MAX_ROWS: usize = 32;
 /// Weight rows per parallel task.
 const ROWS_PER_TASK: usize = 32;
 /// Bytes of weights the GEMV passes over once per group of `x` rows before moving on:

@@ -6,11 +6,7 @@ use crate::params::Slot;
 use std::ops::Range;
 use ultramoe_kernels::activation::{swiglu, swiglu_grad};
 use ultramoe_kernels::grouped_gemm::{grouped_input_grad, grouped_linear, grouped_weight_grad};
-use ultramoe_kernels::qlinear::RoundedRows;
-
-/// Rows of a decode step up to which the experts' products run as GEMVs (the kernels'
-/// limit; more rows dequantise and take the GEMM, expert by expert).
-const DECODE_GEMV_ROWS: usize = 32;
+use ultramoe_kernels::qlinear::{RoundedRows, GEMV_MAX_ROWS};
 
 /// Weights a block of an expert's matrix holds in the decode step's shared passes: 256
 /// KiB of f32 weights, a few blocks per expert.
@@ -145,7 +141,9 @@ impl GroupedExperts {
         };
         let mut yp = vec![0.0; xp.len()];
         let most = busy.iter().map(|&j| offsets[j + 1] - offsets[j]).max().unwrap_or(0);
-        if few || most > DECODE_GEMV_ROWS {
+        // (beyond the GEMV's rows an expert's products dequantise and take the GEMM,
+        // expert by expert)
+        if few || most > GEMV_MAX_ROWS {
             let outs: Vec<Vec<f32>> = if few { busy.par_iter().map(|&j| one(j, false)).collect() } else { busy.iter().map(|&j| one(j, true)).collect() };
             for (&j, y) in busy.iter().zip(outs) {
                 yp[offsets[j] * h..offsets[j + 1] * h].copy_from_slice(&y);
