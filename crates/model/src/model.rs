@@ -621,7 +621,14 @@ impl Model {
         assert_eq!(x.len(), base.rows() * self.cfg.hidden, "the chunk's input must be B·T rows of H (this rank's slice of them under sequence parallelism)");
         let held = self.chunk_layers(chunk);
         let mut saved: Vec<LayerState> = Vec::with_capacity(held.len());
-        let mut swap: Option<SwapFile> = None;
+        // The swap file (and its staging buffer) exists from the pass's start when any
+        // layer swaps, so the memory it takes does not depend on when a layer is reached.
+        let swapping = held.clone().any(|i| {
+            let p = opts.layer(self.layer_ids[i]);
+            p.swap && !p.full
+        });
+        let mut swap: Option<SwapFile> = swapping
+            .then(|| SwapFile::create(&opts.swap_dir).unwrap_or_else(|e| panic!("swap file in {}: {e}", opts.swap_dir.display())));
         // A swapped layer whose write may still be running: it has the next layer's
         // forward to finish, then it is waited for, so the memory a step holds does not
         // depend on the disk.
@@ -644,9 +651,7 @@ impl Model {
                 LayerState::Recompute { x, moe }
             } else if p.swap {
                 s.release(&p);
-                let f = swap.get_or_insert_with(|| {
-                    SwapFile::create(&opts.swap_dir).unwrap_or_else(|e| panic!("swap file in {}: {e}", opts.swap_dir.display()))
-                });
+                let f = swap.as_mut().expect("created at the pass's start");
                 let ticket = f.write(s.take_buffers());
                 LayerState::Swapped(Box::new(s), ticket)
             } else {

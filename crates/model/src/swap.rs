@@ -8,7 +8,8 @@
 //! the file is used buffered. The file is unlinked as soon as it is open: nothing is left
 //! behind, even after a crash.
 //!
-//! Writes free the buffers once they are on disk. A read allocates its buffers on the
+//! A write's buffers are freed when the write is waited for (on the waiting thread, so
+//! the memory a pass holds does not depend on how fast the disk is). A read allocates its buffers on the
 //! caller's thread when it is requested (so the memory it will take is visible and
 //! counted at once) and fills them in the background.
 
@@ -27,7 +28,7 @@ pub const STAGING_BYTES: usize = 1 << 20;
 const BLOCK: usize = 4096;
 
 enum Job {
-    Write { offset: u64, bufs: Vec<Vec<f32>>, done: Sender<io::Result<()>> },
+    Write { offset: u64, bufs: Vec<Vec<f32>>, done: Sender<io::Result<Vec<Vec<f32>>>> },
     Read { offset: u64, bufs: Vec<Vec<f32>>, done: Sender<io::Result<Vec<Vec<f32>>>> },
 }
 
@@ -35,7 +36,7 @@ enum Job {
 pub struct SwapTicket {
     offset: u64,
     lens: Vec<usize>,
-    written: Option<Receiver<io::Result<()>>>,
+    written: Option<Receiver<io::Result<Vec<Vec<f32>>>>>,
 }
 
 /// A read in flight.
@@ -75,6 +76,10 @@ impl Staging {
         unsafe { std::slice::from_raw_parts_mut(self.0, STAGING_BYTES) }
     }
 }
+
+// SAFETY: the buffer is owned by exactly one `Staging`, which moves to the I/O thread
+// whole; nothing else holds the pointer.
+unsafe impl Send for Staging {}
 
 impl Drop for Staging {
     fn drop(&mut self) {
@@ -178,14 +183,15 @@ impl SwapFile {
         }
         std::fs::remove_file(&path)?;
         let (tx, rx) = channel::<Job>();
+        // Allocated here, not on the I/O thread: the memory is taken when the file is
+        // created, whenever that thread first runs.
+        let mut stage = Staging::new();
         let worker = std::thread::Builder::new().name("ultramoe-swap".into()).spawn(move || {
-            let mut stage = Staging::new();
             for job in rx {
                 match job {
                     Job::Write { offset, bufs, done } => {
-                        let r = write_all(&file, &mut stage, offset, &bufs);
-                        // The memory is released here, once the bytes are out.
-                        drop(bufs);
+                        // The buffers go back to be freed by whoever waits for the write.
+                        let r = write_all(&file, &mut stage, offset, &bufs).map(|_| bufs);
                         let _ = done.send(r);
                     }
                     Job::Read { offset, mut bufs, done } => {
@@ -202,7 +208,9 @@ impl SwapFile {
         self.jobs.as_ref().expect("swap file open").send(job).expect("the swap I/O thread stopped");
     }
 
-    /// Queues `bufs` for writing (non-empty ones; their memory is freed once written).
+    /// Queues `bufs` for writing; their memory is freed when [`SwapFile::wait_written`]
+    /// returns (on the waiting thread, at a point of the pass the memory plan names, not
+    /// whenever the disk finishes).
     pub fn write(&mut self, bufs: Vec<Vec<f32>>) -> SwapTicket {
         let lens: Vec<usize> = bufs.iter().map(Vec::len).collect();
         let offset = self.end;
@@ -212,11 +220,11 @@ impl SwapFile {
         SwapTicket { offset, lens, written: Some(written) }
     }
 
-    /// Waits until `t` is on disk.
+    /// Waits until `t` is on disk, and frees its buffers.
     pub fn wait_written(&self, t: &mut SwapTicket) {
         if let Some(w) = t.written.take() {
             let r = w.recv().expect("the swap I/O thread stopped");
-            self.check(r);
+            drop(self.check(r));
         }
     }
 

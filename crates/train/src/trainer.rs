@@ -1208,7 +1208,7 @@ impl Trainer {
     }
 
     /// Starts writing the optimizer moments to a new swap file (their memory is freed
-    /// once written).
+    /// when the first layer's forward is done and the write is waited for).
     fn moments_out(&mut self) -> Result<(SwapFile, SwapTicket)> {
         let dir = self.pass.swap_dir.clone();
         let mut f = SwapFile::create(&dir).map_err(|e| Error::field("swap_dir", format!("{}: {e}", dir.display())))?;
