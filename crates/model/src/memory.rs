@@ -44,16 +44,18 @@
 //!                   rebuilt; the probabilities only when kept) + its temporaries
 //! ```
 //!
-//! with temporaries MoE: `R'·(2H + 3I)` (on one rank the top MoE layer of a model
-//! chunk works through its routed rows in pieces of at most `R' = ⌈R/4⌉`; otherwise
-//! `R' = R`), dense: `3·N·I`;
+//! with temporaries MoE: `R'·max(H + 3I, 2H + 2I)` (the output's gradient, then the
+//! activation's and the gate/up's; the activation's freed, then the input's; on one
+//! rank the top MoE layer of a model chunk works through its routed rows in pieces of
+//! at most `R' = ⌈R/4⌉`; otherwise `R' = R`), dense: `3·N·I`;
 //! attention: the q/k/v gradients and their fused copy (the score gradients are formed
 //! block by block, never whole). A layer recomputed whole holds its whole set in the FFN
 //! phase. A swap file adds its staging buffer. Kernel workspaces and thread pools hold a
 //! few megabytes more for the whole run; they are measured, not predicted
-//! ([`runtime_bytes`]). Not predicted: the `gemm` crate's own temporaries inside large
-//! products (it packs an operand into a buffer of its own: with a 4k vocabulary 2.1 MB
-//! for the head's weight gradient over a 128-row chunk, 8.4 MB over 2k rows).
+//! ([`runtime_bytes`]). The `gemm` crate packs operands into buffers of its own inside
+//! large products: bounded for the head's weight gradient over a chunk (`rows·(V + H)`,
+//! with a 4k vocabulary 2.1 MB over a 128-row chunk), not predicted elsewhere (8.4 MB
+//! for the whole logits' 2k rows; a few hundred kilobytes inside a layer's products).
 
 use crate::decoder::{AttnBlock, DecoderLayer, FfnBlock};
 use crate::model::Model;
@@ -213,7 +215,8 @@ fn ffn_block(l: &DecoderLayer, n: usize, self_local: bool, pieces: usize) -> (Bl
             };
             // One rank may work through the routed rows in pieces (`Model::moe_backward_pieces`).
             let tmp_rows = if local { crate::moe::experts::backward_piece_rows(r, pieces) } else { r };
-            (block, tmp_rows * (2 * h + 3 * ie), "MoE")
+            // dyp, dact then dgu (dact dropped), then dxp: `R'·max(H + 3I, 2H + 2I)`.
+            (block, tmp_rows * (h + (3 * ie).max(h + 2 * ie)), "MoE")
         }
     }
 }
@@ -305,6 +308,11 @@ impl Model {
         // default) its backward forms `rows × V` logits at a time (and their `rows × H`
         // input gradient before it joins the whole), otherwise the forward keeps all
         // `N × V` logits until the backward turns them into their gradient.
+        // The weight gradient's product `dW += dlogitsᵀ·xn` over a chunk lets the `gemm`
+        // crate pack its operands into buffers of its own: a `kc × V` block of dlogitsᵀ
+        // (prepacked whole when V is at most two of its row blocks, which depends on
+        // the CPU's caches) and a `kc × H` block of xn, with kc the chunk's rows (at most
+        // `HEAD_CHUNK_MAX_ROWS`): at most `rows·(V + H)` floats; the bound is planned.
         // (Under tensor parallelism each rank forms its vocabulary slice, in the
         // backward.)
         let v = self.vocab_slice().1;
@@ -366,8 +374,10 @@ impl Model {
                     let all: usize = kept.iter().sum();
                     if chunk == last_chunk && head {
                         // the head's backward forms the normed input's gradient beside
-                        // the logits' gradient (in place of the logits, or a chunk of it)
-                        note(base + all + head_kept + logits + head_chunk + xh, base, &mut dynamic);
+                        // the logits' gradient (in place of the logits, or a chunk of it);
+                        // over a chunk the GEMM's packed copies of the weight gradient's
+                        // operands take at most as much again (see `head_chunk`)
+                        note(base + all + head_kept + logits + 2 * head_chunk + xh, base, &mut dynamic);
                     } else {
                         // the output's gradient, received
                         note(base + all + xh, base, &mut dynamic);

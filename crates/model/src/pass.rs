@@ -25,6 +25,14 @@ pub const DEFAULT_OVERLAP_CHUNKS: usize = 2;
 /// 11.0 ms a 2,048-row step).
 pub const DEFAULT_HEAD_CHUNK_BYTES: usize = 2 << 20;
 
+/// Most rows of a head chunk, whatever the vocabulary. The `gemm` crate blocks a
+/// product's inner dimension in `kc ≥ min(k, 512)` (more on CPUs with larger L1
+/// caches): over at most 512 rows `dW += dlogitsᵀ · xn` is one block on every CPU, so
+/// the packed copies it makes are at most `rows·(V + H)` floats — a bound the memory
+/// plan can hold on any machine — where a small vocabulary's 2 MiB would be thousands
+/// of rows.
+pub const HEAD_CHUNK_MAX_ROWS: usize = 512;
+
 /// Settings of a forward and backward pass.
 #[derive(Clone, Debug, PartialEq)]
 pub struct PassOptions {
@@ -66,10 +74,10 @@ impl Default for PassOptions {
 
 impl PassOptions {
     /// Rows per head chunk for `n` rows of a `v`-token vocabulary (`None`: the whole
-    /// logits at once): `max(2, head_chunk_bytes / 4v)` (one row would take the GEMM's
-    /// matrix-vector path), at most `n`.
+    /// logits at once): `max(2, min(head_chunk_bytes / 4v, 512))` (one row would take
+    /// the GEMM's matrix-vector path; see [`HEAD_CHUNK_MAX_ROWS`]), at most `n`.
     pub fn head_chunk_rows(&self, n: usize, v: usize) -> Option<usize> {
-        (self.head_chunk_bytes > 0).then(|| (self.head_chunk_bytes / (4 * v.max(1))).max(2).min(n.max(1)))
+        (self.head_chunk_bytes > 0).then(|| (self.head_chunk_bytes / (4 * v.max(1))).min(HEAD_CHUNK_MAX_ROWS).max(2).min(n.max(1)))
     }
 
     /// The policy of decoder layer `layer` (global index).
