@@ -54,7 +54,13 @@ fn assert_svg_text(path: &Path, texts: &[&str]) {
 }
 
 fn expect_error(args: &[&str], needles: &[&str]) {
-    let out = bin().args(args).output().unwrap();
+    // Each in a directory of its own: a command that gets as far as the default run
+    // directory (`runs/train`) must not meet another test's lock there, nor write into
+    // the source tree.
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let cwd = tmp(&format!("expect-error-{}", CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)));
+    let out = bin().current_dir(&cwd).args(args).output().unwrap();
+    let _ = std::fs::remove_dir_all(&cwd);
     assert!(!out.status.success(), "{args:?} should fail");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
