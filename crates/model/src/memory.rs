@@ -36,6 +36,7 @@
 //!                   + the FFN's output as it forms, N·H (MoE with shared experts: 2·N·H)
 //! backward of i     Σ_{j<i} kept_j + swapped_{i−1} (prefetched below it)
 //!                   + max(FFN phase_i, attention phase_i) + 2·N·H (dx, residual grad)
+//!                   (+ N·H with sandwich norms: the gradient through a post-norm)
 //!                   + head without logits
 //! FFN phase         kept_i (all of it back from the swap file) + the FFN's rebuilt part
 //!                   (xn₂, SwiGLU outputs, routed rows, or the whole block) + the FFN's
@@ -250,7 +251,10 @@ impl Model {
             let attention_phase = norms.whole - xn + attn.whole - probs;
             (4 * ffn_phase, 4 * attention_phase)
         };
-        let backward = (ffn_phase + 4 * ffn_tmp).max(attention_phase + 4 * attn_tmp);
+        // Sandwich norms: each block's backward also holds the gradient through its
+        // post-norm (`N·H`) beside the layer's output gradient.
+        let post_norm_grad = if l.sandwich.is_some() { 4 * xn } else { 0 };
+        let backward = post_norm_grad + (ffn_phase + 4 * ffn_tmp).max(attention_phase + 4 * attn_tmp);
         let id = self.layer_ids[i];
         if p.full {
             let kept = vec![(format!("layer {id} input (recomputed in backward)"), 4 * n * l.hidden)];
@@ -571,12 +575,17 @@ impl Model {
     }
 
     /// The cheapest memory options (by [`Model::policy_cost`]) under which a step over
-    /// `b × t` tokens running `actions` fits `budget` bytes, starting from `opts`:
-    /// greedily the change with the largest peak reduction per second of cost (the kept
-    /// activations when no change lowers the peak) — an op on a held layer, or the
-    /// optimizer moments to the swap file — then every chosen change that is not needed
-    /// dropped again, dearest first. A pure function of its arguments: `Ok` with the
-    /// options chosen, `Err` with the most frugal ones tried when nothing fits.
+    /// `b × t` tokens running `actions` fits `budget` bytes, starting from `opts`.
+    /// A greedy fill adds the change with the largest peak reduction per second of cost
+    /// (the kept activations when no change lowers the peak) — an op on a held layer, or
+    /// the optimizer moments to the swap file — until the step fits, then drops every
+    /// chosen change that is not needed, dearest first. Greedy covers are not optimal, so
+    /// two fills run (the reduction counted in full, and only up to what is still over
+    /// the budget: the first favours large changes, the second small ones), the cheaper
+    /// kept; then each chosen change is in turn forbidden and the rest filled again,
+    /// kept when cheaper, until no exchange helps. A pure function of its arguments:
+    /// `Ok` with the options chosen, `Err` with the most frugal ones tried when nothing
+    /// fits.
     #[allow(clippy::too_many_arguments)]
     pub fn choose_policy(
         &self,
@@ -591,29 +600,99 @@ impl Model {
     ) -> Result<PassOptions, PassOptions> {
         let mut start = opts.clone();
         start.policy.resize(self.cfg.n_layers.max(start.policy.len()), LayerPolicy::default());
-        // (peak, kept activations, cost) of a candidate.
-        let eval = |c: &PassOptions| {
-            let plan = self.memory_plan_scheduled(b, t, moments, runtime, c, actions);
-            (plan.peak_bytes, plan.activation_bytes, self.policy_cost(b, t, c, rates))
+        let search = PolicySearch { model: self, b, t, moments, runtime, budget, rates, actions, start };
+        let cost = |c: &PassOptions| search.cost(c);
+        let cheaper = |a: PassOptions, c: PassOptions| if cost(&c) < cost(&a) { c } else { a };
+        let mut chosen = match (search.fill(false, &[]), search.fill(true, &[])) {
+            (Ok(a), Ok(c)) => cheaper(a, c),
+            (Ok(a), Err(_)) | (Err(_), Ok(a)) => a,
+            (Err(a), Err(_)) => return Err(a),
         };
-        let with = |policy: &[LayerPolicy], swap_moments: bool| PassOptions { policy: policy.to_vec(), swap_moments, ..start.clone() };
-        let asked_moments = start.swap_moments;
-        let held = self.layer_ids.clone();
-        let mut chosen = start.clone();
-        loop {
-            let (peak, act, cost) = eval(&chosen);
-            if peak <= budget {
+        // Exchanges: a chosen change forbidden, the rest refilled from the start.
+        for _round in 0..4 {
+            let mut improved = false;
+            for change in search.changes(&chosen) {
+                for capped in [false, true] {
+                    if let Ok(trial) = search.fill(capped, &[change]) {
+                        if cost(&trial) < cost(&chosen) - 1e-12 {
+                            chosen = trial;
+                            improved = true;
+                        }
+                    }
+                }
+            }
+            if !improved {
                 break;
             }
-            let mut trials: Vec<PassOptions> = vec![];
-            if !chosen.swap_moments && rates.swap.is_some() {
-                trials.push(with(&chosen.policy, true));
+        }
+        Ok(chosen)
+    }
+}
+
+/// One change a policy search can make: an op on a layer, or the moments to the swap file.
+type PolicyChange = Option<(usize, MemoryOp)>;
+
+/// The fixed inputs of [`Model::choose_policy`]'s search.
+struct PolicySearch<'a> {
+    model: &'a Model,
+    b: usize,
+    t: usize,
+    moments: usize,
+    runtime: usize,
+    budget: usize,
+    rates: &'a CostRates,
+    actions: &'a [Action],
+    start: PassOptions,
+}
+
+impl PolicySearch<'_> {
+    /// (peak, kept activations) of a candidate.
+    fn memory(&self, c: &PassOptions) -> (usize, usize) {
+        let plan = self.model.memory_plan_scheduled(self.b, self.t, self.moments, self.runtime, c, self.actions);
+        (plan.peak_bytes, plan.activation_bytes)
+    }
+
+    fn cost(&self, c: &PassOptions) -> f64 {
+        self.model.policy_cost(self.b, self.t, c, self.rates)
+    }
+
+    fn with(&self, policy: &[LayerPolicy], swap_moments: bool) -> PassOptions {
+        PassOptions { policy: policy.to_vec(), swap_moments, ..self.start.clone() }
+    }
+
+    /// The changes `c` makes beyond the start (the ones the caller asked for stay).
+    fn changes(&self, c: &PassOptions) -> Vec<PolicyChange> {
+        let mut out = vec![];
+        for &l in &self.model.layer_ids {
+            for op in MemoryOp::ALL.into_iter().filter(|&op| c.policy[l].has(op) && !self.start.policy[l].has(op)) {
+                out.push(Some((l, op)));
             }
-            for &l in &held {
+        }
+        if c.swap_moments && !self.start.swap_moments {
+            out.push(None);
+        }
+        out
+    }
+
+    /// The greedy fill from the start, never making a change in `forbid`, then its
+    /// pruning. `capped`: a reduction counts only up to what is still over the budget.
+    fn fill(&self, capped: bool, forbid: &[PolicyChange]) -> Result<PassOptions, PassOptions> {
+        let mut chosen = self.start.clone();
+        loop {
+            let (peak, act) = self.memory(&chosen);
+            if peak <= self.budget {
+                break;
+            }
+            let cost = self.cost(&chosen);
+            let mut trials: Vec<PassOptions> = vec![];
+            if !chosen.swap_moments && self.rates.swap.is_some() && !forbid.contains(&None) {
+                trials.push(self.with(&chosen.policy, true));
+            }
+            for &l in &self.model.layer_ids {
                 for op in MemoryOp::ALL {
                     // A layer recomputed whole can still leave out its probabilities.
                     let p = chosen.policy[l];
-                    if (p.full && op != MemoryOp::Attention) || p.has(op) || (op == MemoryOp::Swap && rates.swap.is_none()) {
+                    if (p.full && op != MemoryOp::Attention) || p.has(op) || (op == MemoryOp::Swap && self.rates.swap.is_none()) || forbid.contains(&Some((l, op))) {
                         continue;
                     }
                     let mut trial = chosen.policy.clone();
@@ -622,18 +701,22 @@ impl Model {
                     } else {
                         trial[l].set(op);
                     }
-                    trials.push(with(&trial, chosen.swap_moments));
+                    trials.push(self.with(&trial, chosen.swap_moments));
                 }
             }
             let mut best: Option<(bool, f64, PassOptions)> = None;
             for trial in trials {
-                let (tp, ta, tc) = eval(&trial);
+                let (tp, ta) = self.memory(&trial);
                 let by_peak = tp < peak;
-                let gain = if by_peak { peak - tp } else { act.saturating_sub(ta) };
+                let gain = match (by_peak, capped) {
+                    (true, true) => (peak - tp).min(peak - self.budget),
+                    (true, false) => peak - tp,
+                    (false, _) => act.saturating_sub(ta),
+                };
                 if gain == 0 {
                     continue;
                 }
-                let score = gain as f64 / (tc - cost).max(1e-9);
+                let score = gain as f64 / (self.cost(&trial) - cost).max(1e-9);
                 if best.as_ref().is_none_or(|(bp, bs, _)| (by_peak, score) > (*bp, *bs)) {
                     best = Some((by_peak, score, trial));
                 }
@@ -643,31 +726,26 @@ impl Model {
                 None => return Err(chosen),
             }
         }
-        // Drop what is not needed, dearest first (moments the caller asked for stay).
+        // Drop what is not needed, dearest first (what the caller asked for stays).
         let plain = vec![LayerPolicy::default(); chosen.policy.len()];
-        let alone = |l: usize, op: MemoryOp| {
-            let mut p = plain.clone();
-            p[l].set(op);
-            eval(&with(&p, false)).2
-        };
-        let mut ops: Vec<(f64, Option<(usize, MemoryOp)>)> = vec![];
-        for &l in &held {
-            for op in MemoryOp::ALL.into_iter().filter(|&op| chosen.policy[l].has(op)) {
-                ops.push((alone(l, op), Some((l, op))));
+        let alone = |change: PolicyChange| match change {
+            Some((l, op)) => {
+                let mut p = plain.clone();
+                p[l].set(op);
+                self.cost(&self.with(&p, false))
             }
-        }
-        if chosen.swap_moments && !asked_moments {
-            ops.push((eval(&with(&plain, true)).2, None));
-        }
+            None => self.cost(&self.with(&plain, true)),
+        };
+        let mut ops: Vec<(f64, PolicyChange)> = self.changes(&chosen).into_iter().map(|c| (alone(c), c)).collect();
         ops.sort_by(|a, c| c.0.total_cmp(&a.0));
         for (_, op) in ops {
             let mut trial = chosen.clone();
             match op {
-                Some((l, MemoryOp::Full)) => trial.policy[l] = LayerPolicy::default(),
+                Some((l, MemoryOp::Full)) => trial.policy[l] = self.start.policy[l],
                 Some((l, op)) => trial.policy[l].set_to(op, false),
                 None => trial.swap_moments = false,
             }
-            if eval(&trial).0 <= budget {
+            if self.memory(&trial).0 <= self.budget {
                 chosen = trial;
             }
         }
