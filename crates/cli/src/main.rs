@@ -97,9 +97,32 @@ fn keep_freed_memory() {
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn keep_freed_memory() {}
 
+/// A command whose reader went away (`ultramoe memory --detail | head`) ends quietly,
+/// as Unix tools do, instead of panicking in `println!` on the closed pipe. Not for
+/// commands that talk over sockets (`serve`, and `train` / `bench` under mpirun), where
+/// a peer's closed connection must come back as an error, not end the process.
+#[cfg(unix)]
+fn end_quietly_on_closed_stdout() {
+    extern "C" {
+        fn signal(signum: i32, handler: usize) -> usize;
+    }
+    const SIGPIPE: i32 = 13;
+    const SIG_DFL: usize = 0;
+    // SAFETY: restores the default disposition of one signal, before any threads start.
+    unsafe {
+        signal(SIGPIPE, SIG_DFL);
+    }
+}
+
+#[cfg(not(unix))]
+fn end_quietly_on_closed_stdout() {}
+
 fn main() {
     keep_freed_memory();
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Serve(_) | Command::Train(_) | Command::Bench(_) | Command::Chat(_)) {
+        end_quietly_on_closed_stdout();
+    }
     let threads = cli.threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
     if let Err(e) = rayon::ThreadPoolBuilder::new().num_threads(threads).build_global() {
         eprintln!("ultramoe: cannot start {threads} threads: {e}");
