@@ -14,6 +14,7 @@
 
 use crate::gemm::{gemm_strided, Op, Strided};
 use crate::vmath;
+use std::mem::MaybeUninit;
 use rayon::prelude::*;
 
 /// Shapes of one attention call.
@@ -84,7 +85,8 @@ unsafe impl Sync for SendPtr {}
 /// ([`Mask::block_first_key`]), then a row softmax; returns `first`. The forward and the
 /// backward's recomputation both call this, so they produce the same bits.
 #[allow(clippy::too_many_arguments)]
-fn probs_block(p: &mut [f32], r0: usize, r1: usize, q: &[f32], k: &[f32], s: AttnShape, mask: Mask, bi: usize, h: usize, scale: f32) -> usize {
+/// `p` may be uninitialised: rows `r0..r1` are whole when it returns.
+fn probs_block(p: &mut [MaybeUninit<f32>], r0: usize, r1: usize, q: &[f32], k: &[f32], s: AttnShape, mask: Mask, bi: usize, h: usize, scale: f32) -> usize {
     let AttnShape { t, nh, nkv, dqk, .. } = s;
     let g = h / (nh / nkv);
     let row0 = bi * t;
@@ -96,7 +98,7 @@ fn probs_block(p: &mut [f32], r0: usize, r1: usize, q: &[f32], k: &[f32], s: Att
             r1 - r0,
             r1 - first,
             dqk,
-            p.as_mut_ptr().add(r0 * t + first),
+            p.as_mut_ptr().add(r0 * t + first).cast::<f32>(),
             Strided { rs: t as isize, cs: 1 },
             q.as_ptr().add((row0 + r0) * nh * dqk + h * dqk),
             Strided::row_major(nh * dqk, Op::N),
@@ -110,11 +112,14 @@ fn probs_block(p: &mut [f32], r0: usize, r1: usize, q: &[f32], k: &[f32], s: Att
     for i in r0..r1 {
         let row = &mut p[i * t..(i + 1) * t];
         let lo = mask.first_key(bi, t, i);
-        let max = vmath::max(&row[lo..=i]);
-        let sum = vmath::exp_shifted_sum(&mut row[lo..=i], max);
-        vmath::scale(&mut row[lo..=i], 1.0 / sum);
-        row[..lo].fill(0.0);
-        row[i + 1..].fill(0.0);
+        // SAFETY: the product above wrote columns first..r1 of this row, and
+        // first ≤ lo ≤ i < r1.
+        let keys = unsafe { &mut *(&mut row[lo..=i] as *mut [MaybeUninit<f32>] as *mut [f32]) };
+        let max = vmath::max(keys);
+        let sum = vmath::exp_shifted_sum(keys, max);
+        vmath::scale(keys, 1.0 / sum);
+        row[..lo].fill(MaybeUninit::new(0.0));
+        row[i + 1..].fill(MaybeUninit::new(0.0));
     }
     first
 }
@@ -124,14 +129,51 @@ fn probs_block(p: &mut [f32], r0: usize, r1: usize, q: &[f32], k: &[f32], s: Att
 /// without it each head's probabilities live only in a scratch buffer.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_forward(out: &mut [f32], probs: Option<&mut [f32]>, q: &[f32], k: &[f32], v: &[f32], s: AttnShape, mask: Mask, scale: f32) {
+    attention_forward_uninit(as_uninit(out), probs.map(as_uninit), q, k, v, s, mask, scale);
+}
+
+/// [`attention_forward`] into new buffers `(probs, out)`, `probs` empty unless `keep`.
+/// Every element of both is written, so they are not zeroed first (a zeroed `probs` is
+/// `B·nh·T²` floats of memset a layer: 4 MB on the math MoE's step).
+pub fn attention_forward_new(q: &[f32], k: &[f32], v: &[f32], s: AttnShape, mask: Mask, scale: f32, keep: bool) -> (Vec<f32>, Vec<f32>) {
+    let mut probs: Vec<MaybeUninit<f32>> = Vec::with_capacity(if keep { s.probs_len() } else { 0 });
+    let mut out: Vec<MaybeUninit<f32>> = Vec::with_capacity(s.b * s.t * s.nh * s.dv);
+    // SAFETY: MaybeUninit needs no initialisation; the lengths are the capacities.
+    unsafe {
+        probs.set_len(probs.capacity());
+        out.set_len(out.capacity());
+    }
+    attention_forward_uninit(&mut out, keep.then_some(&mut probs[..]), q, k, v, s, mask, scale);
+    // SAFETY: the forward wrote every element of both (see `attention_forward_uninit`).
+    unsafe { (assume_init(probs), assume_init(out)) }
+}
+
+/// A written buffer's floats.
+///
+/// # Safety
+/// Every element of `v` must be initialised.
+unsafe fn assume_init(v: Vec<MaybeUninit<f32>>) -> Vec<f32> {
+    let mut v = std::mem::ManuallyDrop::new(v);
+    Vec::from_raw_parts(v.as_mut_ptr().cast::<f32>(), v.len(), v.capacity())
+}
+
+fn as_uninit(x: &mut [f32]) -> &mut [MaybeUninit<f32>] {
+    // SAFETY: same layout; only initialised values are written through the result.
+    unsafe { &mut *(x as *mut [f32] as *mut [MaybeUninit<f32>]) }
+}
+
+/// The forward, writing every element of `out` and of `probs` (each row's keys by the
+/// products, every other entry as zero).
+#[allow(clippy::too_many_arguments)]
+fn attention_forward_uninit(out: &mut [MaybeUninit<f32>], probs: Option<&mut [MaybeUninit<f32>]>, q: &[f32], k: &[f32], v: &[f32], s: AttnShape, mask: Mask, scale: f32) {
     let AttnShape { b, t, nh, nkv, dv, .. } = s;
     assert_eq!(out.len(), b * t * nh * dv);
     if let Mask::Documents(pos) = mask {
         assert_eq!(pos.len(), b * t, "one document position per token");
     }
     let group = nh / nkv;
-    let out_ptr = SendPtr(out.as_mut_ptr());
-    let head = |p: &mut [f32], bh: usize| {
+    let out_ptr = SendPtr(out.as_mut_ptr().cast::<f32>());
+    let head = |p: &mut [MaybeUninit<f32>], bh: usize| {
         let (bi, h) = (bh / nh, bh % nh);
         let g = h / group;
         let row0 = bi * t;
@@ -152,7 +194,7 @@ pub fn attention_forward(out: &mut [f32], probs: Option<&mut [f32]>, q: &[f32], 
                     r1 - lo,
                     out_ptr.0.add((row0 + r0) * nh * dv + h * dv),
                     Strided::row_major(nh * dv, Op::N),
-                    p.as_ptr().add(r0 * t + lo),
+                    p.as_ptr().add(r0 * t + lo).cast::<f32>(),
                     Strided::row_major(t, Op::N),
                     v.as_ptr().add((row0 + lo) * nkv * dv + g * dv),
                     Strided::row_major(nkv * dv, Op::N),
@@ -168,7 +210,7 @@ pub fn attention_forward(out: &mut [f32], probs: Option<&mut [f32]>, q: &[f32], 
             assert_eq!(probs.len(), s.probs_len());
             probs.par_chunks_mut(t * t).enumerate().for_each(|(bh, p)| head(p, bh));
         }
-        None => (0..b * nh).into_par_iter().for_each_init(|| vec![0.0f32; t * t], |p, bh| head(p, bh)),
+        None => (0..b * nh).into_par_iter().for_each_init(|| vec![MaybeUninit::new(0.0f32); t * t], |p, bh| head(p, bh)),
     }
 }
 
@@ -211,7 +253,7 @@ pub fn attention_backward(
                     let (p, lo): (&[f32], usize) = match probs {
                         Some(probs) => (&probs[(bi * nh + h) * t * t..(bi * nh + h + 1) * t * t], mask.block_first_key(bi, t, r0, r1)),
                         None => {
-                            let lo = probs_block(pbuf, r0, r1, q, k, s, mask, bi, h, scale);
+                            let lo = probs_block(as_uninit(pbuf), r0, r1, q, k, s, mask, bi, h, scale);
                             (&pbuf[..], lo)
                         }
                     };
@@ -226,7 +268,7 @@ pub fn attention_backward(
                             r1 - r0,
                             dv_p.0.add((row0 + lo) * nkv * dv + g * dv),
                             Strided::row_major(nkv * dv, Op::N),
-                            p.as_ptr().add(r0 * t + lo),
+                            p.as_ptr().add(r0 * t + lo).cast::<f32>(),
                             Strided::row_major(t, Op::T),
                             do_ptr,
                             do_s,
@@ -360,6 +402,35 @@ mod tests {
         assert_close(&dq, &numeric_grad(&q, 1e-3, |x| dot64(&run(x, &k, &v).0, &g)), 2e-3, "dq");
         assert_close(&dk, &numeric_grad(&k, 1e-3, |x| dot64(&run(&q, x, &v).0, &g)), 2e-3, "dk");
         assert_close(&dv, &numeric_grad(&v, 1e-3, |x| dot64(&run(&q, &k, x).0, &g)), 2e-3, "dv");
+    }
+
+    /// `attention_forward_new` skips zeroing its buffers: the forward must write every
+    /// element of the output and of the probabilities. Buffers first filled with NaN
+    /// come out whole and bitwise as zero-filled ones do, for both masks, with rows not
+    /// a multiple of the 64-row block.
+    fn bits_equal(a: &[f32], b: &[f32]) -> bool {
+        a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+    }
+
+    #[test]
+    fn the_forward_writes_every_element() {
+        for t in [70usize, 130] {
+            let s = AttnShape { b: 2, t, nh: 4, nkv: 2, dqk: 3, dv: 2 };
+            let n = s.b * t;
+            let (q, k, v) = (rand_vec(n * s.nh * s.dqk, 11), rand_vec(n * s.nkv * s.dqk, 12), rand_vec(n * s.nkv * s.dv, 13));
+            let pos: Vec<u32> = (0..n).map(|i| ((i % t) % 45) as u32).collect();
+            for mask in [Mask::Causal, Mask::Documents(&pos)] {
+                let (mut out0, mut p0) = (vec![0.0; n * s.nh * s.dv], vec![0.0; s.probs_len()]);
+                attention_forward(&mut out0, Some(&mut p0), &q, &k, &v, s, mask, 0.6);
+                let (mut out1, mut p1) = (vec![f32::NAN; out0.len()], vec![f32::NAN; p0.len()]);
+                attention_forward(&mut out1, Some(&mut p1), &q, &k, &v, s, mask, 0.6);
+                assert!(bits_equal(&out0, &out1) && bits_equal(&p0, &p1), "t {t}: an element the forward does not write");
+                let (p2, out2) = attention_forward_new(&q, &k, &v, s, mask, 0.6, true);
+                assert!(bits_equal(&out0, &out2) && bits_equal(&p0, &p2), "t {t}: attention_forward_new");
+                let (none, out3) = attention_forward_new(&q, &k, &v, s, mask, 0.6, false);
+                assert!(none.is_empty() && bits_equal(&out0, &out3), "t {t}: attention_forward_new without probabilities");
+            }
+        }
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use crate::params::Slot;
 use crate::tensor_ops::{put_cols, take_cols};
-use ultramoe_kernels::attention::{attention_backward, attention_forward, AttnShape, Mask};
+use ultramoe_kernels::attention::{attention_backward, attention_forward_new, AttnShape, Mask};
 use crate::decode_weights::DecodeWeights;
 use crate::kv_cache::LayerKv;
 use ultramoe_kernels::gemm::{gemm_strided, linear, linear_grad, Op, Strided};
@@ -174,10 +174,7 @@ impl GqaSaved {
 /// empty unless `keep`.
 fn core_forward(q: &[f32], k: &[f32], v: &[f32], sh: AttnShape, mask: Mask, scale: f32, keep: bool) -> (Vec<f32>, Vec<f32>) {
     let _p = ultramoe_kernels::profile::scope("attention.core.forward");
-    let mut probs = if keep { vec![0.0; sh.probs_len()] } else { Vec::new() };
-    let mut o = vec![0.0; sh.b * sh.t * sh.nh * sh.dv];
-    attention_forward(&mut o, keep.then_some(&mut probs[..]), q, k, v, sh, mask, scale);
-    (probs, o)
+    attention_forward_new(q, k, v, sh, mask, scale, keep)
 }
 
 /// The attention core's backward, reading the saved probabilities or, when none were
