@@ -9,9 +9,9 @@
 //! behind, even after a crash.
 //!
 //! A write's buffers are freed when the write is waited for (on the waiting thread, so
-//! the memory a pass holds does not depend on how fast the disk is). A read allocates its buffers on the
-//! caller's thread when it is requested (so the memory it will take is visible and
-//! counted at once) and fills them in the background.
+//! the memory a pass holds does not depend on how fast the disk is). A read allocates
+//! its buffers on the caller's thread when it is requested (so the memory it will take
+//! is visible and counted at once) and fills them in the background.
 
 use std::alloc::{alloc_zeroed, dealloc, Layout};
 use std::fs::{File, OpenOptions};
