@@ -83,9 +83,9 @@ unsafe impl Sync for SendPtr {}
 /// `P[r0..r1, 0..r1]` of one head into rows `r0..r1` of `p: [T, T]` (zero outside each
 /// row's keys): `scale · Q_h K_g[first..r1]ᵀ` by one GEMM, `first` the block's first visible key
 /// ([`Mask::block_first_key`]), then a row softmax; returns `first`. The forward and the
-/// backward's recomputation both call this, so they produce the same bits.
+/// backward's recomputation both call this, so they produce the same bits. `p` may be
+/// uninitialised: rows `r0..r1` are whole when it returns.
 #[allow(clippy::too_many_arguments)]
-/// `p` may be uninitialised: rows `r0..r1` are whole when it returns.
 fn probs_block(p: &mut [MaybeUninit<f32>], r0: usize, r1: usize, q: &[f32], k: &[f32], s: AttnShape, mask: Mask, bi: usize, h: usize, scale: f32) -> usize {
     let AttnShape { t, nh, nkv, dqk, .. } = s;
     let g = h / (nh / nkv);
@@ -268,7 +268,7 @@ pub fn attention_backward(
                             r1 - r0,
                             dv_p.0.add((row0 + lo) * nkv * dv + g * dv),
                             Strided::row_major(nkv * dv, Op::N),
-                            p.as_ptr().add(r0 * t + lo).cast::<f32>(),
+                            p.as_ptr().add(r0 * t + lo),
                             Strided::row_major(t, Op::T),
                             do_ptr,
                             do_s,
@@ -391,27 +391,28 @@ mod tests {
         // them block by block) gives the same bits as the one reading them.
         let mut out2 = vec![0.0; out.len()];
         attention_forward(&mut out2, None, &q, &k, &v, s, Mask::Causal, scale);
-        assert!(out.iter().zip(&out2).all(|(a, b)| a.to_bits() == b.to_bits()), "forward without saved probabilities");
+        assert!(bits_equal(&out, &out2), "forward without saved probabilities");
         let (mut dq, mut dk, mut dv) = (vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]);
         attention_backward(&mut dq, &mut dk, &mut dv, &g, &q, &k, &v, Some(&p), s, Mask::Causal, scale);
         let (mut dq2, mut dk2, mut dv2) = (vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]);
         attention_backward(&mut dq2, &mut dk2, &mut dv2, &g, &q, &k, &v, None, s, Mask::Causal, scale);
         for (a, b, what) in [(&dq, &dq2, "dq"), (&dk, &dk2, "dk"), (&dv, &dv2, "dv")] {
-            assert!(a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()), "{what} with recomputed probabilities");
+            assert!(bits_equal(a, b), "{what} with recomputed probabilities");
         }
         assert_close(&dq, &numeric_grad(&q, 1e-3, |x| dot64(&run(x, &k, &v).0, &g)), 2e-3, "dq");
         assert_close(&dk, &numeric_grad(&k, 1e-3, |x| dot64(&run(&q, x, &v).0, &g)), 2e-3, "dk");
         assert_close(&dv, &numeric_grad(&v, 1e-3, |x| dot64(&run(&q, &k, x).0, &g)), 2e-3, "dv");
     }
 
-    /// `attention_forward_new` skips zeroing its buffers: the forward must write every
-    /// element of the output and of the probabilities. Buffers first filled with NaN
-    /// come out whole and bitwise as zero-filled ones do, for both masks, with rows not
-    /// a multiple of the 64-row block.
+    /// Same length and bitwise the same floats.
     fn bits_equal(a: &[f32], b: &[f32]) -> bool {
         a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
     }
 
+    /// `attention_forward_new` skips zeroing its buffers: the forward must write every
+    /// element of the output and of the probabilities. Buffers first filled with NaN
+    /// come out whole and bitwise as zero-filled ones do, for both masks, with rows not
+    /// a multiple of the 64-row block.
     #[test]
     fn the_forward_writes_every_element() {
         for t in [70usize, 130] {
@@ -471,7 +472,7 @@ mod tests {
         let (mut dq2, mut dk2, mut dv2) = (vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]);
         attention_backward(&mut dq2, &mut dk2, &mut dv2, &g, &q, &k, &v, None, s, Mask::Documents(&pos), scale);
         for (a, b, what) in [(&dq, &dq2, "dq"), (&dk, &dk2, "dk"), (&dv, &dv2, "dv")] {
-            assert!(a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()), "{what} with recomputed probabilities");
+            assert!(bits_equal(a, b), "{what} with recomputed probabilities");
         }
         let mut r0 = 0;
         for &l in lens {
