@@ -623,10 +623,7 @@ impl Model {
         let mut saved: Vec<LayerState> = Vec::with_capacity(held.len());
         // The swap file (and its staging buffer) exists from the pass's start when any
         // layer swaps, so the memory it takes does not depend on when a layer is reached.
-        let swapping = held.clone().any(|i| {
-            let p = opts.layer(self.layer_ids[i]);
-            p.swap && !p.full
-        });
+        let swapping = held.clone().any(|i| opts.layer(self.layer_ids[i]).swaps());
         let mut swap: Option<SwapFile> = swapping
             .then(|| SwapFile::create(&opts.swap_dir).unwrap_or_else(|e| panic!("swap file in {}: {e}", opts.swap_dir.display())));
         // A swapped layer whose write may still be running: it has the next layer's
@@ -661,7 +658,7 @@ impl Model {
             if let Some(j) = writing.take() {
                 wait(&swap, &mut saved[j]);
             }
-            if p.swap && !p.full {
+            if p.swaps() {
                 writing = Some(saved.len());
             }
             saved.push(state);

@@ -93,6 +93,6 @@ impl PassOptions {
     /// True when some layer swaps (not counting layers recomputed whole, which keep
     /// only their input).
     pub fn swaps_layers(&self) -> bool {
-        self.policy.iter().any(|p| p.swap && !p.full)
+        self.policy.iter().any(LayerPolicy::swaps)
     }
 }

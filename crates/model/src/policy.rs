@@ -139,6 +139,12 @@ impl LayerPolicy {
         self.set_to(op, true);
     }
 
+    /// True when the layer writes its saved set to the swap file (`swap`, and not
+    /// recomputed whole: such a layer keeps only its input).
+    pub fn swaps(&self) -> bool {
+        self.swap && !self.full
+    }
+
     /// True when the layer keeps everything.
     pub fn keeps_all(&self) -> bool {
         *self == LayerPolicy::default()
