@@ -46,21 +46,22 @@ pub fn rmsnorm_backward(
         .zip(rstd.par_chunks(rpt))
         .map(|(((dx, dy), x), rs)| {
             let mut dw_local = vec![0.0f32; d];
-            for (((dxr, dyr), xr), r) in dx.chunks_mut(d).zip(dy.chunks(d)).zip(x.chunks(d)).zip(rs) {
+            for (((dxr, dyr), xr), &r) in dx.chunks_mut(d).zip(dy.chunks(d)).zip(x.chunks(d)).zip(rs) {
+                // One running sum in index order (its order is part of the numbers, so
+                // it stays scalar); the element-wise loops beside it vectorise.
                 let mut dot = 0.0f32;
-                for i in 0..d {
-                    let xh = xr[i] * r;
-                    dot += w[i] * dyr[i] * xh;
-                    dw_local[i] += dyr[i] * xh;
+                for ((&wi, &dyi), &xi) in w.iter().zip(dyr).zip(xr) {
+                    dot += wi * dyi * (xi * r);
+                }
+                for ((acc, &dyi), &xi) in dw_local.iter_mut().zip(dyr).zip(xr) {
+                    *acc += dyi * (xi * r);
                 }
                 let mean = dot / d as f32;
-                for i in 0..d {
-                    let v = r * (w[i] * dyr[i] - xr[i] * r * mean);
-                    if accumulate {
-                        dxr[i] += v
-                    } else {
-                        dxr[i] = v
-                    }
+                let grads = w.iter().zip(dyr).zip(xr).map(|((&wi, &dyi), &xi)| r * (wi * dyi - xi * r * mean));
+                if accumulate {
+                    dxr.iter_mut().zip(grads).for_each(|(o, v)| *o += v);
+                } else {
+                    dxr.iter_mut().zip(grads).for_each(|(o, v)| *o = v);
                 }
             }
             dw_local
