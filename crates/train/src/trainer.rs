@@ -555,6 +555,8 @@ pub struct Trainer {
     ep_bandwidth: f64,
     /// steps in a row whose update was skipped (non-finite loss or gradient norm)
     skipped_in_a_row: u64,
+    /// whether a step runs on a worker of the thread pool (see [`on_pool_worker`])
+    steps_on_pool: bool,
     metrics: Option<std::fs::File>,
     metrics_path: PathBuf,
 }
@@ -686,6 +688,10 @@ impl Trainer {
         let sched = Schedule { peak: cfg.lr, min: cfg.min_lr, warmup: cfg.warmup, total: cfg.steps };
         let g = vec![0.0; model.layout.total];
         let opt = AdamW::new(&model.layout, cfg.adamw.clone());
+        // A step's thread waits on peers and streams, none of which computes with the
+        // pool; the overlapped schedule's forward lane does, and so do the other ranks
+        // of this process.
+        let steps_on_pool = place.ranks_here == 1 && spec.schedule != ScheduleKind::Overlapped;
         Ok(Trainer {
             model,
             w,
@@ -708,6 +714,7 @@ impl Trainer {
             forward_lane: None,
             ep_bandwidth: 0.0,
             skipped_in_a_row: 0,
+            steps_on_pool,
             metrics: None,
             metrics_path: PathBuf::new(),
         })
@@ -768,9 +775,9 @@ impl Trainer {
     /// schedule). In a distributed run every rank must call it; a failed exchange is an
     /// error naming the rank.
     pub fn train_step(&mut self) -> Result<StepStats> {
-        match self.parallel {
-            None => on_pool_worker(|| self.step_here()),
-            Some(_) => self.step_here(),
+        match self.steps_on_pool {
+            true => on_pool_worker(|| self.step_here()),
+            false => self.step_here(),
         }
     }
 
@@ -1025,9 +1032,9 @@ impl Trainer {
     /// schedule into the gradient buffer, which is cleared after. No weight, moment or
     /// routing statistic changes.
     pub fn eval_loss(&mut self) -> Result<Option<f32>> {
-        match self.parallel {
-            None => on_pool_worker(|| self.eval_loss_here()),
-            Some(_) => self.eval_loss_here(),
+        match self.steps_on_pool {
+            true => on_pool_worker(|| self.eval_loss_here()),
+            false => self.eval_loss_here(),
         }
     }
 
@@ -1603,9 +1610,11 @@ fn read_optimizer_shards(dir: &Path) -> Result<std::collections::BTreeMap<String
 /// work with rayon; called from outside the pool, each split hands its work to the
 /// workers and puts the caller to sleep until they finish — a futex wake and wait per
 /// kernel, hundreds a step (measured on the math MoE: 317 K context switches in 300
-/// steps against 37 K on a worker). On a worker the kernels split with the other workers
-/// directly. Only for a rank alone: a rank that waits on its peers (or on its own lanes,
-/// which use the pool too) must not hold a worker while it waits.
+/// steps against 37 K on a worker; with one worker thread the hand-offs were 16% of the
+/// step). On a worker the kernels split with the other workers directly. Only where
+/// nothing else this step waits for needs the pool: a thread that waits while holding
+/// the only free worker would wait for ever.
 fn on_pool_worker<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     rayon::scope(|_| f())
 }
+
