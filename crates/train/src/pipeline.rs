@@ -59,6 +59,10 @@ pub struct Pipeline<'a> {
     /// a second expert-parallel exchange for forwards that run beside a backward
     /// (overlapped schedule)
     pub forward_lane: Option<&'a ExpertExchange>,
+    /// the thread pool the overlapped schedule's forward lane computes on (`None`: the
+    /// global one). A step that holds a worker of the global pool while it waits for the
+    /// forward lane needs it.
+    pub lane_pool: Option<&'a rayon::ThreadPool>,
     /// the step's micro-batches (every rank draws the same global ones)
     pub micro: &'a [Batch],
     /// this rank's rows of each micro-batch
@@ -342,7 +346,10 @@ impl Pipeline<'_> {
                         }
                         Ok(t)
                     };
-                    guarded(body, lane_ended)
+                    match self.lane_pool {
+                        Some(pool) => pool.install(|| guarded(body, lane_ended)),
+                        None => guarded(body, lane_ended),
+                    }
                 })
                 .expect("start the forward lane");
             let body = || -> Result<f64> {

@@ -550,6 +550,9 @@ pub struct Trainer {
     /// a second expert exchange, for forwards that run beside a backward (overlapped
     /// schedule)
     forward_lane: Option<ExpertExchange>,
+    /// the forward lane's own thread pool, when the step runs on a worker of the global
+    /// one (see [`on_pool_worker`])
+    lane_pool: Option<rayon::ThreadPool>,
     /// all-to-all bytes per second between expert-parallel ranks (measured at the start
     /// when placement is on)
     ep_bandwidth: f64,
@@ -689,9 +692,19 @@ impl Trainer {
         let g = vec![0.0; model.layout.total];
         let opt = AdamW::new(&model.layout, cfg.adamw.clone());
         // A step's thread waits on peers and streams, none of which computes with the
-        // pool; the overlapped schedule's forward lane does, and so do the other ranks
-        // of this process.
-        let steps_on_pool = place.ranks_here == 1 && spec.schedule != ScheduleKind::Overlapped;
+        // pool, and on the overlapped schedule's forward lane, which computes on a pool
+        // of its own; the other ranks of this process share the pool.
+        let steps_on_pool = place.ranks_here == 1;
+        let lane_pool = match steps_on_pool && spec.schedule == ScheduleKind::Overlapped {
+            true => Some(
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(rayon::current_num_threads())
+                    .thread_name(|i| format!("ultramoe-lane-{i}"))
+                    .build()
+                    .map_err(|e| Error::msg(format!("cannot start the forward lane's threads: {e}")))?,
+            ),
+            false => None,
+        };
         Ok(Trainer {
             model,
             w,
@@ -712,6 +725,7 @@ impl Trainer {
             zero: None,
             balancer: None,
             forward_lane: None,
+            lane_pool,
             ep_bandwidth: 0.0,
             skipped_in_a_row: 0,
             steps_on_pool,
@@ -804,6 +818,7 @@ impl Trainer {
             pass: &self.pass,
             pp: pp.as_ref(),
             forward_lane: self.forward_lane.as_ref(),
+            lane_pool: self.lane_pool.as_ref(),
             micro: &micro,
             rows,
             scale,
@@ -1066,6 +1081,7 @@ impl Trainer {
                 pass: &self.pass,
                 pp: pp.as_ref(),
                 forward_lane: self.forward_lane.as_ref(),
+                lane_pool: self.lane_pool.as_ref(),
                 micro: &micro,
                 rows: rows.clone(),
                 scale: 1.0,
