@@ -558,7 +558,8 @@ pub struct Trainer {
     ep_bandwidth: f64,
     /// steps in a row whose update was skipped (non-finite loss or gradient norm)
     skipped_in_a_row: u64,
-    /// whether a step runs on a worker of the thread pool (see [`on_pool_worker`])
+    /// whether a step runs on a worker of the thread pool (see [`on_pool_worker`]): when
+    /// this rank is alone in its process
     steps_on_pool: bool,
     metrics: Option<std::fs::File>,
     metrics_path: PathBuf,
@@ -789,9 +790,15 @@ impl Trainer {
     /// schedule). In a distributed run every rank must call it; a failed exchange is an
     /// error naming the rank.
     pub fn train_step(&mut self) -> Result<StepStats> {
+        self.where_steps_run(Trainer::step_here)
+    }
+
+    /// Runs `f` on the thread a step runs on: a pool worker when [`Trainer::steps_on_pool`],
+    /// else the caller's.
+    fn where_steps_run<R: Send>(&mut self, f: impl FnOnce(&mut Trainer) -> R + Send) -> R {
         match self.steps_on_pool {
-            true => on_pool_worker(|| self.step_here()),
-            false => self.step_here(),
+            true => on_pool_worker(|| f(self)),
+            false => f(self),
         }
     }
 
@@ -1047,10 +1054,7 @@ impl Trainer {
     /// schedule into the gradient buffer, which is cleared after. No weight, moment or
     /// routing statistic changes.
     pub fn eval_loss(&mut self) -> Result<Option<f32>> {
-        match self.steps_on_pool {
-            true => on_pool_worker(|| self.eval_loss_here()),
-            false => self.eval_loss_here(),
-        }
+        self.where_steps_run(Trainer::eval_loss_here)
     }
 
     fn eval_loss_here(&mut self) -> Result<Option<f32>> {
