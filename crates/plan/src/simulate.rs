@@ -335,10 +335,11 @@ pub fn simulate(m: &ModelCost, hw: &Hardware, job: &Job, l: &Layout) -> Result<P
     } else {
         plain_ep
     };
-    // Pipeline: an activation forward and a gradient backward per micro-batch.
+    // Pipeline: an activation forward and a gradient backward per micro-batch at each
+    // chunk boundary — VPP of each on a device that holds VPP chunks of the model.
     let pp_mb = if pp > 1 {
         let bw = if dp * tp >= dpn { bw_inter } else { bw_intra };
-        2.0 * (n * h * eb / tp as f64 / bw + hw.network.inter_node_latency)
+        2.0 * vpp as f64 * (n * h * eb / tp as f64 / bw + hw.network.inter_node_latency)
     } else {
         0.0
     };
