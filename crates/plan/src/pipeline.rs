@@ -131,6 +131,18 @@ pub fn pipeline_bubble(pp: usize, vpp: usize, t_mb: f64) -> f64 {
     (pp - 1) as f64 / vpp as f64 * t_mb
 }
 
+/// Activations a device sends forward (and gradients it sends backward) per micro-batch:
+/// one from each of its model chunks whose successor lives on another device — `VPP` on
+/// a device in the middle of the pipeline, 0 without one. Checked against the schedules
+/// in `tests/schedule_agreement.rs`.
+pub fn sends_per_micro_batch(pp: usize, vpp: usize) -> usize {
+    if pp <= 1 {
+        0
+    } else {
+        vpp
+    }
+}
+
 /// Micro-batches of a stage's layers whose activations the first stage holds at once
 /// under 1F1B: `min(PP, m)`; interleaved `PP + (PP − 1)/VPP`, i.e. the factor
 /// `1 + (PP−1)/(PP·VPP)` of Korthikanti et al. (2022). Checked against the schedules

@@ -23,7 +23,7 @@
 
 use crate::hardware::{interpolate, Hardware};
 use crate::model_cost::{ActivationBytes, ModelCost, Recompute};
-use crate::pipeline::PipeSchedule;
+use crate::pipeline::{sends_per_micro_batch, PipeSchedule};
 use serde::Serialize;
 
 /// A parallel layout and its per-device batch.
@@ -336,10 +336,10 @@ pub fn simulate(m: &ModelCost, hw: &Hardware, job: &Job, l: &Layout) -> Result<P
         plain_ep
     };
     // Pipeline: an activation forward and a gradient backward per micro-batch at each
-    // chunk boundary — VPP of each on a device that holds VPP chunks of the model.
+    // of the device's chunk boundaries (VPP of each under interleaving).
     let pp_mb = if pp > 1 {
         let bw = if dp * tp >= dpn { bw_inter } else { bw_intra };
-        2.0 * vpp as f64 * (n * h * eb / tp as f64 / bw + hw.network.inter_node_latency)
+        2.0 * sends_per_micro_batch(pp, vpp) as f64 * (n * h * eb / tp as f64 / bw + hw.network.inter_node_latency)
     } else {
         0.0
     };

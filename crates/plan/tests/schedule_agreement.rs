@@ -1,6 +1,7 @@
 //! The planner prices the pipeline the trainer runs: its bubble and in-flight formulas
 //! equal what the schedules of `ultramoe-schedule` give when simulated.
 
+use ultramoe_plan::pipeline::sends_per_micro_batch;
 use ultramoe_plan::PipeSchedule;
 use ultramoe_schedule::{build, simulate, Kind, Shape};
 
@@ -29,4 +30,24 @@ fn bubble_and_in_flight_match_the_schedules() {
             }
         }
     }
+}
+
+/// The sends the planner prices per micro-batch are the forwards whose next model chunk
+/// (virtual stage `chunk·PP + rank + 1`) lives on another rank, counted on a middle rank
+/// of every schedule the trainer runs.
+#[test]
+fn pipeline_sends_match_the_schedules() {
+    for kind in [Kind::GPipe, Kind::OneFOneB, Kind::Overlapped] {
+        for pp in 2..=8 {
+            for vpp in 1..=4 {
+                let m = 2 * pp;
+                let s = build(kind, Shape { pp, vpp, micro_batches: m }).unwrap();
+                let last = pp * vpp - 1;
+                let rank = (pp - 1) / 2;
+                let sends = s.ranks[rank].iter().filter(|a| matches!(a, ultramoe_schedule::Action::Forward { chunk, .. } if chunk * pp + rank < last)).count();
+                assert_eq!(sends, m * sends_per_micro_batch(pp, vpp), "{kind:?} pp {pp} vpp {vpp}");
+            }
+        }
+    }
+    assert_eq!(sends_per_micro_batch(1, 1), 0);
 }
