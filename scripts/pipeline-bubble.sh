@@ -8,14 +8,14 @@
 # Needs root, cgroup v1's cpu controller, OpenMPI and an MPI build:
 #   cargo build --release --features mpi
 #
-#   scripts/pipeline-bubble.sh            # STEPS=14 CPU=0.5 PERIOD_US=10000 BIN=… to vary
+#   scripts/pipeline-bubble.sh            # STEPS=14 CPU=0.5 PERIOD_US=10000 MB=8 MODEL=… BIN=… to vary
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=${BIN:-target/release/ultramoe}
 steps=${STEPS:-14}
 cpu=${CPU:-0.5}
 period=${PERIOD_US:-10000}
-model=models/pipeline-bench/config.json
+model=${MODEL:-models/pipeline-bench/config.json}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 printf '%-14s %8s %8s %8s %8s %9s %9s\n' schedule stage0 stage1 stage2 stage3 formula "step s"
