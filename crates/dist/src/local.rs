@@ -298,8 +298,15 @@ pub fn world(n: usize, timeout: Duration) -> Vec<LocalComm> {
 
 /// Runs `f` on `n` ranks, one thread each, and returns every rank's result in rank
 /// order. A rank that panics or fails makes the whole job return the first error.
+///
+/// Each rank runs on a thread pool of its own share of the caller's (`threads / n`
+/// workers, at least one), as a process has its own cores: its kernels split their work
+/// among its workers directly — from a thread outside any pool every parallel kernel
+/// hands its work over and sleeps until it is done — and a rank that waits for another
+/// never holds a worker the other needs, which on one shared pool it could.
 pub fn run<T: Send + 'static>(n: usize, timeout: Duration, f: impl Fn(LocalComm) -> CommResult<T> + Send + Sync + 'static) -> CommResult<Vec<T>> {
     let f = Arc::new(f);
+    let workers = (rayon::current_num_threads() / n.max(1)).max(1);
     let handles: Vec<_> = world(n, timeout)
         .into_iter()
         .map(|c| {
@@ -307,7 +314,13 @@ pub fn run<T: Send + 'static>(n: usize, timeout: Duration, f: impl Fn(LocalComm)
             let rank = c.rank;
             std::thread::Builder::new()
                 .name(format!("rank-{rank}"))
-                .spawn(move || f(c))
+                .spawn(move || {
+                    let pool = rayon::ThreadPoolBuilder::new().num_threads(workers).thread_name(move |i| format!("rank-{rank}-worker-{i}")).build();
+                    match pool {
+                        Ok(pool) => pool.install(|| f(c)),
+                        Err(e) => Err(CommError { rank: Some(rank), reason: format!("cannot start its threads: {e}") }),
+                    }
+                })
                 .expect("spawn rank thread")
         })
         .collect();

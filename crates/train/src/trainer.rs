@@ -551,16 +551,17 @@ pub struct Trainer {
     /// schedule)
     forward_lane: Option<ExpertExchange>,
     /// the forward lane's own thread pool (overlapped schedule), as many workers as the
-    /// step's
+    /// step's (see [`on_pool_worker`])
     lane_pool: Option<rayon::ThreadPool>,
     /// all-to-all bytes per second between expert-parallel ranks (measured at the start
     /// when placement is on)
     ep_bandwidth: f64,
     /// steps in a row whose update was skipped (non-finite loss or gradient norm)
     skipped_in_a_row: u64,
-    /// the pool a step computes on when this rank is one of several threads of its
-    /// process (`None`: alone, on the global pool; see [`Trainer::where_steps_run`])
-    rank_pool: Option<std::sync::Arc<rayon::ThreadPool>>,
+    /// whether a step is moved onto a worker of the thread pool (see [`on_pool_worker`]):
+    /// when this rank is alone in its process (ranks that are threads of one process
+    /// already run on a pool of their own, `ultramoe_dist::local::run`)
+    steps_on_pool: bool,
     metrics: Option<std::fs::File>,
     metrics_path: PathBuf,
 }
@@ -694,21 +695,17 @@ impl Trainer {
         let opt = AdamW::new(&model.layout, cfg.adamw.clone());
         // A step's thread waits on peers and streams, none of which computes with a
         // pool, and on the overlapped schedule's forward lane, which computes on a pool
-        // of its own. Ranks that are threads of one process split its cores: each
-        // computes on a pool of its own share, so a rank waiting for another never holds
-        // a worker the other needs (on one shared pool it could not run its step on a
-        // worker, and every kernel handed its work over from outside).
-        let workers = match place.ranks_here {
-            1 => rayon::current_num_threads(),
-            n => (rayon::current_num_threads() / n).max(1),
-        };
-        let rank = place.mesh.as_ref().map_or(0, |m| m.world.rank());
-        let rank_pool = match place.ranks_here {
-            1 => None,
-            _ => Some(std::sync::Arc::new(thread_pool(workers, move |i| format!("ultramoe-rank{rank}-{i}"), "this rank's")?)),
-        };
+        // of its own, as many workers as the step's pool (a rank that is one of several
+        // threads of this process runs on a pool of its share of the cores).
+        let steps_on_pool = place.ranks_here == 1;
         let lane_pool = match spec.schedule == ScheduleKind::Overlapped {
-            true => Some(thread_pool(workers, move |i| format!("ultramoe-lane{rank}-{i}"), "the forward lane's")?),
+            true => Some(
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(rayon::current_num_threads())
+                    .thread_name(|i| format!("ultramoe-lane-{i}"))
+                    .build()
+                    .map_err(|e| Error::msg(format!("cannot start the forward lane's threads: {e}")))?,
+            ),
             false => None,
         };
         Ok(Trainer {
@@ -734,7 +731,7 @@ impl Trainer {
             lane_pool,
             ep_bandwidth: 0.0,
             skipped_in_a_row: 0,
-            rank_pool,
+            steps_on_pool,
             metrics: None,
             metrics_path: PathBuf::new(),
         })
@@ -798,12 +795,12 @@ impl Trainer {
         self.where_steps_run(Trainer::step_here)
     }
 
-    /// Runs `f` on a worker of the pool a step computes on: this rank's own when it is one
-    /// of several threads of its process, else the global one (see [`on_pool_worker`]).
+    /// Runs `f` on the thread a step runs on: a pool worker when [`Trainer::steps_on_pool`],
+    /// else the caller's (a worker of its rank's pool under `ultramoe_dist::local::run`).
     fn where_steps_run<R: Send>(&mut self, f: impl FnOnce(&mut Trainer) -> R + Send) -> R {
-        match self.rank_pool.clone() {
-            Some(pool) => pool.install(|| f(self)),
-            None => on_pool_worker(|| f(self)),
+        match self.steps_on_pool {
+            true => on_pool_worker(|| f(self)),
+            false => f(self),
         }
     }
 
@@ -1641,9 +1638,4 @@ fn read_optimizer_shards(dir: &Path) -> Result<std::collections::BTreeMap<String
 /// the only free worker would wait for ever.
 fn on_pool_worker<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     rayon::scope(|_| f())
-}
-
-/// A pool of `workers` threads named by `name`; `whose` names it in the error.
-fn thread_pool(workers: usize, name: impl Fn(usize) -> String + 'static, whose: &str) -> Result<rayon::ThreadPool> {
-    rayon::ThreadPoolBuilder::new().num_threads(workers).thread_name(name).build().map_err(|e| Error::msg(format!("cannot start {whose} threads: {e}")))
 }
