@@ -337,12 +337,8 @@ pub fn simulate(m: &ModelCost, hw: &Hardware, job: &Job, l: &Layout) -> Result<P
     };
     // Pipeline: an activation forward and a gradient backward per micro-batch at each
     // of the device's chunk boundaries (VPP of each under interleaving).
-    let pp_mb = if pp > 1 {
-        let bw = if dp * tp >= dpn { bw_inter } else { bw_intra };
-        2.0 * sends_per_micro_batch(pp, vpp) as f64 * (n * h * eb / tp as f64 / bw + hw.network.inter_node_latency)
-    } else {
-        0.0
-    };
+    let pp_bw = if dp * tp >= dpn { bw_inter } else { bw_intra };
+    let pp_mb = 2.0 * sends_per_micro_batch(pp, vpp) as f64 * (n * h * eb / tp as f64 / pp_bw + hw.network.inter_node_latency);
     let t_mb = stage_compute + stage_recompute + stage_imbalance + tp_exposed + ep_exposed + pp_mb;
     // The busiest stage runs every micro-batch; the fill and drain around it are the
     // other stages' passes, which do not carry the head (it lives on the last stage):
