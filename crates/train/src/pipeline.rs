@@ -59,9 +59,10 @@ pub struct Pipeline<'a> {
     /// a second expert-parallel exchange for forwards that run beside a backward
     /// (overlapped schedule)
     pub forward_lane: Option<&'a ExpertExchange>,
-    /// the thread pool the overlapped schedule's forward lane computes on (`None`: the
-    /// global one). A step that holds a worker of the global pool while it waits for the
-    /// forward lane needs it.
+    /// the thread pool the overlapped schedule's forward lane computes on (the trainer
+    /// gives one whenever the schedule is overlapped; `None`: whatever pool the lane's
+    /// thread reaches). The step's thread holds a worker of its own pool while it waits
+    /// for the forward lane, so the lane must not need that pool.
     pub lane_pool: Option<&'a rayon::ThreadPool>,
     /// the step's micro-batches (every rank draws the same global ones)
     pub micro: &'a [Batch],
