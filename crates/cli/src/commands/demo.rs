@@ -199,6 +199,5 @@ fn step_rate(targs: &TrainArgs) -> CliResult<f64> {
         }
         seconds.push(t.elapsed().as_secs_f64());
     }
-    seconds.sort_by(f64::total_cmp);
-    Ok(WINDOW as f64 / seconds[seconds.len() / 2])
+    Ok(WINDOW as f64 / super::median(seconds))
 }
