@@ -1270,6 +1270,19 @@ impl Trainer {
         self.zero.as_ref().map_or(self.opt.t, |z| z.opt.t)
     }
 
+    /// Sets how many steps the run takes in all, the learning-rate schedule's `S` with
+    /// it: the steps already taken keep their rates, the cosine stretches or shrinks
+    /// over what remains. For a run whose length follows the wall clock (`demo`); every
+    /// rank of a run must set the same count, as each steps its own schedule.
+    pub fn set_total_steps(&mut self, steps: u64) -> Result<()> {
+        if steps <= self.step {
+            return Err(Error::field("steps", format!("{steps} is not past the {} steps already taken", self.step)));
+        }
+        self.cfg.steps = steps;
+        self.sched.total = steps;
+        Ok(())
+    }
+
     /// This rank's expert-parallel index and size.
     fn ep(&self) -> (usize, usize) {
         self.model.ep_rank_size()

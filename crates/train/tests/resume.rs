@@ -51,3 +51,29 @@ fn resumed_run_repeats_the_uninterrupted_losses() {
     assert_eq!(resumed.w, full.w, "final weights differ");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn a_run_lengthened_in_its_warmup_repeats_one_planned_that_long_and_resumes_with_its_length() {
+    let start = |steps| Trainer::start(tiny(), TrainConfig { steps, ..config() }, RunSpec::default(), Weights::Seed(7), Place::alone(1e11)).unwrap();
+    let mut planned = start(8);
+    let expect: Vec<f32> = (0..8).map(|_| planned.train_step().unwrap().loss).collect();
+
+    // The warmup's rates do not depend on the length, so a run told its length after
+    // one warmup step takes exactly the steps of one that knew it from the start.
+    let mut lengthened = start(4);
+    let mut got = vec![lengthened.train_step().unwrap().loss];
+    lengthened.set_total_steps(8).unwrap();
+    assert!(lengthened.set_total_steps(1).is_err(), "a length not past the steps taken");
+    got.extend((1..4).map(|_| lengthened.train_step().unwrap().loss));
+
+    let dir = std::env::temp_dir().join(format!("ultramoe-retarget-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    lengthened.save_checkpoint(&dir, 2).unwrap();
+    drop(lengthened);
+    let mut resumed = Trainer::resume(&Trainer::latest_checkpoint(&dir).unwrap(), Place::alone(1e11), &mut |_, _| Ok(())).unwrap();
+    assert_eq!(resumed.cfg.steps, 8, "the checkpoint keeps the new length");
+    got.extend((4..8).map(|_| resumed.train_step().unwrap().loss));
+    assert_eq!(got, expect, "a lengthened run's losses differ from the planned one's");
+    assert_eq!(resumed.w, planned.w);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -1,12 +1,12 @@
 //! `ultramoe demo`: train the default math MoE, save it, then solve sample problems.
 
 use super::eval::{evaluate, parse_kinds};
-use super::train::{make_trainer, resolve, train_loop, TrainArgs};
+use super::train::{make_trainer, resolve, train_loop, Deadline, TrainArgs};
 use super::{load_math_for_decoding, CliResult, WeightsArg};
 use crate::solver::solve_batch;
 use clap::Args;
 use std::path::PathBuf;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use ultramoe_train::data::math::Kind;
 use ultramoe_train::run_dir::{RunDir, Start};
 
@@ -17,7 +17,8 @@ pub struct DemoArgs {
     #[arg(long, default_value = "runs/demo")]
     pub run_dir: PathBuf,
     /// Optimizer steps (default: as many as fit `--minutes` at this machine's step rate,
-    /// measured before the run).
+    /// measured before the run and again from the run's own steps, which may lengthen or
+    /// shorten it).
     #[arg(long)]
     pub steps: Option<u64>,
     /// The time budget of the whole demo — training, saving and the closing evaluation —
@@ -115,6 +116,7 @@ pub fn run(a: DemoArgs) -> CliResult {
     };
     // The demo starts over each time: an earlier demo's run is replaced.
     let run = RunDir::open(&a.run_dir, Start::Overwrite, true).map_err(|e| e.to_string())?;
+    let mut deadline = None;
     if targs.steps.is_none() {
         let rate = step_rate(&targs)?;
         let train_s = a.minutes * 60.0 - AFTER_TRAINING_S - start.elapsed().as_secs_f64();
@@ -131,6 +133,8 @@ pub fn run(a: DemoArgs) -> CliResult {
             );
         }
         targs.steps = Some(steps);
+        // The run plans its length again from its own rate (the probe's is a first guess).
+        deadline = Some(Deadline { end: start + Duration::from_secs_f64((a.minutes * 60.0 - AFTER_TRAINING_S).max(0.0)), max_steps: MAX_STEPS });
     }
     let resolved = resolve(&targs, None)?;
     let mut tr = make_trainer(&targs, &resolved, None, false)?;
@@ -141,7 +145,7 @@ pub fn run(a: DemoArgs) -> CliResult {
         tr.model.cfg.moe.top_k,
         tr.cfg.steps
     );
-    train_loop(&mut tr, &a.run_dir, None, !a.no_progress, false)?;
+    train_loop(&mut tr, &a.run_dir, None, !a.no_progress, false, deadline.as_ref())?;
     drop(run);
     let train_s = start.elapsed().as_secs_f64();
     let model_dir = a.run_dir.join("model");

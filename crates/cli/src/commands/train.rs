@@ -1,11 +1,12 @@
 //! `ultramoe train`.
 
 use super::{peak_flops, CliResult};
+use crate::launch::{launch, Layout, ParallelArgs};
 use crate::presets::{math_train_config, MATH_MOE_CONFIG};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::{Path, PathBuf};
-use crate::launch::{launch, Layout, ParallelArgs};
+use std::time::Instant;
 use ultramoe_dist::Mesh;
 use ultramoe_model::policy::{parse_layer_list, parse_policy, LayerPolicy};
 use ultramoe_model::ModelConfig;
@@ -466,23 +467,54 @@ fn refuse_contradictions(a: &TrainArgs, dir: &Path) -> CliResult {
     Ok(())
 }
 
+/// A wall-clock end for a one-rank run's training (`demo`): the step count is planned
+/// again from the run's own step rate, which reads the machine better than a short probe
+/// before it (on a Zen 4 EPYC a probe's early steps ran 10–20% slower than the run's).
+pub struct Deadline {
+    /// when the last step should end
+    pub end: Instant,
+    /// at most this many steps in all
+    pub max_steps: u64,
+}
+
+impl Deadline {
+    /// Re-planned at the first step past each of these fractions of the time from the
+    /// loop's start to the end (and not before a minute, unless the window is shorter):
+    /// early, so the cosine schedule hardly moves, and again later to follow a machine
+    /// whose speed changed; never near the end, where a new length would jolt the rate.
+    const REPLAN_AT: [f64; 3] = [0.1, 0.5, 0.8];
+
+    /// Steps in all when `done` are taken and `remaining_s` are left at `rate` steps/s:
+    /// `S = done + ⌊0.97 · rate · remaining⌋` (0.97: saving and a slower stretch), at least
+    /// one more step, at most `max_steps`.
+    fn steps(&self, done: u64, rate: f64, remaining_s: f64) -> u64 {
+        let more = (0.97 * rate * remaining_s.max(0.0)).floor() as u64;
+        (done + more).clamp(done + 1, self.max_steps.max(done + 1))
+    }
+}
+
 /// Trains to the configured step count with a progress bar (or log lines), saving
-/// checkpoints and the final model under the run directory. Returns the last step's
-/// statistics.
-pub fn train_loop(tr: &mut Trainer, run_dir: &Path, metrics: Option<&Path>, progress: bool, continues: bool) -> CliResult<Option<StepStats>> {
+/// checkpoints and the final model under the run directory; with a deadline, the count is
+/// planned again from the run's step rate so that training ends by it. Returns the last
+/// step's statistics.
+pub fn train_loop(
+    tr: &mut Trainer,
+    run_dir: &Path,
+    metrics: Option<&Path>,
+    progress: bool,
+    continues: bool,
+    deadline: Option<&Deadline>,
+) -> CliResult<Option<StepStats>> {
     std::fs::create_dir_all(run_dir).map_err(|e| format!("{}: cannot create run directory: {e}", run_dir.display()))?;
     let lead = tr.is_lead();
     if lead {
         let metrics_path = metrics.map(Path::to_path_buf).unwrap_or_else(|| run_dir.join("metrics.jsonl"));
         tr.log_metrics_to(&metrics_path, continues).map_err(|e| e.to_string())?;
     }
-    let total = tr.cfg.steps;
+    let mut total = tr.cfg.steps;
     let bar = if progress && lead {
         let b = ProgressBar::new(total);
-        b.set_style(
-            ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar()),
-        );
+        b.set_style(ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}").unwrap_or_else(|_| ProgressStyle::default_bar()));
         b.set_position(tr.step);
         Some(b)
     } else {
@@ -491,19 +523,50 @@ pub fn train_loop(tr: &mut Trainer, run_dir: &Path, metrics: Option<&Path>, prog
     let mut last = None;
     let mut tokens_per_s = Vec::new();
     let mut eval = String::new();
+    // The rate is timed from the loop's 10th step: the first pay for page faults.
+    const WARM: u64 = 10;
+    let (loop_start, first_step) = (Instant::now(), tr.step);
+    let mut warm: Option<(Instant, u64)> = None;
+    let mut replans = 0;
     while tr.step < total {
         let s = tr.train_step().map_err(|e| e.to_string())?;
+        if let Some(d) = deadline {
+            if s.ranks > 1 {
+                return Err("a training deadline needs a run of one rank (each rank would plan its own length)".into());
+            }
+            let now = Instant::now();
+            if s.step == first_step + WARM {
+                warm = Some((now, s.step));
+            }
+            let window = d.end.saturating_duration_since(loop_start).as_secs_f64();
+            let elapsed = now.duration_since(loop_start).as_secs_f64();
+            let due = |at: f64| elapsed >= (at * window).max(60f64.min(0.5 * window));
+            if let (Some((t0, s0)), Some(&at)) = (warm, Deadline::REPLAN_AT.get(replans)) {
+                if due(at) && s.step > s0 {
+                    // Once for all the points passed since the last step.
+                    while Deadline::REPLAN_AT.get(replans).is_some_and(|&at| due(at)) {
+                        replans += 1;
+                    }
+                    let rate = (s.step - s0) as f64 / now.duration_since(t0).as_secs_f64();
+                    let steps = d.steps(s.step, rate, d.end.saturating_duration_since(now).as_secs_f64());
+                    tr.set_total_steps(steps).map_err(|e| e.to_string())?;
+                    let line = format!("{rate:.1} steps/s over steps {s0}–{}: {total} → {steps} steps to end on time", s.step);
+                    total = steps;
+                    match &bar {
+                        Some(b) => {
+                            b.set_length(total);
+                            b.println(line);
+                        }
+                        None => eprintln!("{line}"),
+                    }
+                }
+            }
+        }
         tokens_per_s.push(s.tokens_per_s);
         if let (Some(l), Some(p)) = (s.eval_loss, s.eval_perplexity) {
             eval = format!(" | eval loss {l:.4} (perplexity {p:.1})");
         }
-        let msg = format!(
-            "loss {:.4}{eval} | {:.0} tok/s | MFU {:.1}% | expert imbalance {:.2}",
-            s.loss,
-            s.tokens_per_s,
-            100.0 * s.mfu,
-            s.expert_imbalance
-        );
+        let msg = format!("loss {:.4}{eval} | {:.0} tok/s | MFU {:.1}% | expert imbalance {:.2}", s.loss, s.tokens_per_s, 100.0 * s.mfu, s.expert_imbalance);
         match &bar {
             Some(b) => {
                 b.set_position(s.step);
@@ -594,7 +657,7 @@ fn train_rank(a: &TrainArgs, run: &Resolved, mesh: Option<Mesh>, threads: bool) 
     // of it dropped when no checkpoint was written yet).
     let continues = a.resume;
     if !tr.is_lead() {
-        return train_loop(&mut tr, &a.run_dir, a.metrics.as_deref(), false, continues).map(|_| ());
+        return train_loop(&mut tr, &a.run_dir, a.metrics.as_deref(), false, continues, None).map(|_| ());
     }
     let spec = &tr.spec;
     if let Some(p) = &tr.parallel {
@@ -629,7 +692,7 @@ fn train_rank(a: &TrainArgs, run: &Resolved, mesh: Option<Mesh>, threads: bool) 
         tr.cfg.seq_len,
         tr.cfg.grad_accum
     );
-    train_loop(&mut tr, &a.run_dir, a.metrics.as_deref(), !a.no_progress, continues)?;
+    train_loop(&mut tr, &a.run_dir, a.metrics.as_deref(), !a.no_progress, continues, None)?;
     // Per process: in-process ranks share one table, MPI ranks print their own.
     let phases = ultramoe_kernels::profile::take();
     if !phases.is_empty() {
@@ -687,3 +750,19 @@ pub fn parse_layers(text: &str, layers: usize) -> CliResult<Vec<usize>> {
 }
 
 pub use ultramoe_train::budget::cost_rates;
+
+#[cfg(test)]
+mod tests {
+    use super::Deadline;
+    use std::time::Instant;
+
+    #[test]
+    fn a_deadline_plans_the_steps_its_time_buys_within_bounds() {
+        let d = Deadline { end: Instant::now(), max_steps: 40_000 };
+        // 1,000 done, 11 steps/s for 800 s: 1,000 + ⌊0.97 · 8,800⌋
+        assert_eq!(d.steps(1_000, 11.0, 800.0), 1_000 + 8_536);
+        assert_eq!(d.steps(1_000, 100.0, 800.0), 40_000, "at most max_steps");
+        assert_eq!(d.steps(1_000, 11.0, -5.0), 1_001, "past the end: one more step");
+        assert_eq!(d.steps(40_000, 11.0, 100.0), 40_001, "never fewer than the steps taken");
+    }
+}
