@@ -119,22 +119,21 @@ pub fn run(a: DemoArgs) -> CliResult {
     let mut deadline = None;
     if targs.steps.is_none() {
         let rate = step_rate(&targs)?;
-        let train_s = a.minutes * 60.0 - AFTER_TRAINING_S - start.elapsed().as_secs_f64();
-        // 0.9: the rate of a short run is a little above a long one's (later steps
-        // pack longer problems, and a neighbour may slow the machine down).
-        let steps = ((0.9 * rate * train_s) as u64).clamp(1, MAX_STEPS);
+        // The probe's rate gives the run a first length; the run plans it again from its
+        // own rate (`Deadline`), and stops at the deadline whatever the plan.
+        let d = Deadline { end: start + Duration::from_secs_f64((a.minutes * 60.0 - AFTER_TRAINING_S).max(0.0)), max_steps: MAX_STEPS };
+        let steps = d.steps(0, rate, d.end.saturating_duration_since(Instant::now()).as_secs_f64());
         eprintln!("{rate:.1} steps/s: {steps} steps fit the {}-minute budget", a.minutes);
         if steps < FLOOR_STEPS && same_kinds(&kinds, &parse_kinds(DEMO_KINDS)?) {
-            // minutes = (steps / (0.9 · rate) + the saving and evaluation + the rate probe) / 60
-            let need = (FLOOR_STEPS as f64 / (0.9 * rate) + AFTER_TRAINING_S + start.elapsed().as_secs_f64()) / 60.0;
+            // minutes = (steps / (margin · rate) + the saving and evaluation + the rate probe) / 60
+            let need = (FLOOR_STEPS as f64 / (Deadline::MARGIN * rate) + AFTER_TRAINING_S + start.elapsed().as_secs_f64()) / 60.0;
             eprintln!(
                 "note: the default kinds reached their accuracy floors by {FLOOR_STEPS} steps (7,000 fell short), so expect less accuracy here; `--minutes {}` buys about {FLOOR_STEPS}",
                 need.ceil()
             );
         }
         targs.steps = Some(steps);
-        // The run plans its length again from its own rate (the probe's is a first guess).
-        deadline = Some(Deadline { end: start + Duration::from_secs_f64((a.minutes * 60.0 - AFTER_TRAINING_S).max(0.0)), max_steps: MAX_STEPS });
+        deadline = Some(d);
     }
     let resolved = resolve(&targs, None)?;
     let mut tr = make_trainer(&targs, &resolved, None, false)?;
