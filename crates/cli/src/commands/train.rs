@@ -469,7 +469,8 @@ fn refuse_contradictions(a: &TrainArgs, dir: &Path) -> CliResult {
 
 /// A wall-clock end for a one-rank run's training (`demo`): the step count is planned
 /// again from the run's own step rate, which reads the machine better than a short probe
-/// before it (on a Zen 4 EPYC a probe's early steps ran 10–20% slower than the run's).
+/// before it (on a shared Zen 4 EPYC a probe read 9.2–10.7 steps/s in four tries, long
+/// runs 10.9–12).
 pub struct Deadline {
     /// when the last step should end
     pub end: Instant,
@@ -491,12 +492,16 @@ impl Deadline {
 }
 
 /// What the loop does after a step under a deadline.
+#[derive(Debug, PartialEq)]
 enum Pace {
     Keep,
-    /// the run's length changed (the line says why)
-    Replanned(String),
+    /// the run takes this many steps in all now (at the rate given)
+    Replan {
+        steps: u64,
+        rate: f64,
+    },
     /// the deadline passed: the run ends at this step
-    Stop(String),
+    Stop,
 }
 
 /// A deadline followed through one training loop: the step count is planned again at
@@ -523,39 +528,37 @@ impl<'a> Pacer<'a> {
     /// before a minute, unless the window is shorter than two).
     const PLAN_AT: [f64; 8] = [0.1, 0.3, 0.5, 0.7, 0.8, 0.85, 0.9, 0.95];
 
-    fn new(deadline: &'a Deadline, first_step: u64) -> Self {
-        Pacer { deadline, loop_start: Instant::now(), first_step, warm: None, last: None, next: 0 }
+    fn new(deadline: &'a Deadline, first_step: u64, loop_start: Instant) -> Self {
+        Pacer { deadline, loop_start, first_step, warm: None, last: None, next: 0 }
     }
 
-    fn after_step(&mut self, tr: &mut Trainer, step: u64, now: Instant) -> CliResult<Pace> {
-        let total = tr.cfg.steps;
+    /// What to do once `step` of `total` has ended at `now`.
+    fn after_step(&mut self, step: u64, total: u64, now: Instant) -> Pace {
         if now >= self.deadline.end && step < total {
-            return Ok(Pace::Stop(format!("the deadline passed at step {step} of {total}: training ends here")));
+            return Pace::Stop;
         }
         if step == self.first_step + Self::WARM_STEPS {
             self.warm = Some((now, step));
             self.last = self.warm;
         }
         let window = self.deadline.end.saturating_duration_since(self.loop_start).as_secs_f64();
-        let elapsed = now.duration_since(self.loop_start).as_secs_f64();
+        let elapsed = now.saturating_duration_since(self.loop_start).as_secs_f64();
         let due = |at: f64| elapsed >= (at * window).max(60f64.min(0.5 * window));
-        let (Some((t0, s0)), Some((t1, s1))) = (self.warm, self.last) else { return Ok(Pace::Keep) };
+        let (Some((t0, s0)), Some((t1, s1))) = (self.warm, self.last) else { return Pace::Keep };
         if step <= s1 || !Self::PLAN_AT.get(self.next).is_some_and(|&at| due(at)) {
-            return Ok(Pace::Keep);
+            return Pace::Keep;
         }
         // Once for all the points passed since the last step.
         while Self::PLAN_AT.get(self.next).is_some_and(|&at| due(at)) {
             self.next += 1;
         }
-        let rate_since = |t: Instant, s: u64| (step - s) as f64 / now.duration_since(t).as_secs_f64();
+        let rate_since = |t: Instant, s: u64| (step - s) as f64 / now.saturating_duration_since(t).as_secs_f64();
         let rate = rate_since(t0, s0).min(rate_since(t1, s1));
         self.last = Some((now, step));
-        let steps = self.deadline.steps(step, rate, self.deadline.end.saturating_duration_since(now).as_secs_f64());
-        if steps == total {
-            return Ok(Pace::Keep);
+        match self.deadline.steps(step, rate, self.deadline.end.saturating_duration_since(now).as_secs_f64()) {
+            steps if steps == total => Pace::Keep,
+            steps => Pace::Replan { steps, rate },
         }
-        tr.set_total_steps(steps).map_err(|e| e.to_string())?;
-        Ok(Pace::Replanned(format!("{rate:.1} steps/s at step {step}: {total} → {steps} steps to end on time")))
     }
 }
 
@@ -589,19 +592,27 @@ pub fn train_loop(
     let mut last = None;
     let mut tokens_per_s = Vec::new();
     let mut eval = String::new();
-    let mut pacer = deadline.map(|d| Pacer::new(d, tr.step));
+    let mut pacer = deadline.map(|d| Pacer::new(d, tr.step, Instant::now()));
     while tr.step < total {
         let s = tr.train_step().map_err(|e| e.to_string())?;
         if let Some(p) = &mut pacer {
             if s.ranks > 1 {
                 return Err("a training deadline needs a run of one rank (each rank would plan its own length)".into());
             }
-            let (line, stop) = match p.after_step(tr, s.step, Instant::now())? {
-                Pace::Keep => (None, false),
-                Pace::Replanned(line) => (Some(line), false),
-                Pace::Stop(line) => (Some(line), true),
+            let line = match p.after_step(s.step, total, Instant::now()) {
+                Pace::Keep => None,
+                Pace::Replan { steps, rate } => {
+                    tr.set_total_steps(steps).map_err(|e| e.to_string())?;
+                    let line = format!("{rate:.1} steps/s at step {}: {total} → {steps} steps to end on time", s.step);
+                    total = steps;
+                    Some(line)
+                }
+                Pace::Stop => {
+                    let line = format!("the deadline passed at step {} of {total}: training ends here", s.step);
+                    total = s.step;
+                    Some(line)
+                }
             };
-            total = if stop { s.step } else { tr.cfg.steps };
             if let Some(line) = line {
                 match &bar {
                     Some(b) => {
@@ -803,8 +814,8 @@ pub use ultramoe_train::budget::cost_rates;
 
 #[cfg(test)]
 mod tests {
-    use super::Deadline;
-    use std::time::Instant;
+    use super::{Deadline, Pace, Pacer};
+    use std::time::{Duration, Instant};
 
     #[test]
     fn a_deadline_plans_the_steps_its_time_buys_within_bounds() {
@@ -814,5 +825,48 @@ mod tests {
         assert_eq!(d.steps(1_000, 100.0, 800.0), 40_000, "at most max_steps");
         assert_eq!(d.steps(1_000, 11.0, -5.0), 1_001, "past the end: one more step");
         assert_eq!(d.steps(40_000, 11.0, 100.0), 40_001, "never fewer than the steps taken");
+    }
+
+    /// Steps at `rate(step)` steps/s from a loop started at `t0`, the pacer asked after
+    /// each: the steps at which it planned, with the length, and where the run ended.
+    fn paced(window_s: f64, first_total: u64, rate: impl Fn(u64) -> f64) -> (Vec<(u64, u64)>, u64, f64) {
+        let t0 = Instant::now();
+        let d = Deadline { end: t0 + Duration::from_secs_f64(window_s), max_steps: 1_000_000 };
+        let mut p = Pacer::new(&d, 0, t0);
+        let (mut total, mut step, mut t, mut plans) = (first_total, 0, 0.0, vec![]);
+        while step < total {
+            t += 1.0 / rate(step);
+            step += 1;
+            match p.after_step(step, total, t0 + Duration::from_secs_f64(t)) {
+                Pace::Keep => {}
+                Pace::Replan { steps, .. } => {
+                    plans.push((step, steps));
+                    total = steps;
+                }
+                Pace::Stop => total = step,
+            }
+        }
+        (plans, step, t)
+    }
+
+    #[test]
+    fn a_paced_run_fills_its_window_from_a_low_first_guess_and_ends_by_it() {
+        // 10 steps/s for 900 s, first guessed at 7,000: eight plans, the first at 90 s.
+        let (plans, steps, t) = paced(900.0, 7_000, |_| 10.0);
+        assert_eq!(plans.len(), 8, "{plans:?}");
+        assert!((895..=905).contains(&plans[0].0), "the first plan at 10% of the window: {plans:?}");
+        assert!(t <= 900.0 && t > 0.95 * 900.0, "ended at {t} s after {steps} steps");
+    }
+
+    #[test]
+    fn a_run_that_slows_down_is_shortened_and_stopped_at_the_deadline() {
+        // 12 steps/s, then 6 from step 7,000 (a neighbour): later plans shorten the run
+        // and it still ends by the deadline.
+        let (plans, steps, t) = paced(900.0, 10_000, |s| if s < 7_000 { 12.0 } else { 6.0 });
+        assert!(plans.windows(2).any(|w| w[1].1 < w[0].1), "no plan shortened the run: {plans:?}");
+        assert!(t <= 900.0 + 1.0 / 6.0, "ended at {t} s after {steps} steps");
+        // A slowdown after the last plan: the deadline stops the run.
+        let (_, steps, t) = paced(900.0, 10_000, |s| if s < 10_200 { 12.0 } else { 1.0 });
+        assert!(t <= 901.0, "ended at {t} s after {steps} steps");
     }
 }
